@@ -1,0 +1,197 @@
+//! The traits a backend implements: what the engine needs from a guest.
+//!
+//! A backend (the simulator, KVM, Xen, or a VMM's own memory) implements
+//! [`DirtyTracker`] and [`PageSource`] and [`GuestControl`] on the source,
+//! [`PageSink`], [`PageSource`] (to read back for verification) and
+//! [`GuestControl`] on the destination. Each trait is small; the engine
+//! takes them as separate values so a VMM can hand over objects it
+//! already has.
+
+use crate::bitmap::DirtyBitmap;
+use crate::page::{MemoryLayout, PageNum};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// What kind of failure a backend reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackendErrorKind {
+    /// The host or guest does not support the operation.
+    Unsupported,
+    /// A page or argument outside what the guest has.
+    InvalidArgument,
+    /// An operating-system call failed.
+    Io,
+    /// The guest is in a state that forbids the operation (for example
+    /// resuming a guest that was never restored).
+    InvalidState,
+    /// The saved state is of a format or version this backend cannot read.
+    IncompatibleState,
+    /// Anything else.
+    Other,
+}
+
+/// An error from a backend.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct BackendError {
+    /// The kind, for callers that match on it.
+    pub kind: BackendErrorKind,
+    /// A human-readable description.
+    pub message: String,
+    /// The underlying error, if any.
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl BackendError {
+    /// An error of `kind` with a message.
+    pub fn new(kind: BackendErrorKind, message: impl Into<String>) -> Self {
+        BackendError {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An I/O error with context.
+    pub fn io(context: impl Into<String>, err: std::io::Error) -> Self {
+        BackendError {
+            kind: BackendErrorKind::Io,
+            message: context.into(),
+            source: Some(Box::new(err)),
+        }
+    }
+}
+
+/// Tracks which guest pages are written.
+///
+/// Bitmaps are GFN-indexed and cover at least the layout's `page_end()`.
+pub trait DirtyTracker {
+    /// Starts tracking; every page written from now on is reported.
+    fn start(&mut self) -> Result<(), BackendError>;
+
+    /// Replaces `into` with the pages written since `start` or the last
+    /// collect, and clears that record (Xen's CLEAN, KVM's GET_DIRTY_LOG).
+    fn collect_and_clear(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError>;
+
+    /// Replaces `into` with the pages written since `start` or the last
+    /// collect, without clearing anything (Xen's PEEK).
+    fn peek(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError>;
+
+    /// Stops tracking.
+    fn stop(&mut self) -> Result<(), BackendError>;
+}
+
+/// Reads guest pages.
+pub trait PageSource {
+    /// The guest's memory layout.
+    fn layout(&self) -> &MemoryLayout;
+
+    /// Copies the contents of `pages` into `out`, one page after another
+    /// (`out.len() == pages.len() * page_size`).
+    fn read_pages(&mut self, pages: &[PageNum], out: &mut [u8]) -> Result<(), BackendError>;
+}
+
+/// Places guest pages on the destination.
+pub trait PageSink {
+    /// The destination guest's memory layout.
+    fn layout(&self) -> &MemoryLayout;
+
+    /// Writes one page (`data.len()` is the page size).
+    fn write_page(&mut self, page: PageNum, data: &[u8]) -> Result<(), BackendError>;
+
+    /// Makes `page` all zeros. Backends that can do better than writing
+    /// zeros (for example `UFFDIO_ZEROPAGE`) override this.
+    fn write_zero_page(&mut self, page: PageNum) -> Result<(), BackendError> {
+        let zeros = vec![0u8; self.layout().page_size().get()];
+        self.write_page(page, &zeros)
+    }
+}
+
+/// vCPU and device state, saved by the source and restored by the
+/// destination. The backend owns the format; the library carries it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// Which backend wrote it (`"sim"`, `"kvm"`, `"xen"`...).
+    pub format: String,
+    /// The backend's version of that format.
+    pub version: u32,
+    /// The state itself.
+    pub data: Vec<u8>,
+}
+
+/// Pauses, resumes, saves and restores a guest.
+pub trait GuestControl {
+    /// Stops the guest's vCPUs; memory stops changing.
+    fn pause(&mut self) -> Result<(), BackendError>;
+
+    /// Lets the guest run.
+    fn resume(&mut self) -> Result<(), BackendError>;
+
+    /// Saves vCPU and device state (guest paused).
+    fn save_state(&mut self) -> Result<DeviceState, BackendError>;
+
+    /// Restores state saved by a source of the same backend.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), BackendError>;
+
+    /// CPU time the guest has used so far, where the backend can say
+    /// (for the `target %` column).
+    fn guest_cpu_time(&self) -> Option<Duration> {
+        None
+    }
+}
+
+impl<T: DirtyTracker + ?Sized> DirtyTracker for &mut T {
+    fn start(&mut self) -> Result<(), BackendError> {
+        (**self).start()
+    }
+    fn collect_and_clear(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
+        (**self).collect_and_clear(into)
+    }
+    fn peek(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
+        (**self).peek(into)
+    }
+    fn stop(&mut self) -> Result<(), BackendError> {
+        (**self).stop()
+    }
+}
+
+impl<T: PageSource + ?Sized> PageSource for &mut T {
+    fn layout(&self) -> &MemoryLayout {
+        (**self).layout()
+    }
+    fn read_pages(&mut self, pages: &[PageNum], out: &mut [u8]) -> Result<(), BackendError> {
+        (**self).read_pages(pages, out)
+    }
+}
+
+impl<T: PageSink + ?Sized> PageSink for &mut T {
+    fn layout(&self) -> &MemoryLayout {
+        (**self).layout()
+    }
+    fn write_page(&mut self, page: PageNum, data: &[u8]) -> Result<(), BackendError> {
+        (**self).write_page(page, data)
+    }
+    fn write_zero_page(&mut self, page: PageNum) -> Result<(), BackendError> {
+        (**self).write_zero_page(page)
+    }
+}
+
+impl<T: GuestControl + ?Sized> GuestControl for &mut T {
+    fn pause(&mut self) -> Result<(), BackendError> {
+        (**self).pause()
+    }
+    fn resume(&mut self) -> Result<(), BackendError> {
+        (**self).resume()
+    }
+    fn save_state(&mut self) -> Result<DeviceState, BackendError> {
+        (**self).save_state()
+    }
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), BackendError> {
+        (**self).restore_state(state)
+    }
+    fn guest_cpu_time(&self) -> Option<Duration> {
+        (**self).guest_cpu_time()
+    }
+}

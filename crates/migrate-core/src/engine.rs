@@ -1,0 +1,966 @@
+//! The engine: a source and a destination state machine.
+//!
+//! Neither machine does network I/O. The source is polled for frames to
+//! send ([`SourceEngine::poll`]) and handed the frames that come back
+//! ([`SourceEngine::handle_frame`]); the destination is handed frames and
+//! yields replies. A driver moves the frames: [`crate::driver`] over a
+//! real [`crate::transport::Transport`], the simulator over a modelled
+//! link in virtual time. The engines call the backend traits directly
+//! (reading and writing guest memory is local work) and read time through
+//! a [`Clock`]; the [`Policy`] they consult is handed `now`.
+//!
+//! Guarantees:
+//! - no page is lost: a page leaves the pending set only when it is put in
+//!   a frame, and every page the tracker reports dirty goes back in;
+//! - if the source fails before it sends the completion record, it resumes
+//!   its guest (if it had paused it) and stops dirty tracking;
+//! - the destination resumes its guest only after a completion record
+//!   whose digest matches its own memory, with every page received and
+//!   the device state restored.
+
+use crate::backend::{DeviceState, DirtyTracker, GuestControl, PageSink, PageSource};
+use crate::bitmap::DirtyBitmap;
+use crate::clock::Clock;
+use crate::digest::{digest_memory, MemoryDigest};
+use crate::error::MigrationError;
+use crate::page::{MemoryLayout, PageNum};
+use crate::policy::{Decision, PageSelection, Policy, PolicyInput, RoundSummary};
+use crate::protocol::{
+    self, encode_page_batch, max_batch_pages, Decoder, Record, ResumeReport, VERSION,
+};
+use crate::stats::{DowntimeParts, MigrationStats, RoundStats, SwitchReason};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Engine settings that are not policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Pages per page-batch record (capped by the protocol's limit).
+    pub batch_pages: usize,
+    /// Re-read the dirty log (peek) for skipping after this many pages.
+    pub peek_interval_pages: u64,
+    /// At most this many peeks per round (large guests peek less often).
+    pub max_peeks_per_round: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            batch_pages: 256,
+            peek_interval_pages: 1024,
+            max_peeks_per_round: 256,
+        }
+    }
+}
+
+/// What the source wants done next.
+#[derive(Debug)]
+pub enum SourceStep {
+    /// Send this frame to the destination.
+    Send(Vec<u8>),
+    /// Nothing to send until a frame from the destination arrives.
+    Wait,
+    /// The migration is complete; [`SourceEngine::stats`] has the figures.
+    Done,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SrcState {
+    Init,
+    AwaitReady,
+    Decide,
+    Round,
+    Final,
+    AwaitResumed,
+    Done,
+    Failed,
+}
+
+/// The order a round walks its pages in.
+enum RoundOrder {
+    Ascending { cursor: PageNum },
+    Ordered { pages: Vec<PageNum>, next: usize },
+}
+
+struct Round {
+    number: u32,
+    final_copy: bool,
+    order: RoundOrder,
+    started: Duration,
+    cpu_start: Option<Duration>,
+    guest_cpu_start: Option<Duration>,
+    sent: u64,
+    skipped: u64,
+    zero: u64,
+    bytes: u64,
+    examined_since_peek: u64,
+    peek_every: u64,
+}
+
+/// The source side of a migration.
+pub struct SourceEngine<T, S, G, P> {
+    tracker: T,
+    memory: S,
+    control: G,
+    policy: P,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+    layout: MemoryLayout,
+    decoder: Decoder,
+    state: SrcState,
+    outbox: VecDeque<Vec<u8>>,
+    pending: DirtyBitmap,
+    skip: DirtyBitmap,
+    scratch: DirtyBitmap,
+    round: Option<Round>,
+    rounds_done: u32,
+    last_summary: Option<RoundSummary>,
+    batch: Vec<PageNum>,
+    read_buf: Vec<u8>,
+    // estimates and times
+    bandwidth: f64,
+    dirty_rate: f64,
+    started_at: Option<Duration>,
+    layout_sent_at: Duration,
+    rtt: Duration,
+    first_page_at: Option<Duration>,
+    paused_at: Option<Duration>,
+    tracking: bool,
+    complete_sent: bool,
+    switch_reason: Option<SwitchReason>,
+    expected_downtime: Duration,
+    parts: DowntimeParts,
+    // counters
+    transferred: u64,
+    precopy_bytes: u64,
+    downtime_bytes: u64,
+    pages_sent: u64,
+    zero_sent: u64,
+    dirty_syncs: u64,
+    rounds: Vec<RoundStats>,
+    stats: Option<MigrationStats>,
+}
+
+impl<T, S, G, P> SourceEngine<T, S, G, P>
+where
+    T: DirtyTracker,
+    S: PageSource,
+    G: GuestControl,
+    P: Policy,
+{
+    /// A source engine over a guest's tracker, memory and control, run by
+    /// `policy`, reading time from `clock`.
+    pub fn new(
+        tracker: T,
+        memory: S,
+        control: G,
+        policy: P,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+    ) -> Self {
+        let layout = memory.layout().clone();
+        let end = layout.page_end();
+        let mut config = config;
+        config.batch_pages = config
+            .batch_pages
+            .clamp(1, max_batch_pages(layout.page_size()));
+        SourceEngine {
+            tracker,
+            memory,
+            control,
+            policy,
+            clock,
+            layout,
+            decoder: Decoder::new(),
+            state: SrcState::Init,
+            outbox: VecDeque::new(),
+            pending: DirtyBitmap::new(end),
+            skip: DirtyBitmap::new(end),
+            scratch: DirtyBitmap::new(end),
+            round: None,
+            rounds_done: 0,
+            last_summary: None,
+            batch: Vec::with_capacity(config.batch_pages),
+            read_buf: Vec::new(),
+            config,
+            bandwidth: 0.0,
+            dirty_rate: 0.0,
+            started_at: None,
+            layout_sent_at: Duration::ZERO,
+            rtt: Duration::ZERO,
+            first_page_at: None,
+            paused_at: None,
+            tracking: false,
+            complete_sent: false,
+            switch_reason: None,
+            expected_downtime: Duration::ZERO,
+            parts: DowntimeParts::default(),
+            transferred: 0,
+            precopy_bytes: 0,
+            downtime_bytes: 0,
+            pages_sent: 0,
+            zero_sent: 0,
+            dirty_syncs: 0,
+            rounds: Vec::new(),
+            stats: None,
+        }
+    }
+
+    /// The guest's memory layout.
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    /// Whether the source guest is paused by this engine.
+    pub fn guest_paused(&self) -> bool {
+        self.paused_at.is_some()
+    }
+
+    /// Whether the completion record has been handed out for sending.
+    pub fn complete_sent(&self) -> bool {
+        self.complete_sent
+    }
+
+    /// The statistics, once [`SourceStep::Done`] was returned.
+    pub fn stats(&self) -> Option<&MigrationStats> {
+        self.stats.as_ref()
+    }
+
+    /// Gives the backend parts back.
+    pub fn into_parts(self) -> (T, S, G, P) {
+        (self.tracker, self.memory, self.control, self.policy)
+    }
+
+    /// The next thing to do.
+    pub fn poll(&mut self) -> Result<SourceStep, MigrationError> {
+        if self.state == SrcState::Failed {
+            return Err(MigrationError::InvalidUse(
+                "source engine polled after failure",
+            ));
+        }
+        match self.poll_inner() {
+            Ok(step) => {
+                if let SourceStep::Send(f) = &step {
+                    self.account(f.len() as u64);
+                }
+                Ok(step)
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Handles a frame from the destination.
+    pub fn handle_frame(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
+        if self.state == SrcState::Failed {
+            return Err(MigrationError::InvalidUse(
+                "source engine used after failure",
+            ));
+        }
+        match self.handle_inner(frame) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Records that the migration failed outside the engine (a transport
+    /// error, a timeout) and cleans up: unless the completion record went
+    /// out, the guest is resumed and tracking stopped. Returns the error to
+    /// report ([`MigrationError::OutcomeUnknown`] once completion was sent
+    /// and no confirmation arrived).
+    pub fn fail(&mut self, err: MigrationError) -> MigrationError {
+        if self.state == SrcState::Done {
+            return err;
+        }
+        self.state = SrcState::Failed;
+        if self.tracking {
+            let _ = self.tracker.stop();
+            self.tracking = false;
+        }
+        if self.complete_sent {
+            return match err {
+                MigrationError::OutcomeUnknown(_) => err,
+                other => MigrationError::OutcomeUnknown(other.to_string()),
+            };
+        }
+        if self.paused_at.take().is_some() {
+            if let Err(e) = self.control.resume() {
+                tracing::error!(error = %e, "could not resume the source guest after a failed migration");
+            }
+        }
+        err
+    }
+
+    fn account(&mut self, bytes: u64) {
+        self.transferred += bytes;
+        if self.paused_at.is_some() {
+            self.downtime_bytes += bytes;
+        } else {
+            self.precopy_bytes += bytes;
+        }
+        if let Some(r) = self.round.as_mut() {
+            r.bytes += bytes;
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.clock.now()
+    }
+
+    fn poll_inner(&mut self) -> Result<SourceStep, MigrationError> {
+        loop {
+            if let Some(f) = self.outbox.pop_front() {
+                return Ok(SourceStep::Send(f));
+            }
+            match self.state {
+                SrcState::Init => {
+                    self.started_at = Some(self.now());
+                    self.outbox
+                        .push_back(protocol::encode_to_vec(&Record::Header {
+                            version: VERSION,
+                        }));
+                    self.outbox
+                        .push_back(protocol::encode_to_vec(&Record::Layout(
+                            self.layout.clone(),
+                        )));
+                    self.layout_sent_at = self.now();
+                    self.state = SrcState::AwaitReady;
+                }
+                SrcState::AwaitReady | SrcState::AwaitResumed => return Ok(SourceStep::Wait),
+                SrcState::Decide => self.decide()?,
+                SrcState::Round | SrcState::Final => {
+                    if let Some(frame) = self.next_batch_frame()? {
+                        return Ok(SourceStep::Send(frame));
+                    }
+                    self.end_round()?;
+                }
+                SrcState::Done => return Ok(SourceStep::Done),
+                SrcState::Failed => {
+                    return Err(MigrationError::InvalidUse(
+                        "source engine polled after failure",
+                    ))
+                }
+            }
+        }
+    }
+
+    fn handle_inner(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
+        let rec = self.decoder.decode(frame)?;
+        match (rec, self.state) {
+            (Record::Header { .. }, _) => Ok(()),
+            (Record::Abort { reason }, _) => Err(MigrationError::PeerAborted(reason)),
+            (Record::Ready, SrcState::AwaitReady) => {
+                let now = self.now();
+                self.rtt = now.saturating_sub(self.layout_sent_at);
+                self.tracker
+                    .start()
+                    .map_err(MigrationError::backend("start dirty tracking"))?;
+                self.tracking = true;
+                let all = self.layout.regions().to_vec();
+                for r in all {
+                    self.pending.set_range(r.first_page..r.end());
+                }
+                self.state = SrcState::Decide;
+                Ok(())
+            }
+            (Record::Resumed(report), SrcState::AwaitResumed) => {
+                self.finish(report);
+                Ok(())
+            }
+            (rec, state) => Err(MigrationError::UnexpectedRecord {
+                got: rec.record_type(),
+                state: match state {
+                    SrcState::AwaitReady => "waiting for the destination to accept the layout",
+                    SrcState::AwaitResumed => "waiting for the destination to resume",
+                    _ => "sending pages",
+                },
+            }),
+        }
+    }
+
+    fn decide(&mut self) -> Result<(), MigrationError> {
+        let now = self.now();
+        let pending_pages = self.pending.count_ones();
+        let input = PolicyInput {
+            now,
+            rounds_done: self.rounds_done,
+            guest_pages: self.layout.total_pages(),
+            page_size: self.layout.page_size(),
+            last_round: self.last_summary.as_ref(),
+            pending: &self.pending,
+            pending_pages,
+            total_pages_sent: self.pages_sent,
+            bytes_transferred: self.transferred,
+            bandwidth: self.bandwidth,
+            dirty_rate: self.dirty_rate,
+            rtt: self.rtt,
+        };
+        let expected = input.expected_downtime();
+        match self.policy.decide(&input) {
+            Decision::Precopy(sel) => {
+                let order = match sel {
+                    PageSelection::AllPending => RoundOrder::Ascending { cursor: 0 },
+                    PageSelection::Ordered(pages) => RoundOrder::Ordered { pages, next: 0 },
+                };
+                let candidates = match &order {
+                    RoundOrder::Ascending { .. } => pending_pages,
+                    RoundOrder::Ordered { pages, .. } => pages.len() as u64,
+                };
+                self.begin_round(order, false, candidates);
+            }
+            Decision::StopAndCopy(reason) => {
+                self.switch_reason = Some(reason);
+                self.expected_downtime = expected.unwrap_or_default();
+                self.control
+                    .pause()
+                    .map_err(MigrationError::backend("pause the guest"))?;
+                self.paused_at = Some(self.now());
+                if self.tracking {
+                    self.tracker
+                        .collect_and_clear(&mut self.scratch)
+                        .map_err(MigrationError::backend("collect the dirty log"))?;
+                    self.dirty_syncs += 1;
+                    self.pending.union_with(&self.scratch);
+                }
+                let number = self.rounds_done + 1;
+                self.outbox
+                    .push_back(protocol::encode_to_vec(&Record::SwitchOver {
+                        round: number,
+                    }));
+                self.begin_round(RoundOrder::Ascending { cursor: 0 }, true, 0);
+            }
+            Decision::Abort(reason) => return Err(MigrationError::PolicyAborted(reason)),
+        }
+        Ok(())
+    }
+
+    fn begin_round(&mut self, order: RoundOrder, final_copy: bool, candidates: u64) {
+        let peek_every = self
+            .config
+            .peek_interval_pages
+            .max(candidates / self.config.max_peeks_per_round.max(1))
+            .max(1);
+        self.round = Some(Round {
+            number: self.rounds_done + 1,
+            final_copy,
+            order,
+            started: self.now(),
+            cpu_start: self.clock.thread_cpu_time(),
+            guest_cpu_start: self.control.guest_cpu_time(),
+            sent: 0,
+            skipped: 0,
+            zero: 0,
+            bytes: 0,
+            examined_since_peek: u64::MAX,
+            peek_every,
+        });
+        self.state = if final_copy {
+            SrcState::Final
+        } else {
+            SrcState::Round
+        };
+    }
+
+    /// Builds the next page-batch frame of the round, or `None` when the
+    /// round has no more pages.
+    fn next_batch_frame(&mut self) -> Result<Option<Vec<u8>>, MigrationError> {
+        let Some(round) = self.round.as_mut() else {
+            return Ok(None);
+        };
+        self.batch.clear();
+        while self.batch.len() < self.config.batch_pages {
+            let page = match &mut round.order {
+                RoundOrder::Ascending { cursor } => {
+                    match self.pending.iter_ones_from(*cursor).next() {
+                        Some(p) => {
+                            *cursor = p + 1;
+                            p
+                        }
+                        None => break,
+                    }
+                }
+                RoundOrder::Ordered { pages, next } => match pages.get(*next) {
+                    Some(p) => {
+                        *next += 1;
+                        if !self.pending.get(*p) {
+                            continue;
+                        }
+                        *p
+                    }
+                    None => break,
+                },
+            };
+            if !round.final_copy {
+                if round.examined_since_peek >= round.peek_every {
+                    self.tracker
+                        .peek(&mut self.skip)
+                        .map_err(MigrationError::backend("peek at the dirty log"))?;
+                    round.examined_since_peek = 0;
+                }
+                round.examined_since_peek += 1;
+                if self.skip.get(page) {
+                    round.skipped += 1;
+                    continue;
+                }
+            }
+            self.batch.push(page);
+        }
+        if self.batch.is_empty() {
+            return Ok(None);
+        }
+        let ps = self.layout.page_size();
+        let need = self.batch.len() * ps.get();
+        if self.read_buf.len() < need {
+            self.read_buf.resize(need, 0);
+        }
+        self.memory
+            .read_pages(&self.batch, &mut self.read_buf[..need])
+            .map_err(MigrationError::backend("read guest pages"))?;
+        let mut frame = Vec::new();
+        let summary = encode_page_batch(
+            round.number,
+            ps,
+            &self.batch,
+            &self.read_buf[..need],
+            &mut frame,
+        );
+        for p in &self.batch {
+            self.pending.clear(*p);
+        }
+        round.sent += summary.pages as u64;
+        round.zero += summary.zero_pages as u64;
+        self.pages_sent += summary.pages as u64;
+        self.zero_sent += summary.zero_pages as u64;
+        if self.first_page_at.is_none() {
+            self.first_page_at = Some(self.now());
+        }
+        Ok(Some(frame))
+    }
+
+    fn end_round(&mut self) -> Result<(), MigrationError> {
+        let Some(round) = self.round.take() else {
+            return Err(MigrationError::InvalidUse("round ended twice"));
+        };
+        let now = self.now();
+        let delta = now.saturating_sub(round.started);
+        if round.final_copy {
+            // Anything written while paused (device emulation) goes too.
+            self.tracker
+                .collect_and_clear(&mut self.scratch)
+                .map_err(MigrationError::backend("collect the dirty log"))?;
+            self.dirty_syncs += 1;
+            if !self.scratch.none() {
+                self.pending.union_with(&self.scratch);
+                let sent_so_far = round;
+                self.round = Some(Round {
+                    order: RoundOrder::Ascending { cursor: 0 },
+                    ..sent_so_far
+                });
+                return Ok(());
+            }
+        } else {
+            self.tracker
+                .collect_and_clear(&mut self.scratch)
+                .map_err(MigrationError::backend("collect the dirty log"))?;
+            self.dirty_syncs += 1;
+            self.pending.union_with(&self.scratch);
+        }
+        let dirtied = if round.final_copy {
+            0
+        } else {
+            self.scratch.count_ones()
+        };
+        let pct = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) if !delta.is_zero() => {
+                (b.saturating_sub(a).as_secs_f64() / delta.as_secs_f64() * 100.0).min(100.0)
+            }
+            _ => 0.0,
+        };
+        let dom0_pct = pct(round.cpu_start, self.clock.thread_cpu_time());
+        let target_pct = if round.final_copy {
+            0.0
+        } else {
+            pct(round.guest_cpu_start, self.control.guest_cpu_time())
+        };
+        self.outbox
+            .push_back(protocol::encode_to_vec(&Record::RoundEnd {
+                round: round.number,
+                pages_sent: round.sent,
+            }));
+        self.rounds.push(RoundStats {
+            round: round.number,
+            sent: round.sent,
+            skipped: round.skipped,
+            zero: round.zero,
+            bytes: round.bytes,
+            delta,
+            dom0_pct,
+            target_pct,
+            dirtied,
+            final_copy: round.final_copy,
+            page_size: self.layout.page_size().bytes(),
+        });
+        if round.final_copy {
+            return self.send_tail(now);
+        }
+        if !delta.is_zero() {
+            let secs = delta.as_secs_f64();
+            if round.bytes > 0 {
+                self.bandwidth = round.bytes as f64 / secs;
+            }
+            self.dirty_rate = dirtied as f64 / secs;
+        }
+        self.rounds_done = round.number;
+        self.last_summary = Some(RoundSummary {
+            round: round.number,
+            sent: round.sent,
+            skipped: round.skipped,
+            bytes: round.bytes,
+            duration: delta,
+            dirtied,
+        });
+        self.state = SrcState::Decide;
+        Ok(())
+    }
+
+    /// After the final pages: device state, digest, completion.
+    fn send_tail(&mut self, pages_done: Duration) -> Result<(), MigrationError> {
+        let paused = self.paused_at.unwrap_or(pages_done);
+        self.parts.final_copy = pages_done.saturating_sub(paused);
+        let t0 = self.now();
+        let state: DeviceState = self
+            .control
+            .save_state()
+            .map_err(MigrationError::backend("save device state"))?;
+        let t1 = self.now();
+        let digest: MemoryDigest = digest_memory(&mut self.memory, &self.layout)
+            .map_err(MigrationError::backend("digest guest memory"))?;
+        let t2 = self.now();
+        self.parts.device_save = t1 - t0;
+        self.parts.source_verify = t2 - t1;
+        if self.tracking {
+            self.tracker
+                .stop()
+                .map_err(MigrationError::backend("stop dirty tracking"))?;
+            self.tracking = false;
+        }
+        self.outbox
+            .push_back(protocol::encode_to_vec(&Record::DeviceState(state)));
+        self.outbox
+            .push_back(protocol::encode_to_vec(&Record::Complete {
+                total_pages: self.layout.total_pages(),
+                digest,
+            }));
+        self.complete_sent = true;
+        self.state = SrcState::AwaitResumed;
+        Ok(())
+    }
+
+    fn finish(&mut self, report: ResumeReport) {
+        let now = self.now();
+        let paused = self.paused_at.unwrap_or(now);
+        let start = self.started_at.unwrap_or_default();
+        let dest_part = Duration::from_nanos(report.total_ns);
+        let measured = now.saturating_sub(paused).saturating_sub(self.rtt / 2);
+        let downtime = measured.max(
+            self.parts.final_copy + self.parts.device_save + self.parts.source_verify + dest_part,
+        );
+        let mut parts = self.parts.clone();
+        parts.dest_verify = Duration::from_nanos(report.verify_ns);
+        parts.device_restore = Duration::from_nanos(report.restore_ns);
+        parts.resume = Duration::from_nanos(report.resume_ns);
+        parts.transit = downtime
+            .saturating_sub(parts.final_copy + parts.device_save + parts.source_verify)
+            .saturating_sub(dest_part);
+        let total_time = now.saturating_sub(start);
+        let ps = self.layout.page_size().bytes() as u64;
+        let normal = self.pages_sent - self.zero_sent;
+        self.stats = Some(MigrationStats {
+            policy: self.policy.name().to_owned(),
+            switch_reason: self.switch_reason.unwrap_or(SwitchReason::StopAndCopy),
+            guest_pages: self.layout.total_pages(),
+            page_size: ps as u32,
+            total_time,
+            setup_time: self.first_page_at.unwrap_or(now).saturating_sub(start),
+            downtime,
+            downtime_parts: parts,
+            expected_downtime: self.expected_downtime,
+            transferred: self.transferred,
+            remaining: self.pending.count_ones() * ps,
+            duplicate: self.zero_sent,
+            normal,
+            normal_bytes: normal * ps,
+            total_pages_sent: self.pages_sent,
+            dirty_pages_rate: self.dirty_rate,
+            mbps: if total_time.is_zero() {
+                0.0
+            } else {
+                self.transferred as f64 * 8.0 / total_time.as_secs_f64() / 1e6
+            },
+            dirty_sync_count: self.dirty_syncs,
+            precopy_bytes: self.precopy_bytes,
+            downtime_bytes: self.downtime_bytes,
+            rtt: self.rtt,
+            rounds: std::mem::take(&mut self.rounds),
+            memory_verified: true,
+        });
+        self.paused_at = None;
+        self.state = SrcState::Done;
+    }
+}
+
+/// What the destination did with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DestStatus {
+    /// Keep feeding frames.
+    Continue,
+    /// The guest was verified and resumed; send the queued reply and stop.
+    Resumed,
+}
+
+/// Counters of the destination.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DestinationReport {
+    /// Page records applied (a page sent twice counts twice).
+    pub pages_received: u64,
+    /// Of those, zero pages.
+    pub zero_pages: u64,
+    /// Bytes of frames received.
+    pub bytes_received: u64,
+    /// Round markers seen.
+    pub rounds: u32,
+    /// Digest of the destination's memory, once verified.
+    pub digest: Option<MemoryDigest>,
+    /// The destination's timings of its resume.
+    pub resume: ResumeReport,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DstState {
+    AwaitHeader,
+    AwaitLayout,
+    Receiving,
+    Resumed,
+    Failed,
+}
+
+/// The destination side of a migration.
+pub struct DestinationEngine<K, G> {
+    memory: K,
+    control: G,
+    clock: Arc<dyn Clock>,
+    decoder: Decoder,
+    layout: MemoryLayout,
+    state: DstState,
+    received: DirtyBitmap,
+    switched_over: bool,
+    device_state: Option<DeviceState>,
+    outbox: VecDeque<Vec<u8>>,
+    report: DestinationReport,
+}
+
+impl<K, G> DestinationEngine<K, G>
+where
+    K: PageSink + PageSource,
+    G: GuestControl,
+{
+    /// A destination writing into `memory` (whose layout must equal the
+    /// source's) and restoring through `control`.
+    pub fn new(memory: K, control: G, clock: Arc<dyn Clock>) -> Self {
+        let layout = PageSink::layout(&memory).clone();
+        DestinationEngine {
+            received: DirtyBitmap::new(layout.page_end()),
+            memory,
+            control,
+            clock,
+            decoder: Decoder::new(),
+            layout,
+            state: DstState::AwaitHeader,
+            switched_over: false,
+            device_state: None,
+            outbox: VecDeque::new(),
+            report: DestinationReport::default(),
+        }
+    }
+
+    /// The next frame to send back to the source, if any.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.outbox.pop_front()
+    }
+
+    /// Whether the guest has been resumed here.
+    pub fn resumed(&self) -> bool {
+        self.state == DstState::Resumed
+    }
+
+    /// Counters so far.
+    pub fn report(&self) -> &DestinationReport {
+        &self.report
+    }
+
+    /// Gives the backend parts back.
+    pub fn into_parts(self) -> (K, G) {
+        (self.memory, self.control)
+    }
+
+    /// Applies one frame from the source.
+    pub fn handle_frame(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
+        match self.state {
+            DstState::Failed => {
+                return Err(MigrationError::InvalidUse("destination used after failure"))
+            }
+            DstState::Resumed => {
+                return Err(MigrationError::InvalidUse("destination already resumed"))
+            }
+            _ => {}
+        }
+        self.report.bytes_received += frame.len() as u64;
+        let r = self.handle_inner(frame);
+        if r.is_err() {
+            self.state = DstState::Failed;
+        }
+        r
+    }
+
+    /// Marks the migration failed from outside (the stream ended or timed
+    /// out). The guest is not resumed.
+    pub fn fail(&mut self) {
+        if self.state != DstState::Resumed {
+            self.state = DstState::Failed;
+        }
+    }
+
+    fn handle_inner(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
+        let rec = self.decoder.decode(frame)?;
+        let unexpected = |rec: &Record<'_>, state| MigrationError::UnexpectedRecord {
+            got: rec.record_type(),
+            state,
+        };
+        match (self.state, rec) {
+            (_, Record::Abort { reason }) => Err(MigrationError::PeerAborted(reason)),
+            (DstState::AwaitHeader, Record::Header { .. }) => {
+                self.outbox
+                    .push_back(protocol::encode_to_vec(&Record::Header {
+                        version: VERSION,
+                    }));
+                self.state = DstState::AwaitLayout;
+                Ok(DestStatus::Continue)
+            }
+            (DstState::AwaitLayout, Record::Layout(layout)) => {
+                if layout != self.layout {
+                    return Err(MigrationError::LayoutMismatch {
+                        source_pages: layout.total_pages(),
+                        dest_pages: self.layout.total_pages(),
+                    });
+                }
+                self.outbox
+                    .push_back(protocol::encode_to_vec(&Record::Ready));
+                self.state = DstState::Receiving;
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Receiving, Record::PageBatch(batch)) => {
+                for (page, data) in batch.iter() {
+                    if !self.layout.contains(page) {
+                        return Err(MigrationError::PageOutOfRange(page));
+                    }
+                    match data {
+                        Some(d) => self.memory.write_page(page, d),
+                        None => {
+                            self.report.zero_pages += 1;
+                            self.memory.write_zero_page(page)
+                        }
+                    }
+                    .map_err(MigrationError::backend("write a guest page"))?;
+                    self.received.set(page);
+                    self.report.pages_received += 1;
+                }
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Receiving, Record::RoundEnd { .. }) => {
+                self.report.rounds += 1;
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Receiving, Record::SwitchOver { .. }) if !self.switched_over => {
+                self.switched_over = true;
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Receiving, Record::DeviceState(s))
+                if self.switched_over && self.device_state.is_none() =>
+            {
+                self.device_state = Some(s);
+                Ok(DestStatus::Continue)
+            }
+            (
+                DstState::Receiving,
+                Record::Complete {
+                    total_pages,
+                    digest,
+                },
+            ) => self.complete(total_pages, digest),
+            (DstState::AwaitHeader, rec) => Err(unexpected(&rec, "waiting for the stream header")),
+            (DstState::AwaitLayout, rec) => Err(unexpected(&rec, "waiting for the memory layout")),
+            (_, rec) => Err(unexpected(&rec, "receiving pages")),
+        }
+    }
+
+    fn complete(
+        &mut self,
+        total_pages: u64,
+        digest: MemoryDigest,
+    ) -> Result<DestStatus, MigrationError> {
+        let t0 = self.clock.now();
+        if !self.switched_over {
+            return Err(MigrationError::Incomplete(
+                "completion before the switch-over record".into(),
+            ));
+        }
+        if total_pages != self.layout.total_pages() {
+            return Err(MigrationError::Incomplete(format!(
+                "completion claims {total_pages} pages, the layout has {}",
+                self.layout.total_pages()
+            )));
+        }
+        let have = self.received.count_ones();
+        if have != total_pages {
+            return Err(MigrationError::Incomplete(format!(
+                "{} of {total_pages} pages never arrived",
+                total_pages - have
+            )));
+        }
+        let Some(state) = self.device_state.take() else {
+            return Err(MigrationError::Incomplete(
+                "no device state was sent".into(),
+            ));
+        };
+        let actual = digest_memory(&mut self.memory, &self.layout)
+            .map_err(MigrationError::backend("digest destination memory"))?;
+        if actual != digest {
+            return Err(MigrationError::DigestMismatch {
+                expected: digest,
+                actual,
+            });
+        }
+        let t1 = self.clock.now();
+        self.control
+            .restore_state(&state)
+            .map_err(MigrationError::backend("restore device state"))?;
+        let t2 = self.clock.now();
+        self.control
+            .resume()
+            .map_err(MigrationError::backend("resume the guest"))?;
+        let t3 = self.clock.now();
+        self.report.digest = Some(actual);
+        self.report.resume = ResumeReport {
+            verify_ns: (t1 - t0).as_nanos() as u64,
+            restore_ns: (t2 - t1).as_nanos() as u64,
+            resume_ns: (t3 - t2).as_nanos() as u64,
+            total_ns: (t3 - t0).as_nanos() as u64,
+        };
+        self.outbox
+            .push_back(protocol::encode_to_vec(&Record::Resumed(
+                self.report.resume,
+            )));
+        self.state = DstState::Resumed;
+        Ok(DestStatus::Resumed)
+    }
+}

@@ -1,0 +1,342 @@
+//! Statistics, in the two dialects migration users already read.
+//!
+//! Per round, the line `xc_domain_save` prints on Xen:
+//!
+//! ```text
+//! 1: sent 28847, skipped 3921, delta 1702ms, dom0 62%, target 32%, sent 555Mb/s, dirtied 116Mb/s 6036 pages
+//! ```
+//!
+//! where Mb/s = pages × page size / (delta ms × 125), and the closing
+//! `Total pages sent= T (R x)`. As totals, the names of QEMU's
+//! `query-migrate` (total-time, downtime, transferred, duplicate, ...).
+//! Downtime is measured from the source's pause to the destination's
+//! resume and broken into its parts; it is never inferred from a round.
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::fmt;
+use std::time::Duration;
+
+/// Why the source stopped pre-copying and paused the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum SwitchReason {
+    /// The policy copies everything with the guest paused.
+    StopAndCopy,
+    /// What remained fitted the downtime target.
+    Converged,
+    /// The round limit was reached.
+    MaxRounds,
+    /// Total transfer passed its limit (a multiple of guest memory).
+    TransferLimit,
+    /// Rounds stopped shrinking the dirty set.
+    NoProgress,
+}
+
+impl SwitchReason {
+    /// Whether pre-copy converged (or was not attempted).
+    pub fn converged(self) -> bool {
+        matches!(self, SwitchReason::Converged | SwitchReason::StopAndCopy)
+    }
+
+    /// A short description.
+    pub fn describe(self) -> &'static str {
+        match self {
+            SwitchReason::StopAndCopy => "stop-and-copy",
+            SwitchReason::Converged => "converged",
+            SwitchReason::MaxRounds => "did not converge: round limit reached",
+            SwitchReason::TransferLimit => "did not converge: transfer limit reached",
+            SwitchReason::NoProgress => "did not converge: rounds stopped making progress",
+        }
+    }
+}
+
+/// One round, as Xen reports it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RoundStats {
+    /// Round number, from 1. The final (stop-and-copy) round is the last.
+    pub round: u32,
+    /// Pages sent.
+    pub sent: u64,
+    /// Pages skipped because the guest had dirtied them again (they go in a later round).
+    pub skipped: u64,
+    /// Of the pages sent, how many were zero pages (sent as a flag).
+    pub zero: u64,
+    /// Bytes put on the wire in this round, record overhead included.
+    pub bytes: u64,
+    /// Duration of the round.
+    #[serde(serialize_with = "ser_ms", rename = "delta_ms")]
+    pub delta: Duration,
+    /// Migration thread CPU use over the round, percent.
+    pub dom0_pct: f64,
+    /// Guest CPU use over the round, percent (0 while paused).
+    pub target_pct: f64,
+    /// Pages the guest dirtied during the round.
+    pub dirtied: u64,
+    /// Whether this was the final copy, with the guest paused.
+    pub final_copy: bool,
+    /// Page size in bytes, for the Mb/s columns.
+    pub page_size: u32,
+}
+
+impl RoundStats {
+    fn mbps(&self, pages: u64) -> f64 {
+        let ms = self.delta.as_secs_f64() * 1000.0;
+        if ms <= 0.0 {
+            0.0
+        } else {
+            pages as f64 * self.page_size as f64 / (ms * 125.0)
+        }
+    }
+
+    /// Sent rate in Mb/s as Xen computes it.
+    pub fn sent_mbps(&self) -> f64 {
+        self.mbps(self.sent)
+    }
+
+    /// Dirtying rate in Mb/s as Xen computes it.
+    pub fn dirtied_mbps(&self) -> f64 {
+        self.mbps(self.dirtied)
+    }
+}
+
+impl fmt::Display for RoundStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: sent {}, skipped {}, delta {}ms, dom0 {:.0}%, target {:.0}%, sent {:.0}Mb/s, dirtied {:.0}Mb/s {} pages",
+            self.round,
+            self.sent,
+            self.skipped,
+            self.delta.as_millis(),
+            self.dom0_pct,
+            self.target_pct,
+            self.sent_mbps(),
+            self.dirtied_mbps(),
+            self.dirtied
+        )
+    }
+}
+
+/// The parts downtime is made of. Each part is measured on one host's
+/// clock; `transit` is what remains of the measured total.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DowntimeParts {
+    /// Source: pause until the last page was handed to the transport.
+    #[serde(serialize_with = "ser_ms", rename = "final-copy-ms")]
+    pub final_copy: Duration,
+    /// Source: saving vCPU and device state.
+    #[serde(serialize_with = "ser_ms", rename = "device-save-ms")]
+    pub device_save: Duration,
+    /// Source: digesting memory for the completion record.
+    #[serde(serialize_with = "ser_ms", rename = "source-verify-ms")]
+    pub source_verify: Duration,
+    /// Network: the final data draining to and arriving at the destination.
+    #[serde(serialize_with = "ser_ms", rename = "transit-ms")]
+    pub transit: Duration,
+    /// Destination: digesting its memory and comparing.
+    #[serde(serialize_with = "ser_ms", rename = "dest-verify-ms")]
+    pub dest_verify: Duration,
+    /// Destination: restoring vCPU and device state.
+    #[serde(serialize_with = "ser_ms", rename = "device-restore-ms")]
+    pub device_restore: Duration,
+    /// Destination: the backend's resume.
+    #[serde(serialize_with = "ser_ms", rename = "resume-ms")]
+    pub resume: Duration,
+}
+
+fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1000.0)
+}
+
+/// Totals of one migration, with its rounds.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MigrationStats {
+    /// The policy's name.
+    pub policy: String,
+    /// Why the source switched over.
+    pub switch_reason: SwitchReason,
+    /// Guest pages in the layout.
+    pub guest_pages: u64,
+    /// Page size in bytes.
+    pub page_size: u32,
+    /// Start to destination resume confirmed.
+    pub total_time: Duration,
+    /// Start until the first page went out (handshake, tracker start).
+    pub setup_time: Duration,
+    /// Source pause to destination resume, measured.
+    pub downtime: Duration,
+    /// What the downtime was made of.
+    pub downtime_parts: DowntimeParts,
+    /// What the engine expected the downtime to be when it switched over
+    /// (remaining bytes at the bandwidth estimate).
+    pub expected_downtime: Duration,
+    /// Bytes put on the wire, record overhead included.
+    pub transferred: u64,
+    /// Bytes still to send at the end (0 once complete).
+    pub remaining: u64,
+    /// Zero pages sent (as a flag, no data).
+    pub duplicate: u64,
+    /// Pages sent with their data.
+    pub normal: u64,
+    /// Bytes of page data sent.
+    pub normal_bytes: u64,
+    /// Pages sent in all (normal + duplicate).
+    pub total_pages_sent: u64,
+    /// Last estimate of the guest's dirtying rate, pages per second.
+    pub dirty_pages_rate: f64,
+    /// Average throughput, megabits per second.
+    pub mbps: f64,
+    /// Times the dirty log was collected.
+    pub dirty_sync_count: u64,
+    /// Bytes sent while the guest ran on the source.
+    pub precopy_bytes: u64,
+    /// Bytes sent while the guest was paused.
+    pub downtime_bytes: u64,
+    /// Round-trip time measured in the handshake.
+    pub rtt: Duration,
+    /// Every round, the final copy last.
+    pub rounds: Vec<RoundStats>,
+    /// Whether the destination confirmed resume after matching the digest.
+    pub memory_verified: bool,
+}
+
+impl MigrationStats {
+    /// Pages sent over guest pages: the "x" in `Total pages sent= T (R x)`.
+    pub fn transfer_ratio(&self) -> f64 {
+        if self.guest_pages == 0 {
+            0.0
+        } else {
+            self.total_pages_sent as f64 / self.guest_pages as f64
+        }
+    }
+
+    /// Number of pre-copy rounds (the final copy excluded).
+    pub fn precopy_rounds(&self) -> usize {
+        self.rounds.iter().filter(|r| !r.final_copy).count()
+    }
+
+    /// Xen's closing line.
+    pub fn total_line(&self) -> String {
+        format!(
+            "Total pages sent= {} ({:.2}x)",
+            self.total_pages_sent,
+            self.transfer_ratio()
+        )
+    }
+
+    /// The totals as QEMU's `query-migrate` names them, plus the rounds,
+    /// as one JSON object (times in milliseconds).
+    pub fn to_json(&self) -> Value {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        json!({
+            "policy": self.policy,
+            "status": if self.memory_verified { "completed" } else { "failed" },
+            "converged": self.switch_reason.converged(),
+            "switch-reason": self.switch_reason,
+            "guest-pages": self.guest_pages,
+            "page-size": self.page_size,
+            "total-time": ms(self.total_time),
+            "setup-time": ms(self.setup_time),
+            "downtime": ms(self.downtime),
+            "downtime-parts": self.downtime_parts,
+            "expected-downtime": ms(self.expected_downtime),
+            "transferred": self.transferred,
+            "remaining": self.remaining,
+            "duplicate": self.duplicate,
+            "normal": self.normal,
+            "normal-bytes": self.normal_bytes,
+            "total-pages-sent": self.total_pages_sent,
+            "transfer-ratio": self.transfer_ratio(),
+            "dirty-pages-rate": self.dirty_pages_rate,
+            "mbps": self.mbps,
+            "dirty-sync-count": self.dirty_sync_count,
+            "precopy-bytes": self.precopy_bytes,
+            "downtime-bytes": self.downtime_bytes,
+            "rtt": ms(self.rtt),
+            "memory-verified": self.memory_verified,
+            "rounds": self.rounds,
+        })
+    }
+}
+
+impl fmt::Display for MigrationStats {
+    /// The round lines, Xen's total line, then QEMU's names.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        for r in &self.rounds {
+            if r.final_copy {
+                writeln!(f, "{}: (guest paused, final copy)", r.round)?;
+            }
+            writeln!(f, "{r}")?;
+        }
+        writeln!(f, "{}", self.total_line())?;
+        writeln!(
+            f,
+            "policy: {} ({})",
+            self.policy,
+            self.switch_reason.describe()
+        )?;
+        writeln!(f, "total-time: {:.1} ms", ms(self.total_time))?;
+        writeln!(f, "setup-time: {:.1} ms", ms(self.setup_time))?;
+        let p = &self.downtime_parts;
+        writeln!(
+            f,
+            "downtime: {:.3} ms (final copy {:.3}, device save {:.3}, source verify {:.3}, transit {:.3}, destination verify {:.3}, device restore {:.3}, resume {:.3})",
+            ms(self.downtime),
+            ms(p.final_copy),
+            ms(p.device_save),
+            ms(p.source_verify),
+            ms(p.transit),
+            ms(p.dest_verify),
+            ms(p.device_restore),
+            ms(p.resume)
+        )?;
+        writeln!(f, "expected-downtime: {:.3} ms", ms(self.expected_downtime))?;
+        writeln!(f, "transferred: {} bytes", self.transferred)?;
+        writeln!(f, "remaining: {} bytes", self.remaining)?;
+        writeln!(f, "duplicate: {} pages", self.duplicate)?;
+        writeln!(
+            f,
+            "normal: {} pages ({} bytes)",
+            self.normal, self.normal_bytes
+        )?;
+        writeln!(f, "dirty-pages-rate: {:.0} pages/s", self.dirty_pages_rate)?;
+        writeln!(f, "mbps: {:.1}", self.mbps)?;
+        writeln!(f, "dirty-sync-count: {}", self.dirty_sync_count)?;
+        writeln!(f, "precopy-bytes: {}", self.precopy_bytes)?;
+        writeln!(f, "downtime-bytes: {}", self.downtime_bytes)?;
+        write!(
+            f,
+            "memory verified: {}",
+            if self.memory_verified { "yes" } else { "NO" }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_line_matches_xen_arithmetic() {
+        let r = RoundStats {
+            round: 1,
+            sent: 28847,
+            skipped: 3921,
+            zero: 0,
+            bytes: 0,
+            delta: Duration::from_millis(1702),
+            dom0_pct: 62.0,
+            target_pct: 32.0,
+            dirtied: 6036,
+            final_copy: false,
+            page_size: 4096,
+        };
+        assert_eq!(
+            r.to_string(),
+            "1: sent 28847, skipped 3921, delta 1702ms, dom0 62%, target 32%, sent 555Mb/s, dirtied 116Mb/s 6036 pages"
+        );
+    }
+}
