@@ -66,6 +66,9 @@ where
 
 /// Runs the destination until the guest is resumed (or the migration fails,
 /// in which case the guest is not resumed and an abort is sent back).
+///
+/// Once the guest is resumed this returns `Ok` even if the confirmation
+/// could not be sent; [`DestinationReport::resume_confirmed`] says so.
 pub fn run_destination<K, G, X>(
     engine: &mut DestinationEngine<K, G>,
     transport: &mut X,
@@ -95,11 +98,20 @@ where
                 return Err(e);
             }
         };
+        if status == DestStatus::Resumed {
+            // The guest runs here now, whatever happens to the reply.
+            let mut report = engine.report().clone();
+            report.resume_confirmed = true;
+            while let Some(reply) = engine.poll_transmit() {
+                if let Err(e) = transport.send(&reply) {
+                    tracing::warn!(error = %e, "guest resumed but the source could not be told");
+                    report.resume_confirmed = false;
+                }
+            }
+            return Ok(report);
+        }
         while let Some(reply) = engine.poll_transmit() {
             transport.send(&reply)?;
-        }
-        if status == DestStatus::Resumed {
-            return Ok(engine.report().clone());
         }
     }
 }

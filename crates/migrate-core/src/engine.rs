@@ -733,6 +733,10 @@ pub struct DestinationReport {
     pub digest: Option<MemoryDigest>,
     /// The destination's timings of its resume.
     pub resume: ResumeReport,
+    /// Whether the resume confirmation reached the transport. `false`
+    /// means the guest runs here but the source may not know: it stays
+    /// paused, and the operator must not resume it.
+    pub resume_confirmed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

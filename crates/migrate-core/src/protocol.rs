@@ -37,7 +37,12 @@ pub const VERSION: u32 = 1;
 /// Bytes of a record header.
 pub const RECORD_HEADER_LEN: usize = 8;
 /// The largest frame any record may need (header + largest body).
-pub const MAX_FRAME_LEN: usize = RECORD_HEADER_LEN + MAX_PAGE_BATCH_BODY;
+pub const MAX_FRAME_LEN: usize = RECORD_HEADER_LEN
+    + if MAX_PAGE_BATCH_BODY > MAX_DEVICE_STATE_BODY {
+        MAX_PAGE_BATCH_BODY
+    } else {
+        MAX_DEVICE_STATE_BODY
+    };
 /// Most pages in one batch.
 pub const MAX_BATCH_PAGES: usize = 1024;
 /// Most page data bytes in one batch (so 2 MiB pages go 4 to a batch).
@@ -52,6 +57,7 @@ pub const MAX_TEXT: usize = 4096;
 pub const MAX_REQUEST_PAGES: usize = 1024;
 
 const MAX_PAGE_BATCH_BODY: usize = 8 + MAX_BATCH_PAGES * 9 + 8 + MAX_BATCH_DATA + 8;
+const MAX_DEVICE_STATE_BODY: usize = 12 + MAX_TEXT + MAX_DEVICE_STATE;
 
 /// Page flag: the page is all zeros and carries no data.
 pub const PAGE_FLAG_ZERO: u8 = 1;
@@ -112,7 +118,7 @@ impl RecordType {
             Layout => 8 + MAX_REGIONS * 16,
             PageBatch => MAX_PAGE_BATCH_BODY,
             RoundEnd => 16,
-            DeviceState => 12 + MAX_TEXT + MAX_DEVICE_STATE,
+            DeviceState => MAX_DEVICE_STATE_BODY,
             SwitchOver => 8,
             PageRequest => 8 + MAX_REQUEST_PAGES * 8,
             Complete => 24,
@@ -669,7 +675,9 @@ impl Decoder {
                     got: ty,
                     why: "pages before the memory layout",
                 })?;
-                Record::PageBatch(decode_batch(body, ps)?)
+                let batch = decode_batch(body, ps)?;
+                b.buf = &[];
+                Record::PageBatch(batch)
             }
             RecordType::RoundEnd => {
                 let round = b.u32()?;

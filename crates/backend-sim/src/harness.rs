@@ -1,0 +1,235 @@
+//! Running a whole migration in virtual time.
+//!
+//! [`simulate`] builds a source and a destination [`SimGuest`], connects
+//! their engines through a modelled [`Link`] and runs the migration as a
+//! discrete-event simulation on one [`VirtualClock`]: the clock jumps
+//! from one event (a frame leaving, a frame arriving) to the next, so a
+//! run is exact, repeatable bit for bit, and takes as long as the work of
+//! copying the pages, not as long as the migration it models.
+//!
+//! The link serialises frames one after another at its bandwidth and
+//! delivers each after its latency; the source may not start the next
+//! frame until the previous one is on the wire, as a sender whose socket
+//! buffer is full.
+
+use crate::guest::SimGuest;
+use crate::memory::MemoryMode;
+use crate::workload::{WorkloadError, WorkloadSpec};
+use migrate_core::engine::{
+    DestStatus, DestinationEngine, DestinationReport, EngineConfig, SourceEngine, SourceStep,
+};
+use migrate_core::page::MemoryLayout;
+use migrate_core::protocol::abort_frame;
+use migrate_core::{Clock, MigrationError, MigrationStats, Policy, VirtualClock};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A network link: bandwidth and one-way latency, the same both ways.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Link {
+    /// Bits per second.
+    pub bandwidth_bps: f64,
+    /// One-way latency.
+    pub latency: Duration,
+}
+
+impl Link {
+    /// A link of `bandwidth_bps` bits per second and `latency` one way.
+    pub fn new(bandwidth_bps: f64, latency: Duration) -> Self {
+        Link {
+            bandwidth_bps,
+            latency,
+        }
+    }
+
+    /// Time to put `bytes` on the wire.
+    pub fn serialisation(&self, bytes: usize) -> Duration {
+        Duration::from_secs_f64(bytes as f64 * 8.0 / self.bandwidth_bps)
+    }
+}
+
+/// Everything a simulated migration needs.
+pub struct SimConfig {
+    /// Guest memory layout.
+    pub layout: MemoryLayout,
+    /// How simulated memory is stored.
+    pub mode: MemoryMode,
+    /// What the guest does.
+    pub workload: WorkloadSpec,
+    /// The link between source and destination.
+    pub link: Link,
+    /// The policy.
+    pub policy: Box<dyn Policy>,
+    /// Engine settings.
+    pub engine: EngineConfig,
+    /// Stop the simulation if virtual time passes this (a safety net).
+    pub time_limit: Duration,
+}
+
+/// Why a simulation could not run or finish.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimError {
+    /// The workload description is invalid.
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    /// The link description is invalid.
+    #[error("invalid link: {0}")]
+    Link(String),
+    /// The migration failed.
+    #[error("migration failed: {0}")]
+    Migration(#[from] MigrationError),
+    /// Neither side had anything to do: a bug in an engine or policy.
+    #[error("simulation stalled at {0:?}: no side can make progress")]
+    Stalled(Duration),
+    /// Virtual time passed the configured limit.
+    #[error("simulation passed its time limit of {0:?}")]
+    TimeLimit(Duration),
+}
+
+/// The outcome of a simulated migration.
+#[derive(Debug)]
+pub struct SimReport {
+    /// The source's statistics.
+    pub stats: MigrationStats,
+    /// The destination's counters.
+    pub dest: DestinationReport,
+    /// Pause to resume on the shared virtual clock: the true downtime, to
+    /// check the engine's measurement against.
+    pub true_downtime: Duration,
+    /// The source's guest progress counter at pause.
+    pub source_writes: u64,
+    /// The destination's guest progress counter at the instant of resume.
+    pub dest_writes: u64,
+    /// Whether the destination's memory equaled the source's, byte for
+    /// byte, at the instant the destination resumed.
+    pub memory_equal: bool,
+    /// The source guest, paused, after the migration.
+    pub source: SimGuest,
+    /// The destination guest, running, after the migration.
+    pub destination: SimGuest,
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum Dir {
+    ToDest,
+    ToSource,
+}
+
+/// A frame in flight: (arrival time, sequence number for ties, direction, frame).
+type Delivery = (Duration, u64, Dir, Vec<u8>);
+
+/// Runs one migration in virtual time.
+pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
+    let SimConfig {
+        layout,
+        mode,
+        workload,
+        link,
+        policy,
+        engine,
+        time_limit,
+    } = config;
+    if !(link.bandwidth_bps.is_finite() && link.bandwidth_bps > 0.0) {
+        return Err(SimError::Link("bandwidth must be positive".into()));
+    }
+    let clock = VirtualClock::new();
+    let dyn_clock: Arc<dyn Clock> = Arc::new(clock.clone());
+    let src = SimGuest::source(layout.clone(), mode, workload.clone(), dyn_clock.clone())?;
+    let dst = SimGuest::destination(layout, mode, workload, dyn_clock.clone())?;
+    let mut source = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        policy,
+        dyn_clock.clone(),
+        engine,
+    );
+    let mut dest = DestinationEngine::new(dst.pages(), dst.control(), dyn_clock);
+
+    let mut events: BinaryHeap<Reverse<Delivery>> = BinaryHeap::new();
+    let mut seq = 0u64;
+    let mut fwd_free = Duration::ZERO;
+    let mut back_free = Duration::ZERO;
+    let mut src_ready = Duration::ZERO;
+    let mut src_waiting = false;
+    let mut dest_resumed = false;
+    let mut at_resume: Option<(bool, u64)> = None;
+
+    let stats = loop {
+        let next_event = events.peek().map(|Reverse((t, ..))| *t);
+        let src_turn = !src_waiting && next_event.is_none_or(|t| src_ready <= t);
+        if src_turn {
+            if src_ready > time_limit {
+                return Err(SimError::TimeLimit(time_limit));
+            }
+            clock.set(src_ready);
+            match source.poll()? {
+                SourceStep::Send(frame) => {
+                    let depart = src_ready.max(fwd_free) + link.serialisation(frame.len());
+                    fwd_free = depart;
+                    src_ready = depart;
+                    seq += 1;
+                    events.push(Reverse((depart + link.latency, seq, Dir::ToDest, frame)));
+                }
+                SourceStep::Wait => src_waiting = true,
+                SourceStep::Done => match source.stats() {
+                    Some(s) => break s.clone(),
+                    None => return Err(SimError::Stalled(src_ready)),
+                },
+            }
+        } else if let Some(Reverse((t, _, dir, frame))) = events.pop() {
+            clock.set(t);
+            match dir {
+                Dir::ToDest => {
+                    if dest_resumed {
+                        continue;
+                    }
+                    let status = match dest.handle_frame(&frame) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            // Tell the source, as a real destination would.
+                            let _ = source.handle_frame(&abort_frame(&e.to_string()));
+                            return Err(e.into());
+                        }
+                    };
+                    while let Some(reply) = dest.poll_transmit() {
+                        let depart = t.max(back_free) + link.serialisation(reply.len());
+                        back_free = depart;
+                        seq += 1;
+                        events.push(Reverse((depart + link.latency, seq, Dir::ToSource, reply)));
+                    }
+                    if status == DestStatus::Resumed {
+                        // Compare now, at the resume instant, before the
+                        // destination guest runs on and writes.
+                        dest_resumed = true;
+                        at_resume = Some((src.same_memory(&dst), dst.writes_applied()));
+                    }
+                }
+                Dir::ToSource => {
+                    source.handle_frame(&frame)?;
+                    src_waiting = false;
+                    src_ready = src_ready.max(t);
+                }
+            }
+        } else {
+            return Err(SimError::Stalled(clock.now()));
+        }
+    };
+
+    let paused = src.paused_at().unwrap_or_default();
+    let resumed = dst.resumed_at().unwrap_or_default();
+    let (memory_equal, dest_writes) = at_resume.unwrap_or((false, 0));
+    Ok(SimReport {
+        true_downtime: resumed.saturating_sub(paused),
+        source_writes: src.writes_applied(),
+        dest_writes,
+        memory_equal,
+        dest: dest.report().clone(),
+        stats,
+        source: src,
+        destination: dst,
+    })
+}

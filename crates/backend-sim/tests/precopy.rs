@@ -1,0 +1,364 @@
+//! The behaviour of pre-copy and stop-and-copy on the simulated guest.
+//! Every migration here checks the destination's memory against the
+//! source's (the engine's digest and a byte compare).
+
+use backend_sim::{simulate, Link, MemoryMode, SimConfig, SimReport, WorkloadKind, WorkloadSpec};
+use migrate_core::{
+    EngineConfig, MemoryLayout, PageSize, Policy, Precopy, PrecopyConfig, StopAndCopy, SwitchReason,
+};
+use std::time::Duration;
+
+const GBIT: f64 = 1e9;
+
+fn run(
+    mem: u64,
+    mode: MemoryMode,
+    workload: WorkloadSpec,
+    link: Link,
+    policy: Box<dyn Policy>,
+) -> SimReport {
+    let r = simulate(SimConfig {
+        layout: MemoryLayout::flat(PageSize::DEFAULT, mem).unwrap(),
+        mode,
+        workload,
+        link,
+        policy,
+        engine: EngineConfig::default(),
+        time_limit: Duration::from_secs(3600),
+    })
+    .expect("simulated migration");
+    assert_verified(&r);
+    r
+}
+
+fn assert_verified(r: &SimReport) {
+    assert!(
+        r.stats.memory_verified,
+        "destination did not verify the digest"
+    );
+    assert!(
+        r.memory_equal,
+        "destination memory differs from the source's"
+    );
+    assert_eq!(r.source.digest(), r.dest.digest.unwrap());
+    assert_eq!(
+        r.source_writes, r.dest_writes,
+        "guest progress counter did not carry over"
+    );
+}
+
+fn uniform(wss_pages: u64, writes_per_sec: f64, seed: u64) -> WorkloadSpec {
+    WorkloadSpec {
+        kind: WorkloadKind::Uniform,
+        wss_pages,
+        writes_per_sec,
+        zero_fraction: 0.0,
+        seed,
+    }
+}
+
+#[test]
+fn sent_plus_skipped_accounts_for_every_candidate_page() {
+    let mem = 256u64 << 20;
+    let pages = mem / 4096;
+    // 40 MB/s of writes over half of memory on a 1 Gbit/s link.
+    let r = run(
+        mem,
+        MemoryMode::Bytes,
+        uniform(pages / 2, 40e6 / 4096.0, 3),
+        Link::new(GBIT, Duration::from_millis(1)),
+        Box::new(Precopy::default()),
+    );
+    let rounds = &r.stats.rounds;
+    assert!(
+        rounds.len() >= 3,
+        "expected several rounds, got {}",
+        rounds.len()
+    );
+    assert_eq!(rounds[0].sent + rounds[0].skipped, pages, "round 1");
+    assert!(
+        rounds[0].skipped > 0,
+        "a busy guest has pages skipped in round 1"
+    );
+    for i in 1..rounds.len() {
+        let (prev, cur) = (&rounds[i - 1], &rounds[i]);
+        assert_eq!(
+            cur.sent + cur.skipped,
+            prev.dirtied,
+            "round {}: sent + skipped = pages dirtied during round {}",
+            cur.round,
+            prev.round
+        );
+    }
+    assert_eq!(
+        r.stats.total_pages_sent,
+        rounds.iter().map(|r| r.sent).sum::<u64>()
+    );
+}
+
+#[test]
+fn idle_guest_needs_one_round_and_an_empty_final_copy() {
+    let mem = 64u64 << 20;
+    let r = run(
+        mem,
+        MemoryMode::Bytes,
+        WorkloadSpec::idle(1),
+        Link::new(GBIT, Duration::from_millis(1)),
+        Box::new(Precopy::default()),
+    );
+    let rounds = &r.stats.rounds;
+    assert_eq!(rounds.len(), 2, "one pre-copy round and the final copy");
+    assert_eq!(rounds[0].sent, mem / 4096);
+    assert_eq!(rounds[0].skipped, 0);
+    assert!(rounds[1].final_copy);
+    assert_eq!(
+        rounds[1].sent, 0,
+        "nothing was dirtied, nothing to copy while paused"
+    );
+    assert_eq!(r.stats.switch_reason, SwitchReason::Converged);
+    // Downtime is then little more than a one-way trip of the last records.
+    assert!(
+        r.stats.downtime < Duration::from_millis(2),
+        "{:?}",
+        r.stats.downtime
+    );
+}
+
+#[test]
+fn dirty_rate_above_bandwidth_does_not_converge_and_still_verifies() {
+    let mem = 128u64 << 20;
+    let pages = mem / 4096;
+    // 250 MB/s of writes (2 Gbit/s) over all of memory, 1 Gbit/s link:
+    // the working set alone takes ~1.1 s to send.
+    let r = run(
+        mem,
+        MemoryMode::Bytes,
+        uniform(pages, 250e6 / 4096.0, 5),
+        Link::new(GBIT, Duration::from_millis(1)),
+        Box::new(Precopy::default()),
+    );
+    assert!(
+        !r.stats.switch_reason.converged(),
+        "{:?}",
+        r.stats.switch_reason
+    );
+    assert_eq!(r.stats.switch_reason, SwitchReason::NoProgress);
+    assert!(r.stats.to_string().contains("did not converge"));
+    assert_eq!(r.stats.to_json()["converged"], false);
+    // The final copy is most of the working set: far above the target.
+    assert!(r.stats.downtime > Duration::from_millis(300));
+}
+
+#[test]
+fn round_limit_and_transfer_limit_stop_pre_copy() {
+    let mem = 64u64 << 20;
+    let pages = mem / 4096;
+    // Only the limit under test can end pre-copy: no downtime target is
+    // met, no round counts as a stall.
+    let cfg = PrecopyConfig {
+        max_rounds: 3,
+        downtime_target: Duration::from_nanos(1),
+        max_transfer_factor: 100.0,
+        progress_ratio: 2.0,
+        ..PrecopyConfig::default()
+    };
+    let r = run(
+        mem,
+        MemoryMode::Bytes,
+        uniform(pages, 250e6 / 4096.0, 5),
+        Link::new(GBIT, Duration::from_millis(1)),
+        Box::new(Precopy::new(cfg)),
+    );
+    assert_eq!(r.stats.switch_reason, SwitchReason::MaxRounds);
+    assert_eq!(r.stats.precopy_rounds(), 3);
+    let cfg = PrecopyConfig {
+        max_transfer_factor: 1.5,
+        max_rounds: 1000,
+        downtime_target: Duration::from_nanos(1),
+        progress_ratio: 2.0,
+        ..PrecopyConfig::default()
+    };
+    let r = run(
+        mem,
+        MemoryMode::Bytes,
+        uniform(pages, 250e6 / 4096.0, 5),
+        Link::new(GBIT, Duration::from_millis(1)),
+        Box::new(Precopy::new(cfg)),
+    );
+    assert_eq!(r.stats.switch_reason, SwitchReason::TransferLimit);
+    // Pre-copy rounds stayed within the limit; the final copy is what
+    // must be sent anyway.
+    let precopy_pages: u64 = r
+        .stats
+        .rounds
+        .iter()
+        .filter(|r| !r.final_copy)
+        .map(|r| r.sent)
+        .sum();
+    assert!(precopy_pages as f64 <= 1.5 * pages as f64);
+    assert!(r.stats.transfer_ratio() > 1.5);
+}
+
+#[test]
+fn stop_and_copy_downtime_is_memory_over_bandwidth_plus_latency() {
+    let mem = 128u64 << 20;
+    let latency = Duration::from_millis(5);
+    let r = run(
+        mem,
+        MemoryMode::Bytes,
+        uniform(1024, 10_000.0, 2),
+        Link::new(GBIT, latency),
+        Box::new(StopAndCopy),
+    );
+    assert_eq!(r.stats.rounds.len(), 1);
+    assert_eq!(r.stats.rounds[0].sent, mem / 4096);
+    let ideal = Duration::from_secs_f64(mem as f64 * 8.0 / GBIT) + latency;
+    let got = r.stats.downtime.as_secs_f64();
+    let rel = (got - ideal.as_secs_f64()).abs() / ideal.as_secs_f64();
+    // Record headers and page numbers add ~0.2% to the bytes.
+    assert!(
+        rel < 0.01,
+        "downtime {got} s vs ideal {ideal:?} ({:.3}%)",
+        rel * 100.0
+    );
+    // The engine's measurement is the guest's experience.
+    let diff = r.stats.downtime.abs_diff(r.true_downtime);
+    assert!(
+        diff < Duration::from_micros(10),
+        "{:?} vs {:?}",
+        r.stats.downtime,
+        r.true_downtime
+    );
+    assert_eq!(
+        r.stats.downtime_bytes,
+        r.stats.transferred - r.stats.precopy_bytes
+    );
+}
+
+#[test]
+fn uniform_writes_shrink_rounds_geometrically() {
+    // M pages, dirty rate / bandwidth = λ: round i sends about M·λ^(i-1).
+    let mem = 1u64 << 30;
+    let m = (mem / 4096) as f64;
+    let lambda = 0.05;
+    let bw = GBIT;
+    let writes = lambda * bw / 8.0 / 4096.0;
+    let cfg = PrecopyConfig {
+        downtime_target: Duration::from_micros(1),
+        ..PrecopyConfig::default()
+    };
+    let r = run(
+        mem,
+        MemoryMode::Compact,
+        uniform(mem / 4096, writes, 11),
+        Link::new(bw, Duration::from_millis(1)),
+        Box::new(Precopy::new(cfg)),
+    );
+    for (i, round) in r.stats.rounds.iter().take(3).enumerate() {
+        let expect = m * lambda.powi(i as i32);
+        let got = round.sent as f64;
+        assert!(
+            (got - expect).abs() / expect < 0.10,
+            "round {}: sent {got}, expected {expect:.0} ± 10%",
+            round.round
+        );
+    }
+}
+
+#[test]
+fn same_seed_same_statistics_different_seed_different() {
+    let go = |seed| {
+        run(
+            32 << 20,
+            MemoryMode::Bytes,
+            WorkloadSpec {
+                kind: WorkloadKind::Zipf { exponent: 0.8 },
+                wss_pages: 4096,
+                writes_per_sec: 20_000.0,
+                zero_fraction: 0.2,
+                seed,
+            },
+            Link::new(GBIT, Duration::from_micros(300)),
+            Box::new(Precopy::default()),
+        )
+    };
+    let (a, b, c) = (go(9), go(9), go(10));
+    assert_eq!(a.stats, b.stats, "same seed must give identical statistics");
+    assert_eq!(a.stats.to_json(), b.stats.to_json());
+    assert_ne!(a.stats, c.stats, "a different seed should change the run");
+}
+
+#[test]
+fn zero_pages_travel_as_flags() {
+    let mem = 32u64 << 20;
+    let r = run(
+        mem,
+        MemoryMode::Bytes,
+        WorkloadSpec {
+            zero_fraction: 0.5,
+            ..WorkloadSpec::idle(4)
+        },
+        Link::new(GBIT, Duration::from_millis(1)),
+        Box::new(StopAndCopy),
+    );
+    let pages = mem / 4096;
+    let zero = r.stats.duplicate;
+    assert!(
+        (pages * 4 / 10..pages * 6 / 10).contains(&zero),
+        "zero pages {zero}"
+    );
+    assert_eq!(r.stats.normal + r.stats.duplicate, pages);
+    assert!(r.stats.transferred < (pages - zero) * 4096 + pages * 64);
+}
+
+#[test]
+fn every_policy_on_every_workload_verifies() {
+    let kinds = ["idle", "uniform", "hotcold", "zipf", "sequential", "phased"];
+    for kind in kinds {
+        for policy in ["precopy", "stop-and-copy"] {
+            for mode in [MemoryMode::Bytes, MemoryMode::Compact] {
+                let pol: Box<dyn Policy> = match policy {
+                    "precopy" => Box::new(Precopy::default()),
+                    _ => Box::new(StopAndCopy),
+                };
+                let mut kind_v: WorkloadKind = kind.parse().unwrap();
+                if let WorkloadKind::Phased { phase } = &mut kind_v {
+                    *phase = Duration::from_millis(50);
+                }
+                let r = run(
+                    16 << 20,
+                    mode,
+                    WorkloadSpec {
+                        kind: kind_v,
+                        wss_pages: 1024,
+                        writes_per_sec: 30_000.0,
+                        zero_fraction: 0.1,
+                        seed: 1,
+                    },
+                    Link::new(GBIT, Duration::from_millis(1)),
+                    pol,
+                );
+                assert!(r.stats.downtime > Duration::ZERO, "{kind} {policy}");
+            }
+        }
+    }
+}
+
+#[test]
+fn layouts_with_holes_migrate() {
+    // 4 GiB below/above the PC hole, compact so it stays cheap.
+    let layout = MemoryLayout::pc(PageSize::DEFAULT, 4 << 30).unwrap();
+    assert_eq!(layout.regions().len(), 2);
+    let r = simulate(SimConfig {
+        layout,
+        mode: MemoryMode::Compact,
+        workload: uniform(1 << 16, 5000.0, 3),
+        link: Link::new(10.0 * GBIT, Duration::from_millis(1)),
+        policy: Box::new(Precopy::default()),
+        engine: EngineConfig::default(),
+        time_limit: Duration::from_secs(3600),
+    })
+    .unwrap();
+    assert_verified(&r);
+    assert_eq!(r.stats.rounds[0].sent + r.stats.rounds[0].skipped, 1 << 20);
+}

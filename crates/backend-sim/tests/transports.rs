@@ -1,0 +1,272 @@
+//! Migrations over real transports (TCP, Unix socket, in-process) with the
+//! simulated guest on the host clock, and what happens when they fail.
+
+use backend_sim::{MemoryMode, SimGuest, WorkloadKind, WorkloadSpec};
+use bytes::Bytes;
+use migrate_core::driver::{run_destination, run_source};
+use migrate_core::engine::{DestinationEngine, EngineConfig, SourceEngine};
+use migrate_core::transport::{channel_pair, StreamTransport, Transport, TransportError};
+use migrate_core::{
+    Clock, MemoryLayout, MigrationError, PageSize, Precopy, StopAndCopy, SystemClock,
+};
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn guests(mem: u64, writes_per_sec: f64) -> (SimGuest, SimGuest, Arc<dyn Clock>) {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let layout = MemoryLayout::flat(PageSize::DEFAULT, mem).unwrap();
+    let w = WorkloadSpec {
+        kind: WorkloadKind::Uniform,
+        wss_pages: mem / 4096 / 4,
+        writes_per_sec,
+        zero_fraction: 0.25,
+        seed: 42,
+    };
+    let src =
+        SimGuest::source(layout.clone(), MemoryMode::Bytes, w.clone(), clock.clone()).unwrap();
+    let dst = SimGuest::destination(layout, MemoryMode::Bytes, w, clock.clone()).unwrap();
+    (src, dst, clock)
+}
+
+fn migrate_over<A, B>(src_t: A, dst_t: B)
+where
+    A: Transport + 'static,
+    B: Transport + 'static,
+{
+    let (src, dst, clock) = guests(64 << 20, 50_000.0);
+    let d = dst.clone();
+    let c = clock.clone();
+    let dest = std::thread::spawn(move || {
+        let mut t = dst_t;
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        run_destination(&mut e, &mut t, TIMEOUT)
+    });
+    let mut t = src_t;
+    let mut e = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        Precopy::default(),
+        clock,
+        EngineConfig::default(),
+    );
+    let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
+    let report = dest.join().unwrap().expect("destination");
+    assert!(stats.memory_verified);
+    assert!(report.resume_confirmed);
+    assert!(
+        src.is_paused(),
+        "the source stays paused after a completed migration"
+    );
+    assert!(!dst.is_paused(), "the destination runs");
+    // Memory verified by digest at the switch; compare the digests the
+    // sides computed, and the source's progress counter with the state
+    // the destination restored.
+    assert_eq!(report.digest.unwrap(), src.digest());
+    assert!(stats.rounds[0].sent + stats.rounds[0].skipped == 16384);
+    assert!(stats.downtime > Duration::ZERO);
+}
+
+#[test]
+fn migrates_over_tcp() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = std::thread::spawn(move || StreamTransport::new(l.accept().unwrap().0).unwrap());
+    let client = StreamTransport::connect_tcp(addr).unwrap();
+    let server = acceptor.join().unwrap();
+    migrate_over(client, server);
+}
+
+#[test]
+fn migrates_over_a_unix_socket() {
+    let dir = std::env::temp_dir().join(format!("livemig-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("migrate.sock");
+    let _ = std::fs::remove_file(&path);
+    let l = UnixListener::bind(&path).unwrap();
+    let acceptor = std::thread::spawn(move || StreamTransport::new(l.accept().unwrap().0).unwrap());
+    let client = StreamTransport::connect_unix(&path).unwrap();
+    let server = acceptor.join().unwrap();
+    migrate_over(client, server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn migrates_in_process() {
+    let (a, b) = channel_pair(8);
+    migrate_over(a, b);
+}
+
+/// Passes frames through until `cut` says otherwise, then behaves as a
+/// connection that was cut: the peer sees the close, we see `Closed`.
+struct Cut<T: Transport> {
+    inner: Option<T>,
+    frames_left: usize,
+    cut_after_type: Option<u8>,
+}
+
+impl<T: Transport> Transport for Cut<T> {
+    fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Err(TransportError::Closed);
+        };
+        if self.frames_left == 0 {
+            self.inner = None;
+            return Err(TransportError::Closed);
+        }
+        self.frames_left -= 1;
+        inner.send(frame)?;
+        if self.cut_after_type == Some(frame[0]) {
+            self.inner = None;
+        }
+        Ok(())
+    }
+    fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
+        match self.inner.as_mut() {
+            Some(t) => t.recv(timeout),
+            None => Err(TransportError::Closed),
+        }
+    }
+}
+
+#[test]
+fn connection_cut_mid_precopy_leaves_the_source_running() {
+    let (src, dst, clock) = guests(64 << 20, 50_000.0);
+    let (a, b) = channel_pair(4);
+    let d = dst.clone();
+    let c = clock.clone();
+    let dest = std::thread::spawn(move || {
+        let mut t = b;
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        let r = run_destination(&mut e, &mut t, TIMEOUT);
+        (r, e.resumed())
+    });
+    // Header, layout, then 20 page batches, then the cable is pulled.
+    let mut t = Cut {
+        inner: Some(a),
+        frames_left: 22,
+        cut_after_type: None,
+    };
+    let mut e = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        Precopy::default(),
+        clock,
+        EngineConfig::default(),
+    );
+    let err = run_source(&mut e, &mut t, TIMEOUT).unwrap_err();
+    assert!(
+        matches!(err, MigrationError::Transport(TransportError::Closed)),
+        "{err}"
+    );
+    assert_eq!(err.kind(), migrate_core::ErrorKind::Retry);
+    assert!(!src.is_paused(), "source guest must keep running");
+    let before = src.writes_applied();
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(
+        src.writes_applied() > before,
+        "source guest makes progress after the failure"
+    );
+
+    let (r, resumed) = dest.join().unwrap();
+    assert!(
+        matches!(r, Err(MigrationError::Transport(TransportError::Closed))),
+        "{r:?}"
+    );
+    assert!(!resumed, "destination must not resume an incomplete guest");
+    assert!(dst.is_paused());
+}
+
+#[test]
+fn connection_cut_after_completion_leaves_the_outcome_to_the_operator() {
+    let (src, dst, clock) = guests(16 << 20, 10_000.0);
+    let (a, b) = channel_pair(64);
+    let d = dst.clone();
+    let c = clock.clone();
+    let dest = std::thread::spawn(move || {
+        let mut t = b;
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        run_destination(&mut e, &mut t, TIMEOUT)
+    });
+    // Cut right after the completion record (type 8) went out.
+    let mut t = Cut {
+        inner: Some(a),
+        frames_left: usize::MAX,
+        cut_after_type: Some(8),
+    };
+    let mut e = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        StopAndCopy,
+        clock,
+        EngineConfig::default(),
+    );
+    let err = run_source(&mut e, &mut t, TIMEOUT).unwrap_err();
+    assert!(matches!(err, MigrationError::OutcomeUnknown(_)), "{err}");
+    assert!(
+        src.is_paused(),
+        "the destination may be running: the source must stay paused"
+    );
+    // The destination had everything, so it verified and resumed; its
+    // confirmation could not be delivered, and it says so. Exactly one
+    // copy of the guest runs.
+    let r = dest.join().unwrap().expect("destination resumed");
+    assert!(!r.resume_confirmed);
+    assert!(!dst.is_paused());
+    assert_eq!(r.digest.unwrap(), src.digest());
+}
+
+#[test]
+fn destination_refusing_the_layout_aborts_and_the_source_keeps_running() {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let w = WorkloadSpec::idle(1);
+    let src = SimGuest::source(
+        MemoryLayout::flat(PageSize::DEFAULT, 8 << 20).unwrap(),
+        MemoryMode::Bytes,
+        w.clone(),
+        clock.clone(),
+    )
+    .unwrap();
+    let dst = SimGuest::destination(
+        MemoryLayout::flat(PageSize::DEFAULT, 4 << 20).unwrap(),
+        MemoryMode::Bytes,
+        w,
+        clock.clone(),
+    )
+    .unwrap();
+    let (a, b) = channel_pair(8);
+    let d = dst.clone();
+    let c = clock.clone();
+    let dest = std::thread::spawn(move || {
+        let mut t = b;
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        run_destination(&mut e, &mut t, TIMEOUT)
+    });
+    let mut t = a;
+    let mut e = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        Precopy::default(),
+        clock,
+        EngineConfig::default(),
+    );
+    let err = run_source(&mut e, &mut t, TIMEOUT).unwrap_err();
+    assert!(
+        matches!(err, MigrationError::PeerAborted(ref why) if why.contains("layout")),
+        "{err}"
+    );
+    assert!(!src.is_paused());
+    let r = dest.join().unwrap();
+    assert!(
+        matches!(r, Err(MigrationError::LayoutMismatch { .. })),
+        "{r:?}"
+    );
+    assert!(dst.is_paused());
+}
