@@ -190,6 +190,8 @@ fn run(a: &Args) -> Result<bool, String> {
         writes_per_sec: a.dirty_rate / ps as f64,
         zero_fraction: a.zero_fraction,
         seed: a.seed,
+        reads_per_write: 0.0,
+        wss_offset: 0,
     };
     let policy: Box<dyn Policy> = match a.policy {
         PolicyArg::Precopy => Box::new(Precopy::new(PrecopyConfig {
@@ -228,8 +230,8 @@ fn run(a: &Args) -> Result<bool, String> {
             "seed": a.seed,
             "memory-mode": format!("{mode:?}").to_lowercase(),
             "guest-observed-downtime-ms": ms(report.true_downtime),
-            "counter-at-pause": report.source_writes,
-            "counter-at-resume": report.dest_writes,
+            "counter-at-pause": report.counter_at_pause,
+            "counter-at-resume": report.counter_at_resume,
             "memory-equal": report.memory_equal,
         });
         println!(
@@ -256,9 +258,9 @@ fn run(a: &Args) -> Result<bool, String> {
         );
         println!(
             "guest counter: {} at pause on the source, {} at resume on the destination ({})",
-            report.source_writes,
-            report.dest_writes,
-            if report.source_writes == report.dest_writes {
+            report.counter_at_pause,
+            report.counter_at_resume,
+            if report.counter_at_pause == report.counter_at_resume {
                 "continues exactly"
             } else {
                 "MISMATCH"
@@ -273,7 +275,7 @@ fn run(a: &Args) -> Result<bool, String> {
             }
         );
     }
-    Ok(verified && report.source_writes == report.dest_writes)
+    Ok(verified && report.counter_at_pause == report.counter_at_resume)
 }
 
 fn human(bytes: u64) -> String {

@@ -8,7 +8,7 @@
 //! and only while it is running.
 
 use crate::memory::{MemoryMode, SimMemory};
-use crate::workload::{WorkloadError, WorkloadGen, WorkloadSpec};
+use crate::workload::{Access, WorkloadError, WorkloadGen, WorkloadSpec};
 use migrate_core::bitmap::DirtyBitmap;
 use migrate_core::digest::{digest_memory, MemoryDigest};
 use migrate_core::page::{MemoryLayout, PageNum};
@@ -30,7 +30,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     /// Host (clock) time the guest state was last brought up to.
     synced_at: Duration,
-    /// Guest running time so far.
+    /// Guest running time so far (not counting pauses and stalls).
     guest_time: Duration,
     paused: bool,
     tracking: bool,
@@ -38,28 +38,73 @@ struct Inner {
     paused_at: Option<Duration>,
     resumed_at: Option<Duration>,
     restored: bool,
+    /// Post-copy: pages this guest does not have yet (`None`: all present).
+    absent: Option<DirtyBitmap>,
+    absent_count: u64,
+    /// The access the vCPU is blocked on, its page, and when it faulted.
+    stalled: Option<(Access, PageNum, Duration)>,
+    stall_total: Duration,
+    fault_count: u64,
+    new_faults: Vec<(PageNum, Duration)>,
 }
 
 impl Inner {
     fn catch_up(&mut self) {
         let now = self.clock.now();
-        let elapsed = now.saturating_sub(self.synced_at);
-        self.synced_at = self.synced_at.max(now);
-        if self.paused || elapsed.is_zero() {
+        if now <= self.synced_at {
             return;
         }
-        self.guest_time += elapsed;
-        while self.workload.writes() && self.workload.next_time() <= self.guest_time {
-            self.apply_next_write();
+        let start = self.synced_at;
+        let elapsed = now - start;
+        self.synced_at = now;
+        if self.paused || self.stalled.is_some() {
+            return;
+        }
+        let g0 = self.guest_time;
+        let target = g0 + elapsed;
+        while self.workload.writes() && self.workload.next_time() <= target {
+            let t = self.workload.next_time();
+            let acc = self.workload.next_access();
+            let page = self.memory.layout().page_at(acc.page).unwrap_or(0);
+            if self.absent.as_ref().is_some_and(|a| a.get(page)) {
+                // The vCPU touches a page that is not here: it stops until
+                // the page arrives.
+                let fault_at = start + (t - g0);
+                self.guest_time = t;
+                self.stalled = Some((acc, page, fault_at));
+                self.fault_count += 1;
+                self.new_faults.push((page, fault_at));
+                return;
+            }
+            self.apply(acc, page);
+        }
+        self.guest_time = target;
+    }
+
+    fn apply(&mut self, acc: Access, page: PageNum) {
+        if acc.write {
+            self.memory.store(acc.page as usize, acc.slot, acc.value);
+            if self.tracking {
+                self.dirty.set(page);
+            }
         }
     }
 
-    fn apply_next_write(&mut self) {
-        let (_, index, slot, value) = self.workload.next_write();
-        self.memory.store(index as usize, slot, value);
-        if self.tracking {
-            if let Some(page) = self.memory.layout().page_at(index) {
-                self.dirty.set(page);
+    /// A page arrived: mark it present and wake a vCPU waiting for it.
+    fn arrived(&mut self, page: PageNum) {
+        if let Some(a) = self.absent.as_mut() {
+            if a.get(page) {
+                a.clear(page);
+                self.absent_count -= 1;
+            }
+        }
+        if let Some((acc, p, fault_at)) = self.stalled {
+            if p == page {
+                let now = self.clock.now();
+                self.stalled = None;
+                self.stall_total += now.saturating_sub(fault_at);
+                self.synced_at = now;
+                self.apply(acc, page);
             }
         }
     }
@@ -134,6 +179,12 @@ impl SimGuest {
                 paused_at: None,
                 resumed_at: None,
                 restored: false,
+                absent: None,
+                absent_count: 0,
+                stalled: None,
+                stall_total: Duration::ZERO,
+                fault_count: 0,
+                new_faults: Vec::new(),
             })),
             layout,
         }
@@ -170,9 +221,52 @@ impl SimGuest {
         SimControl(self.clone())
     }
 
-    /// Workload writes applied so far (the guest's progress counter).
-    pub fn writes_applied(&self) -> u64 {
-        self.synced().workload.next_index()
+    /// Memory accesses made so far: the guest's progress counter.
+    pub fn progress_counter(&self) -> u64 {
+        let g = self.synced();
+        g.workload.next_index() - u64::from(g.stalled.is_some())
+    }
+
+    /// Post-copy: when, on the clock, the guest's next memory access is
+    /// due, if it could fault (the guest runs, is not stalled and still
+    /// misses pages). The simulator schedules an event then.
+    pub fn next_fault_check(&self) -> Option<Duration> {
+        let g = self.lock();
+        if g.paused || g.stalled.is_some() || g.absent_count == 0 || !g.workload.writes() {
+            return None;
+        }
+        let next = g.workload.next_time();
+        Some(g.synced_at + next.saturating_sub(g.guest_time))
+    }
+
+    /// Post-copy: brings the guest up to the clock and returns the pages it
+    /// faulted on since the last call, with the clock time of each fault.
+    pub fn take_faults(&self) -> Vec<(PageNum, Duration)> {
+        std::mem::take(&mut self.synced().new_faults)
+    }
+
+    /// Post-copy: total time vCPUs spent waiting for pages, and the number
+    /// of faults.
+    pub fn stall_stats(&self) -> (Duration, u64) {
+        let g = self.lock();
+        (g.stall_total, g.fault_count)
+    }
+
+    /// Post-copy: pages still missing.
+    pub fn absent_pages(&self) -> u64 {
+        self.lock().absent_count
+    }
+
+    /// Makes the accesses up to (not including) `index` without regard to
+    /// time, on a paused guest: a source replays what its destination did
+    /// so the two memories can be compared.
+    pub fn replay_to(&self, index: u64) {
+        let mut g = self.lock();
+        while g.workload.writes() && g.workload.next_index() < index {
+            let acc = g.workload.next_access();
+            let page = g.memory.layout().page_at(acc.page).unwrap_or(0);
+            g.apply(acc, page);
+        }
     }
 
     /// Guest running time so far.
@@ -299,6 +393,7 @@ impl PageSink for SimPages {
         if g.tracking {
             g.dirty.set(page);
         }
+        g.arrived(page);
         Ok(())
     }
 
@@ -307,6 +402,24 @@ impl PageSink for SimPages {
         g.memory.zero_page(page)?;
         if g.tracking {
             g.dirty.set(page);
+        }
+        g.arrived(page);
+        Ok(())
+    }
+
+    fn discard(&mut self, page: PageNum) -> Result<(), BackendError> {
+        let mut g = self.0.synced();
+        if !self.0.layout.contains(page) {
+            return Err(BackendError::new(
+                BackendErrorKind::InvalidArgument,
+                format!("page {page:#x} is not in the simulated guest's memory"),
+            ));
+        }
+        let end = self.0.layout.page_end();
+        let a = g.absent.get_or_insert_with(|| DirtyBitmap::new(end));
+        if !a.get(page) {
+            a.set(page);
+            g.absent_count += 1;
         }
         Ok(())
     }
@@ -385,7 +498,7 @@ impl GuestControl for SimControl {
         }
         // Replay the generator (not memory) to the source's position.
         while g.workload.next_index() < next {
-            g.workload.next_write();
+            g.workload.next_access();
         }
         g.guest_time = Duration::from_nanos(guest_ns);
         g.synced_at = g.clock.now();

@@ -100,9 +100,9 @@ pub struct SimReport {
     /// check the engine's measurement against.
     pub true_downtime: Duration,
     /// The source's guest progress counter at pause.
-    pub source_writes: u64,
+    pub counter_at_pause: u64,
     /// The destination's guest progress counter at the instant of resume.
-    pub dest_writes: u64,
+    pub counter_at_resume: u64,
     /// Whether the destination's memory equaled the source's, byte for
     /// byte, at the instant the destination resumed.
     pub memory_equal: bool,
@@ -205,7 +205,7 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
                         // Compare now, at the resume instant, before the
                         // destination guest runs on and writes.
                         dest_resumed = true;
-                        at_resume = Some((src.same_memory(&dst), dst.writes_applied()));
+                        at_resume = Some((src.same_memory(&dst), dst.progress_counter()));
                     }
                 }
                 Dir::ToSource => {
@@ -221,11 +221,11 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
 
     let paused = src.paused_at().unwrap_or_default();
     let resumed = dst.resumed_at().unwrap_or_default();
-    let (memory_equal, dest_writes) = at_resume.unwrap_or((false, 0));
+    let (memory_equal, counter_at_resume) = at_resume.unwrap_or((false, 0));
     Ok(SimReport {
         true_downtime: resumed.saturating_sub(paused),
-        source_writes: src.writes_applied(),
-        dest_writes,
+        counter_at_pause: src.progress_counter(),
+        counter_at_resume,
         memory_equal,
         dest: dest.report().clone(),
         stats,

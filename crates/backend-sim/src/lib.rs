@@ -32,6 +32,8 @@
 //!         writes_per_sec: 2000.0,
 //!         zero_fraction: 0.1,
 //!         seed: 7,
+//!         reads_per_write: 0.0,
+//!         wss_offset: 0,
 //!     },
 //!     link: Link::new(1e9, Duration::from_millis(1)),
 //!     policy: Box::new(Precopy::default()),

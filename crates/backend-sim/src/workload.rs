@@ -106,6 +106,12 @@ pub struct WorkloadSpec {
     pub zero_fraction: f64,
     /// Seed of every random choice.
     pub seed: u64,
+    /// Reads per write (0 = writes only). Reads change nothing, but on a
+    /// post-copy destination a read of a missing page faults like a write.
+    pub reads_per_write: f64,
+    /// Dense page index where the working set starts (it wraps around the
+    /// end of memory).
+    pub wss_offset: u64,
 }
 
 impl WorkloadSpec {
@@ -117,8 +123,45 @@ impl WorkloadSpec {
             writes_per_sec: 0.0,
             zero_fraction: 0.0,
             seed,
+            reads_per_write: 0.0,
+            wss_offset: 0,
         }
     }
+
+    /// A workload of `kind` writing `writes_per_sec` pages a second over
+    /// `wss_pages` pages, with no zero pages, no reads and the working set
+    /// at the start of memory.
+    pub fn new(kind: WorkloadKind, wss_pages: u64, writes_per_sec: f64, seed: u64) -> Self {
+        WorkloadSpec {
+            kind,
+            wss_pages,
+            writes_per_sec,
+            zero_fraction: 0.0,
+            seed,
+            reads_per_write: 0.0,
+            wss_offset: 0,
+        }
+    }
+
+    /// Guest memory accesses (reads and writes) per second.
+    pub fn accesses_per_sec(&self) -> f64 {
+        self.writes_per_sec * (1.0 + self.reads_per_write)
+    }
+}
+
+/// One guest memory access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// Its index in the access sequence.
+    pub index: u64,
+    /// The dense page index it touches.
+    pub page: u64,
+    /// Whether it writes (else it reads).
+    pub write: bool,
+    /// The 8-byte slot written.
+    pub slot: usize,
+    /// The value written.
+    pub value: u64,
 }
 
 /// Why a workload description is invalid.
@@ -146,6 +189,11 @@ impl WorkloadGen {
         if !(spec.writes_per_sec.is_finite() && spec.writes_per_sec >= 0.0) {
             return Err(WorkloadError(
                 "write rate must be a non-negative number".into(),
+            ));
+        }
+        if !(spec.reads_per_write.is_finite() && spec.reads_per_write >= 0.0) {
+            return Err(WorkloadError(
+                "reads per write must be a non-negative number".into(),
             ));
         }
         if !(0.0..=1.0).contains(&spec.zero_fraction) {
@@ -201,20 +249,20 @@ impl WorkloadGen {
         !matches!(self.spec.kind, WorkloadKind::Idle) && self.spec.writes_per_sec > 0.0
     }
 
-    /// Index of the next write.
+    /// Index of the next access.
     pub fn next_index(&self) -> u64 {
         self.next_index
     }
 
-    /// Guest time of write `k`.
+    /// Guest time of access `k`.
     pub fn time_of(&self, k: u64) -> Duration {
         if !self.writes() {
             return Duration::MAX;
         }
-        Duration::from_secs_f64(k as f64 / self.spec.writes_per_sec)
+        Duration::from_secs_f64(k as f64 / self.spec.accesses_per_sec())
     }
 
-    /// Guest time of the next write (`Duration::MAX` for an idle guest).
+    /// Guest time of the next access (`Duration::MAX` for an idle guest).
     pub fn next_time(&self) -> Duration {
         self.time_of(self.next_index)
     }
@@ -228,11 +276,14 @@ impl WorkloadGen {
         ((h >> 11) as f64 / (1u64 << 53) as f64) < self.spec.zero_fraction
     }
 
-    /// The next write: (its index, the dense page index it hits, the slot in
-    /// the page, the value stored).
-    pub fn next_write(&mut self) -> (u64, u64, usize, u64) {
+    /// The next access.
+    pub fn next_access(&mut self) -> Access {
         let k = self.next_index;
         self.next_index += 1;
+        let write = self.spec.reads_per_write <= 0.0
+            || !self
+                .rng
+                .random_bool(self.spec.reads_per_write / (1.0 + self.spec.reads_per_write));
         let wss = self.wss.max(1);
         let page = match &self.spec.kind {
             WorkloadKind::Idle => 0,
@@ -261,7 +312,17 @@ impl WorkloadGen {
             }
         };
         let slot = self.rng.random_range(0..512usize);
-        (k, page, slot, splitmix(self.spec.seed ^ k) | 1)
+        let page = match self.spec.kind {
+            WorkloadKind::Phased { .. } => page,
+            _ => (page + self.spec.wss_offset) % self.total_pages.max(1),
+        };
+        Access {
+            index: k,
+            page,
+            write,
+            slot,
+            value: splitmix(self.spec.seed ^ k) | 1,
+        }
     }
 }
 
@@ -277,18 +338,12 @@ mod tests {
     use super::*;
 
     fn spec(kind: WorkloadKind, seed: u64) -> WorkloadSpec {
-        WorkloadSpec {
-            kind,
-            wss_pages: 1000,
-            writes_per_sec: 1000.0,
-            zero_fraction: 0.0,
-            seed,
-        }
+        WorkloadSpec::new(kind, 1000, 1000.0, seed)
     }
 
     fn pages(kind: WorkloadKind, seed: u64, n: usize) -> Vec<u64> {
         let mut g = WorkloadGen::new(spec(kind, seed), 4000).unwrap();
-        (0..n).map(|_| g.next_write().1).collect()
+        (0..n).map(|_| g.next_access().page).collect()
     }
 
     #[test]
@@ -340,8 +395,8 @@ mod tests {
             4000,
         )
         .unwrap();
-        let first: Vec<u64> = (0..500).map(|_| g.next_write().1).collect();
-        let second: Vec<u64> = (0..500).map(|_| g.next_write().1).collect();
+        let first: Vec<u64> = (0..500).map(|_| g.next_access().page).collect();
+        let second: Vec<u64> = (0..500).map(|_| g.next_access().page).collect();
         assert!(first.iter().all(|p| *p < 1000));
         assert!(second.iter().all(|p| (1000..2000).contains(p)));
     }
@@ -352,6 +407,19 @@ mod tests {
         assert_eq!(g.time_of(1000), Duration::from_secs(1));
         let idle = WorkloadGen::new(WorkloadSpec::idle(1), 10).unwrap();
         assert_eq!(idle.next_time(), Duration::MAX);
+    }
+
+    #[test]
+    fn reads_mix_in_and_the_working_set_can_move() {
+        let mut s = spec(WorkloadKind::Uniform, 1);
+        s.reads_per_write = 3.0;
+        s.wss_offset = 3500;
+        let mut g = WorkloadGen::new(s, 4000).unwrap();
+        let acc: Vec<Access> = (0..4000).map(|_| g.next_access()).collect();
+        let writes = acc.iter().filter(|a| a.write).count();
+        assert!((800..1200).contains(&writes), "writes {writes} of 4000");
+        assert!(acc.iter().all(|a| a.page >= 3500 || a.page < 500));
+        assert_eq!(g.time_of(4000), Duration::from_secs(1));
     }
 
     #[test]

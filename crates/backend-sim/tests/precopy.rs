@@ -42,7 +42,7 @@ fn assert_verified(r: &SimReport) {
     );
     assert_eq!(r.source.digest(), r.dest.digest.unwrap());
     assert_eq!(
-        r.source_writes, r.dest_writes,
+        r.counter_at_pause, r.counter_at_resume,
         "guest progress counter did not carry over"
     );
 }
@@ -54,6 +54,8 @@ fn uniform(wss_pages: u64, writes_per_sec: f64, seed: u64) -> WorkloadSpec {
         writes_per_sec,
         zero_fraction: 0.0,
         seed,
+        reads_per_write: 0.0,
+        wss_offset: 0,
     }
 }
 
@@ -277,6 +279,8 @@ fn same_seed_same_statistics_different_seed_different() {
                 writes_per_sec: 20_000.0,
                 zero_fraction: 0.2,
                 seed,
+                reads_per_write: 0.0,
+                wss_offset: 0,
             },
             Link::new(GBIT, Duration::from_micros(300)),
             Box::new(Precopy::default()),
@@ -334,6 +338,8 @@ fn every_policy_on_every_workload_verifies() {
                         writes_per_sec: 30_000.0,
                         zero_fraction: 0.1,
                         seed: 1,
+                        reads_per_write: 0.0,
+                        wss_offset: 0,
                     },
                     Link::new(GBIT, Duration::from_millis(1)),
                     pol,

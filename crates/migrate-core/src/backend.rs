@@ -107,6 +107,17 @@ pub trait PageSink {
         let zeros = vec![0u8; self.layout().page_size().get()];
         self.write_page(page, &zeros)
     }
+
+    /// Post-copy: forgets `page` so that the guest faults on its next
+    /// access until the page is written again (KVM: drop it from the
+    /// mapping so userfaultfd reports the access). A sink that cannot do
+    /// post-copy keeps the default, which refuses.
+    fn discard(&mut self, page: PageNum) -> Result<(), BackendError> {
+        Err(BackendError::new(
+            BackendErrorKind::Unsupported,
+            format!("this destination cannot do post-copy (discard of page {page:#x})"),
+        ))
+    }
 }
 
 /// vCPU and device state, saved by the source and restored by the
@@ -175,6 +186,9 @@ impl<T: PageSink + ?Sized> PageSink for &mut T {
     }
     fn write_zero_page(&mut self, page: PageNum) -> Result<(), BackendError> {
         (**self).write_zero_page(page)
+    }
+    fn discard(&mut self, page: PageNum) -> Result<(), BackendError> {
+        (**self).discard(page)
     }
 }
 
