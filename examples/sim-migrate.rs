@@ -13,7 +13,8 @@
 use clap::{Parser, ValueEnum};
 use livemig::core::units::{parse_bandwidth, parse_duration, parse_rate, parse_size};
 use livemig::core::{
-    EngineConfig, MemoryLayout, PageSize, Policy, Precopy, PrecopyConfig, StopAndCopy,
+    EngineConfig, Hca, HcaConfig, Hybrid, HybridConfig, MemoryLayout, PageSize, Policy, PostCopy,
+    Precopy, PrecopyConfig, Prepaging, StopAndCopy,
 };
 use livemig::sim::{simulate, Link, MemoryMode, SimConfig, WorkloadKind, WorkloadSpec};
 use serde_json::json;
@@ -26,6 +27,12 @@ enum PolicyArg {
     Precopy,
     /// Pause, copy everything, resume.
     StopAndCopy,
+    /// Resume on the destination at once; pages follow, faulted on demand.
+    Postcopy,
+    /// Pre-copy rounds, then post-copy if pre-copy would not converge.
+    Hybrid,
+    /// Hierarchical Copy Algorithm: per-page counts, cold-to-hot tiers.
+    Hca,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -117,6 +124,28 @@ struct Args {
     /// pre-copy: most total transfer, as a multiple of guest memory.
     #[arg(long, default_value_t = 3.0)]
     max_factor: f64,
+    /// hybrid: pre-copy rounds before switching to post-copy.
+    #[arg(long, default_value_t = 5)]
+    hybrid_rounds: u32,
+    /// post-copy and hybrid: push order (sequential, bubble,
+    /// bubble-forward, multi-pivot, multi-pivot:K).
+    #[arg(long, default_value = "multi-pivot:7")]
+    prepaging: Prepaging,
+    /// hca: interval between samples of the dirty log.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    hca_interval: Duration,
+    /// hca: count at which a page is hot.
+    #[arg(long, default_value_t = 3)]
+    hca_threshold: u8,
+    /// hca: halve counts this many times before each round.
+    #[arg(long, default_value_t = 1)]
+    hca_decay: u32,
+    /// Reads per write (reads fault on a post-copy destination too).
+    #[arg(long, default_value_t = 0.0)]
+    reads_per_write: f64,
+    /// Where the working set starts, as an offset into memory (e.g. 3GiB).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    wss_offset: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -190,17 +219,35 @@ fn run(a: &Args) -> Result<bool, String> {
         writes_per_sec: a.dirty_rate / ps as f64,
         zero_fraction: a.zero_fraction,
         seed: a.seed,
-        reads_per_write: 0.0,
-        wss_offset: 0,
+        reads_per_write: a.reads_per_write,
+        wss_offset: a.wss_offset / ps,
+    };
+    let precopy = PrecopyConfig {
+        downtime_target: a.downtime_target,
+        max_rounds: a.max_rounds,
+        max_transfer_factor: a.max_factor,
+        ..PrecopyConfig::default()
     };
     let policy: Box<dyn Policy> = match a.policy {
-        PolicyArg::Precopy => Box::new(Precopy::new(PrecopyConfig {
+        PolicyArg::Precopy => Box::new(Precopy::new(precopy)),
+        PolicyArg::StopAndCopy => Box::new(StopAndCopy),
+        PolicyArg::Postcopy => Box::new(PostCopy::new(a.prepaging)),
+        PolicyArg::Hybrid => Box::new(Hybrid::new(HybridConfig {
+            precopy: PrecopyConfig {
+                max_rounds: a.hybrid_rounds,
+                ..precopy
+            },
+            prepaging: a.prepaging,
+        })),
+        PolicyArg::Hca => Box::new(Hca::new(HcaConfig {
+            sample_interval: a.hca_interval,
+            hot_threshold: a.hca_threshold,
+            decay_shift: a.hca_decay,
             downtime_target: a.downtime_target,
             max_rounds: a.max_rounds,
             max_transfer_factor: a.max_factor,
-            ..PrecopyConfig::default()
+            ..HcaConfig::default()
         })),
-        PolicyArg::StopAndCopy => Box::new(StopAndCopy),
     };
     let report = simulate(SimConfig {
         layout,
@@ -232,6 +279,9 @@ fn run(a: &Args) -> Result<bool, String> {
             "guest-observed-downtime-ms": ms(report.true_downtime),
             "counter-at-pause": report.counter_at_pause,
             "counter-at-resume": report.counter_at_resume,
+            "prepaging": a.prepaging.to_string(),
+            "guest-observed-vcpu-stall-ms": ms(report.true_stall),
+            "guest-observed-faults": report.true_faults,
             "memory-equal": report.memory_equal,
         });
         println!(
@@ -266,6 +316,14 @@ fn run(a: &Args) -> Result<bool, String> {
                 "MISMATCH"
             }
         );
+        if report.stats.postcopy.is_some() {
+            println!(
+                "guest-observed post-copy: {} faults, vCPU stalled {:.3} ms (pre-paging {})",
+                report.true_faults,
+                ms(report.true_stall),
+                a.prepaging
+            );
+        }
         println!(
             "memory: {}",
             if verified {

@@ -20,7 +20,7 @@ use migrate_core::engine::{
 };
 use migrate_core::page::MemoryLayout;
 use migrate_core::protocol::abort_frame;
-use migrate_core::{Clock, MigrationError, MigrationStats, Policy, VirtualClock};
+use migrate_core::{Clock, GuestControl, MigrationError, MigrationStats, Policy, VirtualClock};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
@@ -103,12 +103,19 @@ pub struct SimReport {
     pub counter_at_pause: u64,
     /// The destination's guest progress counter at the instant of resume.
     pub counter_at_resume: u64,
-    /// Whether the destination's memory equaled the source's, byte for
-    /// byte, at the instant the destination resumed.
+    /// Whether the destination's memory equals the source's, byte for
+    /// byte: at the instant of resume after pre-copy; after post-copy, once
+    /// the source replayed the accesses the destination guest made since.
     pub memory_equal: bool,
+    /// Post-copy: time the destination's vCPU spent waiting for pages, as
+    /// the simulated guest saw it.
+    pub true_stall: Duration,
+    /// Post-copy: faults the simulated guest took.
+    pub true_faults: u64,
     /// The source guest, paused, after the migration.
     pub source: SimGuest,
-    /// The destination guest, running, after the migration.
+    /// The destination guest, after the migration (paused by the harness
+    /// after post-copy, so the comparison above holds still).
     pub destination: SimGuest,
 }
 
@@ -120,6 +127,20 @@ enum Dir {
 
 /// A frame in flight: (arrival time, sequence number for ties, direction, frame).
 type Delivery = (Duration, u64, Dir, Vec<u8>);
+
+/// The backward link: replies leave in order after serialisation.
+struct Wire {
+    link: Link,
+    free: Duration,
+}
+
+impl Wire {
+    fn send(&mut self, at: Duration, bytes: usize) -> Duration {
+        let depart = at.max(self.free) + self.link.serialisation(bytes);
+        self.free = depart;
+        depart + self.link.latency
+    }
+}
 
 /// Runs one migration in virtual time.
 pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
@@ -151,40 +172,45 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
 
     let mut events: BinaryHeap<Reverse<Delivery>> = BinaryHeap::new();
     let mut seq = 0u64;
-    let mut fwd_free = Duration::ZERO;
-    let mut back_free = Duration::ZERO;
+    let mut fwd = Wire {
+        link,
+        free: Duration::ZERO,
+    };
+    let mut back = Wire {
+        link,
+        free: Duration::ZERO,
+    };
     let mut src_ready = Duration::ZERO;
     let mut src_waiting = false;
-    let mut dest_resumed = false;
+    let mut dest_done = false;
     let mut at_resume: Option<(bool, u64)> = None;
 
     let stats = loop {
-        let next_event = events.peek().map(|Reverse((t, ..))| *t);
-        let src_turn = !src_waiting && next_event.is_none_or(|t| src_ready <= t);
-        if src_turn {
-            if src_ready > time_limit {
-                return Err(SimError::TimeLimit(time_limit));
-            }
-            clock.set(src_ready);
-            match source.poll()? {
-                SourceStep::Send(frame) => {
-                    let depart = src_ready.max(fwd_free) + link.serialisation(frame.len());
-                    fwd_free = depart;
-                    src_ready = depart;
-                    seq += 1;
-                    events.push(Reverse((depart + link.latency, seq, Dir::ToDest, frame)));
-                }
-                SourceStep::Wait => src_waiting = true,
-                SourceStep::Done => match source.stats() {
-                    Some(s) => break s.clone(),
-                    None => return Err(SimError::Stalled(src_ready)),
-                },
-            }
-        } else if let Some(Reverse((t, _, dir, frame))) = events.pop() {
-            clock.set(t);
+        let next_delivery = events.peek().map(|Reverse((t, ..))| *t);
+        let next_access = if dest.in_postcopy() {
+            dst.next_fault_check()
+        } else {
+            None
+        };
+        let src_at = (!src_waiting).then_some(src_ready);
+        let earliest = [next_delivery, next_access, src_at]
+            .into_iter()
+            .flatten()
+            .min();
+        let Some(now) = earliest else {
+            return Err(SimError::Stalled(clock.now()));
+        };
+        if now > time_limit {
+            return Err(SimError::TimeLimit(time_limit));
+        }
+        clock.set(now);
+        if next_delivery == Some(now) {
+            let Some(Reverse((t, _, dir, frame))) = events.pop() else {
+                continue;
+            };
             match dir {
                 Dir::ToDest => {
-                    if dest_resumed {
+                    if dest_done {
                         continue;
                     }
                     let status = match dest.handle_frame(&frame) {
@@ -195,17 +221,17 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
                             return Err(e.into());
                         }
                     };
-                    while let Some(reply) = dest.poll_transmit() {
-                        let depart = t.max(back_free) + link.serialisation(reply.len());
-                        back_free = depart;
-                        seq += 1;
-                        events.push(Reverse((depart + link.latency, seq, Dir::ToSource, reply)));
-                    }
-                    if status == DestStatus::Resumed {
-                        // Compare now, at the resume instant, before the
+                    if status != DestStatus::Continue && at_resume.is_none() {
+                        // Compare at the resume instant, before the
                         // destination guest runs on and writes.
-                        dest_resumed = true;
-                        at_resume = Some((src.same_memory(&dst), dst.progress_counter()));
+                        let equal = status == DestStatus::Completed && src.same_memory(&dst);
+                        at_resume = Some((equal, dst.progress_counter()));
+                    }
+                    dest_done = status == DestStatus::Completed;
+                    while let Some(reply) = dest.poll_transmit() {
+                        seq += 1;
+                        let arrive = back.send(t, reply.len());
+                        events.push(Reverse((arrive, seq, Dir::ToSource, reply)));
                     }
                 }
                 Dir::ToSource => {
@@ -214,19 +240,60 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
                     src_ready = src_ready.max(t);
                 }
             }
+        } else if next_access == Some(now) {
+            // The destination guest's next access is due: run it; if it
+            // touches a missing page, ask for the page now.
+            let faults = dst.take_faults();
+            if !faults.is_empty() {
+                let pages: Vec<_> = faults.iter().map(|(p, _)| *p).collect();
+                dest.request_pages(&pages)?;
+                while let Some(req) = dest.poll_transmit() {
+                    seq += 1;
+                    let arrive = back.send(now, req.len());
+                    events.push(Reverse((arrive, seq, Dir::ToSource, req)));
+                }
+            }
         } else {
-            return Err(SimError::Stalled(clock.now()));
+            match source.poll()? {
+                SourceStep::Send(frame) => {
+                    let arrive = fwd.send(src_ready, frame.len());
+                    src_ready = fwd.free;
+                    seq += 1;
+                    events.push(Reverse((arrive, seq, Dir::ToDest, frame)));
+                }
+                SourceStep::Wait => src_waiting = true,
+                SourceStep::Done => match source.stats() {
+                    Some(s) => break s.clone(),
+                    None => return Err(SimError::Stalled(src_ready)),
+                },
+            }
         }
     };
 
     let paused = src.paused_at().unwrap_or_default();
     let resumed = dst.resumed_at().unwrap_or_default();
-    let (memory_equal, counter_at_resume) = at_resume.unwrap_or((false, 0));
+    let (mut memory_equal, counter_at_resume) = at_resume.unwrap_or((false, 0));
+    let (true_stall, true_faults) = dst.stall_stats();
+    let counter_at_pause = src.progress_counter();
+    if stats.postcopy.is_some() {
+        // The destination guest has run on since resume. Freeze it, let the
+        // source make the same accesses, and compare.
+        dst.control()
+            .pause()
+            .map_err(|source| MigrationError::Backend {
+                op: "pause the destination guest",
+                source,
+            })?;
+        src.replay_to(dst.progress_counter());
+        memory_equal = dest.completed() && src.same_memory(&dst);
+    }
     Ok(SimReport {
         true_downtime: resumed.saturating_sub(paused),
-        counter_at_pause: src.progress_counter(),
+        counter_at_pause,
         counter_at_resume,
         memory_equal,
+        true_stall,
+        true_faults,
         dest: dest.report().clone(),
         stats,
         source: src,

@@ -109,6 +109,18 @@ struct Cut<T: Transport> {
     inner: Option<T>,
     frames_left: usize,
     cut_after_type: Option<u8>,
+    refuse_type: Option<u8>,
+}
+
+impl<T: Transport> Cut<T> {
+    fn new(inner: T) -> Self {
+        Cut {
+            inner: Some(inner),
+            frames_left: usize::MAX,
+            cut_after_type: None,
+            refuse_type: None,
+        }
+    }
 }
 
 impl<T: Transport> Transport for Cut<T> {
@@ -116,7 +128,7 @@ impl<T: Transport> Transport for Cut<T> {
         let Some(inner) = self.inner.as_mut() else {
             return Err(TransportError::Closed);
         };
-        if self.frames_left == 0 {
+        if self.frames_left == 0 || self.refuse_type == Some(frame[0]) {
             self.inner = None;
             return Err(TransportError::Closed);
         }
@@ -149,9 +161,8 @@ fn connection_cut_mid_precopy_leaves_the_source_running() {
     });
     // Header, layout, then 20 page batches, then the cable is pulled.
     let mut t = Cut {
-        inner: Some(a),
         frames_left: 22,
-        cut_after_type: None,
+        ..Cut::new(a)
     };
     let mut e = SourceEngine::new(
         src.tracker(),
@@ -191,15 +202,18 @@ fn connection_cut_after_completion_leaves_the_outcome_to_the_operator() {
     let d = dst.clone();
     let c = clock.clone();
     let dest = std::thread::spawn(move || {
-        let mut t = b;
+        // The destination's confirmation (type 11) cannot get out either.
+        let mut t = Cut {
+            refuse_type: Some(11),
+            ..Cut::new(b)
+        };
         let mut e = DestinationEngine::new(d.pages(), d.control(), c);
         run_destination(&mut e, &mut t, TIMEOUT)
     });
     // Cut right after the completion record (type 8) went out.
     let mut t = Cut {
-        inner: Some(a),
-        frames_left: usize::MAX,
         cut_after_type: Some(8),
+        ..Cut::new(a)
     };
     let mut e = SourceEngine::new(
         src.tracker(),

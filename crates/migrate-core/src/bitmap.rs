@@ -120,6 +120,32 @@ impl DirtyBitmap {
         }
     }
 
+    /// The highest set page strictly below `before`, if any.
+    pub fn prev_one(&self, before: PageNum) -> Option<PageNum> {
+        let words = self.as_words();
+        if before == 0 || words.is_empty() {
+            return None;
+        }
+        let last = before - 1;
+        let mut index = ((last / 64) as usize).min(words.len() - 1);
+        let mut word = if (index as u64) == last / 64 {
+            let keep = last % 64;
+            words[index] & (u64::MAX >> (63 - keep))
+        } else {
+            words[index]
+        };
+        loop {
+            if word != 0 {
+                return Some(index as u64 * 64 + 63 - word.leading_zeros() as u64);
+            }
+            if index == 0 {
+                return None;
+            }
+            index -= 1;
+            word = words[index];
+        }
+    }
+
     /// `self |= other`. Bitmaps of different length: the shorter one's
     /// missing bits count as clear.
     pub fn union_with(&mut self, other: &DirtyBitmap) {
@@ -264,6 +290,9 @@ mod tests {
             prop_assert_eq!(b.iter_ones().collect::<Vec<_>>(), naive_ones(&b));
             prop_assert_eq!(b.count_ones(), naive_ones(&b).len() as u64);
             let from = pages.first().copied().unwrap_or(0);
+            let below: Option<u64> = naive_ones(&b).into_iter().rfind(|p| *p < from);
+            prop_assert_eq!(b.prev_one(from), below);
+            prop_assert_eq!(b.prev_one(u64::MAX), naive_ones(&b).last().copied());
             let expect: Vec<_> = naive_ones(&b).into_iter().filter(|p| *p >= from).collect();
             prop_assert_eq!(b.iter_ones_from(from).collect::<Vec<_>>(), expect);
         }

@@ -64,11 +64,19 @@ where
     }
 }
 
-/// Runs the destination until the guest is resumed (or the migration fails,
-/// in which case the guest is not resumed and an abort is sent back).
+/// Runs the destination until the migration completes here (or fails, in
+/// which case a guest not yet resumed is not resumed and an abort is sent
+/// back).
 ///
 /// Once the guest is resumed this returns `Ok` even if the confirmation
 /// could not be sent; [`DestinationReport::resume_confirmed`] says so.
+/// A post-copy destination that loses its source before every page
+/// arrived returns [`MigrationError::Incomplete`] naming the missing pages:
+/// its guest cannot go on.
+///
+/// This driver does not serve post-copy faults by itself (the pages are
+/// pushed to it in any case); a backend that traps guest faults asks for
+/// pages with [`DestinationEngine::request_pages`] between frames.
 pub fn run_destination<K, G, X>(
     engine: &mut DestinationEngine<K, G>,
     transport: &mut X,
@@ -79,17 +87,12 @@ where
     G: GuestControl,
     X: Transport + ?Sized,
 {
+    let mut confirmed = false;
     loop {
         let frame = match transport.recv(Some(peer_timeout)) {
             Ok(Some(f)) => f,
-            Ok(None) => {
-                engine.fail();
-                return Err(TransportError::Timeout(peer_timeout).into());
-            }
-            Err(e) => {
-                engine.fail();
-                return Err(e.into());
-            }
+            Ok(None) => return Err(lost(engine, TransportError::Timeout(peer_timeout))),
+            Err(e) => return Err(lost(engine, e)),
         };
         let status = match engine.handle_frame(&frame) {
             Ok(s) => s,
@@ -98,20 +101,55 @@ where
                 return Err(e);
             }
         };
-        if status == DestStatus::Resumed {
-            // The guest runs here now, whatever happens to the reply.
-            let mut report = engine.report().clone();
-            report.resume_confirmed = true;
-            while let Some(reply) = engine.poll_transmit() {
-                if let Err(e) = transport.send(&reply) {
-                    tracing::warn!(error = %e, "guest resumed but the source could not be told");
-                    report.resume_confirmed = false;
+        let mut send_error = None;
+        while let Some(reply) = engine.poll_transmit() {
+            if let Err(e) = transport.send(&reply) {
+                send_error = Some(e);
+                break;
+            }
+        }
+        match status {
+            DestStatus::Continue => {
+                if let Some(e) = send_error {
+                    return Err(lost(engine, e));
                 }
             }
-            return Ok(report);
+            DestStatus::Resumed => {
+                // Post-copy: the guest runs here now; the pages follow.
+                if let Some(e) = send_error {
+                    return Err(lost(engine, e));
+                }
+                confirmed = true;
+            }
+            DestStatus::Completed => {
+                // The guest runs here now, whatever happens to the reply.
+                let mut report = engine.report().clone();
+                report.resume_confirmed = if report.postcopy.is_some() {
+                    confirmed
+                } else {
+                    send_error.is_none()
+                };
+                if let Some(e) = send_error {
+                    tracing::warn!(error = %e, "guest resumed but the source could not be told");
+                }
+                return Ok(report);
+            }
         }
-        while let Some(reply) = engine.poll_transmit() {
-            transport.send(&reply)?;
-        }
+    }
+}
+
+fn lost<K, G>(engine: &mut DestinationEngine<K, G>, e: TransportError) -> MigrationError
+where
+    K: PageSink + PageSource,
+    G: GuestControl,
+{
+    let postcopy = engine.in_postcopy();
+    engine.fail();
+    if postcopy {
+        MigrationError::Incomplete(format!(
+            "the source was lost during post-copy ({e}); the guest runs here without all of its memory and cannot go on"
+        ))
+    } else {
+        e.into()
     }
 }

@@ -12,24 +12,31 @@
 //! Guarantees:
 //! - no page is lost: a page leaves the pending set only when it is put in
 //!   a frame, and every page the tracker reports dirty goes back in;
-//! - if the source fails before it sends the completion record, it resumes
-//!   its guest (if it had paused it) and stops dirty tracking;
-//! - the destination resumes its guest only after a completion record
-//!   whose digest matches its own memory, with every page received and
-//!   the device state restored.
+//! - if the source fails before the point of no return (the completion
+//!   record in pre-copy, the device state in post-copy), it resumes its
+//!   guest (if it had paused it) and stops dirty tracking; after that
+//!   point the guest may be running on the destination, so the source
+//!   stays paused and reports [`MigrationError::OutcomeUnknown`];
+//! - the destination resumes a pre-copied guest only after a completion
+//!   record whose digest matches its own memory, with every page received
+//!   and the device state restored. A post-copied guest resumes on its
+//!   device state, and the destination never places a page over one it
+//!   already has: it reports [`DestStatus::Completed`] only when every
+//!   page has arrived and the digest of what arrived matches the source's.
 
 use crate::backend::{DeviceState, DirtyTracker, GuestControl, PageSink, PageSource};
 use crate::bitmap::DirtyBitmap;
 use crate::clock::Clock;
-use crate::digest::{digest_memory, MemoryDigest};
+use crate::digest::{digest_memory, page_hash, DigestBuilder, MemoryDigest};
 use crate::error::MigrationError;
 use crate::page::{MemoryLayout, PageNum};
 use crate::policy::{Decision, PageSelection, Policy, PolicyInput, RoundSummary};
 use crate::protocol::{
-    self, encode_page_batch, max_batch_pages, Decoder, Record, ResumeReport, VERSION,
+    self, encode_page_batch, max_batch_pages, Decoder, PostcopyReport, ProtocolError, Record,
+    RecordType, ResumeReport, MAX_DISCARD_RANGES, MAX_REQUEST_PAGES, VERSION,
 };
-use crate::stats::{DowntimeParts, MigrationStats, RoundStats, SwitchReason};
-use std::collections::VecDeque;
+use crate::stats::{DowntimeParts, MigrationStats, PostcopyStats, RoundStats, SwitchReason};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +45,9 @@ use std::time::Duration;
 pub struct EngineConfig {
     /// Pages per page-batch record (capped by the protocol's limit).
     pub batch_pages: usize,
+    /// Pages per batch in post-copy, where a faulting vCPU waits behind
+    /// whatever batch is on the wire (small batches keep that short).
+    pub postcopy_batch_pages: usize,
     /// Re-read the dirty log (peek) for skipping after this many pages.
     pub peek_interval_pages: u64,
     /// At most this many peeks per round (large guests peek less often).
@@ -48,6 +58,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             batch_pages: 256,
+            postcopy_batch_pages: 16,
             peek_interval_pages: 1024,
             max_peeks_per_round: 256,
         }
@@ -72,7 +83,9 @@ enum SrcState {
     Decide,
     Round,
     Final,
+    Postcopy,
     AwaitResumed,
+    AwaitVerified,
     Done,
     Failed,
 }
@@ -113,10 +126,16 @@ pub struct SourceEngine<T, S, G, P> {
     pending: DirtyBitmap,
     skip: DirtyBitmap,
     scratch: DirtyBitmap,
+    round_dirty: DirtyBitmap,
+    round_dirty_used: bool,
+    sample_every: Option<Duration>,
+    next_sample_at: Duration,
     round: Option<Round>,
     rounds_done: u32,
     last_summary: Option<RoundSummary>,
     batch: Vec<PageNum>,
+    push: Vec<PageNum>,
+    urgent: VecDeque<PageNum>,
     read_buf: Vec<u8>,
     // estimates and times
     bandwidth: f64,
@@ -126,8 +145,10 @@ pub struct SourceEngine<T, S, G, P> {
     rtt: Duration,
     first_page_at: Option<Duration>,
     paused_at: Option<Duration>,
+    resumed_seen: Option<(Duration, ResumeReport)>,
     tracking: bool,
-    complete_sent: bool,
+    postcopy: bool,
+    committed: bool,
     switch_reason: Option<SwitchReason>,
     expected_downtime: Duration,
     parts: DowntimeParts,
@@ -135,6 +156,9 @@ pub struct SourceEngine<T, S, G, P> {
     transferred: u64,
     precopy_bytes: u64,
     downtime_bytes: u64,
+    postcopy_bytes: u64,
+    postcopy_pages: u64,
+    postcopy_requests: u64,
     pages_sent: u64,
     zero_sent: u64,
     dirty_syncs: u64,
@@ -162,9 +186,10 @@ where
         let layout = memory.layout().clone();
         let end = layout.page_end();
         let mut config = config;
-        config.batch_pages = config
-            .batch_pages
-            .clamp(1, max_batch_pages(layout.page_size()));
+        let cap = max_batch_pages(layout.page_size());
+        config.batch_pages = config.batch_pages.clamp(1, cap);
+        config.postcopy_batch_pages = config.postcopy_batch_pages.clamp(1, cap);
+        let sample_every = policy.sample_interval().filter(|d| !d.is_zero());
         SourceEngine {
             tracker,
             memory,
@@ -178,10 +203,16 @@ where
             pending: DirtyBitmap::new(end),
             skip: DirtyBitmap::new(end),
             scratch: DirtyBitmap::new(end),
+            round_dirty: DirtyBitmap::new(end),
+            round_dirty_used: false,
+            sample_every,
+            next_sample_at: Duration::ZERO,
             round: None,
             rounds_done: 0,
             last_summary: None,
             batch: Vec::with_capacity(config.batch_pages),
+            push: Vec::new(),
+            urgent: VecDeque::new(),
             read_buf: Vec::new(),
             config,
             bandwidth: 0.0,
@@ -191,14 +222,19 @@ where
             rtt: Duration::ZERO,
             first_page_at: None,
             paused_at: None,
+            resumed_seen: None,
             tracking: false,
-            complete_sent: false,
+            postcopy: false,
+            committed: false,
             switch_reason: None,
             expected_downtime: Duration::ZERO,
             parts: DowntimeParts::default(),
             transferred: 0,
             precopy_bytes: 0,
             downtime_bytes: 0,
+            postcopy_bytes: 0,
+            postcopy_pages: 0,
+            postcopy_requests: 0,
             pages_sent: 0,
             zero_sent: 0,
             dirty_syncs: 0,
@@ -217,14 +253,20 @@ where
         self.paused_at.is_some()
     }
 
-    /// Whether the completion record has been handed out for sending.
-    pub fn complete_sent(&self) -> bool {
-        self.complete_sent
+    /// Whether the point of no return was passed: the guest may run on the
+    /// destination, so the source must not resume it on failure.
+    pub fn committed(&self) -> bool {
+        self.committed
     }
 
     /// The statistics, once [`SourceStep::Done`] was returned.
     pub fn stats(&self) -> Option<&MigrationStats> {
         self.stats.as_ref()
+    }
+
+    /// The policy (for reading what it learnt).
+    pub fn policy(&self) -> &P {
+        &self.policy
     }
 
     /// Gives the backend parts back.
@@ -242,7 +284,7 @@ where
         match self.poll_inner() {
             Ok(step) => {
                 if let SourceStep::Send(f) = &step {
-                    self.account(f.len() as u64);
+                    self.account(f);
                 }
                 Ok(step)
             }
@@ -264,10 +306,9 @@ where
     }
 
     /// Records that the migration failed outside the engine (a transport
-    /// error, a timeout) and cleans up: unless the completion record went
-    /// out, the guest is resumed and tracking stopped. Returns the error to
-    /// report ([`MigrationError::OutcomeUnknown`] once completion was sent
-    /// and no confirmation arrived).
+    /// error, a timeout) and cleans up: before the point of no return the
+    /// guest is resumed and tracking stopped. Returns the error to report
+    /// ([`MigrationError::OutcomeUnknown`] after the point of no return).
     pub fn fail(&mut self, err: MigrationError) -> MigrationError {
         if self.state == SrcState::Done {
             return err;
@@ -277,7 +318,7 @@ where
             let _ = self.tracker.stop();
             self.tracking = false;
         }
-        if self.complete_sent {
+        if self.committed {
             return match err {
                 MigrationError::OutcomeUnknown(_) => err,
                 other => MigrationError::OutcomeUnknown(other.to_string()),
@@ -291,9 +332,20 @@ where
         err
     }
 
-    fn account(&mut self, bytes: u64) {
+    fn account(&mut self, frame: &[u8]) {
+        let bytes = frame.len() as u64;
         self.transferred += bytes;
-        if self.paused_at.is_some() {
+        let after_resume = self.postcopy
+            && self.committed
+            && matches!(
+                frame.first().copied(),
+                Some(t) if t == RecordType::PageBatch as u8
+                    || t == RecordType::RoundEnd as u8
+                    || t == RecordType::Complete as u8
+            );
+        if after_resume {
+            self.postcopy_bytes += bytes;
+        } else if self.paused_at.is_some() {
             self.downtime_bytes += bytes;
         } else {
             self.precopy_bytes += bytes;
@@ -326,9 +378,11 @@ where
                     self.layout_sent_at = self.now();
                     self.state = SrcState::AwaitReady;
                 }
-                SrcState::AwaitReady | SrcState::AwaitResumed => return Ok(SourceStep::Wait),
+                SrcState::AwaitReady | SrcState::AwaitResumed | SrcState::AwaitVerified => {
+                    return Ok(SourceStep::Wait)
+                }
                 SrcState::Decide => self.decide()?,
-                SrcState::Round | SrcState::Final => {
+                SrcState::Round | SrcState::Final | SrcState::Postcopy => {
                     if let Some(frame) = self.next_batch_frame()? {
                         return Ok(SourceStep::Send(frame));
                     }
@@ -346,6 +400,7 @@ where
 
     fn handle_inner(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
         let rec = self.decoder.decode(frame)?;
+        let postcopy_live = matches!(self.state, SrcState::Postcopy | SrcState::AwaitVerified);
         match (rec, self.state) {
             (Record::Header { .. }, _) => Ok(()),
             (Record::Abort { reason }, _) => Err(MigrationError::PeerAborted(reason)),
@@ -356,6 +411,9 @@ where
                     .start()
                     .map_err(MigrationError::backend("start dirty tracking"))?;
                 self.tracking = true;
+                if let Some(iv) = self.sample_every {
+                    self.next_sample_at = now + iv;
+                }
                 let all = self.layout.regions().to_vec();
                 for r in all {
                     self.pending.set_range(r.first_page..r.end());
@@ -364,7 +422,35 @@ where
                 Ok(())
             }
             (Record::Resumed(report), SrcState::AwaitResumed) => {
-                self.finish(report);
+                self.finish(self.now(), report, None);
+                Ok(())
+            }
+            (Record::Resumed(report), _) if postcopy_live && self.resumed_seen.is_none() => {
+                self.resumed_seen = Some((self.now(), report));
+                Ok(())
+            }
+            (Record::PageRequest(pages), _) if postcopy_live => {
+                let now = self.now();
+                for p in pages {
+                    if !self.layout.contains(p) {
+                        return Err(MigrationError::PageOutOfRange(p));
+                    }
+                    self.postcopy_requests += 1;
+                    self.policy.on_fault(p, now);
+                    if self.pending.get(p) {
+                        self.urgent.push_back(p);
+                    }
+                }
+                Ok(())
+            }
+            (Record::Verified(report), SrcState::AwaitVerified) => {
+                let Some((at, resume)) = self.resumed_seen else {
+                    return Err(MigrationError::UnexpectedRecord {
+                        got: RecordType::Verified,
+                        state: "waiting for the destination to resume",
+                    });
+                };
+                self.finish(at, resume, Some(report));
                 Ok(())
             }
             (rec, state) => Err(MigrationError::UnexpectedRecord {
@@ -372,6 +458,7 @@ where
                 state: match state {
                     SrcState::AwaitReady => "waiting for the destination to accept the layout",
                     SrcState::AwaitResumed => "waiting for the destination to resume",
+                    SrcState::Postcopy | SrcState::AwaitVerified => "pushing pages in post-copy",
                     _ => "sending pages",
                 },
             }),
@@ -398,40 +485,101 @@ where
         let expected = input.expected_downtime();
         match self.policy.decide(&input) {
             Decision::Precopy(sel) => {
-                let order = match sel {
-                    PageSelection::AllPending => RoundOrder::Ascending { cursor: 0 },
-                    PageSelection::Ordered(pages) => RoundOrder::Ordered { pages, next: 0 },
-                };
-                let candidates = match &order {
-                    RoundOrder::Ascending { .. } => pending_pages,
-                    RoundOrder::Ordered { pages, .. } => pages.len() as u64,
+                let (order, candidates) = match sel {
+                    PageSelection::AllPending => {
+                        (RoundOrder::Ascending { cursor: 0 }, pending_pages)
+                    }
+                    PageSelection::Ordered(pages) => {
+                        let n = pages.len() as u64;
+                        (RoundOrder::Ordered { pages, next: 0 }, n)
+                    }
                 };
                 self.begin_round(order, false, candidates);
             }
             Decision::StopAndCopy(reason) => {
                 self.switch_reason = Some(reason);
                 self.expected_downtime = expected.unwrap_or_default();
-                self.control
-                    .pause()
-                    .map_err(MigrationError::backend("pause the guest"))?;
-                self.paused_at = Some(self.now());
+                self.pause_and_collect()?;
+                let number = self.rounds_done + 1;
+                self.outbox
+                    .push_back(protocol::encode_to_vec(&Record::SwitchOver {
+                        round: number,
+                        postcopy: false,
+                    }));
+                self.begin_round(RoundOrder::Ascending { cursor: 0 }, true, 0);
+            }
+            Decision::PostCopy(reason) => {
+                self.switch_reason = Some(reason);
+                self.expected_downtime = self.rtt / 2;
+                self.pause_and_collect()?;
                 if self.tracking {
                     self.tracker
-                        .collect_and_clear(&mut self.scratch)
-                        .map_err(MigrationError::backend("collect the dirty log"))?;
-                    self.dirty_syncs += 1;
-                    self.pending.union_with(&self.scratch);
+                        .stop()
+                        .map_err(MigrationError::backend("stop dirty tracking"))?;
+                    self.tracking = false;
                 }
                 let number = self.rounds_done + 1;
                 self.outbox
                     .push_back(protocol::encode_to_vec(&Record::SwitchOver {
                         round: number,
+                        postcopy: true,
                     }));
+                self.queue_discards();
+                let t0 = self.now();
+                let state = self
+                    .control
+                    .save_state()
+                    .map_err(MigrationError::backend("save device state"))?;
+                self.parts.device_save = self.now() - t0;
+                self.outbox
+                    .push_back(protocol::encode_to_vec(&Record::DeviceState(state)));
+                // From here the destination may resume the guest.
+                self.committed = true;
+                self.postcopy = true;
                 self.begin_round(RoundOrder::Ascending { cursor: 0 }, true, 0);
+                self.state = SrcState::Postcopy;
             }
             Decision::Abort(reason) => return Err(MigrationError::PolicyAborted(reason)),
         }
         Ok(())
+    }
+
+    fn pause_and_collect(&mut self) -> Result<(), MigrationError> {
+        self.control
+            .pause()
+            .map_err(MigrationError::backend("pause the guest"))?;
+        self.paused_at = Some(self.now());
+        if self.tracking {
+            self.tracker
+                .collect_and_clear(&mut self.scratch)
+                .map_err(MigrationError::backend("collect the dirty log"))?;
+            self.dirty_syncs += 1;
+            self.pending.union_with(&self.scratch);
+        }
+        Ok(())
+    }
+
+    /// Post-copy: tells the destination which pages it must fault on.
+    fn queue_discards(&mut self) {
+        let mut ranges: Vec<(PageNum, u64)> = Vec::new();
+        for p in self.pending.iter_ones() {
+            match ranges.last_mut() {
+                Some((first, count)) if *first + *count == p => *count += 1,
+                _ => {
+                    if ranges.len() == MAX_DISCARD_RANGES {
+                        self.outbox
+                            .push_back(protocol::encode_to_vec(&Record::Discard(std::mem::take(
+                                &mut ranges,
+                            ))));
+                    }
+                    ranges.push((p, 1));
+                }
+            }
+        }
+        if !ranges.is_empty() {
+            self.outbox
+                .push_back(protocol::encode_to_vec(&Record::Discard(ranges)));
+        }
     }
 
     fn begin_round(&mut self, order: RoundOrder, final_copy: bool, candidates: u64) {
@@ -461,13 +609,65 @@ where
         };
     }
 
-    /// Builds the next page-batch frame of the round, or `None` when the
-    /// round has no more pages.
-    fn next_batch_frame(&mut self) -> Result<Option<Vec<u8>>, MigrationError> {
-        let Some(round) = self.round.as_mut() else {
-            return Ok(None);
+    /// HCA and friends: a sample of the dirty log, if one is due.
+    fn maybe_sample(&mut self) -> Result<(), MigrationError> {
+        let Some(iv) = self.sample_every else {
+            return Ok(());
         };
+        let now = self.now();
+        if now < self.next_sample_at {
+            return Ok(());
+        }
+        self.tracker
+            .collect_and_clear(&mut self.scratch)
+            .map_err(MigrationError::backend("sample the dirty log"))?;
+        self.dirty_syncs += 1;
+        self.policy.on_sample(&self.scratch, now);
+        self.round_dirty.union_with(&self.scratch);
+        self.round_dirty_used = true;
+        self.next_sample_at = now + iv;
+        Ok(())
+    }
+
+    /// Picks the pages of the next batch, taking each out of `pending`.
+    fn select_batch(&mut self) -> Result<(), MigrationError> {
         self.batch.clear();
+        let postcopy = self.state == SrcState::Postcopy;
+        if postcopy {
+            let cap = self.config.postcopy_batch_pages;
+            while self.batch.len() < cap {
+                let Some(p) = self.urgent.pop_front() else {
+                    break;
+                };
+                if self.pending.get(p) {
+                    self.pending.clear(p);
+                    self.batch.push(p);
+                }
+            }
+            if self.batch.len() < cap {
+                self.push.clear();
+                self.policy
+                    .next_push(&self.pending, cap - self.batch.len(), &mut self.push);
+                for &p in &self.push {
+                    if self.batch.len() < cap && self.pending.get(p) {
+                        self.pending.clear(p);
+                        self.batch.push(p);
+                    }
+                }
+            }
+            if self.batch.is_empty() {
+                // A policy that offers nothing still gets every page sent.
+                let take: Vec<PageNum> = self.pending.iter_ones().take(cap).collect();
+                for p in take {
+                    self.pending.clear(p);
+                    self.batch.push(p);
+                }
+            }
+            return Ok(());
+        }
+        let Some(round) = self.round.as_mut() else {
+            return Ok(());
+        };
         while self.batch.len() < self.config.batch_pages {
             let page = match &mut round.order {
                 RoundOrder::Ascending { cursor } => {
@@ -479,7 +679,7 @@ where
                         None => break,
                     }
                 }
-                RoundOrder::Ordered { pages, next } => match pages.get(*next) {
+                RoundOrder::Ordered { pages, next, .. } => match pages.get(*next) {
                     Some(p) => {
                         *next += 1;
                         if !self.pending.get(*p) {
@@ -495,6 +695,9 @@ where
                     self.tracker
                         .peek(&mut self.skip)
                         .map_err(MigrationError::backend("peek at the dirty log"))?;
+                    if self.round_dirty_used {
+                        self.skip.union_with(&self.round_dirty);
+                    }
                     round.examined_since_peek = 0;
                 }
                 round.examined_since_peek += 1;
@@ -503,11 +706,25 @@ where
                     continue;
                 }
             }
+            self.pending.clear(page);
             self.batch.push(page);
         }
+        Ok(())
+    }
+
+    /// Builds the next page-batch frame of the round, or `None` when the
+    /// round has no more pages.
+    fn next_batch_frame(&mut self) -> Result<Option<Vec<u8>>, MigrationError> {
+        if self.state == SrcState::Round {
+            self.maybe_sample()?;
+        }
+        self.select_batch()?;
         if self.batch.is_empty() {
             return Ok(None);
         }
+        let Some(round) = self.round.as_mut() else {
+            return Ok(None);
+        };
         let ps = self.layout.page_size();
         let need = self.batch.len() * ps.get();
         if self.read_buf.len() < need {
@@ -524,13 +741,13 @@ where
             &self.read_buf[..need],
             &mut frame,
         );
-        for p in &self.batch {
-            self.pending.clear(*p);
-        }
         round.sent += summary.pages as u64;
         round.zero += summary.zero_pages as u64;
         self.pages_sent += summary.pages as u64;
         self.zero_sent += summary.zero_pages as u64;
+        if self.postcopy {
+            self.postcopy_pages += summary.pages as u64;
+        }
         if self.first_page_at.is_none() {
             self.first_page_at = Some(self.now());
         }
@@ -543,7 +760,8 @@ where
         };
         let now = self.now();
         let delta = now.saturating_sub(round.started);
-        if round.final_copy {
+        let mut dirtied = 0;
+        if round.final_copy && !self.postcopy {
             // Anything written while paused (device emulation) goes too.
             self.tracker
                 .collect_and_clear(&mut self.scratch)
@@ -551,25 +769,29 @@ where
             self.dirty_syncs += 1;
             if !self.scratch.none() {
                 self.pending.union_with(&self.scratch);
-                let sent_so_far = round;
                 self.round = Some(Round {
                     order: RoundOrder::Ascending { cursor: 0 },
-                    ..sent_so_far
+                    ..round
                 });
                 return Ok(());
             }
-        } else {
+        } else if !round.final_copy {
             self.tracker
                 .collect_and_clear(&mut self.scratch)
                 .map_err(MigrationError::backend("collect the dirty log"))?;
             self.dirty_syncs += 1;
+            if self.sample_every.is_some() {
+                self.policy.on_sample(&self.scratch, now);
+                self.next_sample_at = now + self.sample_every.unwrap_or_default();
+            }
+            if self.round_dirty_used {
+                self.scratch.union_with(&self.round_dirty);
+                self.round_dirty.clear_all();
+                self.round_dirty_used = false;
+            }
             self.pending.union_with(&self.scratch);
+            dirtied = self.scratch.count_ones();
         }
-        let dirtied = if round.final_copy {
-            0
-        } else {
-            self.scratch.count_ones()
-        };
         let pct = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
             (Some(a), Some(b)) if !delta.is_zero() => {
                 (b.saturating_sub(a).as_secs_f64() / delta.as_secs_f64() * 100.0).min(100.0)
@@ -601,7 +823,11 @@ where
             page_size: self.layout.page_size().bytes(),
         });
         if round.final_copy {
-            return self.send_tail(now);
+            return if self.postcopy {
+                self.complete_postcopy()
+            } else {
+                self.send_tail(now)
+            };
         }
         if !delta.is_zero() {
             let secs = delta.as_secs_f64();
@@ -651,17 +877,38 @@ where
                 total_pages: self.layout.total_pages(),
                 digest,
             }));
-        self.complete_sent = true;
+        self.committed = true;
         self.state = SrcState::AwaitResumed;
         Ok(())
     }
 
-    fn finish(&mut self, report: ResumeReport) {
+    /// Post-copy: every page is on its way; the source's memory has been
+    /// frozen since the pause, so its digest is taken now, outside downtime.
+    fn complete_postcopy(&mut self) -> Result<(), MigrationError> {
+        let digest = digest_memory(&mut self.memory, &self.layout)
+            .map_err(MigrationError::backend("digest guest memory"))?;
+        self.outbox
+            .push_back(protocol::encode_to_vec(&Record::Complete {
+                total_pages: self.layout.total_pages(),
+                digest,
+            }));
+        self.state = SrcState::AwaitVerified;
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        resume_ack_at: Duration,
+        report: ResumeReport,
+        post: Option<PostcopyReport>,
+    ) {
         let now = self.now();
-        let paused = self.paused_at.unwrap_or(now);
+        let paused = self.paused_at.unwrap_or(resume_ack_at);
         let start = self.started_at.unwrap_or_default();
         let dest_part = Duration::from_nanos(report.total_ns);
-        let measured = now.saturating_sub(paused).saturating_sub(self.rtt / 2);
+        let measured = resume_ack_at
+            .saturating_sub(paused)
+            .saturating_sub(self.rtt / 2);
         let downtime = measured.max(
             self.parts.final_copy + self.parts.device_save + self.parts.source_verify + dest_part,
         );
@@ -675,6 +922,18 @@ where
         let total_time = now.saturating_sub(start);
         let ps = self.layout.page_size().bytes() as u64;
         let normal = self.pages_sent - self.zero_sent;
+        let resumed_at = paused + downtime;
+        let postcopy = post.map(|r| PostcopyStats {
+            requests: self.postcopy_requests.max(r.faults),
+            duplicates: r.duplicates,
+            fault_latency_p50: Duration::from_nanos(r.latency_p50_ns),
+            fault_latency_p99: Duration::from_nanos(r.latency_p99_ns),
+            fault_latency_max: Duration::from_nanos(r.latency_max_ns),
+            vcpu_stall: Duration::from_nanos(r.stall_ns),
+            pages: self.postcopy_pages,
+            bytes: self.postcopy_bytes,
+            duration: now.saturating_sub(self.rtt / 2).saturating_sub(resumed_at),
+        });
         self.stats = Some(MigrationStats {
             policy: self.policy.name().to_owned(),
             switch_reason: self.switch_reason.unwrap_or(SwitchReason::StopAndCopy),
@@ -701,6 +960,7 @@ where
             precopy_bytes: self.precopy_bytes,
             downtime_bytes: self.downtime_bytes,
             rtt: self.rtt,
+            postcopy,
             rounds: std::mem::take(&mut self.rounds),
             memory_verified: true,
         });
@@ -714,8 +974,12 @@ where
 pub enum DestStatus {
     /// Keep feeding frames.
     Continue,
-    /// The guest was verified and resumed; send the queued reply and stop.
+    /// Post-copy: the guest was restored and resumed here; pages are still
+    /// to come. Send the queued replies and keep feeding frames.
     Resumed,
+    /// The migration is complete: the guest runs here with all its memory,
+    /// verified. Send the queued reply and stop.
+    Completed,
 }
 
 /// Counters of the destination.
@@ -733,6 +997,8 @@ pub struct DestinationReport {
     pub digest: Option<MemoryDigest>,
     /// The destination's timings of its resume.
     pub resume: ResumeReport,
+    /// Post-copy figures, if the guest was post-copied.
+    pub postcopy: Option<PostcopyReport>,
     /// Whether the resume confirmation reached the transport. `false`
     /// means the guest runs here but the source may not know: it stays
     /// paused, and the operator must not resume it.
@@ -744,7 +1010,8 @@ enum DstState {
     AwaitHeader,
     AwaitLayout,
     Receiving,
-    Resumed,
+    PostcopyRunning,
+    Completed,
     Failed,
 }
 
@@ -757,9 +1024,17 @@ pub struct DestinationEngine<K, G> {
     layout: MemoryLayout,
     state: DstState,
     received: DirtyBitmap,
+    hashes: Vec<u64>,
     switched_over: bool,
+    postcopy: bool,
+    discard_cursor: PageNum,
     device_state: Option<DeviceState>,
     outbox: VecDeque<Vec<u8>>,
+    requested: HashMap<PageNum, Duration>,
+    latencies: Vec<u64>,
+    faults: u64,
+    duplicates: u64,
+    resumed_at: Option<Duration>,
     report: DestinationReport,
 }
 
@@ -774,6 +1049,7 @@ where
         let layout = PageSink::layout(&memory).clone();
         DestinationEngine {
             received: DirtyBitmap::new(layout.page_end()),
+            hashes: vec![0; layout.total_pages() as usize],
             memory,
             control,
             clock,
@@ -781,8 +1057,15 @@ where
             layout,
             state: DstState::AwaitHeader,
             switched_over: false,
+            postcopy: false,
+            discard_cursor: 0,
             device_state: None,
             outbox: VecDeque::new(),
+            requested: HashMap::new(),
+            latencies: Vec::new(),
+            faults: 0,
+            duplicates: 0,
+            resumed_at: None,
             report: DestinationReport::default(),
         }
     }
@@ -794,7 +1077,22 @@ where
 
     /// Whether the guest has been resumed here.
     pub fn resumed(&self) -> bool {
-        self.state == DstState::Resumed
+        self.resumed_at.is_some()
+    }
+
+    /// Whether the migration completed here.
+    pub fn completed(&self) -> bool {
+        self.state == DstState::Completed
+    }
+
+    /// Whether the guest runs here in post-copy, with pages still missing.
+    pub fn in_postcopy(&self) -> bool {
+        self.state == DstState::PostcopyRunning
+    }
+
+    /// Whether `page` is here (received and not discarded).
+    pub fn has_page(&self, page: PageNum) -> bool {
+        self.received.get(page)
     }
 
     /// Counters so far.
@@ -807,14 +1105,45 @@ where
         (self.memory, self.control)
     }
 
+    /// Post-copy: the guest touched these pages and they are not here.
+    /// Queues a request for those not already requested and not present;
+    /// the fault latency of each is measured from now until it is placed.
+    pub fn request_pages(&mut self, pages: &[PageNum]) -> Result<(), MigrationError> {
+        if self.state != DstState::PostcopyRunning {
+            return Err(MigrationError::InvalidUse(
+                "pages can be requested only while the guest runs in post-copy",
+            ));
+        }
+        let now = self.clock.now();
+        let mut want = Vec::new();
+        for &p in pages {
+            if !self.layout.contains(p) {
+                return Err(MigrationError::PageOutOfRange(p));
+            }
+            if self.received.get(p) || self.requested.contains_key(&p) {
+                continue;
+            }
+            self.requested.insert(p, now);
+            self.faults += 1;
+            want.push(p);
+        }
+        for chunk in want.chunks(MAX_REQUEST_PAGES) {
+            self.outbox
+                .push_back(protocol::encode_to_vec(&Record::PageRequest(
+                    chunk.to_vec(),
+                )));
+        }
+        Ok(())
+    }
+
     /// Applies one frame from the source.
     pub fn handle_frame(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
         match self.state {
             DstState::Failed => {
                 return Err(MigrationError::InvalidUse("destination used after failure"))
             }
-            DstState::Resumed => {
-                return Err(MigrationError::InvalidUse("destination already resumed"))
+            DstState::Completed => {
+                return Err(MigrationError::InvalidUse("destination already completed"))
             }
             _ => {}
         }
@@ -827,11 +1156,45 @@ where
     }
 
     /// Marks the migration failed from outside (the stream ended or timed
-    /// out). The guest is not resumed.
+    /// out). A guest not yet resumed is not resumed.
     pub fn fail(&mut self) {
-        if self.state != DstState::Resumed {
+        if self.state != DstState::Completed {
             self.state = DstState::Failed;
         }
+    }
+
+    fn place(&mut self, page: PageNum, data: Option<&[u8]>) -> Result<(), MigrationError> {
+        let Some(i) = self.layout.dense_index(page) else {
+            return Err(MigrationError::PageOutOfRange(page));
+        };
+        if self.state == DstState::PostcopyRunning && self.received.get(page) {
+            // Already here and maybe written by the running guest since.
+            self.duplicates += 1;
+            return Ok(());
+        }
+        let hash = match data {
+            Some(d) => {
+                self.memory
+                    .write_page(page, d)
+                    .map_err(MigrationError::backend("write a guest page"))?;
+                page_hash(d)
+            }
+            None => {
+                self.report.zero_pages += 1;
+                self.memory
+                    .write_zero_page(page)
+                    .map_err(MigrationError::backend("write a guest page"))?;
+                zero_page_hash(self.layout.page_size().get())
+            }
+        };
+        self.hashes[i as usize] = hash;
+        self.received.set(page);
+        self.report.pages_received += 1;
+        if let Some(t) = self.requested.remove(&page) {
+            let lat = self.clock.now().saturating_sub(t);
+            self.latencies.push(lat.as_nanos() as u64);
+        }
+        Ok(())
     }
 
     fn handle_inner(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
@@ -840,6 +1203,7 @@ where
             got: rec.record_type(),
             state,
         };
+        let receiving = matches!(self.state, DstState::Receiving | DstState::PostcopyRunning);
         match (self.state, rec) {
             (_, Record::Abort { reason }) => Err(MigrationError::PeerAborted(reason)),
             (DstState::AwaitHeader, Record::Header { .. }) => {
@@ -862,37 +1226,59 @@ where
                 self.state = DstState::Receiving;
                 Ok(DestStatus::Continue)
             }
-            (DstState::Receiving, Record::PageBatch(batch)) => {
+            (_, Record::PageBatch(batch)) if receiving => {
                 for (page, data) in batch.iter() {
-                    if !self.layout.contains(page) {
-                        return Err(MigrationError::PageOutOfRange(page));
-                    }
-                    match data {
-                        Some(d) => self.memory.write_page(page, d),
-                        None => {
-                            self.report.zero_pages += 1;
-                            self.memory.write_zero_page(page)
-                        }
-                    }
-                    .map_err(MigrationError::backend("write a guest page"))?;
-                    self.received.set(page);
-                    self.report.pages_received += 1;
+                    self.place(page, data)?;
                 }
                 Ok(DestStatus::Continue)
             }
-            (DstState::Receiving, Record::RoundEnd { .. }) => {
+            (_, Record::RoundEnd { .. }) if receiving => {
                 self.report.rounds += 1;
                 Ok(DestStatus::Continue)
             }
-            (DstState::Receiving, Record::SwitchOver { .. }) if !self.switched_over => {
+            (DstState::Receiving, Record::SwitchOver { postcopy, .. }) if !self.switched_over => {
                 self.switched_over = true;
+                self.postcopy = postcopy;
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Receiving, Record::Discard(ranges)) if self.postcopy => {
+                for (first, count) in ranges {
+                    // Ranges ascend and do not overlap, across the whole
+                    // stream: a source cannot make us walk memory twice.
+                    if first < self.discard_cursor {
+                        return Err(MigrationError::Protocol(ProtocolError::OutOfRange {
+                            what: "discard range start (ranges must ascend)",
+                            value: first,
+                        }));
+                    }
+                    let end = first + count;
+                    // Walk no further than the end of guest memory.
+                    let stop = end.min(self.layout.page_end()).max(first);
+                    for page in first..stop {
+                        if !self.layout.contains(page) {
+                            return Err(MigrationError::PageOutOfRange(page));
+                        }
+                        self.received.clear(page);
+                        self.memory
+                            .discard(page)
+                            .map_err(MigrationError::backend("discard a stale page"))?;
+                    }
+                    if end > stop {
+                        return Err(MigrationError::PageOutOfRange(stop));
+                    }
+                    self.discard_cursor = end;
+                }
                 Ok(DestStatus::Continue)
             }
             (DstState::Receiving, Record::DeviceState(s))
                 if self.switched_over && self.device_state.is_none() =>
             {
-                self.device_state = Some(s);
-                Ok(DestStatus::Continue)
+                if self.postcopy {
+                    self.resume_postcopy(s)
+                } else {
+                    self.device_state = Some(s);
+                    Ok(DestStatus::Continue)
+                }
             }
             (
                 DstState::Receiving,
@@ -900,19 +1286,22 @@ where
                     total_pages,
                     digest,
                 },
-            ) => self.complete(total_pages, digest),
+            ) if !self.postcopy => self.complete(total_pages, digest),
+            (
+                DstState::PostcopyRunning,
+                Record::Complete {
+                    total_pages,
+                    digest,
+                },
+            ) => self.complete_postcopy(total_pages, digest),
             (DstState::AwaitHeader, rec) => Err(unexpected(&rec, "waiting for the stream header")),
             (DstState::AwaitLayout, rec) => Err(unexpected(&rec, "waiting for the memory layout")),
+            (DstState::PostcopyRunning, rec) => Err(unexpected(&rec, "running in post-copy")),
             (_, rec) => Err(unexpected(&rec, "receiving pages")),
         }
     }
 
-    fn complete(
-        &mut self,
-        total_pages: u64,
-        digest: MemoryDigest,
-    ) -> Result<DestStatus, MigrationError> {
-        let t0 = self.clock.now();
+    fn check_all_here(&self, total_pages: u64) -> Result<(), MigrationError> {
         if !self.switched_over {
             return Err(MigrationError::Incomplete(
                 "completion before the switch-over record".into(),
@@ -931,6 +1320,16 @@ where
                 total_pages - have
             )));
         }
+        Ok(())
+    }
+
+    fn complete(
+        &mut self,
+        total_pages: u64,
+        digest: MemoryDigest,
+    ) -> Result<DestStatus, MigrationError> {
+        let t0 = self.clock.now();
+        self.check_all_here(total_pages)?;
         let Some(state) = self.device_state.take() else {
             return Err(MigrationError::Incomplete(
                 "no device state was sent".into(),
@@ -953,6 +1352,7 @@ where
             .resume()
             .map_err(MigrationError::backend("resume the guest"))?;
         let t3 = self.clock.now();
+        self.resumed_at = Some(t3);
         self.report.digest = Some(actual);
         self.report.resume = ResumeReport {
             verify_ns: (t1 - t0).as_nanos() as u64,
@@ -964,7 +1364,87 @@ where
             .push_back(protocol::encode_to_vec(&Record::Resumed(
                 self.report.resume,
             )));
-        self.state = DstState::Resumed;
+        self.state = DstState::Completed;
+        Ok(DestStatus::Completed)
+    }
+
+    fn resume_postcopy(&mut self, state: DeviceState) -> Result<DestStatus, MigrationError> {
+        let t0 = self.clock.now();
+        self.control
+            .restore_state(&state)
+            .map_err(MigrationError::backend("restore device state"))?;
+        let t1 = self.clock.now();
+        self.control
+            .resume()
+            .map_err(MigrationError::backend("resume the guest"))?;
+        let t2 = self.clock.now();
+        self.resumed_at = Some(t2);
+        self.report.resume = ResumeReport {
+            verify_ns: 0,
+            restore_ns: (t1 - t0).as_nanos() as u64,
+            resume_ns: (t2 - t1).as_nanos() as u64,
+            total_ns: (t2 - t0).as_nanos() as u64,
+        };
+        self.outbox
+            .push_back(protocol::encode_to_vec(&Record::Resumed(
+                self.report.resume,
+            )));
+        self.state = DstState::PostcopyRunning;
         Ok(DestStatus::Resumed)
+    }
+
+    fn complete_postcopy(
+        &mut self,
+        total_pages: u64,
+        digest: MemoryDigest,
+    ) -> Result<DestStatus, MigrationError> {
+        self.check_all_here(total_pages)?;
+        // The guest has been writing since it resumed, so the digest is of
+        // what arrived, page by page, not of memory as it is now.
+        let mut b = DigestBuilder::new();
+        for (i, page) in self.layout.pages().enumerate() {
+            b.add_page_hash(page, self.hashes[i]);
+        }
+        let actual = b.finish();
+        if actual != digest {
+            return Err(MigrationError::DigestMismatch {
+                expected: digest,
+                actual,
+            });
+        }
+        let mut lat = std::mem::take(&mut self.latencies);
+        lat.sort_unstable();
+        let pct = |q: f64| -> u64 {
+            if lat.is_empty() {
+                0
+            } else {
+                lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1]
+            }
+        };
+        let report = PostcopyReport {
+            faults: self.faults,
+            duplicates: self.duplicates,
+            latency_p50_ns: pct(0.50),
+            latency_p99_ns: pct(0.99),
+            latency_max_ns: lat.last().copied().unwrap_or(0),
+            stall_ns: lat.iter().sum(),
+        };
+        self.report.digest = Some(actual);
+        self.report.postcopy = Some(report);
+        self.outbox
+            .push_back(protocol::encode_to_vec(&Record::Verified(report)));
+        self.state = DstState::Completed;
+        Ok(DestStatus::Completed)
+    }
+}
+
+fn zero_page_hash(page_size: usize) -> u64 {
+    use std::sync::OnceLock;
+    static CACHE: OnceLock<(usize, u64)> = OnceLock::new();
+    let (size, hash) = *CACHE.get_or_init(|| (4096, page_hash(&[0u8; 4096])));
+    if size == page_size {
+        hash
+    } else {
+        page_hash(&vec![0u8; page_size])
     }
 }

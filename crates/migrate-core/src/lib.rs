@@ -22,7 +22,8 @@
 //! - the traits a backend implements ([`backend`]): [`DirtyTracker`],
 //!   [`PageSource`], [`PageSink`], [`GuestControl`]; and [`Clock`];
 //! - policies that decide, purely, what to send and when to switch over
-//!   ([`policy`]): [`Precopy`] and [`StopAndCopy`];
+//!   ([`policy`]): [`Precopy`], [`StopAndCopy`], [`PostCopy`] with
+//!   [`Prepaging`] strategies, [`Hybrid`] and [`Hca`];
 //! - a bounded, checksummed wire protocol whose decoder never panics
 //!   ([`protocol`]) and transports for it ([`transport`]);
 //! - source and destination engines as sans-I/O state machines
@@ -44,8 +45,11 @@ pub mod digest;
 pub mod driver;
 pub mod engine;
 pub mod error;
+pub mod hca;
 pub mod page;
 pub mod policy;
+pub mod postcopy;
+pub mod prepaging;
 pub mod protocol;
 pub mod stats;
 pub mod transport;
@@ -61,9 +65,12 @@ pub use engine::{
     DestStatus, DestinationEngine, DestinationReport, EngineConfig, SourceEngine, SourceStep,
 };
 pub use error::{ErrorKind, MigrationError};
+pub use hca::{Hca, HcaConfig};
 pub use page::{MemoryLayout, PageNum, PageSize, Region};
 pub use policy::{
     Decision, PageSelection, Policy, PolicyInput, Precopy, PrecopyConfig, StopAndCopy,
 };
-pub use stats::{MigrationStats, RoundStats, SwitchReason};
+pub use postcopy::{Hybrid, HybridConfig, PostCopy};
+pub use prepaging::{Prepager, Prepaging};
+pub use stats::{MigrationStats, PostcopyStats, RoundStats, SwitchReason};
 pub use transport::{channel_pair, StreamTransport, Transport, TransportError};

@@ -92,17 +92,46 @@ pub enum Decision {
     Precopy(PageSelection),
     /// Pause the guest and send everything still pending.
     StopAndCopy(SwitchReason),
+    /// Pause the guest, move its vCPU and device state, and resume it on
+    /// the destination at once; the pending pages follow, pushed in the
+    /// policy's order and fetched on demand when the guest faults.
+    PostCopy(SwitchReason),
     /// Give up; the source guest keeps running.
     Abort(String),
 }
 
 /// A migration policy.
+///
+/// Only [`Policy::name`] and [`Policy::decide`] are required; the other
+/// methods serve policies that sample the dirty log (HCA) or run
+/// post-copy, and their defaults do nothing or the obvious thing.
 pub trait Policy: Send {
     /// A short name for statistics (`"precopy"`).
     fn name(&self) -> &str;
 
     /// Called before each round: what to do next.
     fn decide(&mut self, input: &PolicyInput<'_>) -> Decision;
+
+    /// How often the engine should sample the dirty log during pre-copy
+    /// rounds (`None`: never). Each sample goes to [`Policy::on_sample`].
+    fn sample_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// A sample: the pages dirtied since the previous sample.
+    fn on_sample(&mut self, _sample: &DirtyBitmap, _now: Duration) {}
+
+    /// Post-copy: the destination faulted on `page` and asked for it.
+    /// The engine sends it next; the policy may re-aim its pre-paging.
+    fn on_fault(&mut self, _page: PageNum, _now: Duration) {}
+
+    /// Post-copy: appends up to `max` pages from `pending` to push next,
+    /// in order. Pages that are not pending are passed over by the engine;
+    /// if a policy appends nothing while pages are pending, the engine
+    /// pushes them in ascending order.
+    fn next_push(&mut self, pending: &DirtyBitmap, max: usize, out: &mut Vec<PageNum>) {
+        out.extend(pending.iter_ones().take(max));
+    }
 }
 
 impl<P: Policy + ?Sized> Policy for Box<P> {
@@ -111,6 +140,18 @@ impl<P: Policy + ?Sized> Policy for Box<P> {
     }
     fn decide(&mut self, input: &PolicyInput<'_>) -> Decision {
         (**self).decide(input)
+    }
+    fn sample_interval(&self) -> Option<Duration> {
+        (**self).sample_interval()
+    }
+    fn on_sample(&mut self, sample: &DirtyBitmap, now: Duration) {
+        (**self).on_sample(sample, now)
+    }
+    fn on_fault(&mut self, page: PageNum, now: Duration) {
+        (**self).on_fault(page, now)
+    }
+    fn next_push(&mut self, pending: &DirtyBitmap, max: usize, out: &mut Vec<PageNum>) {
+        (**self).next_push(pending, max, out)
     }
 }
 

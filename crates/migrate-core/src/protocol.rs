@@ -15,9 +15,13 @@
 //! and round markers, a [`Record::SwitchOver`] when it pauses the guest, the
 //! final pages, the [`Record::DeviceState`], and a [`Record::Complete`] that
 //! carries the digest of all guest memory. The destination answers with
-//! [`Record::Ready`] after accepting the layout, sends [`Record::PageRequest`]s
-//! in post-copy, and [`Record::Resumed`] once the guest runs. Either side
-//! may send [`Record::Abort`].
+//! [`Record::Ready`] after accepting the layout and [`Record::Resumed`] once
+//! the guest runs. In post-copy the switch-over is followed by
+//! [`Record::Discard`] ranges (pages the destination must fault on) and
+//! the device state; the destination resumes at once, asks for pages with
+//! [`Record::PageRequest`], and sends [`Record::Verified`] when every page
+//! has arrived and the digest matched. Either side may send
+//! [`Record::Abort`].
 //!
 //! Every record type has a maximum body length, every count is checked
 //! against the bytes present, page batches carry an XXH3 checksum, and the
@@ -55,6 +59,8 @@ pub const MAX_DEVICE_STATE: usize = 16 << 20;
 pub const MAX_TEXT: usize = 4096;
 /// Most pages in one post-copy request.
 pub const MAX_REQUEST_PAGES: usize = 1024;
+/// Most page ranges in one discard record.
+pub const MAX_DISCARD_RANGES: usize = 4096;
 
 const MAX_PAGE_BATCH_BODY: usize = 8 + MAX_BATCH_PAGES * 9 + 8 + MAX_BATCH_DATA + 8;
 const MAX_DEVICE_STATE_BODY: usize = 12 + MAX_TEXT + MAX_DEVICE_STATE;
@@ -89,6 +95,10 @@ pub enum RecordType {
     Ready = 10,
     /// Destination resumed the guest.
     Resumed = 11,
+    /// Post-copy: pages the destination must treat as absent.
+    Discard = 12,
+    /// Post-copy: every page arrived and the digest matched.
+    Verified = 13,
 }
 
 impl RecordType {
@@ -106,6 +116,8 @@ impl RecordType {
             9 => Abort,
             10 => Ready,
             11 => Resumed,
+            12 => Discard,
+            13 => Verified,
             _ => return None,
         })
     }
@@ -125,6 +137,8 @@ impl RecordType {
             Abort => 8 + MAX_TEXT,
             Ready => 0,
             Resumed => 32,
+            Discard => 8 + MAX_DISCARD_RANGES * 16,
+            Verified => 48,
         }
     }
 }
@@ -267,6 +281,23 @@ pub struct ResumeReport {
     pub total_ns: u64,
 }
 
+/// What a post-copy destination reports once every page has arrived.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PostcopyReport {
+    /// Network faults: pages the guest touched before they arrived.
+    pub faults: u64,
+    /// Pages that arrived when already present (not placed again).
+    pub duplicates: u64,
+    /// Median fault latency (request to page placed), nanoseconds.
+    pub latency_p50_ns: u64,
+    /// 99th-percentile fault latency, nanoseconds.
+    pub latency_p99_ns: u64,
+    /// Longest fault latency, nanoseconds.
+    pub latency_max_ns: u64,
+    /// Sum of fault latencies: the time vCPUs waited, nanoseconds.
+    pub stall_ns: u64,
+}
+
 /// One decoded record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -291,9 +322,17 @@ pub enum Record<'a> {
     DeviceState(DeviceState),
     /// The source paused the guest; the final pages follow.
     SwitchOver {
-        /// The round number of the final copy.
+        /// The round number of the final copy (or of the post-copy push).
         round: u32,
+        /// Post-copy: the destination resumes the guest as soon as the
+        /// device state arrives, before the pages.
+        postcopy: bool,
     },
+    /// Post-copy: pages (as `(first, count)` ranges) whose copy on the
+    /// destination is stale or missing; the guest must fault on them.
+    Discard(Vec<(PageNum, u64)>),
+    /// Post-copy: every page arrived and the digest matched.
+    Verified(PostcopyReport),
     /// Destination asks for these pages now (post-copy).
     PageRequest(Vec<PageNum>),
     /// Everything has been sent.
@@ -329,6 +368,8 @@ impl Record<'_> {
             Record::Abort { .. } => RecordType::Abort,
             Record::Ready => RecordType::Ready,
             Record::Resumed(_) => RecordType::Resumed,
+            Record::Discard(_) => RecordType::Discard,
+            Record::Verified(_) => RecordType::Verified,
         }
     }
 }
@@ -384,9 +425,25 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
             out.put_slice(s.format.as_bytes());
             out.put_slice(&s.data);
         }
-        Record::SwitchOver { round } => {
+        Record::SwitchOver { round, postcopy } => {
             out.put_u32_le(*round);
+            out.put_u32_le(u32::from(*postcopy));
+        }
+        Record::Discard(ranges) => {
+            out.put_u32_le(ranges.len() as u32);
             out.put_u32_le(0);
+            for (first, count) in ranges {
+                out.put_u64_le(*first);
+                out.put_u64_le(*count);
+            }
+        }
+        Record::Verified(r) => {
+            out.put_u64_le(r.faults);
+            out.put_u64_le(r.duplicates);
+            out.put_u64_le(r.latency_p50_ns);
+            out.put_u64_le(r.latency_p99_ns);
+            out.put_u64_le(r.latency_max_ns);
+            out.put_u64_le(r.stall_ns);
         }
         Record::PageRequest(pages) => {
             out.put_u32_le(pages.len() as u32);
@@ -701,9 +758,43 @@ impl Decoder {
             }
             RecordType::SwitchOver => {
                 let round = b.u32()?;
-                b.zero_u32("switch-over reserved field")?;
-                Record::SwitchOver { round }
+                let postcopy = match b.u32()? {
+                    0 => false,
+                    1 => true,
+                    other => {
+                        return Err(ProtocolError::OutOfRange {
+                            what: "switch-over mode",
+                            value: other as u64,
+                        })
+                    }
+                };
+                Record::SwitchOver { round, postcopy }
             }
+            RecordType::Discard => {
+                let n = b.count("discard range count", MAX_DISCARD_RANGES)?;
+                b.zero_u32("discard reserved field")?;
+                let mut ranges = Vec::with_capacity(n.min(b.buf.len() / 16));
+                for _ in 0..n {
+                    let first = check_page(b.u64()?)?;
+                    let count = b.u64()?;
+                    if count == 0 || count > MAX_PAGE_END - first {
+                        return Err(ProtocolError::OutOfRange {
+                            what: "discard range length",
+                            value: count,
+                        });
+                    }
+                    ranges.push((first, count));
+                }
+                Record::Discard(ranges)
+            }
+            RecordType::Verified => Record::Verified(PostcopyReport {
+                faults: b.u64()?,
+                duplicates: b.u64()?,
+                latency_p50_ns: b.u64()?,
+                latency_p99_ns: b.u64()?,
+                latency_max_ns: b.u64()?,
+                stall_ns: b.u64()?,
+            }),
             RecordType::PageRequest => {
                 let n = b.count("requested page count", MAX_REQUEST_PAGES)?;
                 b.zero_u32("page request reserved field")?;
@@ -766,6 +857,8 @@ fn record_name(ty: RecordType) -> &'static str {
         RecordType::Abort => "abort",
         RecordType::Ready => "ready",
         RecordType::Resumed => "resumed",
+        RecordType::Discard => "discard",
+        RecordType::Verified => "verified",
     }
 }
 

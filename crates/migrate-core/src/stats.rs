@@ -32,12 +32,17 @@ pub enum SwitchReason {
     TransferLimit,
     /// Rounds stopped shrinking the dirty set.
     NoProgress,
+    /// Post-copy from the start: the guest moves at once.
+    PostCopy,
 }
 
 impl SwitchReason {
     /// Whether pre-copy converged (or was not attempted).
     pub fn converged(self) -> bool {
-        matches!(self, SwitchReason::Converged | SwitchReason::StopAndCopy)
+        matches!(
+            self,
+            SwitchReason::Converged | SwitchReason::StopAndCopy | SwitchReason::PostCopy
+        )
     }
 
     /// A short description.
@@ -48,6 +53,7 @@ impl SwitchReason {
             SwitchReason::MaxRounds => "did not converge: round limit reached",
             SwitchReason::TransferLimit => "did not converge: transfer limit reached",
             SwitchReason::NoProgress => "did not converge: rounds stopped making progress",
+            SwitchReason::PostCopy => "post-copy",
         }
     }
 }
@@ -150,6 +156,35 @@ fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64() * 1000.0)
 }
 
+/// What post-copy cost, once the guest ran on the destination.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PostcopyStats {
+    /// Network faults: pages the destination asked for because the guest
+    /// touched them before they arrived (QEMU's `postcopy-requests`).
+    pub requests: u64,
+    /// Pages that arrived twice (a request crossing a push); not placed again.
+    pub duplicates: u64,
+    /// Median fault latency: request to page placed.
+    #[serde(serialize_with = "ser_ms", rename = "fault-latency-p50-ms")]
+    pub fault_latency_p50: Duration,
+    /// 99th-percentile fault latency.
+    #[serde(serialize_with = "ser_ms", rename = "fault-latency-p99-ms")]
+    pub fault_latency_p99: Duration,
+    /// Longest fault latency.
+    #[serde(serialize_with = "ser_ms", rename = "fault-latency-max-ms")]
+    pub fault_latency_max: Duration,
+    /// Time vCPUs spent waiting for pages after resume (not downtime).
+    #[serde(serialize_with = "ser_ms", rename = "vcpu-stall-ms")]
+    pub vcpu_stall: Duration,
+    /// Pages sent after the destination resumed.
+    pub pages: u64,
+    /// Bytes sent after the destination resumed (QEMU's `postcopy-bytes`).
+    pub bytes: u64,
+    /// Resume on the destination until the last page arrived.
+    #[serde(serialize_with = "ser_ms", rename = "postcopy-time-ms")]
+    pub duration: Duration,
+}
+
 /// Totals of one migration, with its rounds.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MigrationStats {
@@ -196,6 +231,8 @@ pub struct MigrationStats {
     pub downtime_bytes: u64,
     /// Round-trip time measured in the handshake.
     pub rtt: Duration,
+    /// Post-copy figures, if the migration ended in post-copy.
+    pub postcopy: Option<PostcopyStats>,
     /// Every round, the final copy last.
     pub rounds: Vec<RoundStats>,
     /// Whether the destination confirmed resume after matching the digest.
@@ -255,6 +292,9 @@ impl MigrationStats {
             "precopy-bytes": self.precopy_bytes,
             "downtime-bytes": self.downtime_bytes,
             "rtt": ms(self.rtt),
+            "postcopy-requests": self.postcopy.as_ref().map_or(0, |p| p.requests),
+            "postcopy-bytes": self.postcopy.as_ref().map_or(0, |p| p.bytes),
+            "postcopy": self.postcopy,
             "memory-verified": self.memory_verified,
             "rounds": self.rounds,
         })
@@ -266,7 +306,9 @@ impl fmt::Display for MigrationStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         for r in &self.rounds {
-            if r.final_copy {
+            if r.final_copy && self.postcopy.is_some() {
+                writeln!(f, "{}: (post-copy: guest running on the destination, pages pushed and fetched on demand)", r.round)?;
+            } else if r.final_copy {
                 writeln!(f, "{}: (guest paused, final copy)", r.round)?;
             }
             writeln!(f, "{r}")?;
@@ -307,6 +349,27 @@ impl fmt::Display for MigrationStats {
         writeln!(f, "dirty-sync-count: {}", self.dirty_sync_count)?;
         writeln!(f, "precopy-bytes: {}", self.precopy_bytes)?;
         writeln!(f, "downtime-bytes: {}", self.downtime_bytes)?;
+        if let Some(p) = &self.postcopy {
+            writeln!(
+                f,
+                "postcopy-requests: {} (network faults; {} duplicate pages)",
+                p.requests, p.duplicates
+            )?;
+            writeln!(f, "postcopy-bytes: {} ({} pages)", p.bytes, p.pages)?;
+            writeln!(
+                f,
+                "fault latency: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+                ms(p.fault_latency_p50),
+                ms(p.fault_latency_p99),
+                ms(p.fault_latency_max)
+            )?;
+            writeln!(
+                f,
+                "vcpu stall after resume: {:.3} ms over {:.1} ms of post-copy (not part of downtime)",
+                ms(p.vcpu_stall),
+                ms(p.duration)
+            )?;
+        }
         write!(
             f,
             "memory verified: {}",
