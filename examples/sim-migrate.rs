@@ -326,10 +326,12 @@ fn run(a: &Args) -> Result<bool, String> {
         }
         println!(
             "memory: {}",
-            if verified {
-                "verified (digest matched, byte compare equal)"
-            } else {
+            if !verified {
                 "NOT VERIFIED"
+            } else if report.stats.postcopy.is_some() {
+                "verified (digest of every page as it arrived matched the source's; byte compare equal after the source replayed the destination guest's accesses)"
+            } else {
+                "verified (digest matched, byte compare equal)"
             }
         );
     }

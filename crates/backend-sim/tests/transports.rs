@@ -7,7 +7,7 @@ use migrate_core::driver::{run_destination, run_source};
 use migrate_core::engine::{DestinationEngine, EngineConfig, SourceEngine};
 use migrate_core::transport::{channel_pair, StreamTransport, Transport, TransportError};
 use migrate_core::{
-    Clock, MemoryLayout, MigrationError, PageSize, Precopy, StopAndCopy, SystemClock,
+    Clock, MemoryLayout, MigrationError, PageSize, PostCopy, Precopy, StopAndCopy, SystemClock,
 };
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
@@ -285,4 +285,77 @@ fn destination_refusing_the_layout_aborts_and_the_source_keeps_running() {
         "{r:?}"
     );
     assert!(dst.is_paused());
+}
+
+#[test]
+fn postcopy_over_tcp_completes_and_verifies() {
+    let (src, dst, clock) = guests(32 << 20, 20_000.0);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let d = dst.clone();
+    let c = clock.clone();
+    let dest = std::thread::spawn(move || {
+        let mut t = StreamTransport::new(l.accept().unwrap().0).unwrap();
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        run_destination(&mut e, &mut t, TIMEOUT)
+    });
+    let mut t = StreamTransport::connect_tcp(addr).unwrap();
+    let mut e = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        PostCopy::default(),
+        clock,
+        EngineConfig::default(),
+    );
+    let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
+    let report = dest.join().unwrap().expect("destination");
+    assert!(report.resume_confirmed);
+    let pc = report.postcopy.expect("post-copy report");
+    assert_eq!(pc.duplicates, 0);
+    assert_eq!(stats.total_pages_sent, 8192, "each page once");
+    assert!(stats.postcopy.is_some());
+    // The digest of what arrived equals the source's memory at pause.
+    assert_eq!(report.digest.unwrap(), src.digest());
+    assert!(src.is_paused());
+    assert_eq!(dst.absent_pages(), 0);
+}
+
+#[test]
+fn postcopy_destination_that_loses_its_source_does_not_pretend_the_guest_is_whole() {
+    let (src, dst, clock) = guests(32 << 20, 20_000.0);
+    let (a, b) = channel_pair(4);
+    let d = dst.clone();
+    let c = clock.clone();
+    let dest = std::thread::spawn(move || {
+        let mut t = b;
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        let r = run_destination(&mut e, &mut t, TIMEOUT);
+        (r, e.resumed(), e.completed())
+    });
+    // Header, layout, switch-over, discard, device state, then ten page
+    // batches of the push, then the link is gone.
+    let mut t = Cut {
+        frames_left: 15,
+        ..Cut::new(a)
+    };
+    let mut e = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        PostCopy::default(),
+        clock,
+        EngineConfig::default(),
+    );
+    let err = run_source(&mut e, &mut t, TIMEOUT).unwrap_err();
+    assert!(matches!(err, MigrationError::OutcomeUnknown(_)), "{err}");
+    assert!(src.is_paused(), "the guest already runs on the destination: the source stays paused");
+    let (r, resumed, completed) = dest.join().unwrap();
+    match r {
+        Err(MigrationError::Incomplete(why)) => assert!(why.contains("post-copy"), "{why}"),
+        other => panic!("expected Incomplete, got {other:?}"),
+    }
+    assert!(resumed, "post-copy resumed the guest before its pages arrived");
+    assert!(!completed, "and the migration must not claim completion");
+    assert!(dst.absent_pages() > 0);
 }
