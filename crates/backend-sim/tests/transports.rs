@@ -349,13 +349,19 @@ fn postcopy_destination_that_loses_its_source_does_not_pretend_the_guest_is_whol
     );
     let err = run_source(&mut e, &mut t, TIMEOUT).unwrap_err();
     assert!(matches!(err, MigrationError::OutcomeUnknown(_)), "{err}");
-    assert!(src.is_paused(), "the guest already runs on the destination: the source stays paused");
+    assert!(
+        src.is_paused(),
+        "the guest already runs on the destination: the source stays paused"
+    );
     let (r, resumed, completed) = dest.join().unwrap();
     match r {
         Err(MigrationError::Incomplete(why)) => assert!(why.contains("post-copy"), "{why}"),
         other => panic!("expected Incomplete, got {other:?}"),
     }
-    assert!(resumed, "post-copy resumed the guest before its pages arrived");
+    assert!(
+        resumed,
+        "post-copy resumed the guest before its pages arrived"
+    );
     assert!(!completed, "and the migration must not claim completion");
     assert!(dst.absent_pages() > 0);
 }

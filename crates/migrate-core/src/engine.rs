@@ -33,7 +33,7 @@ use crate::page::{MemoryLayout, PageNum};
 use crate::policy::{Decision, PageSelection, Policy, PolicyInput, RoundSummary};
 use crate::protocol::{
     self, encode_page_batch, max_batch_pages, Decoder, PostcopyReport, ProtocolError, Record,
-    RecordType, ResumeReport, MAX_DISCARD_RANGES, MAX_REQUEST_PAGES, VERSION,
+    RecordType, ResumeReport, MAX_DISCARD_RANGES, MAX_DISCARD_WORDS, MAX_REQUEST_PAGES, VERSION,
 };
 use crate::stats::{DowntimeParts, MigrationStats, PostcopyStats, RoundStats, SwitchReason};
 use std::collections::{HashMap, VecDeque};
@@ -559,26 +559,53 @@ where
         Ok(())
     }
 
-    /// Post-copy: tells the destination which pages it must fault on.
+    /// Post-copy: tells the destination which pages it must fault on,
+    /// chunk by chunk, as ranges or as a bitmap, whichever is smaller
+    /// (a few long runs for a fresh post-copy, a scattered bitmap after
+    /// pre-copy rounds). These bytes are sent with the guest paused.
     fn queue_discards(&mut self) {
-        let mut ranges: Vec<(PageNum, u64)> = Vec::new();
-        for p in self.pending.iter_ones() {
-            match ranges.last_mut() {
-                Some((first, count)) if *first + *count == p => *count += 1,
-                _ => {
-                    if ranges.len() == MAX_DISCARD_RANGES {
-                        self.outbox
-                            .push_back(protocol::encode_to_vec(&Record::Discard(std::mem::take(
-                                &mut ranges,
-                            ))));
-                    }
-                    ranges.push((p, 1));
-                }
+        let words = self.pending.as_words();
+        for (c, chunk) in words.chunks(MAX_DISCARD_WORDS).enumerate() {
+            let Some(lo) = chunk.iter().position(|w| *w != 0) else {
+                continue;
+            };
+            let hi = chunk.iter().rposition(|w| *w != 0).unwrap_or(lo);
+            let base = (c * MAX_DISCARD_WORDS) as u64 * 64;
+            let span = &chunk[lo..=hi];
+            let first_page = base + lo as u64 * 64;
+            // Runs of set bits: each 0->1 edge starts one.
+            let mut runs = 0u64;
+            let mut carry = 0u64;
+            for w in span {
+                runs += (w & !((w << 1) | carry)).count_ones() as u64;
+                carry = w >> 63;
             }
-        }
-        if !ranges.is_empty() {
-            self.outbox
-                .push_back(protocol::encode_to_vec(&Record::Discard(ranges)));
+            if runs * 16 <= span.len() as u64 * 8 {
+                let pages = DirtyBitmap::from_words(span.to_vec(), span.len() as u64 * 64);
+                let mut ranges: Vec<(PageNum, u64)> = Vec::new();
+                for p in pages.iter_ones() {
+                    let p = first_page + p;
+                    match ranges.last_mut() {
+                        Some((f, n)) if *f + *n == p => *n += 1,
+                        _ => {
+                            if ranges.len() == MAX_DISCARD_RANGES {
+                                let full = std::mem::take(&mut ranges);
+                                self.outbox
+                                    .push_back(protocol::encode_to_vec(&Record::Discard(full)));
+                            }
+                            ranges.push((p, 1));
+                        }
+                    }
+                }
+                self.outbox
+                    .push_back(protocol::encode_to_vec(&Record::Discard(ranges)));
+            } else {
+                self.outbox
+                    .push_back(protocol::encode_to_vec(&Record::DiscardBitmap {
+                        first_page,
+                        words: span.to_vec(),
+                    }));
+            }
         }
     }
 
@@ -1268,6 +1295,28 @@ where
                     }
                     self.discard_cursor = end;
                 }
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Receiving, Record::DiscardBitmap { first_page, words }) if self.postcopy => {
+                if first_page < self.discard_cursor {
+                    return Err(MigrationError::Protocol(ProtocolError::OutOfRange {
+                        what: "discard bitmap start (discards must ascend)",
+                        value: first_page,
+                    }));
+                }
+                let n = words.len() as u64 * 64;
+                let bits = DirtyBitmap::from_words(words, n);
+                for i in bits.iter_ones() {
+                    let page = first_page + i;
+                    if !self.layout.contains(page) {
+                        return Err(MigrationError::PageOutOfRange(page));
+                    }
+                    self.received.clear(page);
+                    self.memory
+                        .discard(page)
+                        .map_err(MigrationError::backend("discard a stale page"))?;
+                }
+                self.discard_cursor = first_page + n;
                 Ok(DestStatus::Continue)
             }
             (DstState::Receiving, Record::DeviceState(s))

@@ -18,7 +18,8 @@
 //! [`Record::Ready`] after accepting the layout and [`Record::Resumed`] once
 //! the guest runs. In post-copy the switch-over is followed by
 //! [`Record::Discard`] ranges (pages the destination must fault on) and
-//! the device state; the destination resumes at once, asks for pages with
+//! (or [`Record::DiscardBitmap`]s, for scattered sets) and the device
+//! state; the destination resumes at once, asks for pages with
 //! [`Record::PageRequest`], and sends [`Record::Verified`] when every page
 //! has arrived and the digest matched. Either side may send
 //! [`Record::Abort`].
@@ -61,6 +62,8 @@ pub const MAX_TEXT: usize = 4096;
 pub const MAX_REQUEST_PAGES: usize = 1024;
 /// Most page ranges in one discard record.
 pub const MAX_DISCARD_RANGES: usize = 4096;
+/// Most 64-bit words in one discard-bitmap record (512 Ki pages).
+pub const MAX_DISCARD_WORDS: usize = 8192;
 
 const MAX_PAGE_BATCH_BODY: usize = 8 + MAX_BATCH_PAGES * 9 + 8 + MAX_BATCH_DATA + 8;
 const MAX_DEVICE_STATE_BODY: usize = 12 + MAX_TEXT + MAX_DEVICE_STATE;
@@ -99,6 +102,8 @@ pub enum RecordType {
     Discard = 12,
     /// Post-copy: every page arrived and the digest matched.
     Verified = 13,
+    /// Post-copy: absent pages as a bitmap (for scattered sets).
+    DiscardBitmap = 14,
 }
 
 impl RecordType {
@@ -118,6 +123,7 @@ impl RecordType {
             11 => Resumed,
             12 => Discard,
             13 => Verified,
+            14 => DiscardBitmap,
             _ => return None,
         })
     }
@@ -139,6 +145,7 @@ impl RecordType {
             Resumed => 32,
             Discard => 8 + MAX_DISCARD_RANGES * 16,
             Verified => 48,
+            DiscardBitmap => 16 + MAX_DISCARD_WORDS * 8,
         }
     }
 }
@@ -333,6 +340,14 @@ pub enum Record<'a> {
     Discard(Vec<(PageNum, u64)>),
     /// Post-copy: every page arrived and the digest matched.
     Verified(PostcopyReport),
+    /// Post-copy: pages the destination must treat as absent, as a bitmap:
+    /// bit `i` of word `w` is page `first_page + 64 * w + i`.
+    DiscardBitmap {
+        /// The page of bit 0 of word 0.
+        first_page: PageNum,
+        /// The bits.
+        words: Vec<u64>,
+    },
     /// Destination asks for these pages now (post-copy).
     PageRequest(Vec<PageNum>),
     /// Everything has been sent.
@@ -370,6 +385,7 @@ impl Record<'_> {
             Record::Resumed(_) => RecordType::Resumed,
             Record::Discard(_) => RecordType::Discard,
             Record::Verified(_) => RecordType::Verified,
+            Record::DiscardBitmap { .. } => RecordType::DiscardBitmap,
         }
     }
 }
@@ -435,6 +451,14 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
             for (first, count) in ranges {
                 out.put_u64_le(*first);
                 out.put_u64_le(*count);
+            }
+        }
+        Record::DiscardBitmap { first_page, words } => {
+            out.put_u64_le(*first_page);
+            out.put_u32_le(words.len() as u32);
+            out.put_u32_le(0);
+            for w in words {
+                out.put_u64_le(*w);
             }
         }
         Record::Verified(r) => {
@@ -787,6 +811,22 @@ impl Decoder {
                 }
                 Record::Discard(ranges)
             }
+            RecordType::DiscardBitmap => {
+                let first_page = check_page(b.u64()?)?;
+                let n = b.count("discard bitmap words", MAX_DISCARD_WORDS)?;
+                b.zero_u32("discard bitmap reserved field")?;
+                if n as u64 * 64 > MAX_PAGE_END - first_page {
+                    return Err(ProtocolError::OutOfRange {
+                        what: "discard bitmap end",
+                        value: first_page + n as u64 * 64,
+                    });
+                }
+                let mut words = Vec::with_capacity(n.min(b.buf.len() / 8));
+                for _ in 0..n {
+                    words.push(b.u64()?);
+                }
+                Record::DiscardBitmap { first_page, words }
+            }
             RecordType::Verified => Record::Verified(PostcopyReport {
                 faults: b.u64()?,
                 duplicates: b.u64()?,
@@ -859,6 +899,7 @@ fn record_name(ty: RecordType) -> &'static str {
         RecordType::Resumed => "resumed",
         RecordType::Discard => "discard",
         RecordType::Verified => "verified",
+        RecordType::DiscardBitmap => "discard bitmap",
     }
 }
 

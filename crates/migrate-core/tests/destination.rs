@@ -1230,3 +1230,52 @@ fn driver_does_not_resume_when_replies_cannot_be_sent() {
     assert!(!guest.resumed);
     assert!(guest.restored.is_none());
 }
+
+fn discard_bitmap(first_page: PageNum, words: Vec<u64>) -> Vec<u8> {
+    encode_to_vec(&Record::DiscardBitmap { first_page, words })
+}
+
+#[test]
+fn discards_must_ascend_across_the_stream() {
+    // Twice over the same pages: a source could otherwise make the
+    // destination walk guest memory once per record.
+    let src = source();
+    for second in [discard(&[(1, 2)]), discard_bitmap(0, vec![0b10])] {
+        let mut stream = vec![header(), layout_frame(&src.layout)];
+        stream.extend(all_pages(&src, 1));
+        stream.push(postcopy_switch_over(2));
+        stream.push(discard(&[(1, 3)]));
+        stream.push(second);
+        let (err, _, guest) = fails_on_last(&stream);
+        assert!(
+            matches!(
+                err,
+                MigrationError::Protocol(ProtocolError::OutOfRange { .. })
+            ),
+            "{err:?}"
+        );
+        assert!(!guest.resumed);
+    }
+}
+
+#[test]
+fn discard_bitmap_marks_pages_absent_and_rejects_holes() {
+    let src = source();
+    // Pages 1 and 3 absent, then the completion says pages never arrived.
+    let mut e = engine();
+    let mut stream = vec![header(), layout_frame(&src.layout)];
+    stream.extend(all_pages(&src, 1));
+    stream.push(postcopy_switch_over(2));
+    stream.push(discard_bitmap(0, vec![0b1010]));
+    for f in &stream {
+        e.handle_frame(f).unwrap();
+    }
+    assert!(!e.has_page(1) && !e.has_page(3) && e.has_page(2));
+    // Bit 6 is page 6, in the hole.
+    let mut stream = vec![header(), layout_frame(&src.layout)];
+    stream.extend(all_pages(&src, 1));
+    stream.push(postcopy_switch_over(2));
+    stream.push(discard_bitmap(0, vec![1 << 6]));
+    let (err, _, _) = fails_on_last(&stream);
+    assert!(matches!(err, MigrationError::PageOutOfRange(6)), "{err:?}");
+}

@@ -9,8 +9,8 @@ use migrate_core::page::{LayoutError, MemoryLayout, PageNum, PageSize, Region, M
 use migrate_core::protocol::{
     self, encode_page_batch, encode_to_vec, max_batch_pages, Decoder, PostcopyReport,
     ProtocolError, Record, RecordType, ResumeReport, MAGIC, MAX_BATCH_DATA, MAX_BATCH_PAGES,
-    MAX_DEVICE_STATE, MAX_DISCARD_RANGES, MAX_FRAME_LEN, MAX_REGIONS, MAX_REQUEST_PAGES, MAX_TEXT,
-    PAGE_FLAG_ZERO, RECORD_HEADER_LEN, VERSION,
+    MAX_DEVICE_STATE, MAX_DISCARD_RANGES, MAX_DISCARD_WORDS, MAX_FRAME_LEN, MAX_REGIONS,
+    MAX_REQUEST_PAGES, MAX_TEXT, PAGE_FLAG_ZERO, RECORD_HEADER_LEN, VERSION,
 };
 use migrate_core::transport::{StreamTransport, Transport};
 use migrate_core::DeviceState;
@@ -280,6 +280,8 @@ fn owned_record() -> impl Strategy<Value = Record<'static>> {
         (any::<u32>(), any::<bool>())
             .prop_map(|(round, postcopy)| Record::SwitchOver { round, postcopy }),
         prop::collection::vec(discard_range(), 0..32).prop_map(Record::Discard),
+        (0u64..(1 << 40), prop::collection::vec(any::<u64>(), 0..64))
+            .prop_map(|(first_page, words)| Record::DiscardBitmap { first_page, words }),
         any::<[u64; 6]>().prop_map(|t| Record::Verified(PostcopyReport {
             faults: t[0],
             duplicates: t[1],
@@ -1062,7 +1064,7 @@ fn unsupported_version() {
 
 #[test]
 fn unknown_record_type() {
-    for code in [0u8, 14, 15, 0x80, 255] {
+    for code in [0u8, 15, 16, 0x80, 255] {
         for mut d in [
             Decoder::new(),
             decoder_after_header(),
@@ -1566,4 +1568,39 @@ fn layout_overlapping_regions() {
         decoder_after_header().decode(&f),
         Err(ProtocolError::Layout(LayoutError::TooLarge))
     );
+}
+
+#[test]
+fn discard_bitmap_bounds_are_checked() {
+    let mut d = decoder_after_header();
+    // Ends past the largest page number.
+    let f = encode_to_vec(&Record::DiscardBitmap {
+        first_page: (1 << 52) - 64,
+        words: vec![0, 0],
+    });
+    assert!(matches!(
+        d.decode(&f),
+        Err(ProtocolError::OutOfRange { .. })
+    ));
+    // More words than a record may hold.
+    let mut body = Vec::new();
+    body.extend_from_slice(&0u64.to_le_bytes());
+    body.extend_from_slice(&(MAX_DISCARD_WORDS as u32 + 1).to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    let f = raw_frame(RecordType::DiscardBitmap as u8, &body);
+    assert!(matches!(
+        decoder_after_header().decode(&f),
+        Err(ProtocolError::OutOfRange { .. })
+    ));
+    // Words announced but not present.
+    let mut body = Vec::new();
+    body.extend_from_slice(&0u64.to_le_bytes());
+    body.extend_from_slice(&4u32.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    body.extend_from_slice(&[0u8; 8]);
+    let f = raw_frame(RecordType::DiscardBitmap as u8, &body);
+    assert!(matches!(
+        decoder_after_header().decode(&f),
+        Err(ProtocolError::Truncated { .. })
+    ));
 }
