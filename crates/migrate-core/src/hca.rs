@@ -21,7 +21,8 @@
 //!   them dirtied again. Held-back pages stay pending: the final copy
 //!   sends them.
 //! - **Tail.** When the rounds have reduced what is pending to (mostly)
-//!   hot pages that do not fit the downtime target, the hot tier is
+//!   hot pages that do not fit the downtime target (or stopped reducing
+//!   the rest: then the tail is a single round), the hot tier is
 //!   released: from then on each round sends everything pending, cold
 //!   first and the hot tier last, from the least to the most written, so
 //!   the hottest pages go out just before the pause; the rounds go on under
@@ -30,8 +31,9 @@
 //!   hot page; the tail ends like pre-copy. With `hot_pass: false` the hot
 //!   tier is never released and goes in the paused copy alone.
 //! - **Switch.** When everything pending fits the downtime target; when
-//!   only (mostly) hot pages are pending and the tail is off or over; and
-//!   by the round and transfer limits.
+//!   only (mostly) hot pages are pending, or two rounds in a row did not
+//!   shrink the cold and warm part by 5 % (pre-copy's progress rule), and
+//!   the tail is off, empty or over; and by the round and transfer limits.
 
 use crate::bitmap::{DirtyBitmap, PageCounts};
 use crate::page::PageNum;
@@ -88,6 +90,12 @@ pub struct Hca {
     last_decay: Option<Duration>,
     /// Set once the hot tier is released: the pre-copy rule for the tail.
     tail: Option<Precopy>,
+    /// Cold and warm pages pending at the last decision, and how many
+    /// rounds in a row failed to shrink them.
+    last_not_hot: Option<u64>,
+    stalled: u32,
+    /// Tail rounds still allowed when the tail began on a stall.
+    tail_rounds_left: Option<u32>,
     /// Tier sizes of the last decision: (cold, warm, hot) pending pages.
     last_tiers: (u64, u64, u64),
 }
@@ -101,6 +109,9 @@ impl Hca {
             samples: 0,
             last_decay: None,
             tail: None,
+            last_not_hot: None,
+            stalled: 0,
+            tail_rounds_left: None,
             last_tiers: (0, 0, 0),
         }
     }
@@ -167,11 +178,27 @@ impl Policy for Hca {
         if fits {
             return Decision::StopAndCopy(SwitchReason::Converged);
         }
-        if mostly_hot && self.tail.is_none() {
+        if self.tail.is_none() {
+            // Pre-copy's progress rule, on the part HCA still sends.
+            if let Some(prev) = self.last_not_hot {
+                if not_hot as f64 > prev as f64 * 0.95 {
+                    self.stalled += 1;
+                } else {
+                    self.stalled = 0;
+                }
+            }
+            self.last_not_hot = Some(not_hot);
+        }
+        if (mostly_hot || self.stalled >= 2) && self.tail.is_none() {
             if !self.config.hot_pass || hot.is_empty() {
                 // What is left is what the guest keeps writing: more rounds
                 // would resend it for nothing, and it does not fit.
                 return Decision::StopAndCopy(SwitchReason::NoProgress);
+            }
+            if !mostly_hot {
+                // The rounds stalled with much still pending: one pass
+                // over everything, hottest last, then stop.
+                self.tail_rounds_left = Some(1);
             }
             self.tail = Some(Precopy::new(PrecopyConfig {
                 downtime_target: self.config.downtime_target,
@@ -183,6 +210,11 @@ impl Policy for Hca {
         if let Some(rule) = self.tail.as_mut() {
             if let Some(reason) = rule.should_switch(input) {
                 return Decision::StopAndCopy(reason);
+            }
+            match self.tail_rounds_left.as_mut() {
+                Some(0) => return Decision::StopAndCopy(SwitchReason::NoProgress),
+                Some(n) => *n -= 1,
+                None => {}
             }
             hot.sort_by_key(|p| self.counts.get(*p));
             let mut order = cold;
