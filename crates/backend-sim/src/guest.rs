@@ -46,6 +46,18 @@ struct Inner {
     stall_total: Duration,
     fault_count: u64,
     new_faults: Vec<(PageNum, Duration)>,
+    fault_log: Vec<FaultRecord>,
+}
+
+/// One post-copy fault as the simulated guest lived it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultRecord {
+    /// Clock time of the fault.
+    pub at: Duration,
+    /// The page the vCPU touched.
+    pub page: PageNum,
+    /// How long the vCPU waited for it.
+    pub stall: Duration,
 }
 
 impl Inner {
@@ -103,6 +115,11 @@ impl Inner {
                 let now = self.clock.now();
                 self.stalled = None;
                 self.stall_total += now.saturating_sub(fault_at);
+                self.fault_log.push(FaultRecord {
+                    at: fault_at,
+                    page,
+                    stall: now.saturating_sub(fault_at),
+                });
                 self.synced_at = now;
                 self.apply(acc, page);
             }
@@ -185,6 +202,7 @@ impl SimGuest {
                 stall_total: Duration::ZERO,
                 fault_count: 0,
                 new_faults: Vec::new(),
+                fault_log: Vec::new(),
             })),
             layout,
         }
@@ -250,6 +268,11 @@ impl SimGuest {
     pub fn stall_stats(&self) -> (Duration, u64) {
         let g = self.lock();
         (g.stall_total, g.fault_count)
+    }
+
+    /// Post-copy: every fault served so far, in order.
+    pub fn fault_log(&self) -> Vec<FaultRecord> {
+        self.lock().fault_log.clone()
     }
 
     /// Post-copy: pages still missing.

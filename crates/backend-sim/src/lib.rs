@@ -51,7 +51,7 @@ pub mod harness;
 pub mod memory;
 pub mod workload;
 
-pub use guest::{SimControl, SimGuest, SimPages, SimTracker};
+pub use guest::{FaultRecord, SimControl, SimGuest, SimPages, SimTracker};
 pub use harness::{simulate, Link, SimConfig, SimError, SimReport};
 pub use memory::{MemoryMode, SimMemory};
 pub use workload::{WorkloadGen, WorkloadKind, WorkloadSpec};
