@@ -102,6 +102,15 @@ impl Inner {
         }
     }
 
+    /// The migration wrote `page`: it is dirty (if tracked), present, and
+    /// a vCPU waiting for it runs again.
+    fn placed(&mut self, page: PageNum) {
+        if self.tracking {
+            self.dirty.set(page);
+        }
+        self.arrived(page);
+    }
+
     /// A page arrived: mark it present and wake a vCPU waiting for it.
     fn arrived(&mut self, page: PageNum) {
         if let Some(a) = self.absent.as_mut() {
@@ -413,20 +422,14 @@ impl PageSink for SimPages {
     fn write_page(&mut self, page: PageNum, data: &[u8]) -> Result<(), BackendError> {
         let mut g = self.0.synced();
         g.memory.write_page(page, data)?;
-        if g.tracking {
-            g.dirty.set(page);
-        }
-        g.arrived(page);
+        g.placed(page);
         Ok(())
     }
 
     fn write_zero_page(&mut self, page: PageNum) -> Result<(), BackendError> {
         let mut g = self.0.synced();
         g.memory.zero_page(page)?;
-        if g.tracking {
-            g.dirty.set(page);
-        }
-        g.arrived(page);
+        g.placed(page);
         Ok(())
     }
 

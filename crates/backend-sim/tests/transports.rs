@@ -1,13 +1,16 @@
 //! Migrations over real transports (TCP, Unix socket, in-process) with the
 //! simulated guest on the host clock, and what happens when they fail.
 
-use backend_sim::{MemoryMode, SimGuest, WorkloadKind, WorkloadSpec};
+use backend_sim::{
+    MemoryMode, SimControl, SimGuest, SimPages, SimTracker, WorkloadKind, WorkloadSpec,
+};
 use bytes::Bytes;
 use migrate_core::driver::{run_destination, run_source};
 use migrate_core::engine::{DestinationEngine, EngineConfig, SourceEngine};
 use migrate_core::transport::{channel_pair, StreamTransport, Transport, TransportError};
 use migrate_core::{
-    Clock, MemoryLayout, MigrationError, PageSize, PostCopy, Precopy, StopAndCopy, SystemClock,
+    Clock, MemoryLayout, MigrationError, PageSize, Policy, PostCopy, Precopy, StopAndCopy,
+    SystemClock,
 };
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
@@ -34,6 +37,21 @@ fn guests(mem: u64, writes_per_sec: f64) -> (SimGuest, SimGuest, Arc<dyn Clock>)
     (src, dst, clock)
 }
 
+fn source_engine<P: Policy>(
+    src: &SimGuest,
+    policy: P,
+    clock: Arc<dyn Clock>,
+) -> SourceEngine<SimTracker, SimPages, SimControl, P> {
+    SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        policy,
+        clock,
+        EngineConfig::default(),
+    )
+}
+
 fn migrate_over<A, B>(src_t: A, dst_t: B)
 where
     A: Transport + 'static,
@@ -48,14 +66,7 @@ where
         run_destination(&mut e, &mut t, TIMEOUT)
     });
     let mut t = src_t;
-    let mut e = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        Precopy::default(),
-        clock,
-        EngineConfig::default(),
-    );
+    let mut e = source_engine(&src, Precopy::default(), clock);
     let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
     let report = dest.join().unwrap().expect("destination");
     assert!(stats.memory_verified);
@@ -164,14 +175,7 @@ fn connection_cut_mid_precopy_leaves_the_source_running() {
         frames_left: 22,
         ..Cut::new(a)
     };
-    let mut e = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        Precopy::default(),
-        clock,
-        EngineConfig::default(),
-    );
+    let mut e = source_engine(&src, Precopy::default(), clock);
     let err = run_source(&mut e, &mut t, TIMEOUT).unwrap_err();
     assert!(
         matches!(err, MigrationError::Transport(TransportError::Closed)),
@@ -215,14 +219,7 @@ fn connection_cut_after_completion_leaves_the_outcome_to_the_operator() {
         cut_after_type: Some(8),
         ..Cut::new(a)
     };
-    let mut e = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        StopAndCopy,
-        clock,
-        EngineConfig::default(),
-    );
+    let mut e = source_engine(&src, StopAndCopy, clock);
     let err = run_source(&mut e, &mut t, TIMEOUT).unwrap_err();
     assert!(matches!(err, MigrationError::OutcomeUnknown(_)), "{err}");
     assert!(
@@ -265,14 +262,7 @@ fn destination_refusing_the_layout_aborts_and_the_source_keeps_running() {
         run_destination(&mut e, &mut t, TIMEOUT)
     });
     let mut t = a;
-    let mut e = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        Precopy::default(),
-        clock,
-        EngineConfig::default(),
-    );
+    let mut e = source_engine(&src, Precopy::default(), clock);
     let err = run_source(&mut e, &mut t, TIMEOUT).unwrap_err();
     assert!(
         matches!(err, MigrationError::PeerAborted(ref why) if why.contains("layout")),
@@ -300,14 +290,7 @@ fn postcopy_over_tcp_completes_and_verifies() {
         run_destination(&mut e, &mut t, TIMEOUT)
     });
     let mut t = StreamTransport::connect_tcp(addr).unwrap();
-    let mut e = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        PostCopy::default(),
-        clock,
-        EngineConfig::default(),
-    );
+    let mut e = source_engine(&src, PostCopy::default(), clock);
     let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
     let report = dest.join().unwrap().expect("destination");
     assert!(report.resume_confirmed);
@@ -339,14 +322,7 @@ fn postcopy_destination_that_loses_its_source_does_not_pretend_the_guest_is_whol
         frames_left: 15,
         ..Cut::new(a)
     };
-    let mut e = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        PostCopy::default(),
-        clock,
-        EngineConfig::default(),
-    );
+    let mut e = source_engine(&src, PostCopy::default(), clock);
     let err = run_source(&mut e, &mut t, TIMEOUT).unwrap_err();
     assert!(matches!(err, MigrationError::OutcomeUnknown(_)), "{err}");
     assert!(

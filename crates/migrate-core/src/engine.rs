@@ -1393,53 +1393,50 @@ where
             });
         }
         let t1 = self.clock.now();
-        self.control
-            .restore_state(&state)
-            .map_err(MigrationError::backend("restore device state"))?;
-        let t2 = self.clock.now();
-        self.control
-            .resume()
-            .map_err(MigrationError::backend("resume the guest"))?;
-        let t3 = self.clock.now();
-        self.resumed_at = Some(t3);
         self.report.digest = Some(actual);
-        self.report.resume = ResumeReport {
-            verify_ns: (t1 - t0).as_nanos() as u64,
-            restore_ns: (t2 - t1).as_nanos() as u64,
-            resume_ns: (t3 - t2).as_nanos() as u64,
-            total_ns: (t3 - t0).as_nanos() as u64,
-        };
-        self.outbox
-            .push_back(protocol::encode_to_vec(&Record::Resumed(
-                self.report.resume,
-            )));
+        self.restore_and_resume(&state, t0, t1)?;
         self.state = DstState::Completed;
         Ok(DestStatus::Completed)
     }
 
     fn resume_postcopy(&mut self, state: DeviceState) -> Result<DestStatus, MigrationError> {
         let t0 = self.clock.now();
+        self.restore_and_resume(&state, t0, t0)?;
+        self.state = DstState::PostcopyRunning;
+        Ok(DestStatus::Resumed)
+    }
+
+    /// Restores the device state, resumes the guest and queues the
+    /// confirmation with the timings: `t0` is when the destination began
+    /// (the record that triggered the resume arrived), `verified` when its
+    /// verification ended.
+    fn restore_and_resume(
+        &mut self,
+        state: &DeviceState,
+        t0: Duration,
+        verified: Duration,
+    ) -> Result<(), MigrationError> {
         self.control
-            .restore_state(&state)
+            .restore_state(state)
             .map_err(MigrationError::backend("restore device state"))?;
-        let t1 = self.clock.now();
+        let restored = self.clock.now();
         self.control
             .resume()
             .map_err(MigrationError::backend("resume the guest"))?;
-        let t2 = self.clock.now();
-        self.resumed_at = Some(t2);
+        let resumed = self.clock.now();
+        self.resumed_at = Some(resumed);
+        let ns = |d: Duration| d.as_nanos() as u64;
         self.report.resume = ResumeReport {
-            verify_ns: 0,
-            restore_ns: (t1 - t0).as_nanos() as u64,
-            resume_ns: (t2 - t1).as_nanos() as u64,
-            total_ns: (t2 - t0).as_nanos() as u64,
+            verify_ns: ns(verified - t0),
+            restore_ns: ns(restored - verified),
+            resume_ns: ns(resumed - restored),
+            total_ns: ns(resumed - t0),
         };
         self.outbox
             .push_back(protocol::encode_to_vec(&Record::Resumed(
                 self.report.resume,
             )));
-        self.state = DstState::PostcopyRunning;
-        Ok(DestStatus::Resumed)
+        Ok(())
     }
 
     fn complete_postcopy(
