@@ -41,6 +41,7 @@
 pub mod backend;
 pub mod bitmap;
 pub mod clock;
+pub mod conformance;
 pub mod digest;
 pub mod driver;
 pub mod engine;
