@@ -3,7 +3,8 @@
 //! Live migration of virtual machines. This facade re-exports the core
 //! ([`core`]: pages, bitmaps, traits, policies, protocol, engine,
 //! statistics) and, behind features, the backends: [`sim`] (feature
-//! `sim`, on by default) is a deterministic simulated guest and link.
+//! `sim`, on by default) is a deterministic simulated guest and link;
+//! [`kvm`] (feature `kvm`, on by default) migrates real KVM guests.
 //!
 //! A VMM implements [`core::DirtyTracker`], [`core::PageSource`] and
 //! [`core::GuestControl`] on the source, [`core::PageSink`] (with
@@ -61,3 +62,6 @@ pub use migrate_core as core;
 
 #[cfg(feature = "sim")]
 pub use backend_sim as sim;
+
+#[cfg(feature = "kvm")]
+pub use backend_kvm as kvm;

@@ -1,0 +1,76 @@
+//! # backend-kvm
+//!
+//! Real KVM guests for the livemig live-migration library, through
+//! `kvm-ioctls` and `vm-memory`:
+//!
+//! - [`KvmMemory`]: a VMM's `GuestMemoryMmap` registered with KVM, one
+//!   slot per region; [`KvmDirtyTracker`] on `KVM_MEM_LOG_DIRTY_PAGES` and
+//!   `KVM_GET_DIRTY_LOG` (a peek keeps what it read, so no bit is lost);
+//!   [`KvmPages`] reads and writes pages for the source and destination;
+//! - [`VcpuRunner`] runs a vCPU on a thread and pauses it at its next
+//!   exit; [`KvmControl`] pauses, resumes, saves and restores the vCPUs
+//!   (general and special registers, FPU) as a versioned state;
+//! - [`TestVm`], a small VMM with a 34-byte payload that dirties pages and
+//!   reports its progress, for tests and examples.
+//!
+//! What it does not do yet: carry LAPIC, MSRs, XSAVE, vCPU events, the
+//! in-kernel irqchip, PIT and kvmclock; merge the VMM's own writes to guest
+//! memory into the dirty log; the dirty ring; post-copy with userfaultfd.
+//!
+//! ```text
+//!  VMM: VmFd + GuestMemoryMmap + VcpuFd
+//!        │            │              │
+//!        ▼            ▼              ▼
+//!  KvmDirtyTracker  KvmPages     KvmControl ──▶ migrate_core engines
+//! ```
+
+mod memory;
+mod testvm;
+mod vcpu;
+
+pub use memory::{KvmDirtyTracker, KvmMemory, KvmPages};
+pub use testvm::{TestVm, PAYLOAD, PAYLOAD_ADDR, REPORT_PORT, WSS_BASE};
+pub use vcpu::{
+    restore_vcpu, save_vcpu, Fpu, GuestState, KvmControl, Report, VcpuRunner, VcpuState,
+    STATE_FORMAT, STATE_VERSION,
+};
+
+use std::time::Duration;
+
+/// Errors of the KVM backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KvmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    Open(String),
+    /// An ioctl failed.
+    #[error("{op} failed: {source}")]
+    Ioctl {
+        /// The ioctl.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A memory region not aligned to 4 KiB.
+    #[error("memory region at {guest_addr:#x} of {size} bytes is not 4 KiB aligned")]
+    Unaligned {
+        /// Its guest-physical start.
+        guest_addr: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// The memory does not form a valid layout.
+    #[error("invalid memory layout: {0}")]
+    Layout(migrate_core::page::LayoutError),
+    /// A vCPU did not leave the guest in time.
+    #[error("vCPU did not pause within {0:?}")]
+    PauseTimeout(Duration),
+    /// A thread could not be started.
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(std::io::Error),
+    /// Bad configuration.
+    #[error("{0}")]
+    Config(String),
+}

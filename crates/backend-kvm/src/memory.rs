@@ -1,0 +1,238 @@
+//! Guest memory registered with KVM, its dirty log, and page access.
+
+use crate::KvmError;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use migrate_core::bitmap::DirtyBitmap;
+use migrate_core::page::{MemoryLayout, PageNum, PageSize, Region};
+use migrate_core::{BackendError, BackendErrorKind, DirtyTracker, PageSink, PageSource};
+use std::sync::{Arc, Mutex, MutexGuard};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+
+/// One KVM memory slot.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    index: u32,
+    guest_addr: u64,
+    size: u64,
+    host_addr: u64,
+}
+
+/// A VM's guest memory as KVM knows it: the VMM's `GuestMemoryMmap`, each
+/// region registered as one KVM slot (slot `i` = region `i`).
+pub struct KvmMemory {
+    vm: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    layout: MemoryLayout,
+    slots: Vec<Slot>,
+    /// Pages reported by KVM but not yet collected (KVM clears its log on
+    /// every read, so a peek keeps what it read here).
+    pending: Mutex<DirtyBitmap>,
+}
+
+impl std::fmt::Debug for KvmMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmMemory")
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KvmMemory {
+    /// Registers every region of `memory` with `vm` as slot `i` (dirty
+    /// logging off) and describes it as a layout of 4 KiB pages.
+    pub fn register(vm: Arc<VmFd>, memory: GuestMemoryMmap) -> Result<Self, KvmError> {
+        let ps = PageSize::DEFAULT;
+        let mut regions = Vec::new();
+        let mut slots = Vec::new();
+        for (i, r) in memory.iter().enumerate() {
+            let guest_addr = r.start_addr().raw_value();
+            let size = r.len();
+            if guest_addr % 4096 != 0 || size % 4096 != 0 {
+                return Err(KvmError::Unaligned { guest_addr, size });
+            }
+            let host_addr = r.as_ptr() as u64;
+            slots.push(Slot {
+                index: i as u32,
+                guest_addr,
+                size,
+                host_addr,
+            });
+            regions.push(Region {
+                first_page: guest_addr >> 12,
+                pages: size >> 12,
+            });
+        }
+        let layout = MemoryLayout::new(ps, regions).map_err(KvmError::Layout)?;
+        let this = KvmMemory {
+            pending: Mutex::new(DirtyBitmap::new(layout.page_end())),
+            vm,
+            memory,
+            layout,
+            slots,
+        };
+        for s in &this.slots {
+            this.set_slot(s, 0)?;
+        }
+        Ok(this)
+    }
+
+    fn set_slot(&self, s: &Slot, flags: u32) -> Result<(), KvmError> {
+        let region = kvm_userspace_memory_region {
+            slot: s.index,
+            guest_phys_addr: s.guest_addr,
+            memory_size: s.size,
+            userspace_addr: s.host_addr,
+            flags,
+        };
+        // The mapping `host_addr..host_addr + size` is a region of
+        // `self.memory`, owned by this struct and dropped only with it.
+        // SAFETY: the slot points at a live mapping that outlives its use
+        // by this VM; KVM reads and writes it only as guest memory.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| KvmError::Ioctl {
+            op: "KVM_SET_USER_MEMORY_REGION",
+            source: e,
+        })
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    /// The VMM's guest memory.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    fn lock(&self) -> MutexGuard<'_, DirtyBitmap> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads KVM's dirty log of every slot (which clears it) into `pending`.
+    fn fetch(&self) -> Result<(), BackendError> {
+        let mut pending = self.lock();
+        for s in &self.slots {
+            let words = self
+                .vm
+                .get_dirty_log(s.index, s.size as usize)
+                .map_err(|e| {
+                    BackendError::new(
+                        BackendErrorKind::Io,
+                        format!("KVM_GET_DIRTY_LOG slot {}: {e}", s.index),
+                    )
+                })?;
+            let first = s.guest_addr >> 12;
+            for (w, word) in words.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let b = bits.trailing_zeros() as u64;
+                    bits &= bits - 1;
+                    pending.set(first + w as u64 * 64 + b);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn addr(&self, page: PageNum) -> Result<GuestAddress, BackendError> {
+        if !self.layout.contains(page) {
+            return Err(BackendError::new(
+                BackendErrorKind::InvalidArgument,
+                format!("page {page:#x} is not guest memory"),
+            ));
+        }
+        Ok(GuestAddress(page << 12))
+    }
+}
+
+/// [`DirtyTracker`] on `KVM_MEM_LOG_DIRTY_PAGES` and `KVM_GET_DIRTY_LOG`.
+///
+/// KVM clears its log on each read; `peek` keeps what it read until the
+/// next `collect_and_clear`, so no bit is lost.
+#[derive(Clone, Debug)]
+pub struct KvmDirtyTracker(pub Arc<KvmMemory>);
+
+impl DirtyTracker for KvmDirtyTracker {
+    fn start(&mut self) -> Result<(), BackendError> {
+        for s in &self.0.slots {
+            self.0
+                .set_slot(s, KVM_MEM_LOG_DIRTY_PAGES)
+                .map_err(|e| BackendError::new(BackendErrorKind::Io, e.to_string()))?;
+        }
+        self.0.fetch()?;
+        self.0.lock().clear_all();
+        Ok(())
+    }
+
+    fn collect_and_clear(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
+        self.0.fetch()?;
+        let mut pending = self.0.lock();
+        into.copy_from(&pending);
+        pending.clear_all();
+        Ok(())
+    }
+
+    fn peek(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
+        self.0.fetch()?;
+        into.copy_from(&self.0.lock());
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<(), BackendError> {
+        for s in &self.0.slots {
+            self.0
+                .set_slot(s, 0)
+                .map_err(|e| BackendError::new(BackendErrorKind::Io, e.to_string()))?;
+        }
+        self.0.lock().clear_all();
+        Ok(())
+    }
+}
+
+/// Guest memory as a [`PageSource`] and [`PageSink`].
+#[derive(Clone, Debug)]
+pub struct KvmPages(pub Arc<KvmMemory>);
+
+impl PageSource for KvmPages {
+    fn layout(&self) -> &MemoryLayout {
+        &self.0.layout
+    }
+
+    fn read_pages(&mut self, pages: &[PageNum], out: &mut [u8]) -> Result<(), BackendError> {
+        if out.len() != pages.len() * 4096 {
+            return Err(BackendError::new(
+                BackendErrorKind::InvalidArgument,
+                "output buffer is not one page per page number",
+            ));
+        }
+        for (p, chunk) in pages.iter().zip(out.chunks_exact_mut(4096)) {
+            let a = self.0.addr(*p)?;
+            self.0.memory.read_slice(chunk, a).map_err(|e| {
+                BackendError::new(BackendErrorKind::Io, format!("read page {p:#x}: {e}"))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl PageSink for KvmPages {
+    fn layout(&self) -> &MemoryLayout {
+        &self.0.layout
+    }
+
+    fn write_page(&mut self, page: PageNum, data: &[u8]) -> Result<(), BackendError> {
+        if data.len() != 4096 {
+            return Err(BackendError::new(
+                BackendErrorKind::InvalidArgument,
+                "page data is not 4 KiB",
+            ));
+        }
+        let a = self.0.addr(page)?;
+        self.0.memory.write_slice(data, a).map_err(|e| {
+            BackendError::new(BackendErrorKind::Io, format!("write page {page:#x}: {e}"))
+        })
+    }
+}

@@ -1,0 +1,211 @@
+//! Real-KVM tests: a running guest migrated between two VMs.
+//!
+//! These need `/dev/kvm`. Without it they fail, unless the environment
+//! sets `LIVEMIG_NO_KVM=1` to say, explicitly, that this machine has no
+//! KVM (CI does not set it).
+
+use backend_kvm::TestVm;
+use bytes::Bytes;
+use migrate_core::conformance::check_page_roundtrip;
+use migrate_core::digest::digest_memory;
+use migrate_core::driver::{run_destination, run_source};
+use migrate_core::engine::{DestinationEngine, EngineConfig, SourceEngine};
+use migrate_core::transport::{channel_pair, Transport, TransportError};
+use migrate_core::{
+    Clock, GuestControl, MigrationError, PageSource, Policy, Precopy, StopAndCopy, SystemClock,
+};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+const MEM: u64 = 64 << 20;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The tests' guests spin at full speed; on a two-core machine they take
+/// turns rather than starve one another.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits until `cond` holds, at most 5 s.
+fn eventually(cond: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
+
+fn have_kvm() -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var("LIVEMIG_NO_KVM").as_deref() == Ok("1") {
+        eprintln!("LIVEMIG_NO_KVM=1: this machine declares it has no KVM; test not run");
+        return false;
+    }
+    panic!("/dev/kvm not found (set LIVEMIG_NO_KVM=1 only on a machine known to have no KVM)");
+}
+
+fn rcx(vm: &TestVm) -> u64 {
+    vm.control().runners()[0].with_vcpu(|fd| fd.get_regs().unwrap().rcx)
+}
+
+fn migrate<P: Policy + 'static>(policy: P) {
+    if !have_kvm() {
+        return;
+    }
+    let _turn = serial();
+    let src = TestVm::source(MEM, 4096, 1 << 16).expect("source VM");
+    assert!(
+        eventually(|| src.reports().len() >= 10),
+        "the payload runs and reports"
+    );
+    assert!(src.fault().is_none(), "{:?}", src.fault());
+    let dst = TestVm::destination(MEM).expect("destination VM");
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let (a, b) = channel_pair(8);
+    let (dp, dc, c2) = (dst.pages(), dst.control(), clock.clone());
+    let dest = std::thread::spawn(move || {
+        let mut t = b;
+        let mut e = DestinationEngine::new(dp, dc, c2);
+        run_destination(&mut e, &mut t, TIMEOUT)
+    });
+    let mut t = a;
+    let mut e = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        policy,
+        clock,
+        EngineConfig::default(),
+    );
+    let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
+    let report = dest.join().unwrap().expect("destination");
+    assert!(stats.memory_verified && report.resume_confirmed);
+
+    // The source stays paused; its memory is what the destination got.
+    let at_pause = rcx(&src);
+    let layout = src.pages().layout().clone();
+    assert_eq!(
+        digest_memory(&mut src.pages(), &layout).unwrap(),
+        report.digest.unwrap()
+    );
+
+    // The destination's guest goes on from exactly where it stopped.
+    assert!(
+        eventually(|| !dst.reports().is_empty()),
+        "the migrated guest runs and reports"
+    );
+    assert!(dst.fault().is_none(), "{:?}", dst.fault());
+    let reports = dst.reports();
+    let first = reports[0].value;
+    assert!(
+        first > at_pause & 0xffff_ffff,
+        "counter {first} after resume, {at_pause} at pause"
+    );
+    assert!(
+        first - (at_pause & 0xffff_ffff) <= 1 << 16,
+        "the counter went on from where it was"
+    );
+    assert!(stats.downtime > Duration::ZERO && stats.downtime < Duration::from_secs(5));
+    println!("{stats}");
+}
+
+#[test]
+fn precopy_moves_a_running_guest() {
+    migrate(Precopy::default());
+}
+
+#[test]
+fn stop_and_copy_moves_a_running_guest() {
+    migrate(StopAndCopy);
+}
+
+/// Cuts the connection after `left` frames.
+struct Cut<T: Transport> {
+    inner: Option<T>,
+    left: usize,
+}
+
+impl<T: Transport> Transport for Cut<T> {
+    fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
+        if self.left == 0 {
+            self.inner = None;
+        }
+        let Some(t) = self.inner.as_mut() else {
+            return Err(TransportError::Closed);
+        };
+        self.left -= 1;
+        t.send(frame)
+    }
+    fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
+        match self.inner.as_mut() {
+            Some(t) => t.recv(timeout),
+            None => Err(TransportError::Closed),
+        }
+    }
+}
+
+#[test]
+fn connection_cut_mid_precopy_leaves_the_source_running() {
+    if !have_kvm() {
+        return;
+    }
+    let _turn = serial();
+    let src = TestVm::source(MEM, 4096, 1 << 16).expect("source VM");
+    let dst = TestVm::destination(MEM).expect("destination VM");
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let (a, b) = channel_pair(4);
+    let (dp, dc, c2) = (dst.pages(), dst.control(), clock.clone());
+    let dest = std::thread::spawn(move || {
+        let mut t = b;
+        let mut e = DestinationEngine::new(dp, dc, c2);
+        (run_destination(&mut e, &mut t, TIMEOUT), e.resumed())
+    });
+    let mut t = Cut {
+        inner: Some(a),
+        left: 12,
+    };
+    let mut e = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        Precopy::default(),
+        clock,
+        EngineConfig::default(),
+    );
+    let err = run_source(&mut e, &mut t, TIMEOUT).unwrap_err();
+    assert!(
+        matches!(err, MigrationError::Transport(TransportError::Closed)),
+        "{err}"
+    );
+    let before = src.reports().len();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        src.reports().len() > before,
+        "the source guest keeps running"
+    );
+    assert!(src.fault().is_none());
+    let (r, resumed) = dest.join().unwrap();
+    assert!(r.is_err());
+    assert!(!resumed, "the destination never runs an incomplete guest");
+    assert!(dst.reports().is_empty());
+}
+
+#[test]
+fn kvm_pages_pass_the_page_roundtrip_conformance_check() {
+    if !have_kvm() {
+        return;
+    }
+    let _turn = serial();
+    let src = TestVm::source(MEM, 1024, 1 << 16).expect("source VM");
+    assert!(eventually(|| !src.reports().is_empty()));
+    src.control().pause().unwrap();
+    let dst = TestVm::destination(MEM).expect("destination VM");
+    check_page_roundtrip(&mut src.pages(), &mut dst.pages()).unwrap();
+}
