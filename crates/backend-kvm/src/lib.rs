@@ -31,7 +31,7 @@ mod vcpu;
 pub use memory::{KvmDirtyTracker, KvmMemory, KvmPages};
 pub use testvm::{TestVm, PAYLOAD, PAYLOAD_ADDR, REPORT_PORT, WSS_BASE};
 pub use vcpu::{
-    restore_vcpu, save_vcpu, Fpu, GuestState, KvmControl, Report, VcpuRunner, VcpuState,
+    restore_vcpu, save_vcpu, Fpu, GuestState, KvmControl, Report, Throttle, VcpuRunner, VcpuState,
     STATE_FORMAT, STATE_VERSION,
 };
 

@@ -29,7 +29,7 @@
 //! ```
 
 use crate::memory::{KvmDirtyTracker, KvmMemory, KvmPages};
-use crate::vcpu::{KvmControl, Report, VcpuRunner};
+use crate::vcpu::{KvmControl, Report, Throttle, VcpuRunner};
 use crate::KvmError;
 use kvm_bindings::kvm_segment;
 use kvm_ioctls::Kvm;
@@ -48,6 +48,13 @@ pub const PAYLOAD_ADDR: u64 = 0x10000;
 pub const WSS_BASE: u64 = 1 << 20;
 /// The port the payload reports on.
 pub const REPORT_PORT: u16 = 0x10;
+
+fn throttle(report_every: u64, pages_per_sec: Option<f64>) -> Option<Throttle> {
+    pages_per_sec.filter(|r| *r > 0.0).map(|per_sec| Throttle {
+        per_report: report_every,
+        per_sec,
+    })
+}
 
 /// A test VM.
 #[derive(Debug)]
@@ -98,8 +105,14 @@ impl TestVm {
 
     /// A running source VM of `mem_bytes` whose payload writes a page of
     /// its `wss_pages`-page working set per iteration and reports every
-    /// `report_every` iterations (a power of two).
-    pub fn source(mem_bytes: u64, wss_pages: u64, report_every: u64) -> Result<Self, KvmError> {
+    /// `report_every` iterations (a power of two), at most `pages_per_sec`
+    /// pages a second if given (the VMM holds it at the reports).
+    pub fn source(
+        mem_bytes: u64,
+        wss_pages: u64,
+        report_every: u64,
+        pages_per_sec: Option<f64>,
+    ) -> Result<Self, KvmError> {
         let max_wss = (mem_bytes - WSS_BASE) / 4096;
         if wss_pages == 0 || wss_pages > max_wss || !report_every.is_power_of_two() {
             return Err(KvmError::Config(format!(
@@ -168,7 +181,7 @@ impl TestVm {
         r.r8 = report_every - 1;
         r.rcx = 0;
         vcpu.set_regs(&r).map_err(ioctl("KVM_SET_REGS"))?;
-        let runner = VcpuRunner::new(vcpu)?;
+        let runner = VcpuRunner::new(vcpu, throttle(report_every, pages_per_sec))?;
         runner.resume();
         Ok(TestVm {
             memory,
@@ -176,12 +189,21 @@ impl TestVm {
         })
     }
 
-    /// A paused, empty destination VM of `mem_bytes`, to be restored.
-    pub fn destination(mem_bytes: u64) -> Result<Self, KvmError> {
+    /// A paused, empty destination VM of `mem_bytes`, to be restored; a
+    /// payload restored into it is held to the same rate as on the source
+    /// if given the same `report_every` and `pages_per_sec`.
+    pub fn destination(
+        mem_bytes: u64,
+        report_every: u64,
+        pages_per_sec: Option<f64>,
+    ) -> Result<Self, KvmError> {
         let (memory, vcpu) = Self::build(mem_bytes)?;
         Ok(TestVm {
             memory,
-            control: KvmControl::new(Arc::new(vec![VcpuRunner::new(vcpu)?])),
+            control: KvmControl::new(Arc::new(vec![VcpuRunner::new(
+                vcpu,
+                throttle(report_every, pages_per_sec),
+            )?])),
         })
     }
 

@@ -8,7 +8,7 @@ use migrate_core::{BackendError, BackendErrorKind, DeviceState, GuestControl};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Name of this backend's device-state format.
 pub const STATE_FORMAT: &str = "kvm";
@@ -122,6 +122,9 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), KvmError> {
 pub struct Report {
     /// When the VMM saw it.
     pub at: Instant,
+    /// The same moment on the wall clock, comparable across processes on
+    /// one host.
+    pub wall: SystemTime,
     /// The port.
     pub port: u16,
     /// The value (the guest's progress counter for the test payload).
@@ -135,12 +138,25 @@ struct Ctl {
     quit: bool,
     fault: Option<String>,
     reports: Vec<Report>,
+    /// Throttle: the guest may not run ahead of this moment.
+    due: Option<Instant>,
+}
+
+/// Holds a guest to a rate: each report stands for `per_report` units of
+/// work (pages dirtied, for the test payload), at most `per_sec` a second.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Throttle {
+    /// Work per report.
+    pub per_report: u64,
+    /// Work per second.
+    pub per_sec: f64,
 }
 
 struct Shared {
     vcpu: Mutex<VcpuFd>,
     ctl: Mutex<Ctl>,
     cv: Condvar,
+    throttle: Option<Throttle>,
 }
 
 /// A vCPU run on its own thread until paused. The guest must leave
@@ -158,12 +174,13 @@ impl std::fmt::Debug for VcpuRunner {
 }
 
 impl VcpuRunner {
-    /// Takes over `vcpu`, paused.
-    pub fn new(vcpu: VcpuFd) -> Result<Self, KvmError> {
+    /// Takes over `vcpu`, paused, optionally held to a rate.
+    pub fn new(vcpu: VcpuFd, throttle: Option<Throttle>) -> Result<Self, KvmError> {
         let shared = Arc::new(Shared {
             vcpu: Mutex::new(vcpu),
             ctl: Mutex::new(Ctl::default()),
             cv: Condvar::new(),
+            throttle,
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -182,7 +199,10 @@ impl VcpuRunner {
 
     /// Lets the vCPU run.
     pub fn resume(&self) {
-        self.ctl().run = true;
+        let mut c = self.ctl();
+        c.run = true;
+        c.due = None;
+        drop(c);
         self.shared.cv.notify_all();
     }
 
@@ -249,8 +269,25 @@ fn vcpu_loop(s: &Shared) {
             let mut c = s.ctl.lock().unwrap_or_else(|e| e.into_inner());
             c.in_guest = false;
             s.cv.notify_all();
-            while !c.run && !c.quit {
-                c = s.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+            loop {
+                if c.quit {
+                    break;
+                }
+                if !c.run {
+                    c = s.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                // Held to a rate: wait (interruptibly) until due.
+                let now = Instant::now();
+                match c.due {
+                    Some(due) if due > now => {
+                        c =
+                            s.cv.wait_timeout(c, due - now)
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0;
+                    }
+                    _ => break,
+                }
             }
             if c.quit {
                 return;
@@ -273,11 +310,19 @@ fn vcpu_loop(s: &Shared) {
         drop(vcpu);
         let mut c = s.ctl.lock().unwrap_or_else(|e| e.into_inner());
         match exit {
-            Ok(Some((port, value))) => c.reports.push(Report {
-                at: Instant::now(),
-                port,
-                value,
-            }),
+            Ok(Some((port, value))) => {
+                let at = Instant::now();
+                c.reports.push(Report {
+                    at,
+                    wall: SystemTime::now(),
+                    port,
+                    value,
+                });
+                if let Some(t) = s.throttle {
+                    let step = Duration::from_secs_f64(t.per_report as f64 / t.per_sec);
+                    c.due = Some(c.due.unwrap_or(at) + step);
+                }
+            }
             Ok(None) => {}
             Err(why) => {
                 c.fault = Some(why);

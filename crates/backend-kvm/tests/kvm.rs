@@ -60,13 +60,13 @@ fn migrate<P: Policy + 'static>(policy: P) {
         return;
     }
     let _turn = serial();
-    let src = TestVm::source(MEM, 4096, 1 << 16).expect("source VM");
+    let src = TestVm::source(MEM, 4096, 1 << 16, None).expect("source VM");
     assert!(
         eventually(|| src.reports().len() >= 10),
         "the payload runs and reports"
     );
     assert!(src.fault().is_none(), "{:?}", src.fault());
-    let dst = TestVm::destination(MEM).expect("destination VM");
+    let dst = TestVm::destination(MEM, 1 << 16, None).expect("destination VM");
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let (a, b) = channel_pair(8);
     let (dp, dc, c2) = (dst.pages(), dst.control(), clock.clone());
@@ -157,8 +157,8 @@ fn connection_cut_mid_precopy_leaves_the_source_running() {
         return;
     }
     let _turn = serial();
-    let src = TestVm::source(MEM, 4096, 1 << 16).expect("source VM");
-    let dst = TestVm::destination(MEM).expect("destination VM");
+    let src = TestVm::source(MEM, 4096, 1 << 16, None).expect("source VM");
+    let dst = TestVm::destination(MEM, 1 << 16, None).expect("destination VM");
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let (a, b) = channel_pair(4);
     let (dp, dc, c2) = (dst.pages(), dst.control(), clock.clone());
@@ -203,9 +203,9 @@ fn kvm_pages_pass_the_page_roundtrip_conformance_check() {
         return;
     }
     let _turn = serial();
-    let src = TestVm::source(MEM, 1024, 1 << 16).expect("source VM");
+    let src = TestVm::source(MEM, 1024, 1 << 16, None).expect("source VM");
     assert!(eventually(|| !src.reports().is_empty()));
     src.control().pause().unwrap();
-    let dst = TestVm::destination(MEM).expect("destination VM");
+    let dst = TestVm::destination(MEM, 1 << 16, None).expect("destination VM");
     check_page_roundtrip(&mut src.pages(), &mut dst.pages()).unwrap();
 }

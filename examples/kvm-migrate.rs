@@ -1,0 +1,251 @@
+//! Live-migrate a running KVM guest from one process to another over
+//! loopback TCP.
+//!
+//! ```text
+//! cargo run --release --example kvm-migrate -- --mem 1GiB --wss 256MiB --dirty-rate 200MB/s --policy precopy
+//! ```
+//!
+//! This process is the source: it starts the test VMM's guest (a payload
+//! that dirties pages of its working set at the given rate and reports its
+//! progress counter through port I/O), starts a second copy of itself as
+//! the destination, and migrates the guest to it. It prints the rounds,
+//! the totals, the downtime the guest saw (the gap between its last
+//! progress report on the source and its first on the destination, on the
+//! host's clock), the counter before and after, and whether memory
+//! verified; `--json` prints all of it as one object.
+
+use clap::{Parser, ValueEnum};
+use livemig::core::driver::{run_destination, run_source};
+use livemig::core::units::{parse_rate, parse_size};
+use livemig::core::{
+    Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, Policy, Precopy,
+    SourceEngine, StopAndCopy, StreamTransport, SystemClock,
+};
+use livemig::kvm::TestVm;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum PolicyArg {
+    /// Iterative pre-copy.
+    Precopy,
+    /// Pause, copy everything, resume.
+    StopAndCopy,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Role {
+    /// Start the guest and migrate it (the default).
+    Source,
+    /// Receive a guest (started by the source process).
+    Destination,
+}
+
+/// Live-migrate a running KVM guest between two processes.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Guest memory (2 MiB multiple, up to 1 GiB).
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    mem: u64,
+    /// Working set the guest dirties.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    wss: u64,
+    /// Rate at which the guest dirties pages (0: as fast as it can).
+    #[arg(long, default_value = "100MB/s", value_parser = parse_rate)]
+    dirty_rate: f64,
+    /// Migration policy.
+    #[arg(long, value_enum, default_value = "precopy")]
+    policy: PolicyArg,
+    /// How long the guest runs before the migration starts, and after it
+    /// on the destination, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    settle_ms: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Internal: which side this process is.
+    #[arg(long, value_enum, default_value = "source", hide = true)]
+    role: Role,
+    /// Internal: the source's address, for the destination.
+    #[arg(long, hide = true)]
+    connect: Option<String>,
+}
+
+/// Iterations between progress reports.
+const REPORT_EVERY: u64 = 256;
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn rate(a: &Args) -> Option<f64> {
+    (a.dirty_rate > 0.0).then_some(a.dirty_rate / 4096.0)
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    let r = match a.role {
+        Role::Source => source(&a),
+        Role::Destination => destination(&a),
+    };
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("kvm-migrate: {e}");
+            ExitCode::from(if e.starts_with("invalid") { 2 } else { 1 })
+        }
+    }
+}
+
+fn destination(a: &Args) -> Result<bool, String> {
+    let addr = a
+        .connect
+        .as_deref()
+        .ok_or("invalid: the destination needs --connect")?;
+    let vm = TestVm::destination(a.mem, REPORT_EVERY, rate(a)).map_err(|e| e.to_string())?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let mut t = StreamTransport::connect_tcp(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock);
+    let report = run_destination(&mut e, &mut t, TIMEOUT).map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(a.settle_ms));
+    let reports = vm.reports();
+    let first = reports.first();
+    let out = json!({
+        "digest": report.digest.map(|d| d.to_string()),
+        "first-report-us": first.map(|r| micros(r.wall)),
+        "first-counter": first.map(|r| r.value),
+        "reports": reports.len(),
+        "last-counter": reports.last().map(|r| r.value),
+        "fault": vm.fault(),
+    });
+    println!("{out}");
+    Ok(vm.fault().is_none() && first.is_some())
+}
+
+fn source(a: &Args) -> Result<bool, String> {
+    if a.wss > a.mem.saturating_sub(1 << 20) || a.wss < 4096 {
+        return Err(format!(
+            "invalid --wss: from 4 KiB to --mem less 1 MiB ({} bytes)",
+            a.mem - (1 << 20)
+        ));
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(["--role", "destination", "--connect", &addr.to_string()])
+        .args(["--mem", &a.mem.to_string(), "--wss", &a.wss.to_string()])
+        .args([
+            "--dirty-rate",
+            &format!("{}", a.dirty_rate as u64),
+            "--settle-ms",
+            &a.settle_ms.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting the destination process: {e}"))?;
+    let vm =
+        TestVm::source(a.mem, a.wss / 4096, REPORT_EVERY, rate(a)).map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(a.settle_ms));
+    let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut t = StreamTransport::new(stream).map_err(|e| e.to_string())?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let policy: Box<dyn Policy> = match a.policy {
+        PolicyArg::Precopy => Box::new(Precopy::default()),
+        PolicyArg::StopAndCopy => Box::new(StopAndCopy),
+    };
+    let mut e = SourceEngine::new(
+        vm.tracker(),
+        vm.pages(),
+        vm.control(),
+        policy,
+        clock,
+        EngineConfig::default(),
+    );
+    let stats = run_source(&mut e, &mut t, TIMEOUT).map_err(|e| e.to_string())?;
+    drop(t);
+    let out = child.stdout.take().ok_or("no destination output")?;
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let dest: Value =
+        serde_json::from_str(line.trim()).map_err(|e| format!("destination said {line:?}: {e}"))?;
+
+    let mut control = vm.control();
+    control.pause().map_err(|e| e.to_string())?;
+    let layout = vm.pages().layout().clone();
+    let src_digest = livemig::core::digest::digest_memory(&mut vm.pages(), &layout)
+        .map_err(|e| e.to_string())?;
+    let reports = vm.reports();
+    let last = reports.last().ok_or("the source guest never reported")?;
+    let first_us = dest["first-report-us"].as_u64().unwrap_or(0);
+    let gap_us = first_us.saturating_sub(micros(last.wall));
+    let interval_us = reports
+        .windows(2)
+        .rev()
+        .take(64)
+        .map(|w| w[1].at.duration_since(w[0].at).as_micros() as u64)
+        .max()
+        .unwrap_or(0);
+    let verified = stats.memory_verified
+        && dest["digest"].as_str() == Some(&src_digest.to_string())
+        && status.success();
+    let before = last.value;
+    let after = dest["first-counter"].as_u64().unwrap_or(0);
+    let continues = after > before && after - before <= REPORT_EVERY;
+    if a.json {
+        let mut v = stats.to_json();
+        v["kvm"] = json!({
+            "mem-bytes": a.mem, "wss-bytes": a.wss, "dirty-rate-bytes-per-sec": a.dirty_rate,
+            "guest-observed-downtime-ms": gap_us as f64 / 1000.0,
+            "report-interval-ms": interval_us as f64 / 1000.0,
+            "counter-last-on-source": before, "counter-first-on-destination": after,
+            "counter-continues": continues, "memory-verified": verified,
+            "destination": dest,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+        );
+    } else {
+        println!(
+            "KVM guest: {} MiB, working set {} MiB, dirty rate {:.0} MB/s, policy {:?}, source pid {}, destination pid {}",
+            a.mem >> 20,
+            a.wss >> 20,
+            a.dirty_rate / 1e6,
+            a.policy,
+            std::process::id(),
+            child.id()
+        );
+        println!("{stats}");
+        println!(
+            "guest-observed downtime: {:.3} ms (last progress report on the source to the first on the destination; reports come every {:.3} ms)",
+            gap_us as f64 / 1000.0,
+            interval_us as f64 / 1000.0
+        );
+        println!(
+            "guest counter: {before} last reported on the source, {after} first reported on the destination ({})",
+            if continues { "continues" } else { "DOES NOT CONTINUE" }
+        );
+        println!(
+            "memory: {}",
+            if verified {
+                "verified (digests equal on both sides)"
+            } else {
+                "NOT VERIFIED"
+            }
+        );
+    }
+    Ok(verified && continues)
+}
