@@ -209,3 +209,101 @@ fn kvm_pages_pass_the_page_roundtrip_conformance_check() {
     let dst = TestVm::destination(MEM, 1 << 16, None).expect("destination VM");
     check_page_roundtrip(&mut src.pages(), &mut dst.pages()).unwrap();
 }
+
+/// Set (to the source's address) in the destination process of the
+/// two-process tests.
+const DEST_ENV: &str = "LIVEMIG_KVM_DESTINATION";
+
+/// The destination process of the two-process tests: the parent test
+/// starts this test binary again running only this test, with `DEST_ENV`
+/// set. Run on its own it has nothing to connect to.
+#[test]
+#[ignore = "the destination half of the two-process tests; they start it themselves"]
+fn destination_process() {
+    let addr = std::env::var(DEST_ENV).expect("started by a two-process test");
+    let vm = TestVm::destination(MEM, 1 << 10, Some(20_000.0)).expect("destination VM");
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let mut t = migrate_core::StreamTransport::connect_tcp(&addr).expect("connect");
+    let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock);
+    let report = run_destination(&mut e, &mut t, TIMEOUT).expect("destination");
+    assert!(
+        eventually(|| vm.reports().len() >= 3),
+        "the migrated guest runs"
+    );
+    let r = vm.reports();
+    println!(
+        "DESTINATION {} {} {}",
+        report.digest.unwrap(),
+        r[0].value,
+        vm.fault().is_none()
+    );
+}
+
+fn between_processes<P: Policy + 'static>(policy: P) {
+    if !have_kvm() {
+        return;
+    }
+    let _turn = serial();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "destination_process",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(DEST_ENV, &addr)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the destination process");
+    // 20,000 pages a second over 16 MiB, reporting every 1,024 pages.
+    let src = TestVm::source(MEM, 4096, 1 << 10, Some(20_000.0)).expect("source VM");
+    assert!(eventually(|| src.reports().len() >= 5));
+    let (stream, _) = listener.accept().unwrap();
+    let mut t = migrate_core::StreamTransport::new(stream).unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let mut e = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        policy,
+        clock,
+        EngineConfig::default(),
+    );
+    let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "destination process failed: {text}");
+    let line = text
+        .lines()
+        .find_map(|l| l.find("DESTINATION ").map(|i| &l[i..]))
+        .unwrap_or_else(|| panic!("no destination report in: {text}"));
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let layout = src.pages().layout().clone();
+    let digest = digest_memory(&mut src.pages(), &layout)
+        .unwrap()
+        .to_string();
+    assert_eq!(f[1], digest, "destination memory equals the source's");
+    let first: u64 = f[2].parse().unwrap();
+    let last_on_source = src.reports().last().unwrap().value;
+    assert_eq!(
+        first,
+        last_on_source + (1 << 10),
+        "the counter goes on from where it stopped"
+    );
+    assert_eq!(f[3], "true", "no guest fault on the destination");
+    assert!(stats.memory_verified && stats.downtime > Duration::ZERO);
+}
+
+#[test]
+fn precopy_between_two_processes() {
+    between_processes(Precopy::default());
+}
+
+#[test]
+fn stop_and_copy_between_two_processes() {
+    between_processes(StopAndCopy);
+}
