@@ -19,7 +19,7 @@ use livemig::core::driver::{run_destination, run_source};
 use livemig::core::units::{parse_rate, parse_size};
 use livemig::core::{
     Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, Policy, Precopy,
-    SourceEngine, StopAndCopy, StreamTransport, SystemClock,
+    SourceEngine, SourceVerify, StopAndCopy, StreamTransport, SystemClock,
 };
 use livemig::kvm::TestVm;
 use serde_json::{json, Value};
@@ -35,6 +35,14 @@ enum PolicyArg {
     Precopy,
     /// Pause, copy everything, resume.
     StopAndCopy,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum VerifyArg {
+    /// A full scan of memory after the pause.
+    Full,
+    /// The content of each page as it was sent.
+    Sent,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -65,6 +73,11 @@ struct Args {
     /// on the destination, in milliseconds.
     #[arg(long, default_value_t = 300)]
     settle_ms: u64,
+    /// What the completion digest covers: `full` reads all of memory
+    /// again after the pause (catches a dirty log that missed a write);
+    /// `sent` digests pages as they were sent (milliseconds instead).
+    #[arg(long, value_enum, default_value = "full")]
+    verify: VerifyArg,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -169,7 +182,13 @@ fn source(a: &Args) -> Result<bool, String> {
         vm.control(),
         policy,
         clock,
-        EngineConfig::default(),
+        EngineConfig {
+            verify: match a.verify {
+                VerifyArg::Full => SourceVerify::FullScan,
+                VerifyArg::Sent => SourceVerify::SentContent,
+            },
+            ..EngineConfig::default()
+        },
     );
     let stats = run_source(&mut e, &mut t, TIMEOUT).map_err(|e| e.to_string())?;
     drop(t);
@@ -212,6 +231,7 @@ fn source(a: &Args) -> Result<bool, String> {
             "report-interval-ms": interval_us as f64 / 1000.0,
             "counter-last-on-source": before, "counter-first-on-destination": after,
             "counter-continues": continues, "memory-verified": verified,
+            "verify": format!("{:?}", a.verify).to_lowercase(),
             "destination": dest,
         });
         println!(

@@ -368,3 +368,26 @@ fn layouts_with_holes_migrate() {
     assert_verified(&r);
     assert_eq!(r.stats.rounds[0].sent + r.stats.rounds[0].skipped, 1 << 20);
 }
+
+#[test]
+fn sent_content_verification_verifies_a_correct_migration() {
+    for policy in [
+        Box::new(Precopy::default()) as Box<dyn Policy>,
+        Box::new(StopAndCopy),
+    ] {
+        let r = simulate(SimConfig {
+            layout: MemoryLayout::flat(PageSize::DEFAULT, 32 << 20).unwrap(),
+            mode: MemoryMode::Bytes,
+            workload: uniform(4096, 20_000.0, 4),
+            link: Link::new(GBIT, Duration::from_millis(1)),
+            policy,
+            engine: EngineConfig {
+                verify: migrate_core::SourceVerify::SentContent,
+                ..EngineConfig::default()
+            },
+            time_limit: Duration::from_secs(3600),
+        })
+        .expect("simulated migration");
+        assert_verified(&r);
+    }
+}

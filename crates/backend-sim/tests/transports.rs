@@ -6,11 +6,11 @@ use backend_sim::{
 };
 use bytes::Bytes;
 use migrate_core::driver::{run_destination, run_source};
-use migrate_core::engine::{DestinationEngine, EngineConfig, SourceEngine};
+use migrate_core::engine::{DestinationEngine, EngineConfig, SourceEngine, SourceVerify};
 use migrate_core::transport::{channel_pair, StreamTransport, Transport, TransportError};
 use migrate_core::{
-    Clock, MemoryLayout, MigrationError, PageSize, Policy, PostCopy, Precopy, StopAndCopy,
-    SystemClock,
+    Clock, GuestControl, MemoryLayout, MigrationError, PageSize, Policy, PostCopy, Precopy,
+    StopAndCopy, SystemClock,
 };
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
@@ -340,4 +340,94 @@ fn postcopy_destination_that_loses_its_source_does_not_pretend_the_guest_is_whol
     );
     assert!(!completed, "and the migration must not claim completion");
     assert!(dst.absent_pages() > 0);
+}
+
+/// A tracker that loses every write to pages that are multiples of 97,
+/// as a buggy dirty log would.
+struct Lossy(SimTracker);
+
+impl migrate_core::DirtyTracker for Lossy {
+    fn start(&mut self) -> Result<(), migrate_core::BackendError> {
+        self.0.start()
+    }
+    fn collect_and_clear(
+        &mut self,
+        into: &mut migrate_core::DirtyBitmap,
+    ) -> Result<(), migrate_core::BackendError> {
+        self.0.collect_and_clear(into)?;
+        let lost: Vec<u64> = into.iter_ones().filter(|p| p % 97 == 0).collect();
+        lost.into_iter().for_each(|p| into.clear(p));
+        Ok(())
+    }
+    fn peek(
+        &mut self,
+        into: &mut migrate_core::DirtyBitmap,
+    ) -> Result<(), migrate_core::BackendError> {
+        self.0.peek(into)
+    }
+    fn stop(&mut self) -> Result<(), migrate_core::BackendError> {
+        self.0.stop()
+    }
+}
+
+fn lossy_migration(
+    verify: SourceVerify,
+) -> (
+    Result<migrate_core::MigrationStats, MigrationError>,
+    Result<migrate_core::engine::DestinationReport, MigrationError>,
+    SimGuest,
+    SimGuest,
+) {
+    // Uniform writes over all of a small memory, so lost pages are written.
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let layout = MemoryLayout::flat(PageSize::DEFAULT, 8 << 20).unwrap();
+    let w = WorkloadSpec::new(WorkloadKind::Uniform, 2048, 200_000.0, 3);
+    let src =
+        SimGuest::source(layout.clone(), MemoryMode::Bytes, w.clone(), clock.clone()).unwrap();
+    let dst = SimGuest::destination(layout, MemoryMode::Bytes, w, clock.clone()).unwrap();
+    let (a, b) = channel_pair(64);
+    let (d, c) = (dst.clone(), clock.clone());
+    let dest = std::thread::spawn(move || {
+        let mut t = b;
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        run_destination(&mut e, &mut t, TIMEOUT)
+    });
+    let mut t = a;
+    let config = EngineConfig {
+        verify,
+        ..EngineConfig::default()
+    };
+    let mut e = SourceEngine::new(
+        Lossy(src.tracker()),
+        src.pages(),
+        src.control(),
+        Precopy::default(),
+        clock,
+        config,
+    );
+    let s = run_source(&mut e, &mut t, TIMEOUT);
+    (s, dest.join().unwrap(), src, dst)
+}
+
+#[test]
+fn full_scan_verification_catches_a_tracker_that_loses_writes() {
+    let (s, d, src, dst) = lossy_migration(SourceVerify::FullScan);
+    assert!(
+        matches!(d, Err(MigrationError::DigestMismatch { .. })),
+        "{d:?}"
+    );
+    assert!(dst.is_paused(), "the destination refused to resume");
+    assert!(matches!(s, Err(MigrationError::PeerAborted(_))), "{s:?}");
+    assert!(!src.is_paused(), "and the source guest runs on");
+}
+
+#[test]
+fn sent_content_verification_trusts_the_tracker() {
+    // The cheap mode proves the transfer, not the tracker: with a tracker
+    // that loses writes the migration completes, with stale pages. This is
+    // why a full scan is the default.
+    let (s, d, src, dst) = lossy_migration(SourceVerify::SentContent);
+    assert!(s.is_ok() && d.is_ok(), "{s:?} {d:?}");
+    dst.control().pause().unwrap();
+    assert!(!src.same_memory(&dst), "stale pages went unnoticed");
 }

@@ -64,6 +64,7 @@ pub use clock::{Clock, SystemClock, VirtualClock};
 pub use digest::MemoryDigest;
 pub use engine::{
     DestStatus, DestinationEngine, DestinationReport, EngineConfig, SourceEngine, SourceStep,
+    SourceVerify,
 };
 pub use error::{ErrorKind, MigrationError};
 pub use hca::{Hca, HcaConfig};
