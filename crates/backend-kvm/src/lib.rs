@@ -5,7 +5,8 @@
 //!
 //! - [`KvmMemory`]: a VMM's `GuestMemoryMmap` registered with KVM, one
 //!   slot per region; [`KvmDirtyTracker`] on `KVM_MEM_LOG_DIRTY_PAGES` and
-//!   `KVM_GET_DIRTY_LOG` (a peek keeps what it read, so no bit is lost);
+//!   `KVM_GET_DIRTY_LOG`, merged with the VMM's own writes through
+//!   vm-memory's dirty bitmap (a peek keeps what it read, so no bit is lost);
 //!   [`KvmPages`] reads and writes pages for the source and destination;
 //! - [`VcpuRunner`] runs a vCPU on a thread and pauses it at its next
 //!   exit; [`KvmControl`] pauses, resumes, saves and restores the vCPUs
@@ -14,8 +15,8 @@
 //!   reports its progress, for tests and examples.
 //!
 //! What it does not do yet: carry LAPIC, MSRs, XSAVE, vCPU events, the
-//! in-kernel irqchip, PIT and kvmclock; merge the VMM's own writes to guest
-//! memory into the dirty log; the dirty ring; post-copy with userfaultfd.
+//! in-kernel irqchip, PIT and kvmclock; the dirty ring; post-copy with
+//! userfaultfd.
 //!
 //! ```text
 //!  VMM: VmFd + GuestMemoryMmap + VcpuFd
@@ -28,7 +29,7 @@ mod memory;
 mod testvm;
 mod vcpu;
 
-pub use memory::{KvmDirtyTracker, KvmMemory, KvmPages};
+pub use memory::{KvmDirtyTracker, KvmMemory, KvmPages, TrackedMemory};
 pub use testvm::{TestVm, PAYLOAD, PAYLOAD_ADDR, REPORT_PORT, WSS_BASE};
 pub use vcpu::{
     restore_vcpu, save_vcpu, Fpu, GuestState, KvmControl, Report, Throttle, VcpuRunner, VcpuState,

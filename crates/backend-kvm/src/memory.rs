@@ -7,9 +7,14 @@ use migrate_core::bitmap::DirtyBitmap;
 use migrate_core::page::{MemoryLayout, PageNum, PageSize, Region};
 use migrate_core::{BackendError, BackendErrorKind, DirtyTracker, PageSink, PageSource};
 use std::sync::{Arc, Mutex, MutexGuard};
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MmapRegion,
 };
+
+/// Guest memory whose VMM-side writes are recorded in a dirty bitmap.
+pub type TrackedMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// One KVM memory slot.
 #[derive(Clone, Copy, Debug)]
@@ -21,10 +26,13 @@ struct Slot {
 }
 
 /// A VM's guest memory as KVM knows it: the VMM's `GuestMemoryMmap`, each
-/// region registered as one KVM slot (slot `i` = region `i`).
+/// region registered as one KVM slot (slot `i` = region `i`). The memory
+/// carries vm-memory's `AtomicBitmap`, so writes the VMM makes through it
+/// (device emulation, for instance) are tracked too: KVM's dirty log sees
+/// only the guest's own writes.
 pub struct KvmMemory {
     vm: Arc<VmFd>,
-    memory: GuestMemoryMmap,
+    memory: TrackedMemory,
     layout: MemoryLayout,
     slots: Vec<Slot>,
     /// Pages reported by KVM but not yet collected (KVM clears its log on
@@ -43,7 +51,7 @@ impl std::fmt::Debug for KvmMemory {
 impl KvmMemory {
     /// Registers every region of `memory` with `vm` as slot `i` (dirty
     /// logging off) and describes it as a layout of 4 KiB pages.
-    pub fn register(vm: Arc<VmFd>, memory: GuestMemoryMmap) -> Result<Self, KvmError> {
+    pub fn register(vm: Arc<VmFd>, memory: TrackedMemory) -> Result<Self, KvmError> {
         let ps = PageSize::DEFAULT;
         let mut regions = Vec::new();
         let mut slots = Vec::new();
@@ -103,7 +111,7 @@ impl KvmMemory {
     }
 
     /// The VMM's guest memory.
-    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+    pub fn guest_memory(&self) -> &TrackedMemory {
         &self.memory
     }
 
@@ -111,10 +119,11 @@ impl KvmMemory {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reads KVM's dirty log of every slot (which clears it) into `pending`.
+    /// Reads KVM's dirty log of every slot and the VMM's own dirty bitmap
+    /// (both cleared as they are read, atomically) into `pending`.
     fn fetch(&self) -> Result<(), BackendError> {
         let mut pending = self.lock();
-        for s in &self.slots {
+        for (s, region) in self.slots.iter().zip(self.memory.iter()) {
             let words = self
                 .vm
                 .get_dirty_log(s.index, s.size as usize)
@@ -125,14 +134,9 @@ impl KvmMemory {
                     )
                 })?;
             let first = s.guest_addr >> 12;
-            for (w, word) in words.iter().enumerate() {
-                let mut bits = *word;
-                while bits != 0 {
-                    let b = bits.trailing_zeros() as u64;
-                    bits &= bits - 1;
-                    pending.set(first + w as u64 * 64 + b);
-                }
-            }
+            merge(&mut pending, first, &words);
+            let mapping: &MmapRegion<AtomicBitmap> = region;
+            merge(&mut pending, first, &mapping.bitmap().get_and_reset());
         }
         Ok(())
     }
@@ -148,7 +152,21 @@ impl KvmMemory {
     }
 }
 
-/// [`DirtyTracker`] on `KVM_MEM_LOG_DIRTY_PAGES` and `KVM_GET_DIRTY_LOG`.
+/// Sets in `into` the pages of `words` (bit `i` of word `w` is page
+/// `first + 64 w + i`).
+fn merge(into: &mut DirtyBitmap, first: PageNum, words: &[u64]) {
+    for (w, word) in words.iter().enumerate() {
+        let mut bits = *word;
+        while bits != 0 {
+            let b = bits.trailing_zeros() as u64;
+            bits &= bits - 1;
+            into.set(first + w as u64 * 64 + b);
+        }
+    }
+}
+
+/// [`DirtyTracker`] on `KVM_MEM_LOG_DIRTY_PAGES` and `KVM_GET_DIRTY_LOG`,
+/// merged with the VMM's own writes.
 ///
 /// KVM clears its log on each read; `peek` keeps what it read until the
 /// next `collect_and_clear`, so no bit is lost.

@@ -28,13 +28,14 @@
 //! 10020: eb de                   jmp  loop
 //! ```
 
+use crate::memory::TrackedMemory;
 use crate::memory::{KvmDirtyTracker, KvmMemory, KvmPages};
 use crate::vcpu::{KvmControl, Report, Throttle, VcpuRunner};
 use crate::KvmError;
 use kvm_bindings::kvm_segment;
 use kvm_ioctls::Kvm;
 use std::sync::Arc;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// The payload's machine code (listing in the module docs).
 pub const PAYLOAD: [u8; 34] = [
@@ -93,7 +94,7 @@ impl TestVm {
             op: "KVM_CREATE_VM",
             source,
         })?);
-        let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_bytes as usize)])
+        let gm = TrackedMemory::from_ranges(&[(GuestAddress(0), mem_bytes as usize)])
             .map_err(|e| KvmError::Config(format!("guest memory: {e}")))?;
         let memory = Arc::new(KvmMemory::register(vm.clone(), gm)?);
         let vcpu = vm.create_vcpu(0).map_err(|source| KvmError::Ioctl {
