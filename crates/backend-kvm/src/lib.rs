@@ -9,14 +9,15 @@
 //!   vm-memory's dirty bitmap (a peek keeps what it read, so no bit is lost);
 //!   [`KvmPages`] reads and writes pages for the source and destination;
 //! - [`VcpuRunner`] runs a vCPU on a thread and pauses it at its next
-//!   exit; [`KvmControl`] pauses, resumes, saves and restores the vCPUs
-//!   (general and special registers, FPU) as a versioned state;
+//!   exit; [`KvmControl`] pauses, resumes, saves and restores the guest as
+//!   a versioned state: per vCPU the general, special and debug registers,
+//!   FPU or XSAVE and XCRs, the MSRs of the host's save list, the LAPIC,
+//!   pending events and the run state; per VM the PIC, IOAPIC, PIT and
+//!   kvmclock;
 //! - [`TestVm`], a small VMM with a 34-byte payload that dirties pages and
 //!   reports its progress, for tests and examples.
 //!
-//! What it does not do yet: carry LAPIC, MSRs, XSAVE, vCPU events, the
-//! in-kernel irqchip, PIT and kvmclock; the dirty ring; post-copy with
-//! userfaultfd.
+//! What it does not do yet: the dirty ring; post-copy with userfaultfd.
 //!
 //! ```text
 //!  VMM: VmFd + GuestMemoryMmap + VcpuFd
@@ -32,8 +33,8 @@ mod vcpu;
 pub use memory::{KvmDirtyTracker, KvmMemory, KvmPages, TrackedMemory};
 pub use testvm::{TestVm, PAYLOAD, PAYLOAD_ADDR, REPORT_PORT, WSS_BASE};
 pub use vcpu::{
-    restore_vcpu, save_vcpu, Fpu, GuestState, KvmControl, Report, Throttle, VcpuRunner, VcpuState,
-    STATE_FORMAT, STATE_VERSION,
+    restore_vcpu, restore_vm, save_vcpu, save_vm, Fpu, GuestState, KvmControl, Report, Throttle,
+    VcpuCaps, VcpuRunner, VcpuState, VmState, STATE_FORMAT, STATE_VERSION,
 };
 
 use std::time::Duration;

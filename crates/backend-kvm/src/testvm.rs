@@ -30,7 +30,7 @@
 
 use crate::memory::TrackedMemory;
 use crate::memory::{KvmDirtyTracker, KvmMemory, KvmPages};
-use crate::vcpu::{KvmControl, Report, Throttle, VcpuRunner};
+use crate::vcpu::{KvmControl, Report, Throttle, VcpuCaps, VcpuRunner};
 use crate::KvmError;
 use kvm_bindings::kvm_segment;
 use kvm_ioctls::Kvm;
@@ -55,6 +55,13 @@ fn throttle(report_every: u64, pages_per_sec: Option<f64>) -> Option<Throttle> {
         per_report: report_every,
         per_sec,
     })
+}
+
+struct Built {
+    memory: Arc<KvmMemory>,
+    vm: Arc<kvm_ioctls::VmFd>,
+    vcpu: kvm_ioctls::VcpuFd,
+    caps: Arc<VcpuCaps>,
 }
 
 /// A test VM.
@@ -83,7 +90,7 @@ fn segment(selector: u16, type_: u8, l: u8, db: u8, dpl: u8) -> kvm_segment {
 }
 
 impl TestVm {
-    fn build(mem_bytes: u64) -> Result<(Arc<KvmMemory>, kvm_ioctls::VcpuFd), KvmError> {
+    fn build(mem_bytes: u64) -> Result<Built, KvmError> {
         if !(4 << 20..=1 << 30).contains(&mem_bytes) || mem_bytes % (2 << 20) != 0 {
             return Err(KvmError::Config(format!(
                 "test VM memory must be a multiple of 2 MiB from 4 MiB to 1 GiB, not {mem_bytes}"
@@ -97,11 +104,28 @@ impl TestVm {
         let gm = TrackedMemory::from_ranges(&[(GuestAddress(0), mem_bytes as usize)])
             .map_err(|e| KvmError::Config(format!("guest memory: {e}")))?;
         let memory = Arc::new(KvmMemory::register(vm.clone(), gm)?);
+        // An in-kernel interrupt controller and PIT, as a VMM would have:
+        // they are part of the state a migration carries.
+        vm.create_irq_chip().map_err(|source| KvmError::Ioctl {
+            op: "KVM_CREATE_IRQCHIP",
+            source,
+        })?;
+        vm.create_pit2(kvm_bindings::kvm_pit_config::default())
+            .map_err(|source| KvmError::Ioctl {
+                op: "KVM_CREATE_PIT2",
+                source,
+            })?;
         let vcpu = vm.create_vcpu(0).map_err(|source| KvmError::Ioctl {
             op: "KVM_CREATE_VCPU",
             source,
         })?;
-        Ok((memory, vcpu))
+        let caps = Arc::new(VcpuCaps::probe(&kvm));
+        Ok(Built {
+            memory,
+            vm,
+            vcpu,
+            caps,
+        })
     }
 
     /// A running source VM of `mem_bytes` whose payload writes a page of
@@ -120,7 +144,12 @@ impl TestVm {
                 "working set must be 1..={max_wss} pages and the report interval a power of two"
             )));
         }
-        let (memory, vcpu) = Self::build(mem_bytes)?;
+        let Built {
+            memory,
+            vm,
+            vcpu,
+            caps,
+        } = Self::build(mem_bytes)?;
         let m = memory.guest_memory();
         let w = |addr: u64, v: u64| m.write_obj(v, GuestAddress(addr));
         let setup = || -> Result<(), vm_memory::GuestMemoryError> {
@@ -186,7 +215,7 @@ impl TestVm {
         runner.resume();
         Ok(TestVm {
             memory,
-            control: KvmControl::new(Arc::new(vec![runner])),
+            control: KvmControl::new(vm, caps, Arc::new(vec![runner])),
         })
     }
 
@@ -198,13 +227,16 @@ impl TestVm {
         report_every: u64,
         pages_per_sec: Option<f64>,
     ) -> Result<Self, KvmError> {
-        let (memory, vcpu) = Self::build(mem_bytes)?;
+        let Built {
+            memory,
+            vm,
+            vcpu,
+            caps,
+        } = Self::build(mem_bytes)?;
+        let runner = VcpuRunner::new(vcpu, throttle(report_every, pages_per_sec))?;
         Ok(TestVm {
             memory,
-            control: KvmControl::new(Arc::new(vec![VcpuRunner::new(
-                vcpu,
-                throttle(report_every, pages_per_sec),
-            )?])),
+            control: KvmControl::new(vm, caps, Arc::new(vec![runner])),
         })
     }
 

@@ -357,3 +357,65 @@ fn kvm_tracker_passes_the_tracker_conformance_check() {
     assert!(wss.iter().all(|p| again.get(*p)), "a peek loses nothing");
     t.stop().unwrap();
 }
+
+#[test]
+fn saved_state_carries_every_part_and_restores_exactly() {
+    if !have_kvm() {
+        return;
+    }
+    let _turn = serial();
+    let src = TestVm::source(MEM, 1024, 1 << 16, None).expect("source VM");
+    assert!(eventually(|| src.reports().len() >= 3));
+    let mut sc = src.control();
+    sc.pause().unwrap();
+    let saved = sc.save_state().unwrap();
+    assert_eq!(
+        (saved.format.as_str(), saved.version),
+        (backend_kvm::STATE_FORMAT, backend_kvm::STATE_VERSION)
+    );
+    let g: backend_kvm::GuestState = serde_json::from_slice(&saved.data).unwrap();
+    assert_eq!(g.vm.irqchips.len(), 3, "PIC master, PIC slave, IOAPIC");
+    assert!(g.vm.pit.is_some() && g.vm.clock.is_some());
+    let v = &g.vcpus[0];
+    assert!(v.msrs.len() > 10, "{} MSRs", v.msrs.len());
+    assert!(
+        v.lapic.is_some() && v.events.is_some() && v.debugregs.is_some() && v.mp_state.is_some()
+    );
+    assert!(v.xcrs.is_some());
+
+    let dst = TestVm::destination(MEM, 1 << 16, None).expect("destination VM");
+    let mut dc = dst.control();
+    dc.restore_state(&saved).unwrap();
+    let again: backend_kvm::GuestState =
+        serde_json::from_slice(&dc.save_state().unwrap().data).unwrap();
+    let j = |x: &dyn erased::Ser| x.json();
+    let (a, b) = (&g.vcpus[0], &again.vcpus[0]);
+    assert_eq!(j(&a.regs), j(&b.regs));
+    assert_eq!(j(&a.sregs), j(&b.sregs));
+    assert_eq!(j(&a.lapic), j(&b.lapic));
+    // Every MSR reads back as written, but the time-stamp counter (0x10),
+    // which has kept counting from the value written.
+    const TSC: u32 = 0x10;
+    assert_eq!(a.msrs.len(), b.msrs.len());
+    for (x, y) in a.msrs.iter().zip(&b.msrs) {
+        assert_eq!(x.index, y.index);
+        if x.index == TSC {
+            assert!(y.data >= x.data, "the TSC went on from where it was");
+        } else {
+            assert_eq!(x.data, y.data, "MSR {:#x}", x.index);
+        }
+    }
+    assert_eq!(j(&g.vm.irqchips), j(&again.vm.irqchips));
+}
+
+/// Compares kvm-bindings structs (which lack `PartialEq`) through JSON.
+mod erased {
+    pub trait Ser {
+        fn json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap()
+        }
+    }
+}
