@@ -26,6 +26,46 @@
 //!  KvmDirtyTracker  KvmPages     KvmControl ──▶ migrate_core engines
 //! ```
 
+//! ## From a VMM
+//!
+//! A VMM hands over what it already has; here a VM built from scratch
+//! stands in for it (`no_run`: it needs `/dev/kvm` and a guest to run).
+//!
+//! ```no_run
+//! use backend_kvm::{KvmControl, KvmMemory, KvmDirtyTracker, KvmPages, TrackedMemory, VcpuCaps, VcpuRunner};
+//! use kvm_ioctls::Kvm;
+//! use migrate_core::driver::{run_source, DEFAULT_PEER_TIMEOUT};
+//! use migrate_core::{Clock, EngineConfig, Precopy, SourceEngine, StreamTransport, SystemClock};
+//! use std::sync::Arc;
+//! use vm_memory::GuestAddress;
+//!
+//! // What the VMM has: a VM, its memory (with vm-memory's dirty bitmap, so
+//! // the VMM's own writes are tracked too) and its vCPUs.
+//! let kvm = Kvm::new()?;
+//! let vm = Arc::new(kvm.create_vm()?);
+//! let memory = TrackedMemory::from_ranges(&[(GuestAddress(0), 256 << 20)])?;
+//! let memory = Arc::new(KvmMemory::register(vm.clone(), memory)?);
+//! let vcpu = vm.create_vcpu(0)?;
+//! // ... the VMM loads its guest and sets up the vCPU here ...
+//! let runners = Arc::new(vec![VcpuRunner::new(vcpu, None)?]);
+//! runners[0].resume();
+//!
+//! // Migrating it: three handles and an engine.
+//! let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+//! let mut engine = SourceEngine::new(
+//!     KvmDirtyTracker(memory.clone()),
+//!     KvmPages(memory.clone()),
+//!     KvmControl::new(vm.clone(), Arc::new(VcpuCaps::probe(&kvm)), runners),
+//!     Precopy::default(),
+//!     clock,
+//!     EngineConfig::default(),
+//! );
+//! let mut transport = StreamTransport::connect_tcp("destination.example:7000")?;
+//! let stats = run_source(&mut engine, &mut transport, DEFAULT_PEER_TIMEOUT)?;
+//! println!("{stats}");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
 mod memory;
 mod testvm;
 mod vcpu;

@@ -331,6 +331,8 @@ struct Shared {
     ctl: Mutex<Ctl>,
     cv: Condvar,
     throttle: Option<Throttle>,
+    /// `/proc/<pid>/task/<tid>/schedstat` of the vCPU thread.
+    schedstat: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 /// A vCPU run on its own thread until paused. The guest must leave
@@ -355,6 +357,7 @@ impl VcpuRunner {
             ctl: Mutex::new(Ctl::default()),
             cv: Condvar::new(),
             throttle,
+            schedstat: std::sync::OnceLock::new(),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -416,6 +419,14 @@ impl VcpuRunner {
         self.ctl().reports.clone()
     }
 
+    /// CPU time the vCPU thread has used (nearly all of it in the guest),
+    /// where the host can say.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let text = std::fs::read_to_string(self.shared.schedstat.get()?).ok()?;
+        let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+        Some(Duration::from_nanos(ns))
+    }
+
     /// Runs `f` on the vCPU fd; the vCPU must be paused.
     pub fn with_vcpu<R>(&self, f: impl FnOnce(&VcpuFd) -> R) -> R {
         let v = self.shared.vcpu.lock().unwrap_or_else(|e| e.into_inner());
@@ -438,6 +449,11 @@ impl Drop for VcpuRunner {
 }
 
 fn vcpu_loop(s: &Shared) {
+    if let Ok(me) = std::fs::read_link("/proc/thread-self") {
+        let _ = s
+            .schedstat
+            .set(std::path::Path::new("/proc").join(me).join("schedstat"));
+    }
     loop {
         {
             let mut c = s.ctl.lock().unwrap_or_else(|e| e.into_inner());
@@ -586,6 +602,10 @@ impl GuestControl for KvmControl {
             version: STATE_VERSION,
             data,
         })
+    }
+
+    fn guest_cpu_time(&self) -> Option<Duration> {
+        self.runners.iter().map(|r| r.cpu_time()).sum()
     }
 
     fn restore_state(&mut self, state: &DeviceState) -> Result<(), BackendError> {
