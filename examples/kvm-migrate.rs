@@ -60,6 +60,9 @@ struct Args {
     /// Guest memory (2 MiB multiple, up to 1 GiB).
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     mem: u64,
+    /// vCPUs, each dirtying its own slice of the working set.
+    #[arg(long, default_value_t = 1)]
+    vcpus: usize,
     /// Working set the guest dirties.
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     wss: u64,
@@ -123,7 +126,8 @@ fn destination(a: &Args) -> Result<bool, String> {
         .connect
         .as_deref()
         .ok_or("invalid: the destination needs --connect")?;
-    let vm = TestVm::destination(a.mem, REPORT_EVERY, rate(a)).map_err(|e| e.to_string())?;
+    let vm = TestVm::destination_smp(a.mem, a.vcpus, REPORT_EVERY, rate(a))
+        .map_err(|e| e.to_string())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let mut t = StreamTransport::connect_tcp(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock);
@@ -156,6 +160,7 @@ fn source(a: &Args) -> Result<bool, String> {
     let mut child = Command::new(exe)
         .args(["--role", "destination", "--connect", &addr.to_string()])
         .args(["--mem", &a.mem.to_string(), "--wss", &a.wss.to_string()])
+        .args(["--vcpus", &a.vcpus.to_string()])
         .args([
             "--dirty-rate",
             &format!("{}", a.dirty_rate as u64),
@@ -165,8 +170,8 @@ fn source(a: &Args) -> Result<bool, String> {
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("starting the destination process: {e}"))?;
-    let vm =
-        TestVm::source(a.mem, a.wss / 4096, REPORT_EVERY, rate(a)).map_err(|e| e.to_string())?;
+    let vm = TestVm::source_smp(a.mem, a.vcpus, a.wss / 4096, REPORT_EVERY, rate(a))
+        .map_err(|e| e.to_string())?;
     std::thread::sleep(Duration::from_millis(a.settle_ms));
     let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;

@@ -60,7 +60,7 @@ fn throttle(report_every: u64, pages_per_sec: Option<f64>) -> Option<Throttle> {
 struct Built {
     memory: Arc<KvmMemory>,
     vm: Arc<kvm_ioctls::VmFd>,
-    vcpu: kvm_ioctls::VcpuFd,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
     caps: Arc<VcpuCaps>,
 }
 
@@ -90,7 +90,10 @@ fn segment(selector: u16, type_: u8, l: u8, db: u8, dpl: u8) -> kvm_segment {
 }
 
 impl TestVm {
-    fn build(mem_bytes: u64) -> Result<Built, KvmError> {
+    fn build(mem_bytes: u64, vcpus: usize) -> Result<Built, KvmError> {
+        if !(1..=16).contains(&vcpus) {
+            return Err(KvmError::Config(format!("1 to 16 vCPUs, not {vcpus}")));
+        }
         if !(4 << 20..=1 << 30).contains(&mem_bytes) || mem_bytes % (2 << 20) != 0 {
             return Err(KvmError::Config(format!(
                 "test VM memory must be a multiple of 2 MiB from 4 MiB to 1 GiB, not {mem_bytes}"
@@ -115,15 +118,19 @@ impl TestVm {
                 op: "KVM_CREATE_PIT2",
                 source,
             })?;
-        let vcpu = vm.create_vcpu(0).map_err(|source| KvmError::Ioctl {
-            op: "KVM_CREATE_VCPU",
-            source,
-        })?;
+        let vcpus = (0..vcpus as u64)
+            .map(|id| {
+                vm.create_vcpu(id).map_err(|source| KvmError::Ioctl {
+                    op: "KVM_CREATE_VCPU",
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let caps = Arc::new(VcpuCaps::probe(&kvm));
         Ok(Built {
             memory,
             vm,
-            vcpu,
+            vcpus,
             caps,
         })
     }
@@ -138,6 +145,19 @@ impl TestVm {
         report_every: u64,
         pages_per_sec: Option<f64>,
     ) -> Result<Self, KvmError> {
+        Self::source_smp(mem_bytes, 1, wss_pages, report_every, pages_per_sec)
+    }
+
+    /// As [`TestVm::source`] with `vcpus` vCPUs, each running the payload
+    /// over its own slice of the working set (`wss_pages / vcpus` pages) at
+    /// its share of the rate, each with its own counter.
+    pub fn source_smp(
+        mem_bytes: u64,
+        vcpus: usize,
+        wss_pages: u64,
+        report_every: u64,
+        pages_per_sec: Option<f64>,
+    ) -> Result<Self, KvmError> {
         let max_wss = (mem_bytes - WSS_BASE) / 4096;
         if wss_pages == 0 || wss_pages > max_wss || !report_every.is_power_of_two() {
             return Err(KvmError::Config(format!(
@@ -147,9 +167,16 @@ impl TestVm {
         let Built {
             memory,
             vm,
-            vcpu,
+            vcpus: fds,
             caps,
-        } = Self::build(mem_bytes)?;
+        } = Self::build(mem_bytes, vcpus)?;
+        let n = fds.len() as u64;
+        if wss_pages < n {
+            return Err(KvmError::Config(
+                "fewer working-set pages than vCPUs".into(),
+            ));
+        }
+        let share = wss_pages / n;
         let m = memory.guest_memory();
         let w = |addr: u64, v: u64| m.write_obj(v, GuestAddress(addr));
         let setup = || -> Result<(), vm_memory::GuestMemoryError> {
@@ -174,48 +201,60 @@ impl TestVm {
         };
         setup().map_err(|e| KvmError::Config(format!("writing the payload: {e}")))?;
         let ioctl = |op| move |source| KvmError::Ioctl { op, source };
-        let mut s = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-        s.cs = segment(0x23, 11, 1, 0, 3);
-        let data = segment(0x1b, 3, 0, 1, 3);
-        s.ds = data;
-        s.es = data;
-        s.fs = data;
-        s.gs = data;
-        s.ss = data;
-        s.tr = kvm_segment {
-            limit: 0x67,
-            selector: 0x28,
-            type_: 11,
-            s: 0,
-            l: 0,
-            db: 0,
-            g: 0,
-            dpl: 0,
-            ..segment(0, 0, 0, 0, 0)
-        };
-        s.gdt.base = 0x500;
-        s.gdt.limit = 5 * 8 - 1;
-        s.idt.base = 0;
-        s.idt.limit = 0;
-        s.cr0 = 0x8005_0033; // PG | AM | WP | NE | ET | MP | PE
-        s.cr3 = 0x1000;
-        s.cr4 = 0x620; // OSXMMEXCPT | OSFXSR | PAE
-        s.efer = 0xd00; // NXE | LMA | LME
-        vcpu.set_sregs(&s).map_err(ioctl("KVM_SET_SREGS"))?;
-        let mut r = vcpu.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
-        r.rip = PAYLOAD_ADDR;
-        r.rsp = 0x9000;
-        r.rflags = 0x3002; // IOPL 3
-        r.rdi = WSS_BASE;
-        r.rsi = wss_pages;
-        r.r8 = report_every - 1;
-        r.rcx = 0;
-        vcpu.set_regs(&r).map_err(ioctl("KVM_SET_REGS"))?;
-        let runner = VcpuRunner::new(vcpu, throttle(report_every, pages_per_sec))?;
-        runner.resume();
+        let rate = pages_per_sec.map(|r| r / n as f64);
+        let mut runners = Vec::new();
+        for (i, vcpu) in fds.into_iter().enumerate() {
+            let mut s = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+            s.cs = segment(0x23, 11, 1, 0, 3);
+            let data = segment(0x1b, 3, 0, 1, 3);
+            s.ds = data;
+            s.es = data;
+            s.fs = data;
+            s.gs = data;
+            s.ss = data;
+            s.tr = kvm_segment {
+                limit: 0x67,
+                selector: 0x28,
+                type_: 11,
+                s: 0,
+                l: 0,
+                db: 0,
+                g: 0,
+                dpl: 0,
+                ..segment(0, 0, 0, 0, 0)
+            };
+            s.gdt.base = 0x500;
+            s.gdt.limit = 5 * 8 - 1;
+            s.idt.base = 0;
+            s.idt.limit = 0;
+            s.cr0 = 0x8005_0033; // PG | AM | WP | NE | ET | MP | PE
+            s.cr3 = 0x1000;
+            s.cr4 = 0x620; // OSXMMEXCPT | OSFXSR | PAE
+            s.efer = 0xd00; // NXE | LMA | LME
+            vcpu.set_sregs(&s).map_err(ioctl("KVM_SET_SREGS"))?;
+            let mut r = vcpu.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
+            r.rip = PAYLOAD_ADDR;
+            r.rsp = 0x9000 - i as u64 * 0x100;
+            r.rflags = 0x3002; // IOPL 3
+            r.rdi = WSS_BASE + i as u64 * share * 4096;
+            r.rsi = share;
+            r.r8 = report_every - 1;
+            r.rcx = 0;
+            vcpu.set_regs(&r).map_err(ioctl("KVM_SET_REGS"))?;
+            // With an in-kernel LAPIC every vCPU but the first waits for
+            // INIT/SIPI; the test guest starts them all at once.
+            vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(ioctl("KVM_SET_MP_STATE"))?;
+            runners.push(VcpuRunner::new(vcpu, throttle(report_every, rate))?);
+        }
+        for r in &runners {
+            r.resume();
+        }
         Ok(TestVm {
             memory,
-            control: KvmControl::new(vm, caps, Arc::new(vec![runner])),
+            control: KvmControl::new(vm, caps, Arc::new(runners)),
         })
     }
 
@@ -227,16 +266,30 @@ impl TestVm {
         report_every: u64,
         pages_per_sec: Option<f64>,
     ) -> Result<Self, KvmError> {
+        Self::destination_smp(mem_bytes, 1, report_every, pages_per_sec)
+    }
+
+    /// As [`TestVm::destination`] with `vcpus` vCPUs.
+    pub fn destination_smp(
+        mem_bytes: u64,
+        vcpus: usize,
+        report_every: u64,
+        pages_per_sec: Option<f64>,
+    ) -> Result<Self, KvmError> {
         let Built {
             memory,
             vm,
-            vcpu,
+            vcpus: fds,
             caps,
-        } = Self::build(mem_bytes)?;
-        let runner = VcpuRunner::new(vcpu, throttle(report_every, pages_per_sec))?;
+        } = Self::build(mem_bytes, vcpus)?;
+        let rate = pages_per_sec.map(|r| r / fds.len() as f64);
+        let runners = fds
+            .into_iter()
+            .map(|fd| VcpuRunner::new(fd, throttle(report_every, rate)))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(TestVm {
             memory,
-            control: KvmControl::new(vm, caps, Arc::new(vec![runner])),
+            control: KvmControl::new(vm, caps, Arc::new(runners)),
         })
     }
 
@@ -255,13 +308,27 @@ impl TestVm {
         self.control.clone()
     }
 
-    /// The payload's reports so far, stamped with host time.
+    /// The first vCPU's reports so far, stamped with host time.
     pub fn reports(&self) -> Vec<Report> {
-        self.control.runners()[0].reports()
+        self.reports_of(0)
     }
 
-    /// Why the guest stopped, if it did.
+    /// vCPU `i`'s reports so far (none for a vCPU that does not exist).
+    pub fn reports_of(&self, i: usize) -> Vec<Report> {
+        self.control
+            .runners()
+            .get(i)
+            .map(|r| r.reports())
+            .unwrap_or_default()
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(&self) -> usize {
+        self.control.runners().len()
+    }
+
+    /// Why the guest stopped, if a vCPU did.
     pub fn fault(&self) -> Option<String> {
-        self.control.runners()[0].fault()
+        self.control.runners().iter().find_map(|r| r.fault())
     }
 }

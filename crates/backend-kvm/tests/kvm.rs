@@ -419,3 +419,57 @@ mod erased {
         }
     }
 }
+
+#[test]
+fn a_guest_with_two_vcpus_moves_with_both_counters_continuing() {
+    if !have_kvm() {
+        return;
+    }
+    let _turn = serial();
+    const EVERY: u64 = 1 << 10;
+    let src = TestVm::source_smp(MEM, 2, 4096, EVERY, Some(40_000.0)).expect("source VM");
+    assert_eq!(src.vcpus(), 2);
+    assert!(eventually(
+        || src.reports_of(0).len() >= 3 && src.reports_of(1).len() >= 3
+    ));
+    let dst = TestVm::destination_smp(MEM, 2, EVERY, Some(40_000.0)).expect("destination VM");
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let (a, b) = channel_pair(8);
+    let (dp, dc, c2) = (dst.pages(), dst.control(), clock.clone());
+    let dest = std::thread::spawn(move || {
+        let mut t = b;
+        let mut e = DestinationEngine::new(dp, dc, c2);
+        run_destination(&mut e, &mut t, TIMEOUT)
+    });
+    let mut t = a;
+    let mut e = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        Precopy::default(),
+        clock,
+        EngineConfig::default(),
+    );
+    let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
+    let report = dest.join().unwrap().expect("destination");
+    assert!(stats.memory_verified && report.resume_confirmed);
+    let layout = src.pages().layout().clone();
+    assert_eq!(
+        digest_memory(&mut src.pages(), &layout).unwrap(),
+        report.digest.unwrap()
+    );
+    for i in 0..2 {
+        assert!(
+            eventually(|| !dst.reports_of(i).is_empty()),
+            "vCPU {i} runs on the destination"
+        );
+        let last = src.reports_of(i).last().unwrap().value;
+        let first = dst.reports_of(i)[0].value;
+        assert_eq!(
+            first,
+            last + EVERY,
+            "vCPU {i}'s counter goes on from where it stopped"
+        );
+    }
+    assert!(dst.fault().is_none(), "{:?}", dst.fault());
+}
