@@ -9,8 +9,9 @@ use bytes::Bytes;
 use migrate_core::conformance::{check_dirty_tracker, check_page_roundtrip, Precision};
 use migrate_core::digest::digest_memory;
 use migrate_core::driver::{run_destination, run_source};
-use migrate_core::engine::{DestinationEngine, EngineConfig, SourceEngine};
+use migrate_core::engine::{DestinationEngine, DestinationReport, EngineConfig, SourceEngine};
 use migrate_core::transport::{channel_pair, Transport, TransportError};
+use migrate_core::MigrationStats;
 use migrate_core::{
     Clock, GuestControl, MigrationError, PageSource, Policy, Precopy, StopAndCopy, SystemClock,
 };
@@ -56,18 +57,13 @@ fn rcx(vm: &TestVm) -> u64 {
     vm.control().runners()[0].with_vcpu(|fd| fd.get_regs().unwrap().rcx)
 }
 
-fn migrate<P: Policy + 'static>(policy: P) {
-    if !have_kvm() {
-        return;
-    }
-    let _turn = serial();
-    let src = TestVm::source(MEM, 4096, 1 << 16, None).expect("source VM");
-    assert!(
-        eventually(|| src.reports().len() >= 10),
-        "the payload runs and reports"
-    );
-    assert!(src.fault().is_none(), "{:?}", src.fault());
-    let dst = TestVm::destination(MEM, 1 << 16, None).expect("destination VM");
+/// Migrates `src` into `dst` over an in-process transport, the
+/// destination on its own thread; both sides must succeed.
+fn migrate_in_process<P: Policy>(
+    src: &TestVm,
+    dst: &TestVm,
+    policy: P,
+) -> (MigrationStats, DestinationReport) {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let (a, b) = channel_pair(8);
     let (dp, dc, c2) = (dst.pages(), dst.control(), clock.clone());
@@ -88,6 +84,22 @@ fn migrate<P: Policy + 'static>(policy: P) {
     let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
     let report = dest.join().unwrap().expect("destination");
     assert!(stats.memory_verified && report.resume_confirmed);
+    (stats, report)
+}
+
+fn migrate<P: Policy + 'static>(policy: P) {
+    if !have_kvm() {
+        return;
+    }
+    let _turn = serial();
+    let src = TestVm::source(MEM, 4096, 1 << 16, None).expect("source VM");
+    assert!(
+        eventually(|| src.reports().len() >= 10),
+        "the payload runs and reports"
+    );
+    assert!(src.fault().is_none(), "{:?}", src.fault());
+    let dst = TestVm::destination(MEM, 1 << 16, None).expect("destination VM");
+    let (stats, report) = migrate_in_process(&src, &dst, policy);
 
     // The source stays paused; its memory is what the destination got.
     let at_pause = rcx(&src);
@@ -433,26 +445,7 @@ fn a_guest_with_two_vcpus_moves_with_both_counters_continuing() {
         || src.reports_of(0).len() >= 3 && src.reports_of(1).len() >= 3
     ));
     let dst = TestVm::destination_smp(MEM, 2, EVERY, Some(40_000.0)).expect("destination VM");
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let (a, b) = channel_pair(8);
-    let (dp, dc, c2) = (dst.pages(), dst.control(), clock.clone());
-    let dest = std::thread::spawn(move || {
-        let mut t = b;
-        let mut e = DestinationEngine::new(dp, dc, c2);
-        run_destination(&mut e, &mut t, TIMEOUT)
-    });
-    let mut t = a;
-    let mut e = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        Precopy::default(),
-        clock,
-        EngineConfig::default(),
-    );
-    let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
-    let report = dest.join().unwrap().expect("destination");
-    assert!(stats.memory_verified && report.resume_confirmed);
+    let (_, report) = migrate_in_process(&src, &dst, Precopy::default());
     let layout = src.pages().layout().clone();
     assert_eq!(
         digest_memory(&mut src.pages(), &layout).unwrap(),
