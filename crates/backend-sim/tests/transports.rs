@@ -52,6 +52,19 @@ fn source_engine<P: Policy>(
     )
 }
 
+/// Runs a destination engine for `dst` over `t` on its own thread.
+fn spawn_destination<T: Transport + 'static>(
+    dst: &SimGuest,
+    clock: &Arc<dyn Clock>,
+    mut t: T,
+) -> std::thread::JoinHandle<Result<migrate_core::engine::DestinationReport, MigrationError>> {
+    let (d, c) = (dst.clone(), clock.clone());
+    std::thread::spawn(move || {
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        run_destination(&mut e, &mut t, TIMEOUT)
+    })
+}
+
 fn migrate_over<A, B>(src_t: A, dst_t: B)
 where
     A: Transport + 'static,
@@ -60,11 +73,7 @@ where
     let (src, dst, clock) = guests(64 << 20, 50_000.0);
     let d = dst.clone();
     let c = clock.clone();
-    let dest = std::thread::spawn(move || {
-        let mut t = dst_t;
-        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
-        run_destination(&mut e, &mut t, TIMEOUT)
-    });
+    let dest = spawn_destination(&d, &c, dst_t);
     let mut t = src_t;
     let mut e = source_engine(&src, Precopy::default(), clock);
     let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
@@ -205,15 +214,15 @@ fn connection_cut_after_completion_leaves_the_outcome_to_the_operator() {
     let (a, b) = channel_pair(64);
     let d = dst.clone();
     let c = clock.clone();
-    let dest = std::thread::spawn(move || {
-        // The destination's confirmation (type 11) cannot get out either.
-        let mut t = Cut {
+    // The destination's confirmation (type 11) cannot get out either.
+    let dest = spawn_destination(
+        &d,
+        &c,
+        Cut {
             refuse_type: Some(11),
             ..Cut::new(b)
-        };
-        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
-        run_destination(&mut e, &mut t, TIMEOUT)
-    });
+        },
+    );
     // Cut right after the completion record (type 8) went out.
     let mut t = Cut {
         cut_after_type: Some(8),
@@ -256,11 +265,7 @@ fn destination_refusing_the_layout_aborts_and_the_source_keeps_running() {
     let (a, b) = channel_pair(8);
     let d = dst.clone();
     let c = clock.clone();
-    let dest = std::thread::spawn(move || {
-        let mut t = b;
-        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
-        run_destination(&mut e, &mut t, TIMEOUT)
-    });
+    let dest = spawn_destination(&d, &c, b);
     let mut t = a;
     let mut e = source_engine(&src, Precopy::default(), clock);
     let err = run_source(&mut e, &mut t, TIMEOUT).unwrap_err();
@@ -387,11 +392,7 @@ fn lossy_migration(
     let dst = SimGuest::destination(layout, MemoryMode::Bytes, w, clock.clone()).unwrap();
     let (a, b) = channel_pair(64);
     let (d, c) = (dst.clone(), clock.clone());
-    let dest = std::thread::spawn(move || {
-        let mut t = b;
-        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
-        run_destination(&mut e, &mut t, TIMEOUT)
-    });
+    let dest = spawn_destination(&d, &c, b);
     let mut t = a;
     let config = EngineConfig {
         verify,
