@@ -71,7 +71,7 @@ mod testvm;
 mod vcpu;
 
 pub use memory::{KvmDirtyTracker, KvmMemory, KvmPages, TrackedMemory};
-pub use testvm::{TestVm, PAYLOAD, PAYLOAD_ADDR, REPORT_PORT, WSS_BASE};
+pub use testvm::{Pacing, TestVm, PAYLOAD, PAYLOAD_ADDR, REPORT_PORT, WSS_BASE};
 pub use vcpu::{
     restore_vcpu, restore_vm, save_vcpu, save_vm, Fpu, GuestState, KvmControl, Report, Throttle,
     VcpuCaps, VcpuRunner, VcpuState, VmState, STATE_FORMAT, STATE_VERSION,

@@ -10,8 +10,11 @@
 //! Guest memory layout: GDT at 0x500, PML4 at 0x1000, PDPT at 0x2000, PD at
 //! 0x3000, the payload at 0x10000, the working set from 1 MiB.
 //!
-//! The payload, 34 bytes, registers set by the VMM: `rdi` = working-set
-//! base, `rsi` = working-set pages, `r8` = report mask, `rcx` = counter.
+//! The payload, 75 bytes, assembled from `payload/payload.S` (a test checks
+//! that the file assembles to exactly [`PAYLOAD`]). Registers set by the
+//! VMM: `rdi` = working-set base, `rsi` = working-set pages, `r8` = report
+//! mask, `rcx` = counter, `r9` = TSC ticks between reports (0: no pacing in
+//! the guest), `r10` = TSC deadline of the next report.
 //!
 //! ```text
 //! 10000: 48 ff c1          loop: inc  rcx            ; the progress counter
@@ -25,8 +28,28 @@
 //! 10018: 89 c8                   mov  eax, ecx
 //! 1001a: ba 10 00 00 00          mov  edx, 0x10
 //! 1001f: ef                      out  dx, eax        ; report to the VMM
-//! 10020: eb de                   jmp  loop
+//! 10020: 4d 85 c9                test r9, r9
+//! 10023: 74 db                   jz   loop           ; no pacing
+//! 10025: 0f 31             wait: rdtsc
+//! 10027: 48 c1 e2 20             shl  rdx, 32
+//! 1002b: 48 09 d0                or   rax, rdx       ; rax = TSC
+//! 1002e: 4c 89 d2                mov  rdx, r10
+//! 10031: 48 29 c2                sub  rdx, rax       ; deadline - TSC
+//! 10034: 76 0b                   jbe  next           ; the deadline has come
+//! 10036: 4c 39 ca                cmp  rdx, r9
+//! 10039: 76 ea                   jbe  wait           ; within one interval
+//! 1003b: 4e 8d 14 08    restart: lea  r10, [rax+r9]  ; TSC jumped: start again
+//! 1003f: eb bf                   jmp  loop
+//! 10041: 4d 01 ca          next: add  r10, r9
+//! 10044: 49 39 c2                cmp  r10, rax
+//! 10047: 76 f2                   jbe  restart        ; more than an interval late
+//! 10049: eb b5                   jmp  loop
 //! ```
+//!
+//! The same file holds a multiboot boot stub, so the payload also runs
+//! under any multiboot loader (`qemu-system-x86_64 -kernel payload.elf`):
+//! `payload/build.sh` builds the image, and [`TestVm::boot_multiboot`]
+//! starts it in this VMM through the same entry a loader uses.
 
 use crate::memory::TrackedMemory;
 use crate::memory::{KvmDirtyTracker, KvmMemory, KvmPages};
@@ -38,10 +61,12 @@ use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress};
 
 /// The payload's machine code (listing in the module docs).
-pub const PAYLOAD: [u8; 34] = [
-    0x48, 0xFF, 0xC1, 0x48, 0x89, 0xC8, 0x31, 0xD2, 0x48, 0xF7, 0xF6, 0x48, 0xC1, 0xE2, 0x0C, 0x48,
-    0x89, 0x0C, 0x17, 0x4C, 0x85, 0xC1, 0x75, 0xE8, 0x89, 0xC8, 0xBA, 0x10, 0x00, 0x00, 0x00, 0xEF,
-    0xEB, 0xDE,
+pub const PAYLOAD: [u8; 75] = [
+    0x48, 0xff, 0xc1, 0x48, 0x89, 0xc8, 0x31, 0xd2, 0x48, 0xf7, 0xf6, 0x48, 0xc1, 0xe2, 0x0c, 0x48,
+    0x89, 0x0c, 0x17, 0x4c, 0x85, 0xc1, 0x75, 0xe8, 0x89, 0xc8, 0xba, 0x10, 0x00, 0x00, 0x00, 0xef,
+    0x4d, 0x85, 0xc9, 0x74, 0xdb, 0x0f, 0x31, 0x48, 0xc1, 0xe2, 0x20, 0x48, 0x09, 0xd0, 0x4c, 0x89,
+    0xd2, 0x48, 0x29, 0xc2, 0x76, 0x0b, 0x4c, 0x39, 0xca, 0x76, 0xea, 0x4e, 0x8d, 0x14, 0x08, 0xeb,
+    0xbf, 0x4d, 0x01, 0xca, 0x49, 0x39, 0xc2, 0x76, 0xf2, 0xeb, 0xb5,
 ];
 /// Where the payload is loaded.
 pub const PAYLOAD_ADDR: u64 = 0x10000;
@@ -57,6 +82,22 @@ fn throttle(report_every: u64, pages_per_sec: Option<f64>) -> Option<Throttle> {
     })
 }
 
+/// How the payload's dirtying rate is held.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pacing {
+    /// As fast as the vCPU runs.
+    Unlimited,
+    /// The VMM holds the vCPU at each report so that it dirties at most
+    /// this many pages a second (the vCPU thread sleeps; the guest cannot
+    /// tell).
+    Vmm(f64),
+    /// The guest waits on its own TSC between reports so that it dirties
+    /// this many pages a second, as it does under any other VMM (the
+    /// multiboot image paces itself the same way). The vCPU spins while it
+    /// waits.
+    GuestTsc(f64),
+}
+
 struct Built {
     memory: Arc<KvmMemory>,
     vm: Arc<kvm_ioctls::VmFd>,
@@ -69,6 +110,32 @@ struct Built {
 pub struct TestVm {
     memory: Arc<KvmMemory>,
     control: KvmControl,
+}
+
+/// The GDT: null, kernel code, kernel data, user data, user code (the same
+/// as the multiboot stub's).
+const GDT: [u64; 5] = [
+    0,
+    0x00af_9b00_0000_ffff,
+    0x00cf_9300_0000_ffff,
+    0x00cf_f300_0000_ffff,
+    0x00af_fb00_0000_ffff,
+];
+
+/// A busy 32/64-bit TSS, as the processor has after reset: what long
+/// mode requires of TR even when nothing uses it.
+fn busy_tss() -> kvm_segment {
+    kvm_segment {
+        limit: 0x67,
+        selector: 0x28,
+        type_: 11,
+        s: 0,
+        l: 0,
+        db: 0,
+        g: 0,
+        dpl: 0,
+        ..segment(0, 0, 0, 0, 0)
+    }
 }
 
 fn segment(selector: u16, type_: u8, l: u8, db: u8, dpl: u8) -> kvm_segment {
@@ -118,12 +185,34 @@ impl TestVm {
                 op: "KVM_CREATE_PIT2",
                 source,
             })?;
+        // The CPUID the host supports, as a VMM passes it on: long mode
+        // and NX among it, which a guest that enables them itself needs.
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| KvmError::Ioctl {
+                op: "KVM_GET_SUPPORTED_CPUID",
+                source,
+            })?;
         let vcpus = (0..vcpus as u64)
             .map(|id| {
-                vm.create_vcpu(id).map_err(|source| KvmError::Ioctl {
+                let fd = vm.create_vcpu(id).map_err(|source| KvmError::Ioctl {
                     op: "KVM_CREATE_VCPU",
                     source,
-                })
+                })?;
+                let mut own = cpuid.clone();
+                for e in own.as_mut_slice() {
+                    match e.function {
+                        // Initial APIC ID in EBX[31:24]; x2APIC ID in EDX.
+                        1 => e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24),
+                        0xb | 0x1f => e.edx = id as u32,
+                        _ => {}
+                    }
+                }
+                fd.set_cpuid2(&own).map_err(|source| KvmError::Ioctl {
+                    op: "KVM_SET_CPUID2",
+                    source,
+                })?;
+                Ok(fd)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let caps = Arc::new(VcpuCaps::probe(&kvm));
@@ -158,6 +247,26 @@ impl TestVm {
         report_every: u64,
         pages_per_sec: Option<f64>,
     ) -> Result<Self, KvmError> {
+        let pacing = pages_per_sec.map_or(Pacing::Unlimited, Pacing::Vmm);
+        Self::source_paced(mem_bytes, vcpus, wss_pages, report_every, pacing)
+    }
+
+    /// As [`TestVm::source_smp`], with the rate held as `pacing` says (the
+    /// whole guest's rate, shared out among the vCPUs).
+    pub fn source_paced(
+        mem_bytes: u64,
+        vcpus: usize,
+        wss_pages: u64,
+        report_every: u64,
+        pacing: Pacing,
+    ) -> Result<Self, KvmError> {
+        if let Pacing::Vmm(r) | Pacing::GuestTsc(r) = pacing {
+            if !(r.is_finite() && r > 0.0) {
+                return Err(KvmError::Config(format!(
+                    "the dirtying rate must be a positive number of pages a second, not {r}"
+                )));
+            }
+        }
         let max_wss = (mem_bytes - WSS_BASE) / 4096;
         if wss_pages == 0 || wss_pages > max_wss || !report_every.is_power_of_two() {
             return Err(KvmError::Config(format!(
@@ -180,15 +289,7 @@ impl TestVm {
         let m = memory.guest_memory();
         let w = |addr: u64, v: u64| m.write_obj(v, GuestAddress(addr));
         let setup = || -> Result<(), vm_memory::GuestMemoryError> {
-            // GDT: null, kernel code, kernel data, user data, user code.
-            let gdt = [
-                0u64,
-                0x00af_9b00_0000_ffff,
-                0x00cf_9300_0000_ffff,
-                0x00cf_f300_0000_ffff,
-                0x00af_fb00_0000_ffff,
-            ];
-            for (i, e) in gdt.iter().enumerate() {
+            for (i, e) in GDT.iter().enumerate() {
                 w(0x500 + i as u64 * 8, *e)?;
             }
             w(0x1000, 0x2000 | 7)?;
@@ -201,9 +302,17 @@ impl TestVm {
         };
         setup().map_err(|e| KvmError::Config(format!("writing the payload: {e}")))?;
         let ioctl = |op| move |source| KvmError::Ioctl { op, source };
-        let rate = pages_per_sec.map(|r| r / n as f64);
         let mut runners = Vec::new();
         for (i, vcpu) in fds.into_iter().enumerate() {
+            let (vmm_throttle, tsc_ticks) = match pacing {
+                Pacing::Unlimited => (None, 0),
+                Pacing::Vmm(r) => (throttle(report_every, Some(r / n as f64)), 0),
+                Pacing::GuestTsc(r) => {
+                    let khz = vcpu.get_tsc_khz().map_err(ioctl("KVM_GET_TSC_KHZ"))?;
+                    let ticks = khz as f64 * 1000.0 * report_every as f64 / (r / n as f64);
+                    (None, (ticks as u64).max(1))
+                }
+            };
             let mut s = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
             s.cs = segment(0x23, 11, 1, 0, 3);
             let data = segment(0x1b, 3, 0, 1, 3);
@@ -212,17 +321,7 @@ impl TestVm {
             s.fs = data;
             s.gs = data;
             s.ss = data;
-            s.tr = kvm_segment {
-                limit: 0x67,
-                selector: 0x28,
-                type_: 11,
-                s: 0,
-                l: 0,
-                db: 0,
-                g: 0,
-                dpl: 0,
-                ..segment(0, 0, 0, 0, 0)
-            };
+            s.tr = busy_tss();
             s.gdt.base = 0x500;
             s.gdt.limit = 5 * 8 - 1;
             s.idt.base = 0;
@@ -240,6 +339,8 @@ impl TestVm {
             r.rsi = share;
             r.r8 = report_every - 1;
             r.rcx = 0;
+            r.r9 = tsc_ticks;
+            r.r10 = 0;
             vcpu.set_regs(&r).map_err(ioctl("KVM_SET_REGS"))?;
             // With an in-kernel LAPIC every vCPU but the first waits for
             // INIT/SIPI; the test guest starts them all at once.
@@ -247,7 +348,7 @@ impl TestVm {
                 mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
             })
             .map_err(ioctl("KVM_SET_MP_STATE"))?;
-            runners.push(VcpuRunner::new(vcpu, throttle(report_every, rate))?);
+            runners.push(VcpuRunner::new(vcpu, vmm_throttle)?);
         }
         for r in &runners {
             r.resume();
@@ -255,6 +356,82 @@ impl TestVm {
         Ok(TestVm {
             memory,
             control: KvmControl::new(vm, caps, Arc::new(runners)),
+        })
+    }
+
+    /// Starts a multiboot (version 1) ELF image the way a multiboot loader
+    /// does: its loadable segments at their physical addresses, the
+    /// command line and the multiboot information at 0x7000, and one vCPU
+    /// in 32-bit protected mode at CPL 0 with paging off, `eax` =
+    /// 0x2BADB002 and `ebx` = the information's address. With the image
+    /// `payload/build.sh` builds, the guest then sets itself up and runs
+    /// [`PAYLOAD`] at CPL 3 with the parameters `cmdline` gives (see
+    /// `payload/payload.S`), reporting on [`REPORT_PORT`].
+    pub fn boot_multiboot(mem_bytes: u64, image: &[u8], cmdline: &str) -> Result<Self, KvmError> {
+        const INFO: u64 = 0x7000;
+        const CMDLINE: u64 = 0x7100;
+        let elf = Elf32::parse(image)?;
+        if cmdline.len() >= 0xf00 || cmdline.contains('\0') {
+            return Err(KvmError::Config(
+                "the command line must be under 3840 bytes, without NUL".into(),
+            ));
+        }
+        for seg in &elf.segments {
+            if seg.paddr + seg.memsz > mem_bytes || seg.paddr < 0x8000 {
+                return Err(KvmError::Config(format!(
+                    "image segment at {:#x} of {} bytes is outside guest memory above 0x8000",
+                    seg.paddr, seg.memsz
+                )));
+            }
+        }
+        let Built {
+            memory,
+            vm,
+            vcpus: mut fds,
+            caps,
+        } = Self::build(mem_bytes, 1)?;
+        let m = memory.guest_memory();
+        let load = || -> Result<(), vm_memory::GuestMemoryError> {
+            for seg in &elf.segments {
+                let data = &image[seg.offset as usize..(seg.offset + seg.filesz) as usize];
+                m.write_slice(data, GuestAddress(seg.paddr))?;
+                let bss = vec![0u8; (seg.memsz - seg.filesz) as usize];
+                m.write_slice(&bss, GuestAddress(seg.paddr + seg.filesz))?;
+            }
+            // flags: bit 2, the command line is valid.
+            m.write_obj(1u32 << 2, GuestAddress(INFO))?;
+            m.write_obj(CMDLINE as u32, GuestAddress(INFO + 16))?;
+            let mut line = cmdline.as_bytes().to_vec();
+            line.push(0);
+            m.write_slice(&line, GuestAddress(CMDLINE))
+        };
+        load().map_err(|e| KvmError::Config(format!("loading the image: {e}")))?;
+        let vcpu = fds.remove(0);
+        let ioctl = |op| move |source| KvmError::Ioctl { op, source };
+        let mut s = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+        s.cs = segment(0x08, 11, 0, 1, 0);
+        let data = segment(0x10, 3, 0, 1, 0);
+        s.ds = data;
+        s.es = data;
+        s.fs = data;
+        s.gs = data;
+        s.ss = data;
+        s.tr = busy_tss();
+        s.cr0 = 0x11; // ET | PE
+        s.cr4 = 0;
+        s.efer = 0;
+        vcpu.set_sregs(&s).map_err(ioctl("KVM_SET_SREGS"))?;
+        let mut r = vcpu.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
+        r.rip = elf.entry;
+        r.rflags = 0x2;
+        r.rax = 0x2BAD_B002;
+        r.rbx = INFO;
+        vcpu.set_regs(&r).map_err(ioctl("KVM_SET_REGS"))?;
+        let runner = VcpuRunner::new(vcpu, None)?;
+        runner.resume();
+        Ok(TestVm {
+            memory,
+            control: KvmControl::new(vm, caps, Arc::new(vec![runner])),
         })
     }
 
@@ -330,5 +507,86 @@ impl TestVm {
     /// Why the guest stopped, if a vCPU did.
     pub fn fault(&self) -> Option<String> {
         self.control.runners().iter().find_map(|r| r.fault())
+    }
+}
+
+struct Segment {
+    offset: u64,
+    paddr: u64,
+    filesz: u64,
+    memsz: u64,
+}
+
+/// The parts of a 32-bit little-endian x86 ELF executable a multiboot
+/// loader uses.
+struct Elf32 {
+    entry: u64,
+    segments: Vec<Segment>,
+}
+
+impl Elf32 {
+    fn parse(image: &[u8]) -> Result<Self, KvmError> {
+        let bad = |why: &str| KvmError::Config(format!("not a multiboot ELF image: {why}"));
+        let u16_at = |at: usize| {
+            image
+                .get(at..at + 2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]) as u64)
+                .ok_or_else(|| bad("truncated"))
+        };
+        let u32_at = |at: usize| {
+            image
+                .get(at..at + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64)
+                .ok_or_else(|| bad("truncated"))
+        };
+        if image.get(..7) != Some(&[0x7f, b'E', b'L', b'F', 1, 1, 1][..]) {
+            return Err(bad("no 32-bit little-endian ELF header"));
+        }
+        if u16_at(18)? != 3 {
+            return Err(bad("not for x86"));
+        }
+        // A multiboot header: a 4-aligned magic in the first 8 KiB whose
+        // next two words sum with it to zero.
+        let has_header = (0..8192.min(image.len().saturating_sub(12)))
+            .step_by(4)
+            .any(|at| {
+                matches!(
+                    (u32_at(at), u32_at(at + 4), u32_at(at + 8)),
+                    (Ok(0x1BAD_B002), Ok(f), Ok(c)) if (0x1BAD_B002u64 + f + c) as u32 == 0
+                )
+            });
+        if !has_header {
+            return Err(bad("no multiboot header in the first 8 KiB"));
+        }
+        let entry = u32_at(24)?;
+        let phoff = u32_at(28)? as usize;
+        let phentsize = u16_at(42)? as usize;
+        let phnum = u16_at(44)? as usize;
+        if phentsize < 32 {
+            return Err(bad("program headers too small"));
+        }
+        let mut segments = Vec::new();
+        for i in 0..phnum {
+            let at = phoff
+                .checked_add(i * phentsize)
+                .ok_or_else(|| bad("program headers out of range"))?;
+            if u32_at(at)? != 1 {
+                continue; // not PT_LOAD
+            }
+            let seg = Segment {
+                offset: u32_at(at + 4)?,
+                paddr: u32_at(at + 12)?,
+                filesz: u32_at(at + 16)?,
+                memsz: u32_at(at + 20)?,
+            };
+            if seg.filesz > seg.memsz || seg.offset + seg.filesz > image.len() as u64 {
+                return Err(bad("a segment lies outside the file"));
+            }
+            segments.push(seg);
+        }
+        if segments.is_empty() {
+            return Err(bad("nothing to load"));
+        }
+        Ok(Elf32 { entry, segments })
     }
 }

@@ -466,3 +466,120 @@ fn a_guest_with_two_vcpus_moves_with_both_counters_continuing() {
     }
     assert!(dst.fault().is_none(), "{:?}", dst.fault());
 }
+
+/// Builds the multiboot image with `payload/build.sh` (binutils).
+fn build_image() -> std::path::PathBuf {
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("payload");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("payload/build.sh");
+    let status = std::process::Command::new("sh")
+        .arg(&script)
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("running payload/build.sh (needs binutils)");
+    assert!(status.success(), "payload/build.sh failed");
+    out
+}
+
+#[test]
+fn payload_source_assembles_to_the_payload_bytes() {
+    let out = build_image();
+    let bytes = std::fs::read(out.join("payload.bin")).unwrap();
+    assert_eq!(bytes, backend_kvm::PAYLOAD);
+}
+
+#[test]
+fn multiboot_image_boots_to_cpl3_and_migrates() {
+    if !have_kvm() {
+        return;
+    }
+    let image = std::fs::read(build_image().join("payload.elf")).unwrap();
+    let _turn = serial();
+    let src = TestVm::boot_multiboot(MEM, &image, "payload.elf wss=512 every=4096 ticks=0")
+        .expect("booting the image");
+    assert!(
+        eventually(|| src.reports().len() >= 5),
+        "the booted payload reports ({:?})",
+        src.fault()
+    );
+    let values: Vec<u64> = src.reports().iter().map(|r| r.value).collect();
+    assert!(values.iter().all(|v| v % 4096 == 0), "{values:?}");
+    assert!(values.windows(2).all(|w| w[1] == w[0] + 4096), "{values:?}");
+
+    // The stub handed over to the payload at CPL 3 with the parameters
+    // from the command line (the reports show its port I/O works).
+    src.control().pause().unwrap();
+    let (regs, sregs) = src.control().runners()[0]
+        .with_vcpu(|fd| (fd.get_regs().unwrap(), fd.get_sregs().unwrap()));
+    src.control().resume().unwrap();
+    assert_eq!((sregs.cs.selector, sregs.cs.dpl, sregs.cs.l), (0x23, 3, 1));
+    assert!(
+        (0x10000..0x10000 + 75).contains(&regs.rip),
+        "{:#x}",
+        regs.rip
+    );
+    assert_eq!(
+        (regs.rdi, regs.rsi, regs.r8, regs.r9),
+        (1 << 20, 512, 4095, 0)
+    );
+
+    // It dirties exactly its working set: 512 pages from 1 MiB.
+    let mut tracker = src.tracker();
+    let layout = src.pages().layout().clone();
+    tracker.start().unwrap();
+    let first = src.reports().len();
+    assert!(eventually(|| src.reports().len() >= first + 2));
+    let mut dirty = DirtyBitmap::new(layout.page_end());
+    tracker.collect_and_clear(&mut dirty).unwrap();
+    tracker.stop().unwrap();
+    let ws = (256..256 + 512).filter(|&p| dirty.get(p)).count();
+    assert_eq!(ws, 512, "every working-set page dirtied");
+    assert_eq!(dirty.count_ones(), 512, "and nothing else");
+    assert_eq!(layout.total_pages(), MEM / 4096);
+
+    let dst = TestVm::destination(MEM, 4096, None).expect("destination VM");
+    let (_, report) = migrate_in_process(&src, &dst, Precopy::default());
+    assert_eq!(
+        digest_memory(&mut src.pages(), &layout).unwrap(),
+        report.digest.unwrap()
+    );
+    let last = src.reports().last().unwrap().value;
+    assert!(eventually(|| !dst.reports().is_empty()));
+    assert_eq!(dst.reports()[0].value, last + 4096, "the counter continues");
+}
+
+#[test]
+fn guest_tsc_pacing_holds_the_rate_before_and_after_migration() {
+    if !have_kvm() {
+        return;
+    }
+    let _turn = serial();
+    let rate = 20_000.0; // pages a second
+    let every = 1 << 10;
+    let pacing = backend_kvm::Pacing::GuestTsc(rate);
+    let src = TestVm::source_paced(MEM, 1, 4096, every, pacing).expect("source VM");
+    // Measured over the reports of about one second.
+    let measured = |vm: &TestVm| {
+        let start = vm.reports().len();
+        assert!(
+            eventually(|| vm.reports().len() >= start + 20),
+            "{:?}",
+            vm.fault()
+        );
+        let r = vm.reports();
+        let (a, b) = (&r[start], &r[start + 19]);
+        (b.value - a.value) as f64 / (b.at - a.at).as_secs_f64()
+    };
+    let before = measured(&src);
+    assert!(
+        (0.7 * rate..1.3 * rate).contains(&before),
+        "{before:.0} pages/s paced to {rate}"
+    );
+    let dst = TestVm::destination(MEM, every, None).expect("destination VM");
+    migrate_in_process(&src, &dst, Precopy::default());
+    let after = measured(&dst);
+    assert!(
+        (0.7 * rate..1.3 * rate).contains(&after),
+        "{after:.0} pages/s after migration, paced to {rate}"
+    );
+}
