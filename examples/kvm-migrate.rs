@@ -21,7 +21,7 @@ use livemig::core::{
     Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, Policy, Precopy,
     SourceEngine, SourceVerify, StopAndCopy, StreamTransport, SystemClock,
 };
-use livemig::kvm::TestVm;
+use livemig::kvm::{Pacing, TestVm};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -43,6 +43,15 @@ enum VerifyArg {
     Full,
     /// The content of each page as it was sent.
     Sent,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum PacingArg {
+    /// The VMM holds the vCPU at each progress report (it sleeps).
+    Vmm,
+    /// The guest waits on its TSC between reports, as it does under QEMU
+    /// (`scripts/qemu-migrate.py`); the vCPU spins while it waits.
+    Guest,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -69,6 +78,9 @@ struct Args {
     /// Rate at which the guest dirties pages (0: as fast as it can).
     #[arg(long, default_value = "100MB/s", value_parser = parse_rate)]
     dirty_rate: f64,
+    /// Who holds the guest to --dirty-rate.
+    #[arg(long, value_enum, default_value = "vmm")]
+    pacing: PacingArg,
     /// Migration policy.
     #[arg(long, value_enum, default_value = "precopy")]
     policy: PolicyArg,
@@ -101,8 +113,17 @@ fn micros(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// The rate the VMM holds the guest to, if it does.
 fn rate(a: &Args) -> Option<f64> {
-    (a.dirty_rate > 0.0).then_some(a.dirty_rate / 4096.0)
+    (a.dirty_rate > 0.0 && a.pacing == PacingArg::Vmm).then_some(a.dirty_rate / 4096.0)
+}
+
+fn pacing(a: &Args) -> Pacing {
+    match (a.dirty_rate > 0.0, a.pacing) {
+        (false, _) => Pacing::Unlimited,
+        (true, PacingArg::Vmm) => Pacing::Vmm(a.dirty_rate / 4096.0),
+        (true, PacingArg::Guest) => Pacing::GuestTsc(a.dirty_rate / 4096.0),
+    }
 }
 
 fn main() -> ExitCode {
@@ -161,6 +182,7 @@ fn source(a: &Args) -> Result<bool, String> {
         .args(["--role", "destination", "--connect", &addr.to_string()])
         .args(["--mem", &a.mem.to_string(), "--wss", &a.wss.to_string()])
         .args(["--vcpus", &a.vcpus.to_string()])
+        .args(["--pacing", a.pacing.to_possible_value().unwrap().get_name()])
         .args([
             "--dirty-rate",
             &format!("{}", a.dirty_rate as u64),
@@ -170,7 +192,7 @@ fn source(a: &Args) -> Result<bool, String> {
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("starting the destination process: {e}"))?;
-    let vm = TestVm::source_smp(a.mem, a.vcpus, a.wss / 4096, REPORT_EVERY, rate(a))
+    let vm = TestVm::source_paced(a.mem, a.vcpus, a.wss / 4096, REPORT_EVERY, pacing(a))
         .map_err(|e| e.to_string())?;
     std::thread::sleep(Duration::from_millis(a.settle_ms));
     let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
@@ -231,7 +253,7 @@ fn source(a: &Args) -> Result<bool, String> {
     if a.json {
         let mut v = stats.to_json();
         v["kvm"] = json!({
-            "mem-bytes": a.mem, "wss-bytes": a.wss, "dirty-rate-bytes-per-sec": a.dirty_rate,
+            "mem-bytes": a.mem, "wss-bytes": a.wss, "dirty-rate-bytes-per-sec": a.dirty_rate, "pacing": format!("{:?}", a.pacing).to_lowercase(),
             "guest-observed-downtime-ms": gap_us as f64 / 1000.0,
             "report-interval-ms": interval_us as f64 / 1000.0,
             "counter-last-on-source": before, "counter-first-on-destination": after,

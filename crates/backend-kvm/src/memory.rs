@@ -253,4 +253,22 @@ impl PageSink for KvmPages {
             BackendError::new(BackendErrorKind::Io, format!("write page {page:#x}: {e}"))
         })
     }
+
+    /// Writes zeros only if the page is not zero already: a page of fresh
+    /// guest memory that was never touched reads as the kernel's shared
+    /// zero page, so most of a destination's zero pages cost neither an
+    /// allocation nor a write (and the destination's memory stays as
+    /// sparse as the source's).
+    fn write_zero_page(&mut self, page: PageNum) -> Result<(), BackendError> {
+        let a = self.0.addr(page)?;
+        let io = |e: vm_memory::GuestMemoryError| {
+            BackendError::new(BackendErrorKind::Io, format!("page {page:#x}: {e}"))
+        };
+        let mut now = [0u8; 4096];
+        self.0.memory.read_slice(&mut now, a).map_err(io)?;
+        if !migrate_core::digest::is_zero_page(&now) {
+            self.0.memory.write_slice(&[0u8; 4096], a).map_err(io)?;
+        }
+        Ok(())
+    }
 }

@@ -151,12 +151,13 @@ impl<S: SplitStream> std::fmt::Debug for StreamTransport<S> {
 
 /// Frames the reader thread may hold before it stops reading (TCP then
 /// pushes back on the sender).
-const READ_AHEAD: usize = 16;
+const READ_AHEAD: usize = 4;
 
 impl<S: SplitStream> StreamTransport<S> {
     /// Wraps a connected stream.
     pub fn new(stream: S) -> io::Result<Self> {
-        let mut reader_half = stream.try_clone_stream()?;
+        // Buffered: small frames then cost one read call among many.
+        let mut reader_half = io::BufReader::with_capacity(256 << 10, stream.try_clone_stream()?);
         let (tx, rx) = mpsc::sync_channel(READ_AHEAD);
         let reader = std::thread::Builder::new()
             .name("livemig-rx".into())
@@ -226,10 +227,24 @@ impl<S: SplitStream> Transport for StreamTransport<S> {
             });
         }
         let len = (frame.len() as u32).to_le_bytes();
-        let r = self
-            .writer
-            .write_all(&len)
-            .and_then(|_| self.writer.write_all(frame));
+        // Length and frame in one call where the stream takes both.
+        let mut parts = [io::IoSlice::new(&len), io::IoSlice::new(frame)];
+        let mut left = &mut parts[..];
+        let mut r = Ok(());
+        while !left.is_empty() {
+            match self.writer.write_vectored(left) {
+                Ok(0) => {
+                    r = Err(io::Error::from(io::ErrorKind::WriteZero));
+                    break;
+                }
+                Ok(n) => io::IoSlice::advance_slices(&mut left, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    r = Err(e);
+                    break;
+                }
+            }
+        }
         r.map_err(|e| match e.kind() {
             io::ErrorKind::BrokenPipe
             | io::ErrorKind::ConnectionReset
