@@ -4,7 +4,9 @@
 //! ([`core`]: pages, bitmaps, traits, policies, protocol, engine,
 //! statistics) and, behind features, the backends: [`sim`] (feature
 //! `sim`, on by default) is a deterministic simulated guest and link;
-//! [`kvm`] (feature `kvm`, on by default) migrates real KVM guests.
+//! [`kvm`] (feature `kvm`, on by default) migrates real KVM guests;
+//! [`xen`] (feature `xen`, on by default) migrates Xen domains and reads
+//! Xen's own migration logs (it needs no Xen library to build).
 //!
 //! A VMM implements [`core::DirtyTracker`], [`core::PageSource`] and
 //! [`core::GuestControl`] on the source, [`core::PageSink`] (with
@@ -65,3 +67,5 @@ pub use backend_sim as sim;
 
 #[cfg(feature = "kvm")]
 pub use backend_kvm as kvm;
+#[cfg(feature = "xen")]
+pub use backend_xen as xen;

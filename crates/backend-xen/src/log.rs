@@ -1,0 +1,1 @@
+//! Xen migration logs (being written).
