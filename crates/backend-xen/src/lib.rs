@@ -5,3 +5,12 @@
 //! statistics, and checks their arithmetic.
 
 pub mod log;
+pub mod domain;
+pub mod state;
+#[allow(unsafe_code)]
+mod sys;
+pub mod xc;
+
+pub use domain::{StopMode, XenControl, XenDirtyTracker, XenDomain, XenPages};
+pub use state::XenDeviceState;
+pub use xc::{Xen, XenError};
