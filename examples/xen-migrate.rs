@@ -21,11 +21,11 @@
 
 use clap::{Parser, ValueEnum};
 use livemig::core::driver::{run_destination, run_source};
+use livemig::core::MemoryLayout;
 use livemig::core::{
     Clock, DestinationEngine, EngineConfig, Hca, HcaConfig, Policy, Precopy, SourceEngine,
     StopAndCopy, StreamTransport, SystemClock,
 };
-use livemig::core::MemoryLayout;
 use livemig::xen::domain::common_layout;
 use livemig::xen::{StopMode, Xen, XenDomain};
 use std::os::unix::net::UnixStream;
@@ -95,7 +95,10 @@ fn run(a: &Args) -> Result<bool, String> {
     let src = XenDomain::attach(xen.clone(), a.domid).map_err(|e| e.to_string())?;
     let dst = XenDomain::attach(xen, a.dest).map_err(|e| e.to_string())?;
     if !dst.info().map_err(|e| e.to_string())?.paused {
-        return Err(format!("domain {} is running; create it paused (xl create -p)", a.dest));
+        return Err(format!(
+            "domain {} is running; create it paused (xl create -p)",
+            a.dest
+        ));
     }
     // Migrate the RAM both domains have (see `common_layout`), and say
     // what differs.

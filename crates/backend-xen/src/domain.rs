@@ -182,7 +182,10 @@ pub const SPECIAL_AREA: u64 = 0xfc000;
 /// when it resumes), and a fresh domain may have a frame the running guest
 /// gave back; neither is guest memory to copy.
 pub fn common_layout(a: &MemoryLayout, b: &MemoryLayout) -> Result<MemoryLayout, XenError> {
-    let frames = a.regions().iter().flat_map(|r| r.first_page..r.first_page + r.pages);
+    let frames = a
+        .regions()
+        .iter()
+        .flat_map(|r| r.first_page..r.first_page + r.pages);
     let both = frames.filter(|&p| p < SPECIAL_AREA && b.dense_index(p).is_some());
     MemoryLayout::new(PageSize::DEFAULT, regions_of(both))
         .map_err(|e| XenError::Invalid(format!("the two domains share no memory: {e}")))
@@ -448,8 +451,21 @@ impl GuestControl for XenControl {
     fn save_state(&mut self) -> Result<DeviceState, BackendError> {
         let context = self.d.xen.hvm_context(self.d.domid).map_err(be)?;
         let mut params = Vec::new();
-        for &(p, _) in CARRIED_PARAMS {
-            params.push((p, self.d.xen.hvm_param(self.d.domid, p).map_err(be)?));
+        for &(p, must_match) in CARRIED_PARAMS {
+            match self.d.xen.hvm_param(self.d.domid, p) {
+                Ok(v) => params.push((p, v)),
+                // Not every parameter exists for every guest type (PVH
+                // has no VM86 TSS, for one); those that do not are not
+                // carried.
+                Err(XenError::Call { source, .. })
+                    if !must_match && source.raw_os_error() == Some(22) => {}
+                Err(e) => {
+                    return Err(BackendError::new(
+                        BackendErrorKind::Io,
+                        format!("HVM parameter {p}: {e}"),
+                    ))
+                }
+            }
         }
         Ok(XenDeviceState { context, params }.to_device_state())
     }
@@ -474,10 +490,7 @@ impl GuestControl for XenControl {
                     ),
                 ));
             }
-            self.d
-                .xen
-                .set_hvm_param(self.d.domid, p, v)
-                .map_err(be)?;
+            self.d.xen.set_hvm_param(self.d.domid, p, v).map_err(be)?;
         }
         self.d
             .xen
@@ -492,4 +505,3 @@ impl GuestControl for XenControl {
             .map(|i| Duration::from_nanos(i.cpu_time_ns))
     }
 }
-
