@@ -18,8 +18,8 @@ use clap::{Parser, ValueEnum};
 use livemig::core::driver::{run_destination, run_source};
 use livemig::core::units::{parse_rate, parse_size};
 use livemig::core::{
-    Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, Policy, Precopy,
-    SourceEngine, SourceVerify, StopAndCopy, StreamTransport, SystemClock,
+    Clock, DestinationEngine, EngineConfig, GuestControl, Hca, HcaConfig, PageSource, Policy,
+    Precopy, SourceEngine, SourceVerify, StopAndCopy, StreamTransport, SystemClock,
 };
 use livemig::kvm::{Pacing, TestVm};
 use serde_json::{json, Value};
@@ -35,6 +35,9 @@ enum PolicyArg {
     Precopy,
     /// Pause, copy everything, resume.
     StopAndCopy,
+    /// Hierarchical copy: per-page write counts sampled from the dirty
+    /// log, cold pages first, hot pages held for the final copy.
+    Hca,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -202,6 +205,7 @@ fn source(a: &Args) -> Result<bool, String> {
     let policy: Box<dyn Policy> = match a.policy {
         PolicyArg::Precopy => Box::new(Precopy::default()),
         PolicyArg::StopAndCopy => Box::new(StopAndCopy),
+        PolicyArg::Hca => Box::new(Hca::new(HcaConfig::default())),
     };
     let mut e = SourceEngine::new(
         vm.tracker(),

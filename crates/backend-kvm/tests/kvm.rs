@@ -139,6 +139,11 @@ fn stop_and_copy_moves_a_running_guest() {
     migrate(StopAndCopy);
 }
 
+#[test]
+fn hca_moves_a_running_guest() {
+    migrate(migrate_core::Hca::new(migrate_core::HcaConfig::default()));
+}
+
 /// Cuts the connection after `left` frames.
 struct Cut<T: Transport> {
     inner: Option<T>,
