@@ -4,8 +4,8 @@
 //! `xc:` logging print during a migration into the core's round
 //! statistics, and checks their arithmetic.
 
-pub mod log;
 pub mod domain;
+pub mod log;
 pub mod state;
 #[allow(unsafe_code)]
 mod sys;

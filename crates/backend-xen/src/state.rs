@@ -115,7 +115,7 @@ mod tests {
             let mut t = d.clone();
             t.data.truncate(cut);
             let e = XenDeviceState::from_device_state(&t).unwrap_err();
-            assert_eq!(e.kind(), BackendErrorKind::IncompatibleState);
+            assert_eq!(e.kind, BackendErrorKind::IncompatibleState);
         }
         let mut longer = d.clone();
         longer.data.push(0);

@@ -624,7 +624,9 @@ impl Mapping {
 
     fn check(&self, i: usize, len: usize) -> Result<(), XenError> {
         if len != 4096 {
-            return Err(XenError::Invalid(format!("a page is 4096 bytes, not {len}")));
+            return Err(XenError::Invalid(format!(
+                "a page is 4096 bytes, not {len}"
+            )));
         }
         match self.err.get(i) {
             None => Err(XenError::Invalid(format!(
