@@ -33,4 +33,5 @@ vars='XEN_DOMCTL_SHADOW_OP_.*|HVM_PARAM_.*|SHUTDOWN_.*|XENFOREIGNMEMORY_.*'
         -- -I"$inc"
 } > "$out.tmp"
 mv "$out.tmp" "$out"
+rustfmt --edition 2021 "$out"
 echo "wrote $out"
