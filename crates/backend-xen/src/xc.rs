@@ -165,7 +165,7 @@ impl Xen {
             "libxenctrl",
             xc_interface_open,
             xc_interface_close,
-            xc_domain_getinfo,
+            xc_domain_getinfolist,
             xc_domain_maximum_gpfn,
             xc_domain_pause,
             xc_domain_unpause,
@@ -238,28 +238,30 @@ impl Xen {
     /// The domain's state.
     pub fn domain_info(&self, domid: u32) -> Result<DomainInfo, XenError> {
         let h = self.lock();
-        // SAFETY: xc_dominfo is plain old data; all zeros is a valid value.
-        let mut info: sys::xc_dominfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: xc_domaininfo_t is plain old data; all zeros is valid.
+        let mut info: sys::xc_domaininfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: the handle is open and `info` has room for one entry.
-        let n = unsafe { h.ctrl.xc_domain_getinfo(h.xch, domid, 1, &mut info) };
+        let n = unsafe { h.ctrl.xc_domain_getinfolist(h.xch, domid, 1, &mut info) };
         if n < 0 {
             return Err(XenError::Call {
-                op: "xc_domain_getinfo",
+                op: "xc_domain_getinfolist",
                 domid,
                 source: errno(),
             });
         }
-        if n != 1 || info.domid != domid {
+        if n != 1 || u32::from(info.domain) != domid {
             return Err(XenError::NoDomain(domid));
         }
+        let flag = |f: u32| info.flags & f != 0;
         Ok(DomainInfo {
             domid,
-            hvm: info.hvm() != 0,
-            paused: info.paused() != 0,
-            shutdown: info.shutdown() != 0,
-            shutdown_reason: info.shutdown_reason,
-            dying: info.dying() != 0,
-            nr_pages: info.nr_pages as u64,
+            hvm: flag(sys::XEN_DOMINF_hvm_guest),
+            paused: flag(sys::XEN_DOMINF_paused),
+            shutdown: flag(sys::XEN_DOMINF_shutdown),
+            shutdown_reason: (info.flags >> sys::XEN_DOMINF_shutdownshift)
+                & sys::XEN_DOMINF_shutdownmask,
+            dying: flag(sys::XEN_DOMINF_dying),
+            nr_pages: info.tot_pages,
             max_vcpu_id: info.max_vcpu_id,
             cpu_time_ns: info.cpu_time,
         })
