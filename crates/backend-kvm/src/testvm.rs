@@ -122,6 +122,18 @@ const GDT: [u64; 5] = [
     0x00af_fb00_0000_ffff,
 ];
 
+/// Loads `code` into CS, `data` into every data segment register, and a
+/// busy TSS into TR.
+fn flat_segments(s: &mut kvm_bindings::kvm_sregs, code: kvm_segment, data: kvm_segment) {
+    s.cs = code;
+    s.ds = data;
+    s.es = data;
+    s.fs = data;
+    s.gs = data;
+    s.ss = data;
+    s.tr = busy_tss();
+}
+
 /// A busy 32/64-bit TSS, as the processor has after reset: what long
 /// mode requires of TR even when nothing uses it.
 fn busy_tss() -> kvm_segment {
@@ -314,14 +326,12 @@ impl TestVm {
                 }
             };
             let mut s = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-            s.cs = segment(0x23, 11, 1, 0, 3);
-            let data = segment(0x1b, 3, 0, 1, 3);
-            s.ds = data;
-            s.es = data;
-            s.fs = data;
-            s.gs = data;
-            s.ss = data;
-            s.tr = busy_tss();
+            // User code (64-bit) and user data.
+            flat_segments(
+                &mut s,
+                segment(0x23, 11, 1, 0, 3),
+                segment(0x1b, 3, 0, 1, 3),
+            );
             s.gdt.base = 0x500;
             s.gdt.limit = 5 * 8 - 1;
             s.idt.base = 0;
@@ -409,14 +419,12 @@ impl TestVm {
         let vcpu = fds.remove(0);
         let ioctl = |op| move |source| KvmError::Ioctl { op, source };
         let mut s = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-        s.cs = segment(0x08, 11, 0, 1, 0);
-        let data = segment(0x10, 3, 0, 1, 0);
-        s.ds = data;
-        s.es = data;
-        s.fs = data;
-        s.gs = data;
-        s.ss = data;
-        s.tr = busy_tss();
+        // Kernel code and data, 32-bit.
+        flat_segments(
+            &mut s,
+            segment(0x08, 11, 0, 1, 0),
+            segment(0x10, 3, 0, 1, 0),
+        );
         s.cr0 = 0x11; // ET | PE
         s.cr4 = 0;
         s.efer = 0;
