@@ -57,6 +57,24 @@ fn rcx(vm: &TestVm) -> u64 {
     vm.control().runners()[0].with_vcpu(|fd| fd.get_regs().unwrap().rcx)
 }
 
+/// Runs the source side of a migration of `src` over `t`; it must succeed.
+fn source_side<P: Policy>(
+    src: &TestVm,
+    policy: P,
+    clock: Arc<dyn Clock>,
+    mut t: impl Transport,
+) -> MigrationStats {
+    let mut e = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        policy,
+        clock,
+        EngineConfig::default(),
+    );
+    run_source(&mut e, &mut t, TIMEOUT).expect("source")
+}
+
 /// Migrates `src` into `dst` over an in-process transport, the
 /// destination on its own thread; both sides must succeed.
 fn migrate_in_process<P: Policy>(
@@ -72,16 +90,7 @@ fn migrate_in_process<P: Policy>(
         let mut e = DestinationEngine::new(dp, dc, c2);
         run_destination(&mut e, &mut t, TIMEOUT)
     });
-    let mut t = a;
-    let mut e = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        policy,
-        clock,
-        EngineConfig::default(),
-    );
-    let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
+    let stats = source_side(src, policy, clock, a);
     let report = dest.join().unwrap().expect("destination");
     assert!(stats.memory_verified && report.resume_confirmed);
     (stats, report)
@@ -281,17 +290,8 @@ fn between_processes<P: Policy + 'static>(policy: P) {
     let src = TestVm::source(MEM, 4096, 1 << 10, Some(20_000.0)).expect("source VM");
     assert!(eventually(|| src.reports().len() >= 5));
     let (stream, _) = listener.accept().unwrap();
-    let mut t = migrate_core::StreamTransport::new(stream).unwrap();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let mut e = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        policy,
-        clock,
-        EngineConfig::default(),
-    );
-    let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
+    let t = migrate_core::StreamTransport::new(stream).unwrap();
+    let stats = source_side(&src, policy, Arc::new(SystemClock::new()), t);
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "destination process failed: {text}");

@@ -146,6 +146,7 @@ impl XenDomain {
         XenDirtyTracker {
             d: self.clone(),
             bitmap: None,
+            mask: None,
         }
     }
 
@@ -197,22 +198,30 @@ pub fn common_layout(a: &MemoryLayout, b: &MemoryLayout) -> Result<MemoryLayout,
 pub struct XenDirtyTracker {
     d: XenDomain,
     bitmap: Option<HypercallBitmap>,
+    /// The layout's frames, made once.
+    mask: Option<DirtyBitmap>,
 }
 
-/// Turns Xen's bitmap words into the core's bitmap over `layout`: bits
-/// beyond the layout's end, or in its holes, are dropped.
-pub fn bitmap_from_xen(words: Vec<u64>, layout: &MemoryLayout) -> DirtyBitmap {
-    let end = layout.page_end();
-    let mut words = words;
-    words.resize(end.div_ceil(64) as usize, 0);
-    let mut b = DirtyBitmap::from_words(words, end);
-    let mut inside = DirtyBitmap::new(end);
+/// The frames of `layout` as a bitmap, the mask for [`bitmap_from_xen`].
+pub fn layout_mask(layout: &MemoryLayout) -> DirtyBitmap {
+    let mut inside = DirtyBitmap::new(layout.page_end());
     for r in layout.regions() {
         for p in r.first_page..r.first_page + r.pages {
             inside.set(p);
         }
     }
-    b.intersect_with(&inside);
+    inside
+}
+
+/// Turns Xen's bitmap words into the core's bitmap over `mask` (from
+/// [`layout_mask`]): bits beyond the layout's end, or in its holes, are
+/// dropped.
+pub fn bitmap_from_xen(words: Vec<u64>, mask: &DirtyBitmap) -> DirtyBitmap {
+    let end = mask.len();
+    let mut words = words;
+    words.resize(end.div_ceil(64) as usize, 0);
+    let mut b = DirtyBitmap::from_words(words, end);
+    b.intersect_with(mask);
     b
 }
 
@@ -225,7 +234,8 @@ impl XenDirtyTracker {
             ));
         };
         self.d.xen.logdirty_read(self.d.domid, op, bm).map_err(be)?;
-        *into = bitmap_from_xen(bm.words(), &self.d.layout);
+        let mask = self.mask.get_or_insert_with(|| layout_mask(&self.d.layout));
+        *into = bitmap_from_xen(bm.words(), mask);
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! Backend tests that need no Xen: bitmap conversion, batching, layouts,
 //! and the errors on a host without Xen.
 
-use backend_xen::domain::{batches, bitmap_from_xen, regions_of, MAP_BATCH};
+use backend_xen::domain::{batches, bitmap_from_xen, layout_mask, regions_of, MAP_BATCH};
 use backend_xen::{Xen, XenError};
 use migrate_core::page::{MemoryLayout, PageSize, Region};
 
@@ -35,11 +35,11 @@ fn xen_bitmap_words_become_the_cores_bitmap() {
     }
     // Bits in the hole and beyond the end are dropped.
     words[(40000 / 64) as usize] |= 1 << (40000 % 64);
-    let b = bitmap_from_xen(words, &layout);
+    let b = bitmap_from_xen(words, &layout_mask(&layout));
     let got: Vec<u64> = b.iter_ones().collect();
     assert_eq!(got, vec![0, 1, 63, 64, 4097, 32767, 0xfeff0, 0xfefff]);
     // A short bitmap (Xen's is sized from the maximum GFN) is padded.
-    let short = bitmap_from_xen(vec![0b101], &layout);
+    let short = bitmap_from_xen(vec![0b101], &layout_mask(&layout));
     assert_eq!(short.iter_ones().collect::<Vec<_>>(), vec![0, 2]);
 }
 
