@@ -67,10 +67,13 @@
 //! ```
 
 mod memory;
+mod postcopy;
 mod testvm;
+mod uffd;
 mod vcpu;
 
 pub use memory::{KvmDirtyTracker, KvmMemory, KvmPages, TrackedMemory};
+pub use postcopy::{run_kvm_destination, FaultHandler};
 pub use testvm::{Pacing, TestVm, PAYLOAD, PAYLOAD_ADDR, REPORT_PORT, WSS_BASE};
 pub use vcpu::{
     restore_vcpu, restore_vm, save_vcpu, save_vm, Fpu, GuestState, KvmControl, Report, Throttle,
@@ -115,4 +118,13 @@ pub enum KvmError {
     /// Bad configuration.
     #[error("{0}")]
     Config(String),
+    /// A userfaultfd operation failed (post-copy destinations).
+    #[error("userfaultfd: {op} failed: {source}")]
+    Userfault {
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
 }

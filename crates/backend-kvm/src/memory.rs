@@ -1,5 +1,6 @@
 //! Guest memory registered with KVM, its dirty log, and page access.
 
+use crate::uffd::{self, Placed, Userfault};
 use crate::KvmError;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
@@ -38,6 +39,17 @@ pub struct KvmMemory {
     /// Pages reported by KVM but not yet collected (KVM clears its log on
     /// every read, so a peek keeps what it read here).
     pending: Mutex<DirtyBitmap>,
+    /// On a post-copy destination: the userfaultfd and which pages are
+    /// present.
+    postcopy: Mutex<Option<Postcopy>>,
+}
+
+/// A destination's memory under userfaultfd.
+#[derive(Debug)]
+struct Postcopy {
+    uffd: Arc<Userfault>,
+    /// Pages mapped since post-copy was enabled (placed, or found present).
+    present: DirtyBitmap,
 }
 
 impl std::fmt::Debug for KvmMemory {
@@ -76,6 +88,7 @@ impl KvmMemory {
         let layout = MemoryLayout::new(ps, regions).map_err(KvmError::Layout)?;
         let this = KvmMemory {
             pending: Mutex::new(DirtyBitmap::new(layout.page_end())),
+            postcopy: Mutex::new(None),
             vm,
             memory,
             layout,
@@ -117,6 +130,143 @@ impl KvmMemory {
 
     fn lock(&self) -> MutexGuard<'_, DirtyBitmap> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn postcopy_lock(&self) -> MutexGuard<'_, Option<Postcopy>> {
+        self.postcopy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes this memory a post-copy destination: every page is dropped
+    /// and the memory is registered with a new userfaultfd in missing-page
+    /// mode, so that from now on a page is there only once it has been
+    /// placed ([`KvmPages`] places pages with `UFFDIO_COPY` and
+    /// `UFFDIO_ZEROPAGE`), and a vCPU that touches an absent page waits
+    /// in the kernel while a fault handler ([`FaultHandler`]) asks for it.
+    ///
+    /// Call it on a fresh destination before the first page arrives: it
+    /// discards whatever the memory holds. The same destination takes
+    /// pre-copy, hybrid and post-copy streams alike.
+    ///
+    /// [`FaultHandler`]: crate::FaultHandler
+    pub fn enable_postcopy(&self) -> Result<(), KvmError> {
+        let mut pc = self.postcopy_lock();
+        if pc.is_some() {
+            return Err(KvmError::Config("post-copy is already enabled".into()));
+        }
+        let uffd = Userfault::open().map_err(|e| KvmError::Userfault {
+            op: "open a userfaultfd",
+            source: e,
+        })?;
+        for s in &self.slots {
+            uffd::drop_pages(s.host_addr, s.size).map_err(|e| KvmError::Userfault {
+                op: "drop the destination's pages",
+                source: e,
+            })?;
+            uffd.register(s.host_addr, s.size)
+                .map_err(|e| KvmError::Userfault {
+                    op: "UFFDIO_REGISTER",
+                    source: e,
+                })?;
+        }
+        *pc = Some(Postcopy {
+            uffd: Arc::new(uffd),
+            present: DirtyBitmap::new(self.layout.page_end()),
+        });
+        Ok(())
+    }
+
+    /// Pages not yet placed on a post-copy destination (0 if post-copy is
+    /// not enabled).
+    pub fn missing_pages(&self) -> u64 {
+        match &*self.postcopy_lock() {
+            Some(pc) => self.layout.total_pages() - pc.present.count_ones(),
+            None => 0,
+        }
+    }
+
+    /// Ends post-copy once every page is here: unregisters the memory
+    /// from userfaultfd, so the guest's accesses never wait again. Refused
+    /// while any page is missing: unregistered, a missing page would read
+    /// as zeros and the guest would go on with wrong memory.
+    pub fn finish_postcopy(&self) -> Result<(), KvmError> {
+        let mut pc = self.postcopy_lock();
+        let Some(state) = pc.as_ref() else {
+            return Ok(());
+        };
+        let missing = self.layout.total_pages() - state.present.count_ones();
+        if missing != 0 {
+            return Err(KvmError::Config(format!(
+                "{missing} pages are still missing; post-copy cannot end"
+            )));
+        }
+        for s in &self.slots {
+            state
+                .uffd
+                .unregister(s.host_addr, s.size)
+                .map_err(|e| KvmError::Userfault {
+                    op: "UFFDIO_UNREGISTER",
+                    source: e,
+                })?;
+        }
+        *pc = None;
+        Ok(())
+    }
+
+    /// The userfaultfd of a post-copy destination.
+    pub(crate) fn userfault(&self) -> Option<Arc<Userfault>> {
+        self.postcopy_lock().as_ref().map(|p| p.uffd.clone())
+    }
+
+    /// The guest page at host address `addr`, if it is guest memory.
+    pub(crate) fn page_at_host(&self, addr: u64) -> Option<PageNum> {
+        self.slots
+            .iter()
+            .find(|s| addr >= s.host_addr && addr - s.host_addr < s.size)
+            .map(|s| (s.guest_addr + (addr - s.host_addr)) >> 12)
+    }
+
+    /// The host address of guest page `page`.
+    fn host_of(&self, page: PageNum) -> Result<u64, BackendError> {
+        let gpa = page << 12;
+        self.slots
+            .iter()
+            .find(|s| gpa >= s.guest_addr && gpa - s.guest_addr < s.size)
+            .map(|s| s.host_addr + (gpa - s.guest_addr))
+            .ok_or_else(|| {
+                BackendError::new(
+                    BackendErrorKind::InvalidArgument,
+                    format!("page {page:#x} is not guest memory"),
+                )
+            })
+    }
+
+    /// Places a page on a post-copy destination; `None` if post-copy is
+    /// not enabled (write normally). `data` `None` is a zero page.
+    fn place(&self, page: PageNum, data: Option<&[u8]>) -> Option<Result<(), BackendError>> {
+        let mut guard = self.postcopy_lock();
+        let pc = guard.as_mut()?;
+        Some((|| {
+            let host = self.host_of(page)?;
+            let a = GuestAddress(page << 12);
+            let io = |e: std::io::Error| BackendError::io(format!("place page {page:#x}"), e);
+            if !pc.present.get(page) {
+                let placed = match data {
+                    Some(d) => pc.uffd.copy(host, d).map_err(io)?,
+                    None => pc.uffd.zeropage(host, 4096).map_err(io)?,
+                };
+                pc.present.set(page);
+                if placed == Placed::Mapped {
+                    return Ok(());
+                }
+            }
+            // Present: an ordinary write reaches it without a fault.
+            let zeros = [0u8; 4096];
+            self.memory
+                .write_slice(data.unwrap_or(&zeros), a)
+                .map_err(|e| {
+                    BackendError::new(BackendErrorKind::Io, format!("write page {page:#x}: {e}"))
+                })
+        })())
     }
 
     /// Reads KVM's dirty log of every slot and the VMM's own dirty bitmap
@@ -226,6 +376,16 @@ impl PageSource for KvmPages {
                 "output buffer is not one page per page number",
             ));
         }
+        if let Some(pc) = &*self.0.postcopy_lock() {
+            // An absent page would block this thread until someone placed
+            // it; say so instead.
+            if let Some(p) = pages.iter().find(|p| !pc.present.get(**p)) {
+                return Err(BackendError::new(
+                    BackendErrorKind::InvalidState,
+                    format!("page {p:#x} has not arrived (post-copy destination)"),
+                ));
+            }
+        }
         for (p, chunk) in pages.iter().zip(out.chunks_exact_mut(4096)) {
             let a = self.0.addr(*p)?;
             self.0.memory.read_slice(chunk, a).map_err(|e| {
@@ -249,6 +409,9 @@ impl PageSink for KvmPages {
             ));
         }
         let a = self.0.addr(page)?;
+        if let Some(r) = self.0.place(page, Some(data)) {
+            return r;
+        }
         self.0.memory.write_slice(data, a).map_err(|e| {
             BackendError::new(BackendErrorKind::Io, format!("write page {page:#x}: {e}"))
         })
@@ -261,6 +424,9 @@ impl PageSink for KvmPages {
     /// sparse as the source's).
     fn write_zero_page(&mut self, page: PageNum) -> Result<(), BackendError> {
         let a = self.0.addr(page)?;
+        if let Some(r) = self.0.place(page, None) {
+            return r;
+        }
         let io = |e: vm_memory::GuestMemoryError| {
             BackendError::new(BackendErrorKind::Io, format!("page {page:#x}: {e}"))
         };
@@ -269,6 +435,23 @@ impl PageSink for KvmPages {
         if !migrate_core::digest::is_zero_page(&now) {
             self.0.memory.write_slice(&[0u8; 4096], a).map_err(io)?;
         }
+        Ok(())
+    }
+
+    /// Post-copy: drops the page, so that the guest's next access faults
+    /// and the page is asked for again. Needs [`KvmMemory::enable_postcopy`].
+    fn discard(&mut self, page: PageNum) -> Result<(), BackendError> {
+        let host = self.0.host_of(page)?;
+        let mut guard = self.0.postcopy_lock();
+        let Some(pc) = guard.as_mut() else {
+            return Err(BackendError::new(
+                BackendErrorKind::Unsupported,
+                format!("discard of page {page:#x}: this destination did not enable post-copy"),
+            ));
+        };
+        uffd::drop_pages(host, 4096)
+            .map_err(|e| BackendError::io(format!("discard page {page:#x}"), e))?;
+        pc.present.clear(page);
         Ok(())
     }
 }

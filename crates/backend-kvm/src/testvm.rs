@@ -478,6 +478,11 @@ impl TestVm {
         })
     }
 
+    /// The guest's memory.
+    pub fn memory(&self) -> Arc<KvmMemory> {
+        self.memory.clone()
+    }
+
     /// The dirty tracker.
     pub fn tracker(&self) -> KvmDirtyTracker {
         KvmDirtyTracker(self.memory.clone())

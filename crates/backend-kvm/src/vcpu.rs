@@ -383,6 +383,13 @@ impl VcpuRunner {
         self.shared.cv.notify_all();
     }
 
+    /// Tells the vCPU to stop at its next exit, without waiting: a vCPU
+    /// parked in the kernel on a post-copy page that never comes does not
+    /// exit at all.
+    pub fn stop(&self) {
+        self.ctl().run = false;
+    }
+
     /// Stops the vCPU at its next exit and waits until it is out of the
     /// guest, at most `timeout`.
     pub fn pause(&self, timeout: Duration) -> Result<(), KvmError> {

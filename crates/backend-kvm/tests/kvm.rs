@@ -4,7 +4,7 @@
 //! sets `LIVEMIG_NO_KVM=1` to say, explicitly, that this machine has no
 //! KVM (CI does not set it).
 
-use backend_kvm::TestVm;
+use backend_kvm::{run_kvm_destination, TestVm};
 use bytes::Bytes;
 use migrate_core::conformance::{check_dirty_tracker, check_page_roundtrip, Precision};
 use migrate_core::digest::digest_memory;
@@ -15,7 +15,7 @@ use migrate_core::MigrationStats;
 use migrate_core::{
     Clock, GuestControl, MigrationError, PageSource, Policy, Precopy, StopAndCopy, SystemClock,
 };
-use migrate_core::{DirtyBitmap, DirtyTracker};
+use migrate_core::{DirtyBitmap, DirtyTracker, Hybrid, HybridConfig, PostCopy, PrecopyConfig};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -178,6 +178,27 @@ impl<T: Transport> Transport for Cut<T> {
     }
 }
 
+/// Paces the frames a source sends (a slow link): the push of a post-copy
+/// then lasts long enough that the running guest surely faults on pages
+/// it has not got.
+struct Slow<T: Transport> {
+    inner: T,
+    per_frame: Duration,
+}
+
+impl<T: Transport> Transport for Slow<T> {
+    fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
+        std::thread::sleep(self.per_frame);
+        self.inner.send(frame)
+    }
+    fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
+        self.inner.recv(timeout)
+    }
+}
+
+/// 100 µs a frame: about 0.1 s for the 1,024 frames of 64 MiB.
+const SLOW: Duration = Duration::from_micros(100);
+
 #[test]
 fn connection_cut_mid_precopy_leaves_the_source_running() {
     if !have_kvm() {
@@ -240,6 +261,10 @@ fn kvm_pages_pass_the_page_roundtrip_conformance_check() {
 /// Set (to the source's address) in the destination process of the
 /// two-process tests.
 const DEST_ENV: &str = "LIVEMIG_KVM_DESTINATION";
+/// Set (to the payload's report interval) with `DEST_ENV`.
+const EVERY_ENV: &str = "LIVEMIG_KVM_REPORT_EVERY";
+/// Set (to the payload's pages a second, 0 for no limit) with `DEST_ENV`.
+const RATE_ENV: &str = "LIVEMIG_KVM_RATE";
 
 /// The destination process of the two-process tests: the parent test
 /// starts this test binary again running only this test, with `DEST_ENV`
@@ -248,28 +273,44 @@ const DEST_ENV: &str = "LIVEMIG_KVM_DESTINATION";
 #[ignore = "the destination half of the two-process tests; they start it themselves"]
 fn destination_process() {
     let addr = std::env::var(DEST_ENV).expect("started by a two-process test");
-    let vm = TestVm::destination(MEM, 1 << 10, Some(20_000.0)).expect("destination VM");
+    let every: u64 = std::env::var(EVERY_ENV).unwrap().parse().unwrap();
+    let rate: f64 = std::env::var(RATE_ENV).unwrap().parse().unwrap();
+    let rate = (rate > 0.0).then_some(rate);
+    let vm = TestVm::destination(MEM, every, rate).expect("destination VM");
+    // One destination takes every policy's stream: post-copy is enabled
+    // up front, and a pre-copy stream is placed through userfaultfd too.
+    vm.memory().enable_postcopy().expect("userfaultfd");
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let mut t = migrate_core::StreamTransport::connect_tcp(&addr).expect("connect");
-    let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock);
-    let report = run_destination(&mut e, &mut t, TIMEOUT).expect("destination");
+    let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock.clone());
+    let report = run_kvm_destination(&mut e, &mut t, &vm.memory(), &vm.control(), clock, TIMEOUT)
+        .expect("destination");
+    assert_eq!(vm.memory().missing_pages(), 0);
     assert!(
         eventually(|| vm.reports().len() >= 3),
         "the migrated guest runs"
     );
     let r = vm.reports();
+    let pc = report.postcopy.unwrap_or_default();
     println!(
-        "DESTINATION {} {} {}",
+        "DESTINATION {} {} {} {} {}",
         report.digest.unwrap(),
         r[0].value,
-        vm.fault().is_none()
+        vm.fault().is_none(),
+        pc.faults,
+        pc.duplicates
     );
 }
 
-fn between_processes<P: Policy + 'static>(policy: P) {
-    if !have_kvm() {
-        return;
-    }
+/// Migrates the payload (dirtying a 16 MiB working set at `rate` pages a
+/// second, or as fast as it can, and reporting every `every` pages) to a
+/// destination process with `policy`.
+fn between_processes<P: Policy + 'static>(
+    policy: P,
+    every: u64,
+    rate: Option<f64>,
+    slow: bool,
+) -> MigrationStats {
     let _turn = serial();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -283,14 +324,18 @@ fn between_processes<P: Policy + 'static>(policy: P) {
             "1",
         ])
         .env(DEST_ENV, &addr)
+        .env(EVERY_ENV, every.to_string())
+        .env(RATE_ENV, rate.unwrap_or(0.0).to_string())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start the destination process");
-    // 20,000 pages a second over 16 MiB, reporting every 1,024 pages.
-    let src = TestVm::source(MEM, 4096, 1 << 10, Some(20_000.0)).expect("source VM");
+    let src = TestVm::source(MEM, 4096, every, rate).expect("source VM");
     assert!(eventually(|| src.reports().len() >= 5));
     let (stream, _) = listener.accept().unwrap();
-    let t = migrate_core::StreamTransport::new(stream).unwrap();
+    let t = Slow {
+        inner: migrate_core::StreamTransport::new(stream).unwrap(),
+        per_frame: if slow { SLOW } else { Duration::ZERO },
+    };
     let stats = source_side(&src, policy, Arc::new(SystemClock::new()), t);
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -309,21 +354,193 @@ fn between_processes<P: Policy + 'static>(policy: P) {
     let last_on_source = src.reports().last().unwrap().value;
     assert_eq!(
         first,
-        last_on_source + (1 << 10),
+        last_on_source + every,
         "the counter goes on from where it stopped"
     );
     assert_eq!(f[3], "true", "no guest fault on the destination");
     assert!(stats.memory_verified && stats.downtime > Duration::ZERO);
+    if let Some(pc) = &stats.postcopy {
+        let faults: u64 = f[4].parse().unwrap();
+        assert_eq!(pc.requests, faults, "each fault was one request");
+        assert_eq!(f[5], "0", "no page placed twice");
+    }
+    stats
 }
 
 #[test]
 fn precopy_between_two_processes() {
-    between_processes(Precopy::default());
+    if have_kvm() {
+        let stats = between_processes(Precopy::default(), 1 << 10, Some(20_000.0), false);
+        assert!(stats.postcopy.is_none());
+    }
 }
 
 #[test]
 fn stop_and_copy_between_two_processes() {
-    between_processes(StopAndCopy);
+    if have_kvm() {
+        between_processes(StopAndCopy, 1 << 10, Some(20_000.0), false);
+    }
+}
+
+#[test]
+fn hca_between_two_processes() {
+    if have_kvm() {
+        between_processes(
+            migrate_core::Hca::new(migrate_core::HcaConfig::default()),
+            1 << 10,
+            Some(20_000.0),
+            false,
+        );
+    }
+}
+
+#[test]
+fn postcopy_between_two_processes_sends_each_page_once() {
+    if have_kvm() {
+        let stats = between_processes(PostCopy::default(), 1 << 10, Some(20_000.0), true);
+        let pc = stats.postcopy.expect("a post-copy migration");
+        assert_eq!(
+            stats.total_pages_sent, stats.guest_pages,
+            "every page crosses once"
+        );
+        assert_eq!(pc.pages, stats.guest_pages);
+        assert!(pc.requests > 0, "the resumed guest faulted on absent pages");
+        assert!(pc.fault_latency_p50 > Duration::ZERO);
+    }
+}
+
+/// Hybrid that cannot converge (a 1 µs downtime target) and so switches to
+/// post-copy after two pre-copy rounds.
+fn forced_hybrid() -> Hybrid {
+    Hybrid::new(HybridConfig {
+        precopy: PrecopyConfig {
+            max_rounds: 2,
+            downtime_target: Duration::from_micros(1),
+            ..PrecopyConfig::default()
+        },
+        ..HybridConfig::default()
+    })
+}
+
+#[test]
+fn hybrid_between_two_processes() {
+    if have_kvm() {
+        // A guest that never stops writing, so that every pre-copy round
+        // finds pages dirtied.
+        let stats = between_processes(forced_hybrid(), 1 << 16, None, false);
+        assert!(stats.postcopy.is_some(), "{:?}", stats.switch_reason);
+        assert!(stats.rounds.len() >= 2, "pre-copy rounds came first");
+    }
+}
+
+/// A running source (dirtying 16 MiB as fast as it can) and a post-copy
+/// destination.
+fn postcopy_pair() -> (TestVm, TestVm) {
+    let src = TestVm::source(MEM, 4096, 1 << 16, None).expect("source VM");
+    assert!(eventually(|| src.reports().len() >= 10));
+    let dst = TestVm::destination(MEM, 1 << 16, None).expect("destination VM");
+    dst.memory().enable_postcopy().expect("userfaultfd");
+    (src, dst)
+}
+
+/// The destination's result, whether it resumed, whether it completed.
+type DestEnd = (Result<DestinationReport, MigrationError>, bool, bool);
+
+/// Runs `dst` as a post-copy destination over `t` on its own thread.
+fn postcopy_destination(
+    dst: &TestVm,
+    clock: Arc<dyn Clock>,
+    t: impl Transport + 'static,
+) -> std::thread::JoinHandle<DestEnd> {
+    let (dp, dc, mem, control) = (dst.pages(), dst.control(), dst.memory(), dst.control());
+    std::thread::spawn(move || {
+        let mut t = t;
+        let mut e = DestinationEngine::new(dp, dc, clock.clone());
+        let r = run_kvm_destination(&mut e, &mut t, &mem, &control, clock, TIMEOUT);
+        (r, e.resumed(), e.completed())
+    })
+}
+
+#[test]
+fn postcopy_moves_a_running_guest() {
+    if !have_kvm() {
+        return;
+    }
+    let _turn = serial();
+    let (src, dst) = postcopy_pair();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let (a, b) = channel_pair(8);
+    let dest = postcopy_destination(&dst, clock.clone(), b);
+    let t = Slow {
+        inner: a,
+        per_frame: SLOW,
+    };
+    let stats = source_side(&src, PostCopy::default(), clock, t);
+    let report = dest.join().unwrap().0.expect("destination");
+    let layout = src.pages().layout().clone();
+    assert_eq!(
+        digest_memory(&mut src.pages(), &layout).unwrap(),
+        report.digest.unwrap(),
+        "what arrived is the source's memory at the pause"
+    );
+    let at_pause = rcx(&src) & 0xffff_ffff;
+    assert!(eventually(|| !dst.reports().is_empty()));
+    assert!(dst.fault().is_none(), "{:?}", dst.fault());
+    let first = dst.reports()[0].value;
+    assert!(first > at_pause && first - at_pause <= 1 << 16);
+    let pc = stats.postcopy.clone().expect("post-copy figures");
+    assert!(pc.requests > 0, "the guest faulted and asked for pages");
+    assert_eq!(stats.total_pages_sent, stats.guest_pages);
+    // Memory left userfaultfd: every page is readable.
+    assert_eq!(dst.memory().missing_pages(), 0);
+    let mut page = vec![0u8; 4096];
+    dst.pages().read_pages(&[0], &mut page).unwrap();
+    println!("{stats}");
+}
+
+#[test]
+fn a_postcopy_destination_that_loses_its_source_says_the_guest_is_incomplete() {
+    if !have_kvm() {
+        return;
+    }
+    let _turn = serial();
+    let (src, dst) = postcopy_pair();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let (a, b) = channel_pair(8);
+    let dest = postcopy_destination(&dst, clock.clone(), b);
+    // Header, layout, switch-over and device state, then 60 batches of
+    // pages out of about a thousand: the connection is cut mid-push.
+    let mut t = Cut {
+        inner: Some(a),
+        left: 64,
+    };
+    let mut e = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        PostCopy::default(),
+        clock,
+        EngineConfig::default(),
+    );
+    let err = run_source(&mut e, &mut t, TIMEOUT).unwrap_err();
+    println!("source: {err}");
+    assert!(
+        !src.control().runners()[0].running(),
+        "the source stays paused: its guest ran on the destination"
+    );
+    let (r, resumed, completed) = dest.join().unwrap();
+    let err = r.unwrap_err();
+    assert!(matches!(err, MigrationError::Incomplete(_)), "{err}");
+    assert!(resumed && !completed);
+    let missing = dst.memory().missing_pages();
+    assert!(missing > 0 && missing < src.pages().layout().total_pages());
+    // It does not pretend: the memory stays under userfaultfd, and an
+    // absent page is an error, not zeros.
+    assert!(dst.memory().finish_postcopy().is_err());
+    let last = src.pages().layout().page_end() - 1;
+    let mut page = vec![0u8; 4096];
+    assert!(dst.pages().read_pages(&[last], &mut page).is_err());
+    println!("destination: {err}; {missing} pages missing");
 }
 
 #[test]

@@ -3,11 +3,13 @@
 use crate::backend::{DirtyTracker, GuestControl, PageSink, PageSource};
 use crate::engine::{DestStatus, DestinationEngine, DestinationReport, SourceEngine, SourceStep};
 use crate::error::MigrationError;
+use crate::page::PageNum;
 use crate::policy::Policy;
 use crate::protocol::abort_frame;
 use crate::stats::MigrationStats;
 use crate::transport::{Transport, TransportError};
-use std::time::Duration;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
 
 /// How long a side waits for its peer before giving up (30 s).
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -74,9 +76,9 @@ where
 /// arrived returns [`MigrationError::Incomplete`] naming the missing pages:
 /// its guest cannot go on.
 ///
-/// This driver does not serve post-copy faults by itself (the pages are
-/// pushed to it in any case); a backend that traps guest faults asks for
-/// pages with [`DestinationEngine::request_pages`] between frames.
+/// This driver does not serve post-copy faults (the pages are pushed to
+/// it in any case); [`run_destination_serving`] does, for a backend that
+/// traps the guest's faults.
 pub fn run_destination<K, G, X>(
     engine: &mut DestinationEngine<K, G>,
     transport: &mut X,
@@ -87,10 +89,87 @@ where
     G: GuestControl,
     X: Transport + ?Sized,
 {
+    drive_destination(engine, transport, None, peer_timeout)
+}
+
+/// Pages the destination's guest touched and does not have, as a
+/// backend's fault handler saw them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Faults {
+    /// The pages.
+    pub pages: Vec<PageNum>,
+    /// When the faults were seen, on the engine's clock: the fault
+    /// latency of each page is measured from here until it is placed.
+    pub at: Duration,
+}
+
+/// How often a post-copy destination looks for faults while no frame
+/// arrives.
+pub const FAULT_POLL: Duration = Duration::from_micros(100);
+
+/// As [`run_destination`], and while the guest runs in post-copy it asks
+/// the source for the pages that `faults` reports, ahead of the pushed
+/// ones.
+///
+/// A backend's fault handler (for KVM, a userfaultfd thread) sends
+/// [`Faults`]; between frames this driver hands them to
+/// [`DestinationEngine::request_pages_at`] and sends the requests. It
+/// looks at `faults` after every frame and every [`FAULT_POLL`] while
+/// none arrives.
+pub fn run_destination_serving<K, G, X>(
+    engine: &mut DestinationEngine<K, G>,
+    transport: &mut X,
+    faults: &Receiver<Faults>,
+    peer_timeout: Duration,
+) -> Result<DestinationReport, MigrationError>
+where
+    K: PageSink + PageSource,
+    G: GuestControl,
+    X: Transport + ?Sized,
+{
+    drive_destination(engine, transport, Some(faults), peer_timeout)
+}
+
+fn drive_destination<K, G, X>(
+    engine: &mut DestinationEngine<K, G>,
+    transport: &mut X,
+    faults: Option<&Receiver<Faults>>,
+    peer_timeout: Duration,
+) -> Result<DestinationReport, MigrationError>
+where
+    K: PageSink + PageSource,
+    G: GuestControl,
+    X: Transport + ?Sized,
+{
     let mut confirmed = false;
+    let mut last_frame = Instant::now();
     loop {
-        let frame = match transport.recv(Some(peer_timeout)) {
-            Ok(Some(f)) => f,
+        let serving = faults.filter(|_| engine.in_postcopy());
+        if let Some(rx) = serving {
+            while let Ok(f) = rx.try_recv() {
+                if let Err(e) = engine.request_pages_at(&f.pages, f.at) {
+                    let _ = transport.send(&abort_frame(&e.to_string()));
+                    engine.fail();
+                    return Err(e);
+                }
+            }
+            while let Some(request) = engine.poll_transmit() {
+                if let Err(e) = transport.send(&request) {
+                    return Err(lost(engine, e));
+                }
+            }
+        }
+        let wait = if serving.is_some() {
+            FAULT_POLL
+        } else {
+            peer_timeout
+        };
+        let frame = match transport.recv(Some(wait)) {
+            Ok(Some(f)) => {
+                last_frame = Instant::now();
+                f
+            }
+            Ok(None) if last_frame.elapsed() < peer_timeout => continue,
             Ok(None) => return Err(lost(engine, TransportError::Timeout(peer_timeout))),
             Err(e) => return Err(lost(engine, e)),
         };

@@ -1182,12 +1182,23 @@ where
     /// Queues a request for those not already requested and not present;
     /// the fault latency of each is measured from now until it is placed.
     pub fn request_pages(&mut self, pages: &[PageNum]) -> Result<(), MigrationError> {
+        let now = self.clock.now();
+        self.request_pages_at(pages, now)
+    }
+
+    /// As [`DestinationEngine::request_pages`] for faults seen at `now`
+    /// on this engine's clock (by a fault handler on another thread): the
+    /// fault latency is measured from then.
+    pub fn request_pages_at(
+        &mut self,
+        pages: &[PageNum],
+        now: Duration,
+    ) -> Result<(), MigrationError> {
         if self.state != DstState::PostcopyRunning {
             return Err(MigrationError::InvalidUse(
                 "pages can be requested only while the guest runs in post-copy",
             ));
         }
-        let now = self.clock.now();
         let mut want = Vec::new();
         for &p in pages {
             if !self.layout.contains(p) {
