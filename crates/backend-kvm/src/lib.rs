@@ -17,7 +17,12 @@
 //! - [`TestVm`], a small VMM with a 34-byte payload that dirties pages and
 //!   reports its progress, for tests and examples.
 //!
-//! What it does not do yet: the dirty ring; post-copy with userfaultfd.
+//! - [`DirtyRings`]: KVM's per-vCPU dirty ring as the dirty log, in place
+//!   of the bitmap, for guests whose memory is large and whose writes are
+//!   few;
+//! - post-copy destinations: [`KvmMemory::enable_postcopy`] puts the memory
+//!   under userfaultfd, a [`FaultHandler`] reports the guest's faults, and
+//!   [`run_kvm_destination`] asks the source for those pages first.
 //!
 //! ```text
 //!  VMM: VmFd + GuestMemoryMmap + VcpuFd
@@ -68,16 +73,18 @@
 
 mod memory;
 mod postcopy;
+mod ring;
 mod testvm;
 mod uffd;
 mod vcpu;
 
 pub use memory::{KvmDirtyTracker, KvmMemory, KvmPages, TrackedMemory};
 pub use postcopy::{run_kvm_destination, FaultHandler};
-pub use testvm::{Pacing, TestVm, PAYLOAD, PAYLOAD_ADDR, REPORT_PORT, WSS_BASE};
+pub use ring::{enable_dirty_ring, max_ring_entries, DirtyRings};
+pub use testvm::{DirtyLog, Pacing, TestVm, PAYLOAD, PAYLOAD_ADDR, REPORT_PORT, WSS_BASE};
 pub use vcpu::{
-    restore_vcpu, restore_vm, save_vcpu, save_vm, Fpu, GuestState, KvmControl, Report, Throttle,
-    VcpuCaps, VcpuRunner, VcpuState, VmState, STATE_FORMAT, STATE_VERSION,
+    restore_vcpu, restore_vm, save_vcpu, save_vm, Fpu, GuestState, KvmControl, Report, RingFull,
+    Throttle, VcpuCaps, VcpuRunner, VcpuState, VmState, STATE_FORMAT, STATE_VERSION,
 };
 
 use std::time::Duration;

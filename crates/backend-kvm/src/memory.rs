@@ -1,5 +1,6 @@
 //! Guest memory registered with KVM, its dirty log, and page access.
 
+use crate::ring::DirtyRings;
 use crate::uffd::{self, Placed, Userfault};
 use crate::KvmError;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
@@ -42,6 +43,8 @@ pub struct KvmMemory {
     /// On a post-copy destination: the userfaultfd and which pages are
     /// present.
     postcopy: Mutex<Option<Postcopy>>,
+    /// The dirty rings, if the VM's dirty log is the ring.
+    rings: Mutex<Option<DirtyRings>>,
 }
 
 /// A destination's memory under userfaultfd.
@@ -89,6 +92,7 @@ impl KvmMemory {
         let this = KvmMemory {
             pending: Mutex::new(DirtyBitmap::new(layout.page_end())),
             postcopy: Mutex::new(None),
+            rings: Mutex::new(None),
             vm,
             memory,
             layout,
@@ -271,9 +275,28 @@ impl KvmMemory {
 
     /// Reads KVM's dirty log of every slot and the VMM's own dirty bitmap
     /// (both cleared as they are read, atomically) into `pending`.
-    fn fetch(&self) -> Result<(), BackendError> {
+    pub(crate) fn fetch(&self) -> Result<(), BackendError> {
         let mut pending = self.lock();
+        let mut rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = rings.as_mut() {
+            let slots = &self.slots;
+            r.collect(|slot, offset| {
+                // The low 16 bits are the slot, the high its address space.
+                if let Some(s) = slots.get((slot & 0xffff) as usize) {
+                    if offset < s.size >> 12 {
+                        pending.set((s.guest_addr >> 12) + offset);
+                    }
+                }
+            })
+            .map_err(|e| BackendError::new(BackendErrorKind::Io, e.to_string()))?;
+        }
         for (s, region) in self.slots.iter().zip(self.memory.iter()) {
+            let first = s.guest_addr >> 12;
+            let mapping: &MmapRegion<AtomicBitmap> = region;
+            merge(&mut pending, first, &mapping.bitmap().get_and_reset());
+            if rings.is_some() {
+                continue;
+            }
             let words = self
                 .vm
                 .get_dirty_log(s.index, s.size as usize)
@@ -283,12 +306,26 @@ impl KvmMemory {
                         format!("KVM_GET_DIRTY_LOG slot {}: {e}", s.index),
                     )
                 })?;
-            let first = s.guest_addr >> 12;
             merge(&mut pending, first, &words);
-            let mapping: &MmapRegion<AtomicBitmap> = region;
-            merge(&mut pending, first, &mapping.bitmap().get_and_reset());
         }
         Ok(())
+    }
+
+    /// Makes the VM's dirty rings this memory's dirty log, in place of
+    /// `KVM_GET_DIRTY_LOG` (which stops working once the ring is enabled:
+    /// see [`enable_dirty_ring`](crate::enable_dirty_ring)).
+    /// [`KvmDirtyTracker`] then collects from the rings; a collection
+    /// costs one entry per page dirtied, not a bit per page of memory.
+    pub fn use_dirty_rings(&self, rings: DirtyRings) {
+        *self.rings.lock().unwrap_or_else(|e| e.into_inner()) = Some(rings);
+    }
+
+    /// Whether the dirty log is the dirty ring.
+    pub fn uses_dirty_rings(&self) -> bool {
+        self.rings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     fn addr(&self, page: PageNum) -> Result<GuestAddress, BackendError> {

@@ -98,6 +98,32 @@ pub enum Pacing {
     GuestTsc(f64),
 }
 
+/// The largest test VM: 64 GiB (memory is reserved, not touched; the
+/// payload uses the first GiB).
+const MAX_MEM: u64 = 64 << 30;
+
+/// With the dirty ring, has each runner empty the rings into `memory`'s
+/// dirty log when its ring is full.
+fn collect_full_rings(memory: &Arc<KvmMemory>, runners: &[VcpuRunner]) {
+    if !memory.uses_dirty_rings() {
+        return;
+    }
+    for r in runners {
+        let m = memory.clone();
+        r.on_dirty_ring_full(Box::new(move || m.fetch().map_err(|e| e.to_string())));
+    }
+}
+
+/// Which dirty log a test VM has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DirtyLog {
+    /// `KVM_GET_DIRTY_LOG`: a bitmap of every page of every slot.
+    #[default]
+    Bitmap,
+    /// The dirty ring with this many entries per vCPU (a power of two).
+    Ring(u32),
+}
+
 struct Built {
     memory: Arc<KvmMemory>,
     vm: Arc<kvm_ioctls::VmFd>,
@@ -169,13 +195,13 @@ fn segment(selector: u16, type_: u8, l: u8, db: u8, dpl: u8) -> kvm_segment {
 }
 
 impl TestVm {
-    fn build(mem_bytes: u64, vcpus: usize) -> Result<Built, KvmError> {
+    fn build(mem_bytes: u64, vcpus: usize, log: DirtyLog) -> Result<Built, KvmError> {
         if !(1..=16).contains(&vcpus) {
             return Err(KvmError::Config(format!("1 to 16 vCPUs, not {vcpus}")));
         }
-        if !(4 << 20..=1 << 30).contains(&mem_bytes) || mem_bytes % (2 << 20) != 0 {
+        if !(4 << 20..=MAX_MEM).contains(&mem_bytes) || mem_bytes % (2 << 20) != 0 {
             return Err(KvmError::Config(format!(
-                "test VM memory must be a multiple of 2 MiB from 4 MiB to 1 GiB, not {mem_bytes}"
+                "test VM memory must be a multiple of 2 MiB from 4 MiB to 64 GiB, not {mem_bytes}"
             )));
         }
         let kvm = Kvm::new().map_err(|e| KvmError::Open(e.to_string()))?;
@@ -186,6 +212,9 @@ impl TestVm {
         let gm = TrackedMemory::from_ranges(&[(GuestAddress(0), mem_bytes as usize)])
             .map_err(|e| KvmError::Config(format!("guest memory: {e}")))?;
         let memory = Arc::new(KvmMemory::register(vm.clone(), gm)?);
+        if let DirtyLog::Ring(entries) = log {
+            crate::ring::enable_dirty_ring(&vm, entries)?;
+        }
         // An in-kernel interrupt controller and PIT, as a VMM would have:
         // they are part of the state a migration carries.
         vm.create_irq_chip().map_err(|source| KvmError::Ioctl {
@@ -228,6 +257,10 @@ impl TestVm {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let caps = Arc::new(VcpuCaps::probe(&kvm));
+        if let DirtyLog::Ring(entries) = log {
+            let fds: Vec<_> = vcpus.iter().collect();
+            memory.use_dirty_rings(crate::ring::DirtyRings::map(&vm, &fds, entries)?);
+        }
         Ok(Built {
             memory,
             vm,
@@ -272,6 +305,25 @@ impl TestVm {
         report_every: u64,
         pacing: Pacing,
     ) -> Result<Self, KvmError> {
+        Self::source_logged(
+            mem_bytes,
+            vcpus,
+            wss_pages,
+            report_every,
+            pacing,
+            DirtyLog::Bitmap,
+        )
+    }
+
+    /// As [`TestVm::source_paced`], with the dirty log `log`.
+    pub fn source_logged(
+        mem_bytes: u64,
+        vcpus: usize,
+        wss_pages: u64,
+        report_every: u64,
+        pacing: Pacing,
+        log: DirtyLog,
+    ) -> Result<Self, KvmError> {
         if let Pacing::Vmm(r) | Pacing::GuestTsc(r) = pacing {
             if !(r.is_finite() && r > 0.0) {
                 return Err(KvmError::Config(format!(
@@ -279,7 +331,8 @@ impl TestVm {
                 )));
             }
         }
-        let max_wss = (mem_bytes - WSS_BASE) / 4096;
+        // The payload's page tables map the first GiB.
+        let max_wss = (mem_bytes.min(1 << 30) - WSS_BASE) / 4096;
         if wss_pages == 0 || wss_pages > max_wss || !report_every.is_power_of_two() {
             return Err(KvmError::Config(format!(
                 "working set must be 1..={max_wss} pages and the report interval a power of two"
@@ -290,7 +343,7 @@ impl TestVm {
             vm,
             vcpus: fds,
             caps,
-        } = Self::build(mem_bytes, vcpus)?;
+        } = Self::build(mem_bytes, vcpus, log)?;
         let n = fds.len() as u64;
         if wss_pages < n {
             return Err(KvmError::Config(
@@ -360,6 +413,7 @@ impl TestVm {
             .map_err(ioctl("KVM_SET_MP_STATE"))?;
             runners.push(VcpuRunner::new(vcpu, vmm_throttle)?);
         }
+        collect_full_rings(&memory, &runners);
         for r in &runners {
             r.resume();
         }
@@ -399,7 +453,7 @@ impl TestVm {
             vm,
             vcpus: mut fds,
             caps,
-        } = Self::build(mem_bytes, 1)?;
+        } = Self::build(mem_bytes, 1, DirtyLog::Bitmap)?;
         let m = memory.guest_memory();
         let load = || -> Result<(), vm_memory::GuestMemoryError> {
             for seg in &elf.segments {
@@ -466,7 +520,7 @@ impl TestVm {
             vm,
             vcpus: fds,
             caps,
-        } = Self::build(mem_bytes, vcpus)?;
+        } = Self::build(mem_bytes, vcpus, DirtyLog::Bitmap)?;
         let rate = pages_per_sec.map(|r| r / fds.len() as f64);
         let runners = fds
             .into_iter()

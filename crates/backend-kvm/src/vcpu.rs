@@ -314,6 +314,8 @@ struct Ctl {
     reports: Vec<Report>,
     /// Throttle: the guest may not run ahead of this moment.
     due: Option<Instant>,
+    /// Exits because the dirty ring was full.
+    ring_full: u64,
 }
 
 /// Holds a guest to a rate: each report stands for `per_report` units of
@@ -333,7 +335,12 @@ struct Shared {
     throttle: Option<Throttle>,
     /// `/proc/<pid>/task/<tid>/schedstat` of the vCPU thread.
     schedstat: std::sync::OnceLock<std::path::PathBuf>,
+    /// Collects the dirty rings when this vCPU's is full.
+    ring_full: std::sync::OnceLock<RingFull>,
 }
+
+/// What a vCPU runner calls when its dirty ring is full.
+pub type RingFull = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// A vCPU run on its own thread until paused. The guest must leave
 /// `KVM_RUN` regularly (any exit will do; the test payload writes to an
@@ -358,6 +365,7 @@ impl VcpuRunner {
             cv: Condvar::new(),
             throttle,
             schedstat: std::sync::OnceLock::new(),
+            ring_full: std::sync::OnceLock::new(),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -381,6 +389,14 @@ impl VcpuRunner {
         c.due = None;
         drop(c);
         self.shared.cv.notify_all();
+    }
+
+    /// With the dirty ring: `collect` empties the rings (collecting their
+    /// entries into the dirty log) when this vCPU exits with
+    /// `KVM_EXIT_DIRTY_RING_FULL`; the vCPU then goes on. Without it such
+    /// an exit stops the guest. Set once.
+    pub fn on_dirty_ring_full(&self, collect: RingFull) {
+        let _ = self.shared.ring_full.set(collect);
     }
 
     /// Tells the vCPU to stop at its next exit, without waiting: a vCPU
@@ -419,6 +435,11 @@ impl VcpuRunner {
     /// The exit that stopped the guest for good, if one did.
     pub fn fault(&self) -> Option<String> {
         self.ctl().fault.clone()
+    }
+
+    /// How often the vCPU found its dirty ring full.
+    pub fn ring_full_exits(&self) -> u64 {
+        self.ctl().ring_full
     }
 
     /// Port-I/O reports so far.
@@ -501,6 +522,15 @@ fn vcpu_loop(s: &Shared) {
                 Ok(Some((port, u64::from_le_bytes(v))))
             }
             Ok(VcpuExit::Intr) => Ok(None),
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => match s.ring_full.get() {
+                Some(collect) => {
+                    s.ctl.lock().unwrap_or_else(|e| e.into_inner()).ring_full += 1;
+                    collect()
+                        .map(|()| None)
+                        .map_err(|e| format!("collecting a full dirty ring: {e}"))
+                }
+                None => Err("dirty ring full and nothing collects it".into()),
+            },
             Ok(other) => Err(format!("guest stopped: {other:?}")),
             Err(e) if e.errno() == libc_eintr() || e.errno() == libc_eagain() => Ok(None),
             Err(e) => Err(format!("KVM_RUN failed: {e}")),
@@ -529,6 +559,9 @@ fn vcpu_loop(s: &Shared) {
         }
     }
 }
+
+/// `KVM_EXIT_DIRTY_RING_FULL`.
+const KVM_EXIT_DIRTY_RING_FULL: u32 = kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 
 const fn libc_eintr() -> i32 {
     4

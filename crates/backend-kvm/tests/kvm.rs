@@ -4,7 +4,7 @@
 //! sets `LIVEMIG_NO_KVM=1` to say, explicitly, that this machine has no
 //! KVM (CI does not set it).
 
-use backend_kvm::{run_kvm_destination, TestVm};
+use backend_kvm::{run_kvm_destination, DirtyLog, Pacing, TestVm};
 use bytes::Bytes;
 use migrate_core::conformance::{check_dirty_tracker, check_page_roundtrip, Precision};
 use migrate_core::digest::digest_memory;
@@ -97,11 +97,16 @@ fn migrate_in_process<P: Policy>(
 }
 
 fn migrate<P: Policy + 'static>(policy: P) {
+    migrate_logged(policy, DirtyLog::Bitmap);
+}
+
+fn migrate_logged<P: Policy + 'static>(policy: P, log: DirtyLog) {
     if !have_kvm() {
         return;
     }
     let _turn = serial();
-    let src = TestVm::source(MEM, 4096, 1 << 16, None).expect("source VM");
+    let src =
+        TestVm::source_logged(MEM, 1, 4096, 1 << 16, Pacing::Unlimited, log).expect("source VM");
     assert!(
         eventually(|| src.reports().len() >= 10),
         "the payload runs and reports"
@@ -146,6 +151,20 @@ fn precopy_moves_a_running_guest() {
 #[test]
 fn stop_and_copy_moves_a_running_guest() {
     migrate(StopAndCopy);
+}
+
+#[test]
+fn precopy_on_the_dirty_ring_moves_a_running_guest() {
+    migrate_logged(Precopy::default(), DirtyLog::Ring(4096));
+}
+
+#[test]
+fn hca_on_the_dirty_ring_moves_a_running_guest() {
+    // HCA samples the log every few milliseconds: many small collections.
+    migrate_logged(
+        migrate_core::Hca::new(migrate_core::HcaConfig::default()),
+        DirtyLog::Ring(1024),
+    );
 }
 
 #[test]
@@ -545,11 +564,23 @@ fn a_postcopy_destination_that_loses_its_source_says_the_guest_is_incomplete() {
 
 #[test]
 fn kvm_tracker_passes_the_tracker_conformance_check() {
+    tracker_conformance(DirtyLog::Bitmap);
+}
+
+#[test]
+fn dirty_ring_tracker_passes_the_tracker_conformance_check() {
+    // 256 entries against a working set of 1,024 pages: the ring fills
+    // while the guest runs, and the vCPU's exit has it collected.
+    tracker_conformance(DirtyLog::Ring(256));
+}
+
+fn tracker_conformance(log: DirtyLog) {
     if !have_kvm() {
         return;
     }
     let _turn = serial();
-    let vm = TestVm::source(MEM, 1024, 1 << 16, None).expect("source VM");
+    let vm =
+        TestVm::source_logged(MEM, 1, 1024, 1 << 16, Pacing::Unlimited, log).expect("source VM");
     assert!(eventually(|| !vm.reports().is_empty()));
     vm.control().pause().unwrap();
     let pages = vm.pages();
@@ -590,6 +621,15 @@ fn kvm_tracker_passes_the_tracker_conformance_check() {
     t.collect_and_clear(&mut again).unwrap();
     assert!(wss.iter().all(|p| again.get(*p)), "a peek loses nothing");
     t.stop().unwrap();
+    let full = vm.control().runners()[0].ring_full_exits();
+    if let DirtyLog::Ring(entries) = log {
+        assert!(
+            (entries as u64) < 1024 && full > 0,
+            "the ring filled and was collected"
+        );
+    } else {
+        assert_eq!(full, 0);
+    }
 }
 
 #[test]
