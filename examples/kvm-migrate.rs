@@ -15,13 +15,14 @@
 //! verified; `--json` prints all of it as one object.
 
 use clap::{Parser, ValueEnum};
-use livemig::core::driver::{run_destination, run_source};
+use livemig::core::driver::run_source;
 use livemig::core::units::{parse_rate, parse_size};
 use livemig::core::{
-    Clock, DestinationEngine, EngineConfig, GuestControl, Hca, HcaConfig, PageSource, Policy,
-    Precopy, SourceEngine, SourceVerify, StopAndCopy, StreamTransport, SystemClock,
+    Clock, DestinationEngine, EngineConfig, GuestControl, Hca, HcaConfig, Hybrid, HybridConfig,
+    PageSource, Policy, PostCopy, Precopy, Prepaging, SourceEngine, SourceVerify, StopAndCopy,
+    StreamTransport, SystemClock,
 };
-use livemig::kvm::{Pacing, TestVm};
+use livemig::kvm::{run_kvm_destination, DirtyLog, Pacing, TestVm};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -38,6 +39,19 @@ enum PolicyArg {
     /// Hierarchical copy: per-page write counts sampled from the dirty
     /// log, cold pages first, hot pages held for the final copy.
     Hca,
+    /// Post-copy: the guest moves at once and runs on the destination
+    /// while its pages follow (userfaultfd on the destination).
+    Postcopy,
+    /// Pre-copy rounds, then post-copy if pre-copy would not converge.
+    Hybrid,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum TrackerArg {
+    /// `KVM_GET_DIRTY_LOG`: a bitmap of the whole guest per collection.
+    Bitmap,
+    /// KVM's dirty ring: the pages each vCPU dirtied, in order.
+    Ring,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -87,6 +101,13 @@ struct Args {
     /// Migration policy.
     #[arg(long, value_enum, default_value = "precopy")]
     policy: PolicyArg,
+    /// Post-copy push order (post-copy and hybrid): sequential, bubbling
+    /// or multi-pivot.
+    #[arg(long, default_value = "multi-pivot")]
+    prepaging: Prepaging,
+    /// The source's dirty log.
+    #[arg(long, value_enum, default_value = "bitmap")]
+    tracker: TrackerArg,
     /// How long the guest runs before the migration starts, and after it
     /// on the destination, in milliseconds.
     #[arg(long, default_value_t = 300)]
@@ -110,6 +131,8 @@ struct Args {
 /// Iterations between progress reports.
 const REPORT_EVERY: u64 = 256;
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// Entries of each vCPU's dirty ring (`--tracker ring`): 64 Ki, 1 MiB.
+const RING_ENTRIES: u32 = 1 << 16;
 
 fn micros(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -152,10 +175,14 @@ fn destination(a: &Args) -> Result<bool, String> {
         .ok_or("invalid: the destination needs --connect")?;
     let vm = TestVm::destination_smp(a.mem, a.vcpus, REPORT_EVERY, rate(a))
         .map_err(|e| e.to_string())?;
+    if matches!(a.policy, PolicyArg::Postcopy | PolicyArg::Hybrid) {
+        vm.memory().enable_postcopy().map_err(|e| e.to_string())?;
+    }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let mut t = StreamTransport::connect_tcp(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-    let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock);
-    let report = run_destination(&mut e, &mut t, TIMEOUT).map_err(|e| e.to_string())?;
+    let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock.clone());
+    let report = run_kvm_destination(&mut e, &mut t, &vm.memory(), &vm.control(), clock, TIMEOUT)
+        .map_err(|e| e.to_string())?;
     std::thread::sleep(Duration::from_millis(a.settle_ms));
     let reports = vm.reports();
     let first = reports.first();
@@ -166,6 +193,12 @@ fn destination(a: &Args) -> Result<bool, String> {
         "reports": reports.len(),
         "last-counter": reports.last().map(|r| r.value),
         "fault": vm.fault(),
+        "postcopy": report.postcopy.map(|p| json!({
+            "faults": p.faults, "duplicates": p.duplicates,
+            "latency-p50-us": p.latency_p50_ns as f64 / 1e3,
+            "latency-p99-us": p.latency_p99_ns as f64 / 1e3,
+            "latency-max-us": p.latency_max_ns as f64 / 1e3,
+        })),
     });
     println!("{out}");
     Ok(vm.fault().is_none() && first.is_some())
@@ -185,6 +218,7 @@ fn source(a: &Args) -> Result<bool, String> {
         .args(["--role", "destination", "--connect", &addr.to_string()])
         .args(["--mem", &a.mem.to_string(), "--wss", &a.wss.to_string()])
         .args(["--vcpus", &a.vcpus.to_string()])
+        .args(["--policy", a.policy.to_possible_value().unwrap().get_name()])
         .args(["--pacing", a.pacing.to_possible_value().unwrap().get_name()])
         .args([
             "--dirty-rate",
@@ -195,7 +229,11 @@ fn source(a: &Args) -> Result<bool, String> {
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("starting the destination process: {e}"))?;
-    let vm = TestVm::source_paced(a.mem, a.vcpus, a.wss / 4096, REPORT_EVERY, pacing(a))
+    let log = match a.tracker {
+        TrackerArg::Bitmap => DirtyLog::Bitmap,
+        TrackerArg::Ring => DirtyLog::Ring(RING_ENTRIES),
+    };
+    let vm = TestVm::source_logged(a.mem, a.vcpus, a.wss / 4096, REPORT_EVERY, pacing(a), log)
         .map_err(|e| e.to_string())?;
     std::thread::sleep(Duration::from_millis(a.settle_ms));
     let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
@@ -206,6 +244,11 @@ fn source(a: &Args) -> Result<bool, String> {
         PolicyArg::Precopy => Box::new(Precopy::default()),
         PolicyArg::StopAndCopy => Box::new(StopAndCopy),
         PolicyArg::Hca => Box::new(Hca::new(HcaConfig::default())),
+        PolicyArg::Postcopy => Box::new(PostCopy::new(a.prepaging)),
+        PolicyArg::Hybrid => Box::new(Hybrid::new(HybridConfig {
+            prepaging: a.prepaging,
+            ..HybridConfig::default()
+        })),
     };
     let mut e = SourceEngine::new(
         vm.tracker(),
@@ -263,6 +306,7 @@ fn source(a: &Args) -> Result<bool, String> {
             "counter-last-on-source": before, "counter-first-on-destination": after,
             "counter-continues": continues, "memory-verified": verified,
             "verify": format!("{:?}", a.verify).to_lowercase(),
+            "tracker": format!("{:?}", a.tracker).to_lowercase(),
             "destination": dest,
         });
         println!(
@@ -271,11 +315,12 @@ fn source(a: &Args) -> Result<bool, String> {
         );
     } else {
         println!(
-            "KVM guest: {} MiB, working set {} MiB, dirty rate {:.0} MB/s, policy {:?}, source pid {}, destination pid {}",
+            "KVM guest: {} MiB, working set {} MiB, dirty rate {:.0} MB/s, policy {:?}, {:?} dirty log, source pid {}, destination pid {}",
             a.mem >> 20,
             a.wss >> 20,
             a.dirty_rate / 1e6,
             a.policy,
+            a.tracker,
             std::process::id(),
             child.id()
         );

@@ -8,6 +8,7 @@ use kvm_ioctls::VmFd;
 use migrate_core::bitmap::DirtyBitmap;
 use migrate_core::page::{MemoryLayout, PageNum, PageSize, Region};
 use migrate_core::{BackendError, BackendErrorKind, DirtyTracker, PageSink, PageSource};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{
@@ -39,12 +40,15 @@ pub struct KvmMemory {
     slots: Vec<Slot>,
     /// Pages reported by KVM but not yet collected (KVM clears its log on
     /// every read, so a peek keeps what it read here).
-    pending: Mutex<DirtyBitmap>,
+    pending: Mutex<Pending>,
     /// On a post-copy destination: the userfaultfd and which pages are
     /// present.
     postcopy: Mutex<Option<Postcopy>>,
     /// The dirty rings, if the VM's dirty log is the ring.
     rings: Mutex<Option<DirtyRings>>,
+    /// Whether collections include the VMM's own writes (vm-memory's
+    /// bitmap).
+    vmm_writes: AtomicBool,
 }
 
 /// A destination's memory under userfaultfd.
@@ -90,9 +94,13 @@ impl KvmMemory {
         }
         let layout = MemoryLayout::new(ps, regions).map_err(KvmError::Layout)?;
         let this = KvmMemory {
-            pending: Mutex::new(DirtyBitmap::new(layout.page_end())),
+            pending: Mutex::new(Pending {
+                bits: DirtyBitmap::new(layout.page_end()),
+                list: Vec::new(),
+            }),
             postcopy: Mutex::new(None),
             rings: Mutex::new(None),
+            vmm_writes: AtomicBool::new(true),
             vm,
             memory,
             layout,
@@ -132,7 +140,7 @@ impl KvmMemory {
         &self.memory
     }
 
-    fn lock(&self) -> MutexGuard<'_, DirtyBitmap> {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -284,16 +292,19 @@ impl KvmMemory {
                 // The low 16 bits are the slot, the high its address space.
                 if let Some(s) = slots.get((slot & 0xffff) as usize) {
                     if offset < s.size >> 12 {
-                        pending.set((s.guest_addr >> 12) + offset);
+                        pending.add((s.guest_addr >> 12) + offset);
                     }
                 }
             })
             .map_err(|e| BackendError::new(BackendErrorKind::Io, e.to_string()))?;
         }
+        let vmm_writes = self.vmm_writes.load(Ordering::Relaxed);
         for (s, region) in self.slots.iter().zip(self.memory.iter()) {
             let first = s.guest_addr >> 12;
-            let mapping: &MmapRegion<AtomicBitmap> = region;
-            merge(&mut pending, first, &mapping.bitmap().get_and_reset());
+            if vmm_writes {
+                let mapping: &MmapRegion<AtomicBitmap> = region;
+                merge(&mut pending, first, &mapping.bitmap().get_and_reset());
+            }
             if rings.is_some() {
                 continue;
             }
@@ -320,6 +331,16 @@ impl KvmMemory {
         *self.rings.lock().unwrap_or_else(|e| e.into_inner()) = Some(rings);
     }
 
+    /// Whether collections include the pages the VMM wrote through
+    /// [`KvmMemory::guest_memory`] (on by default). That record is
+    /// vm-memory's bitmap, a bit per page, so reading it costs time in
+    /// proportion to the guest's size whichever KVM log is in use; a VMM
+    /// that never writes guest memory on the guest's behalf while a
+    /// migration runs can turn it off.
+    pub fn track_vmm_writes(&self, on: bool) {
+        self.vmm_writes.store(on, Ordering::Relaxed);
+    }
+
     /// Whether the dirty log is the dirty ring.
     pub fn uses_dirty_rings(&self) -> bool {
         self.rings
@@ -339,15 +360,47 @@ impl KvmMemory {
     }
 }
 
-/// Sets in `into` the pages of `words` (bit `i` of word `w` is page
+/// Pages reported dirty and not yet collected: a bitmap, and the same
+/// pages as a list, so that handing them over and clearing them costs a
+/// step per dirty page rather than a pass over the whole bitmap.
+#[derive(Debug)]
+struct Pending {
+    bits: DirtyBitmap,
+    list: Vec<PageNum>,
+}
+
+impl Pending {
+    fn add(&mut self, page: PageNum) {
+        if !self.bits.get(page) {
+            self.bits.set(page);
+            self.list.push(page);
+        }
+    }
+
+    /// Replaces `into` with the pending pages.
+    fn copy_to(&self, into: &mut DirtyBitmap) {
+        into.clear_all();
+        for &p in &self.list {
+            into.set(p);
+        }
+    }
+
+    fn clear(&mut self) {
+        for p in self.list.drain(..) {
+            self.bits.clear(p);
+        }
+    }
+}
+
+/// Adds to `into` the pages of `words` (bit `i` of word `w` is page
 /// `first + 64 w + i`).
-fn merge(into: &mut DirtyBitmap, first: PageNum, words: &[u64]) {
+fn merge(into: &mut Pending, first: PageNum, words: &[u64]) {
     for (w, word) in words.iter().enumerate() {
         let mut bits = *word;
         while bits != 0 {
             let b = bits.trailing_zeros() as u64;
             bits &= bits - 1;
-            into.set(first + w as u64 * 64 + b);
+            into.add(first + w as u64 * 64 + b);
         }
     }
 }
@@ -368,21 +421,21 @@ impl DirtyTracker for KvmDirtyTracker {
                 .map_err(|e| BackendError::new(BackendErrorKind::Io, e.to_string()))?;
         }
         self.0.fetch()?;
-        self.0.lock().clear_all();
+        self.0.lock().clear();
         Ok(())
     }
 
     fn collect_and_clear(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
         self.0.fetch()?;
         let mut pending = self.0.lock();
-        into.copy_from(&pending);
-        pending.clear_all();
+        pending.copy_to(into);
+        pending.clear();
         Ok(())
     }
 
     fn peek(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
         self.0.fetch()?;
-        into.copy_from(&self.0.lock());
+        self.0.lock().copy_to(into);
         Ok(())
     }
 
@@ -392,7 +445,7 @@ impl DirtyTracker for KvmDirtyTracker {
                 .set_slot(s, 0)
                 .map_err(|e| BackendError::new(BackendErrorKind::Io, e.to_string()))?;
         }
-        self.0.lock().clear_all();
+        self.0.lock().clear();
         Ok(())
     }
 }
@@ -486,9 +539,13 @@ impl PageSink for KvmPages {
                 format!("discard of page {page:#x}: this destination did not enable post-copy"),
             ));
         };
-        uffd::drop_pages(host, 4096)
-            .map_err(|e| BackendError::io(format!("discard page {page:#x}"), e))?;
-        pc.present.clear(page);
+        // A page never placed is absent already (the common case: a fresh
+        // post-copy discards all of memory); only placed ones are dropped.
+        if pc.present.get(page) {
+            uffd::drop_pages(host, 4096)
+                .map_err(|e| BackendError::io(format!("discard page {page:#x}"), e))?;
+            pc.present.clear(page);
+        }
         Ok(())
     }
 }
