@@ -19,8 +19,8 @@ use livemig::core::driver::run_source;
 use livemig::core::units::{parse_rate, parse_size};
 use livemig::core::{
     Clock, DestinationEngine, EngineConfig, GuestControl, Hca, HcaConfig, Hybrid, HybridConfig,
-    PageSource, Policy, PostCopy, Precopy, Prepaging, SourceEngine, SourceVerify, StopAndCopy,
-    StreamTransport, SystemClock,
+    PageSource, Policy, PostCopy, Precopy, PrecopyConfig, Prepaging, SourceEngine, SourceVerify,
+    StopAndCopy, StreamTransport, SystemClock,
 };
 use livemig::kvm::{run_kvm_destination, DirtyLog, Pacing, TestVm};
 use serde_json::{json, Value};
@@ -105,6 +105,11 @@ struct Args {
     /// or multi-pivot.
     #[arg(long, default_value = "multi-pivot")]
     prepaging: Prepaging,
+    /// Pre-copy and hybrid: the downtime the final copy may take; pre-copy
+    /// goes on while what is left would take longer (hybrid switches to
+    /// post-copy after its rounds run out).
+    #[arg(long, default_value_t = 300)]
+    downtime_target_ms: u64,
     /// The source's dirty log.
     #[arg(long, value_enum, default_value = "bitmap")]
     tracker: TrackerArg,
@@ -240,15 +245,25 @@ fn source(a: &Args) -> Result<bool, String> {
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let mut t = StreamTransport::new(stream).map_err(|e| e.to_string())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let target = Duration::from_millis(a.downtime_target_ms);
     let policy: Box<dyn Policy> = match a.policy {
-        PolicyArg::Precopy => Box::new(Precopy::default()),
+        PolicyArg::Precopy => Box::new(Precopy::new(PrecopyConfig {
+            downtime_target: target,
+            ..PrecopyConfig::default()
+        })),
         PolicyArg::StopAndCopy => Box::new(StopAndCopy),
         PolicyArg::Hca => Box::new(Hca::new(HcaConfig::default())),
         PolicyArg::Postcopy => Box::new(PostCopy::new(a.prepaging)),
-        PolicyArg::Hybrid => Box::new(Hybrid::new(HybridConfig {
-            prepaging: a.prepaging,
-            ..HybridConfig::default()
-        })),
+        PolicyArg::Hybrid => {
+            let d = HybridConfig::default();
+            Box::new(Hybrid::new(HybridConfig {
+                prepaging: a.prepaging,
+                precopy: PrecopyConfig {
+                    downtime_target: target,
+                    ..d.precopy
+                },
+            }))
+        }
     };
     let mut e = SourceEngine::new(
         vm.tracker(),

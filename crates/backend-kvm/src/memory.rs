@@ -531,21 +531,45 @@ impl PageSink for KvmPages {
     /// Post-copy: drops the page, so that the guest's next access faults
     /// and the page is asked for again. Needs [`KvmMemory::enable_postcopy`].
     fn discard(&mut self, page: PageNum) -> Result<(), BackendError> {
-        let host = self.0.host_of(page)?;
+        self.discard_pages(&[page])
+    }
+
+    /// Drops each run of consecutive placed pages with one `madvise`
+    /// (a page never placed is absent already: a fresh post-copy discards
+    /// all of memory at no cost).
+    fn discard_pages(&mut self, pages: &[PageNum]) -> Result<(), BackendError> {
         let mut guard = self.0.postcopy_lock();
         let Some(pc) = guard.as_mut() else {
             return Err(BackendError::new(
                 BackendErrorKind::Unsupported,
-                format!("discard of page {page:#x}: this destination did not enable post-copy"),
+                format!(
+                    "discard of {} pages: this destination did not enable post-copy",
+                    pages.len()
+                ),
             ));
         };
-        // A page never placed is absent already (the common case: a fresh
-        // post-copy discards all of memory); only placed ones are dropped.
-        if pc.present.get(page) {
-            uffd::drop_pages(host, 4096)
-                .map_err(|e| BackendError::io(format!("discard page {page:#x}"), e))?;
+        let mut run: Option<(u64, u64, u64)> = None; // (first page, host, pages)
+        let flush = |r: Option<(u64, u64, u64)>| -> Result<(), BackendError> {
+            match r {
+                Some((first, host, n)) => uffd::drop_pages(host, n * 4096)
+                    .map_err(|e| BackendError::io(format!("discard pages from {first:#x}"), e)),
+                None => Ok(()),
+            }
+        };
+        for &page in pages {
+            let host = self.0.host_of(page)?;
+            if !pc.present.get(page) {
+                continue;
+            }
             pc.present.clear(page);
+            run = match run {
+                Some((f, h, n)) if f + n == page && h + n * 4096 == host => Some((f, h, n + 1)),
+                other => {
+                    flush(other)?;
+                    Some((page, host, 1))
+                }
+            };
         }
-        Ok(())
+        flush(run)
     }
 }

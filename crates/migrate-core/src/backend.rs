@@ -118,6 +118,12 @@ pub trait PageSink {
             format!("this destination cannot do post-copy (discard of page {page:#x})"),
         ))
     }
+
+    /// Post-copy: [`PageSink::discard`] of each of `pages` (ascending). A
+    /// backend that can drop runs of pages at once overrides this.
+    fn discard_pages(&mut self, pages: &[PageNum]) -> Result<(), BackendError> {
+        pages.iter().try_for_each(|p| self.discard(*p))
+    }
 }
 
 /// vCPU and device state, saved by the source and restored by the
@@ -189,6 +195,9 @@ impl<T: PageSink + ?Sized> PageSink for &mut T {
     }
     fn discard(&mut self, page: PageNum) -> Result<(), BackendError> {
         (**self).discard(page)
+    }
+    fn discard_pages(&mut self, pages: &[PageNum]) -> Result<(), BackendError> {
+        (**self).discard_pages(pages)
     }
 }
 

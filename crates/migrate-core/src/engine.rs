@@ -1338,15 +1338,17 @@ where
                     let end = first + count;
                     // Walk no further than the end of guest memory.
                     let stop = end.min(self.layout.page_end()).max(first);
+                    let mut pages = Vec::with_capacity((stop - first) as usize);
                     for page in first..stop {
                         if !self.layout.contains(page) {
                             return Err(MigrationError::PageOutOfRange(page));
                         }
                         self.received.clear(page);
-                        self.memory
-                            .discard(page)
-                            .map_err(MigrationError::backend("discard a stale page"))?;
+                        pages.push(page);
                     }
+                    self.memory
+                        .discard_pages(&pages)
+                        .map_err(MigrationError::backend("discard stale pages"))?;
                     if end > stop {
                         return Err(MigrationError::PageOutOfRange(stop));
                     }
@@ -1363,16 +1365,18 @@ where
                 }
                 let n = words.len() as u64 * 64;
                 let bits = DirtyBitmap::from_words(words, n);
+                let mut pages = Vec::new();
                 for i in bits.iter_ones() {
                     let page = first_page + i;
                     if !self.layout.contains(page) {
                         return Err(MigrationError::PageOutOfRange(page));
                     }
                     self.received.clear(page);
-                    self.memory
-                        .discard(page)
-                        .map_err(MigrationError::backend("discard a stale page"))?;
+                    pages.push(page);
                 }
+                self.memory
+                    .discard_pages(&pages)
+                    .map_err(MigrationError::backend("discard stale pages"))?;
                 self.discard_cursor = first_page + n;
                 Ok(DestStatus::Continue)
             }
