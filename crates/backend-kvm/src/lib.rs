@@ -14,7 +14,7 @@
 //!   FPU or XSAVE and XCRs, the MSRs of the host's save list, the LAPIC,
 //!   pending events and the run state; per VM the PIC, IOAPIC, PIT and
 //!   kvmclock;
-//! - [`TestVm`], a small VMM with a 34-byte payload that dirties pages and
+//! - [`TestVm`], a small VMM with a 75-byte payload that dirties pages and
 //!   reports its progress, for tests and examples.
 //!
 //! - [`DirtyRings`]: KVM's per-vCPU dirty ring as the dirty log, in place
