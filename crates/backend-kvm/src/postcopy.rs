@@ -119,6 +119,11 @@ impl Drop for FaultHandler {
 /// and any vCPU waiting for a page that never came stays parked in the
 /// kernel: the memory stays registered, so no missing page ever reads as
 /// zeros. [`KvmMemory::missing_pages`] says how many are missing.
+///
+/// The calling thread both restores the device state and places pages, so
+/// `control`'s restore must not write guest memory in post-copy (KVM's
+/// `KVM_SET_*` ioctls do not; a device model that did would wait on a
+/// fault only this thread can serve).
 pub fn run_kvm_destination<K, G, X>(
     engine: &mut DestinationEngine<K, G>,
     transport: &mut X,
