@@ -139,12 +139,11 @@ impl DirtyRings {
         let mut n = 0u64;
         for r in &mut self.rings {
             loop {
+                // The kernel writes an entry's slot and offset before it
+                // sets DIRTY (with release), so reading the flags with
+                // acquire makes them visible.
                 let i = (r.fetch % r.entries) as usize * ENTRY_BYTES;
-                // SAFETY: `i` is the start of an entry inside the mapping
-                // (16-byte entries, 8-byte aligned); the kernel writes the
-                // entry before it sets DIRTY with release semantics, so
-                // reading the flags with acquire makes slot and offset
-                // visible.
+                // SAFETY: `i` starts a 16-byte, 8-aligned entry in the mapping.
                 let (flags, slot, offset) = unsafe {
                     let e = r.base.add(i);
                     let flags = &*(e as *const AtomicU32);
