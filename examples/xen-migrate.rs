@@ -1,5 +1,5 @@
-//! Live-migrate a running Xen HVM or PVH domain into another domain on the
-//! same host, with the policy of your choice.
+//! Live-migrate a running Xen domain (HVM, PVH or 64-bit PV) into another
+//! domain on the same host, with the policy of your choice.
 //!
 //! ```text
 //! xl create -p dest.cfg          # same configuration, another name: paused
@@ -93,16 +93,9 @@ fn run(a: &Args) -> Result<bool, String> {
     }
     let xen = Arc::new(Xen::open().map_err(|e| e.to_string())?);
     let src = XenDomain::attach(xen.clone(), a.domid).map_err(|e| e.to_string())?;
-    let dst = XenDomain::attach(xen, a.dest).map_err(|e| e.to_string())?;
-    if !dst.info().map_err(|e| e.to_string())?.paused {
-        return Err(format!(
-            "domain {} is running; create it paused (xl create -p)",
-            a.dest
-        ));
+    if src.is_pv() && a.stop == StopArg::Pause {
+        return Err("a PV guest moves only after suspending itself: use --stop suspend".into());
     }
-    // Migrate the RAM both domains have (see `common_layout`), and say
-    // what differs.
-    let common = common_layout(src.layout(), dst.layout()).map_err(|e| e.to_string())?;
     let show = |l: &MemoryLayout| {
         l.regions()
             .iter()
@@ -110,14 +103,36 @@ fn run(a: &Args) -> Result<bool, String> {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    eprintln!(
-        "source frames: {}\ndestination frames: {}\nmigrated: {}",
-        show(src.layout()),
-        show(dst.layout()),
-        show(&common)
-    );
-    let src = src.with_layout(common.clone()).map_err(|e| e.to_string())?;
-    let dst = dst.with_layout(common).map_err(|e| e.to_string())?;
+    let (src, dst) = if src.is_pv() {
+        // The destination takes memory at exactly the source's frames.
+        let dst = XenDomain::attach_pv_destination(xen, a.dest, &src).map_err(|e| e.to_string())?;
+        eprintln!(
+            "PV source frames: {}\ndestination prepared: vCPUs down, page tables unpinned, memory at the same frames",
+            show(src.layout())
+        );
+        (src, dst)
+    } else {
+        let dst = XenDomain::attach(xen, a.dest).map_err(|e| e.to_string())?;
+        if !dst.info().map_err(|e| e.to_string())?.paused {
+            return Err(format!(
+                "domain {} is running; create it paused (xl create -p)",
+                a.dest
+            ));
+        }
+        // Migrate the RAM both domains have (see `common_layout`), and
+        // say what differs.
+        let common = common_layout(src.layout(), dst.layout()).map_err(|e| e.to_string())?;
+        eprintln!(
+            "source frames: {}\ndestination frames: {}\nmigrated: {}",
+            show(src.layout()),
+            show(dst.layout()),
+            show(&common)
+        );
+        (
+            src.with_layout(common.clone()).map_err(|e| e.to_string())?,
+            dst.with_layout(common).map_err(|e| e.to_string())?,
+        )
+    };
     let stop = match a.stop {
         StopArg::Suspend => StopMode::Suspend,
         StopArg::Pause => StopMode::Pause,

@@ -5,3 +5,7 @@
 #include <xenguest.h>
 #include <xen/hvm/params.h>
 #include <xen/hvm/save.h>
+/* Exported by libxenctrl (VERS_4.17.0) but declared only in its private
+ * header: the page types (XEN_DOMCTL_PFINFO_*) of a batch of frames, in
+ * place. */
+int xc_get_pfn_type_batch(xc_interface *xch, uint32_t dom, unsigned int num, xen_pfn_t *arr);

@@ -6,6 +6,7 @@
 
 pub mod domain;
 pub mod log;
+pub mod pv;
 pub mod state;
 #[allow(unsafe_code)]
 mod sys;

@@ -73,10 +73,10 @@ impl XenDeviceState {
     }
 }
 
-struct Reader<'a>(&'a [u8]);
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], BackendError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], BackendError> {
         if self.0.len() < n {
             return Err(bad(format!(
                 "state truncated: {n} bytes wanted, {} left",
@@ -87,11 +87,11 @@ impl<'a> Reader<'a> {
         self.0 = b;
         Ok(a)
     }
-    fn u32(&mut self) -> Result<u32, BackendError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, BackendError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
-    fn u64(&mut self) -> Result<u64, BackendError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, BackendError> {
         let b = self.take(8)?;
         let mut a = [0u8; 8];
         a.copy_from_slice(b);

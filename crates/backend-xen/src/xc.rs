@@ -82,6 +82,8 @@ pub struct DomainInfo {
     pub max_vcpu_id: u32,
     /// CPU time used, nanoseconds.
     pub cpu_time_ns: u64,
+    /// The machine frame of its shared-info page.
+    pub shared_info_frame: u64,
 }
 
 /// Xen's value for a suspended domain's `shutdown_reason`.
@@ -175,7 +177,14 @@ impl Xen {
             xc_hvm_param_set,
             xc_logdirty_control,
             xc__hypercall_buffer_alloc_pages,
-            xc__hypercall_buffer_free_pages
+            xc__hypercall_buffer_free_pages,
+            xc_vcpu_getcontext,
+            xc_vcpu_setcontext,
+            xc_get_pfn_type_batch,
+            xc_mmuext_op,
+            xc_domain_get_guest_width,
+            xc_domain_decrease_reservation_exact,
+            xc_domain_populate_physmap_exact
         );
         let guest = load(GUEST_NAMES)?;
         require!(guest, "libxenguest", xc_domain_resume);
@@ -264,6 +273,7 @@ impl Xen {
             nr_pages: info.tot_pages,
             max_vcpu_id: info.max_vcpu_id,
             cpu_time_ns: info.cpu_time,
+            shared_info_frame: info.shared_info_frame,
         })
     }
 
@@ -477,7 +487,171 @@ impl Xen {
         }
     }
 
-    /// Maps `frames` of `domid` (GFNs for HVM/PVH domains) into this
+    /// The guest's word size in bytes (8 for a 64-bit PV guest).
+    pub fn guest_width(&self, domid: u32) -> Result<u32, XenError> {
+        let h = self.lock();
+        let mut w: std::os::raw::c_uint = 0;
+        // SAFETY: the handle is open and `w` is a valid out-pointer.
+        let r = unsafe { h.ctrl.xc_domain_get_guest_width(h.xch, domid, &mut w) };
+        Self::check(r, "xc_domain_get_guest_width", domid)?;
+        Ok(w)
+    }
+
+    /// A 64-bit PV vCPU's context (`vcpu_guest_context_x86_64`), as bytes
+    /// (see [`crate::pv::VcpuContext`]).
+    pub fn pv_vcpu_context(&self, domid: u32, vcpu: u32) -> Result<Vec<u8>, XenError> {
+        let h = self.lock();
+        // SAFETY: the context union is plain old data; all zeros is valid.
+        let mut ctx: Box<sys::vcpu_guest_context_any_t> = Box::new(unsafe { std::mem::zeroed() });
+        // SAFETY: the handle is open and `ctx` has room for any guest's
+        // context.
+        let r = unsafe { h.ctrl.xc_vcpu_getcontext(h.xch, domid, vcpu, &mut *ctx) };
+        Self::check(r, "xc_vcpu_getcontext", domid)?;
+        let n = std::mem::size_of::<sys::vcpu_guest_context_x86_64>();
+        let mut out = vec![0u8; n];
+        // SAFETY: `x64` is the first `n` bytes of the union, which
+        // xc_vcpu_getcontext filled for a 64-bit guest.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (&*ctx as *const sys::vcpu_guest_context_any_t).cast::<u8>(),
+                out.as_mut_ptr(),
+                n,
+            )
+        };
+        Ok(out)
+    }
+
+    /// Loads a 64-bit PV vCPU's context taken by
+    /// [`Xen::pv_vcpu_context`]; `None` resets the vCPU (it goes down and
+    /// drops its page tables and descriptor table).
+    pub fn set_pv_vcpu_context(
+        &self,
+        domid: u32,
+        vcpu: u32,
+        ctx: Option<&[u8]>,
+    ) -> Result<(), XenError> {
+        let n = std::mem::size_of::<sys::vcpu_guest_context_x86_64>();
+        let h = self.lock();
+        let r = match ctx {
+            None => {
+                // SAFETY: a null context asks Xen to reset the vCPU.
+                unsafe {
+                    h.ctrl
+                        .xc_vcpu_setcontext(h.xch, domid, vcpu, std::ptr::null_mut())
+                }
+            }
+            Some(bytes) => {
+                if bytes.len() != n {
+                    return Err(XenError::Invalid(format!(
+                        "a PV vCPU context is {n} bytes, not {}",
+                        bytes.len()
+                    )));
+                }
+                // SAFETY: as in `pv_vcpu_context`.
+                let mut any: Box<sys::vcpu_guest_context_any_t> =
+                    Box::new(unsafe { std::mem::zeroed() });
+                // SAFETY: `bytes` holds `n` bytes, the size of `x64`, the
+                // union's first member.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        (&mut *any as *mut sys::vcpu_guest_context_any_t).cast::<u8>(),
+                        n,
+                    )
+                };
+                // SAFETY: the handle is open; Xen reads the context.
+                unsafe { h.ctrl.xc_vcpu_setcontext(h.xch, domid, vcpu, &mut *any) }
+            }
+        };
+        Self::check(r, "xc_vcpu_setcontext", domid)
+    }
+
+    /// The page types (`XEN_DOMCTL_PFINFO_*`) of machine frames of a PV
+    /// domain, one per frame.
+    pub fn page_types(&self, domid: u32, frames: &[u64]) -> Result<Vec<u32>, XenError> {
+        let mut out = Vec::with_capacity(frames.len());
+        for chunk in frames.chunks(1024) {
+            let mut arr: Vec<sys::xen_pfn_t> = chunk.to_vec();
+            let h = self.lock();
+            // SAFETY: `arr` holds `chunk.len()` entries, rewritten in place.
+            let r = unsafe {
+                h.ctrl
+                    .xc_get_pfn_type_batch(h.xch, domid, arr.len() as u32, arr.as_mut_ptr())
+            };
+            Self::check(r, "xc_get_pfn_type_batch", domid)?;
+            out.extend(arr.iter().map(|&t| t as u32));
+        }
+        Ok(out)
+    }
+
+    /// Runs MMU extended operations (`(MMUEXT_* command, machine frame)`)
+    /// on behalf of `domid`: pinning and unpinning its page tables.
+    pub fn mmuext(&self, domid: u32, ops: &[(u32, u64)]) -> Result<(), XenError> {
+        for chunk in ops.chunks(256) {
+            let mut v: Vec<sys::mmuext_op> = chunk
+                .iter()
+                .map(|&(cmd, mfn)| sys::mmuext_op {
+                    cmd,
+                    arg1: sys::mmuext_op__bindgen_ty_1 { mfn },
+                    arg2: sys::mmuext_op__bindgen_ty_2 { nr_ents: 0 },
+                })
+                .collect();
+            let h = self.lock();
+            // SAFETY: `v` holds `chunk.len()` operations.
+            let r = unsafe {
+                h.ctrl
+                    .xc_mmuext_op(h.xch, v.as_mut_ptr(), v.len() as u32, domid)
+            };
+            Self::check(r, "xc_mmuext_op", domid)?;
+        }
+        Ok(())
+    }
+
+    /// Gives back frames of a PV domain (machine frames).
+    pub fn decrease_reservation(&self, domid: u32, frames: &[u64]) -> Result<(), XenError> {
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let mut arr: Vec<sys::xen_pfn_t> = frames.to_vec();
+        let h = self.lock();
+        // SAFETY: `arr` holds `frames.len()` entries.
+        let r = unsafe {
+            h.ctrl.xc_domain_decrease_reservation_exact(
+                h.xch,
+                domid,
+                arr.len() as _,
+                0,
+                arr.as_mut_ptr(),
+            )
+        };
+        Self::check(r, "xc_domain_decrease_reservation_exact", domid)
+    }
+
+    /// Gives a domain memory at guest frames `pfns`; for a PV domain,
+    /// returns the machine frame each got.
+    pub fn populate(&self, domid: u32, pfns: &[u64]) -> Result<Vec<u64>, XenError> {
+        if pfns.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut arr: Vec<sys::xen_pfn_t> = pfns.to_vec();
+        let h = self.lock();
+        // SAFETY: `arr` holds `pfns.len()` entries, rewritten in place.
+        let r = unsafe {
+            h.ctrl.xc_domain_populate_physmap_exact(
+                h.xch,
+                domid,
+                arr.len() as _,
+                0,
+                0,
+                arr.as_mut_ptr(),
+            )
+        };
+        Self::check(r, "xc_domain_populate_physmap_exact", domid)?;
+        Ok(arr)
+    }
+
+    /// Maps `frames` of `domid` (GFNs for HVM/PVH domains, machine frames
+    /// for PV domains) into this
     /// process. Frames that cannot be mapped are reported in
     /// [`Mapping::error`]; the call fails only if nothing could be set up.
     pub fn map(
