@@ -24,7 +24,7 @@ use livemig::core::driver::{run_destination, run_source};
 use livemig::core::MemoryLayout;
 use livemig::core::{
     Clock, DestinationEngine, EngineConfig, Hca, HcaConfig, Policy, Precopy, SourceEngine,
-    StopAndCopy, StreamTransport, SystemClock,
+    SourceVerify, StopAndCopy, StreamTransport, SystemClock,
 };
 use livemig::xen::domain::common_layout;
 use livemig::xen::{StopMode, Xen, XenDomain};
@@ -41,6 +41,14 @@ enum PolicyArg {
     StopAndCopy,
     /// Hierarchical copy: cold pages first, hot pages held for the end.
     Hca,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum VerifyArg {
+    /// A full scan of memory after the pause.
+    Full,
+    /// The content of each page as it was sent.
+    Sent,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -68,6 +76,11 @@ struct Args {
     /// How the source is stopped for the final copy.
     #[arg(long, value_enum, default_value = "suspend")]
     stop: StopArg,
+    /// What the completion digest covers: `full` reads all of memory
+    /// again after the pause (catches a dirty log that missed a write);
+    /// `sent` digests pages as they were sent (milliseconds instead).
+    #[arg(long, value_enum, default_value = "full")]
+    verify: VerifyArg,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -165,7 +178,13 @@ fn run(a: &Args) -> Result<bool, String> {
         src.control(stop),
         policy,
         clock,
-        EngineConfig::default(),
+        EngineConfig {
+            verify: match a.verify {
+                VerifyArg::Full => SourceVerify::FullScan,
+                VerifyArg::Sent => SourceVerify::SentContent,
+            },
+            ..EngineConfig::default()
+        },
     );
     let result = run_source(&mut engine, &mut t, TIMEOUT);
     let report = dest
