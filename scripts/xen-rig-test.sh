@@ -24,4 +24,5 @@ mkdir -p "$root/docs/xen-rig"
 for f in "$res"/*payload.txt "$res"/*migrate-pipe.txt; do
     [ -f "$f" ] && cp "$f" "$root/docs/xen-rig/"
 done
+cp "$res/rig.log" "$root/docs/xen-rig/rig-summary.log"
 echo "results: $res (payload output copied to docs/xen-rig/)"
