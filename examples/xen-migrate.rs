@@ -1,10 +1,20 @@
 //! Live-migrate a running Xen domain (HVM, PVH or 64-bit PV) into another
-//! domain on the same host, with the policy of your choice.
+//! domain, with the policy of your choice: in one process on one host, or
+//! from a sending process to a receiving one over TCP (on another host,
+//! or on the same one).
 //!
 //! ```text
 //! xl create -p dest.cfg          # same configuration, another name: paused
-//! xen-migrate --domid 3 --dest 4 --policy precopy
+//! xen-migrate --domid 3 --dest 4 --policy precopy       # both ends here
+//!
+//! xen-migrate --dest 4 --listen 0.0.0.0:7700            # receiving host
+//! xen-migrate --domid 3 --to desthost:7700 --policy hca  # sending host
 //! ```
+//!
+//! Before the stream, the sender announces its frames in one line
+//! (`SourceFrames`) and the receiver prepares its domain for them (a PV
+//! domain is given memory at exactly those frames) and answers with the
+//! frames both will move, or with its error.
 //!
 //! Run in dom0 as root. The source engine reads domain `--domid` through
 //! log-dirty and foreign mappings; the destination engine, on another
@@ -21,13 +31,16 @@
 
 use clap::{Parser, ValueEnum};
 use livemig::core::driver::{run_destination, run_source};
+use livemig::core::transport::SplitStream;
 use livemig::core::MemoryLayout;
 use livemig::core::{
-    Clock, DestinationEngine, EngineConfig, Hca, HcaConfig, Policy, Precopy, SourceEngine,
-    SourceVerify, StopAndCopy, StreamTransport, SystemClock,
+    Clock, DestinationEngine, DestinationReport, EngineConfig, Hca, HcaConfig, MigrationStats,
+    Policy, Precopy, SourceEngine, SourceVerify, StopAndCopy, StreamTransport, SystemClock,
 };
-use livemig::xen::domain::common_layout;
+use livemig::xen::domain::{common_layout, regions_from_text, regions_to_text, SourceFrames};
 use livemig::xen::{StopMode, Xen, XenDomain};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -59,21 +72,30 @@ enum StopArg {
     Pause,
 }
 
-/// Live-migrate a Xen domain into another, paused, domain on this host.
+/// Live-migrate a Xen domain into another, paused, domain.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
     /// The running domain to migrate.
     #[arg(long)]
-    domid: u32,
+    domid: Option<u32>,
     /// The paused domain to migrate into (created with the same
     /// configuration, e.g. `xl create -p`).
     #[arg(long)]
-    dest: u32,
+    dest: Option<u32>,
+    /// Send `--domid` to a receiving xen-migrate at this address
+    /// (HOST:PORT).
+    #[arg(long)]
+    to: Option<String>,
+    /// Receive into `--dest`: listen at this address (HOST:PORT) for one
+    /// sender.
+    #[arg(long)]
+    listen: Option<String>,
     /// Migration policy.
     #[arg(long, value_enum, default_value = "precopy")]
     policy: PolicyArg,
-    /// How the source is stopped for the final copy.
+    /// How the source is stopped for the final copy (the receiver must be
+    /// given the same).
     #[arg(long, value_enum, default_value = "suspend")]
     stop: StopArg,
     /// What the completion digest covers: `full` reads all of memory
@@ -87,10 +109,18 @@ struct Args {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest handshake line accepted.
+const MAX_LINE: usize = 1 << 20;
 
 fn main() -> ExitCode {
     let a = Args::parse();
-    match run(&a) {
+    let r = match (a.domid, a.dest, &a.to, &a.listen) {
+        (Some(s), Some(d), None, None) => run_local(&a, s, d),
+        (Some(s), None, Some(to), None) => run_send(&a, s, to),
+        (None, Some(d), None, Some(at)) => run_receive(&a, d, at),
+        _ => Err("give --domid and --dest (both ends here), --domid and --to (sender), or --dest and --listen (receiver)".into()),
+    };
+    match r {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
@@ -100,83 +130,89 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(a: &Args) -> Result<bool, String> {
-    if a.domid == a.dest {
-        return Err("--domid and --dest must differ".into());
+fn stop_mode(a: &Args) -> StopMode {
+    match a.stop {
+        StopArg::Suspend => StopMode::Suspend,
+        StopArg::Pause => StopMode::Pause,
     }
-    let xen = Arc::new(Xen::open().map_err(|e| e.to_string())?);
-    let src = XenDomain::attach(xen.clone(), a.domid).map_err(|e| e.to_string())?;
+}
+
+fn show(l: &MemoryLayout) -> String {
+    l.regions()
+        .iter()
+        .map(|r| format!("{:#x}+{}", r.first_page, r.pages))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Attaches the source and checks what it needs.
+fn attach_source(a: &Args, xen: &Arc<Xen>, domid: u32) -> Result<XenDomain, String> {
+    let src = XenDomain::attach(xen.clone(), domid).map_err(|e| e.to_string())?;
     if src.is_pv() && a.stop == StopArg::Pause {
         return Err("a PV guest moves only after suspending itself: use --stop suspend".into());
     }
-    let show = |l: &MemoryLayout| {
-        l.regions()
-            .iter()
-            .map(|r| format!("{:#x}+{}", r.first_page, r.pages))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let (src, dst) = if src.is_pv() {
+    Ok(src)
+}
+
+/// Makes domain `domid` ready for a source that announced `frames`, and
+/// returns it with the frames both will move.
+fn prepare_destination(
+    xen: &Arc<Xen>,
+    domid: u32,
+    frames: &SourceFrames,
+) -> Result<XenDomain, String> {
+    if frames.pv {
         // The destination takes memory at exactly the source's frames.
-        let dst = XenDomain::attach_pv_destination(xen, a.dest, &src).map_err(|e| e.to_string())?;
+        let dst = XenDomain::attach_pv_destination(xen.clone(), domid, frames)
+            .map_err(|e| e.to_string())?;
         eprintln!(
             "PV source frames: {}\ndestination prepared: vCPUs down, page tables unpinned, memory at the same frames",
-            show(src.layout())
+            show(&frames.layout)
         );
-        (src, dst)
-    } else {
-        let dst = XenDomain::attach(xen, a.dest).map_err(|e| e.to_string())?;
-        if !dst.info().map_err(|e| e.to_string())?.paused {
-            return Err(format!(
-                "domain {} is running; create it paused (xl create -p)",
-                a.dest
-            ));
-        }
-        // Migrate the RAM both domains have (see `common_layout`), and
-        // say what differs.
-        let common = common_layout(src.layout(), dst.layout()).map_err(|e| e.to_string())?;
-        eprintln!(
-            "source frames: {}\ndestination frames: {}\nmigrated: {}",
-            show(src.layout()),
-            show(dst.layout()),
-            show(&common)
-        );
-        (
-            src.with_layout(common.clone()).map_err(|e| e.to_string())?,
-            dst.with_layout(common).map_err(|e| e.to_string())?,
-        )
-    };
-    let stop = match a.stop {
-        StopArg::Suspend => StopMode::Suspend,
-        StopArg::Pause => StopMode::Pause,
-    };
+        return Ok(dst);
+    }
+    let dst = XenDomain::attach(xen.clone(), domid).map_err(|e| e.to_string())?;
+    if dst.is_pv() {
+        return Err(format!("domain {domid} is PV and the source is not"));
+    }
+    if !dst.info().map_err(|e| e.to_string())?.paused {
+        return Err(format!(
+            "domain {domid} is running; create it paused (xl create -p)"
+        ));
+    }
+    // Migrate the RAM both domains have (see `common_layout`), and say
+    // what differs.
+    let common = common_layout(&frames.layout, dst.layout()).map_err(|e| e.to_string())?;
     eprintln!(
-        "source domain {}: {} pages in {} regions; destination domain {}: {} pages",
-        a.domid,
-        src.layout().total_pages(),
-        src.layout().regions().len(),
-        a.dest,
-        dst.layout().total_pages()
+        "source frames: {}\ndestination frames: {}\nmigrated: {}",
+        show(&frames.layout),
+        show(dst.layout()),
+        show(&common)
     );
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let (sa, sb) = UnixStream::pair().map_err(|e| e.to_string())?;
-    let (dpages, dctl, c2) = (dst.pages(), dst.control(stop), clock.clone());
-    let dest = std::thread::spawn(move || {
-        let mut t = StreamTransport::new(sb).map_err(|e| e.to_string())?;
-        let mut e = DestinationEngine::new(dpages, dctl, c2);
-        run_destination(&mut e, &mut t, TIMEOUT).map_err(|e| e.to_string())
-    });
-    let policy: Box<dyn Policy> = match a.policy {
+    dst.with_layout(common).map_err(|e| e.to_string())
+}
+
+fn policy(a: &Args) -> Box<dyn Policy> {
+    match a.policy {
         PolicyArg::Precopy => Box::new(Precopy::default()),
         PolicyArg::StopAndCopy => Box::new(StopAndCopy),
         PolicyArg::Hca => Box::new(Hca::new(HcaConfig::default())),
-    };
-    let mut t = StreamTransport::new(sa).map_err(|e| e.to_string())?;
+    }
+}
+
+/// Runs the source engine over `stream`.
+fn source_side<S: SplitStream>(
+    a: &Args,
+    src: &XenDomain,
+    stream: S,
+) -> Result<MigrationStats, String> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let mut t = StreamTransport::new(stream).map_err(|e| e.to_string())?;
     let mut engine = SourceEngine::new(
         src.tracker(),
         src.pages(),
-        src.control(stop),
-        policy,
+        src.control(stop_mode(a)),
+        policy(a),
         clock,
         EngineConfig {
             verify: match a.verify {
@@ -186,49 +222,202 @@ fn run(a: &Args) -> Result<bool, String> {
             ..EngineConfig::default()
         },
     );
-    let result = run_source(&mut engine, &mut t, TIMEOUT);
-    let report = dest
-        .join()
-        .map_err(|_| "the destination thread panicked".to_string())?;
-    let stats = match (result, report) {
-        (Ok(s), Ok(r)) => {
-            if a.json {
-                let mut j = s.to_json();
-                j["xen"] = serde_json::json!({
-                    "source-domid": a.domid, "dest-domid": a.dest,
-                    "stop": format!("{:?}", a.stop).to_lowercase(),
-                    "dest-pages-received": r.pages_received,
-                    "dest-resume-confirmed": r.resume_confirmed,
-                    "dest-digest": r.digest.map(|d| d.to_string()),
-                });
-                println!("{}", serde_json::to_string_pretty(&j).unwrap());
-            } else {
-                println!("{s}");
-                println!(
-                    "destination domain {}: {} pages received, resumed: {}, digest {}",
-                    a.dest,
-                    r.pages_received,
-                    r.resume_confirmed,
-                    r.digest.map(|d| d.to_string()).unwrap_or_default()
-                );
-            }
-            s
-        }
-        (Err(e), r) => {
-            let src_state = src.info().map(|i| format!("{i:?}")).unwrap_or_default();
-            return Err(format!(
-                "migration failed: {e}; destination: {r:?}; source domain now: {src_state}"
-            ));
-        }
-        (Ok(_), Err(e)) => return Err(format!("destination failed: {e}")),
-    };
+    run_source(&mut engine, &mut t, TIMEOUT).map_err(|e| e.to_string())
+}
+
+/// Runs the destination engine over `stream`.
+fn dest_side<S: SplitStream>(
+    dst: &XenDomain,
+    stop: StopMode,
+    stream: S,
+) -> Result<DestinationReport, String> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let mut t = StreamTransport::new(stream).map_err(|e| e.to_string())?;
+    let mut e = DestinationEngine::new(dst.pages(), dst.control(stop), clock);
+    run_destination(&mut e, &mut t, TIMEOUT).map_err(|e| e.to_string())
+}
+
+fn print_source(a: &Args, s: &MigrationStats, dest: Option<&DestinationReport>) {
+    if a.json {
+        let mut j = s.to_json();
+        j["xen"] = serde_json::json!({
+            "source-domid": a.domid, "dest-domid": a.dest, "to": a.to,
+            "stop": format!("{:?}", a.stop).to_lowercase(),
+            "dest-pages-received": dest.map(|r| r.pages_received),
+            "dest-resume-confirmed": dest.map(|r| r.resume_confirmed),
+            "dest-digest": dest.and_then(|r| r.digest.map(|d| d.to_string())),
+        });
+        println!("{}", serde_json::to_string_pretty(&j).unwrap());
+        return;
+    }
+    println!("{s}");
+    if let Some(r) = dest {
+        println!(
+            "destination domain {}: {} pages received, resumed: {}, digest {}",
+            a.dest.unwrap_or_default(),
+            r.pages_received,
+            r.resume_confirmed,
+            r.digest.map(|d| d.to_string()).unwrap_or_default()
+        );
+    }
     println!(
         "memory: {}",
-        if stats.memory_verified {
+        if s.memory_verified {
             "verified (digests equal on both sides)"
         } else {
             "NOT verified"
         }
     );
-    Ok(stats.memory_verified)
+}
+
+/// Both ends in this process, over a Unix socket pair.
+fn run_local(a: &Args, domid: u32, dest: u32) -> Result<bool, String> {
+    if domid == dest {
+        return Err("--domid and --dest must differ".into());
+    }
+    let xen = Arc::new(Xen::open().map_err(|e| e.to_string())?);
+    let src = attach_source(a, &xen, domid)?;
+    let dst = prepare_destination(&xen, dest, &src.source_frames())?;
+    let src = src
+        .with_layout(dst.layout().clone())
+        .map_err(|e| e.to_string())?;
+    eprintln!(
+        "source domain {domid}: {} pages in {} regions; destination domain {dest}: {} pages",
+        src.layout().total_pages(),
+        src.layout().regions().len(),
+        dst.layout().total_pages()
+    );
+    let (sa, sb) = UnixStream::pair().map_err(|e| e.to_string())?;
+    let stop = stop_mode(a);
+    let receiver = std::thread::spawn(move || dest_side(&dst, stop, sb));
+    let result = source_side(a, &src, sa);
+    let report = receiver
+        .join()
+        .map_err(|_| "the destination thread panicked".to_string())?;
+    match (result, report) {
+        (Ok(s), Ok(r)) => {
+            print_source(a, &s, Some(&r));
+            Ok(s.memory_verified)
+        }
+        (Err(e), r) => {
+            let src_state = src.info().map(|i| format!("{i:?}")).unwrap_or_default();
+            Err(format!(
+                "migration failed: {e}; destination: {r:?}; source domain now: {src_state}"
+            ))
+        }
+        (Ok(_), Err(e)) => Err(format!("destination failed: {e}")),
+    }
+}
+
+/// Reads one handshake line, a byte at a time (nothing after it is
+/// consumed: the wire protocol follows).
+fn read_line(s: &mut TcpStream) -> Result<String, String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return Err("the peer closed the connection during the handshake".into()),
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) => line.push(b[0]),
+            Err(e) => return Err(format!("handshake: {e}")),
+        }
+        if line.len() > MAX_LINE {
+            return Err(format!("handshake line longer than {MAX_LINE} bytes"));
+        }
+    }
+    String::from_utf8(line).map_err(|_| "handshake line is not UTF-8".into())
+}
+
+/// The sending process.
+fn run_send(a: &Args, domid: u32, to: &str) -> Result<bool, String> {
+    let xen = Arc::new(Xen::open().map_err(|e| e.to_string())?);
+    let src = attach_source(a, &xen, domid)?;
+    let mut stream = TcpStream::connect(to).map_err(|e| format!("connecting to {to}: {e}"))?;
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let frames = src.source_frames();
+    writeln!(stream, "{}", frames.to_line()).map_err(|e| format!("handshake: {e}"))?;
+    let reply = read_line(&mut stream)?;
+    let agreed = match reply.split_once(' ') {
+        Some(("ok", regions)) => regions_from_text(regions, src.layout().total_pages())
+            .map_err(|e| format!("the receiver's answer: {e}"))?,
+        Some(("error", why)) => return Err(format!("the receiver refused: {why}")),
+        _ => return Err(format!("the receiver answered {reply:?}")),
+    };
+    if frames.pv && agreed != frames.layout {
+        return Err("the receiver would move other frames than a PV source has".into());
+    }
+    let src = src.with_layout(agreed).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    eprintln!(
+        "source domain {domid}: {} pages in {} regions, to {to}",
+        src.layout().total_pages(),
+        src.layout().regions().len()
+    );
+    match source_side(a, &src, stream) {
+        Ok(s) => {
+            print_source(a, &s, None);
+            Ok(s.memory_verified)
+        }
+        Err(e) => {
+            let src_state = src.info().map(|i| format!("{i:?}")).unwrap_or_default();
+            Err(format!(
+                "migration failed: {e}; source domain now: {src_state}"
+            ))
+        }
+    }
+}
+
+/// The receiving process.
+fn run_receive(a: &Args, dest: u32, at: &str) -> Result<bool, String> {
+    let xen = Arc::new(Xen::open().map_err(|e| e.to_string())?);
+    let listener = TcpListener::bind(at).map_err(|e| format!("listening at {at}: {e}"))?;
+    eprintln!("domain {dest}: waiting for a sender at {at}");
+    let (mut stream, peer) = listener.accept().map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let line = read_line(&mut stream)?;
+    let prepared = SourceFrames::from_line(&line)
+        .map_err(|e| e.to_string())
+        .and_then(|f| prepare_destination(&xen, dest, &f));
+    let dst = match prepared {
+        Ok(d) => {
+            writeln!(stream, "ok {}", regions_to_text(d.layout()))
+                .map_err(|e| format!("handshake: {e}"))?;
+            d
+        }
+        Err(e) => {
+            let _ = writeln!(stream, "error {}", e.replace('\n', " "));
+            return Err(e);
+        }
+    };
+    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    eprintln!(
+        "domain {dest}: receiving {} pages from {peer}",
+        dst.layout().total_pages()
+    );
+    let r =
+        dest_side(&dst, stop_mode(a), stream).map_err(|e| format!("destination failed: {e}"))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "dest-domid": dest, "from": peer.to_string(),
+                "pages-received": r.pages_received,
+                "resume-confirmed": r.resume_confirmed,
+                "digest": r.digest.map(|d| d.to_string()),
+            }))
+            .unwrap()
+        );
+    } else {
+        println!(
+            "destination domain {dest}: {} pages received from {peer}, resumed: {}, digest {}",
+            r.pages_received,
+            r.resume_confirmed,
+            r.digest.map(|d| d.to_string()).unwrap_or_default()
+        );
+    }
+    Ok(r.digest.is_some())
 }

@@ -323,17 +323,15 @@ impl XenDomain {
     pub fn attach_pv_destination(
         xen: Arc<Xen>,
         domid: u32,
-        source: &XenDomain,
+        source: &SourceFrames,
     ) -> Result<Self, XenError> {
-        let src = source
-            .pv
-            .as_ref()
-            .ok_or_else(|| invalid(format!("domain {} is not a PV domain", source.domid)))?;
+        if !source.pv {
+            return Err(invalid("the source is not a PV domain"));
+        }
         let info = xen.domain_info(domid)?;
         if info.hvm {
             return Err(invalid(format!(
-                "domain {domid} is an HVM/PVH domain and domain {} is PV",
-                source.domid
+                "domain {domid} is an HVM/PVH domain and the source is PV"
             )));
         }
         if !info.paused {
@@ -376,10 +374,10 @@ impl XenDomain {
         };
         let store_pfn = find(pv::read_u64(&si, sinfo::STORE_MFN), "xenstore")?;
         let console_pfn = find(pv::read_u64(&si, sinfo::CONSOLE_MFN), "console")?;
-        if (store_pfn, console_pfn) != (src.store_pfn, src.console_pfn) {
+        if (store_pfn, console_pfn) != (source.store_pfn, source.console_pfn) {
             return Err(invalid(format!(
-                "domain {domid} has its xenstore and console rings at frames {store_pfn:#x} and {console_pfn:#x}, domain {} at {:#x} and {:#x}: create the destination with the same configuration",
-                source.domid, src.store_pfn, src.console_pfn
+                "domain {domid} has its xenstore and console rings at frames {store_pfn:#x} and {console_pfn:#x}, the source at {:#x} and {:#x}: create the destination with the same configuration",
+                source.store_pfn, source.console_pfn
             )));
         }
         let store_evtchn = pv::read_u32(&si, sinfo::STORE_EVTCHN);
@@ -465,6 +463,17 @@ impl XenDomain {
         self.pv.is_some()
     }
 
+    /// What a destination must know of this source before the stream
+    /// begins.
+    pub fn source_frames(&self) -> SourceFrames {
+        SourceFrames {
+            pv: self.pv.is_some(),
+            layout: self.layout.clone(),
+            store_pfn: self.pv.as_ref().map_or(0, |p| p.store_pfn),
+            console_pfn: self.pv.as_ref().map_or(0, |p| p.console_pfn),
+        }
+    }
+
     /// The frame to map for guest frame `pfn`: itself for HVM/PVH, its
     /// machine frame for PV ([`pv::INVALID_MFN`] if it has none).
     fn frame(&self, pfn: u64) -> u64 {
@@ -531,6 +540,104 @@ impl XenDomain {
             paused: false,
             suspend_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// What a destination must know of the source before the stream begins:
+/// whether it is PV, its frames and, for PV, where its xenstore and
+/// console rings are (a PV destination is given memory at exactly these
+/// frames; an HVM/PVH destination migrates the frames both have).
+///
+/// Between two processes it travels as one line of text:
+/// `xen-migrate/1 pv|hvm STORE CONSOLE FIRST+COUNT,...` (frames in hex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFrames {
+    /// A PV source.
+    pub pv: bool,
+    /// The frames that migrate.
+    pub layout: MemoryLayout,
+    /// PV: the xenstore ring's guest frame (0 otherwise).
+    pub store_pfn: u64,
+    /// PV: the console ring's guest frame (0 otherwise).
+    pub console_pfn: u64,
+}
+
+/// The protocol tag of [`SourceFrames::to_line`].
+pub const FRAMES_TAG: &str = "xen-migrate/1";
+
+/// Writes regions as `FIRST+COUNT,...` (hex first frame, decimal count).
+pub fn regions_to_text(layout: &MemoryLayout) -> String {
+    layout
+        .regions()
+        .iter()
+        .map(|r| format!("{:x}+{}", r.first_page, r.pages))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Reads what [`regions_to_text`] wrote, refusing anything else
+/// (overlapping or unordered regions, more than `max_pages` pages).
+pub fn regions_from_text(text: &str, max_pages: u64) -> Result<MemoryLayout, XenError> {
+    let mut regions = Vec::new();
+    let mut total = 0u64;
+    for part in text.split(',') {
+        let (first, n) = part
+            .split_once('+')
+            .ok_or_else(|| invalid(format!("region {part:?} is not FIRST+COUNT")))?;
+        let first_page = u64::from_str_radix(first, 16)
+            .map_err(|_| invalid(format!("region start {first:?} is not a hex frame")))?;
+        let pages: u64 = n
+            .parse()
+            .map_err(|_| invalid(format!("region count {n:?} is not a number")))?;
+        total = total.saturating_add(pages);
+        if total > max_pages {
+            return Err(invalid(format!("regions hold more than {max_pages} pages")));
+        }
+        regions.push(Region { first_page, pages });
+    }
+    MemoryLayout::new(PageSize::DEFAULT, regions).map_err(|e| invalid(format!("regions: {e}")))
+}
+
+/// The most pages a peer may announce (16 TiB of 4 KiB pages).
+pub const MAX_ANNOUNCED_PAGES: u64 = 1 << 32;
+
+impl SourceFrames {
+    /// The line that announces it (no newline).
+    pub fn to_line(&self) -> String {
+        format!(
+            "{FRAMES_TAG} {} {:x} {:x} {}",
+            if self.pv { "pv" } else { "hvm" },
+            self.store_pfn,
+            self.console_pfn,
+            regions_to_text(&self.layout)
+        )
+    }
+
+    /// Reads a line from [`SourceFrames::to_line`]; anything else is an
+    /// `Invalid` error that says what was wrong.
+    pub fn from_line(line: &str) -> Result<Self, XenError> {
+        let f: Vec<&str> = line.trim_end().split(' ').collect();
+        if f.len() != 5 || f[0] != FRAMES_TAG {
+            return Err(invalid(format!(
+                "expected \"{FRAMES_TAG} pv|hvm STORE CONSOLE REGIONS\", got {:?}",
+                line.chars().take(80).collect::<String>()
+            )));
+        }
+        let pv = match f[1] {
+            "pv" => true,
+            "hvm" => false,
+            k => return Err(invalid(format!("domain kind {k:?} is neither pv nor hvm"))),
+        };
+        let hex = |s: &str, what: &str| {
+            u64::from_str_radix(s, 16)
+                .map_err(|_| invalid(format!("{what} frame {s:?} is not hex")))
+        };
+        Ok(SourceFrames {
+            pv,
+            store_pfn: hex(f[2], "xenstore")?,
+            console_pfn: hex(f[3], "console")?,
+            layout: regions_from_text(f[4], MAX_ANNOUNCED_PAGES)?,
+        })
     }
 }
 

@@ -79,3 +79,50 @@ fn without_xen_open_names_what_is_missing() {
         other => panic!("unexpected error without Xen: {other}"),
     }
 }
+
+#[test]
+fn source_frames_cross_as_a_line_and_lies_are_refused() {
+    use backend_xen::domain::{regions_from_text, SourceFrames, MAX_ANNOUNCED_PAGES};
+    let layout = MemoryLayout::new(
+        PageSize::DEFAULT,
+        vec![
+            Region {
+                first_page: 0,
+                pages: 18945,
+            },
+            Region {
+                first_page: 0x4a03,
+                pages: 13821,
+            },
+        ],
+    )
+    .unwrap();
+    let f = SourceFrames {
+        pv: true,
+        layout,
+        store_pfn: 0x4a01,
+        console_pfn: 0x4a02,
+    };
+    let line = f.to_line();
+    assert_eq!(line, "xen-migrate/1 pv 4a01 4a02 0+18945,4a03+13821");
+    assert_eq!(SourceFrames::from_line(&(line.clone() + "\n")).unwrap(), f);
+    for bad in [
+        "",
+        "xen-migrate/2 pv 1 2 0+1",
+        "xen-migrate/1 kvm 1 2 0+1",
+        "xen-migrate/1 pv zz 2 0+1",
+        "xen-migrate/1 pv 1 2 0+1 extra",
+        "xen-migrate/1 pv 1 2 0-1",
+        "xen-migrate/1 pv 1 2 0+x",
+        "xen-migrate/1 pv 1 2 10+5,0+5",      // out of order
+        "xen-migrate/1 pv 1 2 0+5,3+5",       // overlapping
+        "xen-migrate/1 hvm 0 0 0+4294967297", // more pages than anyone has
+    ] {
+        assert!(
+            SourceFrames::from_line(bad).is_err(),
+            "{bad:?} was accepted"
+        );
+    }
+    assert!(regions_from_text("0+10", 9).is_err());
+    assert!(regions_from_text("0+10", MAX_ANNOUNCED_PAGES).is_ok());
+}
