@@ -118,6 +118,14 @@ fn read_frames(xen: &Arc<Xen>, domid: u32, frames: &[u64]) -> Result<Vec<u8>, Xe
     Ok(out)
 }
 
+/// The (guest frame, machine frame) pairs a p2m backs with memory.
+fn backed(p2m: &[u64]) -> Vec<(u64, u64)> {
+    p2m.iter()
+        .enumerate()
+        .filter_map(|(p, &e)| pv::p2m_entry_mfn(e).map(|m| (p as u64, m)))
+        .collect()
+}
+
 /// Reads a xenstore path with `xenstore-read` (xen-utils).
 fn xenstore_read(path: &str) -> Result<String, XenError> {
     let out = std::process::Command::new("xenstore-read")
@@ -264,11 +272,7 @@ impl XenDomain {
     fn attach_pv(xen: Arc<Xen>, domid: u32, info: &DomainInfo) -> Result<Self, XenError> {
         Self::check_pv_width(&xen, domid)?;
         let (p2m, _) = published_p2m(&xen, domid, info.shared_info_frame)?;
-        let pairs: Vec<(u64, u64)> = p2m
-            .iter()
-            .enumerate()
-            .filter_map(|(p, &e)| pv::p2m_entry_mfn(e).map(|m| (p as u64, m)))
-            .collect();
+        let pairs = backed(&p2m);
         let mfns: Vec<u64> = pairs.iter().map(|&(_, m)| m).collect();
         let types = xen.page_types(domid, &mfns)?;
         let m2p: HashMap<u64, u64> = pairs.iter().map(|&(p, m)| (m, p)).collect();
@@ -387,11 +391,7 @@ impl XenDomain {
         for v in 0..=info.max_vcpu_id {
             xen.set_pv_vcpu_context(domid, v, None)?;
         }
-        let have: Vec<(u64, u64)> = p2m
-            .iter()
-            .enumerate()
-            .filter_map(|(p, &e)| pv::p2m_entry_mfn(e).map(|m| (p as u64, m)))
-            .collect();
+        let have = backed(&p2m);
         let mfns: Vec<u64> = have.iter().map(|&(_, m)| m).collect();
         let types = xen.page_types(domid, &mfns)?;
         let unpin: Vec<(u32, u64)> = mfns
@@ -433,11 +433,7 @@ impl XenDomain {
             }
             p2m[p as usize] = m;
         }
-        let m2p: HashMap<u64, u64> = p2m
-            .iter()
-            .enumerate()
-            .filter_map(|(p, &e)| pv::p2m_entry_mfn(e).map(|m| (m, p as u64)))
-            .collect();
+        let m2p: HashMap<u64, u64> = backed(&p2m).into_iter().map(|(p, m)| (m, p)).collect();
         let max_gpfn = p2m.len() as u64 - 1;
         Ok(XenDomain {
             xen,
