@@ -30,14 +30,16 @@
 //! prints one JSON object.
 
 use clap::{Parser, ValueEnum};
-use livemig::core::driver::{run_destination, run_source};
+use livemig::core::driver::{run_destination, run_destination_serving, run_source};
 use livemig::core::transport::SplitStream;
 use livemig::core::MemoryLayout;
 use livemig::core::{
-    Clock, DestinationEngine, DestinationReport, EngineConfig, Hca, HcaConfig, MigrationStats,
-    Policy, Precopy, SourceEngine, SourceVerify, StopAndCopy, StreamTransport, SystemClock,
+    Clock, DestinationEngine, DestinationReport, EngineConfig, Hca, HcaConfig, Hybrid,
+    HybridConfig, MigrationStats, Policy, PostCopy, Precopy, PrecopyConfig, Prepaging,
+    SourceEngine, SourceVerify, StopAndCopy, StreamTransport, SystemClock,
 };
 use livemig::xen::domain::{common_layout, regions_from_text, regions_to_text, SourceFrames};
+use livemig::xen::paging::Pager;
 use livemig::xen::{StopMode, Xen, XenDomain};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -54,6 +56,11 @@ enum PolicyArg {
     StopAndCopy,
     /// Hierarchical copy: cold pages first, hot pages held for the end.
     Hca,
+    /// Resume at once at the destination, pages follow on demand (needs
+    /// memory paging on the receiving hypervisor; HVM/PVH only).
+    Postcopy,
+    /// Pre-copy rounds, then post-copy for what is left.
+    Hybrid,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -103,6 +110,15 @@ struct Args {
     /// `sent` digests pages as they were sent (milliseconds instead).
     #[arg(long, value_enum, default_value = "full")]
     verify: VerifyArg,
+    /// Pre-copy and hybrid: the downtime the final copy may take (the
+    /// policy's default if not given); hybrid switches to post-copy when
+    /// its rounds run out before what is left fits.
+    #[arg(long)]
+    downtime_target_ms: Option<u64>,
+    /// Receiver: serve post-copy (and hybrid) senders, through Xen's
+    /// memory paging.
+    #[arg(long)]
+    postcopy: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -194,10 +210,29 @@ fn prepare_destination(
 
 fn policy(a: &Args) -> Box<dyn Policy> {
     match a.policy {
-        PolicyArg::Precopy => Box::new(Precopy::default()),
+        PolicyArg::Precopy => Box::new(Precopy::new(precopy_config(a))),
         PolicyArg::StopAndCopy => Box::new(StopAndCopy),
         PolicyArg::Hca => Box::new(Hca::new(HcaConfig::default())),
+        PolicyArg::Postcopy => Box::new(PostCopy::new(Prepaging::default())),
+        PolicyArg::Hybrid => Box::new(Hybrid::new(HybridConfig {
+            precopy: precopy_config(a),
+            ..HybridConfig::default()
+        })),
     }
+}
+
+fn precopy_config(a: &Args) -> PrecopyConfig {
+    let d = PrecopyConfig::default();
+    PrecopyConfig {
+        downtime_target: a
+            .downtime_target_ms
+            .map_or(d.downtime_target, Duration::from_millis),
+        ..d
+    }
+}
+
+fn is_postcopy(a: &Args) -> bool {
+    matches!(a.policy, PolicyArg::Postcopy | PolicyArg::Hybrid)
 }
 
 /// Runs the source engine over `stream`.
@@ -226,15 +261,62 @@ fn source_side<S: SplitStream>(
 }
 
 /// Runs the destination engine over `stream`.
+///
+/// With `postcopy`, a pager serves the guest's touches of pages that have
+/// not arrived. If the source is lost after the guest resumed here, the
+/// domain is paused and its missing pages stay paged out.
 fn dest_side<S: SplitStream>(
+    xen: &Arc<Xen>,
     dst: &XenDomain,
     stop: StopMode,
     stream: S,
+    postcopy: bool,
 ) -> Result<DestinationReport, String> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let mut t = StreamTransport::new(stream).map_err(|e| e.to_string())?;
-    let mut e = DestinationEngine::new(dst.pages(), dst.control(stop), clock);
-    run_destination(&mut e, &mut t, TIMEOUT).map_err(|e| e.to_string())
+    if !postcopy {
+        let mut e = DestinationEngine::new(dst.pages(), dst.control(stop), clock);
+        return run_destination(&mut e, &mut t, TIMEOUT).map_err(|e| e.to_string());
+    }
+    if dst.is_pv() {
+        return Err(
+            "post-copy on Xen needs memory paging, which serves HVM and PVH guests, not PV".into(),
+        );
+    }
+    let (pager, faults) = Pager::enable(xen.clone(), dst.domid(), clock.clone())
+        .map_err(|e| format!("enabling memory paging in domain {}: {e}", dst.domid()))?;
+    let pager = Arc::new(pager);
+    // Nothing has arrived: page everything out now, while the guest
+    // still runs on the source, rather than at the switch-over; each
+    // page that arrives is paged back in.
+    let t0 = std::time::Instant::now();
+    for p in dst.layout().pages() {
+        pager
+            .page_out(p)
+            .map_err(|e| format!("paging out frame {p:#x} of domain {}: {e}", dst.domid()))?;
+    }
+    eprintln!(
+        "domain {}: {} frames paged out in {:.0} ms, ready for post-copy",
+        dst.domid(),
+        dst.layout().total_pages(),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    let d = dst.clone().with_pager(pager.clone());
+    let mut e = DestinationEngine::new(d.pages(), d.control(stop), clock);
+    match run_destination_serving(&mut e, &mut t, &faults, TIMEOUT) {
+        Ok(r) => {
+            pager
+                .finish()
+                .map_err(|e| format!("ending memory paging: {e}"))?;
+            Ok(r)
+        }
+        Err(err) => {
+            if e.resumed() {
+                let _ = xen.pause(dst.domid());
+            }
+            Err(format!("{err} ({} pages still paged out)", pager.missing()))
+        }
+    }
 }
 
 fn print_source(a: &Args, s: &MigrationStats, dest: Option<&DestinationReport>) {
@@ -289,7 +371,8 @@ fn run_local(a: &Args, domid: u32, dest: u32) -> Result<bool, String> {
     );
     let (sa, sb) = UnixStream::pair().map_err(|e| e.to_string())?;
     let stop = stop_mode(a);
-    let receiver = std::thread::spawn(move || dest_side(&dst, stop, sb));
+    let (x2, pc) = (xen.clone(), is_postcopy(a));
+    let receiver = std::thread::spawn(move || dest_side(&x2, &dst, stop, sb, pc));
     let result = source_side(a, &src, sa);
     let report = receiver
         .join()
@@ -333,6 +416,7 @@ fn run_send(a: &Args, domid: u32, to: &str) -> Result<bool, String> {
     let xen = Arc::new(Xen::open().map_err(|e| e.to_string())?);
     let src = attach_source(a, &xen, domid)?;
     let mut stream = TcpStream::connect(to).map_err(|e| format!("connecting to {to}: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(TIMEOUT))
         .map_err(|e| e.to_string())?;
@@ -375,6 +459,7 @@ fn run_receive(a: &Args, dest: u32, at: &str) -> Result<bool, String> {
     let listener = TcpListener::bind(at).map_err(|e| format!("listening at {at}: {e}"))?;
     eprintln!("domain {dest}: waiting for a sender at {at}");
     let (mut stream, peer) = listener.accept().map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(TIMEOUT))
         .map_err(|e| e.to_string())?;
@@ -398,8 +483,8 @@ fn run_receive(a: &Args, dest: u32, at: &str) -> Result<bool, String> {
         "domain {dest}: receiving {} pages from {peer}",
         dst.layout().total_pages()
     );
-    let r =
-        dest_side(&dst, stop_mode(a), stream).map_err(|e| format!("destination failed: {e}"))?;
+    let r = dest_side(&xen, &dst, stop_mode(a), stream, a.postcopy)
+        .map_err(|e| format!("destination failed: {e}"))?;
     if a.json {
         println!(
             "{}",

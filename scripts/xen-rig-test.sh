@@ -18,6 +18,11 @@ export PAYLOAD="$payload" WORK="$work"
 export DOMU_TYPES=${DOMU_TYPES:-pv pvh} MIGRATE_MODES=${MIGRATE_MODES-pipe} DO_SAVE=${DO_SAVE:-0}
 # PV log-dirty needs a hypervisor with shadow paging (the rig rebuilds one).
 export XEN_SHADOW=${XEN_SHADOW:-1}
+# Post-copy needs memory paging too: build that hypervisor once.
+if [ "$XEN_SHADOW" = 1 ]; then
+    [ -f "$work/boot/xen-shadow" ] || "$rig/run.sh" prepare
+    sh "$root/scripts/xen-rig-paging.sh"
+fi
 "$rig/run.sh"
 res=$(readlink -f "$work/results-latest")
 mkdir -p "$root/docs/xen-rig"

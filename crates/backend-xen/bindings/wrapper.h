@@ -1,7 +1,9 @@
-/* The parts of libxenctrl, libxenguest and libxenforeignmemory the backend uses. */
+/* The parts of libxenctrl, libxenguest, libxenforeignmemory and libxenevtchn the backend uses. */
 #define __XEN_TOOLS__ 1
 #include <xenctrl.h>
 #include <xenforeignmemory.h>
+#include <xenevtchn.h>
+#include <xen/vm_event.h>
 #include <xenguest.h>
 #include <xen/hvm/params.h>
 #include <xen/hvm/save.h>

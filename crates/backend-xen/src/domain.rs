@@ -7,6 +7,7 @@
 //! context and parameters). A destination is a domain the toolstack
 //! created, paused, with the same configuration (`xl create -p`).
 
+use crate::paging::Pager;
 use crate::pv::{self, PvState, VcpuContext};
 use crate::xc::{
     DomainInfo, HypercallBitmap, LogDirtyOp, Mapping, Xen, XenError, SHUTDOWN_SUSPEND,
@@ -64,6 +65,8 @@ pub struct XenDomain {
     /// restore can drop it (a page mapped writable cannot become a page
     /// table).
     window: Arc<Mutex<Option<(u64, Mapping)>>>,
+    /// A post-copy destination's pager.
+    pager: Option<Arc<Pager>>,
 }
 
 /// What a PV domain adds: its p2m and the frames its toolstack connected.
@@ -255,6 +258,7 @@ impl XenDomain {
             max_gpfn,
             pv: None,
             window: Arc::default(),
+            pager: None,
         })
     }
 
@@ -313,6 +317,7 @@ impl XenDomain {
                 unsettled: Mutex::default(),
             })),
             window: Arc::default(),
+            pager: None,
         })
     }
 
@@ -451,7 +456,16 @@ impl XenDomain {
                 unsettled: Mutex::default(),
             })),
             window: Arc::default(),
+            pager: None,
         })
+    }
+
+    /// The same destination with `pager` serving post-copy: a discard
+    /// pages the frame out, and a frame that is out is paged back in with
+    /// what arrives.
+    pub fn with_pager(mut self, pager: Arc<Pager>) -> Self {
+        self.pager = Some(pager);
+        self
     }
 
     /// Whether this is a PV domain.
@@ -843,6 +857,11 @@ impl PageSink for XenPages {
             ));
         }
         self.in_layout(page)?;
+        if let Some(pager) = &self.d.pager {
+            if pager.is_out(page) {
+                return pager.page_in(page, data).map_err(be);
+            }
+        }
         let mut window = self.d.window.lock().unwrap_or_else(|e| e.into_inner());
         let fits = matches!(&*window, Some((first, _)) if page >= *first && page < first + MAP_BATCH as u64);
         if !fits {
@@ -854,6 +873,29 @@ impl PageSink for XenPages {
         }
         let (first, m) = window.as_ref().expect("window just mapped");
         m.write((page - first) as usize, data).map_err(be)
+    }
+
+    fn discard(&mut self, page: PageNum) -> Result<(), BackendError> {
+        self.discard_pages(&[page])
+    }
+
+    fn discard_pages(&mut self, pages: &[PageNum]) -> Result<(), BackendError> {
+        let Some(pager) = &self.d.pager else {
+            return Err(BackendError::new(
+                BackendErrorKind::Unsupported,
+                format!(
+                    "domain {} has no pager: post-copy on Xen needs memory paging (see backend_xen::paging)",
+                    self.d.domid
+                ),
+            ));
+        };
+        // A frame mapped here cannot be paged out.
+        *self.d.window.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        for &p in pages {
+            self.in_layout(p)?;
+            pager.page_out(p).map_err(be)?;
+        }
+        Ok(())
     }
 }
 

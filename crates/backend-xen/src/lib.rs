@@ -6,6 +6,7 @@
 
 pub mod domain;
 pub mod log;
+pub mod paging;
 pub mod pv;
 pub mod state;
 #[allow(unsafe_code)]

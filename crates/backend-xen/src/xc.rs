@@ -184,7 +184,12 @@ impl Xen {
             xc_mmuext_op,
             xc_domain_get_guest_width,
             xc_domain_decrease_reservation_exact,
-            xc_domain_populate_physmap_exact
+            xc_domain_populate_physmap_exact,
+            xc_mem_paging_enable,
+            xc_mem_paging_disable,
+            xc_mem_paging_nominate,
+            xc_mem_paging_evict,
+            xc_mem_paging_load
         );
         let guest = load(GUEST_NAMES)?;
         require!(guest, "libxenguest", xc_domain_resume);
@@ -650,6 +655,63 @@ impl Xen {
         Ok(arr)
     }
 
+    /// Turns on memory paging for an HVM/PVH domain: its paging ring (the
+    /// page at `HVM_PARAM_PAGING_RING_PFN`, which the caller maps first)
+    /// starts to carry requests. Returns the event channel port Xen
+    /// signals on. Needs a hypervisor built with `CONFIG_MEM_PAGING`
+    /// (`ENOSYS` otherwise) and a HAP guest.
+    pub fn paging_enable(&self, domid: u32) -> Result<u32, XenError> {
+        let h = self.lock();
+        let mut port = 0u32;
+        // SAFETY: the handle is open and `port` is a valid out-pointer.
+        let r = unsafe { h.ctrl.xc_mem_paging_enable(h.xch, domid, &mut port) };
+        Self::check(r, "xc_mem_paging_enable", domid)?;
+        Ok(port)
+    }
+
+    /// Turns memory paging off.
+    pub fn paging_disable(&self, domid: u32) -> Result<(), XenError> {
+        let h = self.lock();
+        // SAFETY: the handle is open.
+        let r = unsafe { h.ctrl.xc_mem_paging_disable(h.xch, domid) };
+        Self::check(r, "xc_mem_paging_disable", domid)
+    }
+
+    /// Pages a guest frame out: nominates it, then evicts it (its memory
+    /// is freed; the guest's next touch raises a paging request).
+    pub fn page_out(&self, domid: u32, gfn: u64) -> Result<(), XenError> {
+        let h = self.lock();
+        // SAFETY: the handle is open.
+        let r = unsafe { h.ctrl.xc_mem_paging_nominate(h.xch, domid, gfn) };
+        Self::check(r, "xc_mem_paging_nominate", domid)?;
+        // SAFETY: as above.
+        let r = unsafe { h.ctrl.xc_mem_paging_evict(h.xch, domid, gfn) };
+        Self::check(r, "xc_mem_paging_evict", domid)
+    }
+
+    /// Pages a guest frame back in with `data` (4 KiB) as its content; the
+    /// guest may use it at once.
+    pub fn page_in(&self, domid: u32, gfn: u64, data: &[u8]) -> Result<(), XenError> {
+        if data.len() != 4096 {
+            return Err(XenError::Invalid(format!(
+                "a page is 4096 bytes, not {}",
+                data.len()
+            )));
+        }
+        let h = self.lock();
+        // SAFETY: `data` is 4 KiB; libxenctrl copies it into a hypercall
+        // buffer and only reads it.
+        let r = unsafe {
+            h.ctrl.xc_mem_paging_load(
+                h.xch,
+                domid,
+                gfn,
+                data.as_ptr() as *mut std::os::raw::c_void,
+            )
+        };
+        Self::check(r, "xc_mem_paging_load", domid)
+    }
+
     /// Maps `frames` of `domid` (GFNs for HVM/PVH domains, machine frames
     /// for PV domains) into this
     /// process. Frames that cannot be mapped are reported in
@@ -766,6 +828,11 @@ pub struct Mapping {
 // SAFETY: the mapping is process memory that stays mapped while the value
 // lives; reads and writes of it are plain memory copies.
 unsafe impl Send for Mapping {}
+// SAFETY: as for Send: `&self` methods only copy to and from memory that
+// stays mapped while the value lives, with volatile accesses and fences
+// for the ring indices; callers that share a mapping (the paging ring)
+// order their use of each slot with a lock.
+unsafe impl Sync for Mapping {}
 
 impl std::fmt::Debug for Mapping {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -814,6 +881,169 @@ impl Mapping {
                 "frame {i} of the mapping is not mapped (errno {})",
                 -e
             ))),
+        }
+    }
+}
+
+impl Mapping {
+    /// Reads a little-endian u32 at byte `off` of frame 0, after an
+    /// acquire fence (a ring index another side writes).
+    pub fn load_u32(&self, off: usize) -> Result<u32, XenError> {
+        self.check_at(off, 4)?;
+        // SAFETY: frame 0 is mapped (checked) and `off + 4` lies within it;
+        // the read is volatile because another side writes it.
+        let v = unsafe { std::ptr::read_volatile(self.addr.add(off) as *const u32) };
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        Ok(u32::from_le(v))
+    }
+
+    /// Writes a little-endian u32 at byte `off` of frame 0, after a
+    /// release fence (publishing what was written before it).
+    pub fn store_u32(&self, off: usize, v: u32) -> Result<(), XenError> {
+        self.check_at(off, 4)?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        // SAFETY: as in `load_u32`.
+        unsafe { std::ptr::write_volatile(self.addr.add(off) as *mut u32, v.to_le()) };
+        Ok(())
+    }
+
+    /// Copies bytes `off..off + out.len()` of frame 0 out.
+    pub fn read_at(&self, off: usize, out: &mut [u8]) -> Result<(), XenError> {
+        self.check_at(off, out.len())?;
+        // SAFETY: the range lies within mapped frame 0 (checked).
+        unsafe { std::ptr::copy_nonoverlapping(self.addr.add(off), out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` into bytes `off..off + data.len()` of frame 0.
+    pub fn write_at(&self, off: usize, data: &[u8]) -> Result<(), XenError> {
+        self.check_at(off, data.len())?;
+        // SAFETY: as in `read_at`; the mapping is writable or Xen refused
+        // it and `error(0)` says so (checked).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.addr.add(off), data.len()) };
+        Ok(())
+    }
+
+    fn check_at(&self, off: usize, len: usize) -> Result<(), XenError> {
+        if self.err.first() != Some(&0) {
+            return Err(XenError::Invalid(
+                "frame 0 of the mapping is not mapped".into(),
+            ));
+        }
+        if off.checked_add(len).is_none_or(|e| e > 4096) || off % 4 != 0 && len == 4 {
+            return Err(XenError::Invalid(format!(
+                "bytes {off}..{} are not within one page",
+                off.saturating_add(len)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// An event channel bound to a port of another domain
+/// (libxenevtchn), for a ring's notifications.
+pub struct EventChannel {
+    lib: sys::XenLib,
+    xce: *mut sys::xenevtchn_handle,
+    port: u32,
+}
+
+// SAFETY: the handle is library state not tied to the opening thread;
+// each call takes `&self` and libxenevtchn's calls on one handle are
+// independent reads and writes of its file descriptor.
+unsafe impl Send for EventChannel {}
+// SAFETY: as above.
+unsafe impl Sync for EventChannel {}
+
+impl std::fmt::Debug for EventChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EventChannel(port {})", self.port)
+    }
+}
+
+const EVTCHN_NAMES: &[&str] = &["libxenevtchn.so.1", "libxenevtchn.so"];
+
+impl EventChannel {
+    /// Opens libxenevtchn and binds to `remote_port` of `domid`.
+    pub fn bind(domid: u32, remote_port: u32) -> Result<Self, XenError> {
+        let lib = load(EVTCHN_NAMES)?;
+        require!(
+            lib,
+            "libxenevtchn",
+            xenevtchn_open,
+            xenevtchn_close,
+            xenevtchn_fd,
+            xenevtchn_bind_interdomain,
+            xenevtchn_unbind,
+            xenevtchn_notify,
+            xenevtchn_pending,
+            xenevtchn_unmask
+        );
+        // SAFETY: the function is present; a null logger is the default.
+        let xce = unsafe { lib.xenevtchn_open(std::ptr::null_mut(), 0) };
+        if xce.is_null() {
+            return Err(XenError::Open {
+                what: "xenevtchn_open",
+                source: errno(),
+            });
+        }
+        // SAFETY: `xce` is open.
+        let port = unsafe { lib.xenevtchn_bind_interdomain(xce, domid, remote_port) };
+        if port < 0 {
+            let source = errno();
+            // SAFETY: `xce` was opened above and is not used again.
+            unsafe { lib.xenevtchn_close(xce) };
+            return Err(XenError::Call {
+                op: "xenevtchn_bind_interdomain",
+                domid,
+                source,
+            });
+        }
+        Ok(EventChannel {
+            lib,
+            xce,
+            port: port as u32,
+        })
+    }
+
+    /// The file descriptor to poll for events.
+    pub fn fd(&self) -> i32 {
+        // SAFETY: the handle is open.
+        unsafe { self.lib.xenevtchn_fd(self.xce) }
+    }
+
+    /// Takes the pending event (after `fd` polled readable) and unmasks
+    /// the port for the next one.
+    pub fn take(&self) -> Result<(), XenError> {
+        // SAFETY: the handle is open.
+        let p = unsafe { self.lib.xenevtchn_pending(self.xce) };
+        if p < 0 {
+            return Err(XenError::Call {
+                op: "xenevtchn_pending",
+                domid: 0,
+                source: errno(),
+            });
+        }
+        // SAFETY: as above; `p` is a port of this handle.
+        let r = unsafe { self.lib.xenevtchn_unmask(self.xce, p as u32) };
+        Xen::check(r, "xenevtchn_unmask", 0)
+    }
+
+    /// Signals the other side.
+    pub fn notify(&self) -> Result<(), XenError> {
+        // SAFETY: the handle is open and `port` bound.
+        let r = unsafe { self.lib.xenevtchn_notify(self.xce, self.port) };
+        Xen::check(r, "xenevtchn_notify", 0)
+    }
+}
+
+impl Drop for EventChannel {
+    fn drop(&mut self) {
+        // SAFETY: the port is bound and the handle open; both are released
+        // once.
+        unsafe {
+            self.lib.xenevtchn_unbind(self.xce, self.port);
+            self.lib.xenevtchn_close(self.xce);
         }
     }
 }
