@@ -81,6 +81,21 @@ fn without_xen_open_names_what_is_missing() {
 }
 
 #[test]
+fn without_xen_the_pager_event_channel_names_what_is_missing() {
+    if std::path::Path::new("/proc/xen/capabilities").exists() {
+        eprintln!("this host runs on Xen; the no-Xen error path is not reachable here");
+        return;
+    }
+    let e = backend_xen::xc::EventChannel::bind(1, 1).expect_err("no libxenevtchn here");
+    let msg = e.to_string();
+    match &e {
+        XenError::Library { tried, .. } => assert!(tried.contains("libxenevtchn"), "{msg}"),
+        XenError::Open { what, .. } => assert_eq!(*what, "xenevtchn_open", "{msg}"),
+        other => panic!("unexpected error without Xen: {other}"),
+    }
+}
+
+#[test]
 fn source_frames_cross_as_a_line_and_lies_are_refused() {
     use backend_xen::domain::{regions_from_text, SourceFrames, MAX_ANNOUNCED_PAGES};
     let layout = MemoryLayout::new(
