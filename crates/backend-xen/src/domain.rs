@@ -861,6 +861,11 @@ impl PageSink for XenPages {
             if pager.is_out(page) {
                 return pager.page_in(page, data).map_err(be);
             }
+            // No window here: mapping a frame that is paged out makes
+            // libxenforeignmemory wait until it is paged in, which only
+            // this thread would do. Map just this frame, which is in.
+            let m = self.d.xen.map(self.d.domid, &[page], true).map_err(be)?;
+            return m.write(0, data).map_err(be);
         }
         let mut window = self.d.window.lock().unwrap_or_else(|e| e.into_inner());
         let fits = matches!(&*window, Some((first, _)) if page >= *first && page < first + MAP_BATCH as u64);
