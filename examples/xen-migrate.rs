@@ -115,6 +115,10 @@ struct Args {
     /// its rounds run out before what is left fits.
     #[arg(long)]
     downtime_target_ms: Option<u64>,
+    /// Pre-copy and hybrid: at most this many rounds (the policy's
+    /// default if not given); hybrid then switches to post-copy.
+    #[arg(long)]
+    max_rounds: Option<u32>,
     /// Receiver: serve post-copy (and hybrid) senders, through Xen's
     /// memory paging.
     #[arg(long)]
@@ -227,6 +231,7 @@ fn precopy_config(a: &Args) -> PrecopyConfig {
         downtime_target: a
             .downtime_target_ms
             .map_or(d.downtime_target, Duration::from_millis),
+        max_rounds: a.max_rounds.unwrap_or(d.max_rounds),
         ..d
     }
 }

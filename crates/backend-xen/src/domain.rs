@@ -64,7 +64,7 @@ pub struct XenDomain {
     /// The sink's writable window, shared so that the destination's
     /// restore can drop it (a page mapped writable cannot become a page
     /// table).
-    window: Arc<Mutex<Option<(u64, Mapping)>>>,
+    window: Arc<Mutex<Option<Window>>>,
     /// A post-copy destination's pager.
     pager: Option<Arc<Pager>>,
 }
@@ -861,23 +861,36 @@ impl PageSink for XenPages {
             if pager.is_out(page) {
                 return pager.page_in(page, data).map_err(be);
             }
-            // No window here: mapping a frame that is paged out makes
-            // libxenforeignmemory wait until it is paged in, which only
-            // this thread would do. Map just this frame, which is in.
-            let m = self.d.xen.map(self.d.domid, &[page], true).map_err(be)?;
-            return m.write(0, data).map_err(be);
         }
         let mut window = self.d.window.lock().unwrap_or_else(|e| e.into_inner());
-        let fits = matches!(&*window, Some((first, _)) if page >= *first && page < first + MAP_BATCH as u64);
+        let fits = matches!(&*window, Some(w) if page >= w.first && page < w.first + MAP_BATCH as u64 && w.mapped[(page - w.first) as usize]);
         if !fits {
             *window = None;
             let end = (page + MAP_BATCH as u64).min(self.d.max_gpfn + 1);
-            let frames: Vec<u64> = (page..end).map(|p| self.d.frame(p)).collect();
-            let m = self.d.xen.map(self.d.domid, &frames, true).map_err(be)?;
-            *window = Some((page, m));
+            // Mapping a frame that is paged out makes libxenforeignmemory
+            // wait until it is paged in, which only this thread would do:
+            // such slots map `page` (which is in) again, and are not used.
+            let out = |p: u64| self.d.pager.as_ref().is_some_and(|g| g.is_out(p));
+            let mapped: Vec<bool> = (page..end).map(|p| !out(p)).collect();
+            let frames: Vec<u64> = (page..end)
+                .zip(&mapped)
+                .map(|(p, &m)| {
+                    if m {
+                        self.d.frame(p)
+                    } else {
+                        self.d.frame(page)
+                    }
+                })
+                .collect();
+            let map = self.d.xen.map(self.d.domid, &frames, true).map_err(be)?;
+            *window = Some(Window {
+                first: page,
+                map,
+                mapped,
+            });
         }
-        let (first, m) = window.as_ref().expect("window just mapped");
-        m.write((page - first) as usize, data).map_err(be)
+        let w = window.as_ref().expect("window just mapped");
+        w.map.write((page - w.first) as usize, data).map_err(be)
     }
 
     fn discard(&mut self, page: PageNum) -> Result<(), BackendError> {
@@ -902,6 +915,15 @@ impl PageSink for XenPages {
         }
         Ok(())
     }
+}
+
+/// The sink's writable window: `MAP_BATCH` frames from `first`; a slot
+/// not `mapped` holds another frame and is not written through.
+#[derive(Debug)]
+struct Window {
+    first: u64,
+    map: Mapping,
+    mapped: Vec<bool>,
 }
 
 /// HVM parameters that travel with the guest. Those that connect it to
