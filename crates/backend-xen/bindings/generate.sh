@@ -30,6 +30,7 @@ vars='XEN_DOMINF_.*|XEN_DOMCTL_SHADOW_OP_.*|XEN_DOMCTL_PFINFO_.*|HVM_PARAM_.*|SH
         --allowlist-function "$fns" \
         --allowlist-var "$vars" \
         --allowlist-type "$types" \
+        --opaque-type vm_event_x86_selector_reg \
         --no-layout-tests --no-doc-comments \
         --rust-target 1.85 \
         -- -I"$inc"
