@@ -104,6 +104,7 @@ fn run(
         policy,
         engine: EngineConfig::default(),
         time_limit: Duration::from_secs(24 * 3600),
+        resume_pages: Vec::new(),
     })
     .expect("simulated migration");
     assert!(

@@ -257,6 +257,7 @@ fn run(a: &Args) -> Result<bool, String> {
         policy,
         engine: EngineConfig::default(),
         time_limit: Duration::from_secs(24 * 3600),
+        resume_pages: Vec::new(),
     })
     .map_err(|e| match e {
         livemig::sim::SimError::Workload(w) => format!("invalid workload flags: {w}"),

@@ -47,6 +47,8 @@ struct Inner {
     fault_count: u64,
     new_faults: Vec<(PageNum, Duration)>,
     fault_log: Vec<FaultRecord>,
+    /// Pages the simulated hypervisor maps as the guest resumes.
+    resume_pages: Vec<PageNum>,
 }
 
 /// One post-copy fault as the simulated guest lived it.
@@ -212,6 +214,7 @@ impl SimGuest {
                 fault_count: 0,
                 new_faults: Vec::new(),
                 fault_log: Vec::new(),
+                resume_pages: Vec::new(),
             })),
             layout,
         }
@@ -231,6 +234,16 @@ impl SimGuest {
     /// The memory layout.
     pub fn layout(&self) -> &MemoryLayout {
         &self.layout
+    }
+
+    /// Names pages that the simulated hypervisor maps as this guest
+    /// resumes, the way Xen maps a guest's `vcpu_info` when the guest
+    /// re-registers it: a source reports them through
+    /// [`GuestControl::resume_pages`], and a destination refuses to resume
+    /// while one of them is absent (Xen refuses to map a paged-out frame
+    /// rather than wait for it).
+    pub fn set_resume_pages(&self, pages: Vec<PageNum>) {
+        self.lock().resume_pages = pages;
     }
 
     /// The dirty-tracking handle.
@@ -471,11 +484,23 @@ impl GuestControl for SimControl {
 
     fn resume(&mut self) -> Result<(), BackendError> {
         let mut g = self.0.synced();
+        if let Some(a) = &g.absent {
+            if let Some(p) = g.resume_pages.iter().find(|p| a.get(**p)) {
+                return Err(BackendError::new(
+                    BackendErrorKind::InvalidState,
+                    format!("page {p:#x} must be in place to resume, and it is absent"),
+                ));
+            }
+        }
         if g.paused {
             g.paused = false;
             g.resumed_at = Some(g.clock.now());
         }
         Ok(())
+    }
+
+    fn resume_pages(&mut self) -> Result<Vec<PageNum>, BackendError> {
+        Ok(self.0.lock().resume_pages.clone())
     }
 
     fn save_state(&mut self) -> Result<DeviceState, BackendError> {

@@ -18,7 +18,7 @@ use crate::workload::{WorkloadError, WorkloadSpec};
 use migrate_core::engine::{
     DestStatus, DestinationEngine, DestinationReport, EngineConfig, SourceEngine, SourceStep,
 };
-use migrate_core::page::MemoryLayout;
+use migrate_core::page::{MemoryLayout, PageNum};
 use migrate_core::protocol::abort_frame;
 use migrate_core::{Clock, GuestControl, MigrationError, MigrationStats, Policy, VirtualClock};
 use std::cmp::Reverse;
@@ -66,6 +66,9 @@ pub struct SimConfig {
     pub engine: EngineConfig,
     /// Stop the simulation if virtual time passes this (a safety net).
     pub time_limit: Duration,
+    /// Pages the simulated hypervisor maps as the guest resumes (see
+    /// [`SimGuest::set_resume_pages`]); usually empty.
+    pub resume_pages: Vec<PageNum>,
 }
 
 /// Why a simulation could not run or finish.
@@ -152,6 +155,7 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
         policy,
         engine,
         time_limit,
+        resume_pages,
     } = config;
     if !(link.bandwidth_bps.is_finite() && link.bandwidth_bps > 0.0) {
         return Err(SimError::Link("bandwidth must be positive".into()));
@@ -160,6 +164,8 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
     let dyn_clock: Arc<dyn Clock> = Arc::new(clock.clone());
     let src = SimGuest::source(layout.clone(), mode, workload.clone(), dyn_clock.clone())?;
     let dst = SimGuest::destination(layout, mode, workload, dyn_clock.clone())?;
+    src.set_resume_pages(resume_pages.clone());
+    dst.set_resume_pages(resume_pages);
     let mut source = SourceEngine::new(
         src.tracker(),
         src.pages(),

@@ -39,6 +39,7 @@
 //!     policy: Box::new(Precopy::default()),
 //!     engine: EngineConfig::default(),
 //!     time_limit: Duration::from_secs(3600),
+//!     resume_pages: Vec::new(),
 //! })
 //! .unwrap();
 //! assert!(report.memory_equal && report.stats.memory_verified);

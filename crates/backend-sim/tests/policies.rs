@@ -3,11 +3,15 @@
 //! after post-copy the source replays the destination guest's accesses
 //! and the two memories are compared byte for byte.
 
-use backend_sim::{simulate, Link, MemoryMode, SimConfig, SimReport, WorkloadKind, WorkloadSpec};
-use migrate_core::{
-    EngineConfig, Hca, HcaConfig, Hybrid, MemoryLayout, PageSize, Policy, PostCopy, Precopy,
-    Prepaging, StopAndCopy, SwitchReason,
+use backend_sim::{
+    simulate, Link, MemoryMode, SimConfig, SimGuest, SimReport, WorkloadKind, WorkloadSpec,
 };
+use migrate_core::{
+    BackendErrorKind, Clock, EngineConfig, GuestControl, Hca, HcaConfig, Hybrid, MemoryLayout,
+    PageNum, PageSink, PageSize, Policy, PostCopy, Precopy, Prepaging, StopAndCopy, SwitchReason,
+    VirtualClock,
+};
+use std::sync::Arc;
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
@@ -23,6 +27,16 @@ fn run_on(
     workload: WorkloadSpec,
     policy: Box<dyn Policy>,
 ) -> SimReport {
+    run_full(mem, mode, workload, policy, Vec::new())
+}
+
+fn run_full(
+    mem: u64,
+    mode: MemoryMode,
+    workload: WorkloadSpec,
+    policy: Box<dyn Policy>,
+    resume_pages: Vec<PageNum>,
+) -> SimReport {
     let r = simulate(SimConfig {
         layout: MemoryLayout::flat(PageSize::DEFAULT, mem).unwrap(),
         mode,
@@ -31,6 +45,7 @@ fn run_on(
         policy,
         engine: EngineConfig::default(),
         time_limit: Duration::from_secs(3600),
+        resume_pages,
     })
     .expect("simulated migration");
     assert!(r.stats.memory_verified, "digest not verified");
@@ -197,6 +212,68 @@ fn hybrid_beats_precopy_downtime_where_precopy_does_not_converge() {
         hyb.stats.downtime,
         pre.stats.downtime
     );
+}
+
+#[test]
+fn pages_the_hypervisor_maps_at_resume_arrive_before_it() {
+    // Xen maps a guest's vcpu_info as the guest re-registers it on resume
+    // and refuses a paged-out frame instead of waiting for it. The
+    // simulated destination refuses to resume in the same case, so these
+    // moves succeed only if the source sent those pages while paused.
+    let resume: Vec<PageNum> = vec![3, 4097, 20_000];
+    let mem = 256 * MIB;
+    let w = spec(WorkloadKind::Uniform, 256 * MIB, 300e6, 5);
+    let post = run_full(
+        mem,
+        MemoryMode::Bytes,
+        w.clone(),
+        Box::new(PostCopy::default()),
+        resume.clone(),
+    );
+    let pc = post.stats.postcopy.as_ref().expect("post-copy figures");
+    assert_eq!(pc.resume_pages, 3);
+    // Sent once, before the resume, and never again.
+    assert_eq!(post.stats.total_pages_sent, mem / 4096);
+    assert_eq!(pc.pages, mem / 4096 - 3);
+    assert!(post.stats.to_string().contains("resume-pages: 3"));
+
+    let hyb = run_full(
+        mem,
+        MemoryMode::Bytes,
+        w,
+        Box::new(Hybrid::default()),
+        resume.clone(),
+    );
+    let hc = hyb.stats.postcopy.as_ref().expect("hybrid switched");
+    // Only those dirtied since they were last sent go again; the others
+    // are in place already (the resume above would have refused if not).
+    assert!((1..=3).contains(&hc.resume_pages), "{}", hc.resume_pages);
+    for r in [&post, &hyb] {
+        let faulted: Vec<PageNum> = r
+            .destination
+            .fault_log()
+            .iter()
+            .map(|f| f.page)
+            .filter(|p| resume.contains(p))
+            .collect();
+        assert!(faulted.is_empty(), "faulted on {faulted:?}");
+    }
+}
+
+#[test]
+fn a_destination_missing_a_resume_page_refuses_to_resume() {
+    let layout = MemoryLayout::flat(PageSize::DEFAULT, 16 * 4096).unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(VirtualClock::new());
+    let dst =
+        SimGuest::destination(layout, MemoryMode::Bytes, WorkloadSpec::idle(1), clock).unwrap();
+    dst.set_resume_pages(vec![5]);
+    dst.pages().discard_pages(&[4, 5, 6]).unwrap();
+    let err = dst.control().resume().unwrap_err();
+    assert_eq!(err.kind, BackendErrorKind::InvalidState);
+    assert!(dst.is_paused());
+    dst.pages().write_page(5, &[7u8; 4096]).unwrap();
+    dst.control().resume().unwrap();
+    assert!(!dst.is_paused());
 }
 
 #[test]

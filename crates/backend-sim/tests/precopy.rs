@@ -25,6 +25,7 @@ fn run(
         policy,
         engine: EngineConfig::default(),
         time_limit: Duration::from_secs(3600),
+        resume_pages: Vec::new(),
     })
     .expect("simulated migration");
     assert_verified(&r);
@@ -363,6 +364,7 @@ fn layouts_with_holes_migrate() {
         policy: Box::new(Precopy::default()),
         engine: EngineConfig::default(),
         time_limit: Duration::from_secs(3600),
+        resume_pages: Vec::new(),
     })
     .unwrap();
     assert_verified(&r);
@@ -386,6 +388,7 @@ fn sent_content_verification_verifies_a_correct_migration() {
                 ..EngineConfig::default()
             },
             time_limit: Duration::from_secs(3600),
+            resume_pages: Vec::new(),
         })
         .expect("simulated migration");
         assert_verified(&r);

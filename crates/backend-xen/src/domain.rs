@@ -9,6 +9,7 @@
 
 use crate::paging::Pager;
 use crate::pv::{self, PvState, VcpuContext};
+use crate::walk::{self, ResumeWindow};
 use crate::xc::{
     DomainInfo, HypercallBitmap, LogDirtyOp, Mapping, Xen, XenError, SHUTDOWN_SUSPEND,
 };
@@ -549,6 +550,7 @@ impl XenDomain {
             suspended: false,
             paused: false,
             suspend_timeout: Duration::from_secs(30),
+            resume_window: ResumeWindow::default(),
         }
     }
 }
@@ -953,12 +955,21 @@ pub struct XenControl {
     suspended: bool,
     paused: bool,
     suspend_timeout: Duration,
+    resume_window: ResumeWindow,
 }
 
 impl XenControl {
     /// How long [`StopMode::Suspend`] waits for the guest to suspend.
     pub fn with_suspend_timeout(mut self, t: Duration) -> Self {
         self.suspend_timeout = t;
+        self
+    }
+
+    /// How much around each vCPU's registers a post-copy source sends
+    /// before the resume (see [`GuestControl::resume_pages`] and
+    /// [`crate::walk`]).
+    pub fn with_resume_window(mut self, w: ResumeWindow) -> Self {
+        self.resume_window = w;
         self
     }
 
@@ -1295,6 +1306,37 @@ impl GuestControl for XenControl {
             .xen
             .set_hvm_context(self.d.domid, &s.context)
             .map_err(be)
+    }
+
+    /// HVM/PVH: the frames each stopped vCPU points at (its per-CPU
+    /// area, stack, code and descriptor tables, and the page tables on
+    /// the way), found by walking the guest's page tables from its
+    /// registers. A resuming guest hands Xen frames from these (Linux's
+    /// `vcpu_info` is in its per-CPU area), and Xen refuses paged-out
+    /// ones. PV guests have no post-copy and name none.
+    fn resume_pages(&mut self) -> Result<Vec<PageNum>, BackendError> {
+        if self.d.pv.is_some() {
+            return Ok(Vec::new());
+        }
+        let domid = self.d.domid;
+        let context = self.d.xen.hvm_context(domid).map_err(be)?;
+        let cpus = walk::vcpu_regs(&context).ok_or_else(|| {
+            BackendError::new(
+                BackendErrorKind::Other,
+                format!("domain {domid}: the hypervisor's context record is malformed"),
+            )
+        })?;
+        let xen = self.d.xen.clone();
+        let max = self.d.max_gpfn;
+        let mut walker = walk::Walker::new(|gfn: u64| {
+            if gfn > max {
+                return None;
+            }
+            read_frames(&xen, domid, &[gfn]).ok()
+        });
+        let set = walker.resume_set(&cpus, self.resume_window);
+        tracing::debug!(domid, vcpus = cpus.len(), pages = set.len(), "resume set");
+        Ok(set.into_iter().collect())
     }
 
     fn guest_cpu_time(&self) -> Option<Duration> {

@@ -11,6 +11,7 @@ pub mod pv;
 pub mod state;
 #[allow(unsafe_code)]
 mod sys;
+pub mod walk;
 pub mod xc;
 
 pub use domain::{StopMode, XenControl, XenDirtyTracker, XenDomain, XenPages};

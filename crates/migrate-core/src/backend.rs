@@ -157,6 +157,21 @@ pub trait GuestControl {
     fn guest_cpu_time(&self) -> Option<Duration> {
         None
     }
+
+    /// Post-copy: pages the destination must hold before the guest runs
+    /// there, because something other than the guest's own accesses will
+    /// touch them at resume and cannot wait for a fault to be served. Xen
+    /// is the case in point: a guest re-registers its `vcpu_info` page as
+    /// it resumes, and the hypervisor refuses (rather than waits for) a
+    /// frame that is paged out. Called on the source with the guest
+    /// stopped, after [`GuestControl::save_state`]; the engine sends the
+    /// pages named here with the guest paused, before the device state.
+    /// Pages outside the layout are ignored. The default names none, which
+    /// is right where the destination's faults cover every access (KVM's
+    /// userfaultfd blocks in-kernel accesses too).
+    fn resume_pages(&mut self) -> Result<Vec<PageNum>, BackendError> {
+        Ok(Vec::new())
+    }
 }
 
 impl<T: DirtyTracker + ?Sized> DirtyTracker for &mut T {
@@ -216,5 +231,8 @@ impl<T: GuestControl + ?Sized> GuestControl for &mut T {
     }
     fn guest_cpu_time(&self) -> Option<Duration> {
         (**self).guest_cpu_time()
+    }
+    fn resume_pages(&mut self) -> Result<Vec<PageNum>, BackendError> {
+        (**self).resume_pages()
     }
 }

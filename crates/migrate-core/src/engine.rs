@@ -181,6 +181,7 @@ pub struct SourceEngine<T, S, G, P> {
     postcopy_bytes: u64,
     postcopy_pages: u64,
     postcopy_requests: u64,
+    resume_pages_sent: u64,
     pages_sent: u64,
     zero_sent: u64,
     dirty_syncs: u64,
@@ -262,6 +263,7 @@ where
             postcopy_bytes: 0,
             postcopy_pages: 0,
             postcopy_requests: 0,
+            resume_pages_sent: 0,
             pages_sent: 0,
             zero_sent: 0,
             dirty_syncs: 0,
@@ -555,19 +557,36 @@ where
                         round: number,
                         postcopy: true,
                     }));
-                self.queue_discards();
                 let t0 = self.now();
                 let state = self
                     .control
                     .save_state()
                     .map_err(MigrationError::backend("save device state"))?;
-                self.parts.device_save = self.now() - t0;
+                let t1 = self.now();
+                self.parts.device_save = t1 - t0;
+                // Pages the backend needs in place before the guest runs
+                // leave the pending set, so they are neither discarded nor
+                // left to a fault, and go now with the guest paused.
+                let mut early = self
+                    .control
+                    .resume_pages()
+                    .map_err(MigrationError::backend("list the pages needed at resume"))?;
+                early.sort_unstable();
+                early.dedup();
+                early.retain(|p| self.layout.contains(*p) && self.pending.get(*p));
+                for p in &early {
+                    self.pending.clear(*p);
+                }
+                self.queue_discards();
+                self.begin_round(RoundOrder::Ascending { cursor: 0 }, true, 0);
+                self.send_now(&early)?;
+                self.resume_pages_sent = early.len() as u64;
+                self.parts.final_copy = self.now() - t1;
                 self.outbox
                     .push_back(protocol::encode_to_vec(&Record::DeviceState(state)));
                 // From here the destination may resume the guest.
                 self.committed = true;
                 self.postcopy = true;
-                self.begin_round(RoundOrder::Ascending { cursor: 0 }, true, 0);
                 self.state = SrcState::Postcopy;
             }
             Decision::Abort(reason) => return Err(MigrationError::PolicyAborted(reason)),
@@ -770,6 +789,20 @@ where
         Ok(())
     }
 
+    /// Queues `pages` (already out of `pending`) as page-batch frames of
+    /// the current round, ahead of anything queued after.
+    fn send_now(&mut self, pages: &[PageNum]) -> Result<(), MigrationError> {
+        for chunk in pages.chunks(self.config.batch_pages) {
+            self.batch.clear();
+            self.batch.extend_from_slice(chunk);
+            if let Some(frame) = self.encode_batch()? {
+                self.outbox.push_back(frame);
+            }
+        }
+        self.batch.clear();
+        Ok(())
+    }
+
     /// Builds the next page-batch frame of the round, or `None` when the
     /// round has no more pages.
     fn next_batch_frame(&mut self) -> Result<Option<Vec<u8>>, MigrationError> {
@@ -777,6 +810,12 @@ where
             self.maybe_sample()?;
         }
         self.select_batch()?;
+        self.encode_batch()
+    }
+
+    /// Reads the pages of `batch` and encodes them as one frame of the
+    /// current round, keeping the counts and the sent-content hashes.
+    fn encode_batch(&mut self) -> Result<Option<Vec<u8>>, MigrationError> {
         if self.batch.is_empty() {
             return Ok(None);
         }
@@ -1003,6 +1042,7 @@ where
             fault_latency_p99: Duration::from_nanos(r.latency_p99_ns),
             fault_latency_max: Duration::from_nanos(r.latency_max_ns),
             vcpu_stall: Duration::from_nanos(r.stall_ns),
+            resume_pages: self.resume_pages_sent,
             pages: self.postcopy_pages,
             bytes: self.postcopy_bytes,
             duration: now.saturating_sub(self.rtt / 2).saturating_sub(resumed_at),

@@ -176,6 +176,9 @@ pub struct PostcopyStats {
     /// Time vCPUs spent waiting for pages after resume (not downtime).
     #[serde(serialize_with = "ser_ms", rename = "vcpu-stall-ms")]
     pub vcpu_stall: Duration,
+    /// Pages the backend needed in place before the resume
+    /// ([`crate::GuestControl::resume_pages`]), sent with the guest paused.
+    pub resume_pages: u64,
     /// Pages sent after the destination resumed.
     pub pages: u64,
     /// Bytes sent after the destination resumed (QEMU's `postcopy-bytes`).
@@ -356,6 +359,13 @@ impl fmt::Display for MigrationStats {
                 p.requests, p.duplicates
             )?;
             writeln!(f, "postcopy-bytes: {} ({} pages)", p.bytes, p.pages)?;
+            if p.resume_pages > 0 {
+                writeln!(
+                    f,
+                    "resume-pages: {} (sent before the resume because the backend needs them in place)",
+                    p.resume_pages
+                )?;
+            }
             writeln!(
                 f,
                 "fault latency: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
