@@ -40,6 +40,7 @@ use livemig::core::{
 };
 use livemig::xen::domain::{common_layout, regions_from_text, regions_to_text, SourceFrames};
 use livemig::xen::paging::Pager;
+use livemig::xen::walk::ResumeWindow;
 use livemig::xen::{StopMode, Xen, XenDomain};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -119,6 +120,13 @@ struct Args {
     /// default if not given); hybrid then switches to post-copy.
     #[arg(long)]
     max_rounds: Option<u32>,
+    /// Post-copy and hybrid sender: KiB after each vCPU's GS base (a
+    /// kernel's per-CPU area) sent before the resume, with the vCPUs'
+    /// stacks, code and page tables: a resuming guest hands Xen its
+    /// `vcpu_info` from there, and Xen refuses a frame not yet arrived.
+    /// The default covers Linux's static per-CPU area.
+    #[arg(long, default_value_t = 256)]
+    resume_window_kib: u64,
     /// Receiver: serve post-copy (and hybrid) senders, through Xen's
     /// memory paging.
     #[arg(long)]
@@ -251,7 +259,10 @@ fn source_side<S: SplitStream>(
     let mut engine = SourceEngine::new(
         src.tracker(),
         src.pages(),
-        src.control(stop_mode(a)),
+        src.control(stop_mode(a)).with_resume_window(ResumeWindow {
+            per_cpu: a.resume_window_kib << 10,
+            ..ResumeWindow::default()
+        }),
         policy(a),
         clock,
         EngineConfig {
