@@ -236,6 +236,9 @@ fn pages_the_hypervisor_maps_at_resume_arrive_before_it() {
     assert_eq!(post.stats.total_pages_sent, mem / 4096);
     assert_eq!(pc.pages, mem / 4096 - 3);
     assert!(post.stats.to_string().contains("resume-pages: 3"));
+    // They left with the guest paused, so they count as downtime bytes.
+    assert!(post.stats.downtime_bytes >= 3 * 4096);
+    assert!(pc.bytes + post.stats.downtime_bytes <= post.stats.transferred);
 
     let hyb = run_full(
         mem,

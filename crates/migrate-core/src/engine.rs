@@ -182,6 +182,9 @@ pub struct SourceEngine<T, S, G, P> {
     postcopy_pages: u64,
     postcopy_requests: u64,
     resume_pages_sent: u64,
+    /// Frames in the outbox that leave with the guest paused (the
+    /// post-copy switch-over's), for the byte counts.
+    paused_frames: usize,
     pages_sent: u64,
     zero_sent: u64,
     dirty_syncs: u64,
@@ -264,6 +267,7 @@ where
             postcopy_pages: 0,
             postcopy_requests: 0,
             resume_pages_sent: 0,
+            paused_frames: 0,
             pages_sent: 0,
             zero_sent: 0,
             dirty_syncs: 0,
@@ -368,6 +372,15 @@ where
     fn account(&mut self, frame: &[u8]) {
         let bytes = frame.len() as u64;
         self.transferred += bytes;
+        if self.paused_frames > 0 {
+            // Queued at a post-copy switch-over, sent before the resume.
+            self.paused_frames -= 1;
+            self.downtime_bytes += bytes;
+            if let Some(r) = self.round.as_mut() {
+                r.bytes += bytes;
+            }
+            return;
+        }
         let after_resume = self.postcopy
             && self.committed
             && matches!(
@@ -584,6 +597,7 @@ where
                 self.parts.final_copy = self.now() - t1;
                 self.outbox
                     .push_back(protocol::encode_to_vec(&Record::DeviceState(state)));
+                self.paused_frames = self.outbox.len();
                 // From here the destination may resume the guest.
                 self.committed = true;
                 self.postcopy = true;
