@@ -331,16 +331,16 @@ mod tests {
     fn tables() -> Mem {
         let mut m = Mem::new();
         let idx = |va: u64, l: u32| (va >> (12 + 9 * l)) & 511;
-        m.set(1, idx(KERNEL, 3), 2 * PAGE | 3);
-        m.set(2, idx(KERNEL, 2), 3 * PAGE | 3);
-        m.set(3, idx(KERNEL, 1), 4 * PAGE | 3);
+        m.set(1, idx(KERNEL, 3), (2 * PAGE) | 3);
+        m.set(2, idx(KERNEL, 2), (3 * PAGE) | 3);
+        m.set(3, idx(KERNEL, 1), (4 * PAGE) | 3);
         for i in 0..8 {
-            m.set(4, idx(KERNEL, 0) + i, (0x500 + i) * PAGE | 3);
+            m.set(4, idx(KERNEL, 0) + i, ((0x500 + i) * PAGE) | 3);
         }
         let text = 0xffff_ffff_8000_0000u64;
-        m.set(1, idx(text, 3), 5 * PAGE | 3);
-        m.set(5, idx(text, 2), 6 * PAGE | 3);
-        m.set(6, idx(text, 1), 0x1000 * PAGE | LARGE | 3);
+        m.set(1, idx(text, 3), (5 * PAGE) | 3);
+        m.set(5, idx(text, 2), (6 * PAGE) | 3);
+        m.set(6, idx(text, 1), (0x1000 * PAGE) | LARGE | 3);
         m
     }
 
@@ -392,9 +392,9 @@ mod tests {
         let mut m = Mem::new();
         // PAE: PDPT at 0x7020 (inside frame 7), PD frame 8, PT frame 9.
         let va = 0xc010_3000u64;
-        m.set(7, 0x20 / 8 + (va >> 30), 8 * PAGE | 1);
-        m.set(8, (va >> 21) & 511, 9 * PAGE | 3);
-        m.set(9, (va >> 12) & 511, 0x77 * PAGE | 3);
+        m.set(7, 0x20 / 8 + (va >> 30), (8 * PAGE) | 1);
+        m.set(8, (va >> 21) & 511, (9 * PAGE) | 3);
+        m.set(9, (va >> 12) & 511, (0x77 * PAGE) | 3);
         let pae = VcpuRegs {
             cr0: CR0_PG,
             cr3: 7 * PAGE + 0x20,
@@ -408,8 +408,8 @@ mod tests {
 
         // Two levels: a 4 KiB page and a 4 MiB page.
         let mut m = Mem::new();
-        m.set32(10, va >> 22, (11 * PAGE | 3) as u32);
-        m.set32(11, (va >> 12) & 0x3ff, (0x88 * PAGE | 3) as u32);
+        m.set32(10, va >> 22, ((11 * PAGE) | 3) as u32);
+        m.set32(11, (va >> 12) & 0x3ff, ((0x88 * PAGE) | 3) as u32);
         m.set32(10, 1, 0x0040_0000 | LARGE as u32 | 3);
         let flat = VcpuRegs {
             cr0: CR0_PG,
