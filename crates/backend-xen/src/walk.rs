@@ -10,6 +10,7 @@
 //! name the pages around each vCPU's registers, and the engine sends them
 //! before the resume ([`migrate_core::GuestControl::resume_pages`]).
 
+use crate::pv::{read_u32 as u32_at, read_u64 as u64_at};
 use std::collections::{BTreeSet, HashMap};
 
 /// Xen's save-record type code of a vCPU's registers (`HVM_SAVE_CODE(CPU)`).
@@ -72,18 +73,6 @@ pub struct VcpuRegs {
     pub idt: (u64, u32),
     /// Task-state segment.
     pub tr: (u64, u32),
-}
-
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(a)
-}
-
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[off..off + 4]);
-    u32::from_le_bytes(a)
 }
 
 /// The vCPU registers in a context record from
