@@ -729,18 +729,30 @@ fn a_guest_with_two_vcpus_moves_with_both_counters_continuing() {
     assert!(dst.fault().is_none(), "{:?}", dst.fault());
 }
 
-/// Builds the multiboot image with `payload/build.sh` (binutils).
+/// Builds the multiboot image with `payload/build.sh` (binutils), once per
+/// test process: the tests that use it run in parallel and would otherwise
+/// overwrite each other's intermediate files.
 fn build_image() -> std::path::PathBuf {
-    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("payload");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("payload/build.sh");
-    let status = std::process::Command::new("sh")
-        .arg(&script)
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("running payload/build.sh (needs binutils)");
-    assert!(status.success(), "payload/build.sh failed");
-    out
+    static BUILT: std::sync::OnceLock<Result<std::path::PathBuf, String>> =
+        std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("payload");
+            let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("payload/build.sh");
+            let status = std::process::Command::new("sh")
+                .arg(&script)
+                .arg(&out)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .map_err(|e| format!("running payload/build.sh (needs binutils): {e}"))?;
+            if status.success() {
+                Ok(out)
+            } else {
+                Err(format!("payload/build.sh failed: {status}"))
+            }
+        })
+        .clone()
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
