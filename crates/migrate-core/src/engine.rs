@@ -609,10 +609,15 @@ where
     }
 
     fn pause_and_collect(&mut self) -> Result<(), MigrationError> {
+        // Downtime starts when the pause is asked for: a vCPU that has
+        // stopped waits for the others, and a failed pause still resumes
+        // the ones that did stop.
+        let asked = self.now();
+        self.paused_at = Some(asked);
         self.control
             .pause()
             .map_err(MigrationError::backend("pause the guest"))?;
-        self.paused_at = Some(self.now());
+        self.parts.pause = self.now().saturating_sub(asked);
         if self.tracking {
             self.tracker
                 .collect_and_clear(&mut self.scratch)
@@ -979,7 +984,7 @@ where
 
     /// After the final pages: device state, digest, completion.
     fn send_tail(&mut self, pages_done: Duration) -> Result<(), MigrationError> {
-        let paused = self.paused_at.unwrap_or(pages_done);
+        let paused = self.paused_at.unwrap_or(pages_done) + self.parts.pause;
         self.parts.final_copy = pages_done.saturating_sub(paused);
         let t0 = self.now();
         let state: DeviceState = self
@@ -1035,15 +1040,17 @@ where
         let measured = resume_ack_at
             .saturating_sub(paused)
             .saturating_sub(self.rtt / 2);
-        let downtime = measured.max(
-            self.parts.final_copy + self.parts.device_save + self.parts.source_verify + dest_part,
-        );
+        let source_part = self.parts.pause
+            + self.parts.final_copy
+            + self.parts.device_save
+            + self.parts.source_verify;
+        let downtime = measured.max(source_part + dest_part);
         let mut parts = self.parts.clone();
         parts.dest_verify = Duration::from_nanos(report.verify_ns);
         parts.device_restore = Duration::from_nanos(report.restore_ns);
         parts.resume = Duration::from_nanos(report.resume_ns);
         parts.transit = downtime
-            .saturating_sub(parts.final_copy + parts.device_save + parts.source_verify)
+            .saturating_sub(source_part)
             .saturating_sub(dest_part);
         let total_time = now.saturating_sub(start);
         let ps = self.layout.page_size().bytes() as u64;

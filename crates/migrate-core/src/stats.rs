@@ -129,7 +129,11 @@ impl fmt::Display for RoundStats {
 /// clock; `transit` is what remains of the measured total.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct DowntimeParts {
-    /// Source: pause until the last page was handed to the transport.
+    /// Source: asking the guest to pause until every vCPU had stopped.
+    #[serde(serialize_with = "ser_ms", rename = "pause-ms")]
+    pub pause: Duration,
+    /// Source: every vCPU stopped until the last page was handed to the
+    /// transport.
     #[serde(serialize_with = "ser_ms", rename = "final-copy-ms")]
     pub final_copy: Duration,
     /// Source: saving vCPU and device state.
@@ -328,8 +332,9 @@ impl fmt::Display for MigrationStats {
         let p = &self.downtime_parts;
         writeln!(
             f,
-            "downtime: {:.3} ms (final copy {:.3}, device save {:.3}, source verify {:.3}, transit {:.3}, destination verify {:.3}, device restore {:.3}, resume {:.3})",
+            "downtime: {:.3} ms (pause {:.3}, final copy {:.3}, device save {:.3}, source verify {:.3}, transit {:.3}, destination verify {:.3}, device restore {:.3}, resume {:.3})",
             ms(self.downtime),
+            ms(p.pause),
             ms(p.final_copy),
             ms(p.device_save),
             ms(p.source_verify),
