@@ -8,14 +8,18 @@
 //!   `KVM_GET_DIRTY_LOG`, merged with the VMM's own writes through
 //!   vm-memory's dirty bitmap (a peek keeps what it read, so no bit is lost);
 //!   [`KvmPages`] reads and writes pages for the source and destination;
-//! - [`VcpuRunner`] runs a vCPU on a thread and pauses it at its next
-//!   exit; [`KvmControl`] pauses, resumes, saves and restores the guest as
-//!   a versioned state: per vCPU the general, special and debug registers,
+//! - [`Vcpus`]: the VMM's own vCPU threads, as the migration needs them
+//!   (pause, resume, the fds while paused); [`VcpuKick`] gets a vCPU out
+//!   of `KVM_RUN` whatever its guest does, for the VMM's pause;
+//!   [`KvmControl`] pauses, resumes, saves and restores the guest through
+//!   them as a versioned state ([`save_guest`], [`restore_vcpu`],
+//!   [`restore_vm`]): per vCPU the general, special and debug registers,
 //!   FPU or XSAVE and XCRs, the MSRs of the host's save list, the LAPIC,
 //!   pending events and the run state; per VM the PIC, IOAPIC, PIT and
 //!   kvmclock;
-//! - [`TestVm`], a small VMM with a 75-byte payload that dirties pages and
-//!   reports its progress, for tests and examples.
+//! - with the `test-vmm` feature, `TestVm`, a small VMM with a 75-byte
+//!   payload that dirties pages and reports its progress, for tests and
+//!   examples; it is built on this public API alone.
 //!
 //! - [`DirtyRings`]: KVM's per-vCPU dirty ring as the dirty log, in place
 //!   of the bitmap, for guests whose memory is large and whose writes are
@@ -33,34 +37,37 @@
 
 //! ## From a VMM
 //!
-//! A VMM hands over what it already has; here a VM built from scratch
-//! stands in for it (`no_run`: it needs `/dev/kvm` and a guest to run).
+//! A VMM hands over what it already has: its `VmFd`, its guest memory
+//! and the slot ids it registered it under, and its vCPU threads behind
+//! the [`Vcpus`] trait (`no_run`: it needs `/dev/kvm` and a guest). The
+//! versions of kvm-ioctls, kvm-bindings and vm-memory this crate speaks
+//! are re-exported as [`kvm_ioctls`], [`kvm_bindings`] and [`vm_memory`].
+//! `docs/kvm.md` walks through the whole wiring, with
+//! `examples/kvm-vmm.rs`.
 //!
 //! ```no_run
-//! use backend_kvm::{KvmControl, KvmMemory, KvmDirtyTracker, KvmPages, TrackedMemory, VcpuCaps, VcpuRunner};
-//! use kvm_ioctls::Kvm;
+//! use backend_kvm::{KvmControl, KvmMemory, KvmDirtyTracker, KvmPages, TrackedMemory, VcpuCaps, Vcpus};
+//! use backend_kvm::kvm_ioctls::Kvm;
+//! use backend_kvm::vm_memory::GuestAddress;
 //! use migrate_core::driver::{run_source, DEFAULT_PEER_TIMEOUT};
 //! use migrate_core::{Clock, EngineConfig, Precopy, SourceEngine, StreamTransport, SystemClock};
 //! use std::sync::Arc;
-//! use vm_memory::GuestAddress;
 //!
-//! // What the VMM has: a VM, its memory (with vm-memory's dirty bitmap, so
-//! // the VMM's own writes are tracked too) and its vCPUs.
+//! # fn vmm_vcpus() -> Arc<dyn Vcpus> { panic!("stands for the VMM's own vCPUs") }
 //! let kvm = Kvm::new()?;
 //! let vm = Arc::new(kvm.create_vm()?);
+//! // The VMM's memory (with vm-memory's dirty bitmap, so its own writes
+//! // are tracked too), which it registered as slot 3.
 //! let memory = TrackedMemory::from_ranges(&[(GuestAddress(0), 256 << 20)])?;
-//! let memory = Arc::new(KvmMemory::register(vm.clone(), memory)?);
-//! let vcpu = vm.create_vcpu(0)?;
-//! // ... the VMM loads its guest and sets up the vCPU here ...
-//! let runners = Arc::new(vec![VcpuRunner::new(vcpu, None)?]);
-//! runners[0].resume();
+//! let memory = Arc::new(KvmMemory::adopt(vm.clone(), memory, &[3])?);
+//! // The VMM's vCPU threads, which enter the guest through a VcpuKick.
+//! let vcpus: Arc<dyn Vcpus> = vmm_vcpus();
 //!
-//! // Migrating it: three handles and an engine.
 //! let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
 //! let mut engine = SourceEngine::new(
 //!     KvmDirtyTracker(memory.clone()),
 //!     KvmPages(memory.clone()),
-//!     KvmControl::new(vm.clone(), Arc::new(VcpuCaps::probe(&kvm)), runners),
+//!     KvmControl::new(vm.clone(), Arc::new(VcpuCaps::probe(&kvm)), vcpus),
 //!     Precopy::default(),
 //!     clock,
 //!     EngineConfig::default(),
@@ -71,20 +78,34 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub use kvm_bindings;
+pub use kvm_ioctls;
+pub use vm_memory;
+
+mod control;
+mod kick;
 mod memory;
 mod postcopy;
 mod ring;
+mod state;
+#[cfg(feature = "test-vmm")]
 mod testvm;
 mod uffd;
-mod vcpu;
 
-pub use memory::{KvmDirtyTracker, KvmMemory, KvmPages, TrackedMemory};
+pub use control::{KvmControl, Vcpus, PAUSE_TIMEOUT};
+pub use kick::{default_kick_signal, VcpuKick};
+pub use memory::{advise_huge_pages, KvmDirtyTracker, KvmMemory, KvmPages, TrackedMemory};
 pub use postcopy::{run_kvm_destination, FaultHandler};
 pub use ring::{enable_dirty_ring, max_ring_entries, DirtyRings};
-pub use testvm::{DirtyLog, Pacing, TestVm, PAYLOAD, PAYLOAD_ADDR, REPORT_PORT, WSS_BASE};
-pub use vcpu::{
-    restore_vcpu, restore_vm, save_vcpu, save_vm, Fpu, GuestState, KvmControl, Report, RingFull,
-    Throttle, VcpuCaps, VcpuRunner, VcpuState, VmState, STATE_FORMAT, STATE_VERSION,
+pub use state::{
+    decode_guest, encode_guest, restore_vcpu, restore_vm, save_guest, save_vcpu, save_vm, Fpu,
+    GuestState, VcpuCaps, VcpuState, VmState, STATE_FORMAT, STATE_VERSION,
+};
+#[cfg(feature = "test-vmm")]
+pub use testvm::{
+    enter_multiboot, load_multiboot, DirtyLog, MultibootEntry, Pacing, Report, RingFull, Runners,
+    TestVm, Throttle, VcpuRecord, VcpuRunner, VcpuWatch, COMPUTE_PAYLOAD, PAYLOAD, PAYLOAD_ADDR,
+    REPORT_PORT, WSS_BASE,
 };
 
 use std::time::Duration;

@@ -29,7 +29,9 @@ struct Slot {
 }
 
 /// A VM's guest memory as KVM knows it: the VMM's `GuestMemoryMmap`, each
-/// region registered as one KVM slot (slot `i` = region `i`). The memory
+/// region one KVM slot, either registered here ([`KvmMemory::register`],
+/// slot `i` = region `i`) or already registered by the VMM under its own
+/// ids ([`KvmMemory::adopt`]). The memory
 /// carries vm-memory's `AtomicBitmap`, so writes the VMM makes through it
 /// (device emulation, for instance) are tracked too: KVM's dirty log sees
 /// only the guest's own writes.
@@ -38,6 +40,9 @@ pub struct KvmMemory {
     memory: TrackedMemory,
     layout: MemoryLayout,
     slots: Vec<Slot>,
+    /// Whether this struct registered the slots (and so removes them when
+    /// dropped) or adopted the VMM's.
+    owns_slots: bool,
     /// Pages reported by KVM but not yet collected (KVM clears its log on
     /// every read, so a peek keeps what it read here).
     pending: Mutex<Pending>,
@@ -69,12 +74,52 @@ impl std::fmt::Debug for KvmMemory {
 
 impl KvmMemory {
     /// Registers every region of `memory` with `vm` as slot `i` (dirty
-    /// logging off) and describes it as a layout of 4 KiB pages.
+    /// logging off) and describes it as a layout of 4 KiB pages. The slots
+    /// are this struct's: dropping it removes them from the VM before the
+    /// memory can be unmapped, so no vCPU still inside the guest can
+    /// reach memory that is gone.
     pub fn register(vm: Arc<VmFd>, memory: TrackedMemory) -> Result<Self, KvmError> {
+        let ids: Vec<u32> = (0..memory.num_regions() as u32).collect();
+        let this = Self::describe(vm, memory, &ids, true)?;
+        for s in &this.slots {
+            this.set_slot(s, 0)?;
+        }
+        Ok(this)
+    }
+
+    /// Takes over slots the VMM registered itself: region `i` of `memory`
+    /// is KVM slot `slot_ids[i]`, registered with this same host mapping
+    /// and no flags. Nothing is registered here; the slots stay the VMM's,
+    /// and dropping this struct leaves them as they are. The only change
+    /// made to them is dirty logging on and off while a migration runs.
+    pub fn adopt(vm: Arc<VmFd>, memory: TrackedMemory, slot_ids: &[u32]) -> Result<Self, KvmError> {
+        if slot_ids.len() != memory.num_regions() {
+            return Err(KvmError::Config(format!(
+                "{} slot ids for {} memory regions",
+                slot_ids.len(),
+                memory.num_regions()
+            )));
+        }
+        let mut sorted = slot_ids.to_vec();
+        sorted.sort_unstable();
+        if sorted.windows(2).any(|w| w[0] == w[1]) {
+            return Err(KvmError::Config(format!(
+                "a slot id appears twice in {slot_ids:?}"
+            )));
+        }
+        Self::describe(vm, memory, slot_ids, false)
+    }
+
+    fn describe(
+        vm: Arc<VmFd>,
+        memory: TrackedMemory,
+        ids: &[u32],
+        owns_slots: bool,
+    ) -> Result<Self, KvmError> {
         let ps = PageSize::DEFAULT;
         let mut regions = Vec::new();
         let mut slots = Vec::new();
-        for (i, r) in memory.iter().enumerate() {
+        for (&index, r) in ids.iter().zip(memory.iter()) {
             let guest_addr = r.start_addr().raw_value();
             let size = r.len();
             if guest_addr % 4096 != 0 || size % 4096 != 0 {
@@ -82,7 +127,7 @@ impl KvmMemory {
             }
             let host_addr = r.as_ptr() as u64;
             slots.push(Slot {
-                index: i as u32,
+                index,
                 guest_addr,
                 size,
                 host_addr,
@@ -93,7 +138,7 @@ impl KvmMemory {
             });
         }
         let layout = MemoryLayout::new(ps, regions).map_err(KvmError::Layout)?;
-        let this = KvmMemory {
+        Ok(KvmMemory {
             pending: Mutex::new(Pending {
                 bits: DirtyBitmap::new(layout.page_end()),
                 list: Vec::new(),
@@ -105,11 +150,8 @@ impl KvmMemory {
             memory,
             layout,
             slots,
-        };
-        for s in &this.slots {
-            this.set_slot(s, 0)?;
-        }
-        Ok(this)
+            owns_slots,
+        })
     }
 
     fn set_slot(&self, s: &Slot, flags: u32) -> Result<(), KvmError> {
@@ -290,7 +332,8 @@ impl KvmMemory {
             let slots = &self.slots;
             r.collect(|slot, offset| {
                 // The low 16 bits are the slot, the high its address space.
-                if let Some(s) = slots.get((slot & 0xffff) as usize) {
+                let id = slot & 0xffff;
+                if let Some(s) = slots.iter().find(|s| s.index == id) {
                     if offset < s.size >> 12 {
                         pending.add((s.guest_addr >> 12) + offset);
                     }
@@ -573,3 +616,63 @@ impl PageSink for KvmPages {
         flush(run)
     }
 }
+
+impl Drop for KvmMemory {
+    /// Removes the slots this struct registered before its mapping can go:
+    /// once KVM has deleted a slot, no vCPU reaches that memory, whether or
+    /// not the VMM stopped its vCPUs first. Adopted slots stay the VMM's.
+    fn drop(&mut self) {
+        if !self.owns_slots {
+            return;
+        }
+        for s in &self.slots {
+            let region = kvm_userspace_memory_region {
+                slot: s.index,
+                guest_phys_addr: s.guest_addr,
+                memory_size: 0,
+                userspace_addr: s.host_addr,
+                flags: 0,
+            };
+            // SAFETY: a size of 0 deletes the slot; KVM stops using the
+            // mapping before the ioctl returns and does not touch it again.
+            if let Err(e) = unsafe { self.vm.set_user_memory_region(region) } {
+                tracing::warn!(slot = s.index, error = %e, "could not remove a memory slot");
+            }
+        }
+    }
+}
+
+/// Asks the kernel to back `memory` with transparent huge pages
+/// (`madvise(MADV_HUGEPAGE)` on each region), as QEMU does for guest RAM:
+/// a first touch then costs one fault per 2 MiB rather than per 4 KiB.
+/// KVM's dirty log stays exact per 4 KiB page: while a slot logs dirty
+/// pages, KVM maps it at 4 KiB in the guest's page tables. Returns how
+/// many bytes were advised. A host where THP is off ("never") refuses
+/// the advice; that is an error here, so a caller can tell.
+pub fn advise_huge_pages(memory: &TrackedMemory) -> Result<u64, KvmError> {
+    let mut bytes = 0;
+    for r in memory.iter() {
+        let (addr, len) = (r.as_ptr() as usize, r.len() as usize);
+        // Whole 2 MiB pages only: advise the aligned middle of the region.
+        let start = addr.next_multiple_of(HUGE_PAGE);
+        let end = (addr + len) / HUGE_PAGE * HUGE_PAGE;
+        if end <= start {
+            continue;
+        }
+        // SAFETY: the range lies inside a mapping `memory` owns and keeps;
+        // MADV_HUGEPAGE changes how the kernel backs it, not its contents.
+        let rc =
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        if rc != 0 {
+            return Err(KvmError::Config(format!(
+                "madvise(MADV_HUGEPAGE): {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        bytes += (end - start) as u64;
+    }
+    Ok(bytes)
+}
+
+/// A transparent huge page on x86-64.
+const HUGE_PAGE: usize = 2 << 20;

@@ -158,8 +158,11 @@ where
         }
         Err(e) => {
             if engine.resumed() {
-                for r in control.runners() {
-                    r.stop();
+                // Kicked: a vCPU parked on an absent page leaves the guest
+                // where the kernel lets a signal end the wait; none enters
+                // it again either way.
+                if let Err(e) = control.vcpus().pause(Duration::from_millis(100)) {
+                    tracing::warn!(error = %e, "a vCPU stays parked on a missing page");
                 }
             }
             drop(handler);

@@ -51,14 +51,22 @@
 //! `payload/build.sh` builds the image, and [`TestVm::boot_multiboot`]
 //! starts it in this VMM through the same entry a loader uses.
 
-use crate::memory::TrackedMemory;
-use crate::memory::{KvmDirtyTracker, KvmMemory, KvmPages};
-use crate::vcpu::{KvmControl, Report, Throttle, VcpuCaps, VcpuRunner};
-use crate::KvmError;
-use kvm_bindings::kvm_segment;
-use kvm_ioctls::Kvm;
+mod multiboot;
+mod runner;
+
+pub use multiboot::{enter_multiboot, load_multiboot, MultibootEntry};
+pub use runner::{Report, RingFull, Runners, Throttle, VcpuRecord, VcpuRunner, VcpuWatch};
+
+use crate::kvm_bindings::kvm_segment;
+use crate::kvm_ioctls::Kvm;
+use crate::vm_memory::{Bytes, GuestAddress};
+use crate::{
+    advise_huge_pages, KvmControl, KvmDirtyTracker, KvmError, KvmMemory, KvmPages, TrackedMemory,
+    VcpuCaps,
+};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use vm_memory::{Bytes, GuestAddress};
+use std::time::Duration;
 
 /// The payload's machine code (listing in the module docs).
 pub const PAYLOAD: [u8; 75] = [
@@ -68,6 +76,9 @@ pub const PAYLOAD: [u8; 75] = [
     0xd2, 0x48, 0x29, 0xc2, 0x76, 0x0b, 0x4c, 0x39, 0xca, 0x76, 0xea, 0x4e, 0x8d, 0x14, 0x08, 0xeb,
     0xbf, 0x4d, 0x01, 0xca, 0x49, 0x39, 0xc2, 0x76, 0xf2, 0xeb, 0xb5,
 ];
+/// A payload that only computes: `inc rcx; jmp` back, for ever. It never
+/// leaves the guest on its own, so only a kick pauses it.
+pub const COMPUTE_PAYLOAD: [u8; 5] = [0x48, 0xff, 0xc1, 0xeb, 0xfb];
 /// Where the payload is loaded.
 pub const PAYLOAD_ADDR: u64 = 0x10000;
 /// Where the working set starts.
@@ -131,11 +142,28 @@ struct Built {
     caps: Arc<VcpuCaps>,
 }
 
+/// Whether test VMs back their memory with transparent huge pages.
+static HUGE_PAGES: AtomicBool = AtomicBool::new(true);
+
 /// A test VM.
+///
+/// Dropping it ends and joins every vCPU thread before its memory can be
+/// unmapped, and the memory's slots are removed from the VM before that.
 #[derive(Debug)]
 pub struct TestVm {
     memory: Arc<KvmMemory>,
     control: KvmControl,
+    runners: Arc<Runners>,
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        for r in &self.runners.0 {
+            if let Err(e) = r.shutdown(Duration::from_secs(10)) {
+                eprintln!("livemig test VMM: a vCPU thread did not end: {e}");
+            }
+        }
+    }
 }
 
 /// The GDT: null, kernel code, kernel data, user data, user code (the same
@@ -211,9 +239,15 @@ impl TestVm {
         })?);
         let gm = TrackedMemory::from_ranges(&[(GuestAddress(0), mem_bytes as usize)])
             .map_err(|e| KvmError::Config(format!("guest memory: {e}")))?;
+        if HUGE_PAGES.load(Ordering::Relaxed) {
+            // A host without THP runs the guest on 4 KiB pages all the same.
+            if let Err(e) = advise_huge_pages(&gm) {
+                tracing::warn!(error = %e, "guest memory without transparent huge pages");
+            }
+        }
         let memory = Arc::new(KvmMemory::register(vm.clone(), gm)?);
         if let DirtyLog::Ring(entries) = log {
-            crate::ring::enable_dirty_ring(&vm, entries)?;
+            crate::enable_dirty_ring(&vm, entries)?;
         }
         // An in-kernel interrupt controller and PIT, as a VMM would have:
         // they are part of the state a migration carries.
@@ -259,7 +293,7 @@ impl TestVm {
         let caps = Arc::new(VcpuCaps::probe(&kvm));
         if let DirtyLog::Ring(entries) = log {
             let fds: Vec<_> = vcpus.iter().collect();
-            memory.use_dirty_rings(crate::ring::DirtyRings::map(&vm, &fds, entries)?);
+            memory.use_dirty_rings(crate::DirtyRings::map(&vm, &fds, entries)?);
         }
         Ok(Built {
             memory,
@@ -324,6 +358,41 @@ impl TestVm {
         pacing: Pacing,
         log: DirtyLog,
     ) -> Result<Self, KvmError> {
+        Self::start(
+            mem_bytes,
+            vcpus,
+            wss_pages,
+            report_every,
+            pacing,
+            log,
+            &PAYLOAD,
+        )
+    }
+
+    /// A running VM of `mem_bytes` whose one vCPU runs
+    /// [`COMPUTE_PAYLOAD`]: it never exits to the VMM, never reports and
+    /// writes no memory, so only a kick can pause it.
+    pub fn compute(mem_bytes: u64) -> Result<Self, KvmError> {
+        Self::start(
+            mem_bytes,
+            1,
+            1,
+            1,
+            Pacing::Unlimited,
+            DirtyLog::Bitmap,
+            &COMPUTE_PAYLOAD,
+        )
+    }
+
+    fn start(
+        mem_bytes: u64,
+        vcpus: usize,
+        wss_pages: u64,
+        report_every: u64,
+        pacing: Pacing,
+        log: DirtyLog,
+        payload: &[u8],
+    ) -> Result<Self, KvmError> {
         if let Pacing::Vmm(r) | Pacing::GuestTsc(r) = pacing {
             if !(r.is_finite() && r > 0.0) {
                 return Err(KvmError::Config(format!(
@@ -363,7 +432,7 @@ impl TestVm {
                 // 2 MiB pages: present, writable, user, large.
                 w(0x3000 + i * 8, (i << 21) | 0x87)?;
             }
-            m.write_slice(&PAYLOAD, GuestAddress(PAYLOAD_ADDR))
+            m.write_slice(payload, GuestAddress(PAYLOAD_ADDR))
         };
         setup().map_err(|e| KvmError::Config(format!("writing the payload: {e}")))?;
         let ioctl = |op| move |source| KvmError::Ioctl { op, source };
@@ -417,10 +486,7 @@ impl TestVm {
         for r in &runners {
             r.resume();
         }
-        Ok(TestVm {
-            memory,
-            control: KvmControl::new(vm, caps, Arc::new(runners)),
-        })
+        Ok(Self::assemble(memory, vm, caps, runners))
     }
 
     /// Starts a multiboot (version 1) ELF image the way a multiboot loader
@@ -432,69 +498,18 @@ impl TestVm {
     /// [`PAYLOAD`] at CPL 3 with the parameters `cmdline` gives (see
     /// `payload/payload.S`), reporting on [`REPORT_PORT`].
     pub fn boot_multiboot(mem_bytes: u64, image: &[u8], cmdline: &str) -> Result<Self, KvmError> {
-        const INFO: u64 = 0x7000;
-        const CMDLINE: u64 = 0x7100;
-        let elf = Elf32::parse(image)?;
-        if cmdline.len() >= 0xf00 || cmdline.contains('\0') {
-            return Err(KvmError::Config(
-                "the command line must be under 3840 bytes, without NUL".into(),
-            ));
-        }
-        for seg in &elf.segments {
-            if seg.paddr + seg.memsz > mem_bytes || seg.paddr < 0x8000 {
-                return Err(KvmError::Config(format!(
-                    "image segment at {:#x} of {} bytes is outside guest memory above 0x8000",
-                    seg.paddr, seg.memsz
-                )));
-            }
-        }
         let Built {
             memory,
             vm,
             vcpus: mut fds,
             caps,
         } = Self::build(mem_bytes, 1, DirtyLog::Bitmap)?;
-        let m = memory.guest_memory();
-        let load = || -> Result<(), vm_memory::GuestMemoryError> {
-            for seg in &elf.segments {
-                let data = &image[seg.offset as usize..(seg.offset + seg.filesz) as usize];
-                m.write_slice(data, GuestAddress(seg.paddr))?;
-                let bss = vec![0u8; (seg.memsz - seg.filesz) as usize];
-                m.write_slice(&bss, GuestAddress(seg.paddr + seg.filesz))?;
-            }
-            // flags: bit 2, the command line is valid.
-            m.write_obj(1u32 << 2, GuestAddress(INFO))?;
-            m.write_obj(CMDLINE as u32, GuestAddress(INFO + 16))?;
-            let mut line = cmdline.as_bytes().to_vec();
-            line.push(0);
-            m.write_slice(&line, GuestAddress(CMDLINE))
-        };
-        load().map_err(|e| KvmError::Config(format!("loading the image: {e}")))?;
+        let entry = multiboot::load_multiboot(memory.guest_memory(), image, cmdline)?;
         let vcpu = fds.remove(0);
-        let ioctl = |op| move |source| KvmError::Ioctl { op, source };
-        let mut s = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-        // Kernel code and data, 32-bit.
-        flat_segments(
-            &mut s,
-            segment(0x08, 11, 0, 1, 0),
-            segment(0x10, 3, 0, 1, 0),
-        );
-        s.cr0 = 0x11; // ET | PE
-        s.cr4 = 0;
-        s.efer = 0;
-        vcpu.set_sregs(&s).map_err(ioctl("KVM_SET_SREGS"))?;
-        let mut r = vcpu.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
-        r.rip = elf.entry;
-        r.rflags = 0x2;
-        r.rax = 0x2BAD_B002;
-        r.rbx = INFO;
-        vcpu.set_regs(&r).map_err(ioctl("KVM_SET_REGS"))?;
+        multiboot::enter_multiboot(&vcpu, &entry)?;
         let runner = VcpuRunner::new(vcpu, None)?;
         runner.resume();
-        Ok(TestVm {
-            memory,
-            control: KvmControl::new(vm, caps, Arc::new(vec![runner])),
-        })
+        Ok(Self::assemble(memory, vm, caps, vec![runner]))
     }
 
     /// A paused, empty destination VM of `mem_bytes`, to be restored; a
@@ -526,10 +541,38 @@ impl TestVm {
             .into_iter()
             .map(|fd| VcpuRunner::new(fd, throttle(report_every, rate)))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(TestVm {
+        Ok(Self::assemble(memory, vm, caps, runners))
+    }
+
+    fn assemble(
+        memory: Arc<KvmMemory>,
+        vm: Arc<crate::kvm_ioctls::VmFd>,
+        caps: Arc<VcpuCaps>,
+        runners: Vec<VcpuRunner>,
+    ) -> Self {
+        let runners = Arc::new(Runners(runners));
+        TestVm {
             memory,
-            control: KvmControl::new(vm, caps, Arc::new(runners)),
-        })
+            control: KvmControl::new(vm, caps, runners.clone()),
+            runners,
+        }
+    }
+
+    /// Whether test VMs made from now on back their memory with
+    /// transparent huge pages (on by default; see [`advise_huge_pages`]).
+    /// A setting for the whole process.
+    pub fn use_huge_pages(on: bool) {
+        HUGE_PAGES.store(on, Ordering::Relaxed);
+    }
+
+    /// The vCPU runners.
+    pub fn runners(&self) -> &[VcpuRunner] {
+        &self.runners.0
+    }
+
+    /// A view of each vCPU thread that outlives the VM.
+    pub fn watch(&self) -> Vec<VcpuWatch> {
+        self.runners.0.iter().map(|r| r.watch()).collect()
     }
 
     /// The guest's memory.
@@ -559,8 +602,8 @@ impl TestVm {
 
     /// vCPU `i`'s reports so far (none for a vCPU that does not exist).
     pub fn reports_of(&self, i: usize) -> Vec<Report> {
-        self.control
-            .runners()
+        self.runners
+            .0
             .get(i)
             .map(|r| r.reports())
             .unwrap_or_default()
@@ -568,92 +611,11 @@ impl TestVm {
 
     /// Number of vCPUs.
     pub fn vcpus(&self) -> usize {
-        self.control.runners().len()
+        self.runners.0.len()
     }
 
     /// Why the guest stopped, if a vCPU did.
     pub fn fault(&self) -> Option<String> {
-        self.control.runners().iter().find_map(|r| r.fault())
-    }
-}
-
-struct Segment {
-    offset: u64,
-    paddr: u64,
-    filesz: u64,
-    memsz: u64,
-}
-
-/// The parts of a 32-bit little-endian x86 ELF executable a multiboot
-/// loader uses.
-struct Elf32 {
-    entry: u64,
-    segments: Vec<Segment>,
-}
-
-impl Elf32 {
-    fn parse(image: &[u8]) -> Result<Self, KvmError> {
-        let bad = |why: &str| KvmError::Config(format!("not a multiboot ELF image: {why}"));
-        let u16_at = |at: usize| {
-            image
-                .get(at..at + 2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]) as u64)
-                .ok_or_else(|| bad("truncated"))
-        };
-        let u32_at = |at: usize| {
-            image
-                .get(at..at + 4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64)
-                .ok_or_else(|| bad("truncated"))
-        };
-        if image.get(..7) != Some(&[0x7f, b'E', b'L', b'F', 1, 1, 1][..]) {
-            return Err(bad("no 32-bit little-endian ELF header"));
-        }
-        if u16_at(18)? != 3 {
-            return Err(bad("not for x86"));
-        }
-        // A multiboot header: a 4-aligned magic in the first 8 KiB whose
-        // next two words sum with it to zero.
-        let has_header = (0..8192.min(image.len().saturating_sub(12)))
-            .step_by(4)
-            .any(|at| {
-                matches!(
-                    (u32_at(at), u32_at(at + 4), u32_at(at + 8)),
-                    (Ok(0x1BAD_B002), Ok(f), Ok(c)) if (0x1BAD_B002u64 + f + c) as u32 == 0
-                )
-            });
-        if !has_header {
-            return Err(bad("no multiboot header in the first 8 KiB"));
-        }
-        let entry = u32_at(24)?;
-        let phoff = u32_at(28)? as usize;
-        let phentsize = u16_at(42)? as usize;
-        let phnum = u16_at(44)? as usize;
-        if phentsize < 32 {
-            return Err(bad("program headers too small"));
-        }
-        let mut segments = Vec::new();
-        for i in 0..phnum {
-            let at = phoff
-                .checked_add(i * phentsize)
-                .ok_or_else(|| bad("program headers out of range"))?;
-            if u32_at(at)? != 1 {
-                continue; // not PT_LOAD
-            }
-            let seg = Segment {
-                offset: u32_at(at + 4)?,
-                paddr: u32_at(at + 12)?,
-                filesz: u32_at(at + 16)?,
-                memsz: u32_at(at + 20)?,
-            };
-            if seg.filesz > seg.memsz || seg.offset + seg.filesz > image.len() as u64 {
-                return Err(bad("a segment lies outside the file"));
-            }
-            segments.push(seg);
-        }
-        if segments.is_empty() {
-            return Err(bad("nothing to load"));
-        }
-        Ok(Elf32 { entry, segments })
+        self.runners.0.iter().find_map(|r| r.fault())
     }
 }
