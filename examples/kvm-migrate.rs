@@ -122,6 +122,10 @@ struct Args {
     /// `sent` digests pages as they were sent (milliseconds instead).
     #[arg(long, value_enum, default_value = "full")]
     verify: VerifyArg,
+    /// Back guest memory with transparent huge pages on both sides
+    /// (`madvise(MADV_HUGEPAGE)`, as QEMU does for guest RAM).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    huge_pages: String,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -159,6 +163,7 @@ fn pacing(a: &Args) -> Pacing {
 
 fn main() -> ExitCode {
     let a = Args::parse();
+    TestVm::use_huge_pages(a.huge_pages == "on");
     let r = match a.role {
         Role::Source => source(&a),
         Role::Destination => destination(&a),
@@ -223,6 +228,7 @@ fn source(a: &Args) -> Result<bool, String> {
         .args(["--role", "destination", "--connect", &addr.to_string()])
         .args(["--mem", &a.mem.to_string(), "--wss", &a.wss.to_string()])
         .args(["--vcpus", &a.vcpus.to_string()])
+        .args(["--huge-pages", &a.huge_pages])
         .args(["--policy", a.policy.to_possible_value().unwrap().get_name()])
         .args(["--pacing", a.pacing.to_possible_value().unwrap().get_name()])
         .args([
@@ -315,7 +321,7 @@ fn source(a: &Args) -> Result<bool, String> {
     if a.json {
         let mut v = stats.to_json();
         v["kvm"] = json!({
-            "mem-bytes": a.mem, "wss-bytes": a.wss, "dirty-rate-bytes-per-sec": a.dirty_rate, "pacing": format!("{:?}", a.pacing).to_lowercase(),
+            "mem-bytes": a.mem, "wss-bytes": a.wss, "huge-pages": a.huge_pages == "on", "dirty-rate-bytes-per-sec": a.dirty_rate, "pacing": format!("{:?}", a.pacing).to_lowercase(),
             "guest-observed-downtime-ms": gap_us as f64 / 1000.0,
             "report-interval-ms": interval_us as f64 / 1000.0,
             "counter-last-on-source": before, "counter-first-on-destination": after,
@@ -330,12 +336,13 @@ fn source(a: &Args) -> Result<bool, String> {
         );
     } else {
         println!(
-            "KVM guest: {} MiB, working set {} MiB, dirty rate {:.0} MB/s, policy {:?}, {:?} dirty log, source pid {}, destination pid {}",
+            "KVM guest: {} MiB, working set {} MiB, dirty rate {:.0} MB/s, policy {:?}, {:?} dirty log, huge pages {}, source pid {}, destination pid {}",
             a.mem >> 20,
             a.wss >> 20,
             a.dirty_rate / 1e6,
             a.policy,
             a.tracker,
+            a.huge_pages,
             std::process::id(),
             child.id()
         );
