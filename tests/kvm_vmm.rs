@@ -1,0 +1,323 @@
+//! Runs `examples/kvm-vmm.rs`, a VMM with its own vCPU loop, and migrates
+//! its guests between two processes: the multiboot test image and a raw
+//! boot sector written here byte by byte.
+//!
+//! The tests need `/dev/kvm` (set `LIVEMIG_NO_KVM=1` only on a machine
+//! known to have none) and the example binary: `cargo test` builds it
+//! with the other examples; with a target selection that leaves it out
+//! (`cargo test --test kvm_vmm`), the test builds it with cargo first.
+#![cfg(feature = "kvm")]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// How long one run of the example may take, on any host.
+const DEADLINE: Duration = Duration::from_secs(300);
+
+/// The multiboot payload's command line: 512 working-set pages, a report
+/// every 4096 iterations, no pacing.
+const CMDLINE: &str = "payload.elf wss=512 every=4096 ticks=0";
+
+fn have_kvm() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var("LIVEMIG_NO_KVM").as_deref() == Ok("1") {
+        eprintln!("LIVEMIG_NO_KVM=1: this machine declares it has no KVM; test not run");
+        return false;
+    }
+    panic!("/dev/kvm not found (set LIVEMIG_NO_KVM=1 only on a machine known to have no KVM)");
+}
+
+/// The example binary, `target/<profile>/examples/kvm-vmm` next to this
+/// test's `target/<profile>/deps`. Built with cargo if it is missing or
+/// older than its source (a target selection that did not include it).
+fn vmm() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test binary lives in target/<profile>/deps");
+        let bin = profile_dir.join("examples").join("kvm-vmm");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/kvm-vmm.rs");
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let fresh = matches!((modified(&bin), modified(&source)), (Some(b), Some(s)) if b >= s);
+        if !fresh {
+            let mut cargo = Command::new(env!("CARGO"));
+            cargo
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .args(["build", "--example", "kvm-vmm"]);
+            // `--release` builds land in target/release, the others in
+            // target/debug.
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cargo.arg("--release");
+            }
+            let status = cargo.status().expect("running cargo");
+            assert!(status.success(), "cargo build --example kvm-vmm: {status}");
+        }
+        assert!(bin.exists(), "{} not built", bin.display());
+        bin
+    })
+}
+
+/// The multiboot test image, built with `payload/build.sh` (binutils).
+fn image() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kvm-vmm-payload");
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/backend-kvm/payload/build.sh");
+            let status = Command::new("sh")
+                .arg(&script)
+                .arg(&out)
+                .stdout(Stdio::null())
+                .status()
+                .expect("running payload/build.sh (needs binutils)");
+            assert!(status.success(), "payload/build.sh failed: {status}");
+            out.join("payload.elf")
+        })
+        .clone()
+}
+
+/// Waits for `child` at most [`DEADLINE`]; kills it past that.
+fn wait(mut child: Child, what: &str) -> Output {
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stdout.read_to_end(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the VMM") {
+            break status;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not end within {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: reader.join().expect("reading the VMM's output"),
+        stderr: Vec::new(),
+    }
+}
+
+/// Runs the example with `args` (stderr inherited) and returns its exit
+/// status and standard output.
+fn run(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let child = Command::new(vmm())
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting kvm-vmm");
+    let out = wait(child, "kvm-vmm");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The `key=value` words of the line of `stdout` that starts with
+/// `prefix`.
+fn fields(stdout: &str, prefix: &str) -> HashMap<String, String> {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{stdout}"));
+    line[prefix.len()..]
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn number(f: &HashMap<String, String>, key: &str) -> u64 {
+    f.get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{key} is not a number in {f:?}"))
+}
+
+/// Checks a `MIGRATED` line of `--migrate`: memory verified with equal
+/// digests on both ends, and the destination's first report one step
+/// after the source's last.
+fn check_migrated(stdout: &str, every: u64) {
+    let f = fields(stdout, "MIGRATED ");
+    assert_eq!(f["verified"], "true", "{f:?}");
+    assert_eq!(f["digest"].len(), 32, "a digest: {f:?}");
+    assert_eq!(f["digest"], f["destination-digest"], "{f:?}");
+    assert_eq!(number(&f, "every"), every, "{f:?}");
+    let (last, first) = (number(&f, "last"), number(&f, "first"));
+    assert!(last > 0, "the guest ran on the source: {f:?}");
+    assert_eq!(first, last + every, "the counter continues: {f:?}");
+    assert_eq!(f["continues"], "yes", "{f:?}");
+}
+
+#[test]
+fn multiboot_image_migrates_between_two_processes() {
+    if !have_kvm() {
+        return;
+    }
+    let image = image();
+    let (status, stdout) = run(&[
+        "--image",
+        image.to_str().unwrap(),
+        "--cmdline",
+        CMDLINE,
+        "--mem",
+        "64MiB",
+        "--migrate",
+        "--policy",
+        "precopy",
+    ]);
+    assert!(status.success(), "kvm-vmm: {status}\n{stdout}");
+    check_migrated(&stdout, 4096);
+}
+
+/// The destination and the source started separately, as on two hosts:
+/// `--listen` and `--to`.
+#[test]
+fn listen_and_to_migrate_a_guest() {
+    if !have_kvm() {
+        return;
+    }
+    let image = image();
+    let mut dst = Command::new(vmm())
+        .args(["--listen", "127.0.0.1:0", "--mem", "32MiB", "--vcpus", "2"])
+        .args(["--first-slot", "40", "--run-for", "0.2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the destination");
+    let mut out = BufReader::new(dst.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("kvm-vmm: listening on ")
+        .unwrap_or_else(|| panic!("the destination said {line:?}"))
+        .to_string();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+
+    let (status, src_out) = run(&[
+        "--image",
+        image.to_str().unwrap(),
+        "--cmdline",
+        CMDLINE,
+        "--mem",
+        "32MiB",
+        "--vcpus",
+        "2",
+        "--to",
+        &addr,
+        "--policy",
+        "stop-and-copy",
+    ]);
+    assert!(status.success(), "source: {status}\n{src_out}");
+    let start = Instant::now();
+    let dst_status = loop {
+        if let Some(s) = dst.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = dst.kill();
+            panic!("the destination did not end within {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let dst_out = reader.join().unwrap();
+    assert!(dst_status.success(), "destination: {dst_status}\n{dst_out}");
+
+    let src = fields(&src_out, "MIGRATED ");
+    let dst = fields(&dst_out, "kvm-vmm: resumed ");
+    assert_eq!(src["verified"], "true", "{src:?}");
+    assert_eq!(src["digest"].len(), 32, "{src:?}");
+    assert_eq!(src["digest"], dst["digest"], "{src:?} {dst:?}");
+    assert_eq!(
+        number(&dst, "first"),
+        number(&src, "last") + 4096,
+        "the counter continues: {src:?} {dst:?}"
+    );
+}
+
+/// A real-mode boot sector, assembled by hand (loaded at 0000:7c00): it
+/// prints "OK" on COM1, polling the line status register for an empty
+/// transmitter before each byte, then counts in the dword at 0x500,
+/// reporting every count on port 0x10 and printing "OK" again every 64.
+///
+/// ```text
+/// 7c00: fa                cli
+/// 7c01: fc                cld
+/// 7c02: 31 c0             xor  ax, ax
+/// 7c04: 8e d8             mov  ds, ax
+/// 7c06: 8e d0             mov  ss, ax
+/// 7c08: bc 00 7c          mov  sp, 0x7c00
+/// 7c0b: be 35 7c    say:  mov  si, msg
+/// 7c0e: ba fd 03    char: mov  dx, 0x3fd     ; line status
+/// 7c11: ec          busy: in   al, dx
+/// 7c12: a8 20             test al, 0x20      ; transmitter empty?
+/// 7c14: 74 fb             jz   busy
+/// 7c16: ac                lodsb
+/// 7c17: 84 c0             test al, al
+/// 7c19: 74 06             jz   count
+/// 7c1b: ba f8 03          mov  dx, 0x3f8
+/// 7c1e: ee                out  dx, al
+/// 7c1f: eb ed             jmp  char
+/// 7c21: 66 ff 06 00 05 count: inc dword [0x500]
+/// 7c26: 66 a1 00 05       mov  eax, [0x500]
+/// 7c2a: ba 10 00          mov  dx, 0x10
+/// 7c2d: 66 ef             out  dx, eax       ; progress report
+/// 7c2f: a8 3f             test al, 0x3f
+/// 7c31: 75 ee             jnz  count
+/// 7c33: eb d6             jmp  say
+/// 7c35: "OK\n\0"    msg:
+/// ```
+const BOOT_SECTOR: [u8; 57] = [
+    0xfa, 0xfc, 0x31, 0xc0, 0x8e, 0xd8, 0x8e, 0xd0, 0xbc, 0x00, 0x7c, 0xbe, 0x35, 0x7c, 0xba, 0xfd,
+    0x03, 0xec, 0xa8, 0x20, 0x74, 0xfb, 0xac, 0x84, 0xc0, 0x74, 0x06, 0xba, 0xf8, 0x03, 0xee, 0xeb,
+    0xed, 0x66, 0xff, 0x06, 0x00, 0x05, 0x66, 0xa1, 0x00, 0x05, 0xba, 0x10, 0x00, 0x66, 0xef, 0xa8,
+    0x3f, 0x75, 0xee, 0xeb, 0xd6, b'O', b'K', b'\n', 0,
+];
+
+#[test]
+fn boot_sector_prints_on_the_serial_port_and_migrates() {
+    if !have_kvm() {
+        return;
+    }
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kvm-vmm-boot.bin");
+    std::fs::write(&path, BOOT_SECTOR).unwrap();
+    let (status, stdout) = run(&[
+        "--boot-sector",
+        path.to_str().unwrap(),
+        "--mem",
+        "4MiB",
+        "--migrate",
+        "--run-for",
+        "0.2",
+    ]);
+    assert!(status.success(), "kvm-vmm: {status}\n{stdout}");
+    // The guest greets before its first report, and the source migrates
+    // only once it has reported: its "OK" is on stdout, before the result.
+    let lines: Vec<&str> = stdout.lines().collect();
+    let ok = lines.iter().position(|l| *l == "OK");
+    let result = lines.iter().position(|l| l.starts_with("MIGRATED "));
+    assert!(
+        matches!((ok, result), (Some(o), Some(r)) if o < r),
+        "serial output then the result:\n{stdout}"
+    );
+    // Every count is reported: the destination's first is the next.
+    check_migrated(&stdout, 1);
+}
