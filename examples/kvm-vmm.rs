@@ -57,7 +57,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -202,12 +202,26 @@ const COM1: u16 = 0x3f8;
 const COM1_LSR: u16 = COM1 + 5;
 const LSR_IDLE: u8 = 0x60;
 
+/// Which side this process is, for its messages.
+static ROLE: OnceLock<&'static str> = OnceLock::new();
+
+fn role() -> &'static str {
+    ROLE.get().copied().unwrap_or("vmm")
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    let _ = ROLE.set(if args.listen.is_some() {
+        "destination"
+    } else if args.to.is_some() || args.migrate {
+        "source"
+    } else {
+        "vmm"
+    });
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("kvm-vmm: {f}");
+            eprintln!("kvm-vmm {}: {f}", role());
             ExitCode::from(f.code())
         }
     }
@@ -323,7 +337,7 @@ impl Vm {
         ])
         .map_err(setup("guest memory"))?;
         if let Err(e) = advise_huge_pages(&memory) {
-            eprintln!("kvm-vmm: guest memory on 4 KiB pages ({e})");
+            eprintln!("kvm-vmm {}: guest memory on 4 KiB pages ({e})", role());
         }
         let slot_ids = register_slots(&vm, &memory, first_slot)?;
 
@@ -558,7 +572,7 @@ impl VcpuThreads {
         self.ctl.1.notify_all();
         for t in lock(&self.threads).drain(..) {
             if t.join().is_err() {
-                eprintln!("kvm-vmm: a vCPU thread panicked");
+                eprintln!("kvm-vmm {}: a vCPU thread panicked", role());
             }
         }
         self.serial.flush();
@@ -744,7 +758,7 @@ fn vcpu_loop(index: usize, v: &Vcpu, ctl: &(Mutex<Ctl>, Condvar), serial: &Seria
                 cv.notify_all();
             }
             Next::Stop(why) => {
-                eprintln!("kvm-vmm: guest stopped: {why}");
+                eprintln!("kvm-vmm {}: guest stopped: {why}", role());
                 let mut c = lock(m);
                 c.at[index] = Where::Stopped;
                 c.fault.get_or_insert(why);
@@ -777,7 +791,7 @@ fn report(index: usize, value: u64, m: &Mutex<Ctl>, cv: &Condvar) {
     let now = Instant::now();
     if p.printed.is_none_or(|t| now - t >= Duration::from_secs(1)) {
         p.printed = Some(now);
-        eprintln!("kvm-vmm: progress {value} ({} reports)", p.count);
+        eprintln!("kvm-vmm {}: progress {value} ({} reports)", role(), p.count);
     }
     cv.notify_all();
 }
@@ -959,8 +973,10 @@ fn run_alone(a: &Args, vm: &Vm) -> Result<(), Failure> {
         .map_err(|e| Failure::Guest(e.to_string()))?;
     let p = vm.vcpus.progress();
     eprintln!(
-        "kvm-vmm: stopped after {} progress reports, last {:?}",
-        p.count, p.last
+        "kvm-vmm {}: stopped after {} progress reports, last {:?}",
+        role(),
+        p.count,
+        p.last
     );
     match vm.vcpus.fault() {
         Some(why) => Err(Failure::Guest(why)),
@@ -1100,7 +1116,7 @@ fn destination(a: &Args) -> Result<(), Failure> {
     let local = listener.local_addr().map_err(setup("listening"))?;
     say(&format!("kvm-vmm: listening on {local}"));
     let (stream, peer) = listener.accept().map_err(migration("accepting"))?;
-    eprintln!("kvm-vmm: receiving a guest from {peer}");
+    eprintln!("kvm-vmm {}: receiving a guest from {peer}", role());
     let _ = stream.set_nodelay(true);
     let mut transport = StreamTransport::new(stream).map_err(migration("transport"))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
