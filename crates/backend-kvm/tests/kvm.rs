@@ -221,8 +221,10 @@ impl<T: Transport> Transport for Slow<T> {
     }
 }
 
-/// 100 µs a frame: about 0.1 s for the 1,024 frames of 64 MiB.
-const SLOW: Duration = Duration::from_micros(100);
+/// 300 µs a frame: about 0.3 s for the 1,024 frames of 64 MiB, time
+/// enough for the resumed guest to be scheduled and fault even on a
+/// loaded host.
+const SLOW: Duration = Duration::from_micros(300);
 
 #[test]
 fn connection_cut_mid_precopy_leaves_the_source_running() {
@@ -871,8 +873,10 @@ fn guest_tsc_pacing_holds_the_rate_before_and_after_migration() {
     let every = 1 << 10;
     let pacing = backend_kvm::Pacing::GuestTsc(rate);
     let src = TestVm::source_paced(MEM, 1, 4096, every, pacing).expect("source VM");
-    // Measured over the reports of about one second.
+    // Measured over the reports of about one second, once the guest has
+    // been over its working set (4 reports) and paid its first touches.
     let measured = |vm: &TestVm| {
+        assert!(eventually(|| vm.reports().len() >= 5), "{:?}", vm.fault());
         let start = vm.reports().len();
         assert!(
             eventually(|| vm.reports().len() >= start + 20),
