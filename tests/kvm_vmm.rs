@@ -34,8 +34,9 @@ fn have_kvm() -> bool {
 }
 
 /// The example binary, `target/<profile>/examples/kvm-vmm` next to this
-/// test's `target/<profile>/deps`. Built with cargo if it is missing or
-/// older than its source (a target selection that did not include it).
+/// test's `target/<profile>/deps`. `cargo test` builds it before running
+/// any test; if it is missing or older than the sources it is built from
+/// (a target selection that left it out), it is built with cargo here.
 fn vmm() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
@@ -45,13 +46,22 @@ fn vmm() -> &'static Path {
             .and_then(Path::parent)
             .expect("the test binary lives in target/<profile>/deps");
         let bin = profile_dir.join("examples").join("kvm-vmm");
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/kvm-vmm.rs");
-        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let fresh = matches!((modified(&bin), modified(&source)), (Some(b), Some(s)) if b >= s);
-        if !fresh {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let sources = [
+            root.join("examples/kvm-vmm.rs"),
+            root.join("Cargo.toml"),
+            root.join("src"),
+            root.join("crates/migrate-core/src"),
+            root.join("crates/migrate-core/Cargo.toml"),
+            root.join("crates/backend-kvm/src"),
+            root.join("crates/backend-kvm/Cargo.toml"),
+        ];
+        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+        let newest = sources.iter().filter_map(|p| newest_source(p)).max();
+        if !matches!((built, newest), (Some(b), Some(n)) if b >= n) {
             let mut cargo = Command::new(env!("CARGO"));
             cargo
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .current_dir(root)
                 .args(["build", "--example", "kvm-vmm"]);
             // `--release` builds land in target/release, the others in
             // target/debug.
@@ -64,6 +74,25 @@ fn vmm() -> &'static Path {
         assert!(bin.exists(), "{} not built", bin.display());
         bin
     })
+}
+
+/// The latest modification time of the Rust sources and manifests at
+/// `path` (a file, or a directory searched through).
+fn newest_source(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                || p.extension().is_some_and(|x| x == "rs")
+                || p.file_name().is_some_and(|n| n == "Cargo.toml")
+        })
+        .filter_map(|p| newest_source(&p))
+        .max()
 }
 
 /// The multiboot test image, built with `payload/build.sh` (binutils).
