@@ -350,3 +350,42 @@ fn boot_sector_prints_on_the_serial_port_and_migrates() {
     // Every count is reported: the destination's first is the next.
     check_migrated(&stdout, 1);
 }
+
+/// A boot sector that triple-faults: it enters protected mode with empty
+/// GDT and IDT limits and jumps far through selector 8, which faults, and
+/// so does the delivery of every fault after it.
+///
+/// ```text
+/// 7c00: fa                cli
+/// 7c01: 0f 01 1e 18 7c    lidt [0x7c18]      ; limit 0
+/// 7c06: 0f 01 16 18 7c    lgdt [0x7c18]      ; limit 0
+/// 7c0b: 0f 20 c0          mov  eax, cr0
+/// 7c0e: 0c 01             or   al, 1         ; PE
+/// 7c10: 0f 22 c0          mov  cr0, eax
+/// 7c13: ea 00 00 08 00    jmp  0x08:0        ; #GP, #DF, shutdown
+/// 7c18: 00 00 00 00 00 00 (the descriptor-table pointer)
+/// ```
+const TRIPLE_FAULT: [u8; 30] = [
+    0xfa, 0x0f, 0x01, 0x1e, 0x18, 0x7c, 0x0f, 0x01, 0x16, 0x18, 0x7c, 0x0f, 0x20, 0xc0, 0x0c, 0x01,
+    0x0f, 0x22, 0xc0, 0xea, 0x00, 0x00, 0x08, 0x00, 0, 0, 0, 0, 0, 0,
+];
+
+#[test]
+fn exit_status_tells_a_stopped_guest_from_bad_arguments() {
+    if !have_kvm() {
+        return;
+    }
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kvm-vmm-triple-fault.bin");
+    std::fs::write(&path, TRIPLE_FAULT).unwrap();
+    // No --run-for limit: the VMM ends because the guest stopped.
+    let (status, stdout) = run(&["--boot-sector", path.to_str().unwrap(), "--run-for", "0"]);
+    assert_eq!(status.code(), Some(3), "a shutdown exit: {stdout}");
+
+    let (status, _) = run(&["--boot-sector", path.to_str().unwrap(), "--mem", "3MiB"]);
+    assert_eq!(status.code(), Some(2), "--mem not a multiple of 2 MiB");
+    let (status, _) = run(&["--listen", "127.0.0.1:0", "--image", "x"]);
+    assert_eq!(status.code(), Some(2), "--listen with --image");
+    // Not a multiboot image: the VM cannot be set up.
+    let (status, _) = run(&["--image", path.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(4), "a boot sector given as --image");
+}
