@@ -500,32 +500,39 @@ impl VcpuThreads {
             }),
             Condvar::new(),
         ));
-        let serial = Arc::new(Serial::default());
-        let mut vcpus = Vec::new();
-        let mut threads = Vec::new();
-        for (index, fd) in fds.into_iter().enumerate() {
-            let vcpu = Arc::new(Vcpu {
-                fd: Mutex::new(fd),
-                kick: VcpuKick::new()?,
-                schedstat: Mutex::new(None),
-            });
-            // Paused from the start: the kick keeps it out of the guest.
-            vcpu.kick.kick();
-            let (v, c, s) = (vcpu.clone(), ctl.clone(), serial.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("vcpu{index}"))
-                    .spawn(move || vcpu_loop(index, &v, &c, &s))
-                    .map_err(KvmError::Thread)?,
-            );
-            vcpus.push(vcpu);
-        }
-        Ok(VcpuThreads {
-            vcpus,
+        let mut this = VcpuThreads {
+            vcpus: Vec::new(),
             ctl,
-            threads: Mutex::new(threads),
-            serial,
-        })
+            threads: Mutex::new(Vec::new()),
+            serial: Arc::new(Serial::default()),
+        };
+        for (index, fd) in fds.into_iter().enumerate() {
+            if let Err(e) = this.spawn(index, fd) {
+                // Ends the threads already started.
+                this.shutdown();
+                return Err(e);
+            }
+        }
+        Ok(this)
+    }
+
+    /// Starts vCPU `index`'s thread, paused: the pending kick keeps it out
+    /// of the guest until the first resume.
+    fn spawn(&mut self, index: usize, fd: VcpuFd) -> Result<(), KvmError> {
+        let vcpu = Arc::new(Vcpu {
+            fd: Mutex::new(fd),
+            kick: VcpuKick::new()?,
+            schedstat: Mutex::new(None),
+        });
+        vcpu.kick.kick();
+        let (v, c, s) = (vcpu.clone(), self.ctl.clone(), self.serial.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || vcpu_loop(index, &v, &c, &s))
+            .map_err(KvmError::Thread)?;
+        lock(&self.threads).push(thread);
+        self.vcpus.push(vcpu);
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Ctl> {
