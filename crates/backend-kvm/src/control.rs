@@ -31,6 +31,13 @@ pub trait Vcpus: Send + Sync {
     /// `KVM_RUN`. Once it returns `Ok`, no vCPU enters the guest until
     /// [`Vcpus::resume`]. Even when it times out, no vCPU may enter the
     /// guest again until `resume`.
+    ///
+    /// A vCPU that parks right after an I/O or MMIO exit must first have
+    /// that access completed ([`VcpuKick::complete_pending`]): KVM
+    /// finishes it only on the next entry, and the saved state would
+    /// otherwise have the destination run the instruction again.
+    ///
+    /// [`VcpuKick::complete_pending`]: crate::VcpuKick::complete_pending
     fn pause(&self, timeout: Duration) -> Result<(), KvmError>;
 
     /// Lets every vCPU run again.

@@ -147,12 +147,45 @@ impl VcpuKick {
 
     /// Runs `vcpu` (`KVM_RUN`) on the calling thread, where a kick can
     /// reach it. Returns what `VcpuFd::run` returns; after a kick, an
-    /// error whose `errno()` is `EINTR`.
+    /// error whose `errno()` is `EINTR` ([`VcpuKick::is_kick`]).
     pub fn run<'a>(&self, vcpu: &'a mut VcpuFd) -> Result<VcpuExit<'a>, kvm_ioctls::Error> {
+        self.enter(vcpu, false)
+    }
+
+    /// Completes the I/O or MMIO access of the vCPU's last exit without
+    /// letting the guest run any further: `KVM_RUN` with
+    /// `immediate_exit` set. KVM finishes such an access (for an `in`,
+    /// storing the value the VMM answered; for any, moving past the
+    /// instruction) only when the vCPU next enters, and that pending part
+    /// is in no state a migration saves: a vCPU parked right after such
+    /// an exit must be completed this way before its state is saved, or
+    /// the destination runs the instruction again. Harmless when nothing
+    /// is pending.
+    pub fn complete_pending(&self, vcpu: &mut VcpuFd) -> Result<(), kvm_ioctls::Error> {
+        match self.enter(vcpu, true) {
+            Err(e) if Self::is_kick(&e) => Ok(()),
+            Err(e) => Err(e),
+            // KVM returns EINTR when immediate_exit is set; anything else
+            // came from completing the access itself.
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// Whether `e`, returned by [`VcpuKick::run`], says the vCPU was
+    /// kicked out (`EINTR`) or should simply enter again (`EAGAIN`).
+    pub fn is_kick(e: &kvm_ioctls::Error) -> bool {
+        e.errno() == libc::EINTR || e.errno() == libc::EAGAIN
+    }
+
+    fn enter<'a>(
+        &self,
+        vcpu: &'a mut VcpuFd,
+        force: bool,
+    ) -> Result<VcpuExit<'a>, kvm_ioctls::Error> {
         let run: *mut kvm_run = vcpu.get_kvm_run();
         // SAFETY: `run` points at the vCPU's mapped `kvm_run`, valid while
         // `vcpu` is borrowed; no handler writes it yet (not published).
-        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(0) };
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(u8::from(force)) };
         RUNNING.with(|r| r.set(run));
         compiler_fence(Ordering::SeqCst);
         *self.lock() = Some(current_thread());

@@ -23,6 +23,8 @@ pub type TrackedMemory = GuestMemoryMmap<AtomicBitmap>;
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     index: u32,
+    /// Flags the slot keeps besides dirty logging.
+    flags: u32,
     guest_addr: u64,
     size: u64,
     host_addr: u64,
@@ -92,7 +94,25 @@ impl KvmMemory {
     /// and no flags. Nothing is registered here; the slots stay the VMM's,
     /// and dropping this struct leaves them as they are. The only change
     /// made to them is dirty logging on and off while a migration runs.
+    ///
+    /// `memory` is the VMM's own `GuestMemoryMmap` (a clone shares its
+    /// mappings), carrying vm-memory's `AtomicBitmap` so that the VMM's
+    /// writes are tracked; [`KvmMemory::guest_memory`] hands it back.
     pub fn adopt(vm: Arc<VmFd>, memory: TrackedMemory, slot_ids: &[u32]) -> Result<Self, KvmError> {
+        let slots: Vec<(u32, u32)> = slot_ids.iter().map(|id| (*id, 0)).collect();
+        Self::adopt_with_flags(vm, memory, &slots)
+    }
+
+    /// As [`KvmMemory::adopt`], for slots registered with flags (for
+    /// example `KVM_MEM_READONLY`): region `i` is slot `slots[i].0`,
+    /// registered with flags `slots[i].1`, which are kept when dirty
+    /// logging is turned on and off.
+    pub fn adopt_with_flags(
+        vm: Arc<VmFd>,
+        memory: TrackedMemory,
+        slots: &[(u32, u32)],
+    ) -> Result<Self, KvmError> {
+        let slot_ids: Vec<u32> = slots.iter().map(|s| s.0).collect();
         if slot_ids.len() != memory.num_regions() {
             return Err(KvmError::Config(format!(
                 "{} slot ids for {} memory regions",
@@ -107,7 +127,11 @@ impl KvmMemory {
                 "a slot id appears twice in {slot_ids:?}"
             )));
         }
-        Self::describe(vm, memory, slot_ids, false)
+        let mut this = Self::describe(vm, memory, &slot_ids, false)?;
+        for (s, (_, flags)) in this.slots.iter_mut().zip(slots) {
+            s.flags = *flags & !KVM_MEM_LOG_DIRTY_PAGES;
+        }
+        Ok(this)
     }
 
     fn describe(
@@ -128,6 +152,7 @@ impl KvmMemory {
             let host_addr = r.as_ptr() as u64;
             slots.push(Slot {
                 index,
+                flags: 0,
                 guest_addr,
                 size,
                 host_addr,
@@ -154,13 +179,14 @@ impl KvmMemory {
         })
     }
 
-    fn set_slot(&self, s: &Slot, flags: u32) -> Result<(), KvmError> {
+    /// Sets the slot's flags: its own, plus `extra` (dirty logging or 0).
+    fn set_slot(&self, s: &Slot, extra: u32) -> Result<(), KvmError> {
         let region = kvm_userspace_memory_region {
             slot: s.index,
             guest_phys_addr: s.guest_addr,
             memory_size: s.size,
             userspace_addr: s.host_addr,
-            flags,
+            flags: s.flags | extra,
         };
         // The mapping `host_addr..host_addr + size` is a region of
         // `self.memory`, owned by this struct and dropped only with it.

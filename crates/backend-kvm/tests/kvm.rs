@@ -1055,3 +1055,30 @@ fn huge_pages_back_guest_memory_and_the_dirty_log_stays_exact_per_page() {
         "4 KiB pages, not 2 MiB ones"
     );
 }
+
+#[test]
+fn a_paused_vcpu_has_completed_its_last_port_write() {
+    if !have_kvm() {
+        return;
+    }
+    let _turn = serial();
+    // A report on every iteration: nearly every pause lands right after
+    // an `out` exit, which KVM completes only on the next entry.
+    let vm = TestVm::source(MEM, 16, 1, None).expect("source VM");
+    assert!(eventually(|| vm.reports().len() >= 100), "{:?}", vm.fault());
+    let out_at = backend_kvm::PAYLOAD_ADDR + 0x1f;
+    let mut c = vm.control();
+    for _ in 0..50 {
+        c.pause().unwrap();
+        let (rip, rcx) = vm.runners()[0].with_vcpu(|fd| {
+            let r = fd.get_regs().unwrap();
+            (r.rip, r.rcx)
+        });
+        assert_ne!(rip, out_at, "the saved state would run the `out` again");
+        // The last report is the counter as the guest stands: a
+        // destination resumed from here does not report it twice.
+        let last = vm.reports().last().unwrap().value;
+        assert!(rcx >= last, "counter {rcx}, last report {last}");
+        c.resume().unwrap();
+    }
+}

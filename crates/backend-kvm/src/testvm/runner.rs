@@ -357,16 +357,35 @@ fn vcpu_loop(s: &Shared) {
             .schedstat
             .set(std::path::Path::new("/proc").join(me).join("schedstat"));
     }
+    // Whether the last exit left an I/O access for KVM to complete on the
+    // next entry (see `VcpuKick::complete_pending`).
+    let mut pending_io = false;
     loop {
         {
             let mut c = s.ctl();
-            c.in_guest = false;
-            s.cv.notify_all();
             loop {
                 if c.quit {
-                    break;
+                    c.in_guest = false;
+                    c.record.ended = true;
+                    s.cv.notify_all();
+                    return;
                 }
                 if !c.run {
+                    if pending_io {
+                        // Parking: finish the access first, so the saved
+                        // state is past the instruction.
+                        drop(c);
+                        let mut vcpu = s.vcpu.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Err(e) = s.kick.complete_pending(&mut vcpu) {
+                            s.ctl().fault = Some(format!("completing an I/O exit: {e}"));
+                        }
+                        drop(vcpu);
+                        pending_io = false;
+                        c = s.ctl();
+                        continue;
+                    }
+                    c.in_guest = false;
+                    s.cv.notify_all();
                     c = s.cv.wait(c).unwrap_or_else(|e| e.into_inner());
                     continue;
                 }
@@ -374,6 +393,8 @@ fn vcpu_loop(s: &Shared) {
                 let now = Instant::now();
                 match c.due {
                     Some(due) if due > now => {
+                        c.in_guest = false;
+                        s.cv.notify_all();
                         c =
                             s.cv.wait_timeout(c, due - now)
                                 .unwrap_or_else(|e| e.into_inner())
@@ -382,17 +403,15 @@ fn vcpu_loop(s: &Shared) {
                     _ => break,
                 }
             }
-            if c.quit {
-                c.record.ended = true;
-                s.cv.notify_all();
-                return;
-            }
             c.in_guest = true;
             c.record.entries += 1;
         }
         let mut vcpu = s.vcpu.lock().unwrap_or_else(|e| e.into_inner());
+        // Any entry completes what the last exit left pending.
+        pending_io = false;
         let exit = match s.kick.run(&mut vcpu) {
             Ok(VcpuExit::IoOut(port, data)) => {
+                pending_io = true;
                 let mut v = [0u8; 8];
                 let n = data.len().min(8);
                 v[..n].copy_from_slice(&data[..n]);
@@ -413,7 +432,7 @@ fn vcpu_loop(s: &Shared) {
                 None => Err("dirty ring full and nothing collects it".into()),
             },
             Ok(other) => Err(format!("guest stopped: {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(None),
+            Err(e) if VcpuKick::is_kick(&e) => Ok(None),
             Err(e) => Err(format!("KVM_RUN failed: {e}")),
         };
         drop(vcpu);
