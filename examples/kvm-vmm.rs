@@ -752,7 +752,7 @@ fn vcpu_loop(index: usize, v: &Vcpu, ctl: &(Mutex<Ctl>, Condvar), serial: &Seria
             Ok(VcpuExit::Shutdown) => Next::Stop(format!("vCPU {index}: shutdown (triple fault)")),
             Ok(other) => Next::Stop(format!("vCPU {index}: unhandled exit {other:?}")),
             // Kicked (or a signal): look at the flags.
-            Err(e) if interrupted(&e) => Next::Run,
+            Err(e) if VcpuKick::is_kick(&e) => Next::Run,
             Err(e) => Next::Stop(format!("vCPU {index}: KVM_RUN failed: {e}")),
         };
         drop(fd);
@@ -773,16 +773,6 @@ fn vcpu_loop(index: usize, v: &Vcpu, ctl: &(Mutex<Ctl>, Condvar), serial: &Seria
             }
         }
     }
-}
-
-/// Whether `KVM_RUN` came back because of a kick or a signal (`EINTR`),
-/// or asked to be called again (`EAGAIN`).
-fn interrupted(e: &livemig::kvm::kvm_ioctls::Error) -> bool {
-    use std::io::ErrorKind;
-    matches!(
-        std::io::Error::from_raw_os_error(e.errno()).kind(),
-        ErrorKind::Interrupted | ErrorKind::WouldBlock
-    )
 }
 
 /// Records a progress report (the first vCPU's); prints one a second.
