@@ -16,9 +16,17 @@ pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the source to the end over `transport`.
 ///
-/// On failure before the completion record went out, the source guest is
-/// running again (resumed if it had been paused) and an abort record was
-/// sent to the destination if the transport still worked.
+/// Every send and every wait is bounded by `peer_timeout` (the transport's
+/// send timeout is set to it), so a peer that stalls, stops reading or
+/// vanishes is detected within that time.
+///
+/// On failure before the point of no return (the completion record in
+/// pre-copy, the device state in post-copy, handed to the transport and
+/// sent) the source guest is running again (resumed if it had been
+/// paused), an abort record was sent to the destination if the transport
+/// still worked, and the error's kind is not [`crate::ErrorKind::Settle`].
+/// After it the error is [`MigrationError::OutcomeUnknown`]: the source
+/// stays paused until the caller settles the outcome.
 pub fn run_source<T, S, G, P, X>(
     engine: &mut SourceEngine<T, S, G, P>,
     transport: &mut X,
@@ -31,6 +39,7 @@ where
     P: Policy,
     X: Transport + ?Sized,
 {
+    transport.set_send_timeout(Some(peer_timeout));
     loop {
         let step = match engine.poll() {
             Ok(s) => s,
@@ -42,7 +51,10 @@ where
         match step {
             SourceStep::Send(frame) => {
                 if let Err(e) = transport.send(&frame) {
-                    return Err(engine.fail(e.into()));
+                    // A failed send delivered no whole frame (the
+                    // transport contract): if this was the point-of-no-
+                    // return record, the destination cannot resume.
+                    return Err(engine.send_failed(e.into()));
                 }
                 // Pick up an early abort from the destination.
                 match transport.recv(Some(Duration::ZERO)) {
@@ -73,8 +85,9 @@ where
 /// Once the guest is resumed this returns `Ok` even if the confirmation
 /// could not be sent; [`DestinationReport::resume_confirmed`] says so.
 /// A post-copy destination that loses its source before every page
-/// arrived returns [`MigrationError::Incomplete`] naming the missing pages:
-/// its guest cannot go on.
+/// arrived returns [`MigrationError::SourceLost`] (kind
+/// [`crate::ErrorKind::Settle`]): its guest cannot go on, and the rest of
+/// its memory is on the paused source.
 ///
 /// This driver does not serve post-copy faults (the pages are pushed to
 /// it in any case); [`run_destination_serving`] does, for a backend that
@@ -141,6 +154,7 @@ where
     G: GuestControl,
     X: Transport + ?Sized,
 {
+    transport.set_send_timeout(Some(peer_timeout));
     let mut confirmed = false;
     let mut last_frame = Instant::now();
     loop {
@@ -225,8 +239,8 @@ where
     let postcopy = engine.in_postcopy();
     engine.fail();
     if postcopy {
-        MigrationError::Incomplete(format!(
-            "the source was lost during post-copy ({e}); the guest runs here without all of its memory and cannot go on"
+        MigrationError::SourceLost(format!(
+            "{e}; the guest runs here without all of its memory and cannot go on"
         ))
     } else {
         e.into()

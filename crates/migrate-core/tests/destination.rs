@@ -6,13 +6,14 @@ use migrate_core::backend::{
     BackendError, BackendErrorKind, DeviceState, GuestControl, PageSink, PageSource,
 };
 use migrate_core::clock::{Clock, VirtualClock};
-use migrate_core::digest::{digest_memory, DigestBuilder, MemoryDigest};
+use migrate_core::digest::{completion_digest, digest_memory, DigestBuilder, MemoryDigest};
 use migrate_core::driver::run_destination;
 use migrate_core::engine::{DestStatus, DestinationEngine};
 use migrate_core::error::{ErrorKind, MigrationError};
 use migrate_core::page::{MemoryLayout, PageNum, PageSize, Region};
 use migrate_core::protocol::{
-    encode_page_batch, encode_to_vec, Decoder, ProtocolError, Record, RecordType, VERSION,
+    encode_page_batch, encode_to_vec, Decoder, ProtocolError, Record, RecordType, Sequencer,
+    RECORD_HEADER_LEN, VERSION,
 };
 use migrate_core::transport::{channel_pair, Transport, TransportError};
 use std::sync::Arc;
@@ -159,7 +160,51 @@ impl GuestControl for TestGuest {
     }
 }
 
-type Engine = DestinationEngine<TestMemory, TestGuest>;
+/// The destination engine, fed frames numbered as a source numbers them:
+/// each frame handed to [`Engine::handle_frame`] is stamped with the next
+/// sequence number first, so the streams below are built from the plain
+/// encoders and still arrive in sequence.
+struct Engine {
+    inner: DestinationEngine<TestMemory, TestGuest>,
+    seq: Sequencer,
+}
+
+impl Engine {
+    fn handle_frame(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
+        let mut f = frame.to_vec();
+        self.seq.seal(&mut f);
+        self.inner.handle_frame(&f)
+    }
+
+    fn into_parts(self) -> (TestMemory, TestGuest) {
+        self.inner.into_parts()
+    }
+}
+
+impl std::ops::Deref for Engine {
+    type Target = DestinationEngine<TestMemory, TestGuest>;
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Engine {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.inner
+    }
+}
+
+/// `frames` numbered 0, 1, 2, … as a source sends them.
+fn sealed(frames: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let mut seq = Sequencer::new();
+    frames
+        .into_iter()
+        .map(|mut f| {
+            seq.seal(&mut f);
+            f
+        })
+        .collect()
+}
 
 // ------------------------------------------------------------ the streams
 
@@ -187,7 +232,10 @@ const HOLE: PageNum = 7;
 
 fn engine() -> Engine {
     let clock: Arc<dyn Clock> = Arc::new(VirtualClock::new());
-    DestinationEngine::new(TestMemory::zeroed(&layout()), TestGuest::default(), clock)
+    Engine {
+        inner: DestinationEngine::new(TestMemory::zeroed(&layout()), TestGuest::default(), clock),
+        seq: Sequencer::new(),
+    }
 }
 
 fn device_state() -> DeviceState {
@@ -245,10 +293,12 @@ fn state_frame() -> Vec<u8> {
     encode_to_vec(&Record::DeviceState(device_state()))
 }
 
+/// A completion record for memory of digest `digest` and the
+/// [`device_state`] (the record binds the two).
 fn complete(total_pages: u64, digest: MemoryDigest) -> Vec<u8> {
     encode_to_vec(&Record::Complete {
         total_pages,
-        digest,
+        digest: completion_digest(digest, &device_state()),
     })
 }
 
@@ -509,8 +559,11 @@ fn completion_whose_digest_does_not_match() {
     let (err, memory, guest) = fails_on_last(&stream);
     match err {
         MigrationError::DigestMismatch { expected, actual } => {
-            assert_eq!(expected, claimed.digest());
-            assert_eq!(actual, src.digest());
+            assert_eq!(
+                expected,
+                completion_digest(claimed.digest(), &device_state())
+            );
+            assert_eq!(actual, completion_digest(src.digest(), &device_state()));
         }
         other => panic!("{other:?}"),
     }
@@ -534,8 +587,8 @@ fn pages_corrupted_in_a_valid_frame_fail_the_digest() {
     let (err, memory, _) = fails_on_last(&stream);
     match err {
         MigrationError::DigestMismatch { expected, actual } => {
-            assert_eq!(expected, src.digest());
-            assert_eq!(actual, wrong.digest());
+            assert_eq!(expected, completion_digest(src.digest(), &device_state()));
+            assert_eq!(actual, completion_digest(wrong.digest(), &device_state()));
         }
         other => panic!("{other:?}"),
     }
@@ -741,7 +794,7 @@ fn garbled_frames_are_protocol_errors() {
 
     // Not a migration stream.
     let mut h = header();
-    h[8] = b'X';
+    h[RECORD_HEADER_LEN] = b'X';
     let (err, _, _) = fails_on_last(&[h]);
     assert!(
         matches!(err, MigrationError::Protocol(ProtocolError::BadMagic)),
@@ -1011,8 +1064,8 @@ fn postcopy_completion_whose_digest_does_not_match() {
     arrived.page_mut(14).copy_from_slice(before.page(14));
     match err {
         MigrationError::DigestMismatch { expected, actual } => {
-            assert_eq!(expected, after.digest());
-            assert_eq!(actual, arrived.digest());
+            assert_eq!(expected, completion_digest(after.digest(), &device_state()));
+            assert_eq!(actual, completion_digest(arrived.digest(), &device_state()));
         }
         other => panic!("{other:?}"),
     }
@@ -1024,7 +1077,7 @@ fn postcopy_completion_whose_digest_does_not_match() {
 #[test]
 fn driver_reports_a_closed_stream_and_does_not_resume() {
     let src = source();
-    let stream = good_stream(&src);
+    let stream = sealed(good_stream(&src));
     let half = stream.len() / 2;
     assert!(half > 2);
     let (mut source_end, mut dest_end) = channel_pair(stream.len());
@@ -1047,7 +1100,7 @@ fn driver_reports_a_closed_stream_and_does_not_resume() {
         replies
     });
     let mut e = engine();
-    let r = run_destination(&mut e, &mut dest_end, Duration::from_secs(30));
+    let r = run_destination(&mut e.inner, &mut dest_end, Duration::from_secs(30));
     assert!(
         matches!(r, Err(MigrationError::Transport(TransportError::Closed))),
         "{r:?}"
@@ -1071,14 +1124,14 @@ fn driver_reports_a_closed_stream_and_does_not_resume() {
 #[test]
 fn driver_reports_a_source_gone_before_reading_replies() {
     let src = source();
-    let stream = good_stream(&src);
+    let stream = sealed(good_stream(&src));
     let (mut source_end, mut dest_end) = channel_pair(stream.len());
     for f in &stream[..stream.len() - 1] {
         source_end.send(f).unwrap();
     }
     drop(source_end);
     let mut e = engine();
-    let r = run_destination(&mut e, &mut dest_end, Duration::from_secs(30));
+    let r = run_destination(&mut e.inner, &mut dest_end, Duration::from_secs(30));
     assert!(
         matches!(r, Err(MigrationError::Transport(TransportError::Closed))),
         "{r:?}"
@@ -1092,15 +1145,15 @@ fn driver_reports_a_source_gone_before_reading_replies() {
 fn driver_sends_an_abort_back_on_a_bad_stream() {
     let src = source();
     let (mut source_end, mut dest_end) = channel_pair(16);
-    for f in [
+    for f in sealed(vec![
         header(),
         layout_frame(&src.layout),
         encode_to_vec(&Record::PageRequest(vec![1])),
-    ] {
+    ]) {
         source_end.send(&f).unwrap();
     }
     let mut e = engine();
-    let r = run_destination(&mut e, &mut dest_end, Duration::from_secs(30));
+    let r = run_destination(&mut e.inner, &mut dest_end, Duration::from_secs(30));
     assert!(
         matches!(
             r,
@@ -1128,13 +1181,13 @@ fn driver_sends_an_abort_back_on_a_bad_stream() {
 #[test]
 fn driver_runs_a_good_stream_to_resume() {
     let src = source();
-    let stream = good_stream(&src);
+    let stream = sealed(good_stream(&src));
     let (mut source_end, mut dest_end) = channel_pair(stream.len());
     for f in &stream {
         source_end.send(f).unwrap();
     }
     let mut e = engine();
-    let report = run_destination(&mut e, &mut dest_end, Duration::from_secs(30)).unwrap();
+    let report = run_destination(&mut e.inner, &mut dest_end, Duration::from_secs(30)).unwrap();
     assert_eq!(report.digest, Some(src.digest()));
     assert!(report.resume_confirmed);
     assert!(e.resumed());
@@ -1196,9 +1249,9 @@ fn driver_keeps_a_resumed_guest_when_the_confirmation_is_lost() {
     // resume confirmation can go back: the guest runs here, so this is a
     // success whose confirmation is missing, not a failure.
     let src = source();
-    let mut t = Scripted::new(good_stream(&src), 2);
+    let mut t = Scripted::new(sealed(good_stream(&src)), 2);
     let mut e = engine();
-    let report = run_destination(&mut e, &mut t, Duration::from_secs(1)).unwrap();
+    let report = run_destination(&mut e.inner, &mut t, Duration::from_secs(1)).unwrap();
     assert!(!report.resume_confirmed);
     assert_eq!(report.digest, Some(src.digest()));
     assert_eq!(t.sent, vec![RecordType::Header, RecordType::Ready]);
@@ -1213,9 +1266,9 @@ fn driver_does_not_resume_when_replies_cannot_be_sent() {
     // The source stops listening after our header: the layout's Ready
     // cannot go back, and the engine is failed.
     let src = source();
-    let mut t = Scripted::new(good_stream(&src), 1);
+    let mut t = Scripted::new(sealed(good_stream(&src)), 1);
     let mut e = engine();
-    let r = run_destination(&mut e, &mut t, Duration::from_secs(1));
+    let r = run_destination(&mut e.inner, &mut t, Duration::from_secs(1));
     assert!(
         matches!(r, Err(MigrationError::Transport(TransportError::Closed))),
         "{r:?}"
