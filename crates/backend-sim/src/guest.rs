@@ -302,6 +302,12 @@ impl SimGuest {
         self.lock().absent_count
     }
 
+    /// Post-copy: whether `page` is missing (discarded and not arrived
+    /// since), so that the guest would fault on it rather than see it.
+    pub fn is_absent(&self, page: PageNum) -> bool {
+        self.lock().absent.as_ref().is_some_and(|a| a.get(page))
+    }
+
     /// Makes the accesses up to (not including) `index` without regard to
     /// time, on a paused guest: a source replays what its destination did
     /// so the two memories can be compared.

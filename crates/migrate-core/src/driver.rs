@@ -5,7 +5,6 @@ use crate::engine::{DestStatus, DestinationEngine, DestinationReport, SourceEngi
 use crate::error::MigrationError;
 use crate::page::PageNum;
 use crate::policy::Policy;
-use crate::protocol::abort_frame;
 use crate::stats::MigrationStats;
 use crate::transport::{Transport, TransportError};
 use std::sync::mpsc::Receiver;
@@ -13,6 +12,10 @@ use std::time::{Duration, Instant};
 
 /// How long a side waits for its peer before giving up (30 s).
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the source reads what the destination sent last after a
+/// send failed (its abort may be on the way).
+const SEND_FAILURE_GRACE: Duration = Duration::from_millis(200);
 
 /// Runs the source to the end over `transport`.
 ///
@@ -44,13 +47,24 @@ where
         let step = match engine.poll() {
             Ok(s) => s,
             Err(e) => {
-                let _ = transport.send(&abort_frame(&e.to_string()));
+                let _ = transport.send(&engine.abort_frame(&e.to_string()));
                 return Err(e);
             }
         };
         match step {
             SourceStep::Send(frame) => {
                 if let Err(e) = transport.send(&frame) {
+                    // The destination may have said why before it went:
+                    // its abort, in sequence and with no resume
+                    // confirmation before it, settles that it did not
+                    // resume.
+                    let grace = peer_timeout.min(SEND_FAILURE_GRACE);
+                    while let Ok(Some(f)) = transport.recv(Some(grace)) {
+                        engine.handle_frame(&f)?;
+                        if let Some(stats) = engine.stats() {
+                            return Ok(stats.clone());
+                        }
+                    }
                     // A failed send delivered no whole frame (the
                     // transport contract): if this was the point-of-no-
                     // return record, the destination cannot resume.
@@ -162,7 +176,7 @@ where
         if let Some(rx) = serving {
             while let Ok(f) = rx.try_recv() {
                 if let Err(e) = engine.request_pages_at(&f.pages, f.at) {
-                    let _ = transport.send(&abort_frame(&e.to_string()));
+                    let _ = transport.send(&engine.abort_frame(&e.to_string()));
                     engine.fail();
                     return Err(e);
                 }
@@ -190,7 +204,7 @@ where
         let status = match engine.handle_frame(&frame) {
             Ok(s) => s,
             Err(e) => {
-                let _ = transport.send(&abort_frame(&e.to_string()));
+                let _ = transport.send(&engine.abort_frame(&e.to_string()));
                 return Err(e);
             }
         };

@@ -162,6 +162,8 @@ pub struct SourceEngine<T, S, G, P> {
     last_was_commit: bool,
     /// Post-copy: the device state sent, for the completion digest.
     sent_state: Option<DeviceState>,
+    /// Whether the destination's abort came with every frame before it.
+    abort_in_sequence: bool,
     pending: DirtyBitmap,
     skip: DirtyBitmap,
     scratch: DirtyBitmap,
@@ -253,6 +255,7 @@ where
             commit_record: None,
             last_was_commit: false,
             sent_state: None,
+            abort_in_sequence: false,
             pending: DirtyBitmap::new(end),
             skip: DirtyBitmap::new(end),
             scratch: DirtyBitmap::new(end),
@@ -375,6 +378,14 @@ where
         self.fail(err)
     }
 
+    /// An abort record telling the destination why, numbered as the next
+    /// frame of this stream.
+    pub fn abort_frame(&mut self, reason: &str) -> Vec<u8> {
+        let mut f = protocol::abort_frame(reason);
+        self.sequencer.seal(&mut f);
+        f
+    }
+
     /// Handles a frame from the destination.
     pub fn handle_frame(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
         if self.state == SrcState::Failed {
@@ -401,10 +412,13 @@ where
             let _ = self.tracker.stop();
             self.tracking = false;
         }
-        // A pre-copy destination that aborts has not resumed the guest (it
-        // resumes only on a matching completion, and says nothing after);
-        // a post-copy one may already run it.
-        let refused = !self.postcopy && matches!(err, MigrationError::PeerAborted(_));
+        // A destination that resumes says so before anything else it
+        // sends (its frames are ordered and numbered, so none was lost):
+        // an abort with no resume confirmation before it means the guest
+        // was not resumed there.
+        let refused = self.resumed_seen.is_none()
+            && self.abort_in_sequence
+            && matches!(err, MigrationError::PeerAborted(_));
         if self.committed && !refused {
             return match err {
                 MigrationError::OutcomeUnknown(_) => err,
@@ -499,7 +513,10 @@ where
         let postcopy_live = matches!(self.state, SrcState::Postcopy | SrcState::AwaitVerified);
         match (rec, self.state) {
             (Record::Header { .. }, _) => Ok(()),
-            (Record::Abort { reason }, _) => Err(MigrationError::PeerAborted(reason)),
+            (Record::Abort { reason }, _) => {
+                self.abort_in_sequence = self.decoder.last_in_sequence();
+                Err(MigrationError::PeerAborted(reason))
+            }
             (Record::Ready, SrcState::AwaitReady) => {
                 let now = self.now();
                 self.rtt = now.saturating_sub(self.layout_sent_at);
@@ -1278,6 +1295,18 @@ where
         let mut f = self.outbox.pop_front()?;
         self.sequencer.seal(&mut f);
         Some(f)
+    }
+
+    /// An abort record telling the source why, numbered as the next frame
+    /// of this stream (frames still queued are not sent after it). A
+    /// source takes an abort that follows every frame before it, with no
+    /// resume confirmation among them, as proof that the guest was not
+    /// resumed here.
+    pub fn abort_frame(&mut self, reason: &str) -> Vec<u8> {
+        self.outbox.clear();
+        let mut f = protocol::abort_frame(reason);
+        self.sequencer.seal(&mut f);
+        f
     }
 
     /// Whether the guest has been resumed here.

@@ -768,6 +768,7 @@ pub struct Decoder {
     page_size: Option<PageSize>,
     sequenced: bool,
     next_seq: u32,
+    in_sequence: bool,
 }
 
 impl Decoder {
@@ -784,6 +785,13 @@ impl Decoder {
             sequenced: true,
             ..Self::default()
         }
+    }
+
+    /// Whether the last frame that passed its CRC carried the number the
+    /// next frame was due to carry. For an abort (which is accepted with
+    /// any number) this says whether every frame before it arrived.
+    pub fn last_in_sequence(&self) -> bool {
+        self.in_sequence
     }
 
     /// The page size announced by the stream's layout, once seen.
@@ -828,6 +836,7 @@ impl Decoder {
                 computed,
             });
         }
+        self.in_sequence = seq == self.next_seq;
         if self.sequenced && ty != RecordType::Abort {
             if seq != self.next_seq {
                 return Err(ProtocolError::OutOfSequence {
