@@ -48,6 +48,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fault;
+pub mod fuzzing;
 pub mod guest;
 pub mod harness;
 pub mod memory;

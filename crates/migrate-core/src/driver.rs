@@ -79,7 +79,18 @@ where
             }
             SourceStep::Wait => match transport.recv(Some(peer_timeout)) {
                 Ok(Some(f)) => engine.handle_frame(&f)?,
-                Ok(None) => return Err(engine.fail(TransportError::Timeout(peer_timeout).into())),
+                Ok(None) => {
+                    // A destination that gave up waiting for us (its timer
+                    // started before ours) says so with an abort: wait a
+                    // little for it before calling the outcome unknown.
+                    if engine.committed() {
+                        if let Ok(Some(f)) = transport.recv(Some(SEND_FAILURE_GRACE)) {
+                            engine.handle_frame(&f)?;
+                            continue;
+                        }
+                    }
+                    return Err(engine.fail(TransportError::Timeout(peer_timeout).into()));
+                }
                 Err(e) => return Err(engine.fail(e.into())),
             },
             SourceStep::Done => {
@@ -198,7 +209,14 @@ where
                 f
             }
             Ok(None) if last_frame.elapsed() < peer_timeout => continue,
-            Ok(None) => return Err(lost(engine, TransportError::Timeout(peer_timeout))),
+            Ok(None) => {
+                if !engine.resumed() {
+                    // Tell the source, in sequence, that the guest was not
+                    // resumed here: it may then resume its own.
+                    let _ = transport.send(&engine.abort_frame("destination timed out"));
+                }
+                return Err(lost(engine, TransportError::Timeout(peer_timeout)));
+            }
             Err(e) => return Err(lost(engine, e)),
         };
         let status = match engine.handle_frame(&frame) {
