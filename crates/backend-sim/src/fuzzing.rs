@@ -29,8 +29,9 @@ use migrate_core::engine::{DestStatus, DestinationEngine, EngineConfig, SourceEn
 use migrate_core::protocol::{Decoder, RecordType};
 use migrate_core::transport::TransportError;
 use migrate_core::{
-    Clock, DeviceState, ErrorKind, GuestControl, Hca, Hybrid, MemoryLayout, MigrationError,
-    PageNum, PageSize, PageSource, Policy, PostCopy, Precopy, StopAndCopy, VirtualClock,
+    Clock, DeviceState, ErrorKind, GuestControl, Hca, Hybrid, HybridConfig, MemoryLayout,
+    MigrationError, PageNum, PageSize, PageSource, Policy, PostCopy, Precopy, PrecopyConfig,
+    StopAndCopy, VirtualClock,
 };
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -210,8 +211,22 @@ fn policy(n: u8) -> Box<dyn Policy> {
         0 => Box::new(Precopy::default()),
         1 => Box::new(PostCopy::default()),
         2 => Box::new(StopAndCopy),
-        3 => Box::new(Hybrid::default()),
+        3 => Box::new(Hybrid::new(HybridConfig {
+            precopy: eager_switch(),
+            ..HybridConfig::default()
+        })),
         _ => Box::new(Hca::default()),
+    }
+}
+
+/// Pre-copy limits that never converge on downtime and stop after two
+/// rounds: the hybrid run then switches to post-copy with stale pages to
+/// discard.
+fn eager_switch() -> PrecopyConfig {
+    PrecopyConfig {
+        downtime_target: Duration::ZERO,
+        max_rounds: 2,
+        ..PrecopyConfig::default()
     }
 }
 

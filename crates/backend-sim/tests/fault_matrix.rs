@@ -24,8 +24,9 @@ use migrate_core::driver::{run_destination, run_source};
 use migrate_core::engine::{DestinationEngine, EngineConfig, SourceEngine};
 use migrate_core::transport::StreamTransport;
 use migrate_core::{
-    BackendError, Clock, DeviceState, ErrorKind, GuestControl, Hca, Hybrid, MemoryLayout, PageNum,
-    PageSink, PageSize, PageSource, Policy, PostCopy, Precopy, StopAndCopy, SystemClock,
+    BackendError, Clock, DeviceState, ErrorKind, GuestControl, Hca, Hybrid, HybridConfig,
+    MemoryLayout, PageNum, PageSink, PageSize, PageSource, Policy, PostCopy, Precopy,
+    PrecopyConfig, StopAndCopy, SystemClock,
 };
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
@@ -41,12 +42,12 @@ const DELAY: Duration = Duration::from_millis(500);
 const RUN_DEADLINE: Duration = Duration::from_secs(60);
 /// Most fault indices per direction for the instant faults; the first
 /// and last frames are always among them (the switch-over lives there).
-const MAX_INDICES: usize = 48;
+const MAX_INDICES: usize = 96;
 /// Most fault indices per direction for the delay fault, which costs a
 /// peer timeout each.
 const MAX_DELAY_INDICES: usize = 10;
 
-const GUEST_BYTES: u64 = 2 << 20;
+const GUEST_BYTES: u64 = 4 << 20;
 
 // ------------------------------------------------------------- the oracle
 
@@ -249,10 +250,24 @@ impl PolicyKind {
 
     fn make(self) -> Box<dyn Policy> {
         match self {
-            PolicyKind::Precopy => Box::new(Precopy::default()),
+            // Three rounds at least, for more frames before the switch.
+            PolicyKind::Precopy => Box::new(Precopy::new(PrecopyConfig {
+                downtime_target: Duration::ZERO,
+                max_rounds: 3,
+                ..PrecopyConfig::default()
+            })),
             PolicyKind::PostCopy => Box::new(PostCopy::default()),
             PolicyKind::StopAndCopy => Box::new(StopAndCopy),
-            PolicyKind::Hybrid => Box::new(Hybrid::default()),
+            // Switched to post-copy after two rounds, so that its
+            // discards and post-copy push are under fault too.
+            PolicyKind::Hybrid => Box::new(Hybrid::new(HybridConfig {
+                precopy: PrecopyConfig {
+                    downtime_target: Duration::ZERO,
+                    max_rounds: 2,
+                    ..PrecopyConfig::default()
+                },
+                ..HybridConfig::default()
+            })),
             PolicyKind::Hca => Box::new(Hca::default()),
         }
     }
@@ -289,7 +304,7 @@ fn run_once(policy: PolicyKind, plan: Option<(Dir, FaultPlan)>) -> Outcome {
     let layout = MemoryLayout::flat(PageSize::DEFAULT, GUEST_BYTES).unwrap();
     let w = WorkloadSpec {
         kind: WorkloadKind::Uniform,
-        wss_pages: 128,
+        wss_pages: 256,
         writes_per_sec: 5_000.0,
         zero_fraction: 0.25,
         seed: 15,
