@@ -21,7 +21,7 @@
 //!   outcome is unknown had passed it; one that completes was told so by
 //!   an intact confirmation.
 
-use crate::guest::SimGuest;
+use crate::guest::{SimControl, SimGuest, SimPages, SimTracker};
 use crate::memory::MemoryMode;
 use crate::workload::{WorkloadKind, WorkloadSpec};
 use arbitrary::Arbitrary;
@@ -269,21 +269,31 @@ pub fn clean_run(n: u8) -> &'static CleanRun {
     &runs[(n % POLICIES) as usize]
 }
 
-fn record_clean_run(n: u8) -> CleanRun {
+type SimSource = SourceEngine<SimTracker, SimPages, SimControl, Box<dyn Policy>>;
+
+/// A running source guest on a fresh virtual clock and its engine, run
+/// by policy `n`.
+fn sim_source(n: u8) -> (Arc<VirtualClock>, SimGuest, SimSource) {
     let vclock = Arc::new(VirtualClock::new());
     let clock: Arc<dyn Clock> = vclock.clone();
     let src = SimGuest::source(layout(), MemoryMode::Bytes, workload(), clock.clone())
         .unwrap_or_else(|e| panic!("simulated source: {e}"));
-    let dst = SimGuest::destination(layout(), MemoryMode::Bytes, workload(), clock.clone())
-        .unwrap_or_else(|e| panic!("simulated destination: {e}"));
-    let mut s = SourceEngine::new(
+    let s = SourceEngine::new(
         src.tracker(),
         src.pages(),
         src.control(),
         policy(n),
-        clock.clone(),
+        clock,
         config(),
     );
+    (vclock, src, s)
+}
+
+fn record_clean_run(n: u8) -> CleanRun {
+    let (vclock, src, mut s) = sim_source(n);
+    let clock: Arc<dyn Clock> = vclock.clone();
+    let dst = SimGuest::destination(layout(), MemoryMode::Bytes, workload(), clock.clone())
+        .unwrap_or_else(|e| panic!("simulated destination: {e}"));
     let mut d = DestinationEngine::new(dst.pages(), dst.control(), clock);
     let mut to_dest = Vec::new();
     let mut to_source = Vec::new();
@@ -380,18 +390,7 @@ pub fn source(input: &StreamInput) {
         .to_source
         .iter()
         .find(|f| f.first() == Some(&(RecordType::Resumed as u8)));
-    let vclock = Arc::new(VirtualClock::new());
-    let clock: Arc<dyn Clock> = vclock.clone();
-    let src = SimGuest::source(layout(), MemoryMode::Bytes, workload(), clock.clone())
-        .unwrap_or_else(|e| panic!("simulated source: {e}"));
-    let mut s = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        policy(input.policy),
-        clock,
-        config(),
-    );
+    let (vclock, src, mut s) = sim_source(input.policy);
     let mut next = replies.iter();
     let mut delivered = Vec::new();
     let mut result: Result<(), MigrationError> = Ok(());
