@@ -439,21 +439,25 @@ fn sent_content_verification_trusts_the_tracker() {
     assert!(!src.same_memory(&dst), "stale pages went unnoticed");
 }
 
-/// Runs `policy` from `src` to `dst` over an in-process pair whose source
-/// end breaks a frame as `to_dest` says and whose destination end breaks
-/// a reply as `to_source` says. Returns both results and whether the
-/// destination resumed.
-fn faulty_migration<P: Policy>(
-    policy: P,
-    to_dest: Option<FaultPlan>,
-    to_source: Option<FaultPlan>,
-) -> (
+/// How a run with a fault ended: both results, whether the destination
+/// resumed, the two guests, and whether the source-side fault fired.
+type FaultyRun = (
     Result<migrate_core::MigrationStats, MigrationError>,
     Result<migrate_core::engine::DestinationReport, MigrationError>,
     bool,
     SimGuest,
     SimGuest,
-) {
+    bool,
+);
+
+/// Runs `policy` from `src` to `dst` over an in-process pair whose source
+/// end breaks a frame as `to_dest` says and whose destination end breaks
+/// a reply as `to_source` says.
+fn faulty_migration<P: Policy>(
+    policy: P,
+    to_dest: Option<FaultPlan>,
+    to_source: Option<FaultPlan>,
+) -> FaultyRun {
     let (src, dst, clock) = guests(8 << 20, 20_000.0);
     let (a, b) = channel_pair(16);
     let (d, c) = (dst.clone(), clock.clone());
@@ -467,7 +471,7 @@ fn faulty_migration<P: Policy>(
     let mut e = source_engine(&src, policy, clock);
     let s = run_source(&mut e, &mut t, Duration::from_secs(5));
     let (d, resumed) = dest.join().unwrap();
-    (s, d, resumed, src, dst)
+    (s, d, resumed, src, dst, t.fired())
 }
 
 /// The failure came before the point of no return: the source guest
@@ -504,7 +508,8 @@ fn cut_before_the_completion_is_sent_resumes_the_source() {
             fault: Fault::Cut,
             at: FaultAt::FirstOfType(ty as u8),
         };
-        let (s, d, resumed, src, dst) = faulty_migration(StopAndCopy, Some(plan), None);
+        let (s, d, resumed, src, dst, fired) = faulty_migration(StopAndCopy, Some(plan), None);
+        assert!(fired);
         assert!(
             matches!(s, Err(MigrationError::Transport(TransportError::Closed))),
             "cut at {ty:?}: {s:?}"
@@ -525,20 +530,31 @@ fn cut_before_the_completion_is_sent_resumes_the_source() {
 fn lost_discard_record_stops_the_postcopy_destination() {
     let policies: [fn() -> Box<dyn Policy>; 2] = [
         || Box::new(PostCopy::default()),
-        || Box::new(migrate_core::Hybrid::default()),
+        || {
+            Box::new(migrate_core::Hybrid::new(migrate_core::HybridConfig {
+                precopy: migrate_core::PrecopyConfig {
+                    downtime_target: Duration::ZERO,
+                    max_rounds: 2,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }))
+        },
     ];
+    let mut dropped = 0;
     for policy in policies {
         for ty in [RecordType::Discard, RecordType::DiscardBitmap] {
             let plan = FaultPlan {
                 fault: Fault::Drop,
                 at: FaultAt::FirstOfType(ty as u8),
             };
-            let (s, d, resumed, src, dst) = faulty_migration(policy(), Some(plan), None);
-            if s.is_ok() {
+            let (s, d, resumed, src, dst, fired) = faulty_migration(policy(), Some(plan), None);
+            if !fired {
                 // This policy sent no record of that type.
-                assert!(d.is_ok());
+                assert!(s.is_ok() && d.is_ok(), "{s:?} {d:?}");
                 continue;
             }
+            dropped += 1;
             assert!(
                 matches!(
                     d,
@@ -551,6 +567,7 @@ fn lost_discard_record_stops_the_postcopy_destination() {
             assert_source_kept_the_guest(&s, resumed, &src, &dst);
         }
     }
+    assert!(dropped >= 2, "each policy sent discards");
 }
 
 /// Finding 1: a hybrid run whose round-1 page batch is lost must not
@@ -561,8 +578,9 @@ fn lost_precopy_batch_stops_the_hybrid_destination() {
         fault: Fault::Drop,
         at: FaultAt::FirstOfType(RecordType::PageBatch as u8),
     };
-    let (s, d, resumed, src, dst) =
+    let (s, d, resumed, src, dst, fired) =
         faulty_migration(migrate_core::Hybrid::default(), Some(plan), None);
+    assert!(fired);
     assert!(d.is_err(), "{d:?}");
     assert_source_kept_the_guest(&s, resumed, &src, &dst);
 }
@@ -582,7 +600,8 @@ fn altered_device_state_is_never_restored() {
             fault: Fault::Flip,
             at: FaultAt::FirstOfType(RecordType::DeviceState as u8),
         };
-        let (s, d, resumed, src, dst) = faulty_migration(policy(), Some(plan), None);
+        let (s, d, resumed, src, dst, fired) = faulty_migration(policy(), Some(plan), None);
+        assert!(fired);
         assert!(
             matches!(
                 d,
