@@ -392,7 +392,9 @@ pub enum Record<'a> {
     Complete {
         /// Guest pages in the layout.
         total_pages: u64,
-        /// Digest of all guest memory on the source after pause.
+        /// Digest of all guest memory on the source after pause, bound to
+        /// the device state sent
+        /// ([`crate::digest::completion_digest`]).
         digest: MemoryDigest,
     },
     /// The sender gives up.
