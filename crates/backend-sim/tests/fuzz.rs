@@ -1,7 +1,9 @@
 //! The stable-Rust fuzz runner: each target of `backend_sim::fuzzing` on
 //! generated inputs for a bounded time, with the targets' oracles plus
-//! two of its own: no execution takes long (no hang) and no decoder call
-//! allocates more than a small multiple of the frame it was given.
+//! two of its own: no execution takes long (no hang) and no allocation
+//! is larger than a frame may be (no decoder call allocates more than a
+//! small multiple of the frame it was given, and no engine execution more
+//! than `MAX_FRAME_LEN` at once).
 //!
 //! `LIVEMIG_FUZZ_SECONDS` sets the time per target (default 15, so the
 //! three take 45 s); `LIVEMIG_FUZZ_EXECS`, if set, runs each target for
@@ -12,7 +14,7 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use backend_sim::fuzzing::{self, DecodeInput, StreamInput};
-use migrate_core::protocol::Decoder;
+use migrate_core::protocol::{Decoder, MAX_FRAME_LEN};
 use rand::RngExt;
 use rand_pcg::Pcg64Mcg;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -157,6 +159,17 @@ fn decode_checked(input: &DecodeInput) {
     }
 }
 
+/// Runs a stream target with its largest allocation bounded.
+fn bounded(target: fn(&StreamInput)) -> impl Fn(&StreamInput) {
+    move |input| {
+        let ((), largest) = largest_allocation(|| target(input));
+        assert!(
+            largest <= MAX_FRAME_LEN,
+            "one allocation of {largest} bytes, above the frame limit"
+        );
+    }
+}
+
 #[test]
 fn fuzz_targets_hold_their_oracles() {
     let mut rng = Pcg64Mcg::new(seed() as u128);
@@ -194,14 +207,14 @@ fn fuzz_targets_hold_their_oracles() {
         "destination",
         &mut rng,
         |rng| arbitrary::<StreamInput>(rng, 256, &mut buf),
-        fuzzing::destination,
+        bounded(fuzzing::destination),
     );
     let mut buf = Vec::new();
     let src = run(
         "source",
         &mut rng,
         |rng| arbitrary::<StreamInput>(rng, 128, &mut buf),
-        fuzzing::source,
+        bounded(fuzzing::source),
     );
     assert!(decoded > 100 && dest > 100 && src > 100);
 }

@@ -148,7 +148,8 @@ impl Transport for ChannelTransport {
                     }
                     msg = back;
                     std::thread::sleep(pause.min(deadline - now));
-                    pause = (pause * 2).min(Duration::from_millis(5));
+                    // Short naps: a receiver that drains is noticed soon.
+                    pause = (pause * 2).min(Duration::from_micros(200));
                 }
             }
         }
