@@ -584,7 +584,7 @@ fn a_postcopy_destination_that_loses_its_source_says_the_guest_is_incomplete() {
     );
     let (r, resumed, completed) = dest.join().unwrap();
     let err = r.unwrap_err();
-    assert!(matches!(err, MigrationError::Incomplete(_)), "{err}");
+    assert!(matches!(err, MigrationError::SourceLost(_)), "{err}");
     assert!(resumed && !completed);
     let missing = dst.memory().missing_pages();
     assert!(missing > 0 && missing < src.pages().layout().total_pages());

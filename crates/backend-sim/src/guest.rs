@@ -23,6 +23,9 @@ use std::time::Duration;
 pub const STATE_FORMAT: &str = "sim";
 /// Version of the simulator's device-state format.
 pub const STATE_VERSION: u32 = 1;
+/// Most workload accesses a restore replays (a guest writing a million
+/// pages a second for over an hour).
+const MAX_REPLAY: u64 = 1 << 32;
 
 struct Inner {
     memory: SimMemory,
@@ -302,6 +305,12 @@ impl SimGuest {
         self.lock().absent_count
     }
 
+    /// Post-copy: whether `page` is missing (discarded and not arrived
+    /// since), so that the guest would fault on it rather than see it.
+    pub fn is_absent(&self, page: PageNum) -> bool {
+        self.lock().absent.as_ref().is_some_and(|a| a.get(page))
+    }
+
     /// Makes the accesses up to (not including) `index` without regard to
     /// time, on a paused guest: a source replays what its destination did
     /// so the two memories can be compared.
@@ -545,6 +554,26 @@ impl GuestControl for SimControl {
             return Err(BackendError::new(
                 BackendErrorKind::InvalidState,
                 "destination guest already ran or was restored",
+            ));
+        }
+        // A state the source cannot have saved is refused before any
+        // replay: its guest ran at most `guest_ns`, so its next access is
+        // the first one after that, and replays are bounded.
+        let ahead = next - g.workload.next_index();
+        let consistent = if g.workload.writes() {
+            ahead <= MAX_REPLAY
+                && (next == 0
+                    || g.workload.time_of(next - 1)
+                        <= Duration::from_nanos(guest_ns).saturating_add(Duration::from_secs(1)))
+        } else {
+            ahead == 0
+        };
+        if !consistent {
+            return Err(BackendError::new(
+                BackendErrorKind::IncompatibleState,
+                format!(
+                    "sim device state names write {next} at guest time {guest_ns} ns: not a state this workload reaches"
+                ),
             ));
         }
         // Replay the generator (not memory) to the source's position.

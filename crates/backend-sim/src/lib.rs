@@ -47,11 +47,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod fault;
+pub mod fuzzing;
 pub mod guest;
 pub mod harness;
 pub mod memory;
 pub mod workload;
 
+pub use fault::{Fault, FaultAt, FaultPlan, FaultyTransport};
 pub use guest::{FaultRecord, SimControl, SimGuest, SimPages, SimTracker};
 pub use harness::{simulate, Link, SimConfig, SimError, SimReport};
 pub use memory::{MemoryMode, SimMemory};

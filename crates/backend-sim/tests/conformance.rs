@@ -63,3 +63,43 @@ fn simulated_memory_moves_every_page_unchanged() {
         }
     }
 }
+
+/// A device state the source cannot have saved (a write index near 2^55,
+/// as a corrupted byte once made) is refused at once, not replayed.
+#[test]
+fn restoring_an_impossible_state_is_refused_promptly() {
+    use migrate_core::{DeviceState, GuestControl};
+    let clock: std::sync::Arc<dyn migrate_core::Clock> =
+        std::sync::Arc::new(migrate_core::VirtualClock::new());
+    let layout =
+        migrate_core::MemoryLayout::flat(migrate_core::PageSize::DEFAULT, 1 << 20).unwrap();
+    let w = backend_sim::WorkloadSpec::new(backend_sim::WorkloadKind::Uniform, 64, 1000.0, 1);
+    let dst = backend_sim::SimGuest::destination(layout, backend_sim::MemoryMode::Bytes, w, clock)
+        .unwrap();
+    for (index, guest_ns) in [
+        (1u64 << 55, 1_000_000_000u64),
+        (1 << 55, u64::MAX),
+        (5000, 1_000),
+    ] {
+        let mut data = index.to_le_bytes().to_vec();
+        data.extend_from_slice(&guest_ns.to_le_bytes());
+        let state = DeviceState {
+            format: backend_sim::guest::STATE_FORMAT.into(),
+            version: backend_sim::guest::STATE_VERSION,
+            data,
+        };
+        let started = std::time::Instant::now();
+        let r = dst.control().restore_state(&state);
+        assert!(r.is_err(), "index {index} at {guest_ns} ns restored");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+    // A state the workload does reach is taken.
+    let mut data = 10u64.to_le_bytes().to_vec();
+    data.extend_from_slice(&1_000_000_000u64.to_le_bytes());
+    let state = DeviceState {
+        format: backend_sim::guest::STATE_FORMAT.into(),
+        version: backend_sim::guest::STATE_VERSION,
+        data,
+    };
+    dst.control().restore_state(&state).unwrap();
+}

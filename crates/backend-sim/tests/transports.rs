@@ -2,11 +2,13 @@
 //! simulated guest on the host clock, and what happens when they fail.
 
 use backend_sim::{
-    MemoryMode, SimControl, SimGuest, SimPages, SimTracker, WorkloadKind, WorkloadSpec,
+    Fault, FaultAt, FaultPlan, FaultyTransport, MemoryMode, SimControl, SimGuest, SimPages,
+    SimTracker, WorkloadKind, WorkloadSpec,
 };
 use bytes::Bytes;
 use migrate_core::driver::{run_destination, run_source};
 use migrate_core::engine::{DestinationEngine, EngineConfig, SourceEngine, SourceVerify};
+use migrate_core::protocol::{ProtocolError, RecordType};
 use migrate_core::transport::{channel_pair, StreamTransport, Transport, TransportError};
 use migrate_core::{
     Clock, GuestControl, MemoryLayout, MigrationError, PageSize, Policy, PostCopy, Precopy,
@@ -231,6 +233,8 @@ fn connection_cut_after_completion_leaves_the_outcome_to_the_operator() {
     let mut e = source_engine(&src, StopAndCopy, clock);
     let err = run_source(&mut e, &mut t, TIMEOUT).unwrap_err();
     assert!(matches!(err, MigrationError::OutcomeUnknown(_)), "{err}");
+    // Finding 4: an unknown outcome is not a reason to retry.
+    assert_eq!(err.kind(), migrate_core::ErrorKind::Settle);
     assert!(
         src.is_paused(),
         "the destination may be running: the source must stay paused"
@@ -335,9 +339,11 @@ fn postcopy_destination_that_loses_its_source_does_not_pretend_the_guest_is_whol
         "the guest already runs on the destination: the source stays paused"
     );
     let (r, resumed, completed) = dest.join().unwrap();
-    match r {
-        Err(MigrationError::Incomplete(why)) => assert!(why.contains("post-copy"), "{why}"),
-        other => panic!("expected Incomplete, got {other:?}"),
+    match &r {
+        Err(e @ MigrationError::SourceLost(_)) => {
+            assert_eq!(e.kind(), migrate_core::ErrorKind::Settle)
+        }
+        other => panic!("expected SourceLost, got {other:?}"),
     }
     assert!(
         resumed,
@@ -431,4 +437,180 @@ fn sent_content_verification_trusts_the_tracker() {
     assert!(s.is_ok() && d.is_ok(), "{s:?} {d:?}");
     dst.control().pause().unwrap();
     assert!(!src.same_memory(&dst), "stale pages went unnoticed");
+}
+
+/// How a run with a fault ended: both results, whether the destination
+/// resumed, the two guests, and whether the source-side fault fired.
+type FaultyRun = (
+    Result<migrate_core::MigrationStats, MigrationError>,
+    Result<migrate_core::engine::DestinationReport, MigrationError>,
+    bool,
+    SimGuest,
+    SimGuest,
+    bool,
+);
+
+/// Runs `policy` from `src` to `dst` over an in-process pair whose source
+/// end breaks a frame as `to_dest` says and whose destination end breaks
+/// a reply as `to_source` says.
+fn faulty_migration<P: Policy>(
+    policy: P,
+    to_dest: Option<FaultPlan>,
+    to_source: Option<FaultPlan>,
+) -> FaultyRun {
+    let (src, dst, clock) = guests(8 << 20, 20_000.0);
+    let (a, b) = channel_pair(16);
+    let (d, c) = (dst.clone(), clock.clone());
+    let dest = std::thread::spawn(move || {
+        let mut t = FaultyTransport::new(b, to_source);
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        let r = run_destination(&mut e, &mut t, Duration::from_secs(5));
+        (r, e.resumed())
+    });
+    let mut t = FaultyTransport::new(a, to_dest);
+    let mut e = source_engine(&src, policy, clock);
+    let s = run_source(&mut e, &mut t, Duration::from_secs(5));
+    let (d, resumed) = dest.join().unwrap();
+    (s, d, resumed, src, dst, t.fired())
+}
+
+/// The failure came before the point of no return: the source guest
+/// runs (and makes progress), the destination's does not, and the
+/// source's error is not an unknown outcome.
+fn assert_source_kept_the_guest(
+    s: &Result<migrate_core::MigrationStats, MigrationError>,
+    resumed: bool,
+    src: &SimGuest,
+    dst: &SimGuest,
+) {
+    let err = s.as_ref().expect_err("the migration must fail");
+    assert_ne!(err.kind(), migrate_core::ErrorKind::Settle, "{err}");
+    assert!(!resumed, "the destination resumed: {err}");
+    assert!(dst.is_paused());
+    assert!(!src.is_paused(), "the source guest was left paused: {err}");
+    let before = src.progress_counter();
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(src.progress_counter() > before);
+}
+
+/// Finding 2: a cut before the point-of-no-return record went out (at
+/// the final round marker, the switch-over, the device state, or the
+/// completion itself) resumes the source guest with a plain error.
+#[test]
+fn cut_before_the_completion_is_sent_resumes_the_source() {
+    for ty in [
+        RecordType::SwitchOver,
+        RecordType::RoundEnd,
+        RecordType::DeviceState,
+        RecordType::Complete,
+    ] {
+        let plan = FaultPlan {
+            fault: Fault::Cut,
+            at: FaultAt::FirstOfType(ty as u8),
+        };
+        let (s, d, resumed, src, dst, fired) = faulty_migration(StopAndCopy, Some(plan), None);
+        assert!(fired);
+        assert!(
+            matches!(s, Err(MigrationError::Transport(TransportError::Closed))),
+            "cut at {ty:?}: {s:?}"
+        );
+        assert_eq!(
+            s.as_ref().unwrap_err().kind(),
+            migrate_core::ErrorKind::Retry
+        );
+        assert!(d.is_err());
+        assert_source_kept_the_guest(&s, resumed, &src, &dst);
+    }
+}
+
+/// Finding 1: a post-copy `Discard` record lost on the way: the
+/// destination must not resume (it would show the guest pages it does
+/// not have), and the source, told so in sequence, runs its guest again.
+#[test]
+fn lost_discard_record_stops_the_postcopy_destination() {
+    let policies: [fn() -> Box<dyn Policy>; 2] = [
+        || Box::new(PostCopy::default()),
+        || {
+            Box::new(migrate_core::Hybrid::new(migrate_core::HybridConfig {
+                precopy: migrate_core::PrecopyConfig {
+                    downtime_target: Duration::ZERO,
+                    max_rounds: 2,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }))
+        },
+    ];
+    let mut dropped = 0;
+    for policy in policies {
+        for ty in [RecordType::Discard, RecordType::DiscardBitmap] {
+            let plan = FaultPlan {
+                fault: Fault::Drop,
+                at: FaultAt::FirstOfType(ty as u8),
+            };
+            let (s, d, resumed, src, dst, fired) = faulty_migration(policy(), Some(plan), None);
+            if !fired {
+                // This policy sent no record of that type.
+                assert!(s.is_ok() && d.is_ok(), "{s:?} {d:?}");
+                continue;
+            }
+            dropped += 1;
+            assert!(
+                matches!(
+                    d,
+                    Err(MigrationError::Protocol(
+                        ProtocolError::OutOfSequence { .. }
+                    ))
+                ),
+                "{d:?}"
+            );
+            assert_source_kept_the_guest(&s, resumed, &src, &dst);
+        }
+    }
+    assert!(dropped >= 2, "each policy sent discards");
+}
+
+/// Finding 1: a hybrid run whose round-1 page batch is lost must not
+/// resume the guest on pages that never came.
+#[test]
+fn lost_precopy_batch_stops_the_hybrid_destination() {
+    let plan = FaultPlan {
+        fault: Fault::Drop,
+        at: FaultAt::FirstOfType(RecordType::PageBatch as u8),
+    };
+    let (s, d, resumed, src, dst, fired) =
+        faulty_migration(migrate_core::Hybrid::default(), Some(plan), None);
+    assert!(fired);
+    assert!(d.is_err(), "{d:?}");
+    assert_source_kept_the_guest(&s, resumed, &src, &dst);
+}
+
+/// Finding 1: a flipped byte in the device state is refused before it
+/// is restored, in pre-copy and in post-copy.
+#[test]
+fn altered_device_state_is_never_restored() {
+    let policies: [fn() -> Box<dyn Policy>; 4] = [
+        || Box::new(StopAndCopy),
+        || Box::new(Precopy::default()),
+        || Box::new(PostCopy::default()),
+        || Box::new(migrate_core::Hybrid::default()),
+    ];
+    for policy in policies {
+        let plan = FaultPlan {
+            fault: Fault::Flip,
+            at: FaultAt::FirstOfType(RecordType::DeviceState as u8),
+        };
+        let (s, d, resumed, src, dst, fired) = faulty_migration(policy(), Some(plan), None);
+        assert!(fired);
+        assert!(
+            matches!(
+                d,
+                Err(MigrationError::Protocol(
+                    ProtocolError::FrameChecksum { .. }
+                ))
+            ),
+            "{d:?}"
+        );
+        assert_source_kept_the_guest(&s, resumed, &src, &dst);
+    }
 }

@@ -2,10 +2,12 @@
 //!
 //! The digest of guest memory is an XXH3-128 over, for every guest page in
 //! ascending GFN order, the GFN and the XXH3-64 of the page's bytes. Both
-//! ends compute it the same way; the completion record carries the
-//! source's, and the destination resumes only if its own matches.
+//! ends compute it the same way. The completion record carries the
+//! [`completion_digest`]: the memory digest bound to the device state, so
+//! the destination resumes only if the memory it holds and the state it
+//! is about to restore are both the source's.
 
-use crate::backend::{BackendError, PageSource};
+use crate::backend::{BackendError, DeviceState, PageSource};
 use crate::page::{MemoryLayout, PageNum};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -61,6 +63,19 @@ impl DigestBuilder {
 /// The per-page hash the memory digest is built from.
 pub fn page_hash(data: &[u8]) -> u64 {
     xxh3_64(data)
+}
+
+/// The digest a completion record carries: the memory digest and the
+/// device state (format, version and bytes) hashed together.
+pub fn completion_digest(memory: MemoryDigest, state: &DeviceState) -> MemoryDigest {
+    let mut h = Xxh3::new();
+    h.update(&memory.0.to_le_bytes());
+    h.update(&(state.format.len() as u64).to_le_bytes());
+    h.update(state.format.as_bytes());
+    h.update(&state.version.to_le_bytes());
+    h.update(&(state.data.len() as u64).to_le_bytes());
+    h.update(&state.data);
+    MemoryDigest(h.digest128())
 }
 
 /// Pages read per call when digesting through a [`PageSource`].

@@ -5,7 +5,6 @@ use crate::engine::{DestStatus, DestinationEngine, DestinationReport, SourceEngi
 use crate::error::MigrationError;
 use crate::page::PageNum;
 use crate::policy::Policy;
-use crate::protocol::abort_frame;
 use crate::stats::MigrationStats;
 use crate::transport::{Transport, TransportError};
 use std::sync::mpsc::Receiver;
@@ -14,11 +13,23 @@ use std::time::{Duration, Instant};
 /// How long a side waits for its peer before giving up (30 s).
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the source reads what the destination sent last after a
+/// send failed (its abort may be on the way).
+const SEND_FAILURE_GRACE: Duration = Duration::from_millis(200);
+
 /// Runs the source to the end over `transport`.
 ///
-/// On failure before the completion record went out, the source guest is
-/// running again (resumed if it had been paused) and an abort record was
-/// sent to the destination if the transport still worked.
+/// Every send and every wait is bounded by `peer_timeout` (the transport's
+/// send timeout is set to it), so a peer that stalls, stops reading or
+/// vanishes is detected within that time.
+///
+/// On failure before the point of no return (the completion record in
+/// pre-copy, the device state in post-copy, handed to the transport and
+/// sent) the source guest is running again (resumed if it had been
+/// paused), an abort record was sent to the destination if the transport
+/// still worked, and the error's kind is not [`crate::ErrorKind::Settle`].
+/// After it the error is [`MigrationError::OutcomeUnknown`]: the source
+/// stays paused until the caller settles the outcome.
 pub fn run_source<T, S, G, P, X>(
     engine: &mut SourceEngine<T, S, G, P>,
     transport: &mut X,
@@ -31,18 +42,33 @@ where
     P: Policy,
     X: Transport + ?Sized,
 {
+    transport.set_send_timeout(Some(peer_timeout));
     loop {
         let step = match engine.poll() {
             Ok(s) => s,
             Err(e) => {
-                let _ = transport.send(&abort_frame(&e.to_string()));
+                let _ = transport.send(&engine.abort_frame(&e.to_string()));
                 return Err(e);
             }
         };
         match step {
             SourceStep::Send(frame) => {
                 if let Err(e) = transport.send(&frame) {
-                    return Err(engine.fail(e.into()));
+                    // The destination may have said why before it went:
+                    // its abort, in sequence and with no resume
+                    // confirmation before it, settles that it did not
+                    // resume.
+                    let grace = peer_timeout.min(SEND_FAILURE_GRACE);
+                    while let Ok(Some(f)) = transport.recv(Some(grace)) {
+                        engine.handle_frame(&f)?;
+                        if let Some(stats) = engine.stats() {
+                            return Ok(stats.clone());
+                        }
+                    }
+                    // A failed send delivered no whole frame (the
+                    // transport contract): if this was the point-of-no-
+                    // return record, the destination cannot resume.
+                    return Err(engine.send_failed(e.into()));
                 }
                 // Pick up an early abort from the destination.
                 match transport.recv(Some(Duration::ZERO)) {
@@ -53,7 +79,18 @@ where
             }
             SourceStep::Wait => match transport.recv(Some(peer_timeout)) {
                 Ok(Some(f)) => engine.handle_frame(&f)?,
-                Ok(None) => return Err(engine.fail(TransportError::Timeout(peer_timeout).into())),
+                Ok(None) => {
+                    // A destination that gave up waiting for us (its timer
+                    // started before ours) says so with an abort: wait a
+                    // little for it before calling the outcome unknown.
+                    if engine.committed() {
+                        if let Ok(Some(f)) = transport.recv(Some(SEND_FAILURE_GRACE)) {
+                            engine.handle_frame(&f)?;
+                            continue;
+                        }
+                    }
+                    return Err(engine.fail(TransportError::Timeout(peer_timeout).into()));
+                }
                 Err(e) => return Err(engine.fail(e.into())),
             },
             SourceStep::Done => {
@@ -73,8 +110,9 @@ where
 /// Once the guest is resumed this returns `Ok` even if the confirmation
 /// could not be sent; [`DestinationReport::resume_confirmed`] says so.
 /// A post-copy destination that loses its source before every page
-/// arrived returns [`MigrationError::Incomplete`] naming the missing pages:
-/// its guest cannot go on.
+/// arrived returns [`MigrationError::SourceLost`] (kind
+/// [`crate::ErrorKind::Settle`]): its guest cannot go on, and the rest of
+/// its memory is on the paused source.
 ///
 /// This driver does not serve post-copy faults (the pages are pushed to
 /// it in any case); [`run_destination_serving`] does, for a backend that
@@ -141,6 +179,7 @@ where
     G: GuestControl,
     X: Transport + ?Sized,
 {
+    transport.set_send_timeout(Some(peer_timeout));
     let mut confirmed = false;
     let mut last_frame = Instant::now();
     loop {
@@ -148,7 +187,7 @@ where
         if let Some(rx) = serving {
             while let Ok(f) = rx.try_recv() {
                 if let Err(e) = engine.request_pages_at(&f.pages, f.at) {
-                    let _ = transport.send(&abort_frame(&e.to_string()));
+                    let _ = transport.send(&engine.abort_frame(&e.to_string()));
                     engine.fail();
                     return Err(e);
                 }
@@ -170,13 +209,20 @@ where
                 f
             }
             Ok(None) if last_frame.elapsed() < peer_timeout => continue,
-            Ok(None) => return Err(lost(engine, TransportError::Timeout(peer_timeout))),
+            Ok(None) => {
+                if !engine.resumed() {
+                    // Tell the source, in sequence, that the guest was not
+                    // resumed here: it may then resume its own.
+                    let _ = transport.send(&engine.abort_frame("destination timed out"));
+                }
+                return Err(lost(engine, TransportError::Timeout(peer_timeout)));
+            }
             Err(e) => return Err(lost(engine, e)),
         };
         let status = match engine.handle_frame(&frame) {
             Ok(s) => s,
             Err(e) => {
-                let _ = transport.send(&abort_frame(&e.to_string()));
+                let _ = transport.send(&engine.abort_frame(&e.to_string()));
                 return Err(e);
             }
         };
@@ -225,8 +271,8 @@ where
     let postcopy = engine.in_postcopy();
     engine.fail();
     if postcopy {
-        MigrationError::Incomplete(format!(
-            "the source was lost during post-copy ({e}); the guest runs here without all of its memory and cannot go on"
+        MigrationError::SourceLost(format!(
+            "{e}; the guest runs here without all of its memory and cannot go on"
         ))
     } else {
         e.into()

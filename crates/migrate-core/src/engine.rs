@@ -12,28 +12,39 @@
 //! Guarantees:
 //! - no page is lost: a page leaves the pending set only when it is put in
 //!   a frame, and every page the tracker reports dirty goes back in;
-//! - if the source fails before the point of no return (the completion
-//!   record in pre-copy, the device state in post-copy), it resumes its
-//!   guest (if it had paused it) and stops dirty tracking; after that
-//!   point the guest may be running on the destination, so the source
-//!   stays paused and reports [`MigrationError::OutcomeUnknown`];
+//! - every frame is numbered and checksummed ([`crate::protocol`]): each
+//!   engine refuses a frame that is altered, cut, lost, repeated or out of
+//!   order, and fails as below;
+//! - the point of no return is the moment the record past which the
+//!   destination may resume is handed out by [`SourceEngine::poll`]: the
+//!   completion record in pre-copy, the device state in post-copy. If the
+//!   source fails before it, or the transport reports that this very
+//!   frame could not be sent ([`SourceEngine::send_failed`]), it resumes
+//!   its guest (if it had paused it) and stops dirty tracking; after it
+//!   the guest may be running on the destination, so the source stays
+//!   paused and reports [`MigrationError::OutcomeUnknown`] (its kind is
+//!   [`crate::ErrorKind::Settle`]);
 //! - the destination resumes a pre-copied guest only after a completion
-//!   record whose digest matches its own memory, with every page received
-//!   and the device state restored. A post-copied guest resumes on its
-//!   device state, and the destination never places a page over one it
+//!   record whose digest matches the memory it holds (read back from its
+//!   sink) and the device state it received, with every page received.
+//!   A post-copied guest resumes on its device state only if every page
+//!   was either received or discarded (so it faults on every page it does
+//!   not hold), and the destination never places a page over one it
 //!   already has: it reports [`DestStatus::Completed`] only when every
-//!   page has arrived and the digest of what arrived matches the source's.
+//!   page has arrived and the digest of what arrived, bound to the device
+//!   state it restored, matches the source's.
 
 use crate::backend::{DeviceState, DirtyTracker, GuestControl, PageSink, PageSource};
 use crate::bitmap::DirtyBitmap;
 use crate::clock::Clock;
-use crate::digest::{digest_memory, page_hash, DigestBuilder, MemoryDigest};
+use crate::digest::{completion_digest, digest_memory, page_hash, DigestBuilder, MemoryDigest};
 use crate::error::MigrationError;
 use crate::page::{MemoryLayout, PageNum};
 use crate::policy::{Decision, PageSelection, Policy, PolicyInput, RoundSummary};
 use crate::protocol::{
     self, encode_page_batch, max_batch_pages, Decoder, PostcopyReport, ProtocolError, Record,
-    RecordType, ResumeReport, MAX_DISCARD_RANGES, MAX_DISCARD_WORDS, MAX_REQUEST_PAGES, VERSION,
+    RecordType, ResumeReport, Sequencer, MAX_DISCARD_RANGES, MAX_DISCARD_WORDS, MAX_REQUEST_PAGES,
+    VERSION,
 };
 use crate::stats::{DowntimeParts, MigrationStats, PostcopyStats, RoundStats, SwitchReason};
 use std::collections::{HashMap, VecDeque};
@@ -141,8 +152,18 @@ pub struct SourceEngine<T, S, G, P> {
     config: EngineConfig,
     layout: MemoryLayout,
     decoder: Decoder,
+    sequencer: Sequencer,
     state: SrcState,
     outbox: VecDeque<Vec<u8>>,
+    /// The type of the record whose hand-out is the point of no return,
+    /// once it is queued.
+    commit_record: Option<u8>,
+    /// Whether the last frame handed out was that record.
+    last_was_commit: bool,
+    /// Post-copy: the device state sent, for the completion digest.
+    sent_state: Option<DeviceState>,
+    /// Whether the destination's abort came with every frame before it.
+    abort_in_sequence: bool,
     pending: DirtyBitmap,
     skip: DirtyBitmap,
     scratch: DirtyBitmap,
@@ -227,9 +248,14 @@ where
             policy,
             clock,
             layout,
-            decoder: Decoder::new(),
+            decoder: Decoder::sequenced(),
+            sequencer: Sequencer::new(),
             state: SrcState::Init,
             outbox: VecDeque::new(),
+            commit_record: None,
+            last_was_commit: false,
+            sent_state: None,
+            abort_in_sequence: false,
             pending: DirtyBitmap::new(end),
             skip: DirtyBitmap::new(end),
             scratch: DirtyBitmap::new(end),
@@ -315,14 +341,49 @@ where
             ));
         }
         match self.poll_inner() {
-            Ok(step) => {
-                if let SourceStep::Send(f) = &step {
+            Ok(mut step) => {
+                if let SourceStep::Send(f) = &mut step {
+                    self.sequencer.seal(f);
                     self.account(f);
+                    self.last_was_commit = false;
+                    if self.commit_record.is_some() && f.first().copied() == self.commit_record {
+                        // Handed to the caller to send: from here the
+                        // destination may resume the guest.
+                        self.commit_record = None;
+                        self.committed = true;
+                        self.last_was_commit = true;
+                    }
                 }
                 Ok(step)
             }
             Err(e) => Err(self.fail(e)),
         }
+    }
+
+    /// The frame the last [`SourceEngine::poll`] handed out could not be
+    /// sent: the transport failed and the frame did not reach the peer
+    /// whole. If it was the point-of-no-return record, the point was not
+    /// passed after all: the source resumes its guest. Otherwise as
+    /// [`SourceEngine::fail`]. Returns the error to report.
+    ///
+    /// Call this only when the transport guarantees that a failed send
+    /// delivered no complete frame (the library's transports do); when in
+    /// doubt call [`SourceEngine::fail`], which keeps the source paused
+    /// after the point of no return.
+    pub fn send_failed(&mut self, err: MigrationError) -> MigrationError {
+        if self.last_was_commit && self.state != SrcState::Done {
+            self.committed = false;
+            self.last_was_commit = false;
+        }
+        self.fail(err)
+    }
+
+    /// An abort record telling the destination why, numbered as the next
+    /// frame of this stream.
+    pub fn abort_frame(&mut self, reason: &str) -> Vec<u8> {
+        let mut f = protocol::abort_frame(reason);
+        self.sequencer.seal(&mut f);
+        f
     }
 
     /// Handles a frame from the destination.
@@ -351,10 +412,13 @@ where
             let _ = self.tracker.stop();
             self.tracking = false;
         }
-        // A pre-copy destination that aborts has not resumed the guest (it
-        // resumes only on a matching completion, and says nothing after);
-        // a post-copy one may already run it.
-        let refused = !self.postcopy && matches!(err, MigrationError::PeerAborted(_));
+        // A destination that resumes says so before anything else it
+        // sends (its frames are ordered and numbered, so none was lost):
+        // an abort with no resume confirmation before it means the guest
+        // was not resumed there.
+        let refused = self.resumed_seen.is_none()
+            && self.abort_in_sequence
+            && matches!(err, MigrationError::PeerAborted(_));
         if self.committed && !refused {
             return match err {
                 MigrationError::OutcomeUnknown(_) => err,
@@ -449,7 +513,10 @@ where
         let postcopy_live = matches!(self.state, SrcState::Postcopy | SrcState::AwaitVerified);
         match (rec, self.state) {
             (Record::Header { .. }, _) => Ok(()),
-            (Record::Abort { reason }, _) => Err(MigrationError::PeerAborted(reason)),
+            (Record::Abort { reason }, _) => {
+                self.abort_in_sequence = self.decoder.last_in_sequence();
+                Err(MigrationError::PeerAborted(reason))
+            }
             (Record::Ready, SrcState::AwaitReady) => {
                 let now = self.now();
                 self.rtt = now.saturating_sub(self.layout_sent_at);
@@ -596,10 +663,12 @@ where
                 self.resume_pages_sent = early.len() as u64;
                 self.parts.final_copy = self.now() - t1;
                 self.outbox
-                    .push_back(protocol::encode_to_vec(&Record::DeviceState(state)));
+                    .push_back(protocol::encode_to_vec(&Record::DeviceState(state.clone())));
+                self.sent_state = Some(state);
                 self.paused_frames = self.outbox.len();
-                // From here the destination may resume the guest.
-                self.committed = true;
+                // The destination may resume the guest once this record
+                // has been handed out (see `poll`).
+                self.commit_record = Some(RecordType::DeviceState as u8);
                 self.postcopy = true;
                 self.state = SrcState::Postcopy;
             }
@@ -992,7 +1061,7 @@ where
             .save_state()
             .map_err(MigrationError::backend("save device state"))?;
         let t1 = self.now();
-        let digest = self.source_digest()?;
+        let digest = completion_digest(self.source_digest()?, &state);
         let t2 = self.now();
         self.parts.device_save = t1 - t0;
         self.parts.source_verify = t2 - t1;
@@ -1009,7 +1078,9 @@ where
                 total_pages: self.layout.total_pages(),
                 digest,
             }));
-        self.committed = true;
+        // The destination may resume the guest once the completion record
+        // has been handed out (see `poll`).
+        self.commit_record = Some(RecordType::Complete as u8);
         self.state = SrcState::AwaitResumed;
         Ok(())
     }
@@ -1017,7 +1088,13 @@ where
     /// Post-copy: every page is on its way; the source's memory has been
     /// frozen since the pause, so its digest is taken now, outside downtime.
     fn complete_postcopy(&mut self) -> Result<(), MigrationError> {
-        let digest = self.source_digest()?;
+        let memory = self.source_digest()?;
+        let Some(state) = self.sent_state.as_ref() else {
+            return Err(MigrationError::InvalidUse(
+                "post-copy completion without a device state",
+            ));
+        };
+        let digest = completion_digest(memory, state);
         self.outbox
             .push_back(protocol::encode_to_vec(&Record::Complete {
                 total_pages: self.layout.total_pages(),
@@ -1155,9 +1232,15 @@ pub struct DestinationEngine<K, G> {
     control: G,
     clock: Arc<dyn Clock>,
     decoder: Decoder,
+    sequencer: Sequencer,
     layout: MemoryLayout,
     state: DstState,
     received: DirtyBitmap,
+    /// Pages received or discarded at least once: a post-copy guest
+    /// resumes only when this is every page.
+    accounted: DirtyBitmap,
+    /// Post-copy: the device state restored, for the completion digest.
+    restored_state: Option<DeviceState>,
     hashes: Vec<u64>,
     switched_over: bool,
     postcopy: bool,
@@ -1183,11 +1266,14 @@ where
         let layout = PageSink::layout(&memory).clone();
         DestinationEngine {
             received: DirtyBitmap::new(layout.page_end()),
+            accounted: DirtyBitmap::new(layout.page_end()),
+            restored_state: None,
             hashes: vec![0; layout.total_pages() as usize],
             memory,
             control,
             clock,
-            decoder: Decoder::new(),
+            decoder: Decoder::sequenced(),
+            sequencer: Sequencer::new(),
             layout,
             state: DstState::AwaitHeader,
             switched_over: false,
@@ -1206,7 +1292,21 @@ where
 
     /// The next frame to send back to the source, if any.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.outbox.pop_front()
+        let mut f = self.outbox.pop_front()?;
+        self.sequencer.seal(&mut f);
+        Some(f)
+    }
+
+    /// An abort record telling the source why, numbered as the next frame
+    /// of this stream (frames still queued are not sent after it). A
+    /// source takes an abort that follows every frame before it, with no
+    /// resume confirmation among them, as proof that the guest was not
+    /// resumed here.
+    pub fn abort_frame(&mut self, reason: &str) -> Vec<u8> {
+        self.outbox.clear();
+        let mut f = protocol::abort_frame(reason);
+        self.sequencer.seal(&mut f);
+        f
     }
 
     /// Whether the guest has been resumed here.
@@ -1334,6 +1434,7 @@ where
         };
         self.hashes[i as usize] = hash;
         self.received.set(page);
+        self.accounted.set(page);
         self.report.pages_received += 1;
         if let Some(t) = self.requested.remove(&page) {
             let lat = self.clock.now().saturating_sub(t);
@@ -1405,6 +1506,7 @@ where
                             return Err(MigrationError::PageOutOfRange(page));
                         }
                         self.received.clear(page);
+                        self.accounted.set(page);
                         pages.push(page);
                     }
                     self.memory
@@ -1433,6 +1535,7 @@ where
                         return Err(MigrationError::PageOutOfRange(page));
                     }
                     self.received.clear(page);
+                    self.accounted.set(page);
                     pages.push(page);
                 }
                 self.memory
@@ -1506,10 +1609,12 @@ where
                 "no device state was sent".into(),
             ));
         };
-        // The digest of every page as it arrived (hashed on arrival), not
-        // a second pass over memory: that the sink stores what it is given
-        // is the backend's contract (see `conformance`).
-        let actual = digest_table(&self.layout, &self.hashes);
+        // The digest of memory as this side holds it, read back from the
+        // sink, bound to the device state about to be restored: the guest
+        // resumes only on the source's memory and the source's state.
+        let held = digest_memory(&mut self.memory, &self.layout)
+            .map_err(MigrationError::backend("digest guest memory"))?;
+        let actual = completion_digest(held, &state);
         if actual != digest {
             return Err(MigrationError::DigestMismatch {
                 expected: digest,
@@ -1517,7 +1622,7 @@ where
             });
         }
         let t1 = self.clock.now();
-        self.report.digest = Some(actual);
+        self.report.digest = Some(held);
         self.restore_and_resume(&state, t0, t1)?;
         self.state = DstState::Completed;
         Ok(DestStatus::Completed)
@@ -1525,7 +1630,19 @@ where
 
     fn resume_postcopy(&mut self, state: DeviceState) -> Result<DestStatus, MigrationError> {
         let t0 = self.clock.now();
+        // Every page the guest can see must be the source's: each was
+        // either received (and not discarded since) or discarded, so that
+        // the guest faults on it.
+        let accounted = self.accounted.count_ones();
+        let total = self.layout.total_pages();
+        if accounted != total {
+            return Err(MigrationError::Incomplete(format!(
+                "{} of {total} pages were neither received nor discarded before the post-copy resume",
+                total - accounted
+            )));
+        }
         self.restore_and_resume(&state, t0, t0)?;
+        self.restored_state = Some(state);
         self.state = DstState::PostcopyRunning;
         Ok(DestStatus::Resumed)
     }
@@ -1571,7 +1688,13 @@ where
         self.check_all_here(total_pages)?;
         // The guest has been writing since it resumed, so the digest is of
         // what arrived, page by page, not of memory as it is now.
-        let actual = digest_table(&self.layout, &self.hashes);
+        let held = digest_table(&self.layout, &self.hashes);
+        let Some(state) = self.restored_state.as_ref() else {
+            return Err(MigrationError::Incomplete(
+                "post-copy completion without a device state".into(),
+            ));
+        };
+        let actual = completion_digest(held, state);
         if actual != digest {
             return Err(MigrationError::DigestMismatch {
                 expected: digest,
@@ -1595,7 +1718,7 @@ where
             latency_max_ns: lat.last().copied().unwrap_or(0),
             stall_ns: lat.iter().sum(),
         };
-        self.report.digest = Some(actual);
+        self.report.digest = Some(held);
         self.report.postcopy = Some(report);
         self.outbox
             .push_back(protocol::encode_to_vec(&Record::Verified(report)));

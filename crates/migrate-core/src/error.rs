@@ -7,17 +7,36 @@ use crate::protocol::{ProtocolError, RecordType};
 use crate::transport::TransportError;
 
 /// What a caller can do about an error.
+///
+/// On the source, every kind but [`ErrorKind::Settle`] means the failure
+/// came before the point of no return: the source guest is running again
+/// (resumed if the engine had paused it) and the destination has not
+/// resumed, and never will, from this stream. On the destination, every
+/// kind but [`ErrorKind::Settle`] means its guest was not resumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// A transient fault (a cut connection, a timeout): the migration
-    /// failed but may succeed if tried again.
+    /// A transient fault (a cut connection, a timeout): nothing happened
+    /// to either guest, and the migration may succeed if tried again.
     Retry,
-    /// The peer sent something it must not: a broken or hostile stream.
+    /// The peer sent something it must not: a broken, altered or hostile
+    /// stream. Nothing happened to either guest; look at the link or the
+    /// peer before trying again.
     PeerMisbehaved,
     /// The migration cannot succeed as configured (incompatible guests,
-    /// a backend failure, a policy abort).
+    /// a backend failure, a policy abort). The source guest runs.
     Abort,
+    /// The point of no return was passed and the outcome is not known:
+    /// the guest may be running on the destination, or nowhere. The
+    /// source guest stays paused. Do not retry and do not resume the
+    /// source until the outcome is settled: ask the destination (its
+    /// VMM knows whether its guest was resumed, see
+    /// [`crate::engine::DestinationReport::resume_confirmed`]) or an
+    /// operator. If the destination runs the guest, discard the source;
+    /// if it did not resume and never will (its process is gone, or it
+    /// reports failure), resume the source. Retrying or resuming without
+    /// that answer can run two copies of the guest.
+    Settle,
 }
 
 /// Why a migration failed.
@@ -75,21 +94,29 @@ pub enum MigrationError {
     /// The policy chose to abort.
     #[error("policy aborted: {0}")]
     PolicyAborted(String),
-    /// The completion record was sent but the destination never confirmed
-    /// it resumed: the guest may be running there, so the source stays
-    /// paused and the operator must decide.
-    #[error("outcome unknown: completion sent but no resume confirmation ({0})")]
+    /// The record past which the destination may resume (the completion
+    /// in pre-copy, the device state in post-copy) was handed to the
+    /// transport, and then the migration failed: the guest may be running
+    /// there, so the source stays paused and the outcome must be settled
+    /// ([`ErrorKind::Settle`]).
+    #[error("outcome unknown: the point of no return was passed ({0})")]
     OutcomeUnknown(String),
     /// The engine was used wrongly (for example polled after it finished).
     #[error("invalid use: {0}")]
     InvalidUse(&'static str),
+    /// A post-copy destination lost its source after it resumed the
+    /// guest, with pages still missing: the guest runs here without all
+    /// of its memory, and the rest is on the paused source.
+    #[error("source lost during post-copy: {0}")]
+    SourceLost(String),
 }
 
 impl MigrationError {
     /// What a caller can do about it.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            MigrationError::Transport(_) | MigrationError::OutcomeUnknown(_) => ErrorKind::Retry,
+            MigrationError::OutcomeUnknown(_) | MigrationError::SourceLost(_) => ErrorKind::Settle,
+            MigrationError::Transport(_) => ErrorKind::Retry,
             MigrationError::Protocol(_)
             | MigrationError::UnexpectedRecord { .. }
             | MigrationError::PageOutOfRange(_)

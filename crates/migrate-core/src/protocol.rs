@@ -3,12 +3,23 @@
 //! Each transport frame carries exactly one record:
 //!
 //! ```text
-//!  0      1      2      4              8
-//!  +------+------+------+--------------+------------------------+
-//!  | type | 0    | 0    | body length  | body (length bytes)    |
-//!  +------+------+------+--------------+------------------------+
-//!    u8     u8     u16    u32 LE
+//!  0      1      2      4              8              12             16
+//!  +------+------+------+--------------+--------------+--------------+-----------+
+//!  | type | 0    | 0    | body length  | sequence     | CRC32C       | body      |
+//!  +------+------+------+--------------+--------------+--------------+-----------+
+//!    u8     u8     u16    u32 LE         u32 LE         u32 LE
 //! ```
+//!
+//! The CRC32C covers the first 12 bytes of the header and the body, so a
+//! flipped or truncated frame is refused ([`ProtocolError::FrameChecksum`]).
+//! The sequence number counts the frames of one direction from 0 (the
+//! header); an engine's decoder ([`Decoder::sequenced`]) refuses a frame
+//! whose number is not the next one ([`ProtocolError::OutOfSequence`]),
+//! so a lost, repeated or reordered frame is detected. [`Record::Abort`]
+//! frames are the exception: they end a stream, may be sent by a driver
+//! outside the engine's numbering, and are accepted with any number
+//! (their CRC is still checked). The free encoders write sequence 0;
+//! [`Sequencer`] stamps each frame with its number as it leaves.
 //!
 //! Each direction opens with a [`Record::Header`] (magic `LVMIGRAT`, protocol
 //! version). The source then sends the memory [`Record::Layout`], page batches
@@ -25,7 +36,8 @@
 //! [`Record::Abort`].
 //!
 //! Every record type has a maximum body length, every count is checked
-//! against the bytes present, page batches carry an XXH3 checksum, and the
+//! against the bytes present, every frame carries a CRC32C, page batches
+//! also carry an XXH3 checksum of their contents, and the
 //! [`Decoder`] returns a [`ProtocolError`] for any input it cannot accept:
 //! it never panics and never allocates more than the record's bound.
 
@@ -38,9 +50,17 @@ use xxhash_rust::xxh3::xxh3_64;
 /// The 8 bytes that open every stream.
 pub const MAGIC: [u8; 8] = *b"LVMIGRAT";
 /// The protocol version this library speaks.
-pub const VERSION: u32 = 1;
+///
+/// Version 2 added the sequence number and the CRC32C to every frame, and
+/// made the completion digest cover the device state
+/// ([`crate::digest::completion_digest`]).
+pub const VERSION: u32 = 2;
 /// Bytes of a record header.
-pub const RECORD_HEADER_LEN: usize = 8;
+pub const RECORD_HEADER_LEN: usize = 16;
+/// Offset of the sequence number in a frame.
+const SEQ_AT: usize = 8;
+/// Offset of the CRC32C in a frame.
+const CRC_AT: usize = 12;
 /// The largest frame any record may need (header + largest body).
 pub const MAX_FRAME_LEN: usize = RECORD_HEADER_LEN
     + if MAX_PAGE_BATCH_BODY > MAX_DEVICE_STATE_BODY {
@@ -221,6 +241,24 @@ pub enum ProtocolError {
     /// An invalid memory layout.
     #[error("invalid memory layout: {0}")]
     Layout(#[from] LayoutError),
+    /// A frame whose CRC32C does not match its header and body: it was
+    /// altered or cut on the way.
+    #[error("frame checksum mismatch (expected {expected:08x}, computed {computed:08x})")]
+    FrameChecksum {
+        /// The CRC in the frame.
+        expected: u32,
+        /// The CRC of the bytes received.
+        computed: u32,
+    },
+    /// A frame whose sequence number is not the next one: a frame was
+    /// lost, repeated or reordered.
+    #[error("frame out of sequence: expected number {expected}, got {got}")]
+    OutOfSequence {
+        /// The number the next frame must carry.
+        expected: u32,
+        /// The number it carried.
+        got: u32,
+    },
 }
 
 /// A batch of pages as it lies in a received frame (no copy).
@@ -354,7 +392,9 @@ pub enum Record<'a> {
     Complete {
         /// Guest pages in the layout.
         total_pages: u64,
-        /// Digest of all guest memory on the source after pause.
+        /// Digest of all guest memory on the source after pause, bound to
+        /// the device state sent
+        /// ([`crate::digest::completion_digest`]).
         digest: MemoryDigest,
     },
     /// The sender gives up.
@@ -398,12 +438,73 @@ fn begin(out: &mut Vec<u8>, ty: RecordType) -> usize {
     out.put_u8(0);
     out.put_u16_le(0);
     out.put_u32_le(0);
+    out.put_u32_le(0);
+    out.put_u32_le(0);
     start
 }
 
 fn finish(out: &mut [u8], start: usize) {
     let len = (out.len() - start - RECORD_HEADER_LEN) as u32;
     out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
+    reseal(&mut out[start..]);
+}
+
+/// The CRC32C a frame must carry: over the first 12 header bytes and the
+/// body. `frame` must hold at least a record header.
+fn frame_crc(frame: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&frame[..CRC_AT]);
+    crc32c::crc32c_append(crc, &frame[RECORD_HEADER_LEN..])
+}
+
+/// Stamps `frame` (one whole frame as the encoders make it) with sequence
+/// number `seq` and recomputes its CRC. Shorter input is left alone.
+pub fn seal(frame: &mut [u8], seq: u32) {
+    if frame.len() < RECORD_HEADER_LEN {
+        return;
+    }
+    frame[SEQ_AT..SEQ_AT + 4].copy_from_slice(&seq.to_le_bytes());
+    reseal(frame);
+}
+
+/// Recomputes the CRC of `frame` (one whole frame) after its bytes were
+/// changed, keeping its sequence number. Shorter input is left alone.
+pub fn reseal(frame: &mut [u8]) {
+    if frame.len() < RECORD_HEADER_LEN {
+        return;
+    }
+    let crc = frame_crc(frame);
+    frame[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The sequence number of a frame, if it is long enough to have one.
+pub fn frame_sequence(frame: &[u8]) -> Option<u32> {
+    let b = frame.get(SEQ_AT..SEQ_AT + 4)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Numbers the frames of one direction as they leave: 0 for the first
+/// (the header), then one more for each frame.
+#[derive(Clone, Debug, Default)]
+pub struct Sequencer {
+    next: u32,
+}
+
+impl Sequencer {
+    /// A sequencer whose next frame is number 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stamps `frame` with the next number (see [`seal`]).
+    pub fn seal(&mut self, frame: &mut [u8]) {
+        seal(frame, self.next);
+        self.next = self.next.wrapping_add(1);
+    }
+
+    /// The number the next frame will carry.
+    pub fn next(&self) -> u32 {
+        self.next
+    }
 }
 
 /// Appends `record` as one frame to `out`.
@@ -658,16 +759,41 @@ impl<'a> Cursor<'a> {
 /// The first frame must be a [`Record::Header`]. Page batches are accepted
 /// only after a [`Record::Layout`] (whose page size they need); a second
 /// layout is refused.
+///
+/// Every frame's CRC32C is checked. A decoder made with
+/// [`Decoder::sequenced`] (as the engines' are) also checks that the
+/// frames are numbered 0, 1, 2, … (aborts excepted); one made with
+/// [`Decoder::new`] checks each frame on its own.
 #[derive(Clone, Debug, Default)]
 pub struct Decoder {
     header_seen: bool,
     page_size: Option<PageSize>,
+    sequenced: bool,
+    next_seq: u32,
+    in_sequence: bool,
 }
 
 impl Decoder {
-    /// A decoder at the start of a stream.
+    /// A decoder at the start of a stream that checks each frame on its
+    /// own (structure and CRC, not the sequence number).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A decoder at the start of a stream that also checks the sequence
+    /// number of every frame but aborts: frame `n` must carry number `n`.
+    pub fn sequenced() -> Self {
+        Decoder {
+            sequenced: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the last frame that passed its CRC carried the number the
+    /// next frame was due to carry. For an abort (which is accepted with
+    /// any number) this says whether every frame before it arrived.
+    pub fn last_in_sequence(&self) -> bool {
+        self.in_sequence
     }
 
     /// The page size announced by the stream's layout, once seen.
@@ -688,6 +814,8 @@ impl Decoder {
             return Err(ProtocolError::Malformed("record header reserved bytes"));
         }
         let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        let seq = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+        let crc = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
         if len > ty.max_body() {
             return Err(ProtocolError::Oversized {
                 record: ty,
@@ -702,6 +830,23 @@ impl Decoder {
                 record: ty,
                 extra: c.buf.len(),
             });
+        }
+        let computed = frame_crc(frame);
+        if computed != crc {
+            return Err(ProtocolError::FrameChecksum {
+                expected: crc,
+                computed,
+            });
+        }
+        self.in_sequence = seq == self.next_seq;
+        if self.sequenced && ty != RecordType::Abort {
+            if seq != self.next_seq {
+                return Err(ProtocolError::OutOfSequence {
+                    expected: self.next_seq,
+                    got: seq,
+                });
+            }
+            self.next_seq = self.next_seq.wrapping_add(1);
         }
         if !self.header_seen && ty != RecordType::Header {
             return Err(ProtocolError::UnexpectedRecord {

@@ -12,8 +12,8 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
-use std::time::Duration;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::time::{Duration, Instant};
 
 /// Why a transport could not move a frame.
 #[derive(Debug, thiserror::Error)]
@@ -39,13 +39,33 @@ pub enum TransportError {
 }
 
 /// Ordered, reliable frames both ways.
+///
+/// The contract the engines rely on:
+/// - `send` returns `Err` only if the frame did not, and will not, reach
+///   the peer whole (a stream cut mid-frame is shut down, so the peer
+///   sees a truncated frame and refuses it). A transport that cannot
+///   tell must return `Ok`: the source then keeps its guest paused after
+///   the point of no return rather than risk two running copies;
+/// - `send` blocks at most the send timeout ([`Transport::set_send_timeout`])
+///   while the peer takes nothing, then fails with
+///   [`TransportError::Timeout`];
+/// - dropping a transport returns promptly, whatever it holds.
 pub trait Transport: Send {
-    /// Sends one frame. Blocks while the link is busy.
+    /// Sends one frame. Blocks while the link is busy, at most the send
+    /// timeout without progress.
     fn send(&mut self, frame: &[u8]) -> Result<(), TransportError>;
 
     /// Receives the next frame, waiting at most `timeout` (forever if
     /// `None`). `Ok(None)` means nothing arrived in time.
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError>;
+
+    /// Bounds how long `send` may wait while the peer takes nothing
+    /// (`None`: no bound). The drivers set it to their peer timeout. The
+    /// provided method does nothing, for transports whose sends never
+    /// block.
+    fn set_send_timeout(&mut self, timeout: Option<Duration>) {
+        let _ = timeout;
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
@@ -54,6 +74,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
         (**self).recv(timeout)
+    }
+    fn set_send_timeout(&mut self, timeout: Option<Duration>) {
+        (**self).set_send_timeout(timeout)
     }
 }
 
@@ -82,6 +105,7 @@ fn recv_from(
 pub struct ChannelTransport {
     tx: SyncSender<Result<Bytes, TransportError>>,
     rx: Receiver<Result<Bytes, TransportError>>,
+    send_timeout: Option<Duration>,
 }
 
 /// Two connected in-process ends. Each direction buffers up to `depth`
@@ -90,19 +114,51 @@ pub fn channel_pair(depth: usize) -> (ChannelTransport, ChannelTransport) {
     let (atx, brx) = mpsc::sync_channel(depth);
     let (btx, arx) = mpsc::sync_channel(depth);
     (
-        ChannelTransport { tx: atx, rx: arx },
-        ChannelTransport { tx: btx, rx: brx },
+        ChannelTransport {
+            tx: atx,
+            rx: arx,
+            send_timeout: None,
+        },
+        ChannelTransport {
+            tx: btx,
+            rx: brx,
+            send_timeout: None,
+        },
     )
 }
 
 impl Transport for ChannelTransport {
     fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
-        self.tx
-            .send(Ok(Bytes::copy_from_slice(frame)))
-            .map_err(|_| TransportError::Closed)
+        let msg = Ok(Bytes::copy_from_slice(frame));
+        let Some(limit) = self.send_timeout else {
+            return self.tx.send(msg).map_err(|_| TransportError::Closed);
+        };
+        // No timed send on a std channel: try, then back off briefly.
+        let deadline = Instant::now() + limit;
+        let mut msg = msg;
+        let mut pause = Duration::from_micros(50);
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Disconnected(_)) => return Err(TransportError::Closed),
+                Err(TrySendError::Full(back)) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(TransportError::Timeout(limit));
+                    }
+                    msg = back;
+                    std::thread::sleep(pause.min(deadline - now));
+                    // Short naps: a receiver that drains is noticed soon.
+                    pause = (pause * 2).min(Duration::from_micros(200));
+                }
+            }
+        }
     }
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
         recv_from(&self.rx, timeout)
+    }
+    fn set_send_timeout(&mut self, timeout: Option<Duration>) {
+        self.send_timeout = timeout.filter(|t| !t.is_zero());
     }
 }
 
@@ -114,6 +170,12 @@ pub trait SplitStream: Read + Write + Send + 'static {
         Self: Sized;
     /// Shuts both directions down, waking a blocked reader.
     fn shutdown_both(&self);
+    /// Bounds how long one write may block (`None`: no bound). The
+    /// provided method does nothing.
+    fn set_write_limit(&self, timeout: Option<Duration>) -> io::Result<()> {
+        let _ = timeout;
+        Ok(())
+    }
 }
 
 impl SplitStream for TcpStream {
@@ -122,6 +184,9 @@ impl SplitStream for TcpStream {
     }
     fn shutdown_both(&self) {
         let _ = self.shutdown(Shutdown::Both);
+    }
+    fn set_write_limit(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(timeout)
     }
 }
 
@@ -132,15 +197,27 @@ impl SplitStream for UnixStream {
     fn shutdown_both(&self) {
         let _ = self.shutdown(Shutdown::Both);
     }
+    fn set_write_limit(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(timeout)
+    }
 }
 
 /// Length-prefixed frames over a TCP or Unix stream. A reader thread
 /// collects incoming frames, so `recv` can wait with a timeout without
 /// losing a frame half-read.
+///
+/// A send that times out or fails part-way shuts the stream down (the
+/// peer sees a cut, never a frame run into the next), and every later
+/// send fails with [`TransportError::Closed`]. Dropping the transport
+/// returns promptly in any state: it drops the read-ahead queue (waking a
+/// reader blocked on it), shuts the stream down (waking a reader blocked
+/// in `read`), and joins the reader.
 pub struct StreamTransport<S: SplitStream> {
     writer: S,
     rx: Receiver<Result<Bytes, TransportError>>,
     reader: Option<std::thread::JoinHandle<()>>,
+    send_timeout: Option<Duration>,
+    broken: bool,
 }
 
 impl<S: SplitStream> std::fmt::Debug for StreamTransport<S> {
@@ -172,6 +249,8 @@ impl<S: SplitStream> StreamTransport<S> {
             writer: stream,
             rx,
             reader: Some(reader),
+            send_timeout: None,
+            broken: false,
         })
     }
 }
@@ -220,6 +299,9 @@ fn read_frame<R: Read>(r: &mut R) -> Result<Bytes, TransportError> {
 
 impl<S: SplitStream> Transport for StreamTransport<S> {
     fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
+        if self.broken {
+            return Err(TransportError::Closed);
+        }
         if frame.len() > MAX_FRAME_LEN {
             return Err(TransportError::FrameTooLarge {
                 len: frame.len() as u64,
@@ -245,21 +327,41 @@ impl<S: SplitStream> Transport for StreamTransport<S> {
                 }
             }
         }
-        r.map_err(|e| match e.kind() {
-            io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted => TransportError::Closed,
-            _ => TransportError::Io(e),
+        r.map_err(|e| {
+            // Part of the frame may be on the wire: the stream cannot
+            // carry another frame, so the peer is shown a cut.
+            self.broken = true;
+            self.writer.shutdown_both();
+            match e.kind() {
+                io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted => TransportError::Closed,
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    TransportError::Timeout(self.send_timeout.unwrap_or_default())
+                }
+                _ => TransportError::Io(e),
+            }
         })
     }
 
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
         recv_from(&self.rx, timeout)
     }
+
+    fn set_send_timeout(&mut self, timeout: Option<Duration>) {
+        let timeout = timeout.filter(|t| !t.is_zero());
+        if self.writer.set_write_limit(timeout).is_ok() {
+            self.send_timeout = timeout;
+        }
+    }
 }
 
 impl<S: SplitStream> Drop for StreamTransport<S> {
     fn drop(&mut self) {
+        // Drop the read-ahead queue first: a reader blocked on a full
+        // queue then fails its send and stops.
+        let (_, empty) = mpsc::sync_channel(0);
+        drop(std::mem::replace(&mut self.rx, empty));
         self.writer.shutdown_both();
         if let Some(h) = self.reader.take() {
             let _ = h.join();
@@ -311,6 +413,68 @@ mod tests {
             Err(TransportError::FrameTooLarge { len, .. }) => assert_eq!(len, u32::MAX as u64),
             other => panic!("expected FrameTooLarge, got {other:?}"),
         }
+    }
+
+    /// Finding 3: dropping a transport whose reader holds a full
+    /// read-ahead queue (and is blocked on it) must return.
+    #[test]
+    fn dropping_a_stream_transport_with_unread_frames_returns() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut sender = StreamTransport::new(a).unwrap();
+        let receiver = StreamTransport::new(b).unwrap();
+        for _ in 0..(READ_AHEAD + 8) {
+            sender.send(&[9u8; 4096]).unwrap();
+        }
+        // Let the reader fill its queue and block on it.
+        std::thread::sleep(Duration::from_millis(100));
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            drop(receiver);
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(1)).is_ok(),
+            "dropping the transport did not return within a second"
+        );
+        drop(sender);
+    }
+
+    /// Finding 3: a send to a peer that stops reading without closing
+    /// fails within the send timeout, and the stream is then shut.
+    #[test]
+    fn send_to_a_peer_that_never_reads_times_out() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut t = StreamTransport::new(a).unwrap();
+        t.set_send_timeout(Some(Duration::from_millis(200)));
+        let start = Instant::now();
+        let frame = vec![1u8; 1 << 20];
+        let err = loop {
+            if let Err(e) = t.send(&frame) {
+                break e;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "sends never failed"
+            );
+        };
+        assert!(matches!(err, TransportError::Timeout(_)), "{err:?}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(matches!(t.send(b"x"), Err(TransportError::Closed)));
+        drop(b);
+    }
+
+    #[test]
+    fn channel_send_to_a_peer_that_never_reads_times_out() {
+        let (mut a, b) = channel_pair(2);
+        a.set_send_timeout(Some(Duration::from_millis(100)));
+        a.send(b"1").unwrap();
+        a.send(b"2").unwrap();
+        let start = Instant::now();
+        assert!(matches!(a.send(b"3"), Err(TransportError::Timeout(_))));
+        assert!(start.elapsed() >= Duration::from_millis(100));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        drop(b);
+        assert!(matches!(a.send(b"4"), Err(TransportError::Closed)));
     }
 
     #[test]

@@ -6,13 +6,14 @@ use migrate_core::backend::{
     BackendError, BackendErrorKind, DeviceState, GuestControl, PageSink, PageSource,
 };
 use migrate_core::clock::{Clock, VirtualClock};
-use migrate_core::digest::{digest_memory, DigestBuilder, MemoryDigest};
+use migrate_core::digest::{completion_digest, digest_memory, DigestBuilder, MemoryDigest};
 use migrate_core::driver::run_destination;
 use migrate_core::engine::{DestStatus, DestinationEngine};
 use migrate_core::error::{ErrorKind, MigrationError};
 use migrate_core::page::{MemoryLayout, PageNum, PageSize, Region};
 use migrate_core::protocol::{
-    encode_page_batch, encode_to_vec, Decoder, ProtocolError, Record, RecordType, VERSION,
+    encode_page_batch, encode_to_vec, Decoder, ProtocolError, Record, RecordType, Sequencer,
+    RECORD_HEADER_LEN, VERSION,
 };
 use migrate_core::transport::{channel_pair, Transport, TransportError};
 use std::sync::Arc;
@@ -26,6 +27,9 @@ use std::time::Duration;
 struct TestMemory {
     layout: MemoryLayout,
     bytes: Vec<u8>,
+    /// A page this sink stores wrongly (one byte flipped), as faulty
+    /// memory would.
+    corrupt_page: Option<PageNum>,
 }
 
 impl TestMemory {
@@ -34,6 +38,7 @@ impl TestMemory {
         TestMemory {
             layout: layout.clone(),
             bytes: vec![0; layout.total_bytes() as usize],
+            corrupt_page: None,
         }
     }
 
@@ -114,7 +119,11 @@ impl PageSink for TestMemory {
     fn write_page(&mut self, page: PageNum, data: &[u8]) -> Result<(), BackendError> {
         assert_eq!(data.len(), self.layout.page_size().get());
         let r = self.range(page).ok_or_else(|| invalid(page))?;
+        let at = r.start;
         self.bytes[r].copy_from_slice(data);
+        if self.corrupt_page == Some(page) {
+            self.bytes[at] ^= 0x20;
+        }
         Ok(())
     }
 
@@ -159,7 +168,51 @@ impl GuestControl for TestGuest {
     }
 }
 
-type Engine = DestinationEngine<TestMemory, TestGuest>;
+/// The destination engine, fed frames numbered as a source numbers them:
+/// each frame handed to [`Engine::handle_frame`] is stamped with the next
+/// sequence number first, so the streams below are built from the plain
+/// encoders and still arrive in sequence.
+struct Engine {
+    inner: DestinationEngine<TestMemory, TestGuest>,
+    seq: Sequencer,
+}
+
+impl Engine {
+    fn handle_frame(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
+        let mut f = frame.to_vec();
+        self.seq.seal(&mut f);
+        self.inner.handle_frame(&f)
+    }
+
+    fn into_parts(self) -> (TestMemory, TestGuest) {
+        self.inner.into_parts()
+    }
+}
+
+impl std::ops::Deref for Engine {
+    type Target = DestinationEngine<TestMemory, TestGuest>;
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Engine {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.inner
+    }
+}
+
+/// `frames` numbered 0, 1, 2, … as a source sends them.
+fn sealed(frames: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let mut seq = Sequencer::new();
+    frames
+        .into_iter()
+        .map(|mut f| {
+            seq.seal(&mut f);
+            f
+        })
+        .collect()
+}
 
 // ------------------------------------------------------------ the streams
 
@@ -187,7 +240,10 @@ const HOLE: PageNum = 7;
 
 fn engine() -> Engine {
     let clock: Arc<dyn Clock> = Arc::new(VirtualClock::new());
-    DestinationEngine::new(TestMemory::zeroed(&layout()), TestGuest::default(), clock)
+    Engine {
+        inner: DestinationEngine::new(TestMemory::zeroed(&layout()), TestGuest::default(), clock),
+        seq: Sequencer::new(),
+    }
 }
 
 fn device_state() -> DeviceState {
@@ -245,10 +301,12 @@ fn state_frame() -> Vec<u8> {
     encode_to_vec(&Record::DeviceState(device_state()))
 }
 
+/// A completion record for memory of digest `digest` and the
+/// [`device_state`] (the record binds the two).
 fn complete(total_pages: u64, digest: MemoryDigest) -> Vec<u8> {
     encode_to_vec(&Record::Complete {
         total_pages,
-        digest,
+        digest: completion_digest(digest, &device_state()),
     })
 }
 
@@ -509,8 +567,11 @@ fn completion_whose_digest_does_not_match() {
     let (err, memory, guest) = fails_on_last(&stream);
     match err {
         MigrationError::DigestMismatch { expected, actual } => {
-            assert_eq!(expected, claimed.digest());
-            assert_eq!(actual, src.digest());
+            assert_eq!(
+                expected,
+                completion_digest(claimed.digest(), &device_state())
+            );
+            assert_eq!(actual, completion_digest(src.digest(), &device_state()));
         }
         other => panic!("{other:?}"),
     }
@@ -534,8 +595,8 @@ fn pages_corrupted_in_a_valid_frame_fail_the_digest() {
     let (err, memory, _) = fails_on_last(&stream);
     match err {
         MigrationError::DigestMismatch { expected, actual } => {
-            assert_eq!(expected, src.digest());
-            assert_eq!(actual, wrong.digest());
+            assert_eq!(expected, completion_digest(src.digest(), &device_state()));
+            assert_eq!(actual, completion_digest(wrong.digest(), &device_state()));
         }
         other => panic!("{other:?}"),
     }
@@ -741,7 +802,7 @@ fn garbled_frames_are_protocol_errors() {
 
     // Not a migration stream.
     let mut h = header();
-    h[8] = b'X';
+    h[RECORD_HEADER_LEN] = b'X';
     let (err, _, _) = fails_on_last(&[h]);
     assert!(
         matches!(err, MigrationError::Protocol(ProtocolError::BadMagic)),
@@ -1011,8 +1072,8 @@ fn postcopy_completion_whose_digest_does_not_match() {
     arrived.page_mut(14).copy_from_slice(before.page(14));
     match err {
         MigrationError::DigestMismatch { expected, actual } => {
-            assert_eq!(expected, after.digest());
-            assert_eq!(actual, arrived.digest());
+            assert_eq!(expected, completion_digest(after.digest(), &device_state()));
+            assert_eq!(actual, completion_digest(arrived.digest(), &device_state()));
         }
         other => panic!("{other:?}"),
     }
@@ -1024,7 +1085,7 @@ fn postcopy_completion_whose_digest_does_not_match() {
 #[test]
 fn driver_reports_a_closed_stream_and_does_not_resume() {
     let src = source();
-    let stream = good_stream(&src);
+    let stream = sealed(good_stream(&src));
     let half = stream.len() / 2;
     assert!(half > 2);
     let (mut source_end, mut dest_end) = channel_pair(stream.len());
@@ -1047,7 +1108,7 @@ fn driver_reports_a_closed_stream_and_does_not_resume() {
         replies
     });
     let mut e = engine();
-    let r = run_destination(&mut e, &mut dest_end, Duration::from_secs(30));
+    let r = run_destination(&mut e.inner, &mut dest_end, Duration::from_secs(30));
     assert!(
         matches!(r, Err(MigrationError::Transport(TransportError::Closed))),
         "{r:?}"
@@ -1071,14 +1132,14 @@ fn driver_reports_a_closed_stream_and_does_not_resume() {
 #[test]
 fn driver_reports_a_source_gone_before_reading_replies() {
     let src = source();
-    let stream = good_stream(&src);
+    let stream = sealed(good_stream(&src));
     let (mut source_end, mut dest_end) = channel_pair(stream.len());
     for f in &stream[..stream.len() - 1] {
         source_end.send(f).unwrap();
     }
     drop(source_end);
     let mut e = engine();
-    let r = run_destination(&mut e, &mut dest_end, Duration::from_secs(30));
+    let r = run_destination(&mut e.inner, &mut dest_end, Duration::from_secs(30));
     assert!(
         matches!(r, Err(MigrationError::Transport(TransportError::Closed))),
         "{r:?}"
@@ -1092,15 +1153,15 @@ fn driver_reports_a_source_gone_before_reading_replies() {
 fn driver_sends_an_abort_back_on_a_bad_stream() {
     let src = source();
     let (mut source_end, mut dest_end) = channel_pair(16);
-    for f in [
+    for f in sealed(vec![
         header(),
         layout_frame(&src.layout),
         encode_to_vec(&Record::PageRequest(vec![1])),
-    ] {
+    ]) {
         source_end.send(&f).unwrap();
     }
     let mut e = engine();
-    let r = run_destination(&mut e, &mut dest_end, Duration::from_secs(30));
+    let r = run_destination(&mut e.inner, &mut dest_end, Duration::from_secs(30));
     assert!(
         matches!(
             r,
@@ -1128,13 +1189,13 @@ fn driver_sends_an_abort_back_on_a_bad_stream() {
 #[test]
 fn driver_runs_a_good_stream_to_resume() {
     let src = source();
-    let stream = good_stream(&src);
+    let stream = sealed(good_stream(&src));
     let (mut source_end, mut dest_end) = channel_pair(stream.len());
     for f in &stream {
         source_end.send(f).unwrap();
     }
     let mut e = engine();
-    let report = run_destination(&mut e, &mut dest_end, Duration::from_secs(30)).unwrap();
+    let report = run_destination(&mut e.inner, &mut dest_end, Duration::from_secs(30)).unwrap();
     assert_eq!(report.digest, Some(src.digest()));
     assert!(report.resume_confirmed);
     assert!(e.resumed());
@@ -1196,9 +1257,9 @@ fn driver_keeps_a_resumed_guest_when_the_confirmation_is_lost() {
     // resume confirmation can go back: the guest runs here, so this is a
     // success whose confirmation is missing, not a failure.
     let src = source();
-    let mut t = Scripted::new(good_stream(&src), 2);
+    let mut t = Scripted::new(sealed(good_stream(&src)), 2);
     let mut e = engine();
-    let report = run_destination(&mut e, &mut t, Duration::from_secs(1)).unwrap();
+    let report = run_destination(&mut e.inner, &mut t, Duration::from_secs(1)).unwrap();
     assert!(!report.resume_confirmed);
     assert_eq!(report.digest, Some(src.digest()));
     assert_eq!(t.sent, vec![RecordType::Header, RecordType::Ready]);
@@ -1213,9 +1274,9 @@ fn driver_does_not_resume_when_replies_cannot_be_sent() {
     // The source stops listening after our header: the layout's Ready
     // cannot go back, and the engine is failed.
     let src = source();
-    let mut t = Scripted::new(good_stream(&src), 1);
+    let mut t = Scripted::new(sealed(good_stream(&src)), 1);
     let mut e = engine();
-    let r = run_destination(&mut e, &mut t, Duration::from_secs(1));
+    let r = run_destination(&mut e.inner, &mut t, Duration::from_secs(1));
     assert!(
         matches!(r, Err(MigrationError::Transport(TransportError::Closed))),
         "{r:?}"
@@ -1278,4 +1339,149 @@ fn discard_bitmap_marks_pages_absent_and_rejects_holes() {
     stream.push(discard_bitmap(0, vec![1 << 6]));
     let (err, _, _) = fails_on_last(&stream);
     assert!(matches!(err, MigrationError::PageOutOfRange(6)), "{err:?}");
+}
+
+// ------------------------------------------------ issue 15: integrity
+
+/// Finding 1: a post-copy resume with a page that was neither received
+/// nor discarded (a lost batch or a lost discard) is refused: the guest
+/// would see memory that is not the source's.
+#[test]
+fn postcopy_resume_with_a_page_neither_received_nor_discarded_is_refused() {
+    let (before, _) = postcopy_source();
+    let all: Vec<PageNum> = before.layout.pages().collect();
+    // Every page but 12 arrives; pages 1 and 14 are discarded.
+    let sent: Vec<PageNum> = all.iter().copied().filter(|p| *p != 12).collect();
+    let frames = vec![
+        header(),
+        layout_frame(&before.layout),
+        pages(&before, 1, &sent),
+        round_end(1, sent.len() as u64),
+        postcopy_switch_over(2),
+        discard(&[(1, 1), (14, 1)]),
+        state_frame(),
+    ];
+    let (err, _, guest) = fails_on_last(&frames);
+    match &err {
+        MigrationError::Incomplete(why) => assert!(why.contains("1 of 12"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(err.kind(), ErrorKind::PeerMisbehaved);
+    assert!(guest.restored.is_none(), "state restored");
+}
+
+/// Finding 1: the completion check covers memory as the destination
+/// holds it: a sink that stores a page wrongly fails it, although every
+/// page arrived intact.
+#[test]
+fn completion_checks_memory_as_the_destination_holds_it() {
+    let src = source();
+    let mut e = engine();
+    e.inner = DestinationEngine::new(
+        TestMemory {
+            corrupt_page: Some(13),
+            ..TestMemory::zeroed(&layout())
+        },
+        TestGuest::default(),
+        Arc::new(VirtualClock::new()),
+    );
+    let stream = good_stream(&src);
+    let (last, init) = stream.split_last().unwrap();
+    for f in init {
+        assert_eq!(e.handle_frame(f).unwrap(), DestStatus::Continue);
+    }
+    let err = e.handle_frame(last).unwrap_err();
+    assert!(
+        matches!(err, MigrationError::DigestMismatch { .. }),
+        "{err}"
+    );
+    assert!(!e.resumed());
+    let (_, guest) = e.into_parts();
+    assert!(guest.restored.is_none() && !guest.resumed);
+}
+
+/// Finding 1: the completion digest covers the device state: a state
+/// other than the one the source saved (altered, or from another run) is
+/// refused before it is restored.
+#[test]
+fn completion_checks_the_device_state() {
+    let src = source();
+    let mut stream = good_stream(&src);
+    let state_at = stream.len() - 2;
+    let mut other = device_state();
+    other.data[3] ^= 1;
+    stream[state_at] = encode_to_vec(&Record::DeviceState(other));
+    let (err, memory, guest) = fails_on_last(&stream);
+    assert!(
+        matches!(err, MigrationError::DigestMismatch { .. }),
+        "{err}"
+    );
+    assert_eq!(memory.bytes, src.bytes, "memory itself was whole");
+    assert!(guest.restored.is_none());
+}
+
+/// Finding 1: a lost, repeated or altered frame anywhere in a good
+/// stream never lets the guest resume.
+#[test]
+fn no_lost_repeated_or_altered_frame_lets_the_guest_resume() {
+    let src = source();
+    let stream = sealed(good_stream(&src));
+    for k in 0..stream.len() {
+        let mut variants: Vec<Vec<Vec<u8>>> = Vec::new();
+        // Lost.
+        let mut lost = stream.clone();
+        lost.remove(k);
+        variants.push(lost);
+        // Repeated.
+        let mut repeated = stream.clone();
+        repeated.insert(k, stream[k].clone());
+        variants.push(repeated);
+        // Altered: one byte flipped in the middle.
+        let mut altered = stream.clone();
+        let mid = altered[k].len() / 2;
+        altered[k][mid] ^= 0x04;
+        variants.push(altered);
+        for (v, frames) in variants.into_iter().enumerate() {
+            let mut e = engine();
+            let mut resumed_at = None;
+            for (i, f) in frames.iter().enumerate() {
+                match e.inner.handle_frame(f) {
+                    Ok(DestStatus::Continue) => {}
+                    Ok(_) => {
+                        resumed_at = Some(i);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            // Only a repeat of the completion itself, after the whole
+            // stream arrived intact, comes after the resume.
+            let fine = v == 1 && resumed_at.is_some_and(|i| i <= k);
+            assert!(
+                resumed_at.is_none() || fine,
+                "frame {k}, variant {v}: resumed at {resumed_at:?}"
+            );
+        }
+    }
+}
+
+/// Finding 4: the kinds a caller acts on.
+#[test]
+fn error_kinds_for_unknown_outcomes() {
+    assert_eq!(
+        MigrationError::OutcomeUnknown("cut".into()).kind(),
+        ErrorKind::Settle
+    );
+    assert_eq!(
+        MigrationError::SourceLost("cut".into()).kind(),
+        ErrorKind::Settle
+    );
+    assert_eq!(
+        MigrationError::Transport(TransportError::Closed).kind(),
+        ErrorKind::Retry
+    );
+    assert_eq!(
+        MigrationError::Incomplete("short".into()).kind(),
+        ErrorKind::PeerMisbehaved
+    );
 }

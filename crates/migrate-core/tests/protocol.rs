@@ -114,10 +114,15 @@ fn raw_frame(code: u8, body: &[u8]) -> Vec<u8> {
 }
 
 /// A frame whose header claims `len` bytes of body, whatever `body` holds.
+///
+/// The frame carries sequence number 0 and a CRC over the bytes given, so
+/// the decoder's structural checks, not the CRC, are what it meets.
 fn raw_frame_len(code: u8, len: u32, body: &[u8]) -> Vec<u8> {
     let mut f = vec![code, 0, 0, 0];
     f.extend_from_slice(&len.to_le_bytes());
+    f.extend_from_slice(&[0; 8]);
     f.extend_from_slice(body);
+    protocol::reseal(&mut f);
     f
 }
 
@@ -627,7 +632,10 @@ proptest! {
         let checksum = frame.len() - 8;
         prop_assume!(data < checksum);
         let i = data + at.index(checksum - data);
-        let bad = flipped(&frame, i, mask);
+        let mut bad = flipped(&frame, i, mask);
+        // Past the frame's CRC (which the sender would have computed over
+        // the wrong data), the batch's own checksum catches it.
+        protocol::reseal(&mut bad);
         let r = decoder_after_layout(input.page_size).decode(&bad);
         let stored = u64::from_le_bytes(frame[checksum..].try_into().unwrap());
         prop_assert!(
@@ -1038,6 +1046,7 @@ fn bad_magic() {
     let mut f = header_frame();
     assert_eq!(&f[RECORD_HEADER_LEN..RECORD_HEADER_LEN + 8], &MAGIC);
     f[RECORD_HEADER_LEN + 7] = b'X';
+    protocol::reseal(&mut f);
     assert_eq!(Decoder::new().decode(&f), Err(ProtocolError::BadMagic));
     // A refused header leaves the decoder waiting for one.
     let mut d = Decoder::new();
@@ -1401,6 +1410,7 @@ fn malformed_reserved_bytes() {
     for (record, at, what) in cases {
         let mut f = encode_to_vec(&record);
         f[RECORD_HEADER_LEN + at] = 0x10;
+        protocol::reseal(&mut f);
         assert_eq!(
             decoder_for(&record).decode(&f),
             Err(ProtocolError::Malformed(what)),
@@ -1409,7 +1419,8 @@ fn malformed_reserved_bytes() {
     }
     // The padding after a batch's flags.
     let f = batch_frame(PageSize::DEFAULT, 1, &[1, 2, 3], &[0, 1, 0]);
-    let bad = flipped(&f, batch_flags_offset(3) + 3, 1);
+    let mut bad = flipped(&f, batch_flags_offset(3) + 3, 1);
+    protocol::reseal(&mut bad);
     assert_eq!(
         decoder_after_layout(PageSize::DEFAULT).decode(&bad),
         Err(ProtocolError::Malformed("page batch padding"))
@@ -1429,6 +1440,7 @@ fn malformed_page_flags() {
     ] {
         let mut bad = f.clone();
         bad[at] = value;
+        protocol::reseal(&mut bad);
         assert_eq!(
             decoder_after_layout(PageSize::DEFAULT).decode(&bad),
             Err(ProtocolError::Malformed("page flags"))
@@ -1443,6 +1455,7 @@ fn malformed_text() {
     });
     let at = f.len() - 2;
     f[at] = 0xff;
+    protocol::reseal(&mut f);
     assert_eq!(
         decoder_after_header().decode(&f),
         Err(ProtocolError::Malformed("abort reason"))
@@ -1464,10 +1477,117 @@ fn malformed_text() {
         data: vec![0xff; 4],
     }));
     f[RECORD_HEADER_LEN + 12] = 0xc3;
+    protocol::reseal(&mut f);
     assert_eq!(
         decoder_after_header().decode(&f),
         Err(ProtocolError::Malformed("device state format name"))
     );
+}
+
+/// Finding 1: a flipped byte anywhere in any record (control records
+/// included) is refused by the frame's CRC, and a frame cut short is
+/// refused as truncated.
+#[test]
+fn any_flipped_byte_in_any_record_fails_the_frame_checksum() {
+    let records = [
+        Record::Discard(vec![(1, 2), (9, 4)]),
+        Record::DiscardBitmap {
+            first_page: 64,
+            words: vec![0xf0f0, 1],
+        },
+        Record::DeviceState(DeviceState {
+            format: "sim".into(),
+            version: 1,
+            data: vec![1, 2, 3, 4, 5, 6, 7, 8],
+        }),
+        Record::SwitchOver {
+            round: 4,
+            postcopy: true,
+        },
+        Record::RoundEnd {
+            round: 2,
+            pages_sent: 7,
+        },
+        Record::Complete {
+            total_pages: 12,
+            digest: migrate_core::MemoryDigest(0x1234_5678),
+        },
+    ];
+    for record in records {
+        let f = encode_to_vec(&record);
+        for at in 0..f.len() {
+            for mask in [0x01u8, 0x80] {
+                let bad = flipped(&f, at, mask);
+                let r = decoder_for(&record).decode(&bad);
+                assert!(r.is_err(), "{record:?}: flip at {at} accepted: {r:?}");
+                if (RECORD_HEADER_LEN..f.len()).contains(&at) || (8..16).contains(&at) {
+                    assert!(
+                        matches!(r, Err(ProtocolError::FrameChecksum { .. })),
+                        "{record:?}: flip at {at}: {r:?}"
+                    );
+                }
+            }
+        }
+        for cut in 0..f.len() {
+            assert!(decoder_for(&record).decode(&f[..cut]).is_err());
+        }
+    }
+}
+
+/// Finding 1: a sequenced decoder refuses a lost, repeated or reordered
+/// frame; aborts are accepted whatever their number.
+#[test]
+fn sequenced_decoder_refuses_lost_repeated_and_reordered_frames() {
+    let layout = MemoryLayout::new(PageSize::DEFAULT, vec![region(0, 16)]).unwrap();
+    let frames = |n: u32| -> Vec<Vec<u8>> {
+        let mut seq = protocol::Sequencer::new();
+        let mut v = vec![
+            header_frame(),
+            layout_frame(&layout),
+            encode_to_vec(&Record::Discard(vec![(1, 2)])),
+            encode_to_vec(&Record::RoundEnd {
+                round: 1,
+                pages_sent: 0,
+            }),
+        ];
+        v.truncate(n as usize);
+        for f in &mut v {
+            seq.seal(f);
+        }
+        v
+    };
+    let all = frames(4);
+    // In order: accepted.
+    let mut d = Decoder::sequenced();
+    for f in &all {
+        d.decode(f).unwrap();
+    }
+    // Lost (frame 2 skipped), repeated (frame 1 twice), reordered.
+    for order in [[0, 1, 3], [0, 1, 1], [0, 2, 1]] {
+        let mut d = Decoder::sequenced();
+        let mut result = Ok(());
+        for i in order {
+            if let Err(e) = d.decode(&all[i]) {
+                result = Err(e);
+                break;
+            }
+        }
+        assert!(
+            matches!(result, Err(ProtocolError::OutOfSequence { .. })),
+            "{order:?}: {result:?}"
+        );
+    }
+    // An abort with any number is taken.
+    let mut d = Decoder::sequenced();
+    d.decode(&all[0]).unwrap();
+    let mut abort = protocol::abort_frame("gone");
+    protocol::seal(&mut abort, 77);
+    assert!(matches!(d.decode(&abort), Ok(Record::Abort { .. })));
+    // A plain decoder does not look at numbers.
+    let mut d = Decoder::new();
+    for f in [&all[0], &all[1], &all[1]] {
+        assert!(d.decode(f).is_ok() || f == &all[1]);
+    }
 }
 
 #[test]
@@ -1485,7 +1605,8 @@ fn checksum_mismatch() {
         RECORD_HEADER_LEN + 8,
         f.len() - 1,
     ] {
-        let bad = flipped(&f, at, 0x01);
+        let mut bad = flipped(&f, at, 0x01);
+        protocol::reseal(&mut bad);
         let expected_stored = u64::from_le_bytes(bad[bad.len() - 8..].try_into().unwrap());
         match decoder_after_layout(PageSize::DEFAULT).decode(&bad) {
             Err(ProtocolError::ChecksumMismatch { expected, computed }) => {

@@ -1,0 +1,160 @@
+//! Fault injection: a [`Transport`] wrapper that breaks one frame.
+//!
+//! [`FaultyTransport`] passes frames through to the transport it wraps
+//! until the frame its [`FaultPlan`] names, and does one of six things to
+//! it ([`Fault`]): cuts the connection, flips a byte, drops the frame,
+//! sends it twice, holds it past the peer's timeout, or sends only its
+//! first half. Wrapping the source's end breaks a frame going to the
+//! destination; wrapping the destination's end breaks a reply. The fault
+//! matrix test runs every policy with every fault at every frame index
+//! this way and checks the failure semantics on each run.
+
+use bytes::Bytes;
+use migrate_core::transport::{Transport, TransportError};
+use std::time::Duration;
+
+/// What happens to the chosen frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Fault {
+    /// The connection is cut instead of sending the frame: this send and
+    /// every later one fail, and the peer sees the connection close.
+    Cut,
+    /// One byte of the frame (the middle one) is flipped.
+    Flip,
+    /// The frame is silently not sent.
+    Drop,
+    /// The frame is sent twice.
+    Duplicate,
+    /// The frame is sent after a pause (longer than the peer's timeout).
+    Delay(Duration),
+    /// Only the first half of the frame is sent.
+    Truncate,
+}
+
+impl Fault {
+    /// A short name for tables.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Fault::Cut => "cut",
+            Fault::Flip => "flip byte",
+            Fault::Drop => "drop",
+            Fault::Duplicate => "duplicate",
+            Fault::Delay(_) => "delay",
+            Fault::Truncate => "truncate",
+        }
+    }
+}
+
+/// Which frame to break.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultAt {
+    /// The frame with this index among those sent through the wrapper
+    /// (0 is the first).
+    Index(usize),
+    /// The first frame whose record type code is this.
+    FirstOfType(u8),
+}
+
+/// A fault and the frame it hits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// What happens.
+    pub fault: Fault,
+    /// To which frame.
+    pub at: FaultAt,
+}
+
+/// A transport that breaks one frame as its plan says (or none, with no
+/// plan) and counts the frames sent through it.
+#[derive(Debug)]
+pub struct FaultyTransport<T: Transport> {
+    inner: Option<T>,
+    plan: Option<FaultPlan>,
+    sent: usize,
+    fired: bool,
+}
+
+impl<T: Transport> FaultyTransport<T> {
+    /// Wraps `inner`; `plan` `None` passes every frame through.
+    pub fn new(inner: T, plan: Option<FaultPlan>) -> Self {
+        FaultyTransport {
+            inner: Some(inner),
+            plan,
+            sent: 0,
+            fired: false,
+        }
+    }
+
+    /// Frames handed to `send` so far.
+    pub fn frames_sent(&self) -> usize {
+        self.sent
+    }
+
+    /// Whether the fault has happened.
+    pub fn fired(&self) -> bool {
+        self.fired
+    }
+
+    fn hits(&self, frame: &[u8]) -> Option<Fault> {
+        let plan = self.plan?;
+        if self.fired {
+            return None;
+        }
+        let hit = match plan.at {
+            FaultAt::Index(i) => i == self.sent,
+            FaultAt::FirstOfType(t) => frame.first() == Some(&t),
+        };
+        hit.then_some(plan.fault)
+    }
+}
+
+impl<T: Transport> Transport for FaultyTransport<T> {
+    fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
+        let fault = self.hits(frame);
+        self.sent += 1;
+        let Some(inner) = self.inner.as_mut() else {
+            return Err(TransportError::Closed);
+        };
+        let Some(fault) = fault else {
+            return inner.send(frame);
+        };
+        self.fired = true;
+        match fault {
+            Fault::Cut => {
+                self.inner = None;
+                Err(TransportError::Closed)
+            }
+            Fault::Flip => {
+                let mut f = frame.to_vec();
+                let at = f.len() / 2;
+                if let Some(b) = f.get_mut(at) {
+                    *b ^= 0x01;
+                }
+                inner.send(&f)
+            }
+            Fault::Drop => Ok(()),
+            Fault::Duplicate => {
+                inner.send(frame)?;
+                inner.send(frame)
+            }
+            Fault::Delay(d) => {
+                std::thread::sleep(d);
+                inner.send(frame)
+            }
+            Fault::Truncate => inner.send(&frame[..frame.len() / 2]),
+        }
+    }
+
+    fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
+        match self.inner.as_mut() {
+            Some(t) => t.recv(timeout),
+            None => Err(TransportError::Closed),
+        }
+    }
+
+    fn set_send_timeout(&mut self, timeout: Option<Duration>) {
+        if let Some(t) = self.inner.as_mut() {
+            t.set_send_timeout(timeout);
+        }
+    }
+}
