@@ -18,9 +18,8 @@ use clap::{Parser, ValueEnum};
 use livemig::core::driver::run_source;
 use livemig::core::units::{parse_rate, parse_size};
 use livemig::core::{
-    Clock, DestinationEngine, EngineConfig, GuestControl, Hca, HcaConfig, Hybrid, HybridConfig,
-    PageSource, Policy, PostCopy, Precopy, PrecopyConfig, Prepaging, SourceEngine, SourceVerify,
-    StopAndCopy, StreamTransport, SystemClock,
+    Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, PolicyConfig, PolicyKind,
+    Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock,
 };
 use livemig::kvm::{run_kvm_destination, DirtyLog, Pacing, TestVm};
 use serde_json::{json, Value};
@@ -29,22 +28,6 @@ use std::net::TcpListener;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum PolicyArg {
-    /// Iterative pre-copy.
-    Precopy,
-    /// Pause, copy everything, resume.
-    StopAndCopy,
-    /// Hierarchical copy: per-page write counts sampled from the dirty
-    /// log, cold pages first, hot pages held for the final copy.
-    Hca,
-    /// Post-copy: the guest moves at once and runs on the destination
-    /// while its pages follow (userfaultfd on the destination).
-    Postcopy,
-    /// Pre-copy rounds, then post-copy if pre-copy would not converge.
-    Hybrid,
-}
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum TrackerArg {
@@ -98,9 +81,11 @@ struct Args {
     /// Who holds the guest to --dirty-rate.
     #[arg(long, value_enum, default_value = "vmm")]
     pacing: PacingArg,
-    /// Migration policy.
-    #[arg(long, value_enum, default_value = "precopy")]
-    policy: PolicyArg,
+    /// Migration policy: precopy, stop-and-copy, hca, postcopy or hybrid
+    /// (post-copy moves the guest at once and runs it on the destination
+    /// while its pages follow, through userfaultfd).
+    #[arg(long, default_value = "precopy")]
+    policy: PolicyKind,
     /// Post-copy push order (post-copy and hybrid): sequential, bubbling
     /// or multi-pivot.
     #[arg(long, default_value = "multi-pivot")]
@@ -185,7 +170,7 @@ fn destination(a: &Args) -> Result<bool, String> {
         .ok_or("invalid: the destination needs --connect")?;
     let vm = TestVm::destination_smp(a.mem, a.vcpus, REPORT_EVERY, rate(a))
         .map_err(|e| e.to_string())?;
-    if matches!(a.policy, PolicyArg::Postcopy | PolicyArg::Hybrid) {
+    if a.policy.may_postcopy() {
         vm.memory().enable_postcopy().map_err(|e| e.to_string())?;
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
@@ -229,7 +214,7 @@ fn source(a: &Args) -> Result<bool, String> {
         .args(["--mem", &a.mem.to_string(), "--wss", &a.wss.to_string()])
         .args(["--vcpus", &a.vcpus.to_string()])
         .args(["--huge-pages", &a.huge_pages])
-        .args(["--policy", a.policy.to_possible_value().unwrap().get_name()])
+        .args(["--policy", a.policy.name()])
         .args(["--pacing", a.pacing.to_possible_value().unwrap().get_name()])
         .args([
             "--dirty-rate",
@@ -252,25 +237,10 @@ fn source(a: &Args) -> Result<bool, String> {
     let mut t = StreamTransport::new(stream).map_err(|e| e.to_string())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let target = Duration::from_millis(a.downtime_target_ms);
-    let policy: Box<dyn Policy> = match a.policy {
-        PolicyArg::Precopy => Box::new(Precopy::new(PrecopyConfig {
-            downtime_target: target,
-            ..PrecopyConfig::default()
-        })),
-        PolicyArg::StopAndCopy => Box::new(StopAndCopy),
-        PolicyArg::Hca => Box::new(Hca::new(HcaConfig::default())),
-        PolicyArg::Postcopy => Box::new(PostCopy::new(a.prepaging)),
-        PolicyArg::Hybrid => {
-            let d = HybridConfig::default();
-            Box::new(Hybrid::new(HybridConfig {
-                prepaging: a.prepaging,
-                precopy: PrecopyConfig {
-                    downtime_target: target,
-                    ..d.precopy
-                },
-            }))
-        }
-    };
+    let mut config = PolicyConfig::default();
+    config.precopy.downtime_target = target;
+    config.hybrid_precopy.downtime_target = target;
+    let policy = a.policy.with_prepaging(a.prepaging).build(&config);
     let mut e = SourceEngine::new(
         vm.tracker(),
         vm.pages(),
@@ -336,7 +306,7 @@ fn source(a: &Args) -> Result<bool, String> {
         );
     } else {
         println!(
-            "KVM guest: {} MiB, working set {} MiB, dirty rate {:.0} MB/s, policy {:?}, {:?} dirty log, huge pages {}, source pid {}, destination pid {}",
+            "KVM guest: {} MiB, working set {} MiB, dirty rate {:.0} MB/s, policy {}, {:?} dirty log, huge pages {}, source pid {}, destination pid {}",
             a.mem >> 20,
             a.wss >> 20,
             a.dirty_rate / 1e6,

@@ -34,9 +34,8 @@ use livemig::core::driver::{run_destination, run_destination_serving, run_source
 use livemig::core::transport::SplitStream;
 use livemig::core::MemoryLayout;
 use livemig::core::{
-    Clock, DestinationEngine, DestinationReport, EngineConfig, Hca, HcaConfig, Hybrid,
-    HybridConfig, MigrationStats, Policy, PostCopy, Precopy, PrecopyConfig, Prepaging,
-    SourceEngine, SourceVerify, StopAndCopy, StreamTransport, SystemClock,
+    Clock, DestinationEngine, DestinationReport, EngineConfig, MigrationStats, Policy,
+    PolicyConfig, PolicyKind, SourceEngine, SourceVerify, StreamTransport, SystemClock,
 };
 use livemig::xen::domain::{common_layout, regions_from_text, regions_to_text, SourceFrames};
 use livemig::xen::paging::Pager;
@@ -48,21 +47,6 @@ use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum PolicyArg {
-    /// Iterative pre-copy.
-    Precopy,
-    /// Pause, copy everything, resume.
-    StopAndCopy,
-    /// Hierarchical copy: cold pages first, hot pages held for the end.
-    Hca,
-    /// Resume at once at the destination, pages follow on demand (needs
-    /// memory paging on the receiving hypervisor; HVM/PVH only).
-    Postcopy,
-    /// Pre-copy rounds, then post-copy for what is left.
-    Hybrid,
-}
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum VerifyArg {
@@ -99,9 +83,12 @@ struct Args {
     /// sender.
     #[arg(long)]
     listen: Option<String>,
-    /// Migration policy.
-    #[arg(long, value_enum, default_value = "precopy")]
-    policy: PolicyArg,
+    /// Migration policy: precopy, stop-and-copy, hca, postcopy[:PREPAGING]
+    /// or hybrid[:PREPAGING]. Post-copy resumes at once at the destination
+    /// while pages follow on demand (it needs memory paging on the
+    /// receiving hypervisor; HVM/PVH only).
+    #[arg(long, default_value = "precopy")]
+    policy: PolicyKind,
     /// How the source is stopped for the final copy (the receiver must be
     /// given the same).
     #[arg(long, value_enum, default_value = "suspend")]
@@ -221,31 +208,20 @@ fn prepare_destination(
 }
 
 fn policy(a: &Args) -> Box<dyn Policy> {
-    match a.policy {
-        PolicyArg::Precopy => Box::new(Precopy::new(precopy_config(a))),
-        PolicyArg::StopAndCopy => Box::new(StopAndCopy),
-        PolicyArg::Hca => Box::new(Hca::new(HcaConfig::default())),
-        PolicyArg::Postcopy => Box::new(PostCopy::new(Prepaging::default())),
-        PolicyArg::Hybrid => Box::new(Hybrid::new(HybridConfig {
-            precopy: precopy_config(a),
-            ..HybridConfig::default()
-        })),
+    let mut config = PolicyConfig::default();
+    for c in [&mut config.precopy, &mut config.hybrid_precopy] {
+        if let Some(ms) = a.downtime_target_ms {
+            c.downtime_target = Duration::from_millis(ms);
+        }
+        if let Some(rounds) = a.max_rounds {
+            c.max_rounds = rounds;
+        }
     }
-}
-
-fn precopy_config(a: &Args) -> PrecopyConfig {
-    let d = PrecopyConfig::default();
-    PrecopyConfig {
-        downtime_target: a
-            .downtime_target_ms
-            .map_or(d.downtime_target, Duration::from_millis),
-        max_rounds: a.max_rounds.unwrap_or(d.max_rounds),
-        ..d
-    }
+    a.policy.build(&config)
 }
 
 fn is_postcopy(a: &Args) -> bool {
-    matches!(a.policy, PolicyArg::Postcopy | PolicyArg::Hybrid)
+    a.policy.may_postcopy()
 }
 
 /// Runs the source engine over `stream`.

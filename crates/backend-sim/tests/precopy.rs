@@ -4,7 +4,8 @@
 
 use backend_sim::{simulate, Link, MemoryMode, SimConfig, SimReport, WorkloadKind, WorkloadSpec};
 use migrate_core::{
-    EngineConfig, MemoryLayout, PageSize, Policy, Precopy, PrecopyConfig, StopAndCopy, SwitchReason,
+    EngineConfig, MemoryLayout, PageSize, Policy, PolicyConfig, PolicyKind, Precopy, PrecopyConfig,
+    StopAndCopy, SwitchReason,
 };
 use std::time::Duration;
 
@@ -320,12 +321,9 @@ fn zero_pages_travel_as_flags() {
 fn every_policy_on_every_workload_verifies() {
     let kinds = ["idle", "uniform", "hotcold", "zipf", "sequential", "phased"];
     for kind in kinds {
-        for policy in ["precopy", "stop-and-copy"] {
+        for policy in [PolicyKind::Precopy, PolicyKind::StopAndCopy] {
             for mode in [MemoryMode::Bytes, MemoryMode::Compact] {
-                let pol: Box<dyn Policy> = match policy {
-                    "precopy" => Box::new(Precopy::default()),
-                    _ => Box::new(StopAndCopy),
-                };
+                let pol = policy.build(&PolicyConfig::default());
                 let mut kind_v: WorkloadKind = kind.parse().unwrap();
                 if let WorkloadKind::Phased { phase } = &mut kind_v {
                     *phase = Duration::from_millis(50);

@@ -22,8 +22,9 @@
 //! - the traits a backend implements ([`backend`]): [`DirtyTracker`],
 //!   [`PageSource`], [`PageSink`], [`GuestControl`]; and [`Clock`];
 //! - policies that decide, purely, what to send and when to switch over
-//!   ([`policy`]): [`Precopy`], [`StopAndCopy`], [`PostCopy`] with
-//!   [`Prepaging`] strategies, [`Hybrid`] and [`Hca`];
+//!   ([`policy`], a file each): [`Precopy`], [`StopAndCopy`], [`PostCopy`]
+//!   with [`Prepaging`] strategies, [`Hybrid`] and [`Hca`], chosen by name
+//!   with [`PolicyKind`];
 //! - a bounded, checksummed wire protocol whose decoder never panics
 //!   ([`protocol`]) and transports for it ([`transport`]);
 //! - source and destination engines as sans-I/O state machines
@@ -46,11 +47,8 @@ pub mod digest;
 pub mod driver;
 pub mod engine;
 pub mod error;
-pub mod hca;
 pub mod page;
 pub mod policy;
-pub mod postcopy;
-pub mod prepaging;
 pub mod protocol;
 pub mod stats;
 pub mod transport;
@@ -67,12 +65,10 @@ pub use engine::{
     SourceVerify,
 };
 pub use error::{ErrorKind, MigrationError};
-pub use hca::{Hca, HcaConfig};
 pub use page::{MemoryLayout, PageNum, PageSize, Region};
 pub use policy::{
-    Decision, PageSelection, Policy, PolicyInput, Precopy, PrecopyConfig, StopAndCopy,
+    Decision, Hca, HcaConfig, Hybrid, HybridConfig, PageSelection, Policy, PolicyConfig,
+    PolicyInput, PolicyKind, PostCopy, Precopy, PrecopyConfig, Prepager, Prepaging, StopAndCopy,
 };
-pub use postcopy::{Hybrid, HybridConfig, PostCopy};
-pub use prepaging::{Prepager, Prepaging};
 pub use stats::{MigrationStats, PostcopyStats, RoundStats, SwitchReason};
 pub use transport::{channel_pair, StreamTransport, Transport, TransportError};

@@ -35,9 +35,9 @@
 //!   shrink the cold and warm part by 5 % (pre-copy's progress rule), and
 //!   the tail is off, empty or over; and by the round and transfer limits.
 
+use super::{Decision, PageSelection, Policy, PolicyInput, Precopy, PrecopyConfig};
 use crate::bitmap::{DirtyBitmap, PageCounts};
 use crate::page::PageNum;
-use crate::policy::{Decision, PageSelection, Policy, PolicyInput, Precopy, PrecopyConfig};
 use crate::stats::SwitchReason;
 use std::time::Duration;
 
