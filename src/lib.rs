@@ -69,3 +69,5 @@ pub use backend_sim as sim;
 pub use backend_kvm as kvm;
 #[cfg(feature = "xen")]
 pub use backend_xen as xen;
+#[cfg(feature = "xen")]
+pub use xen_log;

@@ -1,11 +1,10 @@
-//! Xen backend for livemig, and a reader for Xen's own migration logs.
+//! Xen backend for livemig: log-dirty tracking, foreign memory mapping,
+//! domain control and post-copy paging of Xen domains.
 //!
-//! [`log`] reads the round lines that xend's `XendCheckpoint` and libxc's
-//! `xc:` logging print during a migration into the core's round
-//! statistics, and checks their arithmetic.
+//! Reading the logs Xen itself writes during a migration is the work of
+//! the separate `xen-log` crate.
 
 pub mod domain;
-pub mod log;
 pub mod paging;
 pub mod pv;
 pub mod state;

@@ -1,13 +1,13 @@
 //! Read a Xen migration log and say what its numbers mean.
 //!
 //! ```text
-//! cargo run --release --example xen-log -- crates/backend-xen/tests/data/xend-128mib.log
-//! xl -vvv migrate guest host 2>&1 | cargo run --release --example xen-log
+//! cargo run --release -p xen-log -- crates/xen-log/tests/data/xend-128mib.log
+//! xl -vvv migrate guest host 2>&1 | cargo run --release -p xen-log
 //! ```
 //!
 //! The input is xend's log (its `XendCheckpoint` lines) or libxc's `xc:`
 //! lines as `xl -vvv` prints them, from a file or, with `-` or no
-//! argument, from standard input. The example prints what each field of a
+//! argument, from standard input. The program prints what each field of a
 //! round line means, the rounds as a table, whether the log's own
 //! arithmetic holds (each round's `sent + skipped` against the previous
 //! round's dirtied pages, each rate against `pages · 4096 / (delta · 125)`,
@@ -19,10 +19,10 @@
 //! when the input could not be read or a line could not be parsed.
 
 use clap::Parser;
-use livemig::xen::log::{self, CountsFrom, XenLog, XenRound, XEN_PAGE_SIZE};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::process::ExitCode;
+use xen_log::{self as log, CountsFrom, XenLog, XenRound, ROUND_FIELDS, XEN_PAGE_SIZE};
 
 /// Appends a line to the report.
 macro_rules! say {
@@ -49,40 +49,6 @@ struct Args {
     #[arg(long, value_name = "N")]
     migration: Option<usize>,
 }
-
-/// What each column means; printed once, above the table.
-const GLOSSARY: &[(&str, &str)] = &[
-    (
-        "round",
-        "round number. Round 1 goes over all of the guest's memory; each later round over the pages dirtied during the round before.",
-    ),
-    ("sent", "pages sent in the round."),
-    (
-        "skipped",
-        "pages due in the round that the guest dirtied again while it ran; sending them now would be wasted, so they wait for a later round.",
-    ),
-    (
-        "delta",
-        "wall-clock length of the round in ms: from the end of the previous round's statistics to the end of this one's (sending the pages and reading the dirty log; for the round that says \"Start last iteration\", also suspending the guest).",
-    ),
-    (
-        "dom0",
-        "CPU time of dom0's first vCPU over the round, as % of delta (the saving process runs in dom0, alongside whatever else dom0 does).",
-    ),
-    (
-        "target",
-        "CPU time of the migrating guest's first vCPU over the round, as % of delta; 0 once the guest is suspended.",
-    ),
-    (
-        "sent Mb/s",
-        "sent · 4096 bytes · 8 bits / delta, in megabits (10^6 bits) per second: pages · 4096 / (delta_ms · 125). Xen truncates it to an integer.",
-    ),
-    ("dirtied Mb/s", "the same formula over the dirtied pages."),
-    (
-        "dirtied",
-        "pages the guest wrote during the round, read from the dirty log at its end: exactly what the next round goes over (its sent + skipped). In the final round Xen prints the previous round's count again; the dirty log is not read while the guest is suspended.",
-    ),
-];
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -198,7 +164,7 @@ fn report(o: &mut String, name: &str, xen: &XenLog, which: usize, count: usize) 
 
     if !xen.rounds.is_empty() {
         say!(o, "What the fields of a round line mean");
-        for (field, meaning) in GLOSSARY {
+        for (field, meaning) in ROUND_FIELDS {
             say!(o, "  {field:<14}{}", wrap(meaning, 62, 16));
         }
         say!(o);

@@ -15,7 +15,7 @@
 //! - `synthetic-xl-v2.log`: a migration-v2 (Xen 4.6+) save, which has no
 //!   round lines.
 
-use backend_xen::log::{self, CountsFrom, FindingKind, LogError, XenLog, XEN_PAGE_SIZE};
+use xen_log::{self as log, CountsFrom, FindingKind, LogError, XenLog, XEN_PAGE_SIZE};
 use std::time::Duration;
 
 const XEND: &str = include_str!("data/xend-128mib.log");
