@@ -78,28 +78,31 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![deny(unsafe_code)]
+
 pub use kvm_bindings;
 pub use kvm_ioctls;
 pub use vm_memory;
 
 mod control;
-mod kick;
 mod memory;
 mod postcopy;
-mod ring;
 mod state;
+#[allow(unsafe_code)]
+mod sys;
 #[cfg(feature = "test-vmm")]
 mod testvm;
-mod uffd;
 
 pub use control::{KvmControl, Vcpus, PAUSE_TIMEOUT};
-pub use kick::{default_kick_signal, VcpuKick};
-pub use memory::{advise_huge_pages, KvmDirtyTracker, KvmMemory, KvmPages, TrackedMemory};
+pub use memory::{KvmDirtyTracker, KvmMemory, KvmPages};
 pub use postcopy::{run_kvm_destination, FaultHandler};
-pub use ring::{enable_dirty_ring, max_ring_entries, DirtyRings};
 pub use state::{
     decode_guest, encode_guest, restore_vcpu, restore_vm, save_guest, save_vcpu, save_vm, Fpu,
     GuestState, VcpuCaps, VcpuState, VmState, STATE_FORMAT, STATE_VERSION,
+};
+pub use sys::{
+    advise_huge_pages, default_kick_signal, enable_dirty_ring, max_ring_entries, DirtyRings,
+    TrackedMemory, VcpuKick,
 };
 #[cfg(feature = "test-vmm")]
 pub use testvm::{

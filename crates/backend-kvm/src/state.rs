@@ -248,12 +248,7 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState, caps: &VcpuCaps) -> Result<(), K
     fd.set_sregs(&s.sregs).map_err(ioctl("KVM_SET_SREGS"))?;
     fd.set_regs(&s.regs).map_err(ioctl("KVM_SET_REGS"))?;
     match &s.xsave {
-        Some(x) if caps.xsave_legacy => {
-            // SAFETY: `caps.xsave_legacy` says this host's XSAVE state fits
-            // the 4 KiB `kvm_xsave` (KVM_CAP_XSAVE2 <= 4096), so the ioctl
-            // reads no further than the struct we pass.
-            unsafe { fd.set_xsave(x) }.map_err(ioctl("KVM_SET_XSAVE"))?
-        }
+        Some(x) if caps.xsave_legacy => crate::sys::set_xsave_legacy(fd, x, caps.xsave_legacy)?,
         _ => fd.set_fpu(&s.fpu.to_kvm()).map_err(ioctl("KVM_SET_FPU"))?,
     }
     if let Some(x) = &s.xcrs {

@@ -15,8 +15,8 @@
 //! - `synthetic-xl-v2.log`: a migration-v2 (Xen 4.6+) save, which has no
 //!   round lines.
 
-use xen_log::{self as log, CountsFrom, FindingKind, LogError, XenLog, XEN_PAGE_SIZE};
 use std::time::Duration;
+use xen_log::{self as log, CountsFrom, FindingKind, LogError, XenLog, XEN_PAGE_SIZE};
 
 const XEND: &str = include_str!("data/xend-128mib.log");
 const XC_DETAIL: &str = include_str!("data/synthetic-xc-detail.log");

@@ -288,10 +288,14 @@ impl Userfault {
 ///
 /// # Errors
 /// Fails if the range is not page aligned or not mapped.
-pub fn drop_pages(start: u64, len: u64) -> io::Result<()> {
+///
+/// # Safety
+/// The range must lie in a private anonymous mapping that the caller owns
+/// (guest memory), and nothing may hold a Rust reference into it: its
+/// contents turn to zeros (or to faults, under userfaultfd) at once.
+pub(crate) unsafe fn drop_pages(start: u64, len: u64) -> io::Result<()> {
     // SAFETY: MADV_DONTNEED changes no mapping, only drops page contents;
-    // callers pass ranges of guest memory they own and whose contents they
-    // mean to discard (nothing in this process holds references into it).
+    // the caller owns the range and holds no reference into it (above).
     let r = unsafe {
         libc::madvise(
             start as *mut libc::c_void,

@@ -21,7 +21,9 @@ use crate::KvmError;
 use kvm_bindings::{kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_DIRTY_LOG_PAGE_OFFSET};
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// `_IO(KVMIO, 0xc7)`.
 const KVM_RESET_DIRTY_RINGS: u64 = 0xAEC7;
@@ -66,16 +68,29 @@ pub fn enable_dirty_ring(vm: &VmFd, entries: u32) -> Result<(), KvmError> {
 
 /// One vCPU's ring, mapped.
 struct Ring {
-    base: *mut u8,
+    base: NonNull<u8>,
     entries: u32,
     /// The next entry to collect.
     fetch: u32,
 }
 
 /// The dirty rings of a VM's vCPUs.
+///
+/// The rings keep the VM they belong to (`KVM_RESET_DIRTY_RINGS` goes to
+/// its fd), so it cannot be closed while they are mapped.
 pub struct DirtyRings {
-    vm_fd: i32,
+    vm: Arc<VmFd>,
     rings: Vec<Ring>,
+}
+
+/// The host's page size, in bytes: the unit of the ring's mmap offset.
+fn host_page_size() -> Result<usize, KvmError> {
+    // SAFETY: sysconf reads a system constant and has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n)
+        .ok()
+        .filter(|n| n.is_power_of_two())
+        .ok_or_else(|| KvmError::Config(format!("sysconf(_SC_PAGESIZE) answered {n}")))
 }
 
 // SAFETY: the rings are shared mappings owned by this struct (unmapped only
@@ -95,14 +110,15 @@ impl std::fmt::Debug for DirtyRings {
 
 impl DirtyRings {
     /// Maps the ring of each of `vcpus` (of `vm`, on which
-    /// [`enable_dirty_ring`] was called with `entries`). `vm` must outlive
-    /// the rings (the VMM keeps it).
-    pub fn map(vm: &VmFd, vcpus: &[&VcpuFd], entries: u32) -> Result<Self, KvmError> {
+    /// [`enable_dirty_ring`] was called with `entries`). The rings hold a
+    /// reference to `vm`.
+    pub fn map(vm: &Arc<VmFd>, vcpus: &[&VcpuFd], entries: u32) -> Result<Self, KvmError> {
         let mut rings = DirtyRings {
-            vm_fd: vm.as_raw_fd(),
+            vm: vm.clone(),
             rings: Vec::new(),
         };
         let len = entries as usize * ENTRY_BYTES;
+        let offset = KVM_DIRTY_LOG_PAGE_OFFSET as usize * host_page_size()?;
         for v in vcpus {
             // SAFETY: maps `len` bytes of the vCPU's ring at the offset KVM
             // documents; a fresh shared mapping aliases no Rust memory.
@@ -113,17 +129,20 @@ impl DirtyRings {
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_SHARED,
                     v.as_raw_fd(),
-                    KVM_DIRTY_LOG_PAGE_OFFSET as libc::off_t * 4096,
+                    offset as libc::off_t,
                 )
             };
-            if p == libc::MAP_FAILED {
-                return Err(KvmError::Config(format!(
-                    "mapping a vCPU's dirty ring: {}",
-                    std::io::Error::last_os_error()
-                )));
-            }
+            let base = match NonNull::new(p as *mut u8) {
+                Some(base) if p != libc::MAP_FAILED => base,
+                _ => {
+                    return Err(KvmError::Config(format!(
+                        "mapping a vCPU's dirty ring: {}",
+                        std::io::Error::last_os_error()
+                    )))
+                }
+            };
             rings.rings.push(Ring {
-                base: p as *mut u8,
+                base,
                 entries,
                 fetch: 0,
             });
@@ -145,7 +164,7 @@ impl DirtyRings {
                 let i = (r.fetch % r.entries) as usize * ENTRY_BYTES;
                 // SAFETY: `i` starts a 16-byte, 8-aligned entry in the mapping.
                 let (flags, slot, offset) = unsafe {
-                    let e = r.base.add(i);
+                    let e = r.base.as_ptr().add(i);
                     let flags = &*(e as *const AtomicU32);
                     let slot = &*(e.add(4) as *const AtomicU32);
                     let offset = &*(e.add(8) as *const AtomicU64);
@@ -162,8 +181,8 @@ impl DirtyRings {
         }
         if n > 0 {
             // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the fd is the
-            // VM's, which outlives the rings.
-            let rc = unsafe { libc::ioctl(self.vm_fd, KVM_RESET_DIRTY_RINGS as _, 0) };
+            // VM's, open while `self.vm` is held.
+            let rc = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_RESET_DIRTY_RINGS as _, 0) };
             if rc < 0 {
                 return Err(KvmError::Config(format!(
                     "KVM_RESET_DIRTY_RINGS: {}",
@@ -182,7 +201,7 @@ impl Drop for DirtyRings {
             // to it after this.
             unsafe {
                 libc::munmap(
-                    r.base as *mut libc::c_void,
+                    r.base.as_ptr() as *mut libc::c_void,
                     r.entries as usize * ENTRY_BYTES,
                 );
             }
