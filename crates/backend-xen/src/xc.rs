@@ -237,6 +237,21 @@ impl Xen {
         self.h.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Locks the handles, makes one library call `f` with them, and turns
+    /// a negative answer into [`XenError::Call`] naming `op`, with the
+    /// errno the call left (read before the lock is released).
+    fn call(
+        &self,
+        op: &'static str,
+        domid: u32,
+        f: impl FnOnce(&Handles) -> i32,
+    ) -> Result<i32, XenError> {
+        let h = self.lock();
+        let r = f(&h);
+        Self::check(r, op, domid)?;
+        Ok(r)
+    }
+
     fn check(r: i32, op: &'static str, domid: u32) -> Result<(), XenError> {
         if r < 0 {
             Err(XenError::Call {
@@ -284,37 +299,40 @@ impl Xen {
 
     /// The highest guest frame number the domain has.
     pub fn maximum_gpfn(&self, domid: u32) -> Result<u64, XenError> {
-        let h = self.lock();
         let mut g: sys::xen_pfn_t = 0;
-        // SAFETY: the handle is open and `g` is a valid out-pointer.
-        let r = unsafe { h.ctrl.xc_domain_maximum_gpfn(h.xch, domid, &mut g) };
-        Self::check(r, "xc_domain_maximum_gpfn", domid)?;
+        self.call("xc_domain_maximum_gpfn", domid, |h| {
+            // SAFETY: the handle is open and `g` is a valid out-pointer.
+            unsafe { h.ctrl.xc_domain_maximum_gpfn(h.xch, domid, &mut g) }
+        })?;
         Ok(g as u64)
     }
 
     /// Pauses the domain.
     pub fn pause(&self, domid: u32) -> Result<(), XenError> {
-        let h = self.lock();
-        // SAFETY: the handle is open.
-        let r = unsafe { h.ctrl.xc_domain_pause(h.xch, domid) };
-        Self::check(r, "xc_domain_pause", domid)
+        self.call("xc_domain_pause", domid, |h| {
+            // SAFETY: the handle is open.
+            unsafe { h.ctrl.xc_domain_pause(h.xch, domid) }
+        })
+        .map(drop)
     }
 
     /// Unpauses the domain.
     pub fn unpause(&self, domid: u32) -> Result<(), XenError> {
-        let h = self.lock();
-        // SAFETY: the handle is open.
-        let r = unsafe { h.ctrl.xc_domain_unpause(h.xch, domid) };
-        Self::check(r, "xc_domain_unpause", domid)
+        self.call("xc_domain_unpause", domid, |h| {
+            // SAFETY: the handle is open.
+            unsafe { h.ctrl.xc_domain_unpause(h.xch, domid) }
+        })
+        .map(drop)
     }
 
     /// Resumes a domain that suspended itself, in place: `fast` tells the
     /// guest the suspend was cancelled (it keeps its connections).
     pub fn resume(&self, domid: u32, fast: bool) -> Result<(), XenError> {
-        let h = self.lock();
-        // SAFETY: the handle is open.
-        let r = unsafe { h.guest.xc_domain_resume(h.xch, domid, fast as i32) };
-        Self::check(r, "xc_domain_resume", domid)
+        self.call("xc_domain_resume", domid, |h| {
+            // SAFETY: the handle is open.
+            unsafe { h.guest.xc_domain_resume(h.xch, domid, fast as i32) }
+        })
+        .map(drop)
     }
 
     /// The HVM/PVH context record (every vCPU, the LAPICs, the platform
@@ -340,32 +358,34 @@ impl Xen {
 
     /// Loads a context record taken by [`Xen::hvm_context`].
     pub fn set_hvm_context(&self, domid: u32, ctx: &[u8]) -> Result<(), XenError> {
-        let h = self.lock();
         let mut copy = ctx.to_vec();
-        // SAFETY: the buffer holds `len` bytes; Xen only reads it.
-        let r = unsafe {
-            h.ctrl
-                .xc_domain_hvm_setcontext(h.xch, domid, copy.as_mut_ptr(), copy.len() as u32)
-        };
-        Self::check(r, "xc_domain_hvm_setcontext", domid)
+        self.call("xc_domain_hvm_setcontext", domid, |h| {
+            // SAFETY: the buffer holds `len` bytes; Xen only reads it.
+            unsafe {
+                h.ctrl
+                    .xc_domain_hvm_setcontext(h.xch, domid, copy.as_mut_ptr(), copy.len() as u32)
+            }
+        })
+        .map(drop)
     }
 
     /// Reads an HVM parameter.
     pub fn hvm_param(&self, domid: u32, param: u32) -> Result<u64, XenError> {
-        let h = self.lock();
         let mut v = 0u64;
-        // SAFETY: the handle is open and `v` is a valid out-pointer.
-        let r = unsafe { h.ctrl.xc_hvm_param_get(h.xch, domid, param, &mut v) };
-        Self::check(r, "xc_hvm_param_get", domid)?;
+        self.call("xc_hvm_param_get", domid, |h| {
+            // SAFETY: the handle is open and `v` is a valid out-pointer.
+            unsafe { h.ctrl.xc_hvm_param_get(h.xch, domid, param, &mut v) }
+        })?;
         Ok(v)
     }
 
     /// Sets an HVM parameter.
     pub fn set_hvm_param(&self, domid: u32, param: u32, value: u64) -> Result<(), XenError> {
-        let h = self.lock();
-        // SAFETY: the handle is open.
-        let r = unsafe { h.ctrl.xc_hvm_param_set(h.xch, domid, param, value) };
-        Self::check(r, "xc_hvm_param_set", domid)
+        self.call("xc_hvm_param_set", domid, |h| {
+            // SAFETY: the handle is open.
+            unsafe { h.ctrl.xc_hvm_param_set(h.xch, domid, param, value) }
+        })
+        .map(drop)
     }
 
     /// Turns log-dirty mode on.
@@ -494,24 +514,24 @@ impl Xen {
 
     /// The guest's word size in bytes (8 for a 64-bit PV guest).
     pub fn guest_width(&self, domid: u32) -> Result<u32, XenError> {
-        let h = self.lock();
         let mut w: std::os::raw::c_uint = 0;
-        // SAFETY: the handle is open and `w` is a valid out-pointer.
-        let r = unsafe { h.ctrl.xc_domain_get_guest_width(h.xch, domid, &mut w) };
-        Self::check(r, "xc_domain_get_guest_width", domid)?;
+        self.call("xc_domain_get_guest_width", domid, |h| {
+            // SAFETY: the handle is open and `w` is a valid out-pointer.
+            unsafe { h.ctrl.xc_domain_get_guest_width(h.xch, domid, &mut w) }
+        })?;
         Ok(w)
     }
 
     /// A 64-bit PV vCPU's context (`vcpu_guest_context_x86_64`), as bytes
     /// (see [`crate::pv::VcpuContext`]).
     pub fn pv_vcpu_context(&self, domid: u32, vcpu: u32) -> Result<Vec<u8>, XenError> {
-        let h = self.lock();
         // SAFETY: the context union is plain old data; all zeros is valid.
         let mut ctx: Box<sys::vcpu_guest_context_any_t> = Box::new(unsafe { std::mem::zeroed() });
-        // SAFETY: the handle is open and `ctx` has room for any guest's
-        // context.
-        let r = unsafe { h.ctrl.xc_vcpu_getcontext(h.xch, domid, vcpu, &mut *ctx) };
-        Self::check(r, "xc_vcpu_getcontext", domid)?;
+        self.call("xc_vcpu_getcontext", domid, |h| {
+            // SAFETY: the handle is open and `ctx` has room for any guest's
+            // context.
+            unsafe { h.ctrl.xc_vcpu_getcontext(h.xch, domid, vcpu, &mut *ctx) }
+        })?;
         let n = std::mem::size_of::<sys::vcpu_guest_context_x86_64>();
         let mut out = vec![0u8; n];
         // SAFETY: `x64` is the first `n` bytes of the union, which
@@ -577,13 +597,13 @@ impl Xen {
         let mut out = Vec::with_capacity(frames.len());
         for chunk in frames.chunks(1024) {
             let mut arr: Vec<sys::xen_pfn_t> = chunk.to_vec();
-            let h = self.lock();
-            // SAFETY: `arr` holds `chunk.len()` entries, rewritten in place.
-            let r = unsafe {
-                h.ctrl
-                    .xc_get_pfn_type_batch(h.xch, domid, arr.len() as u32, arr.as_mut_ptr())
-            };
-            Self::check(r, "xc_get_pfn_type_batch", domid)?;
+            self.call("xc_get_pfn_type_batch", domid, |h| {
+                // SAFETY: `arr` holds `chunk.len()` entries, rewritten in place.
+                unsafe {
+                    h.ctrl
+                        .xc_get_pfn_type_batch(h.xch, domid, arr.len() as u32, arr.as_mut_ptr())
+                }
+            })?;
             out.extend(arr.iter().map(|&t| t as u32));
         }
         Ok(out)
@@ -601,13 +621,13 @@ impl Xen {
                     arg2: sys::mmuext_op__bindgen_ty_2 { nr_ents: 0 },
                 })
                 .collect();
-            let h = self.lock();
-            // SAFETY: `v` holds `chunk.len()` operations.
-            let r = unsafe {
-                h.ctrl
-                    .xc_mmuext_op(h.xch, v.as_mut_ptr(), v.len() as u32, domid)
-            };
-            Self::check(r, "xc_mmuext_op", domid)?;
+            self.call("xc_mmuext_op", domid, |h| {
+                // SAFETY: `v` holds `chunk.len()` operations.
+                unsafe {
+                    h.ctrl
+                        .xc_mmuext_op(h.xch, v.as_mut_ptr(), v.len() as u32, domid)
+                }
+            })?;
         }
         Ok(())
     }
@@ -618,18 +638,19 @@ impl Xen {
             return Ok(());
         }
         let mut arr: Vec<sys::xen_pfn_t> = frames.to_vec();
-        let h = self.lock();
-        // SAFETY: `arr` holds `frames.len()` entries.
-        let r = unsafe {
-            h.ctrl.xc_domain_decrease_reservation_exact(
-                h.xch,
-                domid,
-                arr.len() as _,
-                0,
-                arr.as_mut_ptr(),
-            )
-        };
-        Self::check(r, "xc_domain_decrease_reservation_exact", domid)
+        self.call("xc_domain_decrease_reservation_exact", domid, |h| {
+            // SAFETY: `arr` holds `frames.len()` entries.
+            unsafe {
+                h.ctrl.xc_domain_decrease_reservation_exact(
+                    h.xch,
+                    domid,
+                    arr.len() as _,
+                    0,
+                    arr.as_mut_ptr(),
+                )
+            }
+        })
+        .map(drop)
     }
 
     /// Gives a domain memory at guest frames `pfns`; for a PV domain,
@@ -639,19 +660,19 @@ impl Xen {
             return Ok(Vec::new());
         }
         let mut arr: Vec<sys::xen_pfn_t> = pfns.to_vec();
-        let h = self.lock();
-        // SAFETY: `arr` holds `pfns.len()` entries, rewritten in place.
-        let r = unsafe {
-            h.ctrl.xc_domain_populate_physmap_exact(
-                h.xch,
-                domid,
-                arr.len() as _,
-                0,
-                0,
-                arr.as_mut_ptr(),
-            )
-        };
-        Self::check(r, "xc_domain_populate_physmap_exact", domid)?;
+        self.call("xc_domain_populate_physmap_exact", domid, |h| {
+            // SAFETY: `arr` holds `pfns.len()` entries, rewritten in place.
+            unsafe {
+                h.ctrl.xc_domain_populate_physmap_exact(
+                    h.xch,
+                    domid,
+                    arr.len() as _,
+                    0,
+                    0,
+                    arr.as_mut_ptr(),
+                )
+            }
+        })?;
         Ok(arr)
     }
 
@@ -661,25 +682,27 @@ impl Xen {
     /// signals on. Needs a hypervisor built with `CONFIG_MEM_PAGING`
     /// (`ENOSYS` otherwise) and a HAP guest.
     pub fn paging_enable(&self, domid: u32) -> Result<u32, XenError> {
-        let h = self.lock();
         let mut port = 0u32;
-        // SAFETY: the handle is open and `port` is a valid out-pointer.
-        let r = unsafe { h.ctrl.xc_mem_paging_enable(h.xch, domid, &mut port) };
-        Self::check(r, "xc_mem_paging_enable", domid)?;
+        self.call("xc_mem_paging_enable", domid, |h| {
+            // SAFETY: the handle is open and `port` is a valid out-pointer.
+            unsafe { h.ctrl.xc_mem_paging_enable(h.xch, domid, &mut port) }
+        })?;
         Ok(port)
     }
 
     /// Turns memory paging off.
     pub fn paging_disable(&self, domid: u32) -> Result<(), XenError> {
-        let h = self.lock();
-        // SAFETY: the handle is open.
-        let r = unsafe { h.ctrl.xc_mem_paging_disable(h.xch, domid) };
-        Self::check(r, "xc_mem_paging_disable", domid)
+        self.call("xc_mem_paging_disable", domid, |h| {
+            // SAFETY: the handle is open.
+            unsafe { h.ctrl.xc_mem_paging_disable(h.xch, domid) }
+        })
+        .map(drop)
     }
 
     /// Pages a guest frame out: nominates it, then evicts it (its memory
     /// is freed; the guest's next touch raises a paging request).
     pub fn page_out(&self, domid: u32, gfn: u64) -> Result<(), XenError> {
+        // Both calls under one lock: nothing else pages the frame between.
         let h = self.lock();
         // SAFETY: the handle is open.
         let r = unsafe { h.ctrl.xc_mem_paging_nominate(h.xch, domid, gfn) };
@@ -698,18 +721,19 @@ impl Xen {
                 data.len()
             )));
         }
-        let h = self.lock();
-        // SAFETY: `data` is 4 KiB; libxenctrl copies it into a hypercall
-        // buffer and only reads it.
-        let r = unsafe {
-            h.ctrl.xc_mem_paging_load(
-                h.xch,
-                domid,
-                gfn,
-                data.as_ptr() as *mut std::os::raw::c_void,
-            )
-        };
-        Self::check(r, "xc_mem_paging_load", domid)
+        self.call("xc_mem_paging_load", domid, |h| {
+            // SAFETY: `data` is 4 KiB; libxenctrl copies it into a hypercall
+            // buffer and only reads it.
+            unsafe {
+                h.ctrl.xc_mem_paging_load(
+                    h.xch,
+                    domid,
+                    gfn,
+                    data.as_ptr() as *mut std::os::raw::c_void,
+                )
+            }
+        })
+        .map(drop)
     }
 
     /// Maps `frames` of `domid` (GFNs for HVM/PVH domains, machine frames
@@ -930,7 +954,7 @@ impl Mapping {
                 "frame 0 of the mapping is not mapped".into(),
             ));
         }
-        if off.checked_add(len).is_none_or(|e| e > 4096) || off % 4 != 0 && len == 4 {
+        if off.checked_add(len).is_none_or(|e| e > 4096) || !off.is_multiple_of(4) && len == 4 {
             return Err(XenError::Invalid(format!(
                 "bytes {off}..{} are not within one page",
                 off.saturating_add(len)

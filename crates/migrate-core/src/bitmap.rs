@@ -27,7 +27,7 @@ impl DirtyBitmap {
     pub fn from_words(mut words: Vec<u64>, len: u64) -> Self {
         let nwords = len.div_ceil(64) as usize;
         words.resize(nwords, 0);
-        if len % 64 != 0 {
+        if !len.is_multiple_of(64) {
             if let Some(last) = words.last_mut() {
                 *last &= (1u64 << (len % 64)) - 1;
             }

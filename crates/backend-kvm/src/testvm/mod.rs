@@ -227,7 +227,7 @@ impl TestVm {
         if !(1..=16).contains(&vcpus) {
             return Err(KvmError::Config(format!("1 to 16 vCPUs, not {vcpus}")));
         }
-        if !(4 << 20..=MAX_MEM).contains(&mem_bytes) || mem_bytes % (2 << 20) != 0 {
+        if !(4 << 20..=MAX_MEM).contains(&mem_bytes) || !mem_bytes.is_multiple_of(2 << 20) {
             return Err(KvmError::Config(format!(
                 "test VM memory must be a multiple of 2 MiB from 4 MiB to 64 GiB, not {mem_bytes}"
             )));
