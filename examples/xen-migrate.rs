@@ -30,15 +30,14 @@
 //! prints one JSON object.
 
 use clap::{Parser, ValueEnum};
-use livemig::core::driver::{run_destination, run_destination_serving, run_source};
+use livemig::core::driver::run_source;
 use livemig::core::transport::SplitStream;
 use livemig::core::MemoryLayout;
 use livemig::core::{
-    Clock, DestinationEngine, DestinationReport, EngineConfig, MigrationStats, Policy,
-    PolicyConfig, PolicyKind, SourceEngine, SourceVerify, StreamTransport, SystemClock,
+    Clock, DestinationReport, EngineConfig, MigrationStats, Policy, PolicyConfig, PolicyKind,
+    SourceEngine, SourceVerify, StreamTransport, SystemClock,
 };
-use livemig::xen::domain::{common_layout, regions_from_text, regions_to_text, SourceFrames};
-use livemig::xen::paging::Pager;
+use livemig::xen::domain::{regions_from_text, regions_to_text, SourceFrames};
 use livemig::xen::walk::ResumeWindow;
 use livemig::xen::{StopMode, Xen, XenDomain};
 use std::io::{Read, Write};
@@ -169,42 +168,28 @@ fn attach_source(a: &Args, xen: &Arc<Xen>, domid: u32) -> Result<XenDomain, Stri
     Ok(src)
 }
 
-/// Makes domain `domid` ready for a source that announced `frames`, and
-/// returns it with the frames both will move.
+/// Makes domain `domid` ready for a source that announced `frames`, says
+/// which frames will move, and returns it.
 fn prepare_destination(
     xen: &Arc<Xen>,
     domid: u32,
     frames: &SourceFrames,
 ) -> Result<XenDomain, String> {
+    let p = livemig::xen::prepare_destination(xen, domid, frames).map_err(|e| e.to_string())?;
     if frames.pv {
-        // The destination takes memory at exactly the source's frames.
-        let dst = XenDomain::attach_pv_destination(xen.clone(), domid, frames)
-            .map_err(|e| e.to_string())?;
         eprintln!(
             "PV source frames: {}\ndestination prepared: vCPUs down, page tables unpinned, memory at the same frames",
-            show(&frames.layout)
+            show(&p.source_layout)
         );
-        return Ok(dst);
+    } else {
+        eprintln!(
+            "source frames: {}\ndestination frames: {}\nmigrated: {}",
+            show(&p.source_layout),
+            show(&p.own_layout),
+            show(p.domain.layout())
+        );
     }
-    let dst = XenDomain::attach(xen.clone(), domid).map_err(|e| e.to_string())?;
-    if dst.is_pv() {
-        return Err(format!("domain {domid} is PV and the source is not"));
-    }
-    if !dst.info().map_err(|e| e.to_string())?.paused {
-        return Err(format!(
-            "domain {domid} is running; create it paused (xl create -p)"
-        ));
-    }
-    // Migrate the RAM both domains have (see `common_layout`), and say
-    // what differs.
-    let common = common_layout(&frames.layout, dst.layout()).map_err(|e| e.to_string())?;
-    eprintln!(
-        "source frames: {}\ndestination frames: {}\nmigrated: {}",
-        show(&frames.layout),
-        show(dst.layout()),
-        show(&common)
-    );
-    dst.with_layout(common).map_err(|e| e.to_string())
+    Ok(p.domain)
 }
 
 fn policy(a: &Args) -> Box<dyn Policy> {
@@ -252,11 +237,8 @@ fn source_side<S: SplitStream>(
     run_source(&mut engine, &mut t, TIMEOUT).map_err(|e| e.to_string())
 }
 
-/// Runs the destination engine over `stream`.
-///
-/// With `postcopy`, a pager serves the guest's touches of pages that have
-/// not arrived. If the source is lost after the guest resumed here, the
-/// domain is paused and its missing pages stay paged out.
+/// Runs the destination engine over `stream` (see
+/// [`livemig::xen::receive`]).
 fn dest_side<S: SplitStream>(
     xen: &Arc<Xen>,
     dst: &XenDomain,
@@ -266,49 +248,8 @@ fn dest_side<S: SplitStream>(
 ) -> Result<DestinationReport, String> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let mut t = StreamTransport::new(stream).map_err(|e| e.to_string())?;
-    if !postcopy {
-        let mut e = DestinationEngine::new(dst.pages(), dst.control(stop), clock);
-        return run_destination(&mut e, &mut t, TIMEOUT).map_err(|e| e.to_string());
-    }
-    if dst.is_pv() {
-        return Err(
-            "post-copy on Xen needs memory paging, which serves HVM and PVH guests, not PV".into(),
-        );
-    }
-    let (pager, faults) = Pager::enable(xen.clone(), dst.domid(), clock.clone())
-        .map_err(|e| format!("enabling memory paging in domain {}: {e}", dst.domid()))?;
-    let pager = Arc::new(pager);
-    // Nothing has arrived: page everything out now, while the guest
-    // still runs on the source, rather than at the switch-over; each
-    // page that arrives is paged back in.
-    let t0 = std::time::Instant::now();
-    for p in dst.layout().pages() {
-        pager
-            .page_out(p)
-            .map_err(|e| format!("paging out frame {p:#x} of domain {}: {e}", dst.domid()))?;
-    }
-    eprintln!(
-        "domain {}: {} frames paged out in {:.0} ms, ready for post-copy",
-        dst.domid(),
-        dst.layout().total_pages(),
-        t0.elapsed().as_secs_f64() * 1e3
-    );
-    let d = dst.clone().with_pager(pager.clone());
-    let mut e = DestinationEngine::new(d.pages(), d.control(stop), clock);
-    match run_destination_serving(&mut e, &mut t, &faults, TIMEOUT) {
-        Ok(r) => {
-            pager
-                .finish()
-                .map_err(|e| format!("ending memory paging: {e}"))?;
-            Ok(r)
-        }
-        Err(err) => {
-            if e.resumed() {
-                let _ = xen.pause(dst.domid());
-            }
-            Err(format!("{err} ({} pages still paged out)", pager.missing()))
-        }
-    }
+    livemig::xen::receive(xen, dst, stop, &mut t, postcopy, clock, TIMEOUT)
+        .map_err(|e| e.to_string())
 }
 
 fn print_source(a: &Args, s: &MigrationStats, dest: Option<&DestinationReport>) {

@@ -4,6 +4,7 @@
 //! Reading the logs Xen itself writes during a migration is the work of
 //! the separate `xen-log` crate.
 
+pub mod destination;
 pub mod domain;
 pub mod paging;
 pub mod pv;
@@ -13,6 +14,7 @@ mod sys;
 pub mod walk;
 pub mod xc;
 
+pub use destination::{prepare_destination, receive, DestinationError, Prepared};
 pub use domain::{StopMode, XenControl, XenDirtyTracker, XenDomain, XenPages};
 pub use state::XenDeviceState;
 pub use xc::{Xen, XenError};
