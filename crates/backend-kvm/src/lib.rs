@@ -139,13 +139,13 @@ pub enum KvmError {
     },
     /// The memory does not form a valid layout.
     #[error("invalid memory layout: {0}")]
-    Layout(migrate_core::page::LayoutError),
+    Layout(#[source] migrate_core::page::LayoutError),
     /// A vCPU did not leave the guest in time.
     #[error("vCPU did not pause within {0:?}")]
     PauseTimeout(Duration),
     /// A thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
-    Thread(std::io::Error),
+    Thread(#[source] std::io::Error),
     /// Bad configuration.
     #[error("{0}")]
     Config(String),
@@ -158,4 +158,21 @@ pub enum KvmError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<KvmError> for migrate_core::BackendError {
+    /// The error as the core's backend error, of the kind a caller can act
+    /// on, with the KVM error kept as its source.
+    fn from(e: KvmError) -> Self {
+        use migrate_core::BackendErrorKind as Kind;
+        let kind = match &e {
+            KvmError::PauseTimeout(_) => Kind::InvalidState,
+            KvmError::Open(_) => Kind::Unsupported,
+            KvmError::Unaligned { .. } | KvmError::Layout(_) | KvmError::Config(_) => {
+                Kind::InvalidArgument
+            }
+            _ => Kind::Io,
+        };
+        migrate_core::BackendError::with_source(kind, e.to_string(), e)
+    }
 }

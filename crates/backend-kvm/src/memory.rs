@@ -311,7 +311,11 @@ impl KvmMemory {
                 .memory()
                 .write_slice(data.unwrap_or(&zeros), a)
                 .map_err(|e| {
-                    BackendError::new(BackendErrorKind::Io, format!("write page {page:#x}: {e}"))
+                    BackendError::with_source(
+                        BackendErrorKind::Io,
+                        format!("write page {page:#x}: {e}"),
+                        e,
+                    )
                 })
         })())
     }
@@ -332,7 +336,7 @@ impl KvmMemory {
                     }
                 }
             })
-            .map_err(|e| BackendError::new(BackendErrorKind::Io, e.to_string()))?;
+            .map_err(BackendError::from)?;
         }
         let vmm_writes = self.vmm_writes.load(Ordering::Relaxed);
         for (s, region) in self.mapped.slots().iter().zip(self.mapped.memory().iter()) {
@@ -455,7 +459,7 @@ impl DirtyTracker for KvmDirtyTracker {
         for s in self.0.mapped.slots() {
             self.0
                 .set_slot(s, KVM_MEM_LOG_DIRTY_PAGES)
-                .map_err(|e| BackendError::new(BackendErrorKind::Io, e.to_string()))?;
+                .map_err(BackendError::from)?;
         }
         self.0.fetch()?;
         self.0.lock().clear();
@@ -478,9 +482,7 @@ impl DirtyTracker for KvmDirtyTracker {
 
     fn stop(&mut self) -> Result<(), BackendError> {
         for s in self.0.mapped.slots() {
-            self.0
-                .set_slot(s, 0)
-                .map_err(|e| BackendError::new(BackendErrorKind::Io, e.to_string()))?;
+            self.0.set_slot(s, 0).map_err(BackendError::from)?;
         }
         self.0.lock().clear();
         Ok(())
@@ -516,7 +518,7 @@ impl PageSource for KvmPages {
         for (p, chunk) in pages.iter().zip(out.chunks_exact_mut(4096)) {
             let a = self.0.addr(*p)?;
             self.0.mapped.memory().read_slice(chunk, a).map_err(|e| {
-                BackendError::new(BackendErrorKind::Io, format!("read page {p:#x}: {e}"))
+                BackendError::with_source(BackendErrorKind::Io, format!("read page {p:#x}: {e}"), e)
             })?;
         }
         Ok(())
@@ -540,7 +542,11 @@ impl PageSink for KvmPages {
             return r;
         }
         self.0.mapped.memory().write_slice(data, a).map_err(|e| {
-            BackendError::new(BackendErrorKind::Io, format!("write page {page:#x}: {e}"))
+            BackendError::with_source(
+                BackendErrorKind::Io,
+                format!("write page {page:#x}: {e}"),
+                e,
+            )
         })
     }
 
@@ -555,7 +561,7 @@ impl PageSink for KvmPages {
             return r;
         }
         let io = |e: vm_memory::GuestMemoryError| {
-            BackendError::new(BackendErrorKind::Io, format!("page {page:#x}: {e}"))
+            BackendError::with_source(BackendErrorKind::Io, format!("page {page:#x}: {e}"), e)
         };
         let mut now = [0u8; 4096];
         self.0.mapped.memory().read_slice(&mut now, a).map_err(io)?;

@@ -322,9 +322,10 @@ pub fn decode_guest(state: &DeviceState, vcpus: usize) -> Result<GuestState, Bac
         ));
     }
     let g: GuestState = serde_json::from_slice(&state.data).map_err(|e| {
-        BackendError::new(
+        BackendError::with_source(
             BackendErrorKind::IncompatibleState,
             format!("bad kvm state: {e}"),
+            e,
         )
     })?;
     if g.vcpus.len() != vcpus {

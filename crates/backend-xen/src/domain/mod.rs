@@ -51,7 +51,7 @@ fn be(e: XenError) -> BackendError {
         XenError::NoDomain(_) | XenError::Invalid(_) => BackendErrorKind::InvalidArgument,
         XenError::Call { .. } => BackendErrorKind::Io,
     };
-    BackendError::new(kind, e.to_string())
+    BackendError::with_source(kind, e.to_string(), e)
 }
 
 /// A domain attached for migration.
