@@ -3,6 +3,11 @@
 //!
 //! Reading the logs Xen itself writes during a migration is the work of
 //! the separate `xen-log` crate.
+//!
+//! All unsafe code is in `xc` (the safe layer over the Xen libraries)
+//! and the generated bindings under it; the rest of the crate denies it.
+
+#![deny(unsafe_code)]
 
 pub mod destination;
 pub mod domain;
@@ -12,6 +17,7 @@ pub mod state;
 #[allow(unsafe_code)]
 mod sys;
 pub mod walk;
+#[allow(unsafe_code)]
 pub mod xc;
 
 pub use destination::{prepare_destination, receive, DestinationError, Prepared};

@@ -322,16 +322,8 @@ impl Drop for Pager {
 }
 
 fn serve(shared: &Shared, stop: &AtomicBool, tx: &Sender<Faults>, clock: &dyn Clock) {
-    let fd = shared.evtchn.fd();
     while !stop.load(Ordering::Relaxed) {
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `p` is one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut p, 1, 50) };
-        if n > 0 && shared.evtchn.take().is_err() {
+        if shared.evtchn.wait(50) && shared.evtchn.take().is_err() {
             break;
         }
         match shared.take_requests() {
