@@ -30,14 +30,7 @@ impl Xen {
                 std::ptr::null_mut(),
             )
         };
-        if r < 0 {
-            return Err(XenError::Call {
-                op: "xc_logdirty_control",
-                domid,
-                source: errno(),
-            });
-        }
-        Ok(())
+        Xen::check(r, "xc_logdirty_control", domid)
     }
 
     /// Fills `bitmap` (one bit per frame, least significant bit first in
@@ -74,14 +67,7 @@ impl Xen {
                 &mut stats,
             )
         };
-        if r < 0 {
-            return Err(XenError::Call {
-                op: "xc_logdirty_control",
-                domid,
-                source: errno(),
-            });
-        }
-        Ok(())
+        Xen::check(r, "xc_logdirty_control", domid)
     }
 
     /// Allocates a hypercall-safe bitmap of `bits` bits.
