@@ -251,8 +251,8 @@ impl Xen {
         Ok(r)
     }
 
-    fn check(r: i32, op: &'static str, domid: u32) -> Result<(), XenError> {
-        if r < 0 {
+    fn check(r: impl Into<i64>, op: &'static str, domid: u32) -> Result<(), XenError> {
+        if r.into() < 0 {
             Err(XenError::Call {
                 op,
                 domid,
