@@ -289,7 +289,7 @@ fn source(a: &Args) -> Result<bool, String> {
     let after = dest["first-counter"].as_u64().unwrap_or(0);
     let continues = after > before && after - before <= REPORT_EVERY;
     if a.json {
-        let mut v = stats.to_json();
+        let mut v = serde_json::to_value(&stats).expect("statistics as JSON");
         v["kvm"] = json!({
             "mem-bytes": a.mem, "wss-bytes": a.wss, "huge-pages": a.huge_pages == "on", "dirty-rate-bytes-per-sec": a.dirty_rate, "pacing": format!("{:?}", a.pacing).to_lowercase(),
             "guest-observed-downtime-ms": gap_us as f64 / 1000.0,

@@ -254,7 +254,7 @@ fn run(a: &Args) -> Result<bool, String> {
     let verified = report.memory_equal && report.stats.memory_verified;
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     if a.json {
-        let mut v = report.stats.to_json();
+        let mut v = serde_json::to_value(&report.stats).expect("statistics as JSON");
         v["simulation"] = json!({
             "workload": a.workload.to_possible_value().map(|p| p.get_name().to_owned()),
             "memory-bytes": a.mem,
