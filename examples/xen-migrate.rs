@@ -37,8 +37,7 @@ use livemig::core::{
     Clock, DestinationReport, EngineConfig, MigrationStats, Policy, PolicyConfig, PolicyKind,
     SourceEngine, SourceVerify, StreamTransport, SystemClock,
 };
-use livemig::xen::domain::{regions_from_text, regions_to_text, SourceFrames};
-use livemig::xen::walk::ResumeWindow;
+use livemig::xen::{regions_from_text, regions_to_text, ResumeWindow, SourceFrames};
 use livemig::xen::{StopMode, Xen, XenDomain};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -8,19 +8,25 @@
 //! and the generated bindings under it; the rest of the crate denies it.
 
 #![deny(unsafe_code)]
+#![warn(unreachable_pub)]
 
-pub mod destination;
-pub mod domain;
-pub mod paging;
-pub mod pv;
-pub mod state;
-#[allow(unsafe_code)]
+mod destination;
+mod domain;
+mod paging;
+mod pv;
+mod state;
+// Generated bindings: every item is `pub`, as bindgen writes them.
+#[allow(unsafe_code, unreachable_pub)]
 mod sys;
-pub mod walk;
+mod walk;
 #[allow(unsafe_code)]
-pub mod xc;
+mod xc;
 
 pub use destination::{prepare_destination, receive, DestinationError, Prepared};
-pub use domain::{StopMode, XenControl, XenDirtyTracker, XenDomain, XenPages};
+pub use domain::{
+    common_layout, regions_from_text, regions_to_text, SourceFrames, StopMode, XenControl,
+    XenDirtyTracker, XenDomain, XenPages, FRAMES_TAG, MAX_ANNOUNCED_PAGES, SPECIAL_AREA,
+};
 pub use state::XenDeviceState;
-pub use xc::{Xen, XenError};
+pub use walk::ResumeWindow;
+pub use xc::{DomainInfo, Xen, XenError};

@@ -44,14 +44,14 @@ const PAGING_FLAGS: usize =
     offset_of!(sys::vm_event_st, u) + offset_of!(sys::vm_event_paging, flags);
 
 /// Entries a one-page ring holds: the largest power of two that fits.
-pub const RING_ENTRIES: u32 = {
+pub(crate) const RING_ENTRIES: u32 = {
     let n = (4096 - RING) / ENTRY;
     1 << (usize::BITS - 1 - n.leading_zeros())
 };
 
 /// A request taken from the ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Request {
+pub(crate) struct Request {
     /// The vCPU that touched the frame.
     pub vcpu: u32,
     /// `VM_EVENT_FLAG_*`; with `VCPU_PAUSED` the answer unpauses it.
@@ -65,7 +65,7 @@ pub struct Request {
 }
 
 /// Decodes one ring entry.
-pub fn decode_request(entry: &[u8]) -> Request {
+pub(crate) fn decode_request(entry: &[u8]) -> Request {
     let u32_at =
         |o: usize| u32::from_le_bytes([entry[o], entry[o + 1], entry[o + 2], entry[o + 3]]);
     let mut g = [0u8; 8];
@@ -81,7 +81,7 @@ pub fn decode_request(entry: &[u8]) -> Request {
 
 /// Encodes the answer to `req` as a ring entry: the frame is back, and a
 /// vCPU paused on it goes on.
-pub fn encode_response(req: &Request) -> Vec<u8> {
+pub(crate) fn encode_response(req: &Request) -> Vec<u8> {
     let mut e = vec![0u8; ENTRY];
     e[VERSION..VERSION + 4].copy_from_slice(&sys::VM_EVENT_INTERFACE_VERSION.to_le_bytes());
     e[FLAGS..FLAGS + 4]

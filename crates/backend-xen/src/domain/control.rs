@@ -31,7 +31,7 @@ pub enum StopMode {
 /// the toolstack (the xenstore and console pages and event channels) must
 /// already agree in the destination domain, created with the same
 /// configuration; the others are set there.
-pub const CARRIED_PARAMS: &[(u32, bool)] = &[
+pub(super) const CARRIED_PARAMS: &[(u32, bool)] = &[
     (sys::HVM_PARAM_STORE_PFN, true),
     (sys::HVM_PARAM_STORE_EVTCHN, true),
     (sys::HVM_PARAM_CONSOLE_PFN, true),
@@ -66,7 +66,7 @@ impl XenControl {
 
     /// How much around each vCPU's registers a post-copy source sends
     /// before the resume (see [`GuestControl::resume_pages`] and
-    /// [`crate::walk`]).
+    /// [`ResumeWindow`](crate::ResumeWindow)).
     pub fn with_resume_window(mut self, w: ResumeWindow) -> Self {
         self.resume_window = w;
         self

@@ -17,7 +17,7 @@ pub struct XenDirtyTracker {
 }
 
 /// The frames of `layout` as a bitmap, the mask for [`bitmap_from_xen`].
-pub fn layout_mask(layout: &MemoryLayout) -> DirtyBitmap {
+pub(super) fn layout_mask(layout: &MemoryLayout) -> DirtyBitmap {
     let mut inside = DirtyBitmap::new(layout.page_end());
     for r in layout.regions() {
         for p in r.first_page..r.first_page + r.pages {
@@ -30,7 +30,7 @@ pub fn layout_mask(layout: &MemoryLayout) -> DirtyBitmap {
 /// Turns Xen's bitmap words into the core's bitmap over `mask` (from
 /// [`layout_mask`]): bits beyond the layout's end, or in its holes, are
 /// dropped.
-pub fn bitmap_from_xen(words: Vec<u64>, mask: &DirtyBitmap) -> DirtyBitmap {
+pub(super) fn bitmap_from_xen(words: Vec<u64>, mask: &DirtyBitmap) -> DirtyBitmap {
     let end = mask.len();
     let mut words = words;
     words.resize(end.div_ceil(64) as usize, 0);

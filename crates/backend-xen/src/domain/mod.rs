@@ -20,16 +20,22 @@ mod control;
 mod dirty;
 mod frames;
 mod pages;
+#[cfg(test)]
+mod tests;
 
 use pages::Window;
 
-pub use control::{StopMode, XenControl, CARRIED_PARAMS};
-pub use dirty::{bitmap_from_xen, layout_mask, XenDirtyTracker};
+pub use control::{StopMode, XenControl};
+pub use dirty::XenDirtyTracker;
+#[cfg(test)]
+use dirty::{bitmap_from_xen, layout_mask};
 pub use frames::{
     common_layout, regions_from_text, regions_to_text, SourceFrames, FRAMES_TAG,
     MAX_ANNOUNCED_PAGES, SPECIAL_AREA,
 };
-pub use pages::{batches, XenPages};
+#[cfg(test)]
+use pages::batches;
+pub use pages::XenPages;
 
 use crate::paging::Pager;
 use crate::pv::{self};
@@ -41,7 +47,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 /// Frames mapped per foreign-mapping call.
-pub const MAP_BATCH: usize = 1024;
+pub(crate) const MAP_BATCH: usize = 1024;
 
 fn be(e: XenError) -> BackendError {
     let kind = match &e {
@@ -154,7 +160,7 @@ fn backed(p2m: &[u64]) -> Vec<(u64, u64)> {
 }
 
 /// Groups the frames that map into regions of consecutive frames.
-pub fn regions_of(present: impl IntoIterator<Item = u64>) -> Vec<Region> {
+pub(crate) fn regions_of(present: impl IntoIterator<Item = u64>) -> Vec<Region> {
     let mut regions: Vec<Region> = Vec::new();
     for f in present {
         match regions.last_mut() {

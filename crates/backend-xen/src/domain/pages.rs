@@ -8,8 +8,8 @@ use migrate_core::page::{MemoryLayout, PageNum};
 use migrate_core::{BackendError, BackendErrorKind, PageSink, PageSource};
 
 /// The domain's memory through foreign mappings: reads in batches of up
-/// to [`MAP_BATCH`] frames; writes go straight into a writable window of
-/// [`MAP_BATCH`] consecutive frames, mapped again when a page falls
+/// to `MAP_BATCH` (1,024) frames; writes go straight into a writable window of
+/// `MAP_BATCH` consecutive frames, mapped again when a page falls
 /// outside it.
 #[derive(Debug)]
 pub struct XenPages {
@@ -17,7 +17,7 @@ pub struct XenPages {
 }
 
 /// Splits `pages` into the batches one mapping call each covers.
-pub fn batches(pages: &[PageNum]) -> impl Iterator<Item = &[PageNum]> {
+pub(super) fn batches(pages: &[PageNum]) -> impl Iterator<Item = &[PageNum]> {
     pages.chunks(MAP_BATCH)
 }
 

@@ -79,7 +79,7 @@ impl Xen {
 
     /// The HVM/PVH context record (every vCPU, the LAPICs, the platform
     /// timers and interrupt controllers), as Xen's save format.
-    pub fn hvm_context(&self, domid: u32) -> Result<Vec<u8>, XenError> {
+    pub(crate) fn hvm_context(&self, domid: u32) -> Result<Vec<u8>, XenError> {
         let h = self.lock();
         // SAFETY: a null buffer of size 0 asks for the size.
         let size = unsafe {
@@ -99,7 +99,7 @@ impl Xen {
     }
 
     /// Loads a context record taken by [`Xen::hvm_context`].
-    pub fn set_hvm_context(&self, domid: u32, ctx: &[u8]) -> Result<(), XenError> {
+    pub(crate) fn set_hvm_context(&self, domid: u32, ctx: &[u8]) -> Result<(), XenError> {
         let mut copy = ctx.to_vec();
         self.call("xc_domain_hvm_setcontext", domid, |h| {
             // SAFETY: the buffer holds `len` bytes; Xen only reads it.
@@ -112,7 +112,7 @@ impl Xen {
     }
 
     /// Reads an HVM parameter.
-    pub fn hvm_param(&self, domid: u32, param: u32) -> Result<u64, XenError> {
+    pub(crate) fn hvm_param(&self, domid: u32, param: u32) -> Result<u64, XenError> {
         let mut v = 0u64;
         self.call("xc_hvm_param_get", domid, |h| {
             // SAFETY: the handle is open and `v` is a valid out-pointer.
@@ -122,7 +122,7 @@ impl Xen {
     }
 
     /// Sets an HVM parameter.
-    pub fn set_hvm_param(&self, domid: u32, param: u32, value: u64) -> Result<(), XenError> {
+    pub(crate) fn set_hvm_param(&self, domid: u32, param: u32, value: u64) -> Result<(), XenError> {
         self.call("xc_hvm_param_set", domid, |h| {
             // SAFETY: the handle is open.
             unsafe { h.ctrl.xc_hvm_param_set(h.xch, domid, param, value) }
@@ -131,7 +131,7 @@ impl Xen {
     }
 
     /// The guest's word size in bytes (8 for a 64-bit PV guest).
-    pub fn guest_width(&self, domid: u32) -> Result<u32, XenError> {
+    pub(crate) fn guest_width(&self, domid: u32) -> Result<u32, XenError> {
         let mut w: std::os::raw::c_uint = 0;
         self.call("xc_domain_get_guest_width", domid, |h| {
             // SAFETY: the handle is open and `w` is a valid out-pointer.
@@ -142,7 +142,7 @@ impl Xen {
 
     /// A 64-bit PV vCPU's context (`vcpu_guest_context_x86_64`), as bytes
     /// (see [`crate::pv::VcpuContext`]).
-    pub fn pv_vcpu_context(&self, domid: u32, vcpu: u32) -> Result<Vec<u8>, XenError> {
+    pub(crate) fn pv_vcpu_context(&self, domid: u32, vcpu: u32) -> Result<Vec<u8>, XenError> {
         // SAFETY: the context union is plain old data; all zeros is valid.
         let mut ctx: Box<sys::vcpu_guest_context_any_t> = Box::new(unsafe { std::mem::zeroed() });
         self.call("xc_vcpu_getcontext", domid, |h| {
@@ -167,7 +167,7 @@ impl Xen {
     /// Loads a 64-bit PV vCPU's context taken by
     /// [`Xen::pv_vcpu_context`]; `None` resets the vCPU (it goes down and
     /// drops its page tables and descriptor table).
-    pub fn set_pv_vcpu_context(
+    pub(crate) fn set_pv_vcpu_context(
         &self,
         domid: u32,
         vcpu: u32,
@@ -211,7 +211,7 @@ impl Xen {
 
     /// The page types (`XEN_DOMCTL_PFINFO_*`) of machine frames of a PV
     /// domain, one per frame.
-    pub fn page_types(&self, domid: u32, frames: &[u64]) -> Result<Vec<u32>, XenError> {
+    pub(crate) fn page_types(&self, domid: u32, frames: &[u64]) -> Result<Vec<u32>, XenError> {
         let mut out = Vec::with_capacity(frames.len());
         for chunk in frames.chunks(1024) {
             let mut arr: Vec<sys::xen_pfn_t> = chunk.to_vec();
@@ -229,7 +229,7 @@ impl Xen {
 
     /// Runs MMU extended operations (`(MMUEXT_* command, machine frame)`)
     /// on behalf of `domid`: pinning and unpinning its page tables.
-    pub fn mmuext(&self, domid: u32, ops: &[(u32, u64)]) -> Result<(), XenError> {
+    pub(crate) fn mmuext(&self, domid: u32, ops: &[(u32, u64)]) -> Result<(), XenError> {
         for chunk in ops.chunks(256) {
             let mut v: Vec<sys::mmuext_op> = chunk
                 .iter()
@@ -251,7 +251,7 @@ impl Xen {
     }
 
     /// Gives back frames of a PV domain (machine frames).
-    pub fn decrease_reservation(&self, domid: u32, frames: &[u64]) -> Result<(), XenError> {
+    pub(crate) fn decrease_reservation(&self, domid: u32, frames: &[u64]) -> Result<(), XenError> {
         if frames.is_empty() {
             return Ok(());
         }
@@ -273,7 +273,7 @@ impl Xen {
 
     /// Gives a domain memory at guest frames `pfns`; for a PV domain,
     /// returns the machine frame each got.
-    pub fn populate(&self, domid: u32, pfns: &[u64]) -> Result<Vec<u64>, XenError> {
+    pub(crate) fn populate(&self, domid: u32, pfns: &[u64]) -> Result<Vec<u64>, XenError> {
         if pfns.is_empty() {
             return Ok(Vec::new());
         }

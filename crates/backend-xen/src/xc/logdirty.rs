@@ -6,12 +6,12 @@ use std::ffi::c_void;
 
 impl Xen {
     /// Turns log-dirty mode on.
-    pub fn logdirty_enable(&self, domid: u32) -> Result<(), XenError> {
+    pub(crate) fn logdirty_enable(&self, domid: u32) -> Result<(), XenError> {
         self.logdirty_simple(domid, sys::XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY)
     }
 
     /// Turns log-dirty mode off.
-    pub fn logdirty_off(&self, domid: u32) -> Result<(), XenError> {
+    pub(crate) fn logdirty_off(&self, domid: u32) -> Result<(), XenError> {
         self.logdirty_simple(domid, sys::XEN_DOMCTL_SHADOW_OP_OFF)
     }
 
@@ -36,7 +36,7 @@ impl Xen {
     /// Fills `bitmap` (one bit per frame, least significant bit first in
     /// each word) with the frames written since log-dirty mode was turned
     /// on or last cleaned; `Clean` also clears Xen's record.
-    pub fn logdirty_read(
+    pub(crate) fn logdirty_read(
         &self,
         domid: u32,
         op: LogDirtyOp,
@@ -71,7 +71,7 @@ impl Xen {
     }
 
     /// Allocates a hypercall-safe bitmap of `bits` bits.
-    pub fn bitmap(&self, bits: u64) -> Result<HypercallBitmap, XenError> {
+    pub(crate) fn bitmap(&self, bits: u64) -> Result<HypercallBitmap, XenError> {
         let h = self.lock();
         let pages = bits.div_ceil(8).div_ceil(4096).max(1) as i32;
         let mut buf = Box::new(sys::xc_hypercall_buffer_t {
@@ -103,7 +103,7 @@ impl Xen {
     }
 
     /// Frees a bitmap from [`Xen::bitmap`].
-    pub fn free_bitmap(&self, mut bitmap: HypercallBitmap) {
+    pub(crate) fn free_bitmap(&self, mut bitmap: HypercallBitmap) {
         let h = self.lock();
         if bitmap.owner == h.xch && !bitmap.buf.hbuf.is_null() {
             // SAFETY: allocated by this handle with this page count.
@@ -117,7 +117,7 @@ impl Xen {
 }
 
 /// A bitmap in hypercall-safe memory, for log-dirty reads.
-pub struct HypercallBitmap {
+pub(crate) struct HypercallBitmap {
     buf: Box<sys::xc_hypercall_buffer_t>,
     pages: i32,
     bits: u64,
@@ -135,13 +135,8 @@ impl std::fmt::Debug for HypercallBitmap {
 }
 
 impl HypercallBitmap {
-    /// Bits it holds.
-    pub fn bits(&self) -> u64 {
-        self.bits
-    }
-
     /// Its words, least significant bit first (Xen's layout on x86).
-    pub fn words(&self) -> Vec<u64> {
+    pub(crate) fn words(&self) -> Vec<u64> {
         let n = self.bits.div_ceil(64) as usize;
         let mut out = vec![0u64; n];
         if !self.buf.hbuf.is_null() {

@@ -9,7 +9,7 @@ impl Xen {
     /// for PV domains) into this
     /// process. Frames that cannot be mapped are reported in
     /// [`Mapping::error`]; the call fails only if nothing could be set up.
-    pub fn map(
+    pub(crate) fn map(
         self: &Arc<Self>,
         domid: u32,
         frames: &[u64],
@@ -55,12 +55,12 @@ impl Xen {
 }
 
 mod libc_prot {
-    pub const READ: i32 = 1;
-    pub const WRITE: i32 = 2;
+    pub(super) const READ: i32 = 1;
+    pub(super) const WRITE: i32 = 2;
 }
 
 /// Frames of a domain mapped into this process; unmapped when dropped.
-pub struct Mapping {
+pub(crate) struct Mapping {
     xen: Arc<Xen>,
     addr: *mut u8,
     pages: usize,
@@ -84,12 +84,12 @@ impl std::fmt::Debug for Mapping {
 
 impl Mapping {
     /// The error (a negative errno) for frame `i`, 0 if it mapped.
-    pub fn error(&self, i: usize) -> i32 {
+    pub(crate) fn error(&self, i: usize) -> i32 {
         self.err.get(i).copied().unwrap_or(-22)
     }
 
     /// Copies frame `i` into `out` (4 KiB).
-    pub fn read(&self, i: usize, out: &mut [u8]) -> Result<(), XenError> {
+    pub(crate) fn read(&self, i: usize, out: &mut [u8]) -> Result<(), XenError> {
         self.check(i, out.len())?;
         // SAFETY: frame `i` is mapped (checked), 4 KiB long, and stays
         // mapped while `self` lives. The guest may write it meanwhile;
@@ -99,7 +99,7 @@ impl Mapping {
     }
 
     /// Copies `data` (4 KiB) into frame `i`.
-    pub fn write(&self, i: usize, data: &[u8]) -> Result<(), XenError> {
+    pub(crate) fn write(&self, i: usize, data: &[u8]) -> Result<(), XenError> {
         self.check(i, data.len())?;
         // SAFETY: as in `read`; the mapping was made writable by the
         // caller's request, or Xen refused it and `error(i)` says so.
@@ -130,7 +130,7 @@ impl Mapping {
 impl Mapping {
     /// Reads a little-endian u32 at byte `off` of frame 0, after an
     /// acquire fence (a ring index another side writes).
-    pub fn load_u32(&self, off: usize) -> Result<u32, XenError> {
+    pub(crate) fn load_u32(&self, off: usize) -> Result<u32, XenError> {
         self.check_at(off, 4)?;
         // SAFETY: frame 0 is mapped (checked) and `off + 4` lies within it;
         // the read is volatile because another side writes it.
@@ -141,7 +141,7 @@ impl Mapping {
 
     /// Writes a little-endian u32 at byte `off` of frame 0, after a
     /// release fence (publishing what was written before it).
-    pub fn store_u32(&self, off: usize, v: u32) -> Result<(), XenError> {
+    pub(crate) fn store_u32(&self, off: usize, v: u32) -> Result<(), XenError> {
         self.check_at(off, 4)?;
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         // SAFETY: as in `load_u32`.
@@ -150,7 +150,7 @@ impl Mapping {
     }
 
     /// Copies bytes `off..off + out.len()` of frame 0 out.
-    pub fn read_at(&self, off: usize, out: &mut [u8]) -> Result<(), XenError> {
+    pub(crate) fn read_at(&self, off: usize, out: &mut [u8]) -> Result<(), XenError> {
         self.check_at(off, out.len())?;
         // SAFETY: the range lies within mapped frame 0 (checked).
         unsafe { std::ptr::copy_nonoverlapping(self.addr.add(off), out.as_mut_ptr(), out.len()) };
@@ -158,7 +158,7 @@ impl Mapping {
     }
 
     /// Copies `data` into bytes `off..off + data.len()` of frame 0.
-    pub fn write_at(&self, off: usize, data: &[u8]) -> Result<(), XenError> {
+    pub(crate) fn write_at(&self, off: usize, data: &[u8]) -> Result<(), XenError> {
         self.check_at(off, data.len())?;
         // SAFETY: as in `read_at`; the mapping is writable or Xen refused
         // it and `error(0)` says so (checked).

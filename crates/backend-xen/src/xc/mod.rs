@@ -86,11 +86,11 @@ pub struct DomainInfo {
 }
 
 /// Xen's value for a suspended domain's `shutdown_reason`.
-pub const SHUTDOWN_SUSPEND: u32 = sys::SHUTDOWN_suspend;
+pub(crate) const SHUTDOWN_SUSPEND: u32 = sys::SHUTDOWN_suspend;
 
 /// Log-dirty operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogDirtyOp {
+pub(crate) enum LogDirtyOp {
     /// Read the bitmap and clear it.
     Clean,
     /// Read the bitmap only.
@@ -281,6 +281,6 @@ mod logdirty;
 mod mapping;
 mod paging;
 
-pub use logdirty::HypercallBitmap;
-pub use mapping::Mapping;
-pub use paging::EventChannel;
+pub(crate) use logdirty::HypercallBitmap;
+pub(crate) use mapping::Mapping;
+pub(crate) use paging::EventChannel;

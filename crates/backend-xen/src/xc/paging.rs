@@ -10,7 +10,7 @@ impl Xen {
     /// starts to carry requests. Returns the event channel port Xen
     /// signals on. Needs a hypervisor built with `CONFIG_MEM_PAGING`
     /// (`ENOSYS` otherwise) and a HAP guest.
-    pub fn paging_enable(&self, domid: u32) -> Result<u32, XenError> {
+    pub(crate) fn paging_enable(&self, domid: u32) -> Result<u32, XenError> {
         let mut port = 0u32;
         self.call("xc_mem_paging_enable", domid, |h| {
             // SAFETY: the handle is open and `port` is a valid out-pointer.
@@ -20,7 +20,7 @@ impl Xen {
     }
 
     /// Turns memory paging off.
-    pub fn paging_disable(&self, domid: u32) -> Result<(), XenError> {
+    pub(crate) fn paging_disable(&self, domid: u32) -> Result<(), XenError> {
         self.call("xc_mem_paging_disable", domid, |h| {
             // SAFETY: the handle is open.
             unsafe { h.ctrl.xc_mem_paging_disable(h.xch, domid) }
@@ -30,7 +30,7 @@ impl Xen {
 
     /// Pages a guest frame out: nominates it, then evicts it (its memory
     /// is freed; the guest's next touch raises a paging request).
-    pub fn page_out(&self, domid: u32, gfn: u64) -> Result<(), XenError> {
+    pub(crate) fn page_out(&self, domid: u32, gfn: u64) -> Result<(), XenError> {
         // Both calls under one lock: nothing else pages the frame between.
         let h = self.lock();
         // SAFETY: the handle is open.
@@ -43,7 +43,7 @@ impl Xen {
 
     /// Pages a guest frame back in with `data` (4 KiB) as its content; the
     /// guest may use it at once.
-    pub fn page_in(&self, domid: u32, gfn: u64, data: &[u8]) -> Result<(), XenError> {
+    pub(crate) fn page_in(&self, domid: u32, gfn: u64, data: &[u8]) -> Result<(), XenError> {
         if data.len() != 4096 {
             return Err(XenError::Invalid(format!(
                 "a page is 4096 bytes, not {}",
@@ -68,7 +68,7 @@ impl Xen {
 
 /// An event channel bound to a port of another domain
 /// (libxenevtchn), for a ring's notifications.
-pub struct EventChannel {
+pub(crate) struct EventChannel {
     lib: sys::XenLib,
     xce: *mut sys::xenevtchn_handle,
     port: u32,
@@ -91,7 +91,7 @@ const EVTCHN_NAMES: &[&str] = &["libxenevtchn.so.1", "libxenevtchn.so"];
 
 impl EventChannel {
     /// Opens libxenevtchn and binds to `remote_port` of `domid`.
-    pub fn bind(domid: u32, remote_port: u32) -> Result<Self, XenError> {
+    pub(crate) fn bind(domid: u32, remote_port: u32) -> Result<Self, XenError> {
         let lib = load(EVTCHN_NAMES)?;
         require!(
             lib,
@@ -133,14 +133,14 @@ impl EventChannel {
     }
 
     /// The file descriptor to poll for events.
-    pub fn fd(&self) -> i32 {
+    pub(crate) fn fd(&self) -> i32 {
         // SAFETY: the handle is open.
         unsafe { self.lib.xenevtchn_fd(self.xce) }
     }
 
     /// Waits up to `timeout_ms` for an event; whether one is pending (then
     /// [`EventChannel::take`] it).
-    pub fn wait(&self, timeout_ms: i32) -> bool {
+    pub(crate) fn wait(&self, timeout_ms: i32) -> bool {
         let mut p = libc::pollfd {
             fd: self.fd(),
             events: libc::POLLIN,
@@ -153,7 +153,7 @@ impl EventChannel {
 
     /// Takes the pending event (after `fd` polled readable) and unmasks
     /// the port for the next one.
-    pub fn take(&self) -> Result<(), XenError> {
+    pub(crate) fn take(&self) -> Result<(), XenError> {
         // SAFETY: the handle is open.
         let p = unsafe { self.lib.xenevtchn_pending(self.xce) };
         if p < 0 {
@@ -169,7 +169,7 @@ impl EventChannel {
     }
 
     /// Signals the other side.
-    pub fn notify(&self) -> Result<(), XenError> {
+    pub(crate) fn notify(&self) -> Result<(), XenError> {
         // SAFETY: the handle is open and `port` bound.
         let r = unsafe { self.lib.xenevtchn_notify(self.xce, self.port) };
         Xen::check(r, "xenevtchn_notify", 0)

@@ -1,8 +1,8 @@
 //! Backend tests that need no Xen: bitmap conversion, batching, layouts,
 //! and the errors on a host without Xen.
 
-use backend_xen::domain::{batches, bitmap_from_xen, layout_mask, regions_of, MAP_BATCH};
-use backend_xen::{Xen, XenError};
+use super::{batches, bitmap_from_xen, layout_mask, regions_of, MAP_BATCH};
+use crate::{Xen, XenError};
 use migrate_core::page::{MemoryLayout, PageSize, Region};
 
 fn pvh_like() -> MemoryLayout {
@@ -86,7 +86,7 @@ fn without_xen_the_pager_event_channel_names_what_is_missing() {
         eprintln!("this host runs on Xen; the no-Xen error path is not reachable here");
         return;
     }
-    let e = backend_xen::xc::EventChannel::bind(1, 1).expect_err("no libxenevtchn here");
+    let e = crate::xc::EventChannel::bind(1, 1).expect_err("no libxenevtchn here");
     let msg = e.to_string();
     match &e {
         XenError::Library { tried, .. } => assert!(tried.contains("libxenevtchn"), "{msg}"),
@@ -97,7 +97,7 @@ fn without_xen_the_pager_event_channel_names_what_is_missing() {
 
 #[test]
 fn source_frames_cross_as_a_line_and_lies_are_refused() {
-    use backend_xen::domain::{regions_from_text, SourceFrames, MAX_ANNOUNCED_PAGES};
+    use super::{regions_from_text, SourceFrames, MAX_ANNOUNCED_PAGES};
     let layout = MemoryLayout::new(
         PageSize::DEFAULT,
         vec![
