@@ -79,6 +79,7 @@
 //! ```
 
 #![deny(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub use kvm_bindings;
 pub use kvm_ioctls;

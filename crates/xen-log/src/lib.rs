@@ -12,7 +12,7 @@
 //! and closes with `Total pages sent= T (R x)`. This module reads those
 //! lines, wherever they were captured, into [`XenRound`]s, checks the
 //! log's own arithmetic ([`XenLog::check`]), and converts the rounds into
-//! the core's [`RoundStats`].
+//! the core's [`RoundStats`](migrate_core::RoundStats).
 //!
 //! # What a round line says
 //!
@@ -83,6 +83,8 @@
 //! assert_eq!(xen.downtime_bound().map(|d| d.final_delta_ms), Some(1));
 //! # Ok::<(), log::LogError>(())
 //! ```
+
+#![warn(unreachable_pub)]
 
 mod check;
 mod line;

@@ -91,7 +91,7 @@ struct Zeropage {
 
 /// What a placement did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Placed {
+pub(crate) enum Placed {
     /// The page was absent and is now mapped with the data.
     Mapped,
     /// The page was already present (`EEXIST`); nothing was written.
@@ -100,7 +100,7 @@ pub enum Placed {
 
 /// A userfaultfd in missing-page mode.
 #[derive(Debug)]
-pub struct Userfault {
+pub(crate) struct Userfault {
     fd: OwnedFd,
 }
 
@@ -123,7 +123,7 @@ impl Userfault {
     /// `vm.unprivileged_userfaultfd` sysctl keeps from the call; faults
     /// that KVM takes on behalf of a vCPU are kernel-mode faults, so the
     /// user-mode-only flag cannot be used.
-    pub fn open() -> io::Result<Self> {
+    pub(crate) fn open() -> io::Result<Self> {
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         // SAFETY: the userfaultfd system call takes one flags argument and
         // returns a new descriptor or -1; no memory is passed.
@@ -165,7 +165,7 @@ impl Userfault {
 
     /// Registers `len` bytes at host address `start` (page aligned) in
     /// missing-page mode.
-    pub fn register(&self, start: u64, len: u64) -> io::Result<()> {
+    pub(crate) fn register(&self, start: u64, len: u64) -> io::Result<()> {
         let mut r = Register {
             range: Range { start, len },
             mode: REGISTER_MODE_MISSING,
@@ -183,14 +183,14 @@ impl Userfault {
     }
 
     /// Unregisters a range: its faults are the kernel's again.
-    pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
+    pub(crate) fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
         let mut r = Range { start, len };
         ioctl(&self.fd, UFFDIO_UNREGISTER, &mut r)
     }
 
     /// Maps a copy of `data` (whole pages) at host address `dst` of a
     /// registered range and wakes the threads waiting on it.
-    pub fn copy(&self, dst: u64, data: &[u8]) -> io::Result<Placed> {
+    pub(crate) fn copy(&self, dst: u64, data: &[u8]) -> io::Result<Placed> {
         let mut c = Copy {
             dst,
             src: data.as_ptr() as u64,
@@ -202,7 +202,7 @@ impl Userfault {
     }
 
     /// Maps zero pages over `len` bytes at `dst` and wakes its waiters.
-    pub fn zeropage(&self, dst: u64, len: u64) -> io::Result<Placed> {
+    pub(crate) fn zeropage(&self, dst: u64, len: u64) -> io::Result<Placed> {
         let mut z = Zeropage {
             range: Range { start: dst, len },
             mode: 0,
@@ -226,7 +226,7 @@ impl Userfault {
 
     /// Waits up to `timeout` for page faults and appends the faulting host
     /// addresses to `out`. Returns how many were added (0 on timeout).
-    pub fn read_faults(&self, timeout: Duration, out: &mut Vec<u64>) -> io::Result<usize> {
+    pub(crate) fn read_faults(&self, timeout: Duration, out: &mut Vec<u64>) -> io::Result<usize> {
         let mut pfd = libc::pollfd {
             fd: self.fd.as_raw_fd(),
             events: libc::POLLIN,
