@@ -278,7 +278,7 @@ fn main() {
             st.switch_reason.converged(),
             st.switch_reason.describe()
         );
-        js.push(json!({"workload": r.workload, "link": r.link, "policy": r.policy, "stats": serde_json::to_value(&st).expect("statistics as JSON")}));
+        js.push(json!({"workload": r.workload, "link": r.link, "policy": r.policy, "stats": serde_json::to_value(st).expect("statistics as JSON")}));
     }
     std::fs::write(out.join("compare.csv"), csv).expect("write csv");
     std::fs::write(
