@@ -253,7 +253,7 @@ fn dest_side<S: SplitStream>(
 
 fn print_source(a: &Args, s: &MigrationStats, dest: Option<&DestinationReport>) {
     if a.json {
-        let mut j = serde_json::to_value(&s).expect("statistics as JSON");
+        let mut j = serde_json::to_value(s).expect("statistics as JSON");
         j["xen"] = serde_json::json!({
             "source-domid": a.domid, "dest-domid": a.dest, "to": a.to,
             "stop": format!("{:?}", a.stop).to_lowercase(),
