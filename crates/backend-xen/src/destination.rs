@@ -11,6 +11,7 @@
 //! ```
 
 use crate::domain::{common_layout, SourceFrames, StopMode, XenDomain};
+use crate::frame::Gfn;
 use crate::paging::Pager;
 use crate::xc::{Xen, XenError};
 use migrate_core::driver::{run_destination, run_destination_serving};
@@ -163,7 +164,9 @@ pub fn receive<X: Transport + ?Sized>(
     let pager = Arc::new(pager);
     let t0 = Instant::now();
     for p in dst.layout().pages() {
-        pager.page_out(p).map_err(xen_err("paging a frame out"))?;
+        pager
+            .page_out(Gfn(p))
+            .map_err(xen_err("paging a frame out"))?;
     }
     tracing::info!(
         domid,

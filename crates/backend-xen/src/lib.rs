@@ -12,6 +12,7 @@
 
 mod destination;
 mod domain;
+mod frame;
 mod paging;
 mod pv;
 mod state;
@@ -27,6 +28,7 @@ pub use domain::{
     common_layout, regions_from_text, regions_to_text, SourceFrames, StopMode, XenControl,
     XenDirtyTracker, XenDomain, XenPages, FRAMES_TAG, MAX_ANNOUNCED_PAGES, SPECIAL_AREA,
 };
+pub use frame::{Gfn, Mfn, Pfn};
 pub use state::XenDeviceState;
 pub use walk::ResumeWindow;
 pub use xc::{DomainInfo, Xen, XenError};

@@ -18,6 +18,7 @@
 //! the hypervisor's error and the migration stops before the source
 //! pauses.
 
+use crate::frame::Gfn;
 use crate::sys;
 use crate::xc::{EventChannel, Mapping, Xen, XenError};
 use migrate_core::driver::Faults;
@@ -248,30 +249,33 @@ impl Pager {
     }
 
     /// The guest frame of the ring page.
-    pub fn ring_gfn(&self) -> u64 {
-        self.ring_gfn
+    pub fn ring_gfn(&self) -> Gfn {
+        Gfn(self.ring_gfn)
     }
 
     /// Pages `gfn` out (a post-copy discard).
-    pub fn page_out(&self, gfn: u64) -> Result<(), XenError> {
+    pub fn page_out(&self, gfn: Gfn) -> Result<(), XenError> {
         let mut st = self.shared.lock();
+        let frame = gfn;
+        let gfn = gfn.0;
         if st.out.contains(&gfn) {
             return Ok(());
         }
-        self.shared.xen.page_out(self.shared.domid, gfn)?;
+        self.shared.xen.page_out(self.shared.domid, frame)?;
         st.out.insert(gfn);
         Ok(())
     }
 
     /// Whether `gfn` is paged out.
-    pub fn is_out(&self, gfn: u64) -> bool {
-        self.shared.lock().out.contains(&gfn)
+    pub fn is_out(&self, gfn: Gfn) -> bool {
+        self.shared.lock().out.contains(&gfn.0)
     }
 
     /// Pages `gfn` in with `data` and answers the requests waiting on it.
-    pub fn page_in(&self, gfn: u64, data: &[u8]) -> Result<(), XenError> {
+    pub fn page_in(&self, gfn: Gfn, data: &[u8]) -> Result<(), XenError> {
         let mut st = self.shared.lock();
         self.shared.xen.page_in(self.shared.domid, gfn, data)?;
+        let gfn = gfn.0;
         st.out.remove(&gfn);
         let waiting = st.waiting.remove(&gfn).unwrap_or_default();
         self.shared.respond(&mut st, &waiting)

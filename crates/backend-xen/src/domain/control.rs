@@ -4,6 +4,7 @@
 
 use super::attach::published_p2m;
 use super::{be, read_frames, DomainKind, PvInfo, XenDomain, MAP_BATCH};
+use crate::frame::{Mfn, Pfn};
 use crate::pv::{self, PvState, VcpuContext};
 use crate::walk::{self, ResumeWindow};
 use crate::xc::{XenError, SHUTDOWN_SUSPEND};
@@ -147,7 +148,7 @@ impl XenControl {
             ));
         }
         let info = d.info().map_err(be)?;
-        let m2p = |m: u64| pv.pfn(m);
+        let m2p = |m: u64| pv.pfn(Mfn(m)).map(|p| p.0);
         let mut vcpus = Vec::new();
         for v in 0..=info.max_vcpu_id {
             let mut c = VcpuContext::new(d.xen.pv_vcpu_context(domid, v).map_err(be)?)
@@ -174,7 +175,9 @@ impl XenControl {
         // The memory map must be the one the migration used.
         let (now, frames) = published_p2m(&d.xen, domid, pv.shared_info_frame).map_err(be)?;
         for p in d.layout.pages() {
-            if now.get(p as usize).copied().and_then(pv::p2m_entry_mfn) != pv.mfn(p) {
+            if now.get(p as usize).copied().and_then(pv::p2m_entry_mfn)
+                != pv.mfn(Pfn(p)).map(|m| m.0)
+            {
                 return Err(pv_err(
                     domid,
                     format!("the guest changed its memory map during the migration (frame {p:#x})"),
@@ -214,7 +217,7 @@ impl XenControl {
         let domid = d.domid;
         // Pages mapped writable cannot become page tables.
         *d.window.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let p2m = |p: u64| pv.mfn(p);
+        let p2m = |p: u64| pv.mfn(Pfn(p)).map(|m| m.0);
         let need = |p: u64, what: &str| {
             p2m(p).ok_or_else(|| {
                 pv_err(

@@ -23,6 +23,7 @@ mod pages;
 #[cfg(test)]
 mod tests;
 
+use crate::frame::{Mfn, Pfn};
 use pages::Window;
 
 pub use control::{StopMode, XenControl};
@@ -121,14 +122,17 @@ struct PvInfo {
 }
 
 impl PvInfo {
-    fn mfn(&self, pfn: u64) -> Option<u64> {
+    /// The machine frame behind guest frame `pfn`, if it has one.
+    fn mfn(&self, pfn: Pfn) -> Option<Mfn> {
         self.p2m
-            .get(pfn as usize)
+            .get(pfn.0 as usize)
             .copied()
             .and_then(pv::p2m_entry_mfn)
+            .map(Mfn)
     }
-    fn pfn(&self, mfn: u64) -> Option<u64> {
-        self.m2p.get(&mfn).copied()
+    /// The guest frame that machine frame `mfn` backs, if it is the guest's.
+    fn pfn(&self, mfn: Mfn) -> Option<Pfn> {
+        self.m2p.get(&mfn.0).copied().map(Pfn)
     }
 }
 
@@ -204,7 +208,7 @@ impl XenDomain {
     fn frame(&self, pfn: u64) -> u64 {
         match &self.kind {
             DomainKind::Hvm => pfn,
-            DomainKind::Pv(p) => p.mfn(pfn).unwrap_or(pv::INVALID_MFN),
+            DomainKind::Pv(p) => p.mfn(Pfn(pfn)).map_or(pv::INVALID_MFN, |m| m.0),
         }
     }
 

@@ -2,6 +2,7 @@
 //! batches, as the core's [`PageSource`] and [`PageSink`].
 
 use super::{be, DomainKind, PvInfo, XenDomain, MAP_BATCH};
+use crate::frame::{Gfn, Mfn};
 use crate::pv::{self};
 use crate::xc::Mapping;
 use migrate_core::page::{MemoryLayout, PageNum};
@@ -39,12 +40,13 @@ impl XenPages {
                 continue;
             };
             let page = &mut out[i * 4096..(i + 1) * 4096];
-            let foreign = pv::canonicalise_table(page, level, &|m| pv.pfn(m)).map_err(|e| {
-                BackendError::new(
-                    BackendErrorKind::Unsupported,
-                    format!("domain {} frame {p:#x}: {e}", self.d.domid),
-                )
-            })?;
+            let foreign = pv::canonicalise_table(page, level, &|m| pv.pfn(Mfn(m)).map(|p| p.0))
+                .map_err(|e| {
+                    BackendError::new(
+                        BackendErrorKind::Unsupported,
+                        format!("domain {} frame {p:#x}: {e}", self.d.domid),
+                    )
+                })?;
             if foreign > 0 {
                 unsettled.insert(p);
             } else {
@@ -112,8 +114,8 @@ impl PageSink for XenPages {
         }
         self.in_layout(page)?;
         if let Some(pager) = &self.d.pager {
-            if pager.is_out(page) {
-                return pager.page_in(page, data).map_err(be);
+            if pager.is_out(Gfn(page)) {
+                return pager.page_in(Gfn(page), data).map_err(be);
             }
         }
         let mut window = self.d.window.lock().unwrap_or_else(|e| e.into_inner());
@@ -124,7 +126,7 @@ impl PageSink for XenPages {
             // Mapping a frame that is paged out makes libxenforeignmemory
             // wait until it is paged in, which only this thread would do:
             // such slots map `page` (which is in) again, and are not used.
-            let out = |p: u64| self.d.pager.as_ref().is_some_and(|g| g.is_out(p));
+            let out = |p: u64| self.d.pager.as_ref().is_some_and(|g| g.is_out(Gfn(p)));
             let mapped: Vec<bool> = (page..end).map(|p| !out(p)).collect();
             let frames: Vec<u64> = (page..end)
                 .zip(&mapped)
@@ -165,7 +167,7 @@ impl PageSink for XenPages {
         *self.d.window.lock().unwrap_or_else(|e| e.into_inner()) = None;
         for &p in pages {
             self.in_layout(p)?;
-            pager.page_out(p).map_err(be)?;
+            pager.page_out(Gfn(p)).map_err(be)?;
         }
         Ok(())
     }

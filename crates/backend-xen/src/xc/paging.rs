@@ -2,6 +2,7 @@
 //! signals on.
 
 use super::{errno, load, Xen, XenError};
+use crate::frame::Gfn;
 use crate::sys;
 
 impl Xen {
@@ -30,7 +31,8 @@ impl Xen {
 
     /// Pages a guest frame out: nominates it, then evicts it (its memory
     /// is freed; the guest's next touch raises a paging request).
-    pub(crate) fn page_out(&self, domid: u32, gfn: u64) -> Result<(), XenError> {
+    pub(crate) fn page_out(&self, domid: u32, gfn: Gfn) -> Result<(), XenError> {
+        let gfn = gfn.0;
         // Both calls under one lock: nothing else pages the frame between.
         let h = self.lock();
         // SAFETY: the handle is open.
@@ -43,7 +45,8 @@ impl Xen {
 
     /// Pages a guest frame back in with `data` (4 KiB) as its content; the
     /// guest may use it at once.
-    pub(crate) fn page_in(&self, domid: u32, gfn: u64, data: &[u8]) -> Result<(), XenError> {
+    pub(crate) fn page_in(&self, domid: u32, gfn: Gfn, data: &[u8]) -> Result<(), XenError> {
+        let gfn = gfn.0;
         if data.len() != 4096 {
             return Err(XenError::Invalid(format!(
                 "a page is 4096 bytes, not {}",
