@@ -11,10 +11,11 @@
 //! xen-migrate --domid 3 --to desthost:7700 --policy hca  # sending host
 //! ```
 //!
-//! Before the stream, the sender announces its frames in one line
-//! (`SourceFrames`) and the receiver prepares its domain for them (a PV
-//! domain is given memory at exactly those frames) and answers with the
-//! frames both will move, or with its error.
+//! Before the stream, the sender offers its frames (`livemig::xen::offer`)
+//! and the receiver prepares its domain for them (a PV domain is given
+//! memory at exactly those frames) and answers with the frames both will
+//! move, or with its error (`livemig::xen::answer`): records of the
+//! library's own protocol, on the connection the migration then uses.
 //!
 //! Run in dom0 as root. The source engine reads domain `--domid` through
 //! log-dirty and foreign mappings; the destination engine, on another
@@ -31,15 +32,13 @@
 
 use clap::{Parser, ValueEnum};
 use livemig::core::driver::run_source;
-use livemig::core::transport::SplitStream;
 use livemig::core::MemoryLayout;
 use livemig::core::{
     Clock, DestinationReport, EngineConfig, MigrationStats, Policy, PolicyConfig, PolicyKind,
-    SourceEngine, SourceVerify, StreamTransport, SystemClock,
+    SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
 };
-use livemig::xen::{regions_from_text, regions_to_text, ResumeWindow, SourceFrames};
+use livemig::xen::{ResumeWindow, SourceFrames};
 use livemig::xen::{StopMode, Xen, XenDomain};
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
@@ -122,8 +121,6 @@ struct Args {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-/// The longest handshake line accepted.
-const MAX_LINE: usize = 1 << 20;
 
 fn main() -> ExitCode {
     let a = Args::parse();
@@ -208,14 +205,9 @@ fn is_postcopy(a: &Args) -> bool {
     a.policy.may_postcopy()
 }
 
-/// Runs the source engine over `stream`.
-fn source_side<S: SplitStream>(
-    a: &Args,
-    src: &XenDomain,
-    stream: S,
-) -> Result<MigrationStats, String> {
+/// Runs the source engine over `t`.
+fn source_side(a: &Args, src: &XenDomain, t: &mut dyn Transport) -> Result<MigrationStats, String> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let mut t = StreamTransport::new(stream).map_err(|e| e.to_string())?;
     let mut engine = SourceEngine::new(
         src.tracker(),
         src.pages(),
@@ -233,22 +225,19 @@ fn source_side<S: SplitStream>(
             ..EngineConfig::default()
         },
     );
-    run_source(&mut engine, &mut t, TIMEOUT).map_err(|e| e.to_string())
+    run_source(&mut engine, t, TIMEOUT).map_err(|e| e.to_string())
 }
 
-/// Runs the destination engine over `stream` (see
-/// [`livemig::xen::receive`]).
-fn dest_side<S: SplitStream>(
+/// Runs the destination engine over `t` (see [`livemig::xen::receive`]).
+fn dest_side(
     xen: &Arc<Xen>,
     dst: &XenDomain,
     stop: StopMode,
-    stream: S,
+    t: &mut dyn Transport,
     postcopy: bool,
 ) -> Result<DestinationReport, String> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let mut t = StreamTransport::new(stream).map_err(|e| e.to_string())?;
-    livemig::xen::receive(xen, dst, stop, &mut t, postcopy, clock, TIMEOUT)
-        .map_err(|e| e.to_string())
+    livemig::xen::receive(xen, dst, stop, t, postcopy, clock, TIMEOUT).map_err(|e| e.to_string())
 }
 
 fn print_source(a: &Args, s: &MigrationStats, dest: Option<&DestinationReport>) {
@@ -304,8 +293,12 @@ fn run_local(a: &Args, domid: u32, dest: u32) -> Result<bool, String> {
     let (sa, sb) = UnixStream::pair().map_err(|e| e.to_string())?;
     let stop = stop_mode(a);
     let (x2, pc) = (xen.clone(), is_postcopy(a));
-    let receiver = std::thread::spawn(move || dest_side(&x2, &dst, stop, sb, pc));
-    let result = source_side(a, &src, sa);
+    let receiver = std::thread::spawn(move || {
+        let mut t = StreamTransport::new(sb).map_err(|e| e.to_string())?;
+        dest_side(&x2, &dst, stop, &mut t, pc)
+    });
+    let mut t = StreamTransport::new(sa).map_err(|e| e.to_string())?;
+    let result = source_side(a, &src, &mut t);
     let report = receiver
         .join()
         .map_err(|_| "the destination thread panicked".to_string())?;
@@ -324,54 +317,22 @@ fn run_local(a: &Args, domid: u32, dest: u32) -> Result<bool, String> {
     }
 }
 
-/// Reads one handshake line, a byte at a time (nothing after it is
-/// consumed: the wire protocol follows).
-fn read_line(s: &mut TcpStream) -> Result<String, String> {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match s.read(&mut b) {
-            Ok(0) => return Err("the peer closed the connection during the handshake".into()),
-            Ok(_) if b[0] == b'\n' => break,
-            Ok(_) => line.push(b[0]),
-            Err(e) => return Err(format!("handshake: {e}")),
-        }
-        if line.len() > MAX_LINE {
-            return Err(format!("handshake line longer than {MAX_LINE} bytes"));
-        }
-    }
-    String::from_utf8(line).map_err(|_| "handshake line is not UTF-8".into())
-}
-
 /// The sending process.
 fn run_send(a: &Args, domid: u32, to: &str) -> Result<bool, String> {
     let xen = Arc::new(Xen::open().map_err(|e| e.to_string())?);
     let src = attach_source(a, &xen, domid)?;
-    let mut stream = TcpStream::connect(to).map_err(|e| format!("connecting to {to}: {e}"))?;
+    let stream = TcpStream::connect(to).map_err(|e| format!("connecting to {to}: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    let frames = src.source_frames();
-    writeln!(stream, "{}", frames.to_line()).map_err(|e| format!("handshake: {e}"))?;
-    let reply = read_line(&mut stream)?;
-    let agreed = match reply.split_once(' ') {
-        Some(("ok", regions)) => regions_from_text(regions, src.layout().total_pages())
-            .map_err(|e| format!("the receiver's answer: {e}"))?,
-        Some(("error", why)) => return Err(format!("the receiver refused: {why}")),
-        _ => return Err(format!("the receiver answered {reply:?}")),
-    };
-    if frames.pv && agreed != frames.layout {
-        return Err("the receiver would move other frames than a PV source has".into());
-    }
+    let mut t = StreamTransport::new(stream).map_err(|e| e.to_string())?;
+    let agreed =
+        livemig::xen::offer(&mut t, &src.source_frames(), TIMEOUT).map_err(|e| e.to_string())?;
     let src = src.with_layout(agreed).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
     eprintln!(
         "source domain {domid}: {} pages in {} regions, to {to}",
         src.layout().total_pages(),
         src.layout().regions().len()
     );
-    match source_side(a, &src, stream) {
+    match source_side(a, &src, &mut t) {
         Ok(s) => {
             print_source(a, &s, None);
             Ok(s.memory_verified)
@@ -390,32 +351,21 @@ fn run_receive(a: &Args, dest: u32, at: &str) -> Result<bool, String> {
     let xen = Arc::new(Xen::open().map_err(|e| e.to_string())?);
     let listener = TcpListener::bind(at).map_err(|e| format!("listening at {at}: {e}"))?;
     eprintln!("domain {dest}: waiting for a sender at {at}");
-    let (mut stream, peer) = listener.accept().map_err(|e| e.to_string())?;
+    let (stream, peer) = listener.accept().map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    let line = read_line(&mut stream)?;
-    let prepared = SourceFrames::from_line(&line)
-        .map_err(|e| e.to_string())
-        .and_then(|f| prepare_destination(&xen, dest, &f));
-    let dst = match prepared {
-        Ok(d) => {
-            writeln!(stream, "ok {}", regions_to_text(d.layout()))
-                .map_err(|e| format!("handshake: {e}"))?;
-            d
-        }
-        Err(e) => {
-            let _ = writeln!(stream, "error {}", e.replace('\n', " "));
-            return Err(e);
-        }
-    };
-    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    let mut t = StreamTransport::new(stream).map_err(|e| e.to_string())?;
+    let (dst, _) = livemig::xen::answer(&mut t, TIMEOUT, |f| {
+        prepare_destination(&xen, dest, f).map(|d| {
+            let agreed = d.layout().clone();
+            (d, agreed)
+        })
+    })
+    .map_err(|e| e.to_string())?;
     eprintln!(
         "domain {dest}: receiving {} pages from {peer}",
         dst.layout().total_pages()
     );
-    let r = dest_side(&xen, &dst, stop_mode(a), stream, a.postcopy)
+    let r = dest_side(&xen, &dst, stop_mode(a), &mut t, a.postcopy)
         .map_err(|e| format!("destination failed: {e}"))?;
     if a.json {
         println!(

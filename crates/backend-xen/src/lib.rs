@@ -13,6 +13,7 @@
 mod destination;
 mod domain;
 mod frame;
+mod handshake;
 mod paging;
 mod pv;
 mod state;
@@ -25,10 +26,11 @@ mod xc;
 
 pub use destination::{prepare_destination, receive, DestinationError, Prepared};
 pub use domain::{
-    common_layout, regions_from_text, regions_to_text, SourceFrames, StopMode, XenControl,
-    XenDirtyTracker, XenDomain, XenPages, FRAMES_TAG, MAX_ANNOUNCED_PAGES, SPECIAL_AREA,
+    common_layout, SourceFrames, StopMode, XenControl, XenDirtyTracker, XenDomain, XenPages,
+    SPECIAL_AREA,
 };
 pub use frame::{Gfn, Mfn, Pfn};
+pub use handshake::{answer, offer, AnswerError, HandshakeError, FRAMES_FORMAT, FRAMES_VERSION};
 pub use state::XenDeviceState;
 pub use walk::ResumeWindow;
 pub use xc::{DomainInfo, Xen, XenError};

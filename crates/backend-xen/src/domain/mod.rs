@@ -30,10 +30,7 @@ pub use control::{StopMode, XenControl};
 pub use dirty::XenDirtyTracker;
 #[cfg(test)]
 use dirty::{bitmap_from_xen, layout_mask};
-pub use frames::{
-    common_layout, regions_from_text, regions_to_text, SourceFrames, FRAMES_TAG,
-    MAX_ANNOUNCED_PAGES, SPECIAL_AREA,
-};
+pub use frames::{common_layout, SourceFrames, SPECIAL_AREA};
 #[cfg(test)]
 use pages::batches;
 pub use pages::XenPages;
