@@ -211,10 +211,8 @@ fn source_side(a: &Args, src: &XenDomain, t: &mut dyn Transport) -> Result<Migra
     let mut engine = SourceEngine::new(
         src.tracker(),
         src.pages(),
-        src.control(stop_mode(a)).with_resume_window(ResumeWindow {
-            per_cpu: a.resume_window_kib << 10,
-            ..ResumeWindow::default()
-        }),
+        src.control(stop_mode(a))
+            .with_resume_window(ResumeWindow::default().with_per_cpu(a.resume_window_kib << 10)),
         policy(a),
         clock,
         EngineConfig {

@@ -94,6 +94,7 @@ pub enum SimError {
 
 /// The outcome of a simulated migration.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct SimReport {
     /// The source's statistics.
     pub stats: MigrationStats,

@@ -59,6 +59,7 @@ pub enum DestinationError {
 /// A destination domain made ready for a source, with what was done to
 /// it.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Prepared {
     /// The domain, with the frames both ends will move as its layout.
     pub domain: XenDomain,

@@ -116,6 +116,7 @@ pub(crate) fn vcpu_regs(context: &[u8]) -> Option<Vec<VcpuRegs>> {
 
 /// What to include around each vCPU's registers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ResumeWindow {
     /// Bytes from each GS base (a kernel's per-CPU area: Linux keeps
     /// `vcpu_info` in its static part, about 212 KiB on Debian 12's
@@ -124,6 +125,16 @@ pub struct ResumeWindow {
     /// Bytes of stack from the stack pointer up (the frames the vCPU
     /// returns through).
     pub stack: u64,
+}
+
+impl ResumeWindow {
+    /// The same window with `bytes` from each GS base.
+    pub fn with_per_cpu(self, bytes: u64) -> Self {
+        ResumeWindow {
+            per_cpu: bytes,
+            ..self
+        }
+    }
 }
 
 impl Default for ResumeWindow {
