@@ -44,10 +44,10 @@
 //! `std::hint::black_box` keeps inputs opaque and results alive so nothing
 //! is optimised away.
 
-use livemig::core::bitmap::DirtyBitmap;
 use livemig::core::digest::{is_zero_page, page_hash};
-use livemig::core::page::{MemoryLayout, PageNum, PageSize};
 use livemig::core::protocol::{encode, encode_page_batch, Decoder, Record, VERSION};
+use livemig::core::DirtyBitmap;
+use livemig::core::{MemoryLayout, PageNum, PageSize};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 

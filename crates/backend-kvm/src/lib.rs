@@ -140,7 +140,7 @@ pub enum KvmError {
     },
     /// The memory does not form a valid layout.
     #[error("invalid memory layout: {0}")]
-    Layout(#[source] migrate_core::page::LayoutError),
+    Layout(#[source] migrate_core::LayoutError),
     /// A vCPU did not leave the guest in time.
     #[error("vCPU did not pause within {0:?}")]
     PauseTimeout(Duration),

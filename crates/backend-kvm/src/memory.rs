@@ -4,9 +4,9 @@ use crate::sys::{DirtyRings, GuestSlots, Placed, Slot, TrackedMemory, Userfault}
 use crate::KvmError;
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use kvm_ioctls::VmFd;
-use migrate_core::bitmap::DirtyBitmap;
-use migrate_core::page::{MemoryLayout, PageNum, PageSize, Region};
+use migrate_core::DirtyBitmap;
 use migrate_core::{BackendError, BackendErrorKind, DirtyTracker, PageSink, PageSource};
+use migrate_core::{MemoryLayout, PageNum, PageSize, Region};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use vm_memory::bitmap::AtomicBitmap;

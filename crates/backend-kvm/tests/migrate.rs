@@ -8,12 +8,12 @@ use common::*;
 use migrate_core::conformance::check_page_roundtrip;
 use migrate_core::digest::digest_memory;
 use migrate_core::driver::{run_destination, run_source};
-use migrate_core::engine::{DestinationEngine, EngineConfig, SourceEngine};
 use migrate_core::transport::{channel_pair, TransportError};
 use migrate_core::PostCopy;
 use migrate_core::{
     Clock, GuestControl, MigrationError, PageSource, Precopy, StopAndCopy, SystemClock,
 };
+use migrate_core::{DestinationEngine, EngineConfig, SourceEngine};
 use std::sync::Arc;
 
 #[test]

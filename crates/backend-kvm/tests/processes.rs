@@ -6,7 +6,7 @@ mod common;
 use backend_kvm::{run_kvm_destination, TestVm};
 use common::*;
 use migrate_core::digest::digest_memory;
-use migrate_core::engine::DestinationEngine;
+use migrate_core::DestinationEngine;
 use migrate_core::MigrationStats;
 use migrate_core::{Clock, PageSource, Policy, Precopy, StopAndCopy, SystemClock};
 use migrate_core::{DirtyBitmap, Hybrid, HybridConfig, PostCopy, PrecopyConfig};

@@ -25,7 +25,6 @@ use crate::guest::{SimControl, SimGuest, SimPages, SimTracker};
 use crate::memory::MemoryMode;
 use crate::workload::{WorkloadKind, WorkloadSpec};
 use arbitrary::Arbitrary;
-use migrate_core::engine::{DestStatus, DestinationEngine, EngineConfig, SourceEngine, SourceStep};
 use migrate_core::protocol::{Decoder, RecordType};
 use migrate_core::transport::TransportError;
 use migrate_core::{
@@ -33,6 +32,7 @@ use migrate_core::{
     MigrationError, PageNum, PageSize, PageSource, Policy, PostCopy, Precopy, PrecopyConfig,
     StopAndCopy, VirtualClock,
 };
+use migrate_core::{DestStatus, DestinationEngine, EngineConfig, SourceEngine, SourceStep};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 

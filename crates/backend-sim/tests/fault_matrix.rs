@@ -21,13 +21,13 @@ use backend_sim::{
     Fault, FaultAt, FaultPlan, FaultyTransport, MemoryMode, SimGuest, WorkloadKind, WorkloadSpec,
 };
 use migrate_core::driver::{run_destination, run_source};
-use migrate_core::engine::{DestinationEngine, EngineConfig, SourceEngine};
 use migrate_core::transport::StreamTransport;
 use migrate_core::{
     BackendError, Clock, DeviceState, ErrorKind, GuestControl, Hca, Hybrid, HybridConfig,
     MemoryLayout, PageNum, PageSink, PageSize, PageSource, Policy, PostCopy, Precopy,
     PrecopyConfig, StopAndCopy, SystemClock,
 };
+use migrate_core::{DestinationEngine, EngineConfig, SourceEngine};
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;

@@ -7,13 +7,13 @@ use backend_sim::{
 };
 use bytes::Bytes;
 use migrate_core::driver::{run_destination, run_source};
-use migrate_core::engine::{DestinationEngine, EngineConfig, SourceEngine, SourceVerify};
 use migrate_core::protocol::{ProtocolError, RecordType};
 use migrate_core::transport::{channel_pair, StreamTransport, Transport, TransportError};
 use migrate_core::{
     Clock, GuestControl, MemoryLayout, MigrationError, PageSize, Policy, PostCopy, Precopy,
     StopAndCopy, SystemClock,
 };
+use migrate_core::{DestinationEngine, EngineConfig, SourceEngine, SourceVerify};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
@@ -59,7 +59,7 @@ fn spawn_destination<T: Transport + 'static>(
     dst: &SimGuest,
     clock: &Arc<dyn Clock>,
     mut t: T,
-) -> std::thread::JoinHandle<Result<migrate_core::engine::DestinationReport, MigrationError>> {
+) -> std::thread::JoinHandle<Result<migrate_core::DestinationReport, MigrationError>> {
     let (d, c) = (dst.clone(), clock.clone());
     std::thread::spawn(move || {
         let mut e = DestinationEngine::new(d.pages(), d.control(), c);
@@ -385,7 +385,7 @@ fn lossy_migration(
     verify: SourceVerify,
 ) -> (
     Result<migrate_core::MigrationStats, MigrationError>,
-    Result<migrate_core::engine::DestinationReport, MigrationError>,
+    Result<migrate_core::DestinationReport, MigrationError>,
     SimGuest,
     SimGuest,
 ) {
@@ -443,7 +443,7 @@ fn sent_content_verification_trusts_the_tracker() {
 /// resumed, the two guests, and whether the source-side fault fired.
 type FaultyRun = (
     Result<migrate_core::MigrationStats, MigrationError>,
-    Result<migrate_core::engine::DestinationReport, MigrationError>,
+    Result<migrate_core::DestinationReport, MigrationError>,
     bool,
     SimGuest,
     SimGuest,

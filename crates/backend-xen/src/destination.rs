@@ -15,7 +15,7 @@ use crate::frame::Gfn;
 use crate::paging::Pager;
 use crate::xc::{Xen, XenError};
 use migrate_core::driver::{run_destination, run_destination_serving};
-use migrate_core::page::MemoryLayout;
+use migrate_core::MemoryLayout;
 use migrate_core::{Clock, DestinationEngine, DestinationReport, MigrationError, Transport};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

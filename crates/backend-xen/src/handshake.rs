@@ -17,9 +17,9 @@
 //! its records), so the migration stream that follows starts afresh.
 
 use crate::domain::SourceFrames;
-use migrate_core::page::MemoryLayout;
 use migrate_core::protocol::{encode, Decoder, ProtocolError, Record, VERSION};
 use migrate_core::transport::TransportError;
+use migrate_core::MemoryLayout;
 use migrate_core::{DeviceState, Transport};
 use std::time::Duration;
 
@@ -237,8 +237,8 @@ fn expect_header<X: Transport + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use migrate_core::page::{PageSize, Region};
     use migrate_core::transport::channel_pair;
+    use migrate_core::{PageSize, Region};
 
     const T: Duration = Duration::from_secs(5);
 

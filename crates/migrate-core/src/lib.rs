@@ -18,9 +18,9 @@
 //!
 //! What it does:
 //! - pages, layouts with holes, dirty bitmaps and per-page counts
-//!   ([`page`], [`bitmap`]);
-//! - the traits a backend implements ([`backend`]): [`DirtyTracker`],
-//!   [`PageSource`], [`PageSink`], [`GuestControl`]; and [`Clock`];
+//!   ([`MemoryLayout`], [`DirtyBitmap`], [`PageCounts`]);
+//! - the traits a backend implements: [`DirtyTracker`], [`PageSource`],
+//!   [`PageSink`], [`GuestControl`]; and [`Clock`];
 //! - policies that decide, purely, what to send and when to switch over
 //!   ([`policy`], a file each): [`Precopy`], [`StopAndCopy`], [`PostCopy`]
 //!   with [`Prepaging`] strategies, [`Hybrid`] and [`Hca`], chosen by name
@@ -28,8 +28,17 @@
 //! - a bounded, checksummed wire protocol whose decoder never panics
 //!   ([`protocol`]) and transports for it ([`transport`]);
 //! - source and destination engines as sans-I/O state machines
-//!   ([`engine`]) with blocking drivers ([`driver`]);
-//! - statistics in Xen's per-round and QEMU's total vocabulary ([`stats`]).
+//!   ([`SourceEngine`], [`DestinationEngine`]) with blocking drivers
+//!   ([`driver`]);
+//! - statistics in Xen's per-round and QEMU's total vocabulary
+//!   ([`MigrationStats`], [`RoundStats`]);
+//! - with the `conformance` feature, the backend contract as generic
+//!   checks a backend's tests run (`conformance`).
+//!
+//! The modules that stay public are namespaces of their own: the
+//! [`driver`]s, the wire [`protocol`], the [`transport`]s, the memory
+//! [`digest`], the [`policy`] building blocks, and [`units`] (size and
+//! rate parsing for programs); everything else is re-exported here.
 //!
 //! What it does not do: talk to a hypervisor (that is the backends'
 //! work: `backend-sim`, and in time KVM and Xen), compress or encrypt
@@ -38,26 +47,28 @@
 //! This crate has no unsafe code.
 
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
-pub mod backend;
-pub mod bitmap;
-pub mod clock;
+mod backend;
+mod bitmap;
+mod clock;
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod digest;
 pub mod driver;
-pub mod engine;
-pub mod error;
-pub mod page;
+mod engine;
+mod error;
+mod page;
 pub mod policy;
 pub mod protocol;
-pub mod stats;
+mod stats;
 pub mod transport;
 pub mod units;
 
 pub use backend::{
     BackendError, BackendErrorKind, DeviceState, DirtyTracker, GuestControl, PageSink, PageSource,
 };
-pub use bitmap::{DirtyBitmap, PageCounts};
+pub use bitmap::{DirtyBitmap, Ones, PageCounts};
 pub use clock::{Clock, SystemClock, VirtualClock};
 pub use digest::MemoryDigest;
 pub use engine::{
@@ -65,10 +76,11 @@ pub use engine::{
     SourceVerify,
 };
 pub use error::{ErrorKind, MigrationError};
-pub use page::{MemoryLayout, PageNum, PageSize, Region};
+pub use page::{LayoutError, MemoryLayout, PageNum, PageSize, Region, MAX_PAGE_END};
 pub use policy::{
     Decision, Hca, HcaConfig, Hybrid, HybridConfig, PageSelection, Policy, PolicyConfig,
-    PolicyInput, PolicyKind, PostCopy, Precopy, PrecopyConfig, Prepager, Prepaging, StopAndCopy,
+    PolicyInput, PolicyKind, PostCopy, Precopy, PrecopyConfig, Prepager, Prepaging, RoundSummary,
+    StopAndCopy,
 };
-pub use stats::{MigrationStats, PostcopyStats, RoundStats, SwitchReason};
+pub use stats::{DowntimeParts, MigrationStats, PostcopyStats, RoundStats, SwitchReason};
 pub use transport::{channel_pair, StreamTransport, Transport, TransportError};

@@ -2,20 +2,20 @@
 //! guest only after a complete, verified stream, and refuses everything
 //! else with the right error, without resuming.
 
-use migrate_core::backend::{
-    BackendError, BackendErrorKind, DeviceState, GuestControl, PageSink, PageSource,
-};
-use migrate_core::clock::{Clock, VirtualClock};
 use migrate_core::digest::{completion_digest, digest_memory, DigestBuilder, MemoryDigest};
 use migrate_core::driver::run_destination;
-use migrate_core::engine::{DestStatus, DestinationEngine};
-use migrate_core::error::{ErrorKind, MigrationError};
-use migrate_core::page::{MemoryLayout, PageNum, PageSize, Region};
 use migrate_core::protocol::{
     encode_page_batch, encode_to_vec, Decoder, ProtocolError, Record, RecordType, Sequencer,
     RECORD_HEADER_LEN, VERSION,
 };
 use migrate_core::transport::{channel_pair, Transport, TransportError};
+use migrate_core::{
+    BackendError, BackendErrorKind, DeviceState, GuestControl, PageSink, PageSource,
+};
+use migrate_core::{Clock, VirtualClock};
+use migrate_core::{DestStatus, DestinationEngine};
+use migrate_core::{ErrorKind, MigrationError};
+use migrate_core::{MemoryLayout, PageNum, PageSize, Region};
 use std::sync::Arc;
 use std::time::Duration;
 

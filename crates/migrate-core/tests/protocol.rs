@@ -5,7 +5,6 @@
 //! allocating more than the frame holds.
 
 use migrate_core::digest::MemoryDigest;
-use migrate_core::page::{LayoutError, MemoryLayout, PageNum, PageSize, Region, MAX_PAGE_END};
 use migrate_core::protocol::{
     self, encode_page_batch, encode_to_vec, max_batch_pages, Decoder, PostcopyReport,
     ProtocolError, Record, RecordType, ResumeReport, MAGIC, MAX_BATCH_DATA, MAX_BATCH_PAGES,
@@ -14,6 +13,7 @@ use migrate_core::protocol::{
 };
 use migrate_core::transport::{StreamTransport, Transport};
 use migrate_core::DeviceState;
+use migrate_core::{LayoutError, MemoryLayout, PageNum, PageSize, Region, MAX_PAGE_END};
 use proptest::prelude::*;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

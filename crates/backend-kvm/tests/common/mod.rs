@@ -15,12 +15,12 @@ use bytes::Bytes;
 use migrate_core::conformance::{check_dirty_tracker, check_page_roundtrip, Precision};
 use migrate_core::digest::digest_memory;
 use migrate_core::driver::{run_destination, run_source};
-use migrate_core::engine::{DestinationEngine, DestinationReport, EngineConfig, SourceEngine};
 use migrate_core::transport::{channel_pair, Transport, TransportError};
 use migrate_core::MigrationStats;
 use migrate_core::{
     Clock, GuestControl, MigrationError, PageSource, Policy, Precopy, StopAndCopy, SystemClock,
 };
+use migrate_core::{DestinationEngine, DestinationReport, EngineConfig, SourceEngine};
 use migrate_core::{DirtyBitmap, DirtyTracker, Hybrid, HybridConfig, PostCopy, PrecopyConfig};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};

@@ -7,7 +7,7 @@ use super::{backed, invalid, read_frames, regions_of, DomainKind, PvInfo, XenDom
 use crate::pv::{self, VcpuContext};
 use crate::sys;
 use crate::xc::{DomainInfo, Xen, XenError};
-use migrate_core::page::{MemoryLayout, PageSize};
+use migrate_core::{MemoryLayout, PageSize};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::Mutex;

@@ -9,7 +9,7 @@ use crate::pv::{self, PvState, VcpuContext};
 use crate::walk::{self, ResumeWindow};
 use crate::xc::{XenError, SHUTDOWN_SUSPEND};
 use crate::{sys, XenDeviceState};
-use migrate_core::page::PageNum;
+use migrate_core::PageNum;
 use migrate_core::{BackendError, BackendErrorKind, DeviceState, GuestControl};
 use std::time::{Duration, Instant};
 

@@ -2,8 +2,8 @@
 
 use super::{be, XenDomain};
 use crate::xc::{HypercallBitmap, LogDirtyOp};
-use migrate_core::bitmap::DirtyBitmap;
-use migrate_core::page::MemoryLayout;
+use migrate_core::DirtyBitmap;
+use migrate_core::MemoryLayout;
 use migrate_core::{BackendError, BackendErrorKind, DirtyTracker};
 
 /// Xen log-dirty as a [`DirtyTracker`]: `ENABLE_LOGDIRTY`, `CLEAN`,

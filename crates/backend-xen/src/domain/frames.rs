@@ -3,7 +3,7 @@
 
 use super::regions_of;
 use crate::xc::XenError;
-use migrate_core::page::{MemoryLayout, PageSize};
+use migrate_core::{MemoryLayout, PageSize};
 
 /// What a destination must know of the source before the stream begins:
 /// whether it is PV, its frames and, for PV, where its xenstore and

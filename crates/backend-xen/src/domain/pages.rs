@@ -5,8 +5,8 @@ use super::{be, DomainKind, PvInfo, XenDomain, MAP_BATCH};
 use crate::frame::{Gfn, Mfn};
 use crate::pv::{self};
 use crate::xc::Mapping;
-use migrate_core::page::{MemoryLayout, PageNum};
 use migrate_core::{BackendError, BackendErrorKind, PageSink, PageSource};
+use migrate_core::{MemoryLayout, PageNum};
 
 /// The domain's memory through foreign mappings: reads in batches of up
 /// to `MAP_BATCH` (1,024) frames; writes go straight into a writable window of

@@ -3,7 +3,7 @@
 
 use super::{batches, bitmap_from_xen, layout_mask, regions_of, MAP_BATCH};
 use crate::{Xen, XenError};
-use migrate_core::page::{MemoryLayout, PageSize, Region};
+use migrate_core::{MemoryLayout, PageSize, Region};
 
 fn pvh_like() -> MemoryLayout {
     // RAM below 128 MiB and a few special frames just under 4 GiB, as a
