@@ -38,14 +38,6 @@ enum TrackerArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum VerifyArg {
-    /// A full scan of memory after the pause.
-    Full,
-    /// The content of each page as it was sent.
-    Sent,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum PacingArg {
     /// The VMM holds the vCPU at each progress report (it sleeps).
     Vmm,
@@ -105,8 +97,8 @@ struct Args {
     /// What the completion digest covers: `full` reads all of memory
     /// again after the pause (catches a dirty log that missed a write);
     /// `sent` digests pages as they were sent (milliseconds instead).
-    #[arg(long, value_enum, default_value = "full")]
-    verify: VerifyArg,
+    #[arg(long, default_value = "full")]
+    verify: SourceVerify,
     /// Back guest memory with transparent huge pages on both sides
     /// (`madvise(MADV_HUGEPAGE)`, as QEMU does for guest RAM).
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
@@ -248,10 +240,7 @@ fn source(a: &Args) -> Result<bool, String> {
         policy,
         clock,
         EngineConfig {
-            verify: match a.verify {
-                VerifyArg::Full => SourceVerify::FullScan,
-                VerifyArg::Sent => SourceVerify::SentContent,
-            },
+            verify: a.verify,
             ..EngineConfig::default()
         },
     );
@@ -296,7 +285,7 @@ fn source(a: &Args) -> Result<bool, String> {
             "report-interval-ms": interval_us as f64 / 1000.0,
             "counter-last-on-source": before, "counter-first-on-destination": after,
             "counter-continues": continues, "memory-verified": verified,
-            "verify": format!("{:?}", a.verify).to_lowercase(),
+            "verify": a.verify.to_string(),
             "tracker": format!("{:?}", a.tracker).to_lowercase(),
             "destination": dest,
         });

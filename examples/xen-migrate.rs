@@ -46,14 +46,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum VerifyArg {
-    /// A full scan of memory after the pause.
-    Full,
-    /// The content of each page as it was sent.
-    Sent,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum StopArg {
     /// Ask the guest to suspend itself through xenstore (as `xl migrate`).
     Suspend,
@@ -93,8 +85,8 @@ struct Args {
     /// What the completion digest covers: `full` reads all of memory
     /// again after the pause (catches a dirty log that missed a write);
     /// `sent` digests pages as they were sent (milliseconds instead).
-    #[arg(long, value_enum, default_value = "full")]
-    verify: VerifyArg,
+    #[arg(long, default_value = "full")]
+    verify: SourceVerify,
     /// Pre-copy and hybrid: the downtime the final copy may take (the
     /// policy's default if not given); hybrid switches to post-copy when
     /// its rounds run out before what is left fits.
@@ -216,10 +208,7 @@ fn source_side(a: &Args, src: &XenDomain, t: &mut dyn Transport) -> Result<Migra
         policy(a),
         clock,
         EngineConfig {
-            verify: match a.verify {
-                VerifyArg::Full => SourceVerify::FullScan,
-                VerifyArg::Sent => SourceVerify::SentContent,
-            },
+            verify: a.verify,
             ..EngineConfig::default()
         },
     );
