@@ -233,17 +233,11 @@ fn source(a: &Args) -> Result<bool, String> {
     config.precopy.downtime_target = target;
     config.hybrid_precopy.downtime_target = target;
     let policy = a.policy.with_prepaging(a.prepaging).build(&config);
-    let mut e = SourceEngine::new(
-        vm.tracker(),
-        vm.pages(),
-        vm.control(),
-        policy,
-        clock,
-        EngineConfig {
-            verify: a.verify,
-            ..EngineConfig::default()
-        },
-    );
+    let mut e = SourceEngine::new(vm.tracker(), vm.pages(), vm.control(), policy, clock, {
+        let mut v = EngineConfig::default();
+        v.verify = a.verify;
+        v
+    });
     let stats = run_source(&mut e, &mut t, TIMEOUT).map_err(|e| e.to_string())?;
     drop(t);
     let out = child.stdout.take().ok_or("no destination output")?;

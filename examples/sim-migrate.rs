@@ -210,26 +210,29 @@ fn run(a: &Args) -> Result<bool, String> {
         reads_per_write: a.reads_per_write,
         wss_offset: a.wss_offset / ps,
     };
-    let precopy = PrecopyConfig {
-        downtime_target: a.downtime_target,
-        max_rounds: a.max_rounds,
-        max_transfer_factor: a.max_factor,
-        ..PrecopyConfig::default()
+    let precopy = {
+        let mut v = PrecopyConfig::default();
+        v.downtime_target = a.downtime_target;
+        v.max_rounds = a.max_rounds;
+        v.max_transfer_factor = a.max_factor;
+        v
     };
     let mut config = PolicyConfig::default();
-    config.hybrid_precopy = PrecopyConfig {
-        max_rounds: a.hybrid_rounds,
-        ..precopy.clone()
+    config.hybrid_precopy = {
+        let mut v = precopy.clone();
+        v.max_rounds = a.hybrid_rounds;
+        v
     };
     config.precopy = precopy;
-    config.hca = HcaConfig {
-        sample_interval: a.hca_interval,
-        hot_threshold: a.hca_threshold,
-        decay_shift: a.hca_decay,
-        downtime_target: a.downtime_target,
-        max_rounds: a.max_rounds,
-        max_transfer_factor: a.max_factor,
-        ..HcaConfig::default()
+    config.hca = {
+        let mut v = HcaConfig::default();
+        v.sample_interval = a.hca_interval;
+        v.hot_threshold = a.hca_threshold;
+        v.decay_shift = a.hca_decay;
+        v.downtime_target = a.downtime_target;
+        v.max_rounds = a.max_rounds;
+        v.max_transfer_factor = a.max_factor;
+        v
     };
     let kind = match a.prepaging {
         Some(p) => a.policy.with_prepaging(p),

@@ -207,9 +207,10 @@ fn source_side(a: &Args, src: &XenDomain, t: &mut dyn Transport) -> Result<Migra
             .with_resume_window(ResumeWindow::default().with_per_cpu(a.resume_window_kib << 10)),
         policy(a),
         clock,
-        EngineConfig {
-            verify: a.verify,
-            ..EngineConfig::default()
+        {
+            let mut v = EngineConfig::default();
+            v.verify = a.verify;
+            v
         },
     );
     run_source(&mut engine, t, TIMEOUT).map_err(|e| e.to_string())

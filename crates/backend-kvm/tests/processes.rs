@@ -173,13 +173,15 @@ fn postcopy_between_two_processes_sends_each_page_once() {
 struct ForcedHybrid(Hybrid);
 
 fn forced_hybrid() -> ForcedHybrid {
-    ForcedHybrid(Hybrid::new(HybridConfig {
-        precopy: PrecopyConfig {
-            max_rounds: 2,
-            downtime_target: Duration::from_micros(1),
-            ..PrecopyConfig::default()
-        },
-        ..HybridConfig::default()
+    ForcedHybrid(Hybrid::new({
+        let mut v = HybridConfig::default();
+        v.precopy = {
+            let mut v = PrecopyConfig::default();
+            v.max_rounds = 2;
+            v.downtime_target = Duration::from_micros(1);
+            v
+        };
+        v
     }))
 }
 

@@ -166,9 +166,10 @@ fn hca_holds_hot_pages_back_in_its_middle_rounds() {
     let held = run(
         256 * MIB,
         w.clone(),
-        Box::new(Hca::new(HcaConfig {
-            hot_pass: false,
-            ..HcaConfig::default()
+        Box::new(Hca::new({
+            let mut v = HcaConfig::default();
+            v.hot_pass = false;
+            v
         })),
     );
     let pre = run(256 * MIB, w, Box::new(Precopy::default()));

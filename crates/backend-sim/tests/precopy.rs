@@ -162,12 +162,13 @@ fn round_limit_and_transfer_limit_stop_pre_copy() {
     let pages = mem / 4096;
     // Only the limit under test can end pre-copy: no downtime target is
     // met, no round counts as a stall.
-    let cfg = PrecopyConfig {
-        max_rounds: 3,
-        downtime_target: Duration::from_nanos(1),
-        max_transfer_factor: 100.0,
-        progress_ratio: 2.0,
-        ..PrecopyConfig::default()
+    let cfg = {
+        let mut v = PrecopyConfig::default();
+        v.max_rounds = 3;
+        v.downtime_target = Duration::from_nanos(1);
+        v.max_transfer_factor = 100.0;
+        v.progress_ratio = 2.0;
+        v
     };
     let r = run(
         mem,
@@ -178,12 +179,13 @@ fn round_limit_and_transfer_limit_stop_pre_copy() {
     );
     assert_eq!(r.stats.switch_reason, SwitchReason::MaxRounds);
     assert_eq!(r.stats.precopy_rounds(), 3);
-    let cfg = PrecopyConfig {
-        max_transfer_factor: 1.5,
-        max_rounds: 1000,
-        downtime_target: Duration::from_nanos(1),
-        progress_ratio: 2.0,
-        ..PrecopyConfig::default()
+    let cfg = {
+        let mut v = PrecopyConfig::default();
+        v.max_transfer_factor = 1.5;
+        v.max_rounds = 1000;
+        v.downtime_target = Duration::from_nanos(1);
+        v.progress_ratio = 2.0;
+        v
     };
     let r = run(
         mem,
@@ -250,9 +252,10 @@ fn uniform_writes_shrink_rounds_geometrically() {
     let lambda = 0.05;
     let bw = GBIT;
     let writes = lambda * bw / 8.0 / 4096.0;
-    let cfg = PrecopyConfig {
-        downtime_target: Duration::from_micros(1),
-        ..PrecopyConfig::default()
+    let cfg = {
+        let mut v = PrecopyConfig::default();
+        v.downtime_target = Duration::from_micros(1);
+        v
     };
     let r = run(
         mem,
@@ -387,9 +390,10 @@ fn sent_content_verification_verifies_a_correct_migration() {
             workload: uniform(4096, 20_000.0, 4),
             link: Link::new(GBIT, Duration::from_millis(1)),
             policy,
-            engine: EngineConfig {
-                verify: migrate_core::SourceVerify::SentContent,
-                ..EngineConfig::default()
+            engine: {
+                let mut v = EngineConfig::default();
+                v.verify = migrate_core::SourceVerify::SentContent;
+                v
             },
             time_limit: Duration::from_secs(3600),
             resume_pages: Vec::new(),

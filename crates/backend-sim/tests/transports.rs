@@ -400,9 +400,10 @@ fn lossy_migration(
     let (d, c) = (dst.clone(), clock.clone());
     let dest = spawn_destination(&d, &c, b);
     let mut t = a;
-    let config = EngineConfig {
-        verify,
-        ..EngineConfig::default()
+    let config = {
+        let mut v = EngineConfig::default();
+        v.verify = verify;
+        v
     };
     let mut e = SourceEngine::new(
         Lossy(src.tracker()),
@@ -531,13 +532,15 @@ fn lost_discard_record_stops_the_postcopy_destination() {
     let policies: [fn() -> Box<dyn Policy>; 2] = [
         || Box::new(PostCopy::default()),
         || {
-            Box::new(migrate_core::Hybrid::new(migrate_core::HybridConfig {
-                precopy: migrate_core::PrecopyConfig {
-                    downtime_target: Duration::ZERO,
-                    max_rounds: 2,
-                    ..Default::default()
-                },
-                ..Default::default()
+            Box::new(migrate_core::Hybrid::new({
+                let mut v = migrate_core::HybridConfig::default();
+                v.precopy = {
+                    let mut v = migrate_core::PrecopyConfig::default();
+                    v.downtime_target = Duration::ZERO;
+                    v.max_rounds = 2;
+                    v
+                };
+                v
             }))
         },
     ];

@@ -96,6 +96,7 @@ impl std::fmt::Display for SourceVerify {
 
 /// Engine settings that are not policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct EngineConfig {
     /// Pages per page-batch record (capped by the protocol's limit).
     pub batch_pages: usize,
@@ -1221,6 +1222,7 @@ pub enum DestStatus {
 
 /// Counters of the destination.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DestinationReport {
     /// Page records applied (a page sent twice counts twice).
     pub pages_received: u64,

@@ -315,6 +315,7 @@ impl<'a> PageBatch<'a> {
 /// What the destination reports when it has resumed the guest: how long
 /// each of its steps took, on its own clock.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ResumeReport {
     /// Nanoseconds spent digesting memory before resume.
     pub verify_ns: u64,
@@ -328,6 +329,7 @@ pub struct ResumeReport {
 
 /// What a post-copy destination reports once every page has arrived.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PostcopyReport {
     /// Network faults: pages the guest touched before they arrived.
     pub faults: u64,

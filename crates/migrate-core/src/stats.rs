@@ -58,7 +58,8 @@ impl SwitchReason {
 }
 
 /// One round, as Xen reports it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct RoundStats {
     /// Round number, from 1. The final (stop-and-copy) round is the last.
     pub round: u32,
@@ -127,6 +128,7 @@ impl fmt::Display for RoundStats {
 /// The parts downtime is made of. Each part is measured on one host's
 /// clock; `transit` is what remains of the measured total.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct DowntimeParts {
     /// Source: asking the guest to pause until every vCPU had stopped.
     #[serde(serialize_with = "ser_ms", rename = "pause-ms")]
@@ -161,6 +163,7 @@ fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 
 /// What post-copy cost, once the guest ran on the destination.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct PostcopyStats {
     /// Network faults: pages the destination asked for because the guest
     /// touched them before they arrived (QEMU's `postcopy-requests`).
@@ -195,6 +198,7 @@ pub struct PostcopyStats {
 ///
 /// It serializes as one object in QEMU's names (see its `Serialize`).
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct MigrationStats {
     /// The policy's name.
     pub policy: String,

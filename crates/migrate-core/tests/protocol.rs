@@ -287,13 +287,15 @@ fn owned_record() -> impl Strategy<Value = Record<'static>> {
         prop::collection::vec(discard_range(), 0..32).prop_map(Record::Discard),
         (0u64..(1 << 40), prop::collection::vec(any::<u64>(), 0..64))
             .prop_map(|(first_page, words)| Record::DiscardBitmap { first_page, words }),
-        any::<[u64; 6]>().prop_map(|t| Record::Verified(PostcopyReport {
-            faults: t[0],
-            duplicates: t[1],
-            latency_p50_ns: t[2],
-            latency_p99_ns: t[3],
-            latency_max_ns: t[4],
-            stall_ns: t[5],
+        any::<[u64; 6]>().prop_map(|t| Record::Verified({
+            let mut v = PostcopyReport::default();
+            v.faults = t[0];
+            v.duplicates = t[1];
+            v.latency_p50_ns = t[2];
+            v.latency_p99_ns = t[3];
+            v.latency_max_ns = t[4];
+            v.stall_ns = t[5];
+            v
         })),
         prop::collection::vec(page_num(), 0..48).prop_map(Record::PageRequest),
         (0..=MAX_PAGE_END, any::<u128>()).prop_map(|(total_pages, d)| Record::Complete {
@@ -302,11 +304,13 @@ fn owned_record() -> impl Strategy<Value = Record<'static>> {
         }),
         text().prop_map(|reason| Record::Abort { reason }),
         Just(Record::Ready),
-        any::<[u64; 4]>().prop_map(|t| Record::Resumed(ResumeReport {
-            verify_ns: t[0],
-            restore_ns: t[1],
-            resume_ns: t[2],
-            total_ns: t[3],
+        any::<[u64; 4]>().prop_map(|t| Record::Resumed({
+            let mut v = ResumeReport::default();
+            v.verify_ns = t[0];
+            v.restore_ns = t[1];
+            v.resume_ns = t[2];
+            v.total_ns = t[3];
+            v
         })),
     ]
 }

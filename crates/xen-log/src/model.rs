@@ -147,18 +147,20 @@ impl XenRound {
     /// The round in the core's vocabulary. The log gives page data only:
     /// `bytes` is `sent · 4096` (no stream overhead) and `zero` is 0.
     pub fn to_round_stats(&self) -> RoundStats {
-        RoundStats {
-            round: self.round,
-            sent: self.sent,
-            skipped: self.skipped,
-            zero: 0,
-            bytes: self.sent.saturating_mul(u64::from(XEN_PAGE_SIZE)),
-            delta: Duration::from_millis(self.delta_ms),
-            dom0_pct: self.dom0_pct as f64,
-            target_pct: self.target_pct as f64,
-            dirtied: self.dirtied_pages,
-            final_copy: self.final_copy,
-            page_size: XEN_PAGE_SIZE,
+        {
+            let mut v = RoundStats::default();
+            v.round = self.round;
+            v.sent = self.sent;
+            v.skipped = self.skipped;
+            v.zero = 0;
+            v.bytes = self.sent.saturating_mul(u64::from(XEN_PAGE_SIZE));
+            v.delta = Duration::from_millis(self.delta_ms);
+            v.dom0_pct = self.dom0_pct as f64;
+            v.target_pct = self.target_pct as f64;
+            v.dirtied = self.dirtied_pages;
+            v.final_copy = self.final_copy;
+            v.page_size = XEN_PAGE_SIZE;
+            v
         }
     }
 }

@@ -43,6 +43,7 @@ use std::time::Duration;
 
 /// Settings of [`Hca`].
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct HcaConfig {
     /// Interval between samples of the dirty log (50 ms).
     pub sample_interval: Duration,

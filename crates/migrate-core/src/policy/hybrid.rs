@@ -11,6 +11,7 @@ use std::time::Duration;
 
 /// Settings of [`Hybrid`].
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct HybridConfig {
     /// The pre-copy rule that decides when pre-copy will not converge.
     /// Its round limit defaults to 5: past that, post-copy is cheaper.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 /// Limits of [`Precopy`].
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct PrecopyConfig {
     /// Switch over once the pending pages fit this downtime (300 ms).
     pub downtime_target: Duration,
