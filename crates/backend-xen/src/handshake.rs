@@ -17,6 +17,7 @@
 //! its records), so the migration stream that follows starts afresh.
 
 use crate::domain::SourceFrames;
+use crate::frame::Pfn;
 use migrate_core::protocol::{encode, Decoder, ProtocolError, Record, VERSION};
 use migrate_core::transport::TransportError;
 use migrate_core::MemoryLayout;
@@ -83,8 +84,8 @@ pub fn offer<X: Transport + ?Sized>(
 ) -> Result<MemoryLayout, HandshakeError> {
     let mut data = Vec::with_capacity(FRAMES_LEN);
     data.push(u8::from(frames.pv));
-    data.extend_from_slice(&frames.store_pfn.to_le_bytes());
-    data.extend_from_slice(&frames.console_pfn.to_le_bytes());
+    data.extend_from_slice(&frames.store_pfn.0.to_le_bytes());
+    data.extend_from_slice(&frames.console_pfn.0.to_le_bytes());
     send(
         transport,
         &[
@@ -192,8 +193,8 @@ fn read_offer<X: Transport + ?Sized>(
     Ok(SourceFrames {
         pv: b[0] == 1,
         layout,
-        store_pfn: word(1),
-        console_pfn: word(9),
+        store_pfn: Pfn(word(1)),
+        console_pfn: Pfn(word(9)),
     })
 }
 
@@ -254,8 +255,8 @@ mod tests {
         SourceFrames {
             pv: true,
             layout: layout(&[(0, 18945), (0x4a03, 13821)]),
-            store_pfn: 0x4a01,
-            console_pfn: 0x4a02,
+            store_pfn: Pfn(0x4a01),
+            console_pfn: Pfn(0x4a02),
         }
     }
 
@@ -277,8 +278,8 @@ mod tests {
         let offered = SourceFrames {
             pv: false,
             layout: layout(&[(0, 100)]),
-            store_pfn: 0,
-            console_pfn: 0,
+            store_pfn: Pfn(0),
+            console_pfn: Pfn(0),
         };
         let fewer = layout(&[(0, 90)]);
         let answered = fewer.clone();

@@ -251,10 +251,10 @@ impl XenDomain {
         };
         let store_pfn = find(pv::read_u64(&si, sinfo::STORE_MFN), "xenstore")?;
         let console_pfn = find(pv::read_u64(&si, sinfo::CONSOLE_MFN), "console")?;
-        if (store_pfn, console_pfn) != (source.store_pfn, source.console_pfn) {
+        if (store_pfn, console_pfn) != (source.store_pfn.0, source.console_pfn.0) {
             return Err(invalid(format!(
                 "domain {domid} has its xenstore and console rings at frames {store_pfn:#x} and {console_pfn:#x}, the source at {:#x} and {:#x}: create the destination with the same configuration",
-                source.store_pfn, source.console_pfn
+                source.store_pfn.0, source.console_pfn.0
             )));
         }
         let store_evtchn = pv::read_u32(&si, sinfo::STORE_EVTCHN);

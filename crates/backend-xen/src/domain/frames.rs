@@ -2,6 +2,7 @@
 //! destination, and the frames two domains have in common.
 
 use super::regions_of;
+use crate::frame::Pfn;
 use crate::xc::XenError;
 use migrate_core::{MemoryLayout, PageSize};
 
@@ -19,9 +20,9 @@ pub struct SourceFrames {
     /// The frames that migrate.
     pub layout: MemoryLayout,
     /// PV: the xenstore ring's guest frame (0 otherwise).
-    pub store_pfn: u64,
+    pub store_pfn: Pfn,
     /// PV: the console ring's guest frame (0 otherwise).
-    pub console_pfn: u64,
+    pub console_pfn: Pfn,
 }
 
 /// First frame of the area near 4 GiB where HVM and PVH domains have

@@ -195,8 +195,8 @@ impl XenDomain {
         SourceFrames {
             pv: self.is_pv(),
             layout: self.layout.clone(),
-            store_pfn: self.kind.pv().map_or(0, |p| p.store_pfn),
-            console_pfn: self.kind.pv().map_or(0, |p| p.console_pfn),
+            store_pfn: Pfn(self.kind.pv().map_or(0, |p| p.store_pfn)),
+            console_pfn: Pfn(self.kind.pv().map_or(0, |p| p.console_pfn)),
         }
     }
 
