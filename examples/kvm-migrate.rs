@@ -16,12 +16,12 @@
 
 use clap::{Parser, ValueEnum};
 use livemig::core::driver::run_source;
-use livemig::core::units::{parse_rate, parse_size};
 use livemig::core::{
     Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, PolicyConfig, PolicyKind,
     Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock,
 };
 use livemig::kvm::{run_kvm_destination, DirtyLog, Pacing, TestVm};
+use livemig::units::{parse_rate, parse_size};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;

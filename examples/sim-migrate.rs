@@ -11,12 +11,12 @@
 //! the same as one JSON object.
 
 use clap::{Parser, ValueEnum};
-use livemig::core::units::{parse_bandwidth, parse_duration, parse_rate, parse_size};
 use livemig::core::{
     EngineConfig, HcaConfig, MemoryLayout, PageSize, PolicyConfig, PolicyKind, PrecopyConfig,
     Prepaging,
 };
 use livemig::sim::{simulate, Link, MemoryMode, SimConfig, WorkloadKind, WorkloadSpec};
+use livemig::units::{parse_bandwidth, parse_duration, parse_rate, parse_size};
 use serde_json::json;
 use std::process::ExitCode;
 use std::time::Duration;

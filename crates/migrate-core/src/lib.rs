@@ -37,8 +37,9 @@
 //!
 //! The modules that stay public are namespaces of their own: the
 //! [`driver`]s, the wire [`protocol`], the [`transport`]s, the memory
-//! [`digest`], the [`policy`] building blocks, and [`units`] (size and
-//! rate parsing for programs); everything else is re-exported here.
+//! [`digest`] and the [`policy`] building blocks; everything else is
+//! re-exported here. Parsing sizes and rates as people type them is the
+//! programs' business (the `livemig` facade's `units`).
 //!
 //! What it does not do: talk to a hypervisor (that is the backends'
 //! work: `backend-sim`, and in time KVM and Xen), compress or encrypt
@@ -63,7 +64,6 @@ pub mod policy;
 pub mod protocol;
 mod stats;
 pub mod transport;
-pub mod units;
 
 pub use backend::{
     BackendError, BackendErrorKind, DeviceState, DirtyTracker, GuestControl, PageSink, PageSource,

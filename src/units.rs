@@ -1,5 +1,11 @@
-//! Parsing sizes, rates and bandwidths as people write them:
-//! `4GiB`, `512M`, `200MB/s`, `1Gbit`, `10Gbit/s`, `300ms`.
+//! Parsing sizes, rates and bandwidths as people write them on a command
+//! line: `4GiB`, `512M`, `200MB/s`, `1Gbit`, `10Gbit/s`, `300ms`. For the
+//! programs (the examples and benches); the library takes numbers.
+//!
+//! Written here rather than taken from `bytesize` and `humantime`: those
+//! parse sizes and durations, but not the rates (`200MB/s`) and link
+//! bandwidths in bits (`1Gbit`) the programs take, and one small parser
+//! for all four keeps their spelling the same.
 
 use std::time::Duration;
 
