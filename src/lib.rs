@@ -66,13 +66,7 @@
 pub mod units;
 
 /// The core, [`migrate_core`], re-exported.
-pub mod core {
-    pub use migrate_core::*;
-
-    // Where programs written before `units` moved out of the core find it.
-    #[doc(hidden)]
-    pub use crate::units;
-}
+pub use migrate_core as core;
 
 #[cfg(feature = "sim")]
 pub use backend_sim as sim;

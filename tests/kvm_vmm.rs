@@ -1,4 +1,4 @@
-//! Runs `examples/kvm-vmm.rs`, a VMM with its own vCPU loop, and migrates
+//! Runs `examples/kvm-vmm/`, a VMM with its own vCPU loop, and migrates
 //! its guests between two processes: the multiboot test image and a raw
 //! boot sector written here byte by byte.
 //!
@@ -48,7 +48,7 @@ fn vmm() -> &'static Path {
         let bin = profile_dir.join("examples").join("kvm-vmm");
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let sources = [
-            root.join("examples/kvm-vmm.rs"),
+            root.join("examples/kvm-vmm"),
             root.join("Cargo.toml"),
             root.join("src"),
             root.join("crates/migrate-core/src"),

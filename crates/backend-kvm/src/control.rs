@@ -18,7 +18,7 @@ use std::time::Duration;
 /// (`kick.run(&mut vcpu)` in place of `vcpu.run()`), have `pause` set the
 /// VMM's own "paused" flag and call `kick.kick()` for each vCPU, and have
 /// the loop park when it sees the flag; `resume` clears the flag, calls
-/// `kick.reset()` and wakes the loop. `examples/kvm-vmm.rs` does exactly
+/// `kick.reset()` and wakes the loop. `examples/kvm-vmm/` does exactly
 /// this; `docs/kvm.md` walks through it.
 ///
 /// [`VcpuKick`]: crate::VcpuKick

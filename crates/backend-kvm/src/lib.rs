@@ -43,7 +43,7 @@
 //! versions of kvm-ioctls, kvm-bindings and vm-memory this crate speaks
 //! are re-exported as [`kvm_ioctls`], [`kvm_bindings`] and [`vm_memory`].
 //! `docs/kvm.md` walks through the whole wiring, with
-//! `examples/kvm-vmm.rs`.
+//! `examples/kvm-vmm/`.
 //!
 //! ```no_run
 //! use backend_kvm::{KvmControl, KvmMemory, KvmDirtyTracker, KvmPages, TrackedMemory, VcpuCaps, Vcpus};

@@ -413,7 +413,7 @@ pub fn source(input: &StreamInput) {
         };
         let deliver = match step {
             SourceStep::Done => break,
-            SourceStep::Send(_) => next.len() > 0 && steps % 4 == 0,
+            SourceStep::Send(_) => next.len() > 0 && steps.is_multiple_of(4),
             SourceStep::Wait => true,
         };
         if !deliver {

@@ -33,13 +33,12 @@
 //!
 //! Progress reports and the VMM's own messages go to standard error.
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use livemig::core::digest::digest_memory;
 use livemig::core::driver::run_source;
-use livemig::core::units::parse_size;
 use livemig::core::{
-    Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, Policy, PostCopy, Precopy,
-    PrecopyConfig, Prepaging, SourceEngine, StopAndCopy, StreamTransport, SystemClock,
+    Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, PolicyConfig, PolicyKind,
+    SourceEngine, StreamTransport, SystemClock,
 };
 use livemig::kvm::kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
@@ -52,6 +51,7 @@ use livemig::kvm::{
     advise_huge_pages, enter_multiboot, load_multiboot, run_kvm_destination, KvmControl,
     KvmDirtyTracker, KvmError, KvmMemory, KvmPages, TrackedMemory, VcpuCaps, VcpuKick, Vcpus,
 };
+use livemig::units::parse_size;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -71,18 +71,6 @@ Exit status:
   3  the guest stopped (shutdown, an exit this VMM does not handle) or did
      not report progress in time
   4  the VM could not be set up (no /dev/kvm, an image that does not load)";
-
-/// Migration policy.
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum PolicyArg {
-    /// Iterative pre-copy.
-    Precopy,
-    /// Pause, copy everything, resume.
-    StopAndCopy,
-    /// Post-copy: the guest moves at once; its pages follow (userfaultfd
-    /// on the destination).
-    Postcopy,
-}
 
 /// A small KVM VMM with its own vCPU loop, live-migrated between two
 /// processes by livemig.
@@ -121,10 +109,12 @@ struct Args {
     /// Be a destination: receive a guest on this address.
     #[arg(long, conflicts_with_all = ["image", "boot_sector"])]
     listen: Option<String>,
-    /// Migration policy (the source's choice; a `--listen` destination
-    /// needs `--postcopy` to take post-copy).
-    #[arg(long, value_enum, default_value = "precopy")]
-    policy: PolicyArg,
+    /// Migration policy: precopy, stop-and-copy, hca, postcopy or hybrid,
+    /// with a pre-paging order for the last two (`postcopy:bubble`); the
+    /// source's choice; a `--listen` destination needs `--postcopy` to
+    /// take post-copy or hybrid.
+    #[arg(long, default_value = "precopy")]
+    policy: PolicyKind,
     /// Destination: put memory under userfaultfd, so it can take post-copy.
     #[arg(long, requires = "listen")]
     postcopy: bool,
@@ -228,7 +218,7 @@ fn main() -> ExitCode {
 }
 
 fn run(a: &Args) -> Result<(), Failure> {
-    if a.mem % LOW_REGION != 0 || a.mem < 2 * LOW_REGION {
+    if !a.mem.is_multiple_of(LOW_REGION) || a.mem < 2 * LOW_REGION {
         return Err(Failure::Usage(format!(
             "--mem must be a multiple of 2 MiB and at least 4 MiB, not {}",
             a.mem
@@ -293,546 +283,12 @@ impl Guest {
     }
 }
 
-// ---------------------------------------------------------------------------
-// The VM: memory, slots, vCPUs.
+mod vcpus;
+mod vm;
 
-/// One VM of this VMM.
-struct Vm {
-    /// The vCPU threads; stopped and joined first when the VM goes.
-    vcpus: Arc<VcpuThreads>,
-    /// The guest memory, as the backend sees it.
-    memory: Arc<KvmMemory>,
-    /// Pause, resume, save and restore for the migration engines.
-    control: KvmControl,
-}
+use vcpus::*;
+use vm::*;
 
-impl Drop for Vm {
-    /// Stops and joins every vCPU thread before the memory can be unmapped:
-    /// the slots are this VMM's (adopted, not owned by `KvmMemory`), so
-    /// nothing else keeps a vCPU from reaching memory that is gone.
-    fn drop(&mut self) {
-        self.vcpus.shutdown();
-    }
-}
-
-impl Vm {
-    /// A VM with `mem` bytes of memory in two slots from `first_slot`, an
-    /// in-kernel irqchip and PIT, and `vcpus` vCPUs, each on its own
-    /// thread, paused. `setup_vcpu0` prepares the first vCPU (and guest
-    /// memory) before its thread starts.
-    fn new(
-        mem: u64,
-        vcpus: usize,
-        first_slot: u32,
-        setup_vcpu0: impl FnOnce(&TrackedMemory, &VcpuFd) -> Result<(), Failure>,
-    ) -> Result<Vm, Failure> {
-        let kvm = Kvm::new().map_err(setup("opening /dev/kvm"))?;
-        let vm = Arc::new(kvm.create_vm().map_err(setup("KVM_CREATE_VM"))?);
-
-        // Guest memory with vm-memory's dirty bitmap (so the VMM's own
-        // writes are tracked too): two regions, two slots.
-        let memory = TrackedMemory::from_ranges(&[
-            (GuestAddress(0), LOW_REGION as usize),
-            (GuestAddress(LOW_REGION), (mem - LOW_REGION) as usize),
-        ])
-        .map_err(setup("guest memory"))?;
-        if let Err(e) = advise_huge_pages(&memory) {
-            eprintln!("kvm-vmm {}: guest memory on 4 KiB pages ({e})", role());
-        }
-        let slot_ids = register_slots(&vm, &memory, first_slot)?;
-
-        vm.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
-        vm.create_pit2(kvm_pit_config::default())
-            .map_err(setup("KVM_CREATE_PIT2"))?;
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut fds = Vec::new();
-        for id in 0..vcpus as u64 {
-            let fd = vm.create_vcpu(id).map_err(setup("KVM_CREATE_VCPU"))?;
-            let mut own = cpuid.clone();
-            for e in own.as_mut_slice() {
-                match e.function {
-                    // Initial APIC ID in EBX[31:24]; x2APIC ID in EDX.
-                    1 => e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24),
-                    0xb | 0x1f => e.edx = id as u32,
-                    _ => {}
-                }
-            }
-            fd.set_cpuid2(&own).map_err(setup("KVM_SET_CPUID2"))?;
-            fds.push(fd);
-        }
-        setup_vcpu0(&memory, &fds[0])?;
-
-        // The backend takes the memory over; the slots stay this VMM's.
-        let memory = Arc::new(
-            KvmMemory::adopt(vm.clone(), memory, &slot_ids).map_err(setup("adopting memory"))?,
-        );
-        let vcpus = Arc::new(VcpuThreads::start(fds).map_err(setup("vCPU threads"))?);
-        let control = KvmControl::new(vm, Arc::new(VcpuCaps::probe(&kvm)), vcpus.clone());
-        Ok(Vm {
-            vcpus,
-            memory,
-            control,
-        })
-    }
-}
-
-/// Registers each region of `memory` with `vm` as slot `first_slot + i`,
-/// the way a VMM does before any migration library is involved.
-fn register_slots(vm: &VmFd, memory: &TrackedMemory, first_slot: u32) -> Result<Vec<u32>, Failure> {
-    let mut ids = Vec::new();
-    for (i, r) in memory.iter().enumerate() {
-        let slot = first_slot + i as u32;
-        let region = kvm_userspace_memory_region {
-            slot,
-            guest_phys_addr: r.start_addr().raw_value(),
-            memory_size: r.len(),
-            userspace_addr: r.as_ptr() as u64,
-            flags: 0,
-        };
-        // SAFETY: the slot maps a region of `memory`, which the VM keeps
-        // (through `KvmMemory`) until its vCPU threads are joined; KVM uses
-        // the mapping only as this guest's memory.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(|e| Failure::Setup(format!("KVM_SET_USER_MEMORY_REGION slot {slot}: {e}")))?;
-        ids.push(slot);
-    }
-    Ok(ids)
-}
-
-/// Puts a boot sector at 0x7c00 and the first vCPU where a BIOS leaves
-/// it: real mode, CS = 0, IP = 0x7c00, DL = 0x80 (the boot drive).
-fn load_boot_sector(memory: &TrackedMemory, vcpu: &VcpuFd, code: &[u8]) -> Result<(), Failure> {
-    if code.is_empty() || code.len() as u64 > BOOT_END - BOOT_ADDR {
-        return Err(Failure::Usage(format!(
-            "a boot sector is 1 to {} bytes, not {}",
-            BOOT_END - BOOT_ADDR,
-            code.len()
-        )));
-    }
-    memory
-        .write_slice(code, GuestAddress(BOOT_ADDR))
-        .map_err(setup("loading the boot sector"))?;
-    let mut s = vcpu.get_sregs().map_err(setup("KVM_GET_SREGS"))?;
-    // After reset CS is f000 with base ffff0000; a BIOS jumps to 0:7c00.
-    s.cs.selector = 0;
-    s.cs.base = 0;
-    vcpu.set_sregs(&s).map_err(setup("KVM_SET_SREGS"))?;
-    let mut r = vcpu.get_regs().map_err(setup("KVM_GET_REGS"))?;
-    r.rip = BOOT_ADDR;
-    r.rflags = 0x2;
-    r.rdx = 0x80;
-    vcpu.set_regs(&r).map_err(setup("KVM_SET_REGS"))
-}
-
-// ---------------------------------------------------------------------------
-// vCPU threads and the Vcpus trait.
-
-/// Where a vCPU thread is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Where {
-    /// Running, or about to: it may be inside `KVM_RUN`.
-    Running,
-    /// Parked by a pause (or not yet resumed).
-    Parked,
-    /// Parked on a HLT exit until the next resume.
-    Halted,
-    /// Stopped for good on an exit it cannot handle.
-    Stopped,
-    /// The thread has ended.
-    Ended,
-}
-
-/// What the VMM and its vCPU threads share.
-#[derive(Debug)]
-struct Ctl {
-    /// The VMM wants the vCPUs out of the guest.
-    paused: bool,
-    /// The VMM wants the threads to end.
-    quit: bool,
-    /// Each vCPU thread's state.
-    at: Vec<Where>,
-    /// Why a vCPU stopped, if one did.
-    fault: Option<String>,
-    /// The first vCPU's progress reports.
-    progress: Progress,
-}
-
-/// The first vCPU's progress reports (port 0x10).
-#[derive(Debug, Default, Clone, Copy)]
-struct Progress {
-    /// How many.
-    count: u64,
-    /// The first after the last resume, and the latest.
-    first_since_resume: Option<u64>,
-    last: Option<u64>,
-    /// When the last one was printed.
-    printed: Option<Instant>,
-}
-
-/// One vCPU.
-struct Vcpu {
-    fd: Mutex<VcpuFd>,
-    kick: VcpuKick,
-    /// The thread's `schedstat`, once it runs.
-    schedstat: Mutex<Option<PathBuf>>,
-}
-
-/// The VMM's vCPU threads, as [`Vcpus`] for the backend.
-struct VcpuThreads {
-    vcpus: Vec<Arc<Vcpu>>,
-    ctl: Arc<(Mutex<Ctl>, Condvar)>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
-    serial: Arc<Serial>,
-}
-
-impl VcpuThreads {
-    /// Starts a thread per vCPU, paused.
-    fn start(fds: Vec<VcpuFd>) -> Result<Self, KvmError> {
-        let ctl = Arc::new((
-            Mutex::new(Ctl {
-                paused: true,
-                quit: false,
-                at: vec![Where::Running; fds.len()],
-                fault: None,
-                progress: Progress::default(),
-            }),
-            Condvar::new(),
-        ));
-        let mut this = VcpuThreads {
-            vcpus: Vec::new(),
-            ctl,
-            threads: Mutex::new(Vec::new()),
-            serial: Arc::new(Serial::default()),
-        };
-        for (index, fd) in fds.into_iter().enumerate() {
-            if let Err(e) = this.spawn(index, fd) {
-                // Ends the threads already started.
-                this.shutdown();
-                return Err(e);
-            }
-        }
-        Ok(this)
-    }
-
-    /// Starts vCPU `index`'s thread, paused: the pending kick keeps it out
-    /// of the guest until the first resume.
-    fn spawn(&mut self, index: usize, fd: VcpuFd) -> Result<(), KvmError> {
-        let vcpu = Arc::new(Vcpu {
-            fd: Mutex::new(fd),
-            kick: VcpuKick::new()?,
-            schedstat: Mutex::new(None),
-        });
-        vcpu.kick.kick();
-        let (v, c, s) = (vcpu.clone(), self.ctl.clone(), self.serial.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || vcpu_loop(index, &v, &c, &s))
-            .map_err(KvmError::Thread)?;
-        lock(&self.threads).push(thread);
-        self.vcpus.push(vcpu);
-        Ok(())
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Ctl> {
-        lock(&self.ctl.0)
-    }
-
-    /// The first vCPU's progress so far.
-    fn progress(&self) -> Progress {
-        self.lock().progress
-    }
-
-    /// Waits until `done` holds for the shared state, a vCPU stops, or
-    /// `timeout` passes; returns whether `done` held.
-    fn wait_for(&self, timeout: Duration, done: impl Fn(&Ctl) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut c = self.lock();
-        loop {
-            if done(&c) {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || c.fault.is_some() {
-                return false;
-            }
-            c = self
-                .ctl
-                .1
-                .wait_timeout(c, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-
-    /// Ends every vCPU thread and joins it: quit, kick, wait.
-    fn shutdown(&self) {
-        {
-            let mut c = self.lock();
-            c.quit = true;
-            c.paused = true;
-        }
-        for v in &self.vcpus {
-            v.kick.kick();
-        }
-        self.ctl.1.notify_all();
-        for t in lock(&self.threads).drain(..) {
-            if t.join().is_err() {
-                eprintln!("kvm-vmm {}: a vCPU thread panicked", role());
-            }
-        }
-        self.serial.flush();
-    }
-}
-
-impl Vcpus for VcpuThreads {
-    fn count(&self) -> usize {
-        self.vcpus.len()
-    }
-
-    /// Sets the paused flag, kicks every vCPU and waits until none is in
-    /// the guest.
-    fn pause(&self, timeout: Duration) -> Result<(), KvmError> {
-        let mut c = self.lock();
-        c.paused = true;
-        for v in &self.vcpus {
-            v.kick.kick();
-        }
-        let deadline = Instant::now() + timeout;
-        while c.at.contains(&Where::Running) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(KvmError::PauseTimeout(timeout));
-            }
-            c = self
-                .ctl
-                .1
-                .wait_timeout(c, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        Ok(())
-    }
-
-    /// Clears the flag, resets every kick and wakes the threads (halted
-    /// ones too).
-    fn resume(&self) -> Result<(), KvmError> {
-        let mut c = self.lock();
-        if c.quit {
-            return Err(KvmError::Config("the VM is shutting down".into()));
-        }
-        c.paused = false;
-        c.progress.first_since_resume = None;
-        for (at, v) in c.at.iter_mut().zip(&self.vcpus) {
-            if *at == Where::Halted {
-                *at = Where::Parked;
-            }
-            v.kick.reset();
-        }
-        drop(c);
-        self.ctl.1.notify_all();
-        Ok(())
-    }
-
-    fn with_vcpu(
-        &self,
-        index: usize,
-        f: &mut dyn FnMut(&VcpuFd) -> Result<(), KvmError>,
-    ) -> Result<(), KvmError> {
-        let v = self
-            .vcpus
-            .get(index)
-            .ok_or_else(|| KvmError::Config(format!("no vCPU {index}")))?;
-        {
-            let c = self.lock();
-            if !c.paused || c.at[index] == Where::Running {
-                return Err(KvmError::Config(format!("vCPU {index} is not paused")));
-            }
-        }
-        f(&lock(&v.fd))
-    }
-
-    fn cpu_time(&self) -> Option<Duration> {
-        self.vcpus
-            .iter()
-            .map(|v| {
-                let path = lock(&v.schedstat).clone()?;
-                let text = std::fs::read_to_string(path).ok()?;
-                let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
-                Some(Duration::from_nanos(ns))
-            })
-            .sum()
-    }
-
-    fn fault(&self) -> Option<String> {
-        self.lock().fault.clone()
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// What one exit asks of the loop.
-enum Next {
-    /// Enter the guest again.
-    Run,
-    /// The exit is done by the VMM, but KVM finishes the instruction on
-    /// the next `KVM_RUN`: enter once more even when paused (the pending
-    /// kick makes that entry return at once, instruction completed), so
-    /// the state a pause saves is the state after the instruction.
-    Complete,
-    /// Park until the next resume (HLT).
-    Halt,
-    /// Stop for good.
-    Stop(String),
-}
-
-/// A vCPU thread: enter the guest through the kick, handle the exit, park
-/// when paused.
-fn vcpu_loop(index: usize, v: &Vcpu, ctl: &(Mutex<Ctl>, Condvar), serial: &Serial) {
-    if let Ok(me) = std::fs::read_link("/proc/thread-self") {
-        *lock(&v.schedstat) = Some(PathBuf::from("/proc").join(me).join("schedstat"));
-    }
-    let (m, cv) = ctl;
-    let mut complete = false;
-    loop {
-        if !complete {
-            let mut c = lock(m);
-            loop {
-                if c.quit {
-                    c.at[index] = Where::Ended;
-                    cv.notify_all();
-                    return;
-                }
-                match c.at[index] {
-                    Where::Running if !c.paused => break,
-                    Where::Running => {
-                        c.at[index] = Where::Parked;
-                        cv.notify_all();
-                    }
-                    Where::Parked if !c.paused => {
-                        c.at[index] = Where::Running;
-                        break;
-                    }
-                    // Paused, halted or stopped: wait for a resume or quit.
-                    _ => {}
-                }
-                c = cv.wait(c).unwrap_or_else(|e| e.into_inner());
-            }
-        }
-        let mut fd = lock(&v.fd);
-        let next = match v.kick.run(&mut fd) {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                let mut b = [0u8; 8];
-                let n = data.len().min(8);
-                b[..n].copy_from_slice(&data[..n]);
-                match port {
-                    REPORT_PORT => report(index, u64::from_le_bytes(b), m, cv),
-                    COM1 => serial.put(data[0]),
-                    _ => {}
-                }
-                Next::Complete
-            }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                data.fill(0);
-                if port == COM1_LSR {
-                    data[0] = LSR_IDLE;
-                }
-                Next::Complete
-            }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0);
-                Next::Complete
-            }
-            Ok(VcpuExit::MmioWrite(..)) => Next::Complete,
-            Ok(VcpuExit::Hlt) => Next::Halt,
-            Ok(VcpuExit::Intr) => Next::Run,
-            Ok(VcpuExit::Shutdown) => Next::Stop(format!("vCPU {index}: shutdown (triple fault)")),
-            Ok(other) => Next::Stop(format!("vCPU {index}: unhandled exit {other:?}")),
-            // Kicked (or a signal): look at the flags.
-            Err(e) if VcpuKick::is_kick(&e) => Next::Run,
-            Err(e) => Next::Stop(format!("vCPU {index}: KVM_RUN failed: {e}")),
-        };
-        drop(fd);
-        complete = matches!(next, Next::Complete);
-        match next {
-            Next::Run | Next::Complete => {}
-            Next::Halt => {
-                let mut c = lock(m);
-                c.at[index] = Where::Halted;
-                cv.notify_all();
-            }
-            Next::Stop(why) => {
-                eprintln!("kvm-vmm {}: guest stopped: {why}", role());
-                let mut c = lock(m);
-                c.at[index] = Where::Stopped;
-                c.fault.get_or_insert(why);
-                cv.notify_all();
-            }
-        }
-    }
-}
-
-/// Records a progress report (the first vCPU's); prints one a second.
-fn report(index: usize, value: u64, m: &Mutex<Ctl>, cv: &Condvar) {
-    if index != 0 {
-        return;
-    }
-    let mut c = lock(m);
-    let p = &mut c.progress;
-    p.count += 1;
-    p.last = Some(value);
-    p.first_since_resume.get_or_insert(value);
-    let now = Instant::now();
-    if p.printed.is_none_or(|t| now - t >= Duration::from_secs(1)) {
-        p.printed = Some(now);
-        eprintln!("kvm-vmm {}: progress {value} ({} reports)", role(), p.count);
-    }
-    cv.notify_all();
-}
-
-/// COM1's transmitter: the guest's bytes, printed a line at a time (so
-/// the lines of this program's own output are never split).
-#[derive(Default)]
-struct Serial {
-    line: Mutex<Vec<u8>>,
-}
-
-impl Serial {
-    fn put(&self, byte: u8) {
-        let mut line = lock(&self.line);
-        line.push(byte);
-        if byte == b'\n' || line.len() >= 4096 {
-            emit(&line);
-            line.clear();
-        }
-    }
-
-    fn flush(&self) {
-        let mut line = lock(&self.line);
-        if !line.is_empty() {
-            line.push(b'\n');
-            emit(&line);
-            line.clear();
-        }
-    }
-}
-
-/// Writes whole lines to standard output.
-fn emit(bytes: &[u8]) {
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(bytes);
-    let _ = out.flush();
-}
-
-/// Prints one line of this program's output.
-fn say(line: &str) {
-    emit(format!("{line}\n").as_bytes());
-}
-
-// ---------------------------------------------------------------------------
 // Source.
 
 fn source(a: &Args, guest: Guest) -> Result<(), Failure> {
@@ -871,11 +327,7 @@ fn source(a: &Args, guest: Guest) -> Result<(), Failure> {
     };
     let mut transport = StreamTransport::connect_tcp(addr.as_str())
         .map_err(|e| Failure::Migration(format!("connecting to {addr}: {e}")))?;
-    let policy: Box<dyn Policy> = match a.policy {
-        PolicyArg::Precopy => Box::new(Precopy::new(PrecopyConfig::default())),
-        PolicyArg::StopAndCopy => Box::new(StopAndCopy),
-        PolicyArg::Postcopy => Box::new(PostCopy::new(Prepaging::default())),
-    };
+    let policy = a.policy.build(&PolicyConfig::default());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let mut engine = SourceEngine::new(
         KvmDirtyTracker(vm.memory.clone()),
@@ -1036,7 +488,7 @@ impl Destination {
             .args(["--run-for", &a.run_for.to_string()])
             .args(["--wait-secs", &a.wait_secs.to_string()])
             .stdout(Stdio::piped());
-        if a.policy == PolicyArg::Postcopy {
+        if a.policy.may_postcopy() {
             cmd.arg("--postcopy");
         }
         let mut child = cmd
@@ -1095,7 +547,6 @@ impl Destination {
     }
 }
 
-// ---------------------------------------------------------------------------
 // Destination.
 
 fn destination(a: &Args) -> Result<(), Failure> {
