@@ -48,8 +48,9 @@ use livemig::kvm::vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
 };
 use livemig::kvm::{
-    advise_huge_pages, enter_multiboot, load_multiboot, run_kvm_destination, KvmControl,
-    KvmDirtyTracker, KvmError, KvmMemory, KvmPages, TrackedMemory, VcpuCaps, VcpuKick, Vcpus,
+    advise_huge_pages, enter_multiboot, load_multiboot, run_kvm_destination, vcpu_cpuid,
+    KvmControl, KvmDirtyTracker, KvmError, KvmMemory, KvmPages, TrackedMemory, VcpuCaps, VcpuKick,
+    Vcpus,
 };
 use livemig::units::parse_size;
 use std::io::{BufRead, BufReader, Write};

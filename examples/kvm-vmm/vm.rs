@@ -59,15 +59,7 @@ impl Vm {
         let mut fds = Vec::new();
         for id in 0..vcpus as u64 {
             let fd = vm.create_vcpu(id).map_err(setup("KVM_CREATE_VCPU"))?;
-            let mut own = cpuid.clone();
-            for e in own.as_mut_slice() {
-                match e.function {
-                    // Initial APIC ID in EBX[31:24]; x2APIC ID in EDX.
-                    1 => e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24),
-                    0xb | 0x1f => e.edx = id as u32,
-                    _ => {}
-                }
-            }
+            let own = vcpu_cpuid(&cpuid, id as u32);
             fd.set_cpuid2(&own).map_err(setup("KVM_SET_CPUID2"))?;
             fds.push(fd);
         }

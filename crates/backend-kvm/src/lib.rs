@@ -98,8 +98,8 @@ pub use control::{KvmControl, Vcpus, PAUSE_TIMEOUT};
 pub use memory::{KvmDirtyTracker, KvmMemory, KvmPages};
 pub use postcopy::{run_kvm_destination, FaultHandler};
 pub use state::{
-    decode_guest, encode_guest, restore_vcpu, restore_vm, save_guest, save_vcpu, save_vm, Fpu,
-    GuestState, VcpuCaps, VcpuState, VmState, STATE_FORMAT, STATE_VERSION,
+    decode_guest, encode_guest, restore_vcpu, restore_vm, save_guest, save_vcpu, save_vm,
+    vcpu_cpuid, Fpu, GuestState, VcpuCaps, VcpuState, VmState, STATE_FORMAT, STATE_VERSION,
 };
 pub use sys::{
     advise_huge_pages, default_kick_signal, enable_dirty_ring, max_ring_entries, DirtyRings,

@@ -336,3 +336,20 @@ pub fn decode_guest(state: &DeviceState, vcpus: usize) -> Result<GuestState, Bac
     }
     Ok(g)
 }
+
+/// The CPUID a VMM gives vCPU `id`: the host's supported entries
+/// (`Kvm::get_supported_cpuid`) with this vCPU's own APIC IDs, the initial
+/// APIC ID in leaf 1's EBX\[31:24\] and the x2APIC ID in EDX of leaves 0xb
+/// and 0x1f. Guests find their CPU number there, and a restored guest
+/// must see the same numbers as on its source.
+pub fn vcpu_cpuid(supported: &kvm_bindings::CpuId, id: u32) -> kvm_bindings::CpuId {
+    let mut own = supported.clone();
+    for e in own.as_mut_slice() {
+        match e.function {
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
+            0xb | 0x1f => e.edx = id,
+            _ => {}
+        }
+    }
+    own
+}
