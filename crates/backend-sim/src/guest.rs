@@ -425,6 +425,24 @@ impl PageSource for SimPages {
         }
         Ok(())
     }
+
+    /// Compact and model memory: each page's version.
+    fn read_tokens(&mut self, pages: &[PageNum], out: &mut [u64]) -> Result<(), BackendError> {
+        self.check_tokens(pages.len(), out.len())?;
+        self.0.synced().memory.read_tokens(pages, out)
+    }
+}
+
+impl SimPages {
+    fn check_tokens(&self, pages: usize, tokens: usize) -> Result<(), BackendError> {
+        if pages != tokens {
+            return Err(BackendError::new(
+                BackendErrorKind::InvalidArgument,
+                "token buffer is not one token per page number",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl PageSink for SimPages {
@@ -443,6 +461,17 @@ impl PageSink for SimPages {
         let mut g = self.0.synced();
         g.memory.zero_page(page)?;
         g.placed(page);
+        Ok(())
+    }
+
+    /// Compact and model memory: sets each page's version.
+    fn write_tokens(&mut self, pages: &[PageNum], tokens: &[u64]) -> Result<(), BackendError> {
+        self.check_tokens(pages.len(), tokens.len())?;
+        let mut g = self.0.synced();
+        for (p, t) in pages.iter().zip(tokens) {
+            g.memory.write_token(*p, *t)?;
+            g.placed(*p);
+        }
         Ok(())
     }
 

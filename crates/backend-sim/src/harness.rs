@@ -19,8 +19,10 @@ use migrate_core::engine::{
     DestStatus, DestinationEngine, DestinationReport, EngineConfig, SourceEngine, SourceStep,
 };
 use migrate_core::page::{MemoryLayout, PageNum};
-use migrate_core::protocol::abort_frame;
-use migrate_core::{Clock, GuestControl, MigrationError, MigrationStats, Policy, VirtualClock};
+use migrate_core::protocol::{abort_frame, wire_len};
+use migrate_core::{
+    Clock, GuestControl, MigrationError, MigrationStats, Payload, Policy, VirtualClock,
+};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
@@ -160,6 +162,11 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
     if !(link.bandwidth_bps.is_finite() && link.bandwidth_bps > 0.0) {
         return Err(SimError::Link("bandwidth must be positive".into()));
     }
+    // Model memory moves page models, never bytes (see `MemoryMode::Model`).
+    let mut engine = engine;
+    if mode == MemoryMode::Model {
+        engine.payload = Payload::Model;
+    }
     let clock = VirtualClock::new();
     let dyn_clock: Arc<dyn Clock> = Arc::new(clock.clone());
     let src = SimGuest::source(layout.clone(), mode, workload.clone(), dyn_clock.clone())?;
@@ -236,7 +243,7 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
                     dest_done = status == DestStatus::Completed;
                     while let Some(reply) = dest.poll_transmit() {
                         seq += 1;
-                        let arrive = back.send(t, reply.len());
+                        let arrive = back.send(t, wire_len(&reply));
                         events.push(Reverse((arrive, seq, Dir::ToSource, reply)));
                     }
                 }
@@ -255,14 +262,14 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
                 dest.request_pages(&pages)?;
                 while let Some(req) = dest.poll_transmit() {
                     seq += 1;
-                    let arrive = back.send(now, req.len());
+                    let arrive = back.send(now, wire_len(&req));
                     events.push(Reverse((arrive, seq, Dir::ToSource, req)));
                 }
             }
         } else {
             match source.poll()? {
                 SourceStep::Send(frame) => {
-                    let arrive = fwd.send(src_ready, frame.len());
+                    let arrive = fwd.send(src_ready, wire_len(&frame));
                     src_ready = fwd.free;
                     seq += 1;
                     events.push(Reverse((arrive, seq, Dir::ToDest, frame)));

@@ -47,6 +47,7 @@ pub mod driver;
 pub mod engine;
 pub mod error;
 pub mod hca;
+pub mod model;
 pub mod page;
 pub mod policy;
 pub mod postcopy;
@@ -68,6 +69,7 @@ pub use engine::{
 };
 pub use error::{ErrorKind, MigrationError};
 pub use hca::{Hca, HcaConfig};
+pub use model::Payload;
 pub use page::{MemoryLayout, PageNum, PageSize, Region};
 pub use policy::{
     Decision, PageSelection, Policy, PolicyInput, Precopy, PrecopyConfig, StopAndCopy,

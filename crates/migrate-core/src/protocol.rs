@@ -104,6 +104,9 @@ pub enum RecordType {
     Verified = 13,
     /// Post-copy: absent pages as a bitmap (for scattered sets).
     DiscardBitmap = 14,
+    /// A batch of page models (see [`ModelBatch`]): the simulator's fast
+    /// path, never sent by a real backend.
+    ModelBatch = 0x40,
 }
 
 impl RecordType {
@@ -124,6 +127,7 @@ impl RecordType {
             12 => Discard,
             13 => Verified,
             14 => DiscardBitmap,
+            0x40 => ModelBatch,
             _ => return None,
         })
     }
@@ -146,6 +150,7 @@ impl RecordType {
             Discard => 8 + MAX_DISCARD_RANGES * 16,
             Verified => 48,
             DiscardBitmap => 16 + MAX_DISCARD_WORDS * 8,
+            ModelBatch => 16 + MAX_BATCH_PAGES * 16 + 8,
         }
     }
 }
@@ -274,6 +279,56 @@ impl<'a> PageBatch<'a> {
     }
 }
 
+/// A batch of page models as it lies in a received frame (no copy).
+///
+/// The simulator's fast path: instead of a page's bytes, a 64-bit token
+/// that names its content (0: all zeros). The frame also carries the
+/// length the same pages would have as a [`PageBatch`] frame, and
+/// [`wire_len`] reports that length, so a modelled link and the
+/// statistics count the bytes the page batch would have put on the wire.
+/// Only a sink that stores page models (the simulator's) accepts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelBatch<'a> {
+    /// The round the pages belong to.
+    pub round: u32,
+    /// Length of the [`PageBatch`] frame these pages stand for.
+    pub nominal_len: u64,
+    pages: &'a [u8],
+    tokens: &'a [u8],
+}
+
+impl<'a> ModelBatch<'a> {
+    /// A batch over encoded page numbers and tokens (8 bytes each, little
+    /// endian, as [`encode_model_batch`] lays them out).
+    pub fn new(round: u32, nominal_len: u64, pages: &'a [u8], tokens: &'a [u8]) -> Self {
+        ModelBatch {
+            round,
+            nominal_len,
+            pages,
+            tokens,
+        }
+    }
+
+    /// Number of pages.
+    pub fn len(&self) -> usize {
+        self.pages.len() / 8
+    }
+
+    /// Whether the batch has no pages.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// The pages in order: their GFN and their content token.
+    pub fn iter(&self) -> impl Iterator<Item = (PageNum, u64)> + 'a {
+        let word = |c: &[u8]| u64::from_le_bytes(c.try_into().unwrap_or_default());
+        self.pages
+            .chunks_exact(8)
+            .zip(self.tokens.chunks_exact(8))
+            .map(move |(p, t)| (word(p), word(t)))
+    }
+}
+
 /// What the destination reports when it has resumed the guest: how long
 /// each of its steps took, on its own clock.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -318,6 +373,8 @@ pub enum Record<'a> {
     Layout(MemoryLayout),
     /// Pages.
     PageBatch(PageBatch<'a>),
+    /// Page models standing for pages (the simulator's fast path).
+    ModelBatch(ModelBatch<'a>),
     /// Marks the end of a pre-copy round.
     RoundEnd {
         /// The round.
@@ -375,6 +432,7 @@ impl Record<'_> {
             Record::Header { .. } => RecordType::Header,
             Record::Layout(_) => RecordType::Layout,
             Record::PageBatch(_) => RecordType::PageBatch,
+            Record::ModelBatch(_) => RecordType::ModelBatch,
             Record::RoundEnd { .. } => RecordType::RoundEnd,
             Record::DeviceState(_) => RecordType::DeviceState,
             Record::SwitchOver { .. } => RecordType::SwitchOver,
@@ -425,6 +483,9 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
                 out.put_u64_le(r.first_page);
                 out.put_u64_le(r.pages);
             }
+        }
+        Record::ModelBatch(b) => {
+            put_model_body(out, b.round, b.nominal_len, b.pages, b.tokens);
         }
         Record::PageBatch(b) => {
             put_batch_body(out, b.round, b.pages, b.flags, b.data);
@@ -585,6 +646,73 @@ pub fn encode_page_batch(
         zero_pages: n - nonzero,
         frame_bytes: out.len() - before,
     }
+}
+
+/// Length of the [`RecordType::PageBatch`] frame that [`encode_page_batch`]
+/// builds for `pages` pages of `page_size`, `zero_pages` of them zero.
+pub fn page_batch_len(page_size: PageSize, pages: usize, zero_pages: usize) -> usize {
+    RECORD_HEADER_LEN + 8 + pages * 9 + pad8(pages) + (pages - zero_pages) * page_size.get() + 8
+}
+
+fn put_model_body(out: &mut Vec<u8>, round: u32, nominal: u64, pages: &[u8], tokens: &[u8]) {
+    let body_start = out.len();
+    out.put_u32_le(round);
+    out.put_u32_le((pages.len() / 8) as u32);
+    out.put_u64_le(nominal);
+    out.put_slice(pages);
+    out.put_slice(tokens);
+    let sum = xxh3_64(&out[body_start..]);
+    out.put_u64_le(sum);
+}
+
+/// Appends one model-batch frame to `out` (see [`ModelBatch`]): page
+/// `pages[i]` has content token `tokens[i]`, 0 for a zero page. The
+/// summary's `frame_bytes` is the length of the page batch the frame
+/// stands for, not of the frame.
+pub fn encode_model_batch(
+    round: u32,
+    page_size: PageSize,
+    pages: &[PageNum],
+    tokens: &[u64],
+    out: &mut Vec<u8>,
+) -> BatchSummary {
+    debug_assert!(pages.len() <= max_batch_pages(page_size));
+    debug_assert_eq!(pages.len(), tokens.len());
+    let n = pages.len();
+    let zero = tokens.iter().filter(|t| **t == 0).count();
+    let nominal = page_batch_len(page_size, n, zero);
+    out.reserve(RECORD_HEADER_LEN + 16 + n * 16 + 8);
+    let start = begin(out, RecordType::ModelBatch);
+    let body_start = out.len();
+    out.put_u32_le(round);
+    out.put_u32_le(n as u32);
+    out.put_u64_le(nominal as u64);
+    for p in pages {
+        out.put_u64_le(*p);
+    }
+    for t in tokens {
+        out.put_u64_le(*t);
+    }
+    let sum = xxh3_64(&out[body_start..]);
+    out.put_u64_le(sum);
+    finish(out, start);
+    BatchSummary {
+        pages: n,
+        zero_pages: zero,
+        frame_bytes: nominal,
+    }
+}
+
+/// The bytes `frame` stands for on a wire: its length, except for a
+/// [`RecordType::ModelBatch`] frame, which stands for the page batch it
+/// models. Links and statistics count this.
+pub fn wire_len(frame: &[u8]) -> usize {
+    if frame.len() >= RECORD_HEADER_LEN + 16 && frame[0] == RecordType::ModelBatch as u8 {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&frame[RECORD_HEADER_LEN + 8..RECORD_HEADER_LEN + 16]);
+        return usize::try_from(u64::from_le_bytes(a)).unwrap_or(usize::MAX);
+    }
+    frame.len()
 }
 
 /// An abort record telling the peer why, as a frame.
@@ -760,6 +888,15 @@ impl Decoder {
                 b.buf = &[];
                 Record::PageBatch(batch)
             }
+            RecordType::ModelBatch => {
+                let ps = self.page_size.ok_or(ProtocolError::UnexpectedRecord {
+                    got: ty,
+                    why: "page models before the memory layout",
+                })?;
+                let batch = decode_model_batch(body, ps)?;
+                b.buf = &[];
+                Record::ModelBatch(batch)
+            }
             RecordType::RoundEnd => {
                 let round = b.u32()?;
                 b.zero_u32("round marker reserved field")?;
@@ -889,6 +1026,7 @@ fn record_name(ty: RecordType) -> &'static str {
         RecordType::Header => "header",
         RecordType::Layout => "layout",
         RecordType::PageBatch => "page batch",
+        RecordType::ModelBatch => "model batch",
         RecordType::RoundEnd => "round marker",
         RecordType::DeviceState => "device state",
         RecordType::SwitchOver => "switch-over",
@@ -911,6 +1049,44 @@ fn check_page(p: u64) -> Result<PageNum, ProtocolError> {
         });
     }
     Ok(p)
+}
+
+fn decode_model_batch(body: &[u8], ps: PageSize) -> Result<ModelBatch<'_>, ProtocolError> {
+    let mut b = Cursor {
+        buf: body,
+        what: "model batch",
+    };
+    let round = b.u32()?;
+    let n = b.count("pages in batch", max_batch_pages(ps))?;
+    let nominal_len = b.u64()?;
+    let pages = b.take(n * 8)?;
+    let tokens = b.take(n * 8)?;
+    for p in pages.chunks_exact(8) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(p);
+        check_page(u64::from_le_bytes(a))?;
+    }
+    let covered = body.len() - b.buf.len();
+    let expected = b.u64()?;
+    if !b.buf.is_empty() {
+        return Err(ProtocolError::TrailingBytes {
+            record: RecordType::ModelBatch,
+            extra: b.buf.len(),
+        });
+    }
+    let computed = xxh3_64(&body[..covered]);
+    if computed != expected {
+        return Err(ProtocolError::ChecksumMismatch { expected, computed });
+    }
+    let batch = ModelBatch::new(round, nominal_len, pages, tokens);
+    let zero = batch.iter().filter(|(_, t)| *t == 0).count();
+    if nominal_len != page_batch_len(ps, n, zero) as u64 {
+        return Err(ProtocolError::OutOfRange {
+            what: "model batch nominal length",
+            value: nominal_len,
+        });
+    }
+    Ok(batch)
 }
 
 fn decode_batch(body: &[u8], ps: PageSize) -> Result<PageBatch<'_>, ProtocolError> {
