@@ -308,7 +308,7 @@ fn every_policy_on_every_workload_verifies() {
     ];
     for kind in kinds {
         for (name, make) in &policies {
-            for mode in [MemoryMode::Bytes, MemoryMode::Compact] {
+            for mode in [MemoryMode::Bytes, MemoryMode::Compact, MemoryMode::Model] {
                 let mut k: WorkloadKind = kind.parse().unwrap();
                 if let WorkloadKind::Phased { phase } = &mut k {
                     *phase = Duration::from_millis(50);

@@ -46,6 +46,7 @@ pub enum Payload {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenDigest(u128);
 
+#[inline]
 fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -53,6 +54,7 @@ fn splitmix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+#[inline]
 fn mix(page: PageNum, token: u64) -> u128 {
     let a = splitmix(page ^ splitmix(token ^ 0x6c76_6d69_6772_6174));
     let b = splitmix(a ^ token.rotate_left(29) ^ page.rotate_left(41));
@@ -66,11 +68,13 @@ impl TokenDigest {
     }
 
     /// Adds page `page` with content token `token`.
+    #[inline]
     pub fn add(&mut self, page: PageNum, token: u64) {
         self.0 = self.0.wrapping_add(mix(page, token));
     }
 
     /// Takes out page `page` with content token `token`, added before.
+    #[inline]
     pub fn remove(&mut self, page: PageNum, token: u64) {
         self.0 = self.0.wrapping_sub(mix(page, token));
     }
@@ -125,6 +129,103 @@ pub fn token_digest_table(layout: &MemoryLayout, tokens: &[u64]) -> MemoryDigest
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::page::PageSize;
+    use crate::protocol::{
+        encode, encode_model_batch, encode_page_batch, page_batch_len, wire_len, Decoder,
+        ModelBatch, ProtocolError, Record, VERSION,
+    };
+
+    fn decoder(ps: PageSize) -> Decoder {
+        let mut d = Decoder::new();
+        let mut f = Vec::new();
+        encode(&Record::Header { version: VERSION }, &mut f);
+        d.decode(&f).unwrap();
+        f.clear();
+        encode(
+            &Record::Layout(MemoryLayout::flat(ps, 1 << 30).unwrap()),
+            &mut f,
+        );
+        d.decode(&f).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_model_batch_stands_for_the_page_batch_it_replaces() {
+        let ps = PageSize::DEFAULT;
+        for n in [1usize, 7, 8, 9, 256] {
+            let pages: Vec<PageNum> = (0..n as u64).map(|i| i * 3 + 1).collect();
+            let tokens: Vec<u64> = (0..n as u64).map(|i| i % 3).collect();
+            let mut contents = vec![0u8; n * ps.get()];
+            for (i, t) in tokens.iter().enumerate() {
+                if *t != 0 {
+                    contents[i * ps.get()] = *t as u8;
+                }
+            }
+            let (mut bytes, mut model) = (Vec::new(), Vec::new());
+            let b = encode_page_batch(4, ps, &pages, &contents, &mut bytes);
+            let m = encode_model_batch(4, ps, &pages, &tokens, &mut model);
+            assert_eq!(b, m);
+            assert_eq!(bytes.len(), page_batch_len(ps, n, b.zero_pages));
+            assert_eq!(wire_len(&bytes), bytes.len());
+            assert_eq!(wire_len(&model), bytes.len());
+            if b.zero_pages < n {
+                assert!(model.len() < bytes.len());
+            }
+            match decoder(ps).decode(&model).unwrap() {
+                Record::ModelBatch(got) => {
+                    assert_eq!(got.round, 4);
+                    assert_eq!(got.len(), n);
+                    let back: Vec<(PageNum, u64)> = got.iter().collect();
+                    let want: Vec<(PageNum, u64)> =
+                        pages.iter().copied().zip(tokens.iter().copied()).collect();
+                    assert_eq!(back, want);
+                    let mut again = Vec::new();
+                    encode(&Record::ModelBatch(got), &mut again);
+                    assert_eq!(again, model);
+                }
+                other => panic!("decoded {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_model_batch_that_lies_about_its_length_or_is_damaged_is_refused() {
+        let ps = PageSize::DEFAULT;
+        let pages: Vec<u8> = [5u64, 6].iter().flat_map(|p| p.to_le_bytes()).collect();
+        let tokens: Vec<u8> = [0u64, 9].iter().flat_map(|p| p.to_le_bytes()).collect();
+        let honest = page_batch_len(ps, 2, 1) as u64;
+        let mut f = Vec::new();
+        encode(
+            &Record::ModelBatch(ModelBatch::new(1, honest + 4096, &pages, &tokens)),
+            &mut f,
+        );
+        assert!(matches!(
+            decoder(ps).decode(&f),
+            Err(ProtocolError::OutOfRange { .. })
+        ));
+        f.clear();
+        encode(
+            &Record::ModelBatch(ModelBatch::new(1, honest, &pages, &tokens)),
+            &mut f,
+        );
+        assert!(decoder(ps).decode(&f).is_ok());
+        let last = f.len() - 9;
+        f[last] ^= 1;
+        assert!(matches!(
+            decoder(ps).decode(&f),
+            Err(ProtocolError::ChecksumMismatch { .. })
+        ));
+        // Before the layout there is no page size to check against.
+        let mut d = Decoder::new();
+        let mut h = Vec::new();
+        encode(&Record::Header { version: VERSION }, &mut h);
+        d.decode(&h).unwrap();
+        f[last] ^= 1;
+        assert!(matches!(
+            d.decode(&f),
+            Err(ProtocolError::UnexpectedRecord { .. })
+        ));
+    }
 
     #[test]
     fn token_digest_ignores_order_and_undoes_removal() {
