@@ -47,11 +47,16 @@
 
 #![forbid(unsafe_code)]
 
+pub mod evacuate;
 pub mod guest;
 pub mod harness;
 pub mod memory;
 pub mod workload;
 
+pub use evacuate::{
+    evacuate, fleet, EvacConfig, EvacGuest, EvacReport, FleetShape, GuestOutcome, PolicyFactory,
+    Strategy,
+};
 pub use guest::{FaultRecord, SimControl, SimGuest, SimPages, SimTracker};
 pub use harness::{simulate, Link, SimConfig, SimError, SimReport};
 pub use memory::{MemoryMode, SimMemory};
