@@ -49,6 +49,10 @@ struct Inner {
     fault_log: Vec<FaultRecord>,
     /// Pages the simulated hypervisor maps as the guest resumes.
     resume_pages: Vec<PageNum>,
+    /// Post-copy: no access before this index can fault (it touches a
+    /// page that was present when the accesses were looked at, and pages
+    /// do not go missing while the guest runs).
+    fault_horizon: u64,
 }
 
 /// One post-copy fault as the simulated guest lived it.
@@ -62,7 +66,28 @@ pub struct FaultRecord {
     pub stall: Duration,
 }
 
+/// Accesses a post-copy guest looks ahead for one that may fault.
+pub const LOOKAHEAD: u64 = 4096;
+
 impl Inner {
+    /// The index of the next access, within [`LOOKAHEAD`], that touches a
+    /// page missing now (or the last one looked at).
+    fn look_ahead(&self) -> u64 {
+        let mut gen = self.workload.clone();
+        let last = gen.next_index() + LOOKAHEAD - 1;
+        let Some(absent) = self.absent.as_ref() else {
+            return gen.next_index();
+        };
+        while gen.next_index() < last {
+            let acc = gen.next_access();
+            let page = self.memory.layout().page_at(acc.page).unwrap_or(0);
+            if absent.get(page) {
+                return acc.index;
+            }
+        }
+        last
+    }
+
     fn catch_up(&mut self) {
         let now = self.clock.now();
         if now <= self.synced_at {
@@ -215,6 +240,7 @@ impl SimGuest {
                 new_faults: Vec::new(),
                 fault_log: Vec::new(),
                 resume_pages: Vec::new(),
+                fault_horizon: 0,
             })),
             layout,
         }
@@ -270,12 +296,22 @@ impl SimGuest {
     /// Post-copy: when, on the clock, the guest's next memory access is
     /// due, if it could fault (the guest runs, is not stalled and still
     /// misses pages). The simulator schedules an event then.
+    ///
+    /// That is the first access, looking ahead up to [`LOOKAHEAD`]
+    /// accesses, to a page missing now: accesses to pages present now
+    /// cannot fault, since pages only arrive while the guest runs. (When
+    /// none of those accesses touches a missing page, the check is due at
+    /// the last of them, to look further.)
     pub fn next_fault_check(&self) -> Option<Duration> {
-        let g = self.lock();
+        let mut g = self.lock();
         if g.paused || g.stalled.is_some() || g.absent_count == 0 || !g.workload.writes() {
             return None;
         }
-        let next = g.workload.next_time();
+        let from = g.workload.next_index();
+        if g.fault_horizon < from {
+            g.fault_horizon = g.look_ahead();
+        }
+        let next = g.workload.time_of(g.fault_horizon);
         Some(g.synced_at + next.saturating_sub(g.guest_time))
     }
 
