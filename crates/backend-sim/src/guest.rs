@@ -413,7 +413,13 @@ impl DirtyTracker for SimTracker {
                 "dirty tracking is not started",
             ));
         }
-        into.copy_from(&g.dirty);
+        if into.len() == g.dirty.len() {
+            // Hand the log over rather than copy it: one pass over a
+            // 1 TiB guest's 32 MiB bitmap instead of two.
+            std::mem::swap(into, &mut g.dirty);
+        } else {
+            into.copy_from(&g.dirty);
+        }
         g.dirty.clear_all();
         Ok(())
     }
