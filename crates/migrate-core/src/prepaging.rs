@@ -315,13 +315,16 @@ impl Prepager {
                         // same page, a duplicate each, and move as it did:
                         // do that at once. Same order, fewer searches.
                         let after = self.bubbles[i];
-                        for _ in 1..self.bubbles.len() {
-                            let j = self.next % self.bubbles.len();
+                        let len = self.bubbles.len();
+                        // `j` is `self.next % len`, kept without dividing.
+                        let mut j = if i + 1 == len { 0 } else { i + 1 };
+                        for _ in 1..len {
                             if self.bubbles[j] != before {
                                 break;
                             }
                             self.bubbles[j] = after;
                             self.next += 1;
+                            j = if j + 1 == len { 0 } else { j + 1 };
                         }
                     }
                 }
