@@ -510,7 +510,7 @@ pub fn evacuate(config: EvacConfig) -> Result<EvacReport, SimError> {
                     continue; // the migration failed; its frames are dropped
                 };
                 match dir {
-                    Dir::ToDest => match s.run.to_dest(&frame, &mut replies) {
+                    Dir::ToDest => match s.run.deliver_to_dest(&frame, &mut replies) {
                         Ok(()) => {
                             for reply in replies.drain(..) {
                                 seq += 1;
@@ -520,7 +520,7 @@ pub fn evacuate(config: EvacConfig) -> Result<EvacReport, SimError> {
                         }
                         Err(e) => failed = Some((g, e)),
                     },
-                    Dir::ToSource => match s.run.to_source(&frame) {
+                    Dir::ToSource => match s.run.deliver_to_source(&frame) {
                         Ok(()) => {
                             s.waiting = false;
                             s.ready = s.ready.max(t);

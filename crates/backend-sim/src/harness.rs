@@ -214,7 +214,7 @@ impl Run {
 
     /// A frame reached the destination: hands it over and appends the
     /// destination's replies to `replies`.
-    pub(crate) fn to_dest(
+    pub(crate) fn deliver_to_dest(
         &mut self,
         frame: &[u8],
         replies: &mut Vec<Vec<u8>>,
@@ -244,7 +244,7 @@ impl Run {
     }
 
     /// A frame reached the source.
-    pub(crate) fn to_source(&mut self, frame: &[u8]) -> Result<(), SimError> {
+    pub(crate) fn deliver_to_source(&mut self, frame: &[u8]) -> Result<(), SimError> {
         self.source.handle_frame(frame)?;
         Ok(())
     }
@@ -376,7 +376,7 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
             };
             match dir {
                 Dir::ToDest => {
-                    run.to_dest(&frame, &mut replies)?;
+                    run.deliver_to_dest(&frame, &mut replies)?;
                     for reply in replies.drain(..) {
                         seq += 1;
                         let arrive = back.send(t, wire_len(&reply));
@@ -384,7 +384,7 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
                     }
                 }
                 Dir::ToSource => {
-                    run.to_source(&frame)?;
+                    run.deliver_to_source(&frame)?;
                     src_waiting = false;
                     src_ready = src_ready.max(t);
                 }
