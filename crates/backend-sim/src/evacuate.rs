@@ -157,10 +157,11 @@ pub enum Strategy {
     LowestDirtyFirst,
     /// Ours: shortest expected transfer first, and a new migration only
     /// where it adds throughput: on a destination with none running,
-    /// while the downlinks in use carry less than the uplink, and while
-    /// every running migration, the new one included, keeps a share of
-    /// its bottleneck at least `margin` times its guest's dirty rate. With
-    /// nothing running, the next guest starts whatever its rate.
+    /// while the downlinks in use carry less than the uplink; a running
+    /// migration may lose bandwidth to it only while keeping a share of
+    /// its bottleneck of at least `margin` times its guest's dirty rate,
+    /// and the new one must keep that much or get what it would alone.
+    /// With nothing running, the next guest starts whatever its rate.
     ///
     /// Why: pre-copy converges when a migration is sent faster than its
     /// guest dirties, and its downtime is its last dirty set over its
@@ -659,24 +660,33 @@ fn pick(
     if busy >= uplink.bandwidth_bps {
         return None;
     }
-    per_dest[idle] += 1;
-    let total = running.len() + 1;
-    // Bytes per second each migration would get: its share of the uplink
-    // or of its destination's downlink, whichever is smaller.
-    let share = |dest: usize| {
-        (uplink.bandwidth_bps / total as f64).min(destinations[dest] / per_dest[dest] as f64) / 8.0
+    // Bytes per second a migration to `dest` gets with `total` running and
+    // `on_dest` of them to `dest`: its share of the uplink or of the
+    // downlink, whichever is smaller.
+    let share = |dest: usize, total: usize, on_dest: usize| {
+        (uplink.bandwidth_bps / total as f64).min(destinations[dest] / on_dest as f64) / 8.0
     };
+    let total = running.len() + 1;
+    // A running migration may lose bandwidth to the new one only while it
+    // keeps `margin` times its guest's dirty rate.
     let running_fit = running.iter().all(|&g| {
-        slots[g]
-            .as_ref()
-            .is_none_or(|s| guests[g].dirty_rate() * margin <= share(s.destination))
+        slots[g].as_ref().is_none_or(|s| {
+            let d = s.destination;
+            let before = share(d, total - 1, per_dest[d]);
+            let after = share(d, total, per_dest[d] + usize::from(d == idle));
+            after >= before || guests[g].dirty_rate() * margin <= after
+        })
     });
     if !running_fit {
         return None;
     }
+    // The new one goes if it keeps `margin` times its dirty rate, or gets
+    // as much as it would alone.
+    let now = share(idle, total, 1);
+    let alone = share(idle, 1, 1);
     queue
         .iter()
-        .position(|&g| guests[g].dirty_rate() * margin <= share(idle))
+        .position(|&g| now >= alone || guests[g].dirty_rate() * margin <= now)
 }
 
 fn outcome(g: usize, guest: &EvacGuest, slot: Slot, now: Duration) -> GuestOutcome {
