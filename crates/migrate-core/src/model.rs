@@ -132,7 +132,7 @@ mod tests {
     use crate::page::PageSize;
     use crate::protocol::{
         encode, encode_model_batch, encode_page_batch, page_batch_len, wire_len, Decoder,
-        ModelBatch, ProtocolError, Record, VERSION,
+        ModelBatch, ProtocolError, Record, RECORD_HEADER_LEN, VERSION,
     };
 
     fn decoder(ps: PageSize) -> Decoder {
@@ -203,6 +203,11 @@ mod tests {
             decoder(ps).decode(&f),
             Err(ProtocolError::OutOfRange { .. })
         ));
+        // A length past any frame's is not believed even before decoding.
+        let mut huge = f.clone();
+        huge[RECORD_HEADER_LEN + 8..RECORD_HEADER_LEN + 16]
+            .copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(wire_len(&huge), huge.len());
         f.clear();
         encode(
             &Record::ModelBatch(ModelBatch::new(1, honest, &pages, &tokens)),

@@ -705,12 +705,17 @@ pub fn encode_model_batch(
 
 /// The bytes `frame` stands for on a wire: its length, except for a
 /// [`RecordType::ModelBatch`] frame, which stands for the page batch it
-/// models. Links and statistics count this.
+/// models. Links and statistics count this. The length read from a frame
+/// is trusted only up to [`MAX_FRAME_LEN`] (the decoder checks it
+/// exactly), so a damaged frame cannot inflate a count without bound.
 pub fn wire_len(frame: &[u8]) -> usize {
     if frame.len() >= RECORD_HEADER_LEN + 16 && frame[0] == RecordType::ModelBatch as u8 {
         let mut a = [0u8; 8];
         a.copy_from_slice(&frame[RECORD_HEADER_LEN + 8..RECORD_HEADER_LEN + 16]);
-        return usize::try_from(u64::from_le_bytes(a)).unwrap_or(usize::MAX);
+        return usize::try_from(u64::from_le_bytes(a))
+            .ok()
+            .filter(|n| *n <= MAX_FRAME_LEN)
+            .unwrap_or(frame.len());
     }
     frame.len()
 }
