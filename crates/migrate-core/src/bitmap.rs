@@ -52,32 +52,36 @@ impl DirtyBitmap {
         self.bits.is_empty()
     }
 
+    // get, set and clear work on the words (bit `i` of word `w` is page
+    // `64 * w + i`): they run once or more per page moved.
+
     /// Whether `page` is set; pages past the end are not.
+    #[inline]
     pub fn get(&self, page: PageNum) -> bool {
-        self.bits.get(page as usize).is_some_and(|b| *b)
+        page < self.len() && (self.as_words()[(page / 64) as usize] >> (page % 64)) & 1 == 1
     }
 
     /// Sets `page`. Pages past the end are ignored and reported as `false`.
+    #[inline]
     pub fn set(&mut self, page: PageNum) -> bool {
-        match self.bits.get_mut(page as usize) {
-            Some(mut b) => {
-                *b = true;
-                true
-            }
-            None => false,
+        if page >= self.len() {
+            return false;
         }
+        self.bits.as_raw_mut_slice()[(page / 64) as usize] |= 1 << (page % 64);
+        true
     }
 
     /// Clears `page`.
+    #[inline]
     pub fn clear(&mut self, page: PageNum) {
-        if let Some(mut b) = self.bits.get_mut(page as usize) {
-            *b = false;
+        if page < self.len() {
+            self.bits.as_raw_mut_slice()[(page / 64) as usize] &= !(1 << (page % 64));
         }
     }
 
     /// Clears every bit.
     pub fn clear_all(&mut self) {
-        self.bits.fill(false);
+        self.bits.as_raw_mut_slice().fill(0);
     }
 
     /// Sets every bit in `range`.
