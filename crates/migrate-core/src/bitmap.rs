@@ -158,7 +158,11 @@ impl DirtyBitmap {
         }
         let theirs = other.as_words();
         for (a, b) in self.bits.as_raw_mut_slice().iter_mut().zip(theirs) {
-            *a |= *b;
+            // Dirty logs are mostly zeros: write only where `other` has
+            // bits, so a sparse union reads memory instead of rewriting it.
+            if *b != 0 {
+                *a |= *b;
+            }
         }
     }
 
@@ -269,8 +273,13 @@ impl PageCounts {
         if shift == 0 {
             return;
         }
-        for c in &mut self.counts {
-            *c = c.checked_shr(shift).unwrap_or(0);
+        if shift >= u8::BITS {
+            self.counts.fill(0);
+        } else {
+            // One shift for every count: the loop vectorises.
+            for c in &mut self.counts {
+                *c >>= shift;
+            }
         }
     }
 
