@@ -241,44 +241,38 @@ mod tests {
         ));
     }
 
+    /// A sequenced decoder that took the header (frame 0) and the layout
+    /// (frame 1).
+    fn sequenced_decoder(ps: PageSize) -> Decoder {
+        let mut d = Decoder::sequenced();
+        let records = [
+            Record::Header { version: VERSION },
+            Record::Layout(MemoryLayout::flat(ps, 1 << 30).unwrap()),
+        ];
+        for (seq, r) in records.iter().enumerate() {
+            let mut f = Vec::new();
+            encode(r, &mut f);
+            seal(&mut f, seq as u32);
+            d.decode(&f).unwrap();
+        }
+        d
+    }
+
     #[test]
     fn a_model_batch_is_sequenced_like_every_frame() {
         let ps = PageSize::DEFAULT;
-        let mut d = Decoder::sequenced();
-        let mut f = Vec::new();
-        encode(&Record::Header { version: VERSION }, &mut f);
-        seal(&mut f, 0);
-        d.decode(&f).unwrap();
-        f.clear();
-        encode(
-            &Record::Layout(MemoryLayout::flat(ps, 1 << 30).unwrap()),
-            &mut f,
-        );
-        seal(&mut f, 1);
-        d.decode(&f).unwrap();
         let mut m = Vec::new();
         encode_model_batch(1, ps, &[3, 4], &[0, 7], &mut m);
         // Frame 2 lost: frame 3 is refused.
         seal(&mut m, 3);
         assert!(matches!(
-            d.decode(&m),
+            sequenced_decoder(ps).decode(&m),
             Err(ProtocolError::OutOfSequence {
                 expected: 2,
                 got: 3
             })
         ));
-        let mut d = Decoder::sequenced();
-        f.clear();
-        encode(&Record::Header { version: VERSION }, &mut f);
-        seal(&mut f, 0);
-        d.decode(&f).unwrap();
-        f.clear();
-        encode(
-            &Record::Layout(MemoryLayout::flat(ps, 1 << 30).unwrap()),
-            &mut f,
-        );
-        seal(&mut f, 1);
-        d.decode(&f).unwrap();
+        let mut d = sequenced_decoder(ps);
         seal(&mut m, 2);
         assert!(matches!(d.decode(&m), Ok(Record::ModelBatch(_))));
         // The same frame again is refused.
