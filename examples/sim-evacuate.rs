@@ -123,7 +123,7 @@ fn main() -> ExitCode {
         a.strategy.clone()
     };
     println!(
-        "evacuating {} guests ({} GiB, dirtying {:.0} MB/s in all, {:.1} Gbit/s) from one host over a {:.0} Gbit/s uplink ({:.2} ms) to {} destination(s) of {:.0} Gbit/s; policy {:?}, concurrency {}, fleet {:?} seed {}, {} memory",
+        "evacuating {} guests ({} GiB, dirtying {:.0} MB/s in all, {:.1} Gbit/s) from one host over a {:.0} Gbit/s uplink ({:.2} ms) to {} destination(s) of {:.0} Gbit/s; policy {}, concurrency {}, fleet {:?} seed {}, {} memory",
         a.guests,
         total_mem >> 30,
         total_dirty / 1e6,
