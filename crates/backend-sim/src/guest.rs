@@ -52,6 +52,10 @@ struct Inner {
     fault_log: Vec<FaultRecord>,
     /// Pages the simulated hypervisor maps as the guest resumes.
     resume_pages: Vec<PageNum>,
+    /// Post-copy: no access before this index can fault (it touches a
+    /// page that was present when the accesses were looked at, and pages
+    /// do not go missing while the guest runs).
+    fault_horizon: u64,
 }
 
 /// One post-copy fault as the simulated guest lived it.
@@ -65,7 +69,28 @@ pub struct FaultRecord {
     pub stall: Duration,
 }
 
+/// Accesses a post-copy guest looks ahead for one that may fault.
+pub(crate) const LOOKAHEAD: u64 = 4096;
+
 impl Inner {
+    /// The index of the next access, within [`LOOKAHEAD`], that touches a
+    /// page missing now (or the last one looked at).
+    fn look_ahead(&self) -> u64 {
+        let mut gen = self.workload.clone();
+        let last = gen.next_index() + LOOKAHEAD - 1;
+        let Some(absent) = self.absent.as_ref() else {
+            return gen.next_index();
+        };
+        while gen.next_index() < last {
+            let acc = gen.next_access();
+            let page = self.memory.layout().page_at(acc.page).unwrap_or(0);
+            if absent.get(page) {
+                return acc.index;
+            }
+        }
+        last
+    }
+
     fn catch_up(&mut self) {
         let now = self.clock.now();
         if now <= self.synced_at {
@@ -218,6 +243,7 @@ impl SimGuest {
                 new_faults: Vec::new(),
                 fault_log: Vec::new(),
                 resume_pages: Vec::new(),
+                fault_horizon: 0,
             })),
             layout,
         }
@@ -273,12 +299,22 @@ impl SimGuest {
     /// Post-copy: when, on the clock, the guest's next memory access is
     /// due, if it could fault (the guest runs, is not stalled and still
     /// misses pages). The simulator schedules an event then.
+    ///
+    /// That is the first access, looking ahead up to 4096
+    /// accesses, to a page missing now: accesses to pages present now
+    /// cannot fault, since pages only arrive while the guest runs. (When
+    /// none of those accesses touches a missing page, the check is due at
+    /// the last of them, to look further.)
     pub fn next_fault_check(&self) -> Option<Duration> {
-        let g = self.lock();
+        let mut g = self.lock();
         if g.paused || g.stalled.is_some() || g.absent_count == 0 || !g.workload.writes() {
             return None;
         }
-        let next = g.workload.next_time();
+        let from = g.workload.next_index();
+        if g.fault_horizon < from {
+            g.fault_horizon = g.look_ahead();
+        }
+        let next = g.workload.time_of(g.fault_horizon);
         Some(g.synced_at + next.saturating_sub(g.guest_time))
     }
 
@@ -386,7 +422,13 @@ impl DirtyTracker for SimTracker {
                 "dirty tracking is not started",
             ));
         }
-        into.copy_from(&g.dirty);
+        if into.len() == g.dirty.len() {
+            // Hand the log over rather than copy it: one pass over a
+            // 1 TiB guest's 32 MiB bitmap instead of two.
+            std::mem::swap(into, &mut g.dirty);
+        } else {
+            into.copy_from(&g.dirty);
+        }
         g.dirty.clear_all();
         Ok(())
     }
@@ -434,6 +476,24 @@ impl PageSource for SimPages {
         }
         Ok(())
     }
+
+    /// Compact and model memory: each page's version.
+    fn read_tokens(&mut self, pages: &[PageNum], out: &mut [u64]) -> Result<(), BackendError> {
+        self.check_tokens(pages.len(), out.len())?;
+        self.0.synced().memory.read_tokens(pages, out)
+    }
+}
+
+impl SimPages {
+    fn check_tokens(&self, pages: usize, tokens: usize) -> Result<(), BackendError> {
+        if pages != tokens {
+            return Err(BackendError::new(
+                BackendErrorKind::InvalidArgument,
+                "token buffer is not one token per page number",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl PageSink for SimPages {
@@ -452,6 +512,17 @@ impl PageSink for SimPages {
         let mut g = self.0.synced();
         g.memory.zero_page(page)?;
         g.placed(page);
+        Ok(())
+    }
+
+    /// Compact and model memory: sets each page's version.
+    fn write_tokens(&mut self, pages: &[PageNum], tokens: &[u64]) -> Result<(), BackendError> {
+        self.check_tokens(pages.len(), tokens.len())?;
+        let mut g = self.0.synced();
+        for (p, t) in pages.iter().zip(tokens) {
+            g.memory.write_token(*p, *t)?;
+            g.placed(*p);
+        }
         Ok(())
     }
 

@@ -12,11 +12,13 @@
 //! frame until the previous one is on the wire, as a sender whose socket
 //! buffer is full.
 
-use crate::guest::SimGuest;
+use crate::guest::{SimControl, SimGuest, SimPages, SimTracker};
 use crate::memory::MemoryMode;
 use crate::workload::{WorkloadError, WorkloadSpec};
-use migrate_core::protocol::abort_frame;
-use migrate_core::{Clock, GuestControl, MigrationError, MigrationStats, Policy, VirtualClock};
+use migrate_core::protocol::{abort_frame, wire_len};
+use migrate_core::{
+    Clock, GuestControl, MigrationError, MigrationStats, Payload, Policy, VirtualClock,
+};
 use migrate_core::{
     DestStatus, DestinationEngine, DestinationReport, EngineConfig, SourceEngine, SourceStep,
 };
@@ -124,7 +126,7 @@ pub struct SimReport {
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
-enum Dir {
+pub(crate) enum Dir {
     ToDest,
     ToSource,
 }
@@ -132,17 +134,193 @@ enum Dir {
 /// A frame in flight: (arrival time, sequence number for ties, direction, frame).
 type Delivery = (Duration, u64, Dir, Vec<u8>);
 
-/// The backward link: replies leave in order after serialisation.
-struct Wire {
-    link: Link,
-    free: Duration,
+/// A link direction: frames leave in order after serialisation.
+pub(crate) struct Wire {
+    pub(crate) link: Link,
+    pub(crate) free: Duration,
 }
 
 impl Wire {
-    fn send(&mut self, at: Duration, bytes: usize) -> Duration {
+    /// A wire that is free from time zero.
+    pub(crate) fn new(link: Link) -> Self {
+        Wire {
+            link,
+            free: Duration::ZERO,
+        }
+    }
+
+    /// Puts `bytes` on the wire no earlier than `at`; returns when they
+    /// arrive at the far end (the wire is busy until `self.free`).
+    pub(crate) fn send(&mut self, at: Duration, bytes: usize) -> Duration {
         let depart = at.max(self.free) + self.link.serialisation(bytes);
         self.free = depart;
         depart + self.link.latency
+    }
+}
+
+/// The source engine of a simulated migration.
+pub(crate) type SimSource = SourceEngine<SimTracker, SimPages, SimControl, Box<dyn Policy>>;
+
+/// One migration between two simulated guests: both engines and guests,
+/// driven by an event loop that owns the links and the clock
+/// ([`simulate`] for one guest, [`crate::evacuate`] for many).
+pub(crate) struct Run {
+    src: SimGuest,
+    dst: SimGuest,
+    source: SimSource,
+    dest: DestinationEngine<SimPages, SimControl>,
+    dest_done: bool,
+    at_resume: Option<(bool, u64)>,
+}
+
+impl Run {
+    /// Builds both guests (now on `clock`) and both engines.
+    pub(crate) fn new(
+        layout: MemoryLayout,
+        mode: MemoryMode,
+        workload: WorkloadSpec,
+        policy: Box<dyn Policy>,
+        engine: EngineConfig,
+        clock: &VirtualClock,
+        resume_pages: Vec<PageNum>,
+    ) -> Result<Self, SimError> {
+        // Model memory moves page models, never bytes (see `MemoryMode::Model`).
+        let mut engine = engine;
+        if mode == MemoryMode::Model {
+            engine.payload = Payload::Model;
+        }
+        let dyn_clock: Arc<dyn Clock> = Arc::new(clock.clone());
+        let src = SimGuest::source(layout.clone(), mode, workload.clone(), dyn_clock.clone())?;
+        let dst = SimGuest::destination(layout, mode, workload, dyn_clock.clone())?;
+        src.set_resume_pages(resume_pages.clone());
+        dst.set_resume_pages(resume_pages);
+        let source = SourceEngine::new(
+            src.tracker(),
+            src.pages(),
+            src.control(),
+            policy,
+            dyn_clock.clone(),
+            engine,
+        );
+        let dest = DestinationEngine::new(dst.pages(), dst.control(), dyn_clock);
+        Ok(Run {
+            src,
+            dst,
+            source,
+            dest,
+            dest_done: false,
+            at_resume: None,
+        })
+    }
+
+    /// A frame reached the destination: hands it over and appends the
+    /// destination's replies to `replies`.
+    pub(crate) fn deliver_to_dest(
+        &mut self,
+        frame: &[u8],
+        replies: &mut Vec<Vec<u8>>,
+    ) -> Result<(), SimError> {
+        if self.dest_done {
+            return Ok(());
+        }
+        let status = match self.dest.handle_frame(frame) {
+            Ok(s) => s,
+            Err(e) => {
+                // Tell the source, as a real destination would.
+                let _ = self.source.handle_frame(&abort_frame(&e.to_string()));
+                return Err(e.into());
+            }
+        };
+        if status != DestStatus::Continue && self.at_resume.is_none() {
+            // Compare at the resume instant, before the destination guest
+            // runs on and writes.
+            let equal = status == DestStatus::Completed && self.src.same_memory(&self.dst);
+            self.at_resume = Some((equal, self.dst.progress_counter()));
+        }
+        self.dest_done = status == DestStatus::Completed;
+        while let Some(reply) = self.dest.poll_transmit() {
+            replies.push(reply);
+        }
+        Ok(())
+    }
+
+    /// A frame reached the source.
+    pub(crate) fn deliver_to_source(&mut self, frame: &[u8]) -> Result<(), SimError> {
+        self.source.handle_frame(frame)?;
+        Ok(())
+    }
+
+    /// Post-copy: when the destination guest's next access is due.
+    pub(crate) fn next_access(&self) -> Option<Duration> {
+        if self.dest.in_postcopy() {
+            self.dst.next_fault_check()
+        } else {
+            None
+        }
+    }
+
+    /// Runs the destination guest's due access; if it touches a missing
+    /// page, appends the request for it to `requests`.
+    pub(crate) fn run_access(&mut self, requests: &mut Vec<Vec<u8>>) -> Result<(), SimError> {
+        let faults = self.dst.take_faults();
+        if !faults.is_empty() {
+            let pages: Vec<_> = faults.iter().map(|(p, _)| *p).collect();
+            self.dest.request_pages(&pages)?;
+            while let Some(req) = self.dest.poll_transmit() {
+                requests.push(req);
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls the source engine.
+    pub(crate) fn poll(&mut self) -> Result<SourceStep, SimError> {
+        Ok(self.source.poll()?)
+    }
+
+    /// The source's statistics, once it is done.
+    pub(crate) fn stats(&self) -> Option<&MigrationStats> {
+        self.source.stats()
+    }
+
+    /// Checks the outcome against both guests and reports.
+    pub(crate) fn finish(self, stats: MigrationStats) -> Result<SimReport, SimError> {
+        let Run {
+            src,
+            dst,
+            dest,
+            at_resume,
+            ..
+        } = self;
+        let paused = src.paused_at().unwrap_or_default();
+        let resumed = dst.resumed_at().unwrap_or_default();
+        let (mut memory_equal, counter_at_resume) = at_resume.unwrap_or((false, 0));
+        let (true_stall, true_faults) = dst.stall_stats();
+        let counter_at_pause = src.progress_counter();
+        if stats.postcopy.is_some() {
+            // The destination guest has run on since resume. Freeze it, let
+            // the source make the same accesses, and compare.
+            dst.control()
+                .pause()
+                .map_err(|source| MigrationError::Backend {
+                    op: "pause the destination guest",
+                    source,
+                })?;
+            src.replay_to(dst.progress_counter());
+            memory_equal = dest.completed() && src.same_memory(&dst);
+        }
+        Ok(SimReport {
+            true_downtime: resumed.saturating_sub(paused),
+            counter_at_pause,
+            counter_at_resume,
+            memory_equal,
+            true_stall,
+            true_faults,
+            dest: dest.report().clone(),
+            stats,
+            source: src,
+            destination: dst,
+        })
     }
 }
 
@@ -162,20 +340,7 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
         return Err(SimError::Link("bandwidth must be positive".into()));
     }
     let clock = VirtualClock::new();
-    let dyn_clock: Arc<dyn Clock> = Arc::new(clock.clone());
-    let src = SimGuest::source(layout.clone(), mode, workload.clone(), dyn_clock.clone())?;
-    let dst = SimGuest::destination(layout, mode, workload, dyn_clock.clone())?;
-    src.set_resume_pages(resume_pages.clone());
-    dst.set_resume_pages(resume_pages);
-    let mut source = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        policy,
-        dyn_clock.clone(),
-        engine,
-    );
-    let mut dest = DestinationEngine::new(dst.pages(), dst.control(), dyn_clock);
+    let mut run = Run::new(layout, mode, workload, policy, engine, &clock, resume_pages)?;
 
     let mut events: BinaryHeap<Reverse<Delivery>> = BinaryHeap::new();
     let mut seq = 0u64;
@@ -189,16 +354,11 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
     };
     let mut src_ready = Duration::ZERO;
     let mut src_waiting = false;
-    let mut dest_done = false;
-    let mut at_resume: Option<(bool, u64)> = None;
+    let mut replies = Vec::new();
 
     let stats = loop {
         let next_delivery = events.peek().map(|Reverse((t, ..))| *t);
-        let next_access = if dest.in_postcopy() {
-            dst.next_fault_check()
-        } else {
-            None
-        };
+        let next_access = run.next_access();
         let src_at = (!src_waiting).then_some(src_ready);
         let earliest = [next_delivery, next_access, src_at]
             .into_iter()
@@ -217,32 +377,15 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
             };
             match dir {
                 Dir::ToDest => {
-                    if dest_done {
-                        continue;
-                    }
-                    let status = match dest.handle_frame(&frame) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            // Tell the source, as a real destination would.
-                            let _ = source.handle_frame(&abort_frame(&e.to_string()));
-                            return Err(e.into());
-                        }
-                    };
-                    if status != DestStatus::Continue && at_resume.is_none() {
-                        // Compare at the resume instant, before the
-                        // destination guest runs on and writes.
-                        let equal = status == DestStatus::Completed && src.same_memory(&dst);
-                        at_resume = Some((equal, dst.progress_counter()));
-                    }
-                    dest_done = status == DestStatus::Completed;
-                    while let Some(reply) = dest.poll_transmit() {
+                    run.deliver_to_dest(&frame, &mut replies)?;
+                    for reply in replies.drain(..) {
                         seq += 1;
-                        let arrive = back.send(t, reply.len());
+                        let arrive = back.send(t, wire_len(&reply));
                         events.push(Reverse((arrive, seq, Dir::ToSource, reply)));
                     }
                 }
                 Dir::ToSource => {
-                    source.handle_frame(&frame)?;
+                    run.deliver_to_source(&frame)?;
                     src_waiting = false;
                     src_ready = src_ready.max(t);
                 }
@@ -250,60 +393,27 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
         } else if next_access == Some(now) {
             // The destination guest's next access is due: run it; if it
             // touches a missing page, ask for the page now.
-            let faults = dst.take_faults();
-            if !faults.is_empty() {
-                let pages: Vec<_> = faults.iter().map(|(p, _)| *p).collect();
-                dest.request_pages(&pages)?;
-                while let Some(req) = dest.poll_transmit() {
-                    seq += 1;
-                    let arrive = back.send(now, req.len());
-                    events.push(Reverse((arrive, seq, Dir::ToSource, req)));
-                }
+            run.run_access(&mut replies)?;
+            for req in replies.drain(..) {
+                seq += 1;
+                let arrive = back.send(now, wire_len(&req));
+                events.push(Reverse((arrive, seq, Dir::ToSource, req)));
             }
         } else {
-            match source.poll()? {
+            match run.poll()? {
                 SourceStep::Send(frame) => {
-                    let arrive = fwd.send(src_ready, frame.len());
+                    let arrive = fwd.send(src_ready, wire_len(&frame));
                     src_ready = fwd.free;
                     seq += 1;
                     events.push(Reverse((arrive, seq, Dir::ToDest, frame)));
                 }
                 SourceStep::Wait => src_waiting = true,
-                SourceStep::Done => match source.stats() {
+                SourceStep::Done => match run.stats() {
                     Some(s) => break s.clone(),
                     None => return Err(SimError::Stalled(src_ready)),
                 },
             }
         }
     };
-
-    let paused = src.paused_at().unwrap_or_default();
-    let resumed = dst.resumed_at().unwrap_or_default();
-    let (mut memory_equal, counter_at_resume) = at_resume.unwrap_or((false, 0));
-    let (true_stall, true_faults) = dst.stall_stats();
-    let counter_at_pause = src.progress_counter();
-    if stats.postcopy.is_some() {
-        // The destination guest has run on since resume. Freeze it, let the
-        // source make the same accesses, and compare.
-        dst.control()
-            .pause()
-            .map_err(|source| MigrationError::Backend {
-                op: "pause the destination guest",
-                source,
-            })?;
-        src.replay_to(dst.progress_counter());
-        memory_equal = dest.completed() && src.same_memory(&dst);
-    }
-    Ok(SimReport {
-        true_downtime: resumed.saturating_sub(paused),
-        counter_at_pause,
-        counter_at_resume,
-        memory_equal,
-        true_stall,
-        true_faults,
-        dest: dest.report().clone(),
-        stats,
-        source: src,
-        destination: dst,
-    })
+    run.finish(stats)
 }

@@ -48,6 +48,7 @@
 #![forbid(unsafe_code)]
 #![warn(unreachable_pub)]
 
+pub mod evacuate;
 mod fault;
 pub mod fuzzing;
 mod guest;
@@ -55,6 +56,10 @@ mod harness;
 mod memory;
 mod workload;
 
+pub use evacuate::{
+    evacuate, fleet, EvacConfig, EvacGuest, EvacReport, FleetShape, GuestOutcome, PolicyFactory,
+    Strategy,
+};
 pub use fault::{Fault, FaultAt, FaultPlan, FaultyTransport};
 pub use guest::{
     FaultRecord, SimControl, SimGuest, SimPages, SimTracker, STATE_FORMAT, STATE_VERSION,

@@ -7,6 +7,13 @@
 //! all zeros for version 0; otherwise the GFN (8 bytes, little-endian),
 //! the version (8 bytes), then zeros. A page written to compact memory
 //! must have that shape.
+//!
+//! Model memory holds a 16-bit version per page (a 1 TiB guest costs
+//! 512 MiB) and is meant to move as page models, not bytes: its token is
+//! the version (0: a zero page), and the engine sends tokens in model
+//! batches (see `migrate_core::model`). Versions wrap after 65,535 writes
+//! to a page (to 1, never to 0). Read as bytes, a model page has the
+//! compact shape, so every byte-level operation still works.
 
 use migrate_core::{BackendError, BackendErrorKind};
 use migrate_core::{MemoryLayout, PageNum};
@@ -18,12 +25,27 @@ pub enum MemoryMode {
     Bytes,
     /// A version number per page; contents generated on read.
     Compact,
+    /// A 16-bit version per page, moved as page models (tokens) instead of
+    /// bytes: the fast path for very large guests.
+    Model,
+}
+
+impl MemoryMode {
+    /// The name used on command lines and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryMode::Bytes => "bytes",
+            MemoryMode::Compact => "compact",
+            MemoryMode::Model => "model",
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
 enum Storage {
     Bytes(Vec<u8>),
     Compact(Vec<u32>),
+    Model(Vec<u16>),
 }
 
 /// Guest memory of a simulated guest.
@@ -47,6 +69,7 @@ impl SimMemory {
         let storage = match mode {
             MemoryMode::Bytes => Storage::Bytes(vec![0u8; n * layout.page_size().get()]),
             MemoryMode::Compact => Storage::Compact(vec![0u32; n]),
+            MemoryMode::Model => Storage::Model(vec![0u16; n]),
         };
         SimMemory { layout, storage }
     }
@@ -61,6 +84,7 @@ impl SimMemory {
         match self.storage {
             Storage::Bytes(_) => MemoryMode::Bytes,
             Storage::Compact(_) => MemoryMode::Compact,
+            Storage::Model(_) => MemoryMode::Model,
         }
     }
 
@@ -78,6 +102,7 @@ impl SimMemory {
         match &self.storage {
             Storage::Bytes(b) => out.copy_from_slice(&b[i * ps..(i + 1) * ps]),
             Storage::Compact(v) => compact_content(page, v[i], out),
+            Storage::Model(v) => compact_content(page, u32::from(v[i]), out),
         }
         Ok(())
     }
@@ -95,6 +120,14 @@ impl SimMemory {
         match &mut self.storage {
             Storage::Bytes(b) => b[i * ps..(i + 1) * ps].copy_from_slice(data),
             Storage::Compact(v) => v[i] = parse_compact(page, data)?,
+            Storage::Model(v) => {
+                v[i] = u16::try_from(parse_compact(page, data)?).map_err(|_| {
+                    BackendError::new(
+                        BackendErrorKind::InvalidArgument,
+                        format!("page {page:#x}: version too large for model memory"),
+                    )
+                })?
+            }
         }
         Ok(())
     }
@@ -106,6 +139,7 @@ impl SimMemory {
         match &mut self.storage {
             Storage::Bytes(b) => b[i * ps..(i + 1) * ps].fill(0),
             Storage::Compact(v) => v[i] = 0,
+            Storage::Model(v) => v[i] = 0,
         }
         Ok(())
     }
@@ -122,6 +156,9 @@ impl SimMemory {
             Storage::Compact(v) => {
                 v[index] = v[index].wrapping_add(1).max(1);
             }
+            Storage::Model(v) => {
+                v[index] = v[index].wrapping_add(1).max(1);
+            }
         }
     }
 
@@ -136,6 +173,7 @@ impl SimMemory {
                 b[off + ps - 8..off + ps].copy_from_slice(&(!seed).to_le_bytes());
             }
             Storage::Compact(v) => v[index] = 1,
+            Storage::Model(v) => v[index] = 1,
         }
     }
 
@@ -148,6 +186,7 @@ impl SimMemory {
         match (&self.storage, &other.storage) {
             (Storage::Bytes(a), Storage::Bytes(b)) => a == b,
             (Storage::Compact(a), Storage::Compact(b)) => a == b,
+            (Storage::Model(a), Storage::Model(b)) => a == b,
             _ => {
                 let ps = self.layout.page_size().get();
                 let (mut x, mut y) = (vec![0u8; ps], vec![0u8; ps]);
@@ -158,6 +197,38 @@ impl SimMemory {
                 })
             }
         }
+    }
+
+    /// The content token of each of `pages` (its version; 0 for a zero
+    /// page), for compact and model memory. Byte memory has none.
+    pub fn read_tokens(&self, pages: &[PageNum], out: &mut [u64]) -> Result<(), BackendError> {
+        for (p, t) in pages.iter().zip(out.iter_mut()) {
+            let i = self.index(*p)?;
+            *t = match &self.storage {
+                Storage::Compact(v) => u64::from(v[i]),
+                Storage::Model(v) => u64::from(v[i]),
+                Storage::Bytes(_) => return Err(no_tokens()),
+            };
+        }
+        Ok(())
+    }
+
+    /// Sets page `page` to the content named by `token` (compact and model
+    /// memory only).
+    pub fn write_token(&mut self, page: PageNum, token: u64) -> Result<(), BackendError> {
+        let i = self.index(page)?;
+        let bad = || {
+            BackendError::new(
+                BackendErrorKind::InvalidArgument,
+                format!("page {page:#x}: token {token} is not a version this memory holds"),
+            )
+        };
+        match &mut self.storage {
+            Storage::Compact(v) => v[i] = u32::try_from(token).map_err(|_| bad())?,
+            Storage::Model(v) => v[i] = u16::try_from(token).map_err(|_| bad())?,
+            Storage::Bytes(_) => return Err(no_tokens()),
+        }
+        Ok(())
     }
 
     /// Pages that differ between the two memories (for diagnostics).
@@ -173,6 +244,13 @@ impl SimMemory {
             })
             .collect()
     }
+}
+
+fn no_tokens() -> BackendError {
+    BackendError::new(
+        BackendErrorKind::Unsupported,
+        "byte-accurate simulated memory has no page tokens",
+    )
 }
 
 fn compact_content(page: PageNum, version: u32, out: &mut [u8]) {

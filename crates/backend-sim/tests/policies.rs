@@ -296,7 +296,7 @@ fn every_policy_on_every_workload_verifies() {
     let kinds = ["idle", "uniform", "hotcold", "zipf", "sequential", "phased"];
     for kind in kinds {
         for policy in PolicyKind::COMPARED {
-            for mode in [MemoryMode::Bytes, MemoryMode::Compact] {
+            for mode in [MemoryMode::Bytes, MemoryMode::Compact, MemoryMode::Model] {
                 let mut k: WorkloadKind = kind.parse().unwrap();
                 if let WorkloadKind::Phased { phase } = &mut k {
                     *phase = Duration::from_millis(50);

@@ -106,6 +106,22 @@ pub trait PageSource {
     /// Copies the contents of `pages` into `out`, one page after another
     /// (`out.len() == pages.len() * page_size`).
     fn read_pages(&mut self, pages: &[PageNum], out: &mut [u8]) -> Result<(), BackendError>;
+
+    /// Writes a token naming the content of each of `pages` into `out`
+    /// (`out.len() == pages.len()`): 0 for a zero page, and two pages with
+    /// equal tokens have equal contents. Only a backend that models pages
+    /// rather than holding bytes (the simulator) can; the default refuses.
+    /// See [`crate::model`].
+    fn read_tokens(&mut self, pages: &[PageNum], out: &mut [u64]) -> Result<(), BackendError> {
+        let _ = out;
+        Err(BackendError::new(
+            BackendErrorKind::Unsupported,
+            format!(
+                "this source holds page bytes, not page models ({} pages asked)",
+                pages.len()
+            ),
+        ))
+    }
 }
 
 /// Places guest pages on the destination.
@@ -138,6 +154,20 @@ pub trait PageSink {
     /// backend that can drop runs of pages at once overrides this.
     fn discard_pages(&mut self, pages: &[PageNum]) -> Result<(), BackendError> {
         pages.iter().try_for_each(|p| self.discard(*p))
+    }
+
+    /// Places each of `pages` with the content token `tokens[i]` (see
+    /// [`PageSource::read_tokens`]). Only a backend that models pages can;
+    /// the default refuses.
+    fn write_tokens(&mut self, pages: &[PageNum], tokens: &[u64]) -> Result<(), BackendError> {
+        let _ = tokens;
+        Err(BackendError::new(
+            BackendErrorKind::Unsupported,
+            format!(
+                "this destination holds page bytes, not page models ({} pages offered)",
+                pages.len()
+            ),
+        ))
     }
 }
 
@@ -211,6 +241,9 @@ impl<T: PageSource + ?Sized> PageSource for &mut T {
     fn read_pages(&mut self, pages: &[PageNum], out: &mut [u8]) -> Result<(), BackendError> {
         (**self).read_pages(pages, out)
     }
+    fn read_tokens(&mut self, pages: &[PageNum], out: &mut [u64]) -> Result<(), BackendError> {
+        (**self).read_tokens(pages, out)
+    }
 }
 
 impl<T: PageSink + ?Sized> PageSink for &mut T {
@@ -228,6 +261,9 @@ impl<T: PageSink + ?Sized> PageSink for &mut T {
     }
     fn discard_pages(&mut self, pages: &[PageNum]) -> Result<(), BackendError> {
         (**self).discard_pages(pages)
+    }
+    fn write_tokens(&mut self, pages: &[PageNum], tokens: &[u64]) -> Result<(), BackendError> {
+        (**self).write_tokens(pages, tokens)
     }
 }
 

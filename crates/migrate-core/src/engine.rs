@@ -39,12 +39,13 @@ use crate::bitmap::DirtyBitmap;
 use crate::clock::Clock;
 use crate::digest::{completion_digest, digest_memory, page_hash, DigestBuilder, MemoryDigest};
 use crate::error::MigrationError;
+use crate::model::{token_digest_memory, token_digest_table, Payload, TokenDigest};
 use crate::page::{MemoryLayout, PageNum};
 use crate::policy::{Decision, PageSelection, Policy, PolicyInput, RoundSummary};
 use crate::protocol::{
-    self, encode_page_batch, max_batch_pages, Decoder, PostcopyReport, ProtocolError, Record,
-    RecordType, ResumeReport, Sequencer, MAX_DISCARD_RANGES, MAX_DISCARD_WORDS, MAX_REQUEST_PAGES,
-    VERSION,
+    self, encode_model_batch, encode_page_batch, max_batch_pages, wire_len, Decoder, ModelBatch,
+    PostcopyReport, ProtocolError, Record, RecordType, ResumeReport, Sequencer, MAX_DISCARD_RANGES,
+    MAX_DISCARD_WORDS, MAX_REQUEST_PAGES, VERSION,
 };
 use crate::stats::{DowntimeParts, MigrationStats, PostcopyStats, RoundStats, SwitchReason};
 use std::collections::{HashMap, VecDeque};
@@ -109,6 +110,9 @@ pub struct EngineConfig {
     pub max_peeks_per_round: u64,
     /// What the completion digest covers.
     pub verify: SourceVerify,
+    /// What page batches carry: bytes, or content tokens for a backend
+    /// that models pages (see [`crate::model`]).
+    pub payload: Payload,
 }
 
 impl Default for EngineConfig {
@@ -119,6 +123,7 @@ impl Default for EngineConfig {
             peek_interval_pages: 1024,
             max_peeks_per_round: 256,
             verify: SourceVerify::FullScan,
+            payload: Payload::Bytes,
         }
     }
 }
@@ -205,7 +210,9 @@ pub struct SourceEngine<T, S, G, P> {
     push: Vec<PageNum>,
     urgent: VecDeque<PageNum>,
     read_buf: Vec<u8>,
-    /// `SentContent`: the hash of each page as last sent, by dense index.
+    /// [`Payload::Model`]: the tokens of the batch being encoded.
+    tokens: Vec<u64>,
+    /// `SentContent`: the hash (the token, with [`Payload::Model`]) of each page as last sent, by dense index.
     sent_hashes: Vec<u64>,
     // estimates and times
     bandwidth: f64,
@@ -297,6 +304,7 @@ where
             push: Vec::new(),
             urgent: VecDeque::new(),
             read_buf: Vec::new(),
+            tokens: Vec::new(),
             sent_hashes,
             config,
             bandwidth: 0.0,
@@ -461,7 +469,7 @@ where
     }
 
     fn account(&mut self, frame: &[u8]) {
-        let bytes = frame.len() as u64;
+        let bytes = wire_len(frame) as u64;
         self.transferred += bytes;
         if self.paused_frames > 0 {
             // Queued at a post-copy switch-over, sent before the resume.
@@ -477,6 +485,7 @@ where
             && matches!(
                 frame.first().copied(),
                 Some(t) if t == RecordType::PageBatch as u8
+                    || t == RecordType::ModelBatch as u8
                     || t == RecordType::RoundEnd as u8
                     || t == RecordType::Complete as u8
             );
@@ -938,29 +947,31 @@ where
             return Ok(None);
         };
         let ps = self.layout.page_size();
-        let need = self.batch.len() * ps.get();
-        if self.read_buf.len() < need {
-            self.read_buf.resize(need, 0);
-        }
-        self.memory
-            .read_pages(&self.batch, &mut self.read_buf[..need])
-            .map_err(MigrationError::backend("read guest pages"))?;
-        if !self.sent_hashes.is_empty() {
-            let chunks = self.read_buf[..need].chunks_exact(ps.get());
-            for (p, data) in self.batch.iter().zip(chunks) {
-                if let Some(i) = self.layout.dense_index(*p) {
-                    self.sent_hashes[i as usize] = page_hash(data);
+        let mut frame = Vec::new();
+        let summary = if self.config.payload == Payload::Model {
+            self.tokens.resize(self.batch.len(), 0);
+            self.memory
+                .read_tokens(&self.batch, &mut self.tokens)
+                .map_err(MigrationError::backend("read guest page tokens"))?;
+            if !self.sent_hashes.is_empty() {
+                for (p, t) in self.batch.iter().zip(&self.tokens) {
+                    if let Some(i) = self.layout.dense_index(*p) {
+                        self.sent_hashes[i as usize] = *t;
+                    }
                 }
             }
-        }
-        let mut frame = Vec::new();
-        let summary = encode_page_batch(
-            round.number,
-            ps,
-            &self.batch,
-            &self.read_buf[..need],
-            &mut frame,
-        );
+            encode_model_batch(round.number, ps, &self.batch, &self.tokens, &mut frame)
+        } else {
+            Self::encode_bytes(
+                &mut self.memory,
+                &self.layout,
+                &self.batch,
+                &mut self.read_buf,
+                &mut self.sent_hashes,
+                round.number,
+                &mut frame,
+            )?
+        };
         round.sent += summary.pages as u64;
         round.zero += summary.zero_pages as u64;
         self.pages_sent += summary.pages as u64;
@@ -972,6 +983,41 @@ where
             self.first_page_at = Some(self.now());
         }
         Ok(Some(frame))
+    }
+
+    /// [`Payload::Bytes`]: reads `batch` and encodes it as a page batch.
+    fn encode_bytes(
+        memory: &mut S,
+        layout: &MemoryLayout,
+        batch: &[PageNum],
+        read_buf: &mut Vec<u8>,
+        sent_hashes: &mut [u64],
+        round: u32,
+        frame: &mut Vec<u8>,
+    ) -> Result<protocol::BatchSummary, MigrationError> {
+        let ps = layout.page_size();
+        let need = batch.len() * ps.get();
+        if read_buf.len() < need {
+            read_buf.resize(need, 0);
+        }
+        memory
+            .read_pages(batch, &mut read_buf[..need])
+            .map_err(MigrationError::backend("read guest pages"))?;
+        if !sent_hashes.is_empty() {
+            let chunks = read_buf[..need].chunks_exact(ps.get());
+            for (p, data) in batch.iter().zip(chunks) {
+                if let Some(i) = layout.dense_index(*p) {
+                    sent_hashes[i as usize] = page_hash(data);
+                }
+            }
+        }
+        Ok(encode_page_batch(
+            round,
+            ps,
+            batch,
+            &read_buf[..need],
+            frame,
+        ))
     }
 
     fn end_round(&mut self) -> Result<(), MigrationError> {
@@ -1071,6 +1117,13 @@ where
 
     /// The completion digest, as [`EngineConfig::verify`] says.
     fn source_digest(&mut self) -> Result<MemoryDigest, MigrationError> {
+        if self.config.payload == Payload::Model {
+            if self.sent_hashes.is_empty() {
+                return token_digest_memory(&mut self.memory, &self.layout)
+                    .map_err(MigrationError::backend("digest guest page tokens"));
+            }
+            return Ok(token_digest_table(&self.layout, &self.sent_hashes));
+        }
         if self.sent_hashes.is_empty() {
             return digest_memory(&mut self.memory, &self.layout)
                 .map_err(MigrationError::backend("digest guest memory"));
@@ -1270,6 +1323,11 @@ pub struct DestinationEngine<K, G> {
     /// Post-copy: the device state restored, for the completion digest.
     restored_state: Option<DeviceState>,
     hashes: Vec<u64>,
+    /// [`Payload::Model`]: the digest of the tokens that arrived (kept as
+    /// a sum, in place of `hashes`), once the first model batch came.
+    model: Option<TokenDigest>,
+    model_pages: Vec<PageNum>,
+    model_tokens: Vec<u64>,
     switched_over: bool,
     postcopy: bool,
     discard_cursor: PageNum,
@@ -1297,6 +1355,9 @@ where
             accounted: DirtyBitmap::new(layout.page_end()),
             restored_state: None,
             hashes: vec![0; layout.total_pages() as usize],
+            model: None,
+            model_pages: Vec::new(),
+            model_tokens: Vec::new(),
             memory,
             control,
             clock,
@@ -1420,7 +1481,7 @@ where
             }
             _ => {}
         }
-        self.report.bytes_received += frame.len() as u64;
+        self.report.bytes_received += wire_len(frame) as u64;
         let r = self.handle_inner(frame);
         if r.is_err() {
             self.state = DstState::Failed;
@@ -1461,14 +1522,112 @@ where
             }
         };
         self.hashes[i as usize] = hash;
+        self.arrived(page);
+        Ok(())
+    }
+
+    /// Counts `page` as here, and a fault on it as served.
+    fn arrived(&mut self, page: PageNum) {
         self.received.set(page);
         self.accounted.set(page);
         self.report.pages_received += 1;
+        if self.requested.is_empty() {
+            return;
+        }
         if let Some(t) = self.requested.remove(&page) {
             let lat = self.clock.now().saturating_sub(t);
             self.latencies.push(lat.as_nanos() as u64);
         }
+    }
+
+    /// Places a batch of page models (see [`crate::model`]): the tokens
+    /// replace what a page held (taken out of the digest first), and in
+    /// post-copy a page already here is left alone.
+    fn place_models(&mut self, batch: ModelBatch<'_>) -> Result<(), MigrationError> {
+        if self.model.is_none() && self.report.pages_received > 0 {
+            return Err(MigrationError::Protocol(ProtocolError::Malformed(
+                "page models after page bytes",
+            )));
+        }
+        let mut digest = self.model.unwrap_or_default();
+        let running = self.state == DstState::PostcopyRunning;
+        self.model_pages.clear();
+        self.model_tokens.clear();
+        let mut replaced = Vec::new();
+        for (page, token) in batch.iter() {
+            if !self.layout.contains(page) {
+                return Err(MigrationError::PageOutOfRange(page));
+            }
+            if self.received.get(page) {
+                if running {
+                    self.duplicates += 1;
+                    continue;
+                }
+                replaced.push(page);
+            }
+            self.model_pages.push(page);
+            self.model_tokens.push(token);
+        }
+        if !replaced.is_empty() {
+            // The guest has not run here yet: what the sink holds is what
+            // arrived last.
+            let mut old = vec![0u64; replaced.len()];
+            self.memory
+                .read_tokens(&replaced, &mut old)
+                .map_err(MigrationError::backend("read guest page tokens"))?;
+            for (p, t) in replaced.iter().zip(&old) {
+                digest.remove(*p, *t);
+            }
+        }
+        self.memory
+            .write_tokens(&self.model_pages, &self.model_tokens)
+            .map_err(MigrationError::backend("write guest page tokens"))?;
+        let pages = std::mem::take(&mut self.model_pages);
+        let tokens = std::mem::take(&mut self.model_tokens);
+        for (p, t) in pages.iter().zip(&tokens) {
+            digest.add(*p, *t);
+            if *t == 0 {
+                self.report.zero_pages += 1;
+            }
+            self.arrived(*p);
+        }
+        self.model_pages = pages;
+        self.model_tokens = tokens;
+        self.model = Some(digest);
         Ok(())
+    }
+
+    /// Post-copy: `pages` (ascending) are about to be discarded; with page
+    /// models, what they held leaves the digest.
+    fn forget_models(&mut self, pages: &[PageNum]) -> Result<(), MigrationError> {
+        let Some(mut digest) = self.model else {
+            return Ok(());
+        };
+        let here: Vec<PageNum> = pages
+            .iter()
+            .copied()
+            .filter(|p| self.received.get(*p))
+            .collect();
+        if here.is_empty() {
+            return Ok(());
+        }
+        let mut old = vec![0u64; here.len()];
+        self.memory
+            .read_tokens(&here, &mut old)
+            .map_err(MigrationError::backend("read guest page tokens"))?;
+        for (p, t) in here.iter().zip(&old) {
+            digest.remove(*p, *t);
+        }
+        self.model = Some(digest);
+        Ok(())
+    }
+
+    /// The digest of what arrived.
+    fn arrived_digest(&self) -> MemoryDigest {
+        match self.model {
+            Some(d) => d.finish(),
+            None => digest_table(&self.layout, &self.hashes),
+        }
     }
 
     fn handle_inner(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
@@ -1501,9 +1660,18 @@ where
                 Ok(DestStatus::Continue)
             }
             (_, Record::PageBatch(batch)) if receiving => {
+                if self.model.is_some() {
+                    return Err(MigrationError::Protocol(ProtocolError::Malformed(
+                        "page bytes after page models",
+                    )));
+                }
                 for (page, data) in batch.iter() {
                     self.place(page, data)?;
                 }
+                Ok(DestStatus::Continue)
+            }
+            (_, Record::ModelBatch(batch)) if receiving => {
+                self.place_models(batch)?;
                 Ok(DestStatus::Continue)
             }
             (_, Record::RoundEnd { .. }) if receiving => {
@@ -1533,9 +1701,12 @@ where
                         if !self.layout.contains(page) {
                             return Err(MigrationError::PageOutOfRange(page));
                         }
+                        pages.push(page);
+                    }
+                    self.forget_models(&pages)?;
+                    for &page in &pages {
                         self.received.clear(page);
                         self.accounted.set(page);
-                        pages.push(page);
                     }
                     self.memory
                         .discard_pages(&pages)
@@ -1562,9 +1733,12 @@ where
                     if !self.layout.contains(page) {
                         return Err(MigrationError::PageOutOfRange(page));
                     }
+                    pages.push(page);
+                }
+                self.forget_models(&pages)?;
+                for &page in &pages {
                     self.received.clear(page);
                     self.accounted.set(page);
-                    pages.push(page);
                 }
                 self.memory
                     .discard_pages(&pages)
@@ -1638,10 +1812,16 @@ where
             ));
         };
         // The digest of memory as this side holds it, read back from the
-        // sink, bound to the device state about to be restored: the guest
-        // resumes only on the source's memory and the source's state.
-        let held = digest_memory(&mut self.memory, &self.layout)
-            .map_err(MigrationError::backend("digest guest memory"))?;
+        // sink (its pages' bytes, or with page models their tokens), bound
+        // to the device state about to be restored: the guest resumes only
+        // on the source's memory and the source's state.
+        let held = if self.model.is_some() {
+            token_digest_memory(&mut self.memory, &self.layout)
+                .map_err(MigrationError::backend("digest guest page tokens"))?
+        } else {
+            digest_memory(&mut self.memory, &self.layout)
+                .map_err(MigrationError::backend("digest guest memory"))?
+        };
         let actual = completion_digest(held, &state);
         if actual != digest {
             return Err(MigrationError::DigestMismatch {
@@ -1716,7 +1896,7 @@ where
         self.check_all_here(total_pages)?;
         // The guest has been writing since it resumed, so the digest is of
         // what arrived, page by page, not of memory as it is now.
-        let held = digest_table(&self.layout, &self.hashes);
+        let held = self.arrived_digest();
         let Some(state) = self.restored_state.as_ref() else {
             return Err(MigrationError::Incomplete(
                 "post-copy completion without a device state".into(),

@@ -37,7 +37,8 @@
 //!
 //! The modules that stay public are namespaces of their own: the
 //! [`driver`]s, the wire [`protocol`], the [`transport`]s, the memory
-//! [`digest`] and the [`policy`] building blocks; everything else is
+//! [`digest`], the simulator's page [`model`]s and the [`policy`]
+//! building blocks; everything else is
 //! re-exported here. Parsing sizes and rates as people type them is the
 //! programs' business (the `livemig` facade's `units`).
 //!
@@ -59,6 +60,7 @@ pub mod digest;
 pub mod driver;
 mod engine;
 mod error;
+pub mod model;
 mod page;
 pub mod policy;
 pub mod protocol;
@@ -76,6 +78,7 @@ pub use engine::{
     SourceVerify,
 };
 pub use error::{ErrorKind, MigrationError};
+pub use model::Payload;
 pub use page::{LayoutError, MemoryLayout, PageNum, PageSize, Region, MAX_PAGE_END};
 pub use policy::{
     Decision, Hca, HcaConfig, Hybrid, HybridConfig, PageSelection, Policy, PolicyConfig,

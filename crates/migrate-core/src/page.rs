@@ -239,13 +239,19 @@ impl MemoryLayout {
     }
 
     /// Whether `page` is guest memory (not in a hole, not past the end).
+    #[inline]
     pub fn contains(&self, page: PageNum) -> bool {
         self.dense_index(page).is_some()
     }
 
     /// The dense index of `page` (0 .. total_pages), counting only guest
     /// pages; `None` for a hole or a page past the end.
+    #[inline]
     pub fn dense_index(&self, page: PageNum) -> Option<u64> {
+        if let ([r], [base]) = (self.regions.as_slice(), self.prefix.as_slice()) {
+            // One region (most guests): no search.
+            return r.contains(page).then(|| base + (page - r.first_page));
+        }
         let i = self.regions.partition_point(|r| r.end() <= page);
         let r = self.regions.get(i)?;
         r.contains(page)

@@ -204,6 +204,15 @@ impl Decoder {
                 b.buf = &[];
                 Record::PageBatch(batch)
             }
+            RecordType::ModelBatch => {
+                let ps = self.page_size.ok_or(ProtocolError::UnexpectedRecord {
+                    got: ty,
+                    why: "page models before the memory layout",
+                })?;
+                let batch = decode_model_batch(body, ps)?;
+                b.buf = &[];
+                Record::ModelBatch(batch)
+            }
             RecordType::RoundEnd => {
                 let round = b.u32()?;
                 b.zero_u32("round marker reserved field")?;
@@ -333,6 +342,7 @@ fn record_name(ty: RecordType) -> &'static str {
         RecordType::Header => "header",
         RecordType::Layout => "layout",
         RecordType::PageBatch => "page batch",
+        RecordType::ModelBatch => "model batch",
         RecordType::RoundEnd => "round marker",
         RecordType::DeviceState => "device state",
         RecordType::SwitchOver => "switch-over",
@@ -355,6 +365,44 @@ fn check_page(p: u64) -> Result<PageNum, ProtocolError> {
         });
     }
     Ok(p)
+}
+
+fn decode_model_batch(body: &[u8], ps: PageSize) -> Result<ModelBatch<'_>, ProtocolError> {
+    let mut b = Cursor {
+        buf: body,
+        what: "model batch",
+    };
+    let round = b.u32()?;
+    let n = b.count("pages in batch", max_batch_pages(ps))?;
+    let nominal_len = b.u64()?;
+    let pages = b.take(n * 8)?;
+    let tokens = b.take(n * 8)?;
+    for p in pages.chunks_exact(8) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(p);
+        check_page(u64::from_le_bytes(a))?;
+    }
+    let covered = body.len() - b.buf.len();
+    let expected = b.u64()?;
+    if !b.buf.is_empty() {
+        return Err(ProtocolError::TrailingBytes {
+            record: RecordType::ModelBatch,
+            extra: b.buf.len(),
+        });
+    }
+    let computed = xxh3_64(&body[..covered]);
+    if computed != expected {
+        return Err(ProtocolError::ChecksumMismatch { expected, computed });
+    }
+    let batch = ModelBatch::new(round, nominal_len, pages, tokens);
+    let zero = batch.iter().filter(|(_, t)| *t == 0).count();
+    if nominal_len != page_batch_len(ps, n, zero) as u64 {
+        return Err(ProtocolError::OutOfRange {
+            what: "model batch nominal length",
+            value: nominal_len,
+        });
+    }
+    Ok(batch)
 }
 
 fn decode_batch(body: &[u8], ps: PageSize) -> Result<PageBatch<'_>, ProtocolError> {

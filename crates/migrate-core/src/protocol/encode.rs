@@ -101,6 +101,10 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
         Record::PageBatch(b) => {
             put_batch_body(out, b.round, b.pages, b.flags, b.data);
         }
+        Record::ModelBatch(b) => {
+            let (pages, tokens) = b.raw();
+            put_model_body(out, b.round, b.nominal_len, pages, tokens);
+        }
         Record::RoundEnd { round, pages_sent } => {
             out.put_u32_le(*round);
             out.put_u32_le(0);
@@ -257,6 +261,79 @@ pub fn encode_page_batch(
         zero_pages: n - nonzero,
         frame_bytes: out.len() - before,
     }
+}
+
+/// Length of the [`RecordType::PageBatch`] frame that [`encode_page_batch`]
+/// builds for `pages` pages of `page_size`, `zero_pages` of them zero.
+pub fn page_batch_len(page_size: PageSize, pages: usize, zero_pages: usize) -> usize {
+    RECORD_HEADER_LEN + 8 + pages * 9 + pad8(pages) + (pages - zero_pages) * page_size.get() + 8
+}
+
+fn put_model_body(out: &mut Vec<u8>, round: u32, nominal: u64, pages: &[u8], tokens: &[u8]) {
+    let body_start = out.len();
+    out.put_u32_le(round);
+    out.put_u32_le((pages.len() / 8) as u32);
+    out.put_u64_le(nominal);
+    out.put_slice(pages);
+    out.put_slice(tokens);
+    let sum = xxh3_64(&out[body_start..]);
+    out.put_u64_le(sum);
+}
+
+/// Appends one model-batch frame to `out` (see [`ModelBatch`]): page
+/// `pages[i]` has content token `tokens[i]`, 0 for a zero page. Like every
+/// frame it carries a sequence number (0 here; see [`Sequencer`]) and a
+/// CRC32C. The summary's `frame_bytes` is the length of the page batch the
+/// frame stands for, not of the frame.
+pub fn encode_model_batch(
+    round: u32,
+    page_size: PageSize,
+    pages: &[PageNum],
+    tokens: &[u64],
+    out: &mut Vec<u8>,
+) -> BatchSummary {
+    debug_assert!(pages.len() <= max_batch_pages(page_size));
+    debug_assert_eq!(pages.len(), tokens.len());
+    let n = pages.len();
+    let zero = tokens.iter().filter(|t| **t == 0).count();
+    let nominal = page_batch_len(page_size, n, zero);
+    out.reserve(RECORD_HEADER_LEN + 16 + n * 16 + 8);
+    let start = begin(out, RecordType::ModelBatch);
+    let body_start = out.len();
+    out.put_u32_le(round);
+    out.put_u32_le(n as u32);
+    out.put_u64_le(nominal as u64);
+    for p in pages {
+        out.put_u64_le(*p);
+    }
+    for t in tokens {
+        out.put_u64_le(*t);
+    }
+    let sum = xxh3_64(&out[body_start..]);
+    out.put_u64_le(sum);
+    finish(out, start);
+    BatchSummary {
+        pages: n,
+        zero_pages: zero,
+        frame_bytes: nominal,
+    }
+}
+
+/// The bytes `frame` stands for on a wire: its length, except for a
+/// [`RecordType::ModelBatch`] frame, which stands for the page batch it
+/// models. Links and statistics count this. The length read from a frame
+/// is trusted only up to [`MAX_FRAME_LEN`] (the decoder checks it
+/// exactly), so a damaged frame cannot inflate a count without bound.
+pub fn wire_len(frame: &[u8]) -> usize {
+    if frame.len() >= RECORD_HEADER_LEN + 16 && frame[0] == RecordType::ModelBatch as u8 {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&frame[RECORD_HEADER_LEN + 8..RECORD_HEADER_LEN + 16]);
+        return usize::try_from(u64::from_le_bytes(a))
+            .ok()
+            .filter(|n| *n <= MAX_FRAME_LEN)
+            .unwrap_or(frame.len());
+    }
+    frame.len()
 }
 
 /// An abort record telling the peer why, as a frame.

@@ -97,8 +97,10 @@ mod record;
 
 pub use decode::Decoder;
 pub use encode::{
-    abort_frame, encode, encode_page_batch, encode_to_vec, frame_sequence, max_batch_pages, reseal,
-    seal, BatchSummary, Sequencer,
+    abort_frame, encode, encode_model_batch, encode_page_batch, encode_to_vec, frame_sequence,
+    max_batch_pages, page_batch_len, reseal, seal, wire_len, BatchSummary, Sequencer,
 };
 use encode::{frame_crc, pad8};
-pub use record::{PageBatch, PostcopyReport, ProtocolError, Record, RecordType, ResumeReport};
+pub use record::{
+    ModelBatch, PageBatch, PostcopyReport, ProtocolError, Record, RecordType, ResumeReport,
+};

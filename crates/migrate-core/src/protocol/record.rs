@@ -36,6 +36,9 @@ pub enum RecordType {
     Verified = 13,
     /// Post-copy: absent pages as a bitmap (for scattered sets).
     DiscardBitmap = 14,
+    /// A batch of page models (see [`ModelBatch`]): the simulator's fast
+    /// path, never sent by a real backend.
+    ModelBatch = 0x40,
 }
 
 impl RecordType {
@@ -56,6 +59,7 @@ impl RecordType {
             12 => Discard,
             13 => Verified,
             14 => DiscardBitmap,
+            0x40 => ModelBatch,
             _ => return None,
         })
     }
@@ -78,6 +82,7 @@ impl RecordType {
             Discard => 8 + MAX_DISCARD_RANGES * 16,
             Verified => 48,
             DiscardBitmap => 16 + MAX_DISCARD_WORDS * 8,
+            ModelBatch => 16 + MAX_BATCH_PAGES * 16 + 8,
         }
     }
 }
@@ -224,6 +229,60 @@ impl<'a> PageBatch<'a> {
     }
 }
 
+/// A batch of page models as it lies in a received frame (no copy).
+///
+/// The simulator's fast path: instead of a page's bytes, a 64-bit token
+/// that names its content (0: all zeros). The frame also carries the
+/// length the same pages would have as a [`PageBatch`] frame, and
+/// [`wire_len`] reports that length, so a modelled link and the
+/// statistics count the bytes the page batch would have put on the wire.
+/// Only a sink that stores page models (the simulator's) accepts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelBatch<'a> {
+    /// The round the pages belong to.
+    pub round: u32,
+    /// Length of the [`PageBatch`] frame these pages stand for.
+    pub nominal_len: u64,
+    pages: &'a [u8],
+    tokens: &'a [u8],
+}
+
+impl<'a> ModelBatch<'a> {
+    /// A batch over encoded page numbers and tokens (8 bytes each, little
+    /// endian, as [`encode_model_batch`] lays them out).
+    pub fn new(round: u32, nominal_len: u64, pages: &'a [u8], tokens: &'a [u8]) -> Self {
+        ModelBatch {
+            round,
+            nominal_len,
+            pages,
+            tokens,
+        }
+    }
+
+    /// Number of pages.
+    pub fn len(&self) -> usize {
+        self.pages.len() / 8
+    }
+
+    /// Whether the batch has no pages.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// The pages in order: their GFN and their content token.
+    pub fn iter(&self) -> impl Iterator<Item = (PageNum, u64)> + 'a {
+        let word = |c: &[u8]| u64::from_le_bytes(c.try_into().unwrap_or_default());
+        self.pages
+            .chunks_exact(8)
+            .zip(self.tokens.chunks_exact(8))
+            .map(move |(p, t)| (word(p), word(t)))
+    }
+
+    pub(super) fn raw(&self) -> (&'a [u8], &'a [u8]) {
+        (self.pages, self.tokens)
+    }
+}
+
 /// What the destination reports when it has resumed the guest: how long
 /// each of its steps took, on its own clock.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -270,6 +329,8 @@ pub enum Record<'a> {
     Layout(MemoryLayout),
     /// Pages.
     PageBatch(PageBatch<'a>),
+    /// Page models standing for pages (the simulator's fast path).
+    ModelBatch(ModelBatch<'a>),
     /// Marks the end of a pre-copy round.
     RoundEnd {
         /// The round.
@@ -329,6 +390,7 @@ impl Record<'_> {
             Record::Header { .. } => RecordType::Header,
             Record::Layout(_) => RecordType::Layout,
             Record::PageBatch(_) => RecordType::PageBatch,
+            Record::ModelBatch(_) => RecordType::ModelBatch,
             Record::RoundEnd { .. } => RecordType::RoundEnd,
             Record::DeviceState(_) => RecordType::DeviceState,
             Record::SwitchOver { .. } => RecordType::SwitchOver,
