@@ -1,0 +1,670 @@
+//! The destination engine.
+
+use super::*;
+
+/// What the destination did with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DestStatus {
+    /// Keep feeding frames.
+    Continue,
+    /// Post-copy: the guest was restored and resumed here; pages are still
+    /// to come. Send the queued replies and keep feeding frames.
+    Resumed,
+    /// The migration is complete: the guest runs here with all its memory,
+    /// verified. Send the queued reply and stop.
+    Completed,
+}
+
+/// Counters of the destination.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DestinationReport {
+    /// Page records applied (a page sent twice counts twice).
+    pub pages_received: u64,
+    /// Of those, zero pages.
+    pub zero_pages: u64,
+    /// Bytes of frames received.
+    pub bytes_received: u64,
+    /// Round markers seen.
+    pub rounds: u32,
+    /// Digest of the destination's memory, once verified.
+    pub digest: Option<MemoryDigest>,
+    /// The destination's timings of its resume.
+    pub resume: ResumeReport,
+    /// Post-copy figures, if the guest was post-copied.
+    pub postcopy: Option<PostcopyReport>,
+    /// Whether the resume confirmation reached the transport. `false`
+    /// means the guest runs here but the source may not know: it stays
+    /// paused, and the operator must not resume it.
+    pub resume_confirmed: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DstState {
+    AwaitHeader,
+    AwaitLayout,
+    Receiving,
+    PostcopyRunning,
+    Completed,
+    Failed,
+}
+
+/// The destination side of a migration.
+pub struct DestinationEngine<K, G> {
+    memory: K,
+    control: G,
+    clock: Arc<dyn Clock>,
+    decoder: Decoder,
+    sequencer: Sequencer,
+    layout: MemoryLayout,
+    state: DstState,
+    received: DirtyBitmap,
+    /// Pages received or discarded at least once: a post-copy guest
+    /// resumes only when this is every page.
+    accounted: DirtyBitmap,
+    /// Post-copy: the device state restored, for the completion digest.
+    restored_state: Option<DeviceState>,
+    hashes: Vec<u64>,
+    /// [`Payload::Model`]: the digest of the tokens that arrived (kept as
+    /// a sum, in place of `hashes`), once the first model batch came.
+    model: Option<TokenDigest>,
+    model_pages: Vec<PageNum>,
+    model_tokens: Vec<u64>,
+    switched_over: bool,
+    postcopy: bool,
+    discard_cursor: PageNum,
+    device_state: Option<DeviceState>,
+    outbox: VecDeque<Vec<u8>>,
+    requested: HashMap<PageNum, Duration>,
+    latencies: Vec<u64>,
+    faults: u64,
+    duplicates: u64,
+    resumed_at: Option<Duration>,
+    report: DestinationReport,
+}
+
+impl<K, G> DestinationEngine<K, G>
+where
+    K: PageSink + PageSource,
+    G: GuestControl,
+{
+    /// A destination writing into `memory` (whose layout must equal the
+    /// source's) and restoring through `control`.
+    pub fn new(memory: K, control: G, clock: Arc<dyn Clock>) -> Self {
+        let layout = PageSink::layout(&memory).clone();
+        DestinationEngine {
+            received: DirtyBitmap::new(layout.page_end()),
+            accounted: DirtyBitmap::new(layout.page_end()),
+            restored_state: None,
+            hashes: vec![0; layout.total_pages() as usize],
+            model: None,
+            model_pages: Vec::new(),
+            model_tokens: Vec::new(),
+            memory,
+            control,
+            clock,
+            decoder: Decoder::sequenced(),
+            sequencer: Sequencer::new(),
+            layout,
+            state: DstState::AwaitHeader,
+            switched_over: false,
+            postcopy: false,
+            discard_cursor: 0,
+            device_state: None,
+            outbox: VecDeque::new(),
+            requested: HashMap::new(),
+            latencies: Vec::new(),
+            faults: 0,
+            duplicates: 0,
+            resumed_at: None,
+            report: DestinationReport::default(),
+        }
+    }
+
+    /// The next frame to send back to the source, if any.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        let mut f = self.outbox.pop_front()?;
+        self.sequencer.seal(&mut f);
+        Some(f)
+    }
+
+    /// An abort record telling the source why, numbered as the next frame
+    /// of this stream (frames still queued are not sent after it). A
+    /// source takes an abort that follows every frame before it, with no
+    /// resume confirmation among them, as proof that the guest was not
+    /// resumed here.
+    pub fn abort_frame(&mut self, reason: &str) -> Vec<u8> {
+        self.outbox.clear();
+        let mut f = protocol::abort_frame(reason);
+        self.sequencer.seal(&mut f);
+        f
+    }
+
+    /// Whether the guest has been resumed here.
+    pub fn resumed(&self) -> bool {
+        self.resumed_at.is_some()
+    }
+
+    /// Whether the migration completed here.
+    pub fn completed(&self) -> bool {
+        self.state == DstState::Completed
+    }
+
+    /// Whether the guest runs here in post-copy, with pages still missing.
+    pub fn in_postcopy(&self) -> bool {
+        self.state == DstState::PostcopyRunning
+    }
+
+    /// Whether `page` is here (received and not discarded).
+    pub fn has_page(&self, page: PageNum) -> bool {
+        self.received.get(page)
+    }
+
+    /// Counters so far.
+    pub fn report(&self) -> &DestinationReport {
+        &self.report
+    }
+
+    /// Gives the backend parts back.
+    pub fn into_parts(self) -> (K, G) {
+        (self.memory, self.control)
+    }
+
+    /// Post-copy: the guest touched these pages and they are not here.
+    /// Queues a request for those not already requested and not present;
+    /// the fault latency of each is measured from now until it is placed.
+    pub fn request_pages(&mut self, pages: &[PageNum]) -> Result<(), MigrationError> {
+        let now = self.clock.now();
+        self.request_pages_at(pages, now)
+    }
+
+    /// As [`DestinationEngine::request_pages`] for faults seen at `now`
+    /// on this engine's clock (by a fault handler on another thread): the
+    /// fault latency is measured from then.
+    pub fn request_pages_at(
+        &mut self,
+        pages: &[PageNum],
+        now: Duration,
+    ) -> Result<(), MigrationError> {
+        if self.state != DstState::PostcopyRunning {
+            return Err(MigrationError::InvalidUse(
+                "pages can be requested only while the guest runs in post-copy",
+            ));
+        }
+        let mut want = Vec::new();
+        for &p in pages {
+            if !self.layout.contains(p) {
+                return Err(MigrationError::PageOutOfRange(p));
+            }
+            if self.received.get(p) || self.requested.contains_key(&p) {
+                continue;
+            }
+            self.requested.insert(p, now);
+            self.faults += 1;
+            want.push(p);
+        }
+        for chunk in want.chunks(MAX_REQUEST_PAGES) {
+            self.outbox
+                .push_back(protocol::encode_to_vec(&Record::PageRequest(
+                    chunk.to_vec(),
+                )));
+        }
+        Ok(())
+    }
+
+    /// Applies one frame from the source.
+    pub fn handle_frame(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
+        match self.state {
+            DstState::Failed => {
+                return Err(MigrationError::InvalidUse("destination used after failure"))
+            }
+            DstState::Completed => {
+                return Err(MigrationError::InvalidUse("destination already completed"))
+            }
+            _ => {}
+        }
+        self.report.bytes_received += wire_len(frame) as u64;
+        let r = self.handle_inner(frame);
+        if r.is_err() {
+            self.state = DstState::Failed;
+        }
+        r
+    }
+
+    /// Marks the migration failed from outside (the stream ended or timed
+    /// out). A guest not yet resumed is not resumed.
+    pub fn fail(&mut self) {
+        if self.state != DstState::Completed {
+            self.state = DstState::Failed;
+        }
+    }
+
+    fn place(&mut self, page: PageNum, data: Option<&[u8]>) -> Result<(), MigrationError> {
+        let Some(i) = self.layout.dense_index(page) else {
+            return Err(MigrationError::PageOutOfRange(page));
+        };
+        if self.state == DstState::PostcopyRunning && self.received.get(page) {
+            // Already here and maybe written by the running guest since.
+            self.duplicates += 1;
+            return Ok(());
+        }
+        let hash = match data {
+            Some(d) => {
+                self.memory
+                    .write_page(page, d)
+                    .map_err(MigrationError::backend("write a guest page"))?;
+                page_hash(d)
+            }
+            None => {
+                self.report.zero_pages += 1;
+                self.memory
+                    .write_zero_page(page)
+                    .map_err(MigrationError::backend("write a guest page"))?;
+                zero_page_hash(self.layout.page_size().get())
+            }
+        };
+        self.hashes[i as usize] = hash;
+        self.arrived(page);
+        Ok(())
+    }
+
+    /// Counts `page` as here, and a fault on it as served.
+    fn arrived(&mut self, page: PageNum) {
+        self.received.set(page);
+        self.accounted.set(page);
+        self.report.pages_received += 1;
+        if self.requested.is_empty() {
+            return;
+        }
+        if let Some(t) = self.requested.remove(&page) {
+            let lat = self.clock.now().saturating_sub(t);
+            self.latencies.push(lat.as_nanos() as u64);
+        }
+    }
+
+    /// Places a batch of page models (see [`crate::model`]): the tokens
+    /// replace what a page held (taken out of the digest first), and in
+    /// post-copy a page already here is left alone.
+    fn place_models(&mut self, batch: ModelBatch<'_>) -> Result<(), MigrationError> {
+        if self.model.is_none() && self.report.pages_received > 0 {
+            return Err(MigrationError::Protocol(ProtocolError::Malformed(
+                "page models after page bytes",
+            )));
+        }
+        let mut digest = self.model.unwrap_or_default();
+        let running = self.state == DstState::PostcopyRunning;
+        self.model_pages.clear();
+        self.model_tokens.clear();
+        let mut replaced = Vec::new();
+        for (page, token) in batch.iter() {
+            if !self.layout.contains(page) {
+                return Err(MigrationError::PageOutOfRange(page));
+            }
+            if self.received.get(page) {
+                if running {
+                    self.duplicates += 1;
+                    continue;
+                }
+                replaced.push(page);
+            }
+            self.model_pages.push(page);
+            self.model_tokens.push(token);
+        }
+        if !replaced.is_empty() {
+            // The guest has not run here yet: what the sink holds is what
+            // arrived last.
+            let mut old = vec![0u64; replaced.len()];
+            self.memory
+                .read_tokens(&replaced, &mut old)
+                .map_err(MigrationError::backend("read guest page tokens"))?;
+            for (p, t) in replaced.iter().zip(&old) {
+                digest.remove(*p, *t);
+            }
+        }
+        self.memory
+            .write_tokens(&self.model_pages, &self.model_tokens)
+            .map_err(MigrationError::backend("write guest page tokens"))?;
+        let pages = std::mem::take(&mut self.model_pages);
+        let tokens = std::mem::take(&mut self.model_tokens);
+        for (p, t) in pages.iter().zip(&tokens) {
+            digest.add(*p, *t);
+            if *t == 0 {
+                self.report.zero_pages += 1;
+            }
+            self.arrived(*p);
+        }
+        self.model_pages = pages;
+        self.model_tokens = tokens;
+        self.model = Some(digest);
+        Ok(())
+    }
+
+    /// Post-copy: `pages` (ascending) are about to be discarded; with page
+    /// models, what they held leaves the digest.
+    fn forget_models(&mut self, pages: &[PageNum]) -> Result<(), MigrationError> {
+        let Some(mut digest) = self.model else {
+            return Ok(());
+        };
+        let here: Vec<PageNum> = pages
+            .iter()
+            .copied()
+            .filter(|p| self.received.get(*p))
+            .collect();
+        if here.is_empty() {
+            return Ok(());
+        }
+        let mut old = vec![0u64; here.len()];
+        self.memory
+            .read_tokens(&here, &mut old)
+            .map_err(MigrationError::backend("read guest page tokens"))?;
+        for (p, t) in here.iter().zip(&old) {
+            digest.remove(*p, *t);
+        }
+        self.model = Some(digest);
+        Ok(())
+    }
+
+    /// The digest of what arrived.
+    fn arrived_digest(&self) -> MemoryDigest {
+        match self.model {
+            Some(d) => d.finish(),
+            None => digest_table(&self.layout, &self.hashes),
+        }
+    }
+
+    /// Post-copy: `pages` are stale here (the source dirtied them after
+    /// sending them, or never sent them): dropped, so the guest faults on
+    /// them, and accounted for as discarded.
+    fn discard(&mut self, pages: impl Iterator<Item = PageNum>) -> Result<(), MigrationError> {
+        let mut list = Vec::new();
+        for page in pages {
+            if !self.layout.contains(page) {
+                return Err(MigrationError::PageOutOfRange(page));
+            }
+            list.push(page);
+        }
+        self.forget_models(&list)?;
+        for &page in &list {
+            self.received.clear(page);
+            self.accounted.set(page);
+        }
+        self.memory
+            .discard_pages(&list)
+            .map_err(MigrationError::backend("discard stale pages"))
+    }
+
+    fn handle_inner(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
+        let rec = self.decoder.decode(frame)?;
+        let unexpected = |rec: &Record<'_>, state| MigrationError::UnexpectedRecord {
+            got: rec.record_type(),
+            state,
+        };
+        let receiving = matches!(self.state, DstState::Receiving | DstState::PostcopyRunning);
+        match (self.state, rec) {
+            (_, Record::Abort { reason }) => Err(MigrationError::PeerAborted(reason)),
+            (DstState::AwaitHeader, Record::Header { .. }) => {
+                self.outbox
+                    .push_back(protocol::encode_to_vec(&Record::Header {
+                        version: VERSION,
+                    }));
+                self.state = DstState::AwaitLayout;
+                Ok(DestStatus::Continue)
+            }
+            (DstState::AwaitLayout, Record::Layout(layout)) => {
+                if layout != self.layout {
+                    return Err(MigrationError::LayoutMismatch {
+                        source_pages: layout.total_pages(),
+                        dest_pages: self.layout.total_pages(),
+                    });
+                }
+                self.outbox
+                    .push_back(protocol::encode_to_vec(&Record::Ready));
+                self.state = DstState::Receiving;
+                Ok(DestStatus::Continue)
+            }
+            (_, Record::PageBatch(batch)) if receiving => {
+                if self.model.is_some() {
+                    return Err(MigrationError::Protocol(ProtocolError::Malformed(
+                        "page bytes after page models",
+                    )));
+                }
+                for (page, data) in batch.iter() {
+                    self.place(page, data)?;
+                }
+                Ok(DestStatus::Continue)
+            }
+            (_, Record::ModelBatch(batch)) if receiving => {
+                self.place_models(batch)?;
+                Ok(DestStatus::Continue)
+            }
+            (_, Record::RoundEnd { .. }) if receiving => {
+                self.report.rounds += 1;
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Receiving, Record::SwitchOver { postcopy, .. }) if !self.switched_over => {
+                self.switched_over = true;
+                self.postcopy = postcopy;
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Receiving, Record::Discard(ranges)) if self.postcopy => {
+                for (first, count) in ranges {
+                    // Ranges ascend and do not overlap, across the whole
+                    // stream: a source cannot make us walk memory twice.
+                    if first < self.discard_cursor {
+                        return Err(MigrationError::Protocol(ProtocolError::OutOfRange {
+                            what: "discard range start (ranges must ascend)",
+                            value: first,
+                        }));
+                    }
+                    let end = first + count;
+                    // Walk no further than the end of guest memory.
+                    let stop = end.min(self.layout.page_end()).max(first);
+                    self.discard(first..stop)?;
+                    if end > stop {
+                        return Err(MigrationError::PageOutOfRange(stop));
+                    }
+                    self.discard_cursor = end;
+                }
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Receiving, Record::DiscardBitmap { first_page, words }) if self.postcopy => {
+                if first_page < self.discard_cursor {
+                    return Err(MigrationError::Protocol(ProtocolError::OutOfRange {
+                        what: "discard bitmap start (discards must ascend)",
+                        value: first_page,
+                    }));
+                }
+                let n = words.len() as u64 * 64;
+                let bits = DirtyBitmap::from_words(words, n);
+                self.discard(bits.iter_ones().map(|i| first_page + i))?;
+                self.discard_cursor = first_page + n;
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Receiving, Record::DeviceState(s))
+                if self.switched_over && self.device_state.is_none() =>
+            {
+                if self.postcopy {
+                    self.resume_postcopy(s)
+                } else {
+                    self.device_state = Some(s);
+                    Ok(DestStatus::Continue)
+                }
+            }
+            (
+                DstState::Receiving,
+                Record::Complete {
+                    total_pages,
+                    digest,
+                },
+            ) if !self.postcopy => self.complete(total_pages, digest),
+            (
+                DstState::PostcopyRunning,
+                Record::Complete {
+                    total_pages,
+                    digest,
+                },
+            ) => self.complete_postcopy(total_pages, digest),
+            (DstState::AwaitHeader, rec) => Err(unexpected(&rec, "waiting for the stream header")),
+            (DstState::AwaitLayout, rec) => Err(unexpected(&rec, "waiting for the memory layout")),
+            (DstState::PostcopyRunning, rec) => Err(unexpected(&rec, "running in post-copy")),
+            (_, rec) => Err(unexpected(&rec, "receiving pages")),
+        }
+    }
+
+    fn check_all_here(&self, total_pages: u64) -> Result<(), MigrationError> {
+        if !self.switched_over {
+            return Err(MigrationError::Incomplete(
+                "completion before the switch-over record".into(),
+            ));
+        }
+        if total_pages != self.layout.total_pages() {
+            return Err(MigrationError::Incomplete(format!(
+                "completion claims {total_pages} pages, the layout has {}",
+                self.layout.total_pages()
+            )));
+        }
+        let have = self.received.count_ones();
+        if have != total_pages {
+            return Err(MigrationError::Incomplete(format!(
+                "{} of {total_pages} pages never arrived",
+                total_pages - have
+            )));
+        }
+        Ok(())
+    }
+
+    fn complete(
+        &mut self,
+        total_pages: u64,
+        digest: MemoryDigest,
+    ) -> Result<DestStatus, MigrationError> {
+        let t0 = self.clock.now();
+        self.check_all_here(total_pages)?;
+        let Some(state) = self.device_state.take() else {
+            return Err(MigrationError::Incomplete(
+                "no device state was sent".into(),
+            ));
+        };
+        // The digest of memory as this side holds it, read back from the
+        // sink (its pages' bytes, or with page models their tokens), bound
+        // to the device state about to be restored: the guest resumes only
+        // on the source's memory and the source's state.
+        let held = if self.model.is_some() {
+            token_digest_memory(&mut self.memory, &self.layout)
+                .map_err(MigrationError::backend("digest guest page tokens"))?
+        } else {
+            digest_memory(&mut self.memory, &self.layout)
+                .map_err(MigrationError::backend("digest guest memory"))?
+        };
+        let actual = completion_digest(held, &state);
+        if actual != digest {
+            return Err(MigrationError::DigestMismatch {
+                expected: digest,
+                actual,
+            });
+        }
+        let t1 = self.clock.now();
+        self.report.digest = Some(held);
+        self.restore_and_resume(&state, t0, t1)?;
+        self.state = DstState::Completed;
+        Ok(DestStatus::Completed)
+    }
+
+    fn resume_postcopy(&mut self, state: DeviceState) -> Result<DestStatus, MigrationError> {
+        let t0 = self.clock.now();
+        // Every page the guest can see must be the source's: each was
+        // either received (and not discarded since) or discarded, so that
+        // the guest faults on it.
+        let accounted = self.accounted.count_ones();
+        let total = self.layout.total_pages();
+        if accounted != total {
+            return Err(MigrationError::Incomplete(format!(
+                "{} of {total} pages were neither received nor discarded before the post-copy resume",
+                total - accounted
+            )));
+        }
+        self.restore_and_resume(&state, t0, t0)?;
+        self.restored_state = Some(state);
+        self.state = DstState::PostcopyRunning;
+        Ok(DestStatus::Resumed)
+    }
+
+    /// Restores the device state, resumes the guest and queues the
+    /// confirmation with the timings: `t0` is when the destination began
+    /// (the record that triggered the resume arrived), `verified` when its
+    /// verification ended.
+    fn restore_and_resume(
+        &mut self,
+        state: &DeviceState,
+        t0: Duration,
+        verified: Duration,
+    ) -> Result<(), MigrationError> {
+        self.control
+            .restore_state(state)
+            .map_err(MigrationError::backend("restore device state"))?;
+        let restored = self.clock.now();
+        self.control
+            .resume()
+            .map_err(MigrationError::backend("resume the guest"))?;
+        let resumed = self.clock.now();
+        self.resumed_at = Some(resumed);
+        let ns = |d: Duration| d.as_nanos() as u64;
+        self.report.resume = ResumeReport {
+            verify_ns: ns(verified - t0),
+            restore_ns: ns(restored - verified),
+            resume_ns: ns(resumed - restored),
+            total_ns: ns(resumed - t0),
+        };
+        self.outbox
+            .push_back(protocol::encode_to_vec(&Record::Resumed(
+                self.report.resume,
+            )));
+        Ok(())
+    }
+
+    fn complete_postcopy(
+        &mut self,
+        total_pages: u64,
+        digest: MemoryDigest,
+    ) -> Result<DestStatus, MigrationError> {
+        self.check_all_here(total_pages)?;
+        // The guest has been writing since it resumed, so the digest is of
+        // what arrived, page by page, not of memory as it is now.
+        let held = self.arrived_digest();
+        let Some(state) = self.restored_state.as_ref() else {
+            return Err(MigrationError::Incomplete(
+                "post-copy completion without a device state".into(),
+            ));
+        };
+        let actual = completion_digest(held, state);
+        if actual != digest {
+            return Err(MigrationError::DigestMismatch {
+                expected: digest,
+                actual,
+            });
+        }
+        let mut lat = std::mem::take(&mut self.latencies);
+        lat.sort_unstable();
+        let pct = |q: f64| -> u64 {
+            if lat.is_empty() {
+                0
+            } else {
+                lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1]
+            }
+        };
+        let report = PostcopyReport {
+            faults: self.faults,
+            duplicates: self.duplicates,
+            latency_p50_ns: pct(0.50),
+            latency_p99_ns: pct(0.99),
+            latency_max_ns: lat.last().copied().unwrap_or(0),
+            stall_ns: lat.iter().sum(),
+        };
+        self.report.digest = Some(held);
+        self.report.postcopy = Some(report);
+        self.outbox
+            .push_back(protocol::encode_to_vec(&Record::Verified(report)));
+        self.state = DstState::Completed;
+        Ok(DestStatus::Completed)
+    }
+}
