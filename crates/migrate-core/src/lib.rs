@@ -28,11 +28,12 @@
 //!   ([`protocol`]) and transports for it ([`transport`]);
 //! - source and destination engines as sans-I/O state machines
 //!   ([`engine`]) with blocking drivers ([`driver`]);
+//! - mutual TLS for the stream transport, every connection bound to
+//!   its migration session (`tls`, feature `tls`);
 //! - statistics in Xen's per-round and QEMU's total vocabulary ([`stats`]).
 //!
 //! What it does not do: talk to a hypervisor (that is the backends'
-//! work: `backend-sim`, and in time KVM and Xen), compress or encrypt
-//! pages, or choose a destination host.
+//! work: `backend-sim`, and in time KVM and Xen), compress pages, or choose a destination host.
 //!
 //! This crate has no unsafe code.
 
@@ -53,6 +54,8 @@ pub mod postcopy;
 pub mod prepaging;
 pub mod protocol;
 pub mod stats;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod transport;
 pub mod units;
 
