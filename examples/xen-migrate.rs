@@ -11,6 +11,10 @@
 //! xen-migrate --domid 3 --to desthost:7700 --policy hca  # sending host
 //! ```
 //!
+//! With `--tls-cert`, `--tls-key` and `--tls-ca` on both hosts, the two
+//! authenticate each other with mutual TLS before anything else crosses
+//! (the frames announcement too), and the stream is encrypted.
+//!
 //! Before the stream, the sender announces its frames in one line
 //! (`SourceFrames`) and the receiver prepares its domain for them (a PV
 //! domain is given memory at exactly those frames) and answers with the
@@ -31,6 +35,7 @@
 
 use clap::{Parser, ValueEnum};
 use livemig::core::driver::{run_destination, run_destination_serving, run_source};
+use livemig::core::tls::{self, TlsConfig, TlsSession, TlsStream};
 use livemig::core::transport::SplitStream;
 use livemig::core::MemoryLayout;
 use livemig::core::{
@@ -42,9 +47,10 @@ use livemig::xen::domain::{common_layout, regions_from_text, regions_to_text, So
 use livemig::xen::paging::Pager;
 use livemig::xen::walk::ResumeWindow;
 use livemig::xen::{StopMode, Xen, XenDomain};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,6 +137,20 @@ struct Args {
     /// memory paging.
     #[arg(long)]
     postcopy: bool,
+    /// Mutual TLS between sender and receiver: this end's certificate
+    /// (PEM). With `--tls-key` and `--tls-ca`; without them, plain TCP.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Mutual TLS: the certificate's private key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: the CA the peer's certificate must chain to (PEM).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Mutual TLS, sender: the name the receiver's certificate must bear
+    /// (default: the host of `--to`).
+    #[arg(long)]
+    tls_name: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -410,7 +430,7 @@ fn run_local(a: &Args, domid: u32, dest: u32) -> Result<bool, String> {
 
 /// Reads one handshake line, a byte at a time (nothing after it is
 /// consumed: the wire protocol follows).
-fn read_line(s: &mut TcpStream) -> Result<String, String> {
+fn read_line<S: Read>(s: &mut S) -> Result<String, String> {
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     loop {
@@ -427,14 +447,57 @@ fn read_line(s: &mut TcpStream) -> Result<String, String> {
     String::from_utf8(line).map_err(|_| "handshake line is not UTF-8".into())
 }
 
+/// A stream the handshake line can wait on with a bound.
+trait Timed: SplitStream {
+    fn read_bound(&self, t: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl Timed for TcpStream {
+    fn read_bound(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+impl Timed for TlsStream {
+    fn read_bound(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+/// The TLS configuration the arguments name, if any.
+fn tls_config(a: &Args) -> Result<Option<TlsConfig>, String> {
+    TlsConfig::from_optional_paths(
+        a.tls_cert.as_deref(),
+        a.tls_key.as_deref(),
+        a.tls_ca.as_deref(),
+    )
+    .map_err(|e| e.to_string())
+}
+
 /// The sending process.
 fn run_send(a: &Args, domid: u32, to: &str) -> Result<bool, String> {
+    let tls = tls_config(a)?;
     let xen = Arc::new(Xen::open().map_err(|e| e.to_string())?);
     let src = attach_source(a, &xen, domid)?;
-    let mut stream = TcpStream::connect(to).map_err(|e| format!("connecting to {to}: {e}"))?;
+    let stream = TcpStream::connect(to).map_err(|e| format!("connecting to {to}: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    match tls {
+        Some(cfg) => {
+            let mut session = TlsSession::initiator(&cfg).map_err(|e| e.to_string())?;
+            let name = a.tls_name.as_deref().unwrap_or(tls::host_of(to));
+            let s = tls::connect_stream(&cfg, stream, name, &mut session)
+                .map_err(|e| format!("TLS with {to}: {e}"))?;
+            send_over(a, src, to, s)
+        }
+        None => send_over(a, src, to, stream),
+    }
+}
+
+/// The sender's handshake and migration over a connected stream.
+fn send_over<S: Timed>(a: &Args, src: XenDomain, to: &str, mut stream: S) -> Result<bool, String> {
+    let domid = src.domid();
     stream
-        .set_read_timeout(Some(TIMEOUT))
+        .read_bound(Some(TIMEOUT))
         .map_err(|e| e.to_string())?;
     let frames = src.source_frames();
     writeln!(stream, "{}", frames.to_line()).map_err(|e| format!("handshake: {e}"))?;
@@ -449,7 +512,7 @@ fn run_send(a: &Args, domid: u32, to: &str) -> Result<bool, String> {
         return Err("the receiver would move other frames than a PV source has".into());
     }
     let src = src.with_layout(agreed).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    stream.read_bound(None).map_err(|e| e.to_string())?;
     eprintln!(
         "source domain {domid}: {} pages in {} regions, to {to}",
         src.layout().total_pages(),
@@ -471,18 +534,38 @@ fn run_send(a: &Args, domid: u32, to: &str) -> Result<bool, String> {
 
 /// The receiving process.
 fn run_receive(a: &Args, dest: u32, at: &str) -> Result<bool, String> {
+    let tls = tls_config(a)?;
     let xen = Arc::new(Xen::open().map_err(|e| e.to_string())?);
     let listener = TcpListener::bind(at).map_err(|e| format!("listening at {at}: {e}"))?;
     eprintln!("domain {dest}: waiting for a sender at {at}");
-    let (mut stream, peer) = listener.accept().map_err(|e| e.to_string())?;
+    let (stream, peer) = listener.accept().map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    match tls {
+        Some(cfg) => {
+            // Nothing from the sender is read before it is authenticated.
+            let s = tls::accept_stream(&cfg, stream, &mut TlsSession::acceptor())
+                .map_err(|e| format!("TLS with {peer}: {e}"))?;
+            receive_over(a, &xen, dest, peer, s)
+        }
+        None => receive_over(a, &xen, dest, peer, stream),
+    }
+}
+
+/// The receiver's handshake and migration over an accepted stream.
+fn receive_over<S: Timed>(
+    a: &Args,
+    xen: &Arc<Xen>,
+    dest: u32,
+    peer: std::net::SocketAddr,
+    mut stream: S,
+) -> Result<bool, String> {
     stream
-        .set_read_timeout(Some(TIMEOUT))
+        .read_bound(Some(TIMEOUT))
         .map_err(|e| e.to_string())?;
     let line = read_line(&mut stream)?;
     let prepared = SourceFrames::from_line(&line)
         .map_err(|e| e.to_string())
-        .and_then(|f| prepare_destination(&xen, dest, &f));
+        .and_then(|f| prepare_destination(xen, dest, &f));
     let dst = match prepared {
         Ok(d) => {
             writeln!(stream, "ok {}", regions_to_text(d.layout()))
@@ -494,12 +577,12 @@ fn run_receive(a: &Args, dest: u32, at: &str) -> Result<bool, String> {
             return Err(e);
         }
     };
-    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    stream.read_bound(None).map_err(|e| e.to_string())?;
     eprintln!(
         "domain {dest}: receiving {} pages from {peer}",
         dst.layout().total_pages()
     );
-    let r = dest_side(&xen, &dst, stop_mode(a), stream, a.postcopy)
+    let r = dest_side(xen, &dst, stop_mode(a), stream, a.postcopy)
         .map_err(|e| format!("destination failed: {e}"))?;
     if a.json {
         println!(

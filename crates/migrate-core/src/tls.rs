@@ -1,8 +1,8 @@
 //! Mutual TLS for the stream transport (feature `tls`).
 //!
 //! Both ends hold a certificate, its key and the certificate of the CA
-//! that issued their peer's ([`TlsConfig`]). The connecting end (the
-//! source) verifies the listener's certificate against that CA and the
+//! that issued their peer's ([`TlsConfig`]). The connecting end (source
+//! or destination, whichever dials) verifies the listener's certificate against that CA and the
 //! name it dialled; the listening end (the destination) requires a client
 //! certificate and verifies it against the same CA. A peer that presents
 //! no certificate, a certificate from another CA, or speaks plain TCP is
@@ -39,6 +39,9 @@
 //! ```
 //!
 //! The listening side calls [`accept`] with a [`TlsSession::acceptor`].
+//! [`connect_stream`] and [`accept_stream`] hand back the TLS stream
+//! itself, for a program that exchanges something of its own over it
+//! before the migration stream.
 //! The result is a [`StreamTransport`] like any other: the engines and
 //! drivers do not change.
 
@@ -232,6 +235,22 @@ impl TlsConfig {
         })
     }
 
+    /// As [`TlsConfig::from_pem_files`] when all three paths are given,
+    /// `None` when none is (plain TCP), an error when only some are.
+    pub fn from_optional_paths(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        ca: Option<&Path>,
+    ) -> Result<Option<Self>, TlsError> {
+        match (cert, key, ca) {
+            (None, None, None) => Ok(None),
+            (Some(c), Some(k), Some(a)) => Self::from_pem_files(c, k, a).map(Some),
+            _ => Err(TlsError::Config(
+                "give a certificate, its key and a CA, or none of them".into(),
+            )),
+        }
+    }
+
     /// Bounds how long a handshake and its binding may take
     /// ([`TlsConfig::DEFAULT_TIMEOUT`] unless set).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
@@ -350,6 +369,14 @@ impl TlsStream {
     }
 }
 
+impl TlsStream {
+    /// Bounds how long a read may wait (`None`: no bound), for an
+    /// exchange before the stream is handed to a transport.
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.sock.set_read_timeout(timeout)
+    }
+}
+
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
@@ -428,6 +455,16 @@ impl SplitStream for TlsStream {
     }
 }
 
+/// The host part of `HOST:PORT` (brackets of an IPv6 address removed):
+/// the name a connecting end verifies the listener's certificate against
+/// when it is given no other.
+pub fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
 /// Runs the handshake on `sock` within `timeout`, then hands the peer's
 /// end-entity certificate back.
 fn handshake(
@@ -461,25 +498,52 @@ fn read_binding(s: &mut TlsStream, buf: &mut [u8], timeout: Duration) -> Result<
     s.read_exact(buf).map_err(|e| TlsError::from_io(e, timeout))
 }
 
-/// Ends the setup phase: no read timeout (the transport's reader blocks),
-/// no write timeout (the drivers set their own).
-fn into_transport(s: TlsStream, timeout: Duration) -> Result<StreamTransport<TlsStream>, TlsError> {
+/// Ends the setup phase: no read or write timeout (a transport's reader
+/// blocks; the drivers set their own send timeout).
+fn end_setup(s: TlsStream, timeout: Duration) -> Result<TlsStream, TlsError> {
     let io_err = |e| TlsError::from_io(e, timeout);
     s.sock.set_read_timeout(None).map_err(io_err)?;
     s.sock.set_write_timeout(None).map_err(io_err)?;
-    StreamTransport::new(s).map_err(io_err)
+    Ok(s)
+}
+
+fn transport(s: TlsStream, timeout: Duration) -> Result<StreamTransport<TlsStream>, TlsError> {
+    StreamTransport::new(s).map_err(|e| TlsError::from_io(e, timeout))
+}
+
+/// [`connect_stream`], and a stream transport over the result.
+pub fn connect(
+    cfg: &TlsConfig,
+    sock: TcpStream,
+    server_name: &str,
+    session: &mut TlsSession,
+) -> Result<StreamTransport<TlsStream>, TlsError> {
+    transport(
+        connect_stream(cfg, sock, server_name, session)?,
+        cfg.timeout,
+    )
+}
+
+/// [`accept_stream`], and a stream transport over the result.
+pub fn accept(
+    cfg: &TlsConfig,
+    sock: TcpStream,
+    session: &mut TlsSession,
+) -> Result<StreamTransport<TlsStream>, TlsError> {
+    transport(accept_stream(cfg, sock, session)?, cfg.timeout)
 }
 
 /// Sets up mutual TLS as the connecting end over a connected socket:
 /// verifies the listener's certificate against the CA and `server_name`
 /// (a DNS name or an IP address its certificate names), presents this
-/// end's certificate, and binds the connection to `session`.
-pub fn connect(
+/// end's certificate, and binds the connection to `session`. The stream
+/// returned has no read or write timeout.
+pub fn connect_stream(
     cfg: &TlsConfig,
     mut sock: TcpStream,
     server_name: &str,
     session: &mut TlsSession,
-) -> Result<StreamTransport<TlsStream>, TlsError> {
+) -> Result<TlsStream, TlsError> {
     let timeout = cfg.timeout;
     let id = session.id.ok_or(TlsError::Config(
         "connect needs an initiator session".into(),
@@ -509,18 +573,19 @@ pub fn connect(
         other => return Err(TlsError::NotTls(format!("binding status {other}"))),
     }
     session.bind(id, peer);
-    into_transport(s, timeout)
+    end_setup(s, timeout)
 }
 
 /// Sets up mutual TLS as the listening end over an accepted socket:
 /// requires a client certificate issued by the CA, then reads the
 /// binding and admits the connection to `session` (the first connection
-/// fixes the session's id and peer).
-pub fn accept(
+/// fixes the session's id and peer). The stream returned has no read or
+/// write timeout.
+pub fn accept_stream(
     cfg: &TlsConfig,
     mut sock: TcpStream,
     session: &mut TlsSession,
-) -> Result<StreamTransport<TlsStream>, TlsError> {
+) -> Result<TlsStream, TlsError> {
     let timeout = cfg.timeout;
     let mut conn: rustls::Connection = rustls::ServerConnection::new(cfg.server.clone())
         .map_err(TlsError::from_rustls)?
@@ -542,7 +607,7 @@ pub fn accept(
     s.write_all(&[BIND_OK])
         .map_err(|e| TlsError::from_io(e, timeout))?;
     session.bind(id, peer);
-    into_transport(s, timeout)
+    end_setup(s, timeout)
 }
 
 /// Certificates made at run time, for tests and benchmarks (feature
