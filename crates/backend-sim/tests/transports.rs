@@ -666,7 +666,7 @@ fn dial(
     )
 }
 
-fn migrate_over_tls<P: Policy + 'static>(policy: P) {
+fn migrate_over_tls<P: Policy + 'static>(policy: P) -> migrate_core::MigrationStats {
     let p = pki();
     let (addr, h) = listen(p.dst.config().unwrap());
     let mut src_t = dial(&p.src.config().unwrap(), addr).expect("source TLS setup");
@@ -683,6 +683,7 @@ fn migrate_over_tls<P: Policy + 'static>(policy: P) {
     // source's (the destination guest runs on, so its memory moves).
     assert_eq!(report.digest.unwrap(), src.digest());
     assert!(src.is_paused() && !dst.is_paused());
+    stats
 }
 
 #[test]
@@ -692,7 +693,20 @@ fn precopy_migrates_over_mutual_tls() {
 
 #[test]
 fn postcopy_migrates_over_mutual_tls() {
-    migrate_over_tls(PostCopy::default());
+    let stats = migrate_over_tls(PostCopy::default());
+    assert!(stats.postcopy.is_some(), "post-copy ran");
+}
+
+#[test]
+fn hybrid_migrates_over_mutual_tls() {
+    // One pre-copy round, then post-copy: both phases cross TLS.
+    let mut precopy = migrate_core::PrecopyConfig::default();
+    precopy.downtime_target = Duration::ZERO;
+    precopy.max_rounds = 1;
+    let mut cfg = migrate_core::HybridConfig::default();
+    cfg.precopy = precopy;
+    let stats = migrate_over_tls(migrate_core::Hybrid::new(cfg));
+    assert!(stats.postcopy.is_some(), "the hybrid switched to post-copy");
 }
 
 #[test]
