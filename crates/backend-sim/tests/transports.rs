@@ -700,12 +700,14 @@ fn postcopy_migrates_over_mutual_tls() {
 #[test]
 fn hybrid_migrates_over_mutual_tls() {
     // One pre-copy round, then post-copy: both phases cross TLS.
-    let mut precopy = migrate_core::PrecopyConfig::default();
-    precopy.downtime_target = Duration::ZERO;
-    precopy.max_rounds = 1;
-    let mut cfg = migrate_core::HybridConfig::default();
-    cfg.precopy = precopy;
-    let stats = migrate_over_tls(migrate_core::Hybrid::new(cfg));
+    let stats = migrate_over_tls(migrate_core::Hybrid::new(migrate_core::HybridConfig {
+        precopy: migrate_core::PrecopyConfig {
+            downtime_target: Duration::ZERO,
+            max_rounds: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }));
     assert!(stats.postcopy.is_some(), "the hybrid switched to post-copy");
 }
 
