@@ -9,8 +9,8 @@
 //! a Xen `xc_domain_save` log, Hines & Gopalan VEE 2009).
 
 use livemig::core::{
-    EngineConfig, Hca, Hybrid, MemoryLayout, MigrationStats, PageSize, Policy, PostCopy, Precopy,
-    Prepaging, StopAndCopy,
+    EngineConfig, MemoryLayout, MigrationStats, PageSize, Policy, PolicyConfig, PolicyKind,
+    Precopy, Prepaging,
 };
 use livemig::sim::{
     simulate, FaultRecord, Link, MemoryMode, SimConfig, WorkloadKind, WorkloadSpec,
@@ -24,24 +24,9 @@ use std::time::{Duration, Instant};
 const MIB: u64 = 1 << 20;
 const SEED: u64 = 7;
 
-type MakePolicy = fn() -> Box<dyn Policy>;
-
-fn policies() -> Vec<(&'static str, MakePolicy)> {
-    vec![
-        ("precopy", || Box::new(Precopy::default())),
-        ("stop-and-copy", || Box::new(StopAndCopy)),
-        ("postcopy-seq", || {
-            Box::new(PostCopy::new(Prepaging::Sequential))
-        }),
-        ("postcopy-bubble", || {
-            Box::new(PostCopy::new(Prepaging::Bubble { both_ways: true }))
-        }),
-        ("postcopy-multi", || {
-            Box::new(PostCopy::new(Prepaging::MultiPivot { k: 7 }))
-        }),
-        ("hybrid", || Box::new(Hybrid::default())),
-        ("hca", || Box::new(Hca::default())),
-    ]
+/// The policies compared, labelled by their names.
+fn policies() -> impl Iterator<Item = (String, PolicyKind)> {
+    PolicyKind::COMPARED.into_iter().map(|k| (k.to_string(), k))
 }
 
 fn spec(kind: WorkloadKind, wss: u64, rate: f64) -> WorkloadSpec {
@@ -252,12 +237,13 @@ fn main() {
     let mut runs = Vec::new();
     for (wname, w) in workloads(mem) {
         for (lname, link) in links {
-            for (pname, make) in policies() {
-                let (stats, faults, resumed_at) = run(mem, &w, link, make());
+            for (pname, kind) in policies() {
+                let policy = kind.build(&PolicyConfig::default());
+                let (stats, faults, resumed_at) = run(mem, &w, link, policy);
                 runs.push(Run {
                     workload: wname.into(),
                     link: lname.into(),
-                    policy: pname.into(),
+                    policy: pname.clone(),
                     stats,
                     faults,
                     resumed_at,
@@ -292,7 +278,7 @@ fn main() {
             st.switch_reason.converged(),
             st.switch_reason.describe()
         );
-        js.push(json!({"workload": r.workload, "link": r.link, "policy": r.policy, "stats": st.to_json()}));
+        js.push(json!({"workload": r.workload, "link": r.link, "policy": r.policy, "stats": serde_json::to_value(st).expect("statistics as JSON")}));
     }
     std::fs::write(out.join("compare.csv"), csv).expect("write csv");
     std::fs::write(
@@ -303,20 +289,14 @@ fn main() {
 
     // 2. Downtime against dirty rate, uniform writes over half of memory.
     let rates = [10.0, 25.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0];
-    let swept = [
-        "precopy",
-        "stop-and-copy",
-        "postcopy-multi",
-        "hybrid",
-        "hca",
-    ];
+    let swept = ["precopy", "stop-and-copy", "postcopy", "hybrid", "hca"];
     let mut downtime_series: Vec<Series> = Vec::new();
     let mut sweep_csv = String::from("policy,dirty_rate_mb_s,downtime_ms,pages_sent\n");
-    for (pname, make) in policies().into_iter().filter(|(n, _)| swept.contains(n)) {
+    for (pname, kind) in policies().filter(|(n, _)| swept.contains(&n.as_str())) {
         let mut pts = Vec::new();
         for rate in rates {
             let w = spec(WorkloadKind::Uniform, mem / 2, rate * 1e6);
-            let (st, _, _) = run(mem, &w, links[0].1, make());
+            let (st, _, _) = run(mem, &w, links[0].1, kind.build(&PolicyConfig::default()));
             pts.push((rate, ms(st.downtime)));
             let _ = writeln!(
                 sweep_csv,
@@ -325,7 +305,7 @@ fn main() {
                 st.total_pages_sent
             );
         }
-        downtime_series.push((pname.to_string(), pts));
+        downtime_series.push((pname, pts));
     }
     std::fs::write(out.join("downtime-vs-dirty-rate.csv"), sweep_csv).expect("write csv");
     line_plot(
@@ -469,7 +449,7 @@ fn reproductions() {
             1 << 30,
             &w,
             Link::new(1e9, Duration::from_micros(100)),
-            Box::new(PostCopy::new(p)),
+            PolicyKind::PostCopy(p).build(&PolicyConfig::default()),
         );
         let f = faults(&st);
         println!(

@@ -44,10 +44,10 @@
 //! `std::hint::black_box` keeps inputs opaque and results alive so nothing
 //! is optimised away.
 
-use livemig::core::bitmap::DirtyBitmap;
 use livemig::core::digest::{is_zero_page, page_hash};
-use livemig::core::page::{MemoryLayout, PageNum, PageSize};
 use livemig::core::protocol::{encode, encode_page_batch, Decoder, Record, VERSION};
+use livemig::core::DirtyBitmap;
+use livemig::core::{MemoryLayout, PageNum, PageSize};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -214,9 +214,9 @@ fn measure(case: &mut Case) -> Row {
 }
 
 fn fmt_bytes(b: usize) -> String {
-    if b >= 1 << 20 && b % (1 << 20) == 0 {
+    if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
         format!("{} MiB", b >> 20)
-    } else if b >= 1 << 10 && b % (1 << 10) == 0 {
+    } else if b >= 1 << 10 && b.is_multiple_of(1 << 10) {
         format!("{} KiB", b >> 10)
     } else {
         format!("{b} B")

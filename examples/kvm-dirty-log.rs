@@ -20,9 +20,9 @@
 //! a bit per page whichever KVM log is in use.
 
 use clap::Parser;
-use livemig::core::units::parse_size;
 use livemig::core::{DirtyBitmap, DirtyTracker, PageSource};
 use livemig::kvm::{DirtyLog, Pacing, TestVm};
+use livemig::units::parse_size;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 

@@ -17,14 +17,12 @@
 use clap::{Parser, ValueEnum};
 use livemig::core::driver::run_source;
 use livemig::core::tls::{self, TlsConfig, TlsSession};
-use livemig::core::units::{parse_rate, parse_size};
-use livemig::core::Transport;
 use livemig::core::{
-    Clock, DestinationEngine, EngineConfig, GuestControl, Hca, HcaConfig, Hybrid, HybridConfig,
-    PageSource, Policy, PostCopy, Precopy, PrecopyConfig, Prepaging, SourceEngine, SourceVerify,
-    StopAndCopy, StreamTransport, SystemClock,
+    Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, PolicyConfig, PolicyKind,
+    Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
 };
 use livemig::kvm::{run_kvm_destination, DirtyLog, Pacing, TestVm};
+use livemig::units::{parse_rate, parse_size};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
@@ -34,35 +32,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum PolicyArg {
-    /// Iterative pre-copy.
-    Precopy,
-    /// Pause, copy everything, resume.
-    StopAndCopy,
-    /// Hierarchical copy: per-page write counts sampled from the dirty
-    /// log, cold pages first, hot pages held for the final copy.
-    Hca,
-    /// Post-copy: the guest moves at once and runs on the destination
-    /// while its pages follow (userfaultfd on the destination).
-    Postcopy,
-    /// Pre-copy rounds, then post-copy if pre-copy would not converge.
-    Hybrid,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum TrackerArg {
     /// `KVM_GET_DIRTY_LOG`: a bitmap of the whole guest per collection.
     Bitmap,
     /// KVM's dirty ring: the pages each vCPU dirtied, in order.
     Ring,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum VerifyArg {
-    /// A full scan of memory after the pause.
-    Full,
-    /// The content of each page as it was sent.
-    Sent,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -101,9 +75,11 @@ struct Args {
     /// Who holds the guest to --dirty-rate.
     #[arg(long, value_enum, default_value = "vmm")]
     pacing: PacingArg,
-    /// Migration policy.
-    #[arg(long, value_enum, default_value = "precopy")]
-    policy: PolicyArg,
+    /// Migration policy: precopy, stop-and-copy, hca, postcopy or hybrid
+    /// (post-copy moves the guest at once and runs it on the destination
+    /// while its pages follow, through userfaultfd).
+    #[arg(long, default_value = "precopy")]
+    policy: PolicyKind,
     /// Post-copy push order (post-copy and hybrid): sequential, bubbling
     /// or multi-pivot.
     #[arg(long, default_value = "multi-pivot")]
@@ -123,8 +99,8 @@ struct Args {
     /// What the completion digest covers: `full` reads all of memory
     /// again after the pause (catches a dirty log that missed a write);
     /// `sent` digests pages as they were sent (milliseconds instead).
-    #[arg(long, value_enum, default_value = "full")]
-    verify: VerifyArg,
+    #[arg(long, default_value = "full")]
+    verify: SourceVerify,
     /// Back guest memory with transparent huge pages on both sides
     /// (`madvise(MADV_HUGEPAGE)`, as QEMU does for guest RAM).
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
@@ -212,7 +188,7 @@ fn destination(a: &Args) -> Result<bool, String> {
         .ok_or("invalid: the destination needs --connect")?;
     let vm = TestVm::destination_smp(a.mem, a.vcpus, REPORT_EVERY, rate(a))
         .map_err(|e| e.to_string())?;
-    if matches!(a.policy, PolicyArg::Postcopy | PolicyArg::Hybrid) {
+    if a.policy.may_postcopy() {
         vm.memory().enable_postcopy().map_err(|e| e.to_string())?;
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
@@ -282,7 +258,7 @@ fn source(a: &Args) -> Result<bool, String> {
         .args(["--mem", &a.mem.to_string(), "--wss", &a.wss.to_string()])
         .args(["--vcpus", &a.vcpus.to_string()])
         .args(["--huge-pages", &a.huge_pages])
-        .args(["--policy", a.policy.to_possible_value().unwrap().get_name()])
+        .args(["--policy", a.policy.name()])
         .args(["--pacing", a.pacing.to_possible_value().unwrap().get_name()])
         .args([
             "--dirty-rate",
@@ -311,39 +287,15 @@ fn source(a: &Args) -> Result<bool, String> {
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let target = Duration::from_millis(a.downtime_target_ms);
-    let policy: Box<dyn Policy> = match a.policy {
-        PolicyArg::Precopy => Box::new(Precopy::new(PrecopyConfig {
-            downtime_target: target,
-            ..PrecopyConfig::default()
-        })),
-        PolicyArg::StopAndCopy => Box::new(StopAndCopy),
-        PolicyArg::Hca => Box::new(Hca::new(HcaConfig::default())),
-        PolicyArg::Postcopy => Box::new(PostCopy::new(a.prepaging)),
-        PolicyArg::Hybrid => {
-            let d = HybridConfig::default();
-            Box::new(Hybrid::new(HybridConfig {
-                prepaging: a.prepaging,
-                precopy: PrecopyConfig {
-                    downtime_target: target,
-                    ..d.precopy
-                },
-            }))
-        }
-    };
-    let mut e = SourceEngine::new(
-        vm.tracker(),
-        vm.pages(),
-        vm.control(),
-        policy,
-        clock,
-        EngineConfig {
-            verify: match a.verify {
-                VerifyArg::Full => SourceVerify::FullScan,
-                VerifyArg::Sent => SourceVerify::SentContent,
-            },
-            ..EngineConfig::default()
-        },
-    );
+    let mut config = PolicyConfig::default();
+    config.precopy.downtime_target = target;
+    config.hybrid_precopy.downtime_target = target;
+    let policy = a.policy.with_prepaging(a.prepaging).build(&config);
+    let mut e = SourceEngine::new(vm.tracker(), vm.pages(), vm.control(), policy, clock, {
+        let mut v = EngineConfig::default();
+        v.verify = a.verify;
+        v
+    });
     let stats = run_source(&mut e, &mut t, TIMEOUT).map_err(|e| e.to_string())?;
     drop(t);
     let out = child.stdout.take().ok_or("no destination output")?;
@@ -378,14 +330,14 @@ fn source(a: &Args) -> Result<bool, String> {
     let after = dest["first-counter"].as_u64().unwrap_or(0);
     let continues = after > before && after - before <= REPORT_EVERY;
     if a.json {
-        let mut v = stats.to_json();
+        let mut v = serde_json::to_value(&stats).expect("statistics as JSON");
         v["kvm"] = json!({
             "mem-bytes": a.mem, "wss-bytes": a.wss, "huge-pages": a.huge_pages == "on", "dirty-rate-bytes-per-sec": a.dirty_rate, "pacing": format!("{:?}", a.pacing).to_lowercase(),
             "guest-observed-downtime-ms": gap_us as f64 / 1000.0,
             "report-interval-ms": interval_us as f64 / 1000.0,
             "counter-last-on-source": before, "counter-first-on-destination": after,
             "counter-continues": continues, "memory-verified": verified,
-            "verify": format!("{:?}", a.verify).to_lowercase(),
+            "verify": a.verify.to_string(),
             "tracker": format!("{:?}", a.tracker).to_lowercase(),
             "destination": dest,
         });
@@ -395,7 +347,7 @@ fn source(a: &Args) -> Result<bool, String> {
         );
     } else {
         println!(
-            "KVM guest: {} MiB, working set {} MiB, dirty rate {:.0} MB/s, policy {:?}, {:?} dirty log, huge pages {}, source pid {}, destination pid {}",
+            "KVM guest: {} MiB, working set {} MiB, dirty rate {:.0} MB/s, policy {}, {:?} dirty log, huge pages {}, source pid {}, destination pid {}",
             a.mem >> 20,
             a.wss >> 20,
             a.dirty_rate / 1e6,

@@ -11,29 +11,15 @@
 //! the same as one JSON object.
 
 use clap::{Parser, ValueEnum};
-use livemig::core::units::{parse_bandwidth, parse_duration, parse_rate, parse_size};
 use livemig::core::{
-    EngineConfig, Hca, HcaConfig, Hybrid, HybridConfig, MemoryLayout, PageSize, Policy, PostCopy,
-    Precopy, PrecopyConfig, Prepaging, StopAndCopy,
+    EngineConfig, HcaConfig, MemoryLayout, PageSize, PolicyConfig, PolicyKind, PrecopyConfig,
+    Prepaging,
 };
 use livemig::sim::{simulate, Link, MemoryMode, SimConfig, WorkloadKind, WorkloadSpec};
+use livemig::units::{parse_bandwidth, parse_duration, parse_rate, parse_size};
 use serde_json::json;
 use std::process::ExitCode;
 use std::time::Duration;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum PolicyArg {
-    /// Iterative pre-copy.
-    Precopy,
-    /// Pause, copy everything, resume.
-    StopAndCopy,
-    /// Resume on the destination at once; pages follow, faulted on demand.
-    Postcopy,
-    /// Pre-copy rounds, then post-copy if pre-copy would not converge.
-    Hybrid,
-    /// Hierarchical Copy Algorithm: per-page counts, cold-to-hot tiers.
-    Hca,
-}
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum WorkloadArg {
@@ -67,9 +53,10 @@ enum LayoutArg {
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Migration policy.
-    #[arg(long, value_enum, default_value = "precopy")]
-    policy: PolicyArg,
+    /// Migration policy: precopy, stop-and-copy, postcopy[:PREPAGING],
+    /// hybrid[:PREPAGING] or hca.
+    #[arg(long, default_value = "precopy")]
+    policy: PolicyKind,
     /// What the guest does.
     #[arg(long, value_enum, default_value = "uniform")]
     workload: WorkloadArg,
@@ -128,9 +115,10 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     hybrid_rounds: u32,
     /// post-copy and hybrid: push order (sequential, bubble,
-    /// bubble-forward, multi-pivot, multi-pivot:K).
-    #[arg(long, default_value = "multi-pivot:7")]
-    prepaging: Prepaging,
+    /// bubble-forward, multi-pivot, multi-pivot:K); overrides the one
+    /// named in --policy.
+    #[arg(long)]
+    prepaging: Option<Prepaging>,
     /// hca: interval between samples of the dirty log.
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     hca_interval: Duration,
@@ -222,33 +210,35 @@ fn run(a: &Args) -> Result<bool, String> {
         reads_per_write: a.reads_per_write,
         wss_offset: a.wss_offset / ps,
     };
-    let precopy = PrecopyConfig {
-        downtime_target: a.downtime_target,
-        max_rounds: a.max_rounds,
-        max_transfer_factor: a.max_factor,
-        ..PrecopyConfig::default()
+    let precopy = {
+        let mut v = PrecopyConfig::default();
+        v.downtime_target = a.downtime_target;
+        v.max_rounds = a.max_rounds;
+        v.max_transfer_factor = a.max_factor;
+        v
     };
-    let policy: Box<dyn Policy> = match a.policy {
-        PolicyArg::Precopy => Box::new(Precopy::new(precopy)),
-        PolicyArg::StopAndCopy => Box::new(StopAndCopy),
-        PolicyArg::Postcopy => Box::new(PostCopy::new(a.prepaging)),
-        PolicyArg::Hybrid => Box::new(Hybrid::new(HybridConfig {
-            precopy: PrecopyConfig {
-                max_rounds: a.hybrid_rounds,
-                ..precopy
-            },
-            prepaging: a.prepaging,
-        })),
-        PolicyArg::Hca => Box::new(Hca::new(HcaConfig {
-            sample_interval: a.hca_interval,
-            hot_threshold: a.hca_threshold,
-            decay_shift: a.hca_decay,
-            downtime_target: a.downtime_target,
-            max_rounds: a.max_rounds,
-            max_transfer_factor: a.max_factor,
-            ..HcaConfig::default()
-        })),
+    let mut config = PolicyConfig::default();
+    config.hybrid_precopy = {
+        let mut v = precopy.clone();
+        v.max_rounds = a.hybrid_rounds;
+        v
     };
+    config.precopy = precopy;
+    config.hca = {
+        let mut v = HcaConfig::default();
+        v.sample_interval = a.hca_interval;
+        v.hot_threshold = a.hca_threshold;
+        v.decay_shift = a.hca_decay;
+        v.downtime_target = a.downtime_target;
+        v.max_rounds = a.max_rounds;
+        v.max_transfer_factor = a.max_factor;
+        v
+    };
+    let kind = match a.prepaging {
+        Some(p) => a.policy.with_prepaging(p),
+        None => a.policy,
+    };
+    let policy = kind.build(&config);
     let report = simulate(SimConfig {
         layout,
         mode,
@@ -267,7 +257,7 @@ fn run(a: &Args) -> Result<bool, String> {
     let verified = report.memory_equal && report.stats.memory_verified;
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     if a.json {
-        let mut v = report.stats.to_json();
+        let mut v = serde_json::to_value(&report.stats).expect("statistics as JSON");
         v["simulation"] = json!({
             "workload": a.workload.to_possible_value().map(|p| p.get_name().to_owned()),
             "memory-bytes": a.mem,
@@ -280,7 +270,7 @@ fn run(a: &Args) -> Result<bool, String> {
             "guest-observed-downtime-ms": ms(report.true_downtime),
             "counter-at-pause": report.counter_at_pause,
             "counter-at-resume": report.counter_at_resume,
-            "prepaging": a.prepaging.to_string(),
+            "prepaging": kind.prepaging().unwrap_or_default().to_string(),
             "guest-observed-vcpu-stall-ms": ms(report.true_stall),
             "guest-observed-faults": report.true_faults,
             "memory-equal": report.memory_equal,
@@ -322,7 +312,7 @@ fn run(a: &Args) -> Result<bool, String> {
                 "guest-observed post-copy: {} faults, vCPU stalled {:.3} ms (pre-paging {})",
                 report.true_faults,
                 ms(report.true_stall),
-                a.prepaging
+                kind.prepaging().unwrap_or_default()
             );
         }
         println!(
@@ -340,7 +330,7 @@ fn run(a: &Args) -> Result<bool, String> {
 }
 
 fn human(bytes: u64) -> String {
-    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
         format!("{} GiB", bytes >> 30)
     } else {
         format!("{} MiB", bytes >> 20)

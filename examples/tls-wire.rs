@@ -15,8 +15,8 @@
 use clap::Parser;
 use livemig::core::tls::test_pki::TestCa;
 use livemig::core::tls::{self, TlsConfig, TlsSession};
-use livemig::core::units::parse_size;
 use livemig::core::{StreamTransport, Transport};
+use livemig::units::parse_size;
 use std::net::{TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};

@@ -13,12 +13,13 @@
 //!
 //! With `--tls-cert`, `--tls-key` and `--tls-ca` on both hosts, the two
 //! authenticate each other with mutual TLS before anything else crosses
-//! (the frames announcement too), and the stream is encrypted.
+//! (the frames offer too), and the stream is encrypted.
 //!
-//! Before the stream, the sender announces its frames in one line
-//! (`SourceFrames`) and the receiver prepares its domain for them (a PV
-//! domain is given memory at exactly those frames) and answers with the
-//! frames both will move, or with its error.
+//! Before the stream, the sender offers its frames (`livemig::xen::offer`)
+//! and the receiver prepares its domain for them (a PV domain is given
+//! memory at exactly those frames) and answers with the frames both will
+//! move, or with its error (`livemig::xen::answer`): records of the
+//! library's own protocol, on the connection the migration then uses.
 //!
 //! Run in dom0 as root. The source engine reads domain `--domid` through
 //! log-dirty and foreign mappings; the destination engine, on another
@@ -34,49 +35,21 @@
 //! prints one JSON object.
 
 use clap::{Parser, ValueEnum};
-use livemig::core::driver::{run_destination, run_destination_serving, run_source};
-use livemig::core::tls::{self, TlsConfig, TlsSession, TlsStream};
-use livemig::core::transport::SplitStream;
+use livemig::core::driver::run_source;
+use livemig::core::tls::{self, TlsConfig, TlsSession};
 use livemig::core::MemoryLayout;
 use livemig::core::{
-    Clock, DestinationEngine, DestinationReport, EngineConfig, Hca, HcaConfig, Hybrid,
-    HybridConfig, MigrationStats, Policy, PostCopy, Precopy, PrecopyConfig, Prepaging,
-    SourceEngine, SourceVerify, StopAndCopy, StreamTransport, SystemClock,
+    Clock, DestinationReport, EngineConfig, MigrationStats, Policy, PolicyConfig, PolicyKind,
+    SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
 };
-use livemig::xen::domain::{common_layout, regions_from_text, regions_to_text, SourceFrames};
-use livemig::xen::paging::Pager;
-use livemig::xen::walk::ResumeWindow;
+use livemig::xen::{ResumeWindow, SourceFrames};
 use livemig::xen::{StopMode, Xen, XenDomain};
-use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum PolicyArg {
-    /// Iterative pre-copy.
-    Precopy,
-    /// Pause, copy everything, resume.
-    StopAndCopy,
-    /// Hierarchical copy: cold pages first, hot pages held for the end.
-    Hca,
-    /// Resume at once at the destination, pages follow on demand (needs
-    /// memory paging on the receiving hypervisor; HVM/PVH only).
-    Postcopy,
-    /// Pre-copy rounds, then post-copy for what is left.
-    Hybrid,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum VerifyArg {
-    /// A full scan of memory after the pause.
-    Full,
-    /// The content of each page as it was sent.
-    Sent,
-}
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum StopArg {
@@ -105,9 +78,12 @@ struct Args {
     /// sender.
     #[arg(long)]
     listen: Option<String>,
-    /// Migration policy.
-    #[arg(long, value_enum, default_value = "precopy")]
-    policy: PolicyArg,
+    /// Migration policy: precopy, stop-and-copy, hca, postcopy[:PREPAGING]
+    /// or hybrid[:PREPAGING]. Post-copy resumes at once at the destination
+    /// while pages follow on demand (it needs memory paging on the
+    /// receiving hypervisor; HVM/PVH only).
+    #[arg(long, default_value = "precopy")]
+    policy: PolicyKind,
     /// How the source is stopped for the final copy (the receiver must be
     /// given the same).
     #[arg(long, value_enum, default_value = "suspend")]
@@ -115,8 +91,8 @@ struct Args {
     /// What the completion digest covers: `full` reads all of memory
     /// again after the pause (catches a dirty log that missed a write);
     /// `sent` digests pages as they were sent (milliseconds instead).
-    #[arg(long, value_enum, default_value = "full")]
-    verify: VerifyArg,
+    #[arg(long, default_value = "full")]
+    verify: SourceVerify,
     /// Pre-copy and hybrid: the downtime the final copy may take (the
     /// policy's default if not given); hybrid switches to post-copy when
     /// its rounds run out before what is left fits.
@@ -157,8 +133,6 @@ struct Args {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-/// The longest handshake line accepted.
-const MAX_LINE: usize = 1 << 20;
 
 fn main() -> ExitCode {
     let a = Args::parse();
@@ -202,162 +176,81 @@ fn attach_source(a: &Args, xen: &Arc<Xen>, domid: u32) -> Result<XenDomain, Stri
     Ok(src)
 }
 
-/// Makes domain `domid` ready for a source that announced `frames`, and
-/// returns it with the frames both will move.
+/// Makes domain `domid` ready for a source that announced `frames`, says
+/// which frames will move, and returns it.
 fn prepare_destination(
     xen: &Arc<Xen>,
     domid: u32,
     frames: &SourceFrames,
 ) -> Result<XenDomain, String> {
+    let p = livemig::xen::prepare_destination(xen, domid, frames).map_err(|e| e.to_string())?;
     if frames.pv {
-        // The destination takes memory at exactly the source's frames.
-        let dst = XenDomain::attach_pv_destination(xen.clone(), domid, frames)
-            .map_err(|e| e.to_string())?;
         eprintln!(
             "PV source frames: {}\ndestination prepared: vCPUs down, page tables unpinned, memory at the same frames",
-            show(&frames.layout)
+            show(&p.source_layout)
         );
-        return Ok(dst);
+    } else {
+        eprintln!(
+            "source frames: {}\ndestination frames: {}\nmigrated: {}",
+            show(&p.source_layout),
+            show(&p.own_layout),
+            show(p.domain.layout())
+        );
     }
-    let dst = XenDomain::attach(xen.clone(), domid).map_err(|e| e.to_string())?;
-    if dst.is_pv() {
-        return Err(format!("domain {domid} is PV and the source is not"));
-    }
-    if !dst.info().map_err(|e| e.to_string())?.paused {
-        return Err(format!(
-            "domain {domid} is running; create it paused (xl create -p)"
-        ));
-    }
-    // Migrate the RAM both domains have (see `common_layout`), and say
-    // what differs.
-    let common = common_layout(&frames.layout, dst.layout()).map_err(|e| e.to_string())?;
-    eprintln!(
-        "source frames: {}\ndestination frames: {}\nmigrated: {}",
-        show(&frames.layout),
-        show(dst.layout()),
-        show(&common)
-    );
-    dst.with_layout(common).map_err(|e| e.to_string())
+    Ok(p.domain)
 }
 
 fn policy(a: &Args) -> Box<dyn Policy> {
-    match a.policy {
-        PolicyArg::Precopy => Box::new(Precopy::new(precopy_config(a))),
-        PolicyArg::StopAndCopy => Box::new(StopAndCopy),
-        PolicyArg::Hca => Box::new(Hca::new(HcaConfig::default())),
-        PolicyArg::Postcopy => Box::new(PostCopy::new(Prepaging::default())),
-        PolicyArg::Hybrid => Box::new(Hybrid::new(HybridConfig {
-            precopy: precopy_config(a),
-            ..HybridConfig::default()
-        })),
+    let mut config = PolicyConfig::default();
+    for c in [&mut config.precopy, &mut config.hybrid_precopy] {
+        if let Some(ms) = a.downtime_target_ms {
+            c.downtime_target = Duration::from_millis(ms);
+        }
+        if let Some(rounds) = a.max_rounds {
+            c.max_rounds = rounds;
+        }
     }
-}
-
-fn precopy_config(a: &Args) -> PrecopyConfig {
-    let d = PrecopyConfig::default();
-    PrecopyConfig {
-        downtime_target: a
-            .downtime_target_ms
-            .map_or(d.downtime_target, Duration::from_millis),
-        max_rounds: a.max_rounds.unwrap_or(d.max_rounds),
-        ..d
-    }
+    a.policy.build(&config)
 }
 
 fn is_postcopy(a: &Args) -> bool {
-    matches!(a.policy, PolicyArg::Postcopy | PolicyArg::Hybrid)
+    a.policy.may_postcopy()
 }
 
-/// Runs the source engine over `stream`.
-fn source_side<S: SplitStream>(
-    a: &Args,
-    src: &XenDomain,
-    stream: S,
-) -> Result<MigrationStats, String> {
+/// Runs the source engine over `t`.
+fn source_side(a: &Args, src: &XenDomain, t: &mut dyn Transport) -> Result<MigrationStats, String> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let mut t = StreamTransport::new(stream).map_err(|e| e.to_string())?;
     let mut engine = SourceEngine::new(
         src.tracker(),
         src.pages(),
-        src.control(stop_mode(a)).with_resume_window(ResumeWindow {
-            per_cpu: a.resume_window_kib << 10,
-            ..ResumeWindow::default()
-        }),
+        src.control(stop_mode(a))
+            .with_resume_window(ResumeWindow::default().with_per_cpu(a.resume_window_kib << 10)),
         policy(a),
         clock,
-        EngineConfig {
-            verify: match a.verify {
-                VerifyArg::Full => SourceVerify::FullScan,
-                VerifyArg::Sent => SourceVerify::SentContent,
-            },
-            ..EngineConfig::default()
+        {
+            let mut v = EngineConfig::default();
+            v.verify = a.verify;
+            v
         },
     );
-    run_source(&mut engine, &mut t, TIMEOUT).map_err(|e| e.to_string())
+    run_source(&mut engine, t, TIMEOUT).map_err(|e| e.to_string())
 }
 
-/// Runs the destination engine over `stream`.
-///
-/// With `postcopy`, a pager serves the guest's touches of pages that have
-/// not arrived. If the source is lost after the guest resumed here, the
-/// domain is paused and its missing pages stay paged out.
-fn dest_side<S: SplitStream>(
+/// Runs the destination engine over `t` (see [`livemig::xen::receive`]).
+fn dest_side(
     xen: &Arc<Xen>,
     dst: &XenDomain,
     stop: StopMode,
-    stream: S,
+    t: &mut dyn Transport,
     postcopy: bool,
 ) -> Result<DestinationReport, String> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let mut t = StreamTransport::new(stream).map_err(|e| e.to_string())?;
-    if !postcopy {
-        let mut e = DestinationEngine::new(dst.pages(), dst.control(stop), clock);
-        return run_destination(&mut e, &mut t, TIMEOUT).map_err(|e| e.to_string());
-    }
-    if dst.is_pv() {
-        return Err(
-            "post-copy on Xen needs memory paging, which serves HVM and PVH guests, not PV".into(),
-        );
-    }
-    let (pager, faults) = Pager::enable(xen.clone(), dst.domid(), clock.clone())
-        .map_err(|e| format!("enabling memory paging in domain {}: {e}", dst.domid()))?;
-    let pager = Arc::new(pager);
-    // Nothing has arrived: page everything out now, while the guest
-    // still runs on the source, rather than at the switch-over; each
-    // page that arrives is paged back in.
-    let t0 = std::time::Instant::now();
-    for p in dst.layout().pages() {
-        pager
-            .page_out(p)
-            .map_err(|e| format!("paging out frame {p:#x} of domain {}: {e}", dst.domid()))?;
-    }
-    eprintln!(
-        "domain {}: {} frames paged out in {:.0} ms, ready for post-copy",
-        dst.domid(),
-        dst.layout().total_pages(),
-        t0.elapsed().as_secs_f64() * 1e3
-    );
-    let d = dst.clone().with_pager(pager.clone());
-    let mut e = DestinationEngine::new(d.pages(), d.control(stop), clock);
-    match run_destination_serving(&mut e, &mut t, &faults, TIMEOUT) {
-        Ok(r) => {
-            pager
-                .finish()
-                .map_err(|e| format!("ending memory paging: {e}"))?;
-            Ok(r)
-        }
-        Err(err) => {
-            if e.resumed() {
-                let _ = xen.pause(dst.domid());
-            }
-            Err(format!("{err} ({} pages still paged out)", pager.missing()))
-        }
-    }
+    livemig::xen::receive(xen, dst, stop, t, postcopy, clock, TIMEOUT).map_err(|e| e.to_string())
 }
 
 fn print_source(a: &Args, s: &MigrationStats, dest: Option<&DestinationReport>) {
     if a.json {
-        let mut j = s.to_json();
+        let mut j = serde_json::to_value(s).expect("statistics as JSON");
         j["xen"] = serde_json::json!({
             "source-domid": a.domid, "dest-domid": a.dest, "to": a.to,
             "stop": format!("{:?}", a.stop).to_lowercase(),
@@ -408,8 +301,12 @@ fn run_local(a: &Args, domid: u32, dest: u32) -> Result<bool, String> {
     let (sa, sb) = UnixStream::pair().map_err(|e| e.to_string())?;
     let stop = stop_mode(a);
     let (x2, pc) = (xen.clone(), is_postcopy(a));
-    let receiver = std::thread::spawn(move || dest_side(&x2, &dst, stop, sb, pc));
-    let result = source_side(a, &src, sa);
+    let receiver = std::thread::spawn(move || {
+        let mut t = StreamTransport::new(sb).map_err(|e| e.to_string())?;
+        dest_side(&x2, &dst, stop, &mut t, pc)
+    });
+    let mut t = StreamTransport::new(sa).map_err(|e| e.to_string())?;
+    let result = source_side(a, &src, &mut t);
     let report = receiver
         .join()
         .map_err(|_| "the destination thread panicked".to_string())?;
@@ -425,42 +322,6 @@ fn run_local(a: &Args, domid: u32, dest: u32) -> Result<bool, String> {
             ))
         }
         (Ok(_), Err(e)) => Err(format!("destination failed: {e}")),
-    }
-}
-
-/// Reads one handshake line, a byte at a time (nothing after it is
-/// consumed: the wire protocol follows).
-fn read_line<S: Read>(s: &mut S) -> Result<String, String> {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match s.read(&mut b) {
-            Ok(0) => return Err("the peer closed the connection during the handshake".into()),
-            Ok(_) if b[0] == b'\n' => break,
-            Ok(_) => line.push(b[0]),
-            Err(e) => return Err(format!("handshake: {e}")),
-        }
-        if line.len() > MAX_LINE {
-            return Err(format!("handshake line longer than {MAX_LINE} bytes"));
-        }
-    }
-    String::from_utf8(line).map_err(|_| "handshake line is not UTF-8".into())
-}
-
-/// A stream the handshake line can wait on with a bound.
-trait Timed: SplitStream {
-    fn read_bound(&self, t: Option<Duration>) -> std::io::Result<()>;
-}
-
-impl Timed for TcpStream {
-    fn read_bound(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.set_read_timeout(t)
-    }
-}
-
-impl Timed for TlsStream {
-    fn read_bound(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.set_read_timeout(t)
     }
 }
 
@@ -481,44 +342,27 @@ fn run_send(a: &Args, domid: u32, to: &str) -> Result<bool, String> {
     let src = attach_source(a, &xen, domid)?;
     let stream = TcpStream::connect(to).map_err(|e| format!("connecting to {to}: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    match tls {
+    let mut t: Box<dyn Transport> = match tls {
+        // The sender dials: it begins the session.
         Some(cfg) => {
             let mut session = TlsSession::initiator(&cfg).map_err(|e| e.to_string())?;
             let name = a.tls_name.as_deref().unwrap_or(tls::host_of(to));
-            let s = tls::connect_stream(&cfg, stream, name, &mut session)
-                .map_err(|e| format!("TLS with {to}: {e}"))?;
-            send_over(a, src, to, s)
+            Box::new(
+                tls::connect(&cfg, stream, name, &mut session)
+                    .map_err(|e| format!("TLS with {to}: {e}"))?,
+            )
         }
-        None => send_over(a, src, to, stream),
-    }
-}
-
-/// The sender's handshake and migration over a connected stream.
-fn send_over<S: Timed>(a: &Args, src: XenDomain, to: &str, mut stream: S) -> Result<bool, String> {
-    let domid = src.domid();
-    stream
-        .read_bound(Some(TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    let frames = src.source_frames();
-    writeln!(stream, "{}", frames.to_line()).map_err(|e| format!("handshake: {e}"))?;
-    let reply = read_line(&mut stream)?;
-    let agreed = match reply.split_once(' ') {
-        Some(("ok", regions)) => regions_from_text(regions, src.layout().total_pages())
-            .map_err(|e| format!("the receiver's answer: {e}"))?,
-        Some(("error", why)) => return Err(format!("the receiver refused: {why}")),
-        _ => return Err(format!("the receiver answered {reply:?}")),
+        None => Box::new(StreamTransport::new(stream).map_err(|e| e.to_string())?),
     };
-    if frames.pv && agreed != frames.layout {
-        return Err("the receiver would move other frames than a PV source has".into());
-    }
+    let agreed =
+        livemig::xen::offer(&mut t, &src.source_frames(), TIMEOUT).map_err(|e| e.to_string())?;
     let src = src.with_layout(agreed).map_err(|e| e.to_string())?;
-    stream.read_bound(None).map_err(|e| e.to_string())?;
     eprintln!(
         "source domain {domid}: {} pages in {} regions, to {to}",
         src.layout().total_pages(),
         src.layout().regions().len()
     );
-    match source_side(a, &src, stream) {
+    match source_side(a, &src, &mut t) {
         Ok(s) => {
             print_source(a, &s, None);
             Ok(s.memory_verified)
@@ -540,49 +384,26 @@ fn run_receive(a: &Args, dest: u32, at: &str) -> Result<bool, String> {
     eprintln!("domain {dest}: waiting for a sender at {at}");
     let (stream, peer) = listener.accept().map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    match tls {
-        Some(cfg) => {
-            // Nothing from the sender is read before it is authenticated.
-            let s = tls::accept_stream(&cfg, stream, &mut TlsSession::acceptor())
-                .map_err(|e| format!("TLS with {peer}: {e}"))?;
-            receive_over(a, &xen, dest, peer, s)
-        }
-        None => receive_over(a, &xen, dest, peer, stream),
-    }
-}
-
-/// The receiver's handshake and migration over an accepted stream.
-fn receive_over<S: Timed>(
-    a: &Args,
-    xen: &Arc<Xen>,
-    dest: u32,
-    peer: std::net::SocketAddr,
-    mut stream: S,
-) -> Result<bool, String> {
-    stream
-        .read_bound(Some(TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    let line = read_line(&mut stream)?;
-    let prepared = SourceFrames::from_line(&line)
-        .map_err(|e| e.to_string())
-        .and_then(|f| prepare_destination(xen, dest, &f));
-    let dst = match prepared {
-        Ok(d) => {
-            writeln!(stream, "ok {}", regions_to_text(d.layout()))
-                .map_err(|e| format!("handshake: {e}"))?;
-            d
-        }
-        Err(e) => {
-            let _ = writeln!(stream, "error {}", e.replace('\n', " "));
-            return Err(e);
-        }
+    let mut t: Box<dyn Transport> = match tls {
+        // Nothing from the sender is read before it is authenticated.
+        Some(cfg) => Box::new(
+            tls::accept(&cfg, stream, &mut TlsSession::acceptor())
+                .map_err(|e| format!("TLS with {peer}: {e}"))?,
+        ),
+        None => Box::new(StreamTransport::new(stream).map_err(|e| e.to_string())?),
     };
-    stream.read_bound(None).map_err(|e| e.to_string())?;
+    let (dst, _) = livemig::xen::answer(&mut t, TIMEOUT, |f| {
+        prepare_destination(&xen, dest, f).map(|d| {
+            let agreed = d.layout().clone();
+            (d, agreed)
+        })
+    })
+    .map_err(|e| e.to_string())?;
     eprintln!(
         "domain {dest}: receiving {} pages from {peer}",
         dst.layout().total_pages()
     );
-    let r = dest_side(xen, &dst, stop_mode(a), stream, a.postcopy)
+    let r = dest_side(&xen, &dst, stop_mode(a), &mut t, a.postcopy)
         .map_err(|e| format!("destination failed: {e}"))?;
     if a.json {
         println!(

@@ -2,11 +2,14 @@
 //!
 //! Live migration of virtual machines. This facade re-exports the core
 //! ([`core`]: pages, bitmaps, traits, policies, protocol, engine,
-//! statistics) and, behind features, the backends: [`sim`] (feature
-//! `sim`, on by default) is a deterministic simulated guest and link;
-//! [`kvm`] (feature `kvm`, on by default) migrates real KVM guests;
-//! [`xen`] (feature `xen`, on by default) migrates Xen domains and reads
-//! Xen's own migration logs (it needs no Xen library to build).
+//! statistics) and, behind features, the backends:
+//!
+//! | feature | module | what it adds |
+//! |---|---|---|
+//! | `sim` (default) | `sim` | a deterministic simulated guest and link; builds everywhere |
+//! | `kvm` | `kvm` | real KVM guests (Linux x86-64) |
+//! | `xen` | `xen`, `xen_log` | Xen domains (libraries loaded at run time, so it builds without Xen), and the reader of Xen's own migration logs |
+//! | `full` | all of the above | |
 //!
 //! A VMM implements [`core::DirtyTracker`], [`core::PageSource`] and
 //! [`core::GuestControl`] on the source, [`core::PageSink`] (with
@@ -60,6 +63,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod units;
+
+/// The core, [`migrate_core`], re-exported.
 pub use migrate_core as core;
 
 #[cfg(feature = "sim")]
@@ -69,3 +75,5 @@ pub use backend_sim as sim;
 pub use backend_kvm as kvm;
 #[cfg(feature = "xen")]
 pub use backend_xen as xen;
+#[cfg(feature = "xen")]
+pub use xen_log;

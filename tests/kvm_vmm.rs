@@ -1,4 +1,4 @@
-//! Runs `examples/kvm-vmm.rs`, a VMM with its own vCPU loop, and migrates
+//! Runs `examples/kvm-vmm/`, a VMM with its own vCPU loop, and migrates
 //! its guests between two processes: the multiboot test image and a raw
 //! boot sector written here byte by byte.
 //!

@@ -42,6 +42,7 @@ pub fn example(name: &str) -> PathBuf {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let sources = [
             root.join(format!("examples/{name}.rs")),
+            root.join(format!("examples/{name}")),
             root.join("Cargo.toml"),
             root.join("src"),
             root.join("crates/migrate-core/src"),

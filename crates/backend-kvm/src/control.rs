@@ -18,7 +18,7 @@ use std::time::Duration;
 /// (`kick.run(&mut vcpu)` in place of `vcpu.run()`), have `pause` set the
 /// VMM's own "paused" flag and call `kick.kick()` for each vCPU, and have
 /// the loop park when it sees the flag; `resume` clears the flag, calls
-/// `kick.reset()` and wakes the loop. `examples/kvm-vmm.rs` does exactly
+/// `kick.reset()` and wakes the loop. `examples/kvm-vmm/` does exactly
 /// this; `docs/kvm.md` walks through it.
 ///
 /// [`VcpuKick`]: crate::VcpuKick
@@ -99,24 +99,16 @@ impl KvmControl {
     }
 }
 
-fn backend(e: KvmError) -> BackendError {
-    let kind = match &e {
-        KvmError::PauseTimeout(_) => BackendErrorKind::InvalidState,
-        _ => BackendErrorKind::Io,
-    };
-    BackendError::new(kind, e.to_string())
-}
-
 impl GuestControl for KvmControl {
     fn pause(&mut self) -> Result<(), BackendError> {
-        self.vcpus.pause(PAUSE_TIMEOUT).map_err(backend)
+        self.vcpus.pause(PAUSE_TIMEOUT).map_err(BackendError::from)
     }
 
     fn resume(&mut self) -> Result<(), BackendError> {
         if let Some(f) = self.vcpus.fault() {
             return Err(BackendError::new(BackendErrorKind::InvalidState, f));
         }
-        self.vcpus.resume().map_err(backend)
+        self.vcpus.resume().map_err(BackendError::from)
     }
 
     fn save_state(&mut self) -> Result<DeviceState, BackendError> {
@@ -129,13 +121,13 @@ impl GuestControl for KvmControl {
                     saved.push(save_vcpu(fd, &self.caps)?);
                     Ok(())
                 })
-                .map_err(backend)?;
+                .map_err(BackendError::from)?;
         }
         encode_guest(&GuestState {
             vm: save_vm(&self.vm),
             vcpus: saved,
         })
-        .map_err(backend)
+        .map_err(BackendError::from)
     }
 
     fn guest_cpu_time(&self) -> Option<Duration> {
@@ -144,11 +136,11 @@ impl GuestControl for KvmControl {
 
     fn restore_state(&mut self, state: &DeviceState) -> Result<(), BackendError> {
         let g = decode_guest(state, self.vcpus.count())?;
-        restore_vm(&self.vm, &g.vm).map_err(backend)?;
+        restore_vm(&self.vm, &g.vm).map_err(BackendError::from)?;
         for (i, s) in g.vcpus.iter().enumerate() {
             self.vcpus
                 .with_vcpu(i, &mut |fd| restore_vcpu(fd, s, &self.caps))
-                .map_err(backend)?;
+                .map_err(BackendError::from)?;
         }
         Ok(())
     }

@@ -43,7 +43,7 @@
 //! versions of kvm-ioctls, kvm-bindings and vm-memory this crate speaks
 //! are re-exported as [`kvm_ioctls`], [`kvm_bindings`] and [`vm_memory`].
 //! `docs/kvm.md` walks through the whole wiring, with
-//! `examples/kvm-vmm.rs`.
+//! `examples/kvm-vmm/`.
 //!
 //! ```no_run
 //! use backend_kvm::{KvmControl, KvmMemory, KvmDirtyTracker, KvmPages, TrackedMemory, VcpuCaps, Vcpus};
@@ -78,28 +78,32 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![deny(unsafe_code)]
+#![warn(unreachable_pub)]
+
 pub use kvm_bindings;
 pub use kvm_ioctls;
 pub use vm_memory;
 
 mod control;
-mod kick;
 mod memory;
 mod postcopy;
-mod ring;
 mod state;
+#[allow(unsafe_code)]
+mod sys;
 #[cfg(feature = "test-vmm")]
 mod testvm;
-mod uffd;
 
 pub use control::{KvmControl, Vcpus, PAUSE_TIMEOUT};
-pub use kick::{default_kick_signal, VcpuKick};
-pub use memory::{advise_huge_pages, KvmDirtyTracker, KvmMemory, KvmPages, TrackedMemory};
+pub use memory::{KvmDirtyTracker, KvmMemory, KvmPages};
 pub use postcopy::{run_kvm_destination, FaultHandler};
-pub use ring::{enable_dirty_ring, max_ring_entries, DirtyRings};
 pub use state::{
-    decode_guest, encode_guest, restore_vcpu, restore_vm, save_guest, save_vcpu, save_vm, Fpu,
-    GuestState, VcpuCaps, VcpuState, VmState, STATE_FORMAT, STATE_VERSION,
+    decode_guest, encode_guest, restore_vcpu, restore_vm, save_guest, save_vcpu, save_vm,
+    vcpu_cpuid, Fpu, GuestState, VcpuCaps, VcpuState, VmState, STATE_FORMAT, STATE_VERSION,
+};
+pub use sys::{
+    advise_huge_pages, default_kick_signal, enable_dirty_ring, max_ring_entries, DirtyRings,
+    TrackedMemory, VcpuKick,
 };
 #[cfg(feature = "test-vmm")]
 pub use testvm::{
@@ -136,13 +140,13 @@ pub enum KvmError {
     },
     /// The memory does not form a valid layout.
     #[error("invalid memory layout: {0}")]
-    Layout(migrate_core::page::LayoutError),
+    Layout(#[source] migrate_core::LayoutError),
     /// A vCPU did not leave the guest in time.
     #[error("vCPU did not pause within {0:?}")]
     PauseTimeout(Duration),
     /// A thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
-    Thread(std::io::Error),
+    Thread(#[source] std::io::Error),
     /// Bad configuration.
     #[error("{0}")]
     Config(String),
@@ -155,4 +159,21 @@ pub enum KvmError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<KvmError> for migrate_core::BackendError {
+    /// The error as the core's backend error, of the kind a caller can act
+    /// on, with the KVM error kept as its source.
+    fn from(e: KvmError) -> Self {
+        use migrate_core::BackendErrorKind as Kind;
+        let kind = match &e {
+            KvmError::PauseTimeout(_) => Kind::InvalidState,
+            KvmError::Open(_) => Kind::Unsupported,
+            KvmError::Unaligned { .. } | KvmError::Layout(_) | KvmError::Config(_) => {
+                Kind::InvalidArgument
+            }
+            _ => Kind::Io,
+        };
+        migrate_core::BackendError::with_source(kind, e.to_string(), e)
+    }
 }

@@ -1,34 +1,16 @@
 //! Guest memory registered with KVM, its dirty log, and page access.
 
-use crate::ring::DirtyRings;
-use crate::uffd::{self, Placed, Userfault};
+use crate::sys::{DirtyRings, GuestSlots, Placed, Slot, TrackedMemory, Userfault};
 use crate::KvmError;
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use kvm_ioctls::VmFd;
-use migrate_core::bitmap::DirtyBitmap;
-use migrate_core::page::{MemoryLayout, PageNum, PageSize, Region};
+use migrate_core::DirtyBitmap;
 use migrate_core::{BackendError, BackendErrorKind, DirtyTracker, PageSink, PageSource};
+use migrate_core::{MemoryLayout, PageNum, PageSize, Region};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MmapRegion,
-};
-
-/// Guest memory whose VMM-side writes are recorded in a dirty bitmap.
-pub type TrackedMemory = GuestMemoryMmap<AtomicBitmap>;
-
-/// One KVM memory slot.
-#[derive(Clone, Copy, Debug)]
-struct Slot {
-    index: u32,
-    /// Flags the slot keeps besides dirty logging.
-    flags: u32,
-    guest_addr: u64,
-    size: u64,
-    host_addr: u64,
-}
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
 /// A VM's guest memory as KVM knows it: the VMM's `GuestMemoryMmap`, each
 /// region one KVM slot, either registered here ([`KvmMemory::register`],
@@ -38,13 +20,10 @@ struct Slot {
 /// (device emulation, for instance) are tracked too: KVM's dirty log sees
 /// only the guest's own writes.
 pub struct KvmMemory {
-    vm: Arc<VmFd>,
-    memory: TrackedMemory,
+    /// The VM, the memory and its slots (registered here, and removed when
+    /// dropped, or adopted from the VMM).
+    mapped: GuestSlots,
     layout: MemoryLayout,
-    slots: Vec<Slot>,
-    /// Whether this struct registered the slots (and so removes them when
-    /// dropped) or adopted the VMM's.
-    owns_slots: bool,
     /// Pages reported by KVM but not yet collected (KVM clears its log on
     /// every read, so a peek keeps what it read here).
     pending: Mutex<Pending>,
@@ -83,7 +62,7 @@ impl KvmMemory {
     pub fn register(vm: Arc<VmFd>, memory: TrackedMemory) -> Result<Self, KvmError> {
         let ids: Vec<u32> = (0..memory.num_regions() as u32).collect();
         let this = Self::describe(vm, memory, &ids, true)?;
-        for s in &this.slots {
+        for s in this.mapped.slots() {
             this.set_slot(s, 0)?;
         }
         Ok(this)
@@ -128,7 +107,7 @@ impl KvmMemory {
             )));
         }
         let mut this = Self::describe(vm, memory, &slot_ids, false)?;
-        for (s, (_, flags)) in this.slots.iter_mut().zip(slots) {
+        for (s, (_, flags)) in this.mapped.slots_mut().iter_mut().zip(slots) {
             s.flags = *flags & !KVM_MEM_LOG_DIRTY_PAGES;
         }
         Ok(this)
@@ -171,31 +150,14 @@ impl KvmMemory {
             postcopy: Mutex::new(None),
             rings: Mutex::new(None),
             vmm_writes: AtomicBool::new(true),
-            vm,
-            memory,
+            mapped: GuestSlots::new(vm, memory, slots, owns_slots),
             layout,
-            slots,
-            owns_slots,
         })
     }
 
     /// Sets the slot's flags: its own, plus `extra` (dirty logging or 0).
     fn set_slot(&self, s: &Slot, extra: u32) -> Result<(), KvmError> {
-        let region = kvm_userspace_memory_region {
-            slot: s.index,
-            guest_phys_addr: s.guest_addr,
-            memory_size: s.size,
-            userspace_addr: s.host_addr,
-            flags: s.flags | extra,
-        };
-        // The mapping `host_addr..host_addr + size` is a region of
-        // `self.memory`, owned by this struct and dropped only with it.
-        // SAFETY: the slot points at a live mapping that outlives its use
-        // by this VM; KVM reads and writes it only as guest memory.
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| KvmError::Ioctl {
-            op: "KVM_SET_USER_MEMORY_REGION",
-            source: e,
-        })
+        self.mapped.set_slot(s, extra)
     }
 
     /// The layout.
@@ -205,7 +167,7 @@ impl KvmMemory {
 
     /// The VMM's guest memory.
     pub fn guest_memory(&self) -> &TrackedMemory {
-        &self.memory
+        self.mapped.memory()
     }
 
     fn lock(&self) -> MutexGuard<'_, Pending> {
@@ -237,11 +199,13 @@ impl KvmMemory {
             op: "open a userfaultfd",
             source: e,
         })?;
-        for s in &self.slots {
-            uffd::drop_pages(s.host_addr, s.size).map_err(|e| KvmError::Userfault {
-                op: "drop the destination's pages",
-                source: e,
-            })?;
+        for s in self.mapped.slots() {
+            self.mapped
+                .drop_pages(s.host_addr, s.size)
+                .map_err(|e| KvmError::Userfault {
+                    op: "drop the destination's pages",
+                    source: e,
+                })?;
             uffd.register(s.host_addr, s.size)
                 .map_err(|e| KvmError::Userfault {
                     op: "UFFDIO_REGISTER",
@@ -279,7 +243,7 @@ impl KvmMemory {
                 "{missing} pages are still missing; post-copy cannot end"
             )));
         }
-        for s in &self.slots {
+        for s in self.mapped.slots() {
             state
                 .uffd
                 .unregister(s.host_addr, s.size)
@@ -299,7 +263,8 @@ impl KvmMemory {
 
     /// The guest page at host address `addr`, if it is guest memory.
     pub(crate) fn page_at_host(&self, addr: u64) -> Option<PageNum> {
-        self.slots
+        self.mapped
+            .slots()
             .iter()
             .find(|s| addr >= s.host_addr && addr - s.host_addr < s.size)
             .map(|s| (s.guest_addr + (addr - s.host_addr)) >> 12)
@@ -308,7 +273,8 @@ impl KvmMemory {
     /// The host address of guest page `page`.
     fn host_of(&self, page: PageNum) -> Result<u64, BackendError> {
         let gpa = page << 12;
-        self.slots
+        self.mapped
+            .slots()
             .iter()
             .find(|s| gpa >= s.guest_addr && gpa - s.guest_addr < s.size)
             .map(|s| s.host_addr + (gpa - s.guest_addr))
@@ -341,10 +307,15 @@ impl KvmMemory {
             }
             // Present: an ordinary write reaches it without a fault.
             let zeros = [0u8; 4096];
-            self.memory
+            self.mapped
+                .memory()
                 .write_slice(data.unwrap_or(&zeros), a)
                 .map_err(|e| {
-                    BackendError::new(BackendErrorKind::Io, format!("write page {page:#x}: {e}"))
+                    BackendError::with_source(
+                        BackendErrorKind::Io,
+                        format!("write page {page:#x}: {e}"),
+                        e,
+                    )
                 })
         })())
     }
@@ -355,7 +326,7 @@ impl KvmMemory {
         let mut pending = self.lock();
         let mut rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = rings.as_mut() {
-            let slots = &self.slots;
+            let slots = self.mapped.slots();
             r.collect(|slot, offset| {
                 // The low 16 bits are the slot, the high its address space.
                 let id = slot & 0xffff;
@@ -365,10 +336,10 @@ impl KvmMemory {
                     }
                 }
             })
-            .map_err(|e| BackendError::new(BackendErrorKind::Io, e.to_string()))?;
+            .map_err(BackendError::from)?;
         }
         let vmm_writes = self.vmm_writes.load(Ordering::Relaxed);
-        for (s, region) in self.slots.iter().zip(self.memory.iter()) {
+        for (s, region) in self.mapped.slots().iter().zip(self.mapped.memory().iter()) {
             let first = s.guest_addr >> 12;
             if vmm_writes {
                 let mapping: &MmapRegion<AtomicBitmap> = region;
@@ -378,7 +349,8 @@ impl KvmMemory {
                 continue;
             }
             let words = self
-                .vm
+                .mapped
+                .vm()
                 .get_dirty_log(s.index, s.size as usize)
                 .map_err(|e| {
                     BackendError::new(
@@ -484,10 +456,10 @@ pub struct KvmDirtyTracker(pub Arc<KvmMemory>);
 
 impl DirtyTracker for KvmDirtyTracker {
     fn start(&mut self) -> Result<(), BackendError> {
-        for s in &self.0.slots {
+        for s in self.0.mapped.slots() {
             self.0
                 .set_slot(s, KVM_MEM_LOG_DIRTY_PAGES)
-                .map_err(|e| BackendError::new(BackendErrorKind::Io, e.to_string()))?;
+                .map_err(BackendError::from)?;
         }
         self.0.fetch()?;
         self.0.lock().clear();
@@ -509,10 +481,8 @@ impl DirtyTracker for KvmDirtyTracker {
     }
 
     fn stop(&mut self) -> Result<(), BackendError> {
-        for s in &self.0.slots {
-            self.0
-                .set_slot(s, 0)
-                .map_err(|e| BackendError::new(BackendErrorKind::Io, e.to_string()))?;
+        for s in self.0.mapped.slots() {
+            self.0.set_slot(s, 0).map_err(BackendError::from)?;
         }
         self.0.lock().clear();
         Ok(())
@@ -547,8 +517,8 @@ impl PageSource for KvmPages {
         }
         for (p, chunk) in pages.iter().zip(out.chunks_exact_mut(4096)) {
             let a = self.0.addr(*p)?;
-            self.0.memory.read_slice(chunk, a).map_err(|e| {
-                BackendError::new(BackendErrorKind::Io, format!("read page {p:#x}: {e}"))
+            self.0.mapped.memory().read_slice(chunk, a).map_err(|e| {
+                BackendError::with_source(BackendErrorKind::Io, format!("read page {p:#x}: {e}"), e)
             })?;
         }
         Ok(())
@@ -571,8 +541,12 @@ impl PageSink for KvmPages {
         if let Some(r) = self.0.place(page, Some(data)) {
             return r;
         }
-        self.0.memory.write_slice(data, a).map_err(|e| {
-            BackendError::new(BackendErrorKind::Io, format!("write page {page:#x}: {e}"))
+        self.0.mapped.memory().write_slice(data, a).map_err(|e| {
+            BackendError::with_source(
+                BackendErrorKind::Io,
+                format!("write page {page:#x}: {e}"),
+                e,
+            )
         })
     }
 
@@ -587,12 +561,16 @@ impl PageSink for KvmPages {
             return r;
         }
         let io = |e: vm_memory::GuestMemoryError| {
-            BackendError::new(BackendErrorKind::Io, format!("page {page:#x}: {e}"))
+            BackendError::with_source(BackendErrorKind::Io, format!("page {page:#x}: {e}"), e)
         };
         let mut now = [0u8; 4096];
-        self.0.memory.read_slice(&mut now, a).map_err(io)?;
+        self.0.mapped.memory().read_slice(&mut now, a).map_err(io)?;
         if !migrate_core::digest::is_zero_page(&now) {
-            self.0.memory.write_slice(&[0u8; 4096], a).map_err(io)?;
+            self.0
+                .mapped
+                .memory()
+                .write_slice(&[0u8; 4096], a)
+                .map_err(io)?;
         }
         Ok(())
     }
@@ -618,9 +596,11 @@ impl PageSink for KvmPages {
             ));
         };
         let mut run: Option<(u64, u64, u64)> = None; // (first page, host, pages)
+        let mapped = &self.0.mapped;
         let flush = |r: Option<(u64, u64, u64)>| -> Result<(), BackendError> {
             match r {
-                Some((first, host, n)) => uffd::drop_pages(host, n * 4096)
+                Some((first, host, n)) => mapped
+                    .drop_pages(host, n * 4096)
                     .map_err(|e| BackendError::io(format!("discard pages from {first:#x}"), e)),
                 None => Ok(()),
             }
@@ -642,63 +622,3 @@ impl PageSink for KvmPages {
         flush(run)
     }
 }
-
-impl Drop for KvmMemory {
-    /// Removes the slots this struct registered before its mapping can go:
-    /// once KVM has deleted a slot, no vCPU reaches that memory, whether or
-    /// not the VMM stopped its vCPUs first. Adopted slots stay the VMM's.
-    fn drop(&mut self) {
-        if !self.owns_slots {
-            return;
-        }
-        for s in &self.slots {
-            let region = kvm_userspace_memory_region {
-                slot: s.index,
-                guest_phys_addr: s.guest_addr,
-                memory_size: 0,
-                userspace_addr: s.host_addr,
-                flags: 0,
-            };
-            // SAFETY: a size of 0 deletes the slot; KVM stops using the
-            // mapping before the ioctl returns and does not touch it again.
-            if let Err(e) = unsafe { self.vm.set_user_memory_region(region) } {
-                tracing::warn!(slot = s.index, error = %e, "could not remove a memory slot");
-            }
-        }
-    }
-}
-
-/// Asks the kernel to back `memory` with transparent huge pages
-/// (`madvise(MADV_HUGEPAGE)` on each region), as QEMU does for guest RAM:
-/// a first touch then costs one fault per 2 MiB rather than per 4 KiB.
-/// KVM's dirty log stays exact per 4 KiB page: while a slot logs dirty
-/// pages, KVM maps it at 4 KiB in the guest's page tables. Returns how
-/// many bytes were advised. A host where THP is off ("never") refuses
-/// the advice; that is an error here, so a caller can tell.
-pub fn advise_huge_pages(memory: &TrackedMemory) -> Result<u64, KvmError> {
-    let mut bytes = 0;
-    for r in memory.iter() {
-        let (addr, len) = (r.as_ptr() as usize, r.len() as usize);
-        // Whole 2 MiB pages only: advise the aligned middle of the region.
-        let start = addr.next_multiple_of(HUGE_PAGE);
-        let end = (addr + len) / HUGE_PAGE * HUGE_PAGE;
-        if end <= start {
-            continue;
-        }
-        // SAFETY: the range lies inside a mapping `memory` owns and keeps;
-        // MADV_HUGEPAGE changes how the kernel backs it, not its contents.
-        let rc =
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-        if rc != 0 {
-            return Err(KvmError::Config(format!(
-                "madvise(MADV_HUGEPAGE): {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        bytes += (end - start) as u64;
-    }
-    Ok(bytes)
-}
-
-/// A transparent huge page on x86-64.
-const HUGE_PAGE: usize = 2 << 20;

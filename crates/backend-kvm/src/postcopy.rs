@@ -16,8 +16,8 @@ use crate::memory::KvmMemory;
 use crate::{KvmControl, KvmError};
 use migrate_core::driver::{run_destination, run_destination_serving, Faults};
 use migrate_core::{
-    BackendError, BackendErrorKind, Clock, DestinationEngine, DestinationReport, GuestControl,
-    MigrationError, PageSink, PageSource, Transport,
+    BackendError, Clock, DestinationEngine, DestinationReport, GuestControl, MigrationError,
+    PageSink, PageSource, Transport,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver};
@@ -143,7 +143,7 @@ where
     let backend = |op: &'static str| {
         move |e: KvmError| MigrationError::Backend {
             op,
-            source: BackendError::new(BackendErrorKind::Io, e.to_string()),
+            source: BackendError::from(e),
         }
     };
     let (handler, faults) =

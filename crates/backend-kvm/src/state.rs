@@ -248,12 +248,7 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState, caps: &VcpuCaps) -> Result<(), K
     fd.set_sregs(&s.sregs).map_err(ioctl("KVM_SET_SREGS"))?;
     fd.set_regs(&s.regs).map_err(ioctl("KVM_SET_REGS"))?;
     match &s.xsave {
-        Some(x) if caps.xsave_legacy => {
-            // SAFETY: `caps.xsave_legacy` says this host's XSAVE state fits
-            // the 4 KiB `kvm_xsave` (KVM_CAP_XSAVE2 <= 4096), so the ioctl
-            // reads no further than the struct we pass.
-            unsafe { fd.set_xsave(x) }.map_err(ioctl("KVM_SET_XSAVE"))?
-        }
+        Some(x) if caps.xsave_legacy => crate::sys::set_xsave_legacy(fd, x, caps.xsave_legacy)?,
         _ => fd.set_fpu(&s.fpu.to_kvm()).map_err(ioctl("KVM_SET_FPU"))?,
     }
     if let Some(x) = &s.xcrs {
@@ -327,9 +322,10 @@ pub fn decode_guest(state: &DeviceState, vcpus: usize) -> Result<GuestState, Bac
         ));
     }
     let g: GuestState = serde_json::from_slice(&state.data).map_err(|e| {
-        BackendError::new(
+        BackendError::with_source(
             BackendErrorKind::IncompatibleState,
             format!("bad kvm state: {e}"),
+            e,
         )
     })?;
     if g.vcpus.len() != vcpus {
@@ -339,4 +335,21 @@ pub fn decode_guest(state: &DeviceState, vcpus: usize) -> Result<GuestState, Bac
         ));
     }
     Ok(g)
+}
+
+/// The CPUID a VMM gives vCPU `id`: the host's supported entries
+/// (`Kvm::get_supported_cpuid`) with this vCPU's own APIC IDs, the initial
+/// APIC ID in leaf 1's EBX\[31:24\] and the x2APIC ID in EDX of leaves 0xb
+/// and 0x1f. Guests find their CPU number there, and a restored guest
+/// must see the same numbers as on its source.
+pub fn vcpu_cpuid(supported: &kvm_bindings::CpuId, id: u32) -> kvm_bindings::CpuId {
+    let mut own = supported.clone();
+    for e in own.as_mut_slice() {
+        match e.function {
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
+            0xb | 0x1f => e.edx = id,
+            _ => {}
+        }
+    }
+    own
 }

@@ -25,7 +25,6 @@ use crate::guest::{SimControl, SimGuest, SimPages, SimTracker};
 use crate::memory::MemoryMode;
 use crate::workload::{WorkloadKind, WorkloadSpec};
 use arbitrary::Arbitrary;
-use migrate_core::engine::{DestStatus, DestinationEngine, EngineConfig, SourceEngine, SourceStep};
 use migrate_core::protocol::{Decoder, RecordType};
 use migrate_core::transport::TransportError;
 use migrate_core::{
@@ -33,6 +32,7 @@ use migrate_core::{
     MigrationError, PageNum, PageSize, PageSource, Policy, PostCopy, Precopy, PrecopyConfig,
     StopAndCopy, VirtualClock,
 };
+use migrate_core::{DestStatus, DestinationEngine, EngineConfig, SourceEngine, SourceStep};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -211,9 +211,10 @@ fn policy(n: u8) -> Box<dyn Policy> {
         0 => Box::new(Precopy::default()),
         1 => Box::new(PostCopy::default()),
         2 => Box::new(StopAndCopy),
-        3 => Box::new(Hybrid::new(HybridConfig {
-            precopy: eager_switch(),
-            ..HybridConfig::default()
+        3 => Box::new(Hybrid::new({
+            let mut v = HybridConfig::default();
+            v.precopy = eager_switch();
+            v
         })),
         _ => Box::new(Hca::default()),
     }
@@ -223,10 +224,11 @@ fn policy(n: u8) -> Box<dyn Policy> {
 /// rounds: the hybrid run then switches to post-copy with stale pages to
 /// discard.
 fn eager_switch() -> PrecopyConfig {
-    PrecopyConfig {
-        downtime_target: Duration::ZERO,
-        max_rounds: 2,
-        ..PrecopyConfig::default()
+    {
+        let mut v = PrecopyConfig::default();
+        v.downtime_target = Duration::ZERO;
+        v.max_rounds = 2;
+        v
     }
 }
 
@@ -247,10 +249,11 @@ fn workload() -> WorkloadSpec {
 }
 
 fn config() -> EngineConfig {
-    EngineConfig {
-        batch_pages: 8,
-        postcopy_batch_pages: 4,
-        ..EngineConfig::default()
+    {
+        let mut v = EngineConfig::default();
+        v.batch_pages = 8;
+        v.postcopy_batch_pages = 4;
+        v
     }
 }
 
@@ -410,7 +413,7 @@ pub fn source(input: &StreamInput) {
         };
         let deliver = match step {
             SourceStep::Done => break,
-            SourceStep::Send(_) => next.len() > 0 && steps % 4 == 0,
+            SourceStep::Send(_) => next.len() > 0 && steps.is_multiple_of(4),
             SourceStep::Wait => true,
         };
         if !deliver {

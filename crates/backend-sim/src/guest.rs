@@ -9,13 +9,13 @@
 
 use crate::memory::{MemoryMode, SimMemory};
 use crate::workload::{Access, WorkloadError, WorkloadGen, WorkloadSpec};
-use migrate_core::bitmap::DirtyBitmap;
 use migrate_core::digest::{digest_memory, MemoryDigest};
-use migrate_core::page::{MemoryLayout, PageNum};
+use migrate_core::DirtyBitmap;
 use migrate_core::{
     BackendError, BackendErrorKind, Clock, DeviceState, DirtyTracker, GuestControl, PageSink,
     PageSource,
 };
+use migrate_core::{MemoryLayout, PageNum};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 

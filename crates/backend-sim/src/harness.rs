@@ -15,12 +15,12 @@
 use crate::guest::SimGuest;
 use crate::memory::MemoryMode;
 use crate::workload::{WorkloadError, WorkloadSpec};
-use migrate_core::engine::{
-    DestStatus, DestinationEngine, DestinationReport, EngineConfig, SourceEngine, SourceStep,
-};
-use migrate_core::page::{MemoryLayout, PageNum};
 use migrate_core::protocol::abort_frame;
 use migrate_core::{Clock, GuestControl, MigrationError, MigrationStats, Policy, VirtualClock};
+use migrate_core::{
+    DestStatus, DestinationEngine, DestinationReport, EngineConfig, SourceEngine, SourceStep,
+};
+use migrate_core::{MemoryLayout, PageNum};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
@@ -94,6 +94,7 @@ pub enum SimError {
 
 /// The outcome of a simulated migration.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct SimReport {
     /// The source's statistics.
     pub stats: MigrationStats,

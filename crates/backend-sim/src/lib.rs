@@ -46,16 +46,19 @@
 //! ```
 
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
-pub mod fault;
+mod fault;
 pub mod fuzzing;
-pub mod guest;
-pub mod harness;
-pub mod memory;
-pub mod workload;
+mod guest;
+mod harness;
+mod memory;
+mod workload;
 
 pub use fault::{Fault, FaultAt, FaultPlan, FaultyTransport};
-pub use guest::{FaultRecord, SimControl, SimGuest, SimPages, SimTracker};
+pub use guest::{
+    FaultRecord, SimControl, SimGuest, SimPages, SimTracker, STATE_FORMAT, STATE_VERSION,
+};
 pub use harness::{simulate, Link, SimConfig, SimError, SimReport};
 pub use memory::{MemoryMode, SimMemory};
 pub use workload::{WorkloadGen, WorkloadKind, WorkloadSpec};

@@ -8,8 +8,8 @@
 //! the version (8 bytes), then zeros. A page written to compact memory
 //! must have that shape.
 
-use migrate_core::page::{MemoryLayout, PageNum};
 use migrate_core::{BackendError, BackendErrorKind};
+use migrate_core::{MemoryLayout, PageNum};
 
 /// How simulated memory is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -84,8 +84,8 @@ fn restoring_an_impossible_state_is_refused_promptly() {
         let mut data = index.to_le_bytes().to_vec();
         data.extend_from_slice(&guest_ns.to_le_bytes());
         let state = DeviceState {
-            format: backend_sim::guest::STATE_FORMAT.into(),
-            version: backend_sim::guest::STATE_VERSION,
+            format: backend_sim::STATE_FORMAT.into(),
+            version: backend_sim::STATE_VERSION,
             data,
         };
         let started = std::time::Instant::now();
@@ -97,8 +97,8 @@ fn restoring_an_impossible_state_is_refused_promptly() {
     let mut data = 10u64.to_le_bytes().to_vec();
     data.extend_from_slice(&1_000_000_000u64.to_le_bytes());
     let state = DeviceState {
-        format: backend_sim::guest::STATE_FORMAT.into(),
-        version: backend_sim::guest::STATE_VERSION,
+        format: backend_sim::STATE_FORMAT.into(),
+        version: backend_sim::STATE_VERSION,
         data,
     };
     dst.control().restore_state(&state).unwrap();

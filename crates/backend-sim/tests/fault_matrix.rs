@@ -21,13 +21,13 @@ use backend_sim::{
     Fault, FaultAt, FaultPlan, FaultyTransport, MemoryMode, SimGuest, WorkloadKind, WorkloadSpec,
 };
 use migrate_core::driver::{run_destination, run_source};
-use migrate_core::engine::{DestinationEngine, EngineConfig, SourceEngine};
 use migrate_core::transport::StreamTransport;
 use migrate_core::{
     BackendError, Clock, DeviceState, ErrorKind, GuestControl, Hca, Hybrid, HybridConfig,
     MemoryLayout, PageNum, PageSink, PageSize, PageSource, Policy, PostCopy, Precopy,
     PrecopyConfig, StopAndCopy, SystemClock,
 };
+use migrate_core::{DestinationEngine, EngineConfig, SourceEngine};
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
@@ -251,22 +251,25 @@ impl PolicyKind {
     fn make(self) -> Box<dyn Policy> {
         match self {
             // Three rounds at least, for more frames before the switch.
-            PolicyKind::Precopy => Box::new(Precopy::new(PrecopyConfig {
-                downtime_target: Duration::ZERO,
-                max_rounds: 3,
-                ..PrecopyConfig::default()
+            PolicyKind::Precopy => Box::new(Precopy::new({
+                let mut v = PrecopyConfig::default();
+                v.downtime_target = Duration::ZERO;
+                v.max_rounds = 3;
+                v
             })),
             PolicyKind::PostCopy => Box::new(PostCopy::default()),
             PolicyKind::StopAndCopy => Box::new(StopAndCopy),
             // Switched to post-copy after two rounds, so that its
             // discards and post-copy push are under fault too.
-            PolicyKind::Hybrid => Box::new(Hybrid::new(HybridConfig {
-                precopy: PrecopyConfig {
-                    downtime_target: Duration::ZERO,
-                    max_rounds: 2,
-                    ..PrecopyConfig::default()
-                },
-                ..HybridConfig::default()
+            PolicyKind::Hybrid => Box::new(Hybrid::new({
+                let mut v = HybridConfig::default();
+                v.precopy = {
+                    let mut v = PrecopyConfig::default();
+                    v.downtime_target = Duration::ZERO;
+                    v.max_rounds = 2;
+                    v
+                };
+                v
             })),
             PolicyKind::Hca => Box::new(Hca::default()),
         }
@@ -346,10 +349,11 @@ fn run_once(policy: PolicyKind, plan: Option<(Dir, FaultPlan)>) -> Outcome {
     let source = {
         let (g, o, c) = (src.clone(), oracle.clone(), clock);
         std::thread::spawn(move || {
-            let config = EngineConfig {
-                batch_pages: 32,
-                postcopy_batch_pages: 16,
-                ..EngineConfig::default()
+            let config = {
+                let mut v = EngineConfig::default();
+                v.batch_pages = 32;
+                v.postcopy_batch_pages = 16;
+                v
             };
             let mut e = SourceEngine::new(
                 g.tracker(),

@@ -8,8 +8,8 @@ use backend_sim::{
 };
 use migrate_core::{
     BackendErrorKind, Clock, EngineConfig, GuestControl, Hca, HcaConfig, Hybrid, MemoryLayout,
-    PageNum, PageSink, PageSize, Policy, PostCopy, Precopy, Prepaging, StopAndCopy, SwitchReason,
-    VirtualClock,
+    PageNum, PageSink, PageSize, Policy, PolicyConfig, PolicyKind, PostCopy, Precopy, Prepaging,
+    SwitchReason, VirtualClock,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,7 +106,10 @@ fn postcopy_sends_every_page_exactly_once() {
     assert!(r.stats.downtime.abs_diff(r.true_downtime) < Duration::from_micros(10));
     assert!(pc.vcpu_stall > r.stats.downtime);
     assert!(pc.bytes > 0 && pc.bytes < r.stats.transferred);
-    assert_eq!(r.stats.to_json()["postcopy-requests"], pc.requests);
+    assert_eq!(
+        serde_json::to_value(&r.stats).expect("statistics as JSON")["postcopy-requests"],
+        pc.requests
+    );
 }
 
 #[test]
@@ -163,9 +166,10 @@ fn hca_holds_hot_pages_back_in_its_middle_rounds() {
     let held = run(
         256 * MIB,
         w.clone(),
-        Box::new(Hca::new(HcaConfig {
-            hot_pass: false,
-            ..HcaConfig::default()
+        Box::new(Hca::new({
+            let mut v = HcaConfig::default();
+            v.hot_pass = false;
+            v
         })),
     );
     let pre = run(256 * MIB, w, Box::new(Precopy::default()));
@@ -290,24 +294,8 @@ fn hybrid_that_converges_finishes_as_precopy() {
 #[test]
 fn every_policy_on_every_workload_verifies() {
     let kinds = ["idle", "uniform", "hotcold", "zipf", "sequential", "phased"];
-    type MakePolicy = fn() -> Box<dyn Policy>;
-    let policies: Vec<(&str, MakePolicy)> = vec![
-        ("precopy", || Box::new(Precopy::default())),
-        ("stop-and-copy", || Box::new(StopAndCopy)),
-        ("postcopy-sequential", || {
-            Box::new(PostCopy::new(Prepaging::Sequential))
-        }),
-        ("postcopy-bubble", || {
-            Box::new(PostCopy::new(Prepaging::Bubble { both_ways: true }))
-        }),
-        ("postcopy-multi", || {
-            Box::new(PostCopy::new(Prepaging::MultiPivot { k: 7 }))
-        }),
-        ("hybrid", || Box::new(Hybrid::default())),
-        ("hca", || Box::new(Hca::default())),
-    ];
     for kind in kinds {
-        for (name, make) in &policies {
+        for policy in PolicyKind::COMPARED {
             for mode in [MemoryMode::Bytes, MemoryMode::Compact] {
                 let mut k: WorkloadKind = kind.parse().unwrap();
                 if let WorkloadKind::Phased { phase } = &mut k {
@@ -317,10 +305,13 @@ fn every_policy_on_every_workload_verifies() {
                 w.zero_fraction = 0.1;
                 w.reads_per_write = 1.0;
                 w.wss_offset = 1000;
-                let r = run_on(16 * MIB, mode, w, make());
-                assert!(r.stats.downtime > Duration::ZERO, "{kind} {name} {mode:?}");
-                if name.starts_with("postcopy") {
-                    assert_eq!(r.stats.total_pages_sent, 16 * MIB / 4096, "{kind} {name}");
+                let r = run_on(16 * MIB, mode, w, policy.build(&PolicyConfig::default()));
+                assert!(
+                    r.stats.downtime > Duration::ZERO,
+                    "{kind} {policy} {mode:?}"
+                );
+                if let PolicyKind::PostCopy(_) = policy {
+                    assert_eq!(r.stats.total_pages_sent, 16 * MIB / 4096, "{kind} {policy}");
                 }
             }
         }
@@ -336,7 +327,7 @@ fn postcopy_statistics_print_in_both_dialects() {
     assert!(text.contains("postcopy-requests: "), "{text}");
     assert!(text.contains("fault latency: p50 "), "{text}");
     assert!(text.contains("not part of downtime"), "{text}");
-    let j = r.stats.to_json();
+    let j = serde_json::to_value(&r.stats).expect("statistics as JSON");
     assert!(j["postcopy"]["fault-latency-p99-ms"].as_f64().unwrap() > 0.0);
     assert!(j["postcopy"]["vcpu-stall-ms"].as_f64().unwrap() > 0.0);
 }

@@ -4,7 +4,8 @@
 
 use backend_sim::{simulate, Link, MemoryMode, SimConfig, SimReport, WorkloadKind, WorkloadSpec};
 use migrate_core::{
-    EngineConfig, MemoryLayout, PageSize, Policy, Precopy, PrecopyConfig, StopAndCopy, SwitchReason,
+    EngineConfig, MemoryLayout, PageSize, Policy, PolicyConfig, PolicyKind, Precopy, PrecopyConfig,
+    StopAndCopy, SwitchReason,
 };
 use std::time::Duration;
 
@@ -147,7 +148,10 @@ fn dirty_rate_above_bandwidth_does_not_converge_and_still_verifies() {
     );
     assert_eq!(r.stats.switch_reason, SwitchReason::NoProgress);
     assert!(r.stats.to_string().contains("did not converge"));
-    assert_eq!(r.stats.to_json()["converged"], false);
+    assert_eq!(
+        serde_json::to_value(&r.stats).expect("statistics as JSON")["converged"],
+        false
+    );
     // The final copy is most of the working set: far above the target.
     assert!(r.stats.downtime > Duration::from_millis(300));
 }
@@ -158,12 +162,13 @@ fn round_limit_and_transfer_limit_stop_pre_copy() {
     let pages = mem / 4096;
     // Only the limit under test can end pre-copy: no downtime target is
     // met, no round counts as a stall.
-    let cfg = PrecopyConfig {
-        max_rounds: 3,
-        downtime_target: Duration::from_nanos(1),
-        max_transfer_factor: 100.0,
-        progress_ratio: 2.0,
-        ..PrecopyConfig::default()
+    let cfg = {
+        let mut v = PrecopyConfig::default();
+        v.max_rounds = 3;
+        v.downtime_target = Duration::from_nanos(1);
+        v.max_transfer_factor = 100.0;
+        v.progress_ratio = 2.0;
+        v
     };
     let r = run(
         mem,
@@ -174,12 +179,13 @@ fn round_limit_and_transfer_limit_stop_pre_copy() {
     );
     assert_eq!(r.stats.switch_reason, SwitchReason::MaxRounds);
     assert_eq!(r.stats.precopy_rounds(), 3);
-    let cfg = PrecopyConfig {
-        max_transfer_factor: 1.5,
-        max_rounds: 1000,
-        downtime_target: Duration::from_nanos(1),
-        progress_ratio: 2.0,
-        ..PrecopyConfig::default()
+    let cfg = {
+        let mut v = PrecopyConfig::default();
+        v.max_transfer_factor = 1.5;
+        v.max_rounds = 1000;
+        v.downtime_target = Duration::from_nanos(1);
+        v.progress_ratio = 2.0;
+        v
     };
     let r = run(
         mem,
@@ -246,9 +252,10 @@ fn uniform_writes_shrink_rounds_geometrically() {
     let lambda = 0.05;
     let bw = GBIT;
     let writes = lambda * bw / 8.0 / 4096.0;
-    let cfg = PrecopyConfig {
-        downtime_target: Duration::from_micros(1),
-        ..PrecopyConfig::default()
+    let cfg = {
+        let mut v = PrecopyConfig::default();
+        v.downtime_target = Duration::from_micros(1);
+        v
     };
     let r = run(
         mem,
@@ -289,7 +296,10 @@ fn same_seed_same_statistics_different_seed_different() {
     };
     let (a, b, c) = (go(9), go(9), go(10));
     assert_eq!(a.stats, b.stats, "same seed must give identical statistics");
-    assert_eq!(a.stats.to_json(), b.stats.to_json());
+    assert_eq!(
+        serde_json::to_value(&a.stats).expect("statistics as JSON"),
+        serde_json::to_value(&b.stats).expect("statistics as JSON")
+    );
     assert_ne!(a.stats, c.stats, "a different seed should change the run");
 }
 
@@ -320,12 +330,9 @@ fn zero_pages_travel_as_flags() {
 fn every_policy_on_every_workload_verifies() {
     let kinds = ["idle", "uniform", "hotcold", "zipf", "sequential", "phased"];
     for kind in kinds {
-        for policy in ["precopy", "stop-and-copy"] {
+        for policy in [PolicyKind::Precopy, PolicyKind::StopAndCopy] {
             for mode in [MemoryMode::Bytes, MemoryMode::Compact] {
-                let pol: Box<dyn Policy> = match policy {
-                    "precopy" => Box::new(Precopy::default()),
-                    _ => Box::new(StopAndCopy),
-                };
+                let pol = policy.build(&PolicyConfig::default());
                 let mut kind_v: WorkloadKind = kind.parse().unwrap();
                 if let WorkloadKind::Phased { phase } = &mut kind_v {
                     *phase = Duration::from_millis(50);
@@ -383,9 +390,10 @@ fn sent_content_verification_verifies_a_correct_migration() {
             workload: uniform(4096, 20_000.0, 4),
             link: Link::new(GBIT, Duration::from_millis(1)),
             policy,
-            engine: EngineConfig {
-                verify: migrate_core::SourceVerify::SentContent,
-                ..EngineConfig::default()
+            engine: {
+                let mut v = EngineConfig::default();
+                v.verify = migrate_core::SourceVerify::SentContent;
+                v
             },
             time_limit: Duration::from_secs(3600),
             resume_pages: Vec::new(),

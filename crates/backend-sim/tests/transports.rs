@@ -7,13 +7,13 @@ use backend_sim::{
 };
 use bytes::Bytes;
 use migrate_core::driver::{run_destination, run_source};
-use migrate_core::engine::{DestinationEngine, EngineConfig, SourceEngine, SourceVerify};
 use migrate_core::protocol::{ProtocolError, RecordType};
 use migrate_core::transport::{channel_pair, StreamTransport, Transport, TransportError};
 use migrate_core::{
     Clock, GuestControl, MemoryLayout, MigrationError, PageSize, Policy, PostCopy, Precopy,
     StopAndCopy, SystemClock,
 };
+use migrate_core::{DestinationEngine, EngineConfig, SourceEngine, SourceVerify};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
@@ -59,7 +59,7 @@ fn spawn_destination<T: Transport + 'static>(
     dst: &SimGuest,
     clock: &Arc<dyn Clock>,
     mut t: T,
-) -> std::thread::JoinHandle<Result<migrate_core::engine::DestinationReport, MigrationError>> {
+) -> std::thread::JoinHandle<Result<migrate_core::DestinationReport, MigrationError>> {
     let (d, c) = (dst.clone(), clock.clone());
     std::thread::spawn(move || {
         let mut e = DestinationEngine::new(d.pages(), d.control(), c);
@@ -385,7 +385,7 @@ fn lossy_migration(
     verify: SourceVerify,
 ) -> (
     Result<migrate_core::MigrationStats, MigrationError>,
-    Result<migrate_core::engine::DestinationReport, MigrationError>,
+    Result<migrate_core::DestinationReport, MigrationError>,
     SimGuest,
     SimGuest,
 ) {
@@ -400,9 +400,10 @@ fn lossy_migration(
     let (d, c) = (dst.clone(), clock.clone());
     let dest = spawn_destination(&d, &c, b);
     let mut t = a;
-    let config = EngineConfig {
-        verify,
-        ..EngineConfig::default()
+    let config = {
+        let mut v = EngineConfig::default();
+        v.verify = verify;
+        v
     };
     let mut e = SourceEngine::new(
         Lossy(src.tracker()),
@@ -443,7 +444,7 @@ fn sent_content_verification_trusts_the_tracker() {
 /// resumed, the two guests, and whether the source-side fault fired.
 type FaultyRun = (
     Result<migrate_core::MigrationStats, MigrationError>,
-    Result<migrate_core::engine::DestinationReport, MigrationError>,
+    Result<migrate_core::DestinationReport, MigrationError>,
     bool,
     SimGuest,
     SimGuest,
@@ -531,13 +532,15 @@ fn lost_discard_record_stops_the_postcopy_destination() {
     let policies: [fn() -> Box<dyn Policy>; 2] = [
         || Box::new(PostCopy::default()),
         || {
-            Box::new(migrate_core::Hybrid::new(migrate_core::HybridConfig {
-                precopy: migrate_core::PrecopyConfig {
-                    downtime_target: Duration::ZERO,
-                    max_rounds: 2,
-                    ..Default::default()
-                },
-                ..Default::default()
+            Box::new(migrate_core::Hybrid::new({
+                let mut v = migrate_core::HybridConfig::default();
+                v.precopy = {
+                    let mut v = migrate_core::PrecopyConfig::default();
+                    v.downtime_target = Duration::ZERO;
+                    v.max_rounds = 2;
+                    v
+                };
+                v
             }))
         },
     ];
@@ -700,13 +703,15 @@ fn postcopy_migrates_over_mutual_tls() {
 #[test]
 fn hybrid_migrates_over_mutual_tls() {
     // One pre-copy round, then post-copy: both phases cross TLS.
-    let stats = migrate_over_tls(migrate_core::Hybrid::new(migrate_core::HybridConfig {
-        precopy: migrate_core::PrecopyConfig {
-            downtime_target: Duration::ZERO,
-            max_rounds: 1,
-            ..Default::default()
-        },
-        ..Default::default()
+    let stats = migrate_over_tls(migrate_core::Hybrid::new({
+        let mut v = migrate_core::HybridConfig::default();
+        v.precopy = {
+            let mut v = migrate_core::PrecopyConfig::default();
+            v.downtime_target = Duration::ZERO;
+            v.max_rounds = 1;
+            v
+        };
+        v
     }));
     assert!(stats.postcopy.is_some(), "the hybrid switched to post-copy");
 }

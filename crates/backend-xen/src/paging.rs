@@ -18,6 +18,7 @@
 //! the hypervisor's error and the migration stops before the source
 //! pauses.
 
+use crate::frame::Gfn;
 use crate::sys;
 use crate::xc::{EventChannel, Mapping, Xen, XenError};
 use migrate_core::driver::Faults;
@@ -44,14 +45,14 @@ const PAGING_FLAGS: usize =
     offset_of!(sys::vm_event_st, u) + offset_of!(sys::vm_event_paging, flags);
 
 /// Entries a one-page ring holds: the largest power of two that fits.
-pub const RING_ENTRIES: u32 = {
+pub(crate) const RING_ENTRIES: u32 = {
     let n = (4096 - RING) / ENTRY;
     1 << (usize::BITS - 1 - n.leading_zeros())
 };
 
 /// A request taken from the ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Request {
+pub(crate) struct Request {
     /// The vCPU that touched the frame.
     pub vcpu: u32,
     /// `VM_EVENT_FLAG_*`; with `VCPU_PAUSED` the answer unpauses it.
@@ -65,7 +66,7 @@ pub struct Request {
 }
 
 /// Decodes one ring entry.
-pub fn decode_request(entry: &[u8]) -> Request {
+pub(crate) fn decode_request(entry: &[u8]) -> Request {
     let u32_at =
         |o: usize| u32::from_le_bytes([entry[o], entry[o + 1], entry[o + 2], entry[o + 3]]);
     let mut g = [0u8; 8];
@@ -81,7 +82,7 @@ pub fn decode_request(entry: &[u8]) -> Request {
 
 /// Encodes the answer to `req` as a ring entry: the frame is back, and a
 /// vCPU paused on it goes on.
-pub fn encode_response(req: &Request) -> Vec<u8> {
+pub(crate) fn encode_response(req: &Request) -> Vec<u8> {
     let mut e = vec![0u8; ENTRY];
     e[VERSION..VERSION + 4].copy_from_slice(&sys::VM_EVENT_INTERFACE_VERSION.to_le_bytes());
     e[FLAGS..FLAGS + 4]
@@ -248,30 +249,33 @@ impl Pager {
     }
 
     /// The guest frame of the ring page.
-    pub fn ring_gfn(&self) -> u64 {
-        self.ring_gfn
+    pub fn ring_gfn(&self) -> Gfn {
+        Gfn(self.ring_gfn)
     }
 
     /// Pages `gfn` out (a post-copy discard).
-    pub fn page_out(&self, gfn: u64) -> Result<(), XenError> {
+    pub fn page_out(&self, gfn: Gfn) -> Result<(), XenError> {
         let mut st = self.shared.lock();
+        let frame = gfn;
+        let gfn = gfn.0;
         if st.out.contains(&gfn) {
             return Ok(());
         }
-        self.shared.xen.page_out(self.shared.domid, gfn)?;
+        self.shared.xen.page_out(self.shared.domid, frame)?;
         st.out.insert(gfn);
         Ok(())
     }
 
     /// Whether `gfn` is paged out.
-    pub fn is_out(&self, gfn: u64) -> bool {
-        self.shared.lock().out.contains(&gfn)
+    pub fn is_out(&self, gfn: Gfn) -> bool {
+        self.shared.lock().out.contains(&gfn.0)
     }
 
     /// Pages `gfn` in with `data` and answers the requests waiting on it.
-    pub fn page_in(&self, gfn: u64, data: &[u8]) -> Result<(), XenError> {
+    pub fn page_in(&self, gfn: Gfn, data: &[u8]) -> Result<(), XenError> {
         let mut st = self.shared.lock();
         self.shared.xen.page_in(self.shared.domid, gfn, data)?;
+        let gfn = gfn.0;
         st.out.remove(&gfn);
         let waiting = st.waiting.remove(&gfn).unwrap_or_default();
         self.shared.respond(&mut st, &waiting)
@@ -322,16 +326,8 @@ impl Drop for Pager {
 }
 
 fn serve(shared: &Shared, stop: &AtomicBool, tx: &Sender<Faults>, clock: &dyn Clock) {
-    let fd = shared.evtchn.fd();
     while !stop.load(Ordering::Relaxed) {
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `p` is one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut p, 1, 50) };
-        if n > 0 && shared.evtchn.take().is_err() {
+        if shared.evtchn.wait(50) && shared.evtchn.take().is_err() {
             break;
         }
         match shared.take_requests() {

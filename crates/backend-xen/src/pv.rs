@@ -24,24 +24,24 @@ use migrate_core::{BackendError, BackendErrorKind, DeviceState};
 use std::mem::offset_of;
 
 /// Entries in one page of the p2m, or of a page table.
-pub const ENTRIES: usize = 512;
+pub(crate) const ENTRIES: usize = 512;
 /// Xen's "no frame".
-pub const INVALID_MFN: u64 = u64::MAX;
+pub(crate) const INVALID_MFN: u64 = u64::MAX;
 /// A p2m entry for a frame granted by another domain.
-pub const FOREIGN_FRAME_BIT: u64 = 1 << 63;
+pub(crate) const FOREIGN_FRAME_BIT: u64 = 1 << 63;
 /// A p2m entry for an identity-mapped (I/O) frame.
-pub const IDENTITY_FRAME_BIT: u64 = 1 << 62;
+pub(crate) const IDENTITY_FRAME_BIT: u64 = 1 << 62;
 /// The frame bits of a page-table entry (bits 12 to 51).
-pub const PTE_FRAME_MASK: u64 = 0x000f_ffff_ffff_f000;
+pub(crate) const PTE_FRAME_MASK: u64 = 0x000f_ffff_ffff_f000;
 const PTE_PRESENT: u64 = 1;
 const PTE_PSE: u64 = 1 << 7;
 /// The slots of a 64-bit PV guest's top-level table that belong to the
 /// hypervisor (Xen fills them when the table is pinned).
-pub const XEN_L4_SLOTS: std::ops::RangeInclusive<usize> = 256..=271;
+pub(crate) const XEN_L4_SLOTS: std::ops::RangeInclusive<usize> = 256..=271;
 
 /// The page-table level of a page type from `xc_get_pfn_type_batch`
 /// (1 to 4), or `None` for a page that is not a page table.
-pub fn table_level(page_type: u32) -> Option<u8> {
+pub(crate) fn table_level(page_type: u32) -> Option<u8> {
     match page_type & sys::XEN_DOMCTL_PFINFO_LTABTYPE_MASK {
         sys::XEN_DOMCTL_PFINFO_L1TAB => Some(1),
         sys::XEN_DOMCTL_PFINFO_L2TAB => Some(2),
@@ -53,7 +53,7 @@ pub fn table_level(page_type: u32) -> Option<u8> {
 
 /// Whether a page type says the frame is not usable memory (invalid,
 /// allocate-only or broken).
-pub fn unusable(page_type: u32) -> bool {
+pub(crate) fn unusable(page_type: u32) -> bool {
     // These use bit 31 too, which for a page table means pinned.
     page_type == sys::XEN_DOMCTL_PFINFO_XTAB
         || page_type == sys::XEN_DOMCTL_PFINFO_XALLOC
@@ -61,12 +61,12 @@ pub fn unusable(page_type: u32) -> bool {
 }
 
 /// Whether a page type says the page table is pinned.
-pub fn pinned(page_type: u32) -> bool {
+pub(crate) fn pinned(page_type: u32) -> bool {
     page_type & sys::XEN_DOMCTL_PFINFO_LPINTAB != 0
 }
 
 /// The `MMUEXT_PIN_L*_TABLE` command for a level.
-pub fn pin_command(level: u8) -> u32 {
+pub(crate) fn pin_command(level: u8) -> u32 {
     match level {
         1 => sys::MMUEXT_PIN_L1_TABLE,
         2 => sys::MMUEXT_PIN_L2_TABLE,
@@ -77,7 +77,7 @@ pub fn pin_command(level: u8) -> u32 {
 
 /// The machine frame in a p2m entry, or `None` for an entry with no
 /// memory of the guest's own behind it (invalid, foreign or identity).
-pub fn p2m_entry_mfn(entry: u64) -> Option<u64> {
+pub(crate) fn p2m_entry_mfn(entry: u64) -> Option<u64> {
     if entry == INVALID_MFN || entry & (FOREIGN_FRAME_BIT | IDENTITY_FRAME_BIT) != 0 {
         None
     } else {
@@ -96,7 +96,7 @@ fn set_entry(page: &mut [u8], i: usize, v: u64) {
 }
 
 /// The entries of a page of frame numbers (a p2m page or a frame list).
-pub fn frame_entries(page: &[u8]) -> Vec<u64> {
+pub(crate) fn frame_entries(page: &[u8]) -> Vec<u64> {
     (0..page.len() / 8).map(|i| entry(page, i)).collect()
 }
 
@@ -108,7 +108,7 @@ pub fn frame_entries(page: &[u8]) -> Vec<u64> {
 /// cleared; the number of such entries is returned, and the page must be
 /// sent again before the end (a guest that suspends itself unmaps them).
 /// A superpage entry is an error: PV guests have none.
-pub fn canonicalise_table(
+pub(crate) fn canonicalise_table(
     page: &mut [u8],
     level: u8,
     m2p: &dyn Fn(u64) -> Option<u64>,
@@ -141,7 +141,7 @@ pub fn canonicalise_table(
 /// The inverse of [`canonicalise_table`] on the destination: every
 /// present entry's guest frame becomes the machine frame `p2m` gives; a
 /// guest frame the domain does not have is an error.
-pub fn localise_table(
+pub(crate) fn localise_table(
     page: &mut [u8],
     level: u8,
     p2m: &dyn Fn(u64) -> Option<u64>,
@@ -166,7 +166,7 @@ pub fn localise_table(
 /// Rewrites the valid entries of a page of the guest's p2m, which covers
 /// guest frames `first_pfn..first_pfn + 512`, to the destination's
 /// machine frames.
-pub fn localise_p2m_page(
+pub(crate) fn localise_p2m_page(
     page: &mut [u8],
     first_pfn: u64,
     p2m: &dyn Fn(u64) -> Option<u64>,
@@ -187,10 +187,10 @@ pub fn localise_p2m_page(
 /// A 64-bit PV vCPU context (`vcpu_guest_context_x86_64`) as bytes, with
 /// the fields that name frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VcpuContext(pub Vec<u8>);
+pub(crate) struct VcpuContext(pub Vec<u8>);
 
 /// Size of a 64-bit PV vCPU context.
-pub const VCPU_CONTEXT_SIZE: usize = std::mem::size_of::<sys::vcpu_guest_context_x86_64>();
+pub(crate) const VCPU_CONTEXT_SIZE: usize = std::mem::size_of::<sys::vcpu_guest_context_x86_64>();
 const OFF_FLAGS: usize = offset_of!(sys::vcpu_guest_context_x86_64, flags);
 const OFF_GDT_FRAMES: usize = offset_of!(sys::vcpu_guest_context_x86_64, gdt_frames);
 const OFF_GDT_ENTS: usize = offset_of!(sys::vcpu_guest_context_x86_64, gdt_ents);
@@ -209,7 +209,7 @@ impl VcpuContext {
     }
 
     /// Checks the size.
-    pub fn new(bytes: Vec<u8>) -> Result<Self, String> {
+    pub(crate) fn new(bytes: Vec<u8>) -> Result<Self, String> {
         if bytes.len() != VCPU_CONTEXT_SIZE {
             return Err(format!(
                 "a PV vCPU context is {VCPU_CONTEXT_SIZE} bytes, not {}",
@@ -220,24 +220,24 @@ impl VcpuContext {
     }
 
     /// Whether the vCPU is up (`VGCF_online`).
-    pub fn online(&self) -> bool {
+    pub(crate) fn online(&self) -> bool {
         self.get(OFF_FLAGS) & u64::from(sys::VGCF_online) != 0
     }
 
     /// The frame of its top-level page table (`ctrlreg[3]`).
-    pub fn cr3_frame(&self) -> u64 {
+    pub(crate) fn cr3_frame(&self) -> u64 {
         self.get(OFF_CTRLREG + 3 * 8) >> 12
     }
 
     /// `rdx`: the start-info frame of vCPU 0 of a guest that suspended
     /// itself; `rsi`'s neighbour.
-    pub fn rdx(&self) -> u64 {
+    pub(crate) fn rdx(&self) -> u64 {
         self.get(OFF_RDX)
     }
 
     /// `rsi`: the start-info page's virtual address in a domain the
     /// toolstack built and has not started.
-    pub fn rsi(&self) -> u64 {
+    pub(crate) fn rsi(&self) -> u64 {
         self.get(OFF_RDX + 8)
     }
 
@@ -245,7 +245,7 @@ impl VcpuContext {
     /// top-level tables (`ctrlreg[3]`, `ctrlreg[1]`), the descriptor-table
     /// frames in use, and, for vCPU 0 (`start_info`), `rdx`, which holds
     /// the start-info frame when the guest suspended itself.
-    pub fn translate(
+    pub(crate) fn translate(
         &mut self,
         start_info: bool,
         f: &dyn Fn(u64) -> Option<u64>,
@@ -279,88 +279,88 @@ impl VcpuContext {
 }
 
 /// Offsets of the shared-info fields a migration touches.
-pub mod shared_info {
+pub(crate) mod shared_info {
     use crate::sys;
     use std::mem::offset_of;
     /// The vCPU info array (32 entries of 64 bytes).
-    pub const VCPU_INFO: usize = offset_of!(sys::shared_info, vcpu_info);
+    pub(crate) const VCPU_INFO: usize = offset_of!(sys::shared_info, vcpu_info);
     /// Bytes of the vCPU info array.
-    pub const VCPU_INFO_LEN: usize = std::mem::size_of::<[sys::vcpu_info; 32]>();
+    pub(crate) const VCPU_INFO_LEN: usize = std::mem::size_of::<[sys::vcpu_info; 32]>();
     /// Bytes of one vCPU info.
-    pub const VCPU_INFO_SIZE: usize = std::mem::size_of::<sys::vcpu_info>();
+    pub(crate) const VCPU_INFO_SIZE: usize = std::mem::size_of::<sys::vcpu_info>();
     /// `evtchn_upcall_pending` within a vCPU info.
-    pub const UPCALL_PENDING: usize = offset_of!(sys::vcpu_info, evtchn_upcall_pending);
+    pub(crate) const UPCALL_PENDING: usize = offset_of!(sys::vcpu_info, evtchn_upcall_pending);
     /// `evtchn_pending_sel` within a vCPU info.
-    pub const PENDING_SEL: usize = offset_of!(sys::vcpu_info, evtchn_pending_sel);
+    pub(crate) const PENDING_SEL: usize = offset_of!(sys::vcpu_info, evtchn_pending_sel);
     /// The pending event-channel bits.
-    pub const EVTCHN_PENDING: usize = offset_of!(sys::shared_info, evtchn_pending);
+    pub(crate) const EVTCHN_PENDING: usize = offset_of!(sys::shared_info, evtchn_pending);
     /// The event-channel mask bits.
-    pub const EVTCHN_MASK: usize = offset_of!(sys::shared_info, evtchn_mask);
+    pub(crate) const EVTCHN_MASK: usize = offset_of!(sys::shared_info, evtchn_mask);
     /// Bytes of each of the pending and mask arrays.
-    pub const EVTCHN_LEN: usize = 64 * 8;
+    pub(crate) const EVTCHN_LEN: usize = 64 * 8;
     /// The architecture part.
-    pub const ARCH: usize = offset_of!(sys::shared_info, arch);
+    pub(crate) const ARCH: usize = offset_of!(sys::shared_info, arch);
     /// Bytes of the architecture part.
-    pub const ARCH_LEN: usize = std::mem::size_of::<sys::arch_shared_info>();
+    pub(crate) const ARCH_LEN: usize = std::mem::size_of::<sys::arch_shared_info>();
     /// `arch.max_pfn`: the p2m's length.
-    pub const MAX_PFN: usize = ARCH + offset_of!(sys::arch_shared_info, max_pfn);
+    pub(crate) const MAX_PFN: usize = ARCH + offset_of!(sys::arch_shared_info, max_pfn);
     /// `arch.pfn_to_mfn_frame_list_list`.
-    pub const FRAME_LIST_LIST: usize =
+    pub(crate) const FRAME_LIST_LIST: usize =
         ARCH + offset_of!(sys::arch_shared_info, pfn_to_mfn_frame_list_list);
 }
 
 /// Offsets of the start-info fields a migration touches.
-pub mod start_info {
+pub(crate) mod start_info {
     use crate::sys;
     use std::mem::offset_of;
     /// Pages the domain was built with.
-    pub const NR_PAGES: usize = offset_of!(sys::start_info, nr_pages);
+    pub(crate) const NR_PAGES: usize = offset_of!(sys::start_info, nr_pages);
     /// Machine address of the shared-info page.
-    pub const SHARED_INFO: usize = offset_of!(sys::start_info, shared_info);
+    pub(crate) const SHARED_INFO: usize = offset_of!(sys::start_info, shared_info);
     /// The xenstore ring's frame.
-    pub const STORE_MFN: usize = offset_of!(sys::start_info, store_mfn);
+    pub(crate) const STORE_MFN: usize = offset_of!(sys::start_info, store_mfn);
     /// The xenstore event channel.
-    pub const STORE_EVTCHN: usize = offset_of!(sys::start_info, store_evtchn);
+    pub(crate) const STORE_EVTCHN: usize = offset_of!(sys::start_info, store_evtchn);
     /// The console ring's frame.
-    pub const CONSOLE_MFN: usize = offset_of!(sys::start_info, console);
+    pub(crate) const CONSOLE_MFN: usize = offset_of!(sys::start_info, console);
     /// The console event channel.
-    pub const CONSOLE_EVTCHN: usize = offset_of!(sys::start_info, console)
+    pub(crate) const CONSOLE_EVTCHN: usize = offset_of!(sys::start_info, console)
         + offset_of!(sys::start_info__bindgen_ty_1__bindgen_ty_1, evtchn);
     /// Virtual address of the p2m the domain builder wrote.
-    pub const MFN_LIST: usize = offset_of!(sys::start_info, mfn_list);
+    pub(crate) const MFN_LIST: usize = offset_of!(sys::start_info, mfn_list);
 }
 
 /// Reads a little-endian u64 at `off`.
-pub fn read_u64(b: &[u8], off: usize) -> u64 {
+pub(crate) fn read_u64(b: &[u8], off: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[off..off + 8]);
     u64::from_le_bytes(a)
 }
 
 /// Writes a little-endian u64 at `off`.
-pub fn write_u64(b: &mut [u8], off: usize, v: u64) {
+pub(crate) fn write_u64(b: &mut [u8], off: usize, v: u64) {
     b[off..off + 8].copy_from_slice(&v.to_le_bytes());
 }
 
 /// Reads a little-endian u32 at `off`.
-pub fn read_u32(b: &[u8], off: usize) -> u32 {
+pub(crate) fn read_u32(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
 
 /// Writes a little-endian u32 at `off`.
-pub fn write_u32(b: &mut [u8], off: usize, v: u32) {
+pub(crate) fn write_u32(b: &mut [u8], off: usize, v: u32) {
     b[off..off + 4].copy_from_slice(&v.to_le_bytes());
 }
 
 /// The [`DeviceState::format`] of a PV domain's state.
-pub const FORMAT: &str = "xen-pv";
+pub(crate) const FORMAT: &str = "xen-pv";
 /// The version of that format this crate writes and reads.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 
 /// A 64-bit PV domain's state besides its memory, in canonical form
 /// (guest frames, not machine frames).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PvState {
+pub(crate) struct PvState {
     /// Each vCPU's context, `None` for a vCPU that is down.
     pub vcpus: Vec<Option<VcpuContext>>,
     /// The source's shared-info page; its frame-list-list field holds a
@@ -384,7 +384,7 @@ impl PvState {
     /// byte and, if up, its context; the shared-info page (4096 bytes);
     /// the start-info frame (u64); the page tables (u32 count, each a u64
     /// frame and a u32 type); the p2m frames (u32 count, each a u64).
-    pub fn to_device_state(&self) -> DeviceState {
+    pub(crate) fn to_device_state(&self) -> DeviceState {
         let mut d = Vec::new();
         d.extend_from_slice(&(self.vcpus.len() as u32).to_le_bytes());
         for v in &self.vcpus {
@@ -417,7 +417,7 @@ impl PvState {
     /// Decodes what [`PvState::to_device_state`] wrote; another format or
     /// version, a truncated record or counts the record cannot hold are
     /// `IncompatibleState` errors.
-    pub fn from_device_state(s: &DeviceState) -> Result<Self, BackendError> {
+    pub(crate) fn from_device_state(s: &DeviceState) -> Result<Self, BackendError> {
         if s.format != FORMAT || s.version != VERSION {
             return Err(bad(format!(
                 "state is {} version {}; this backend reads {FORMAT} version {VERSION} for PV domains",

@@ -3,9 +3,9 @@
 use migrate_core::{BackendError, BackendErrorKind, DeviceState};
 
 /// The [`DeviceState::format`] of a Xen HVM/PVH domain's state.
-pub const FORMAT: &str = "xen-hvm";
+pub(crate) const FORMAT: &str = "xen-hvm";
 /// The version of that format this crate writes and reads.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 
 /// A Xen HVM or PVH domain's vCPU and platform state: the hypervisor's
 /// context record (`xc_domain_hvm_getcontext`: every vCPU's registers,

@@ -48,7 +48,7 @@ const PAGE: u64 = 4096;
 
 /// The registers of one vCPU that locate its memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VcpuRegs {
+pub(crate) struct VcpuRegs {
     /// The vCPU's number (the record's instance).
     pub vcpu: u16,
     /// Instruction pointer.
@@ -79,7 +79,7 @@ pub struct VcpuRegs {
 /// `xc_domain_hvm_getcontext`; `None` if the record is malformed (a
 /// descriptor whose length runs past the end, or a CPU record too short).
 /// vCPUs that are down have no record and are not listed.
-pub fn vcpu_regs(context: &[u8]) -> Option<Vec<VcpuRegs>> {
+pub(crate) fn vcpu_regs(context: &[u8]) -> Option<Vec<VcpuRegs>> {
     let mut out = Vec::new();
     let mut at = 0usize;
     while at + DESCRIPTOR <= context.len() {
@@ -116,6 +116,7 @@ pub fn vcpu_regs(context: &[u8]) -> Option<Vec<VcpuRegs>> {
 
 /// What to include around each vCPU's registers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ResumeWindow {
     /// Bytes from each GS base (a kernel's per-CPU area: Linux keeps
     /// `vcpu_info` in its static part, about 212 KiB on Debian 12's
@@ -124,6 +125,16 @@ pub struct ResumeWindow {
     /// Bytes of stack from the stack pointer up (the frames the vCPU
     /// returns through).
     pub stack: u64,
+}
+
+impl ResumeWindow {
+    /// The same window with `bytes` from each GS base.
+    pub fn with_per_cpu(self, bytes: u64) -> Self {
+        ResumeWindow {
+            per_cpu: bytes,
+            ..self
+        }
+    }
 }
 
 impl Default for ResumeWindow {
@@ -137,14 +148,14 @@ impl Default for ResumeWindow {
 
 /// Walks a guest's page tables, reading each table page once through
 /// `read` (a guest frame's 4096 bytes, or `None` if it cannot be read).
-pub struct Walker<F> {
+pub(crate) struct Walker<F> {
     read: F,
     cache: HashMap<u64, Option<Vec<u8>>>,
 }
 
 impl<F: FnMut(u64) -> Option<Vec<u8>>> Walker<F> {
     /// A walker reading frames with `read`.
-    pub fn new(read: F) -> Self {
+    pub(crate) fn new(read: F) -> Self {
         Walker {
             read,
             cache: HashMap::new(),
@@ -169,7 +180,12 @@ impl<F: FnMut(u64) -> Option<Vec<u8>>> Walker<F> {
     /// The guest frame `va` maps to under `regs`' paging mode, with each
     /// table frame the walk went through added to `tables`; `None` if
     /// `va` is not mapped (or not canonical, or a table cannot be read).
-    pub fn translate(&mut self, regs: &VcpuRegs, va: u64, tables: &mut Vec<u64>) -> Option<u64> {
+    pub(crate) fn translate(
+        &mut self,
+        regs: &VcpuRegs,
+        va: u64,
+        tables: &mut Vec<u64>,
+    ) -> Option<u64> {
         if regs.cr0 & CR0_PG == 0 {
             return Some((va & 0xffff_ffff) / PAGE);
         }
@@ -264,7 +280,7 @@ impl<F: FnMut(u64) -> Option<Vec<u8>>> Walker<F> {
     /// The guest frames each vCPU of `cpus` points at: its code page, its
     /// stack, its descriptor tables and task state, the `window` after
     /// each GS base, and the page-table frames on the way to each.
-    pub fn resume_set(&mut self, cpus: &[VcpuRegs], window: ResumeWindow) -> BTreeSet<u64> {
+    pub(crate) fn resume_set(&mut self, cpus: &[VcpuRegs], window: ResumeWindow) -> BTreeSet<u64> {
         let mut out = BTreeSet::new();
         for r in cpus {
             self.range(r, r.rip, 1, &mut out);

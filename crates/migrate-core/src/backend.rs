@@ -54,6 +54,21 @@ impl BackendError {
         }
     }
 
+    /// An error of `kind` with a message and the error that caused it,
+    /// kept as [`std::error::Error::source`] so a caller can walk the chain
+    /// or downcast it.
+    pub fn with_source(
+        kind: BackendErrorKind,
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        BackendError {
+            kind,
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
     /// An I/O error with context.
     pub fn io(context: impl Into<String>, err: std::io::Error) -> Self {
         BackendError {

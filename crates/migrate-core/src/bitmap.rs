@@ -1,7 +1,16 @@
 //! Dirty bitmaps and per-page modification counts.
 //!
 //! [`DirtyBitmap`] is a GFN-indexed bit set on `bitvec` with word-at-a-time
-//! iteration of set bits, union and difference. [`PageCounts`] keeps a small
+//! iteration of set bits, union and difference.
+//!
+//! `bitvec` holds the storage and does what it is good at: bit-addressed
+//! reads and writes, filling ranges, growing and truncating at any bit,
+//! over `u64` words in least-significant-bit-first order, the very layout
+//! in which KVM's `KVM_GET_DIRTY_LOG` and Xen's log-dirty hand a bitmap
+//! over (so [`DirtyBitmap::from_words`] takes theirs without copying bits).
+//! The whole-bitmap loops (counting, iterating set bits, union,
+//! difference) go over those raw words instead, a word at a time, as the
+//! collectors and the engine run them on every round. [`PageCounts`] keeps a small
 //! saturating counter per page instead of a bit: how many samples of the
 //! dirty log saw the page written, which the HCA policy tiers pages by.
 
@@ -27,7 +36,7 @@ impl DirtyBitmap {
     pub fn from_words(mut words: Vec<u64>, len: u64) -> Self {
         let nwords = len.div_ceil(64) as usize;
         words.resize(nwords, 0);
-        if len % 64 != 0 {
+        if !len.is_multiple_of(64) {
             if let Some(last) = words.last_mut() {
                 *last &= (1u64 << (len % 64)) - 1;
             }

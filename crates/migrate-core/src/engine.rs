@@ -58,7 +58,8 @@ pub enum SourceVerify {
     /// Every page of guest memory, read again after the pause: proves the
     /// destination got memory exactly as it is, so a dirty tracker that
     /// missed a write is caught. Costs a pass over all of memory during
-    /// the downtime (about 0.1 s per GiB on this project's build machine).
+    /// the downtime (figures for one host in `docs/kvm.md`, *Verification
+    /// and its cost*).
     #[default]
     FullScan,
     /// The content of each page as it was last sent, hashed while sending:
@@ -68,8 +69,34 @@ pub enum SourceVerify {
     SentContent,
 }
 
+impl std::str::FromStr for SourceVerify {
+    type Err = String;
+
+    /// `full` ([`SourceVerify::FullScan`]) or `sent`
+    /// ([`SourceVerify::SentContent`]), as the programs' `--verify` takes.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "full" => Ok(SourceVerify::FullScan),
+            "sent" => Ok(SourceVerify::SentContent),
+            _ => Err(format!(
+                "unknown verification {s:?} (expected full or sent)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for SourceVerify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SourceVerify::FullScan => "full",
+            SourceVerify::SentContent => "sent",
+        })
+    }
+}
+
 /// Engine settings that are not policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct EngineConfig {
     /// Pages per page-batch record (capped by the protocol's limit).
     pub batch_pages: usize,
@@ -1195,6 +1222,7 @@ pub enum DestStatus {
 
 /// Counters of the destination.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DestinationReport {
     /// Page records applied (a page sent twice counts twice).
     pub pages_received: u64,

@@ -18,19 +18,30 @@
 //!
 //! What it does:
 //! - pages, layouts with holes, dirty bitmaps and per-page counts
-//!   ([`page`], [`bitmap`]);
-//! - the traits a backend implements ([`backend`]): [`DirtyTracker`],
-//!   [`PageSource`], [`PageSink`], [`GuestControl`]; and [`Clock`];
+//!   ([`MemoryLayout`], [`DirtyBitmap`], [`PageCounts`]);
+//! - the traits a backend implements: [`DirtyTracker`], [`PageSource`],
+//!   [`PageSink`], [`GuestControl`]; and [`Clock`];
 //! - policies that decide, purely, what to send and when to switch over
-//!   ([`policy`]): [`Precopy`], [`StopAndCopy`], [`PostCopy`] with
-//!   [`Prepaging`] strategies, [`Hybrid`] and [`Hca`];
+//!   ([`policy`], a file each): [`Precopy`], [`StopAndCopy`], [`PostCopy`]
+//!   with [`Prepaging`] strategies, [`Hybrid`] and [`Hca`], chosen by name
+//!   with [`PolicyKind`];
 //! - a bounded, checksummed wire protocol whose decoder never panics
 //!   ([`protocol`]) and transports for it ([`transport`]);
 //! - source and destination engines as sans-I/O state machines
-//!   ([`engine`]) with blocking drivers ([`driver`]);
+//!   ([`SourceEngine`], [`DestinationEngine`]) with blocking drivers
+//!   ([`driver`]);
+//! - statistics in Xen's per-round and QEMU's total vocabulary
+//!   ([`MigrationStats`], [`RoundStats`]);
 //! - mutual TLS for the stream transport, every connection bound to
 //!   its migration session (`tls`, feature `tls`);
-//! - statistics in Xen's per-round and QEMU's total vocabulary ([`stats`]).
+//! - with the `conformance` feature, the backend contract as generic
+//!   checks a backend's tests run (`conformance`).
+//!
+//! The modules that stay public are namespaces of their own: the
+//! [`driver`]s, the wire [`protocol`], the [`transport`]s, the memory
+//! [`digest`] and the [`policy`] building blocks; everything else is
+//! re-exported here. Parsing sizes and rates as people type them is the
+//! programs' business (the `livemig` facade's `units`).
 //!
 //! What it does not do: talk to a hypervisor (that is the backends'
 //! work: `backend-sim`, and in time KVM and Xen), compress pages, or choose a destination host.
@@ -38,31 +49,29 @@
 //! This crate has no unsafe code.
 
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
-pub mod backend;
-pub mod bitmap;
-pub mod clock;
+mod backend;
+mod bitmap;
+mod clock;
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod digest;
 pub mod driver;
-pub mod engine;
-pub mod error;
-pub mod hca;
-pub mod page;
+mod engine;
+mod error;
+mod page;
 pub mod policy;
-pub mod postcopy;
-pub mod prepaging;
 pub mod protocol;
-pub mod stats;
+mod stats;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod transport;
-pub mod units;
 
 pub use backend::{
     BackendError, BackendErrorKind, DeviceState, DirtyTracker, GuestControl, PageSink, PageSource,
 };
-pub use bitmap::{DirtyBitmap, PageCounts};
+pub use bitmap::{DirtyBitmap, Ones, PageCounts};
 pub use clock::{Clock, SystemClock, VirtualClock};
 pub use digest::MemoryDigest;
 pub use engine::{
@@ -70,12 +79,11 @@ pub use engine::{
     SourceVerify,
 };
 pub use error::{ErrorKind, MigrationError};
-pub use hca::{Hca, HcaConfig};
-pub use page::{MemoryLayout, PageNum, PageSize, Region};
+pub use page::{LayoutError, MemoryLayout, PageNum, PageSize, Region, MAX_PAGE_END};
 pub use policy::{
-    Decision, PageSelection, Policy, PolicyInput, Precopy, PrecopyConfig, StopAndCopy,
+    Decision, Hca, HcaConfig, Hybrid, HybridConfig, PageSelection, Policy, PolicyConfig,
+    PolicyInput, PolicyKind, PostCopy, Precopy, PrecopyConfig, Prepager, Prepaging, RoundSummary,
+    StopAndCopy,
 };
-pub use postcopy::{Hybrid, HybridConfig, PostCopy};
-pub use prepaging::{Prepager, Prepaging};
-pub use stats::{MigrationStats, PostcopyStats, RoundStats, SwitchReason};
+pub use stats::{DowntimeParts, MigrationStats, PostcopyStats, RoundStats, SwitchReason};
 pub use transport::{channel_pair, StreamTransport, Transport, TransportError};

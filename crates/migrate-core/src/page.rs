@@ -203,7 +203,7 @@ impl MemoryLayout {
     }
 
     fn pages_in(page_size: PageSize, bytes: u64, what: &'static str) -> Result<u64, LayoutError> {
-        if bytes % page_size.bytes() as u64 != 0 {
+        if !bytes.is_multiple_of(page_size.bytes() as u64) {
             return Err(LayoutError::Unaligned {
                 what,
                 bytes,

@@ -13,7 +13,6 @@
 //! resume and broken into its parts; it is never inferred from a round.
 
 use serde::Serialize;
-use serde_json::{json, Value};
 use std::fmt;
 use std::time::Duration;
 
@@ -59,7 +58,8 @@ impl SwitchReason {
 }
 
 /// One round, as Xen reports it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct RoundStats {
     /// Round number, from 1. The final (stop-and-copy) round is the last.
     pub round: u32,
@@ -128,6 +128,7 @@ impl fmt::Display for RoundStats {
 /// The parts downtime is made of. Each part is measured on one host's
 /// clock; `transit` is what remains of the measured total.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct DowntimeParts {
     /// Source: asking the guest to pause until every vCPU had stopped.
     #[serde(serialize_with = "ser_ms", rename = "pause-ms")]
@@ -162,6 +163,7 @@ fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 
 /// What post-copy cost, once the guest ran on the destination.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct PostcopyStats {
     /// Network faults: pages the destination asked for because the guest
     /// touched them before they arrived (QEMU's `postcopy-requests`).
@@ -193,7 +195,10 @@ pub struct PostcopyStats {
 }
 
 /// Totals of one migration, with its rounds.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+///
+/// It serializes as one object in QEMU's names (see its `Serialize`).
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct MigrationStats {
     /// The policy's name.
     pub policy: String,
@@ -269,42 +274,54 @@ impl MigrationStats {
             self.transfer_ratio()
         )
     }
+}
 
-    /// The totals as QEMU's `query-migrate` names them, plus the rounds,
-    /// as one JSON object (times in milliseconds).
-    pub fn to_json(&self) -> Value {
+/// The totals as QEMU's `query-migrate` names them, plus the rounds, as one
+/// object (times in milliseconds): what `serde_json::to_value(&stats)`
+/// gives.
+impl Serialize for MigrationStats {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        json!({
-            "policy": self.policy,
-            "status": if self.memory_verified { "completed" } else { "failed" },
-            "converged": self.switch_reason.converged(),
-            "switch-reason": self.switch_reason,
-            "guest-pages": self.guest_pages,
-            "page-size": self.page_size,
-            "total-time": ms(self.total_time),
-            "setup-time": ms(self.setup_time),
-            "downtime": ms(self.downtime),
-            "downtime-parts": self.downtime_parts,
-            "expected-downtime": ms(self.expected_downtime),
-            "transferred": self.transferred,
-            "remaining": self.remaining,
-            "duplicate": self.duplicate,
-            "normal": self.normal,
-            "normal-bytes": self.normal_bytes,
-            "total-pages-sent": self.total_pages_sent,
-            "transfer-ratio": self.transfer_ratio(),
-            "dirty-pages-rate": self.dirty_pages_rate,
-            "mbps": self.mbps,
-            "dirty-sync-count": self.dirty_sync_count,
-            "precopy-bytes": self.precopy_bytes,
-            "downtime-bytes": self.downtime_bytes,
-            "rtt": ms(self.rtt),
-            "postcopy-requests": self.postcopy.as_ref().map_or(0, |p| p.requests),
-            "postcopy-bytes": self.postcopy.as_ref().map_or(0, |p| p.bytes),
-            "postcopy": self.postcopy,
-            "memory-verified": self.memory_verified,
-            "rounds": self.rounds,
-        })
+        let mut m = s.serialize_map(Some(30))?;
+        m.serialize_entry("policy", &self.policy)?;
+        m.serialize_entry(
+            "status",
+            if self.memory_verified {
+                "completed"
+            } else {
+                "failed"
+            },
+        )?;
+        m.serialize_entry("converged", &self.switch_reason.converged())?;
+        m.serialize_entry("switch-reason", &self.switch_reason)?;
+        m.serialize_entry("guest-pages", &self.guest_pages)?;
+        m.serialize_entry("page-size", &self.page_size)?;
+        m.serialize_entry("total-time", &ms(self.total_time))?;
+        m.serialize_entry("setup-time", &ms(self.setup_time))?;
+        m.serialize_entry("downtime", &ms(self.downtime))?;
+        m.serialize_entry("downtime-parts", &self.downtime_parts)?;
+        m.serialize_entry("expected-downtime", &ms(self.expected_downtime))?;
+        m.serialize_entry("transferred", &self.transferred)?;
+        m.serialize_entry("remaining", &self.remaining)?;
+        m.serialize_entry("duplicate", &self.duplicate)?;
+        m.serialize_entry("normal", &self.normal)?;
+        m.serialize_entry("normal-bytes", &self.normal_bytes)?;
+        m.serialize_entry("total-pages-sent", &self.total_pages_sent)?;
+        m.serialize_entry("transfer-ratio", &self.transfer_ratio())?;
+        m.serialize_entry("dirty-pages-rate", &self.dirty_pages_rate)?;
+        m.serialize_entry("mbps", &self.mbps)?;
+        m.serialize_entry("dirty-sync-count", &self.dirty_sync_count)?;
+        m.serialize_entry("precopy-bytes", &self.precopy_bytes)?;
+        m.serialize_entry("downtime-bytes", &self.downtime_bytes)?;
+        m.serialize_entry("rtt", &ms(self.rtt))?;
+        let pc = self.postcopy.as_ref();
+        m.serialize_entry("postcopy-requests", &pc.map_or(0, |p| p.requests))?;
+        m.serialize_entry("postcopy-bytes", &pc.map_or(0, |p| p.bytes))?;
+        m.serialize_entry("postcopy", &self.postcopy)?;
+        m.serialize_entry("memory-verified", &self.memory_verified)?;
+        m.serialize_entry("rounds", &self.rounds)?;
+        m.end()
     }
 }
 

@@ -178,29 +178,25 @@ pub trait SplitStream: Read + Write + Send + 'static {
     }
 }
 
-impl SplitStream for TcpStream {
-    fn try_clone_stream(&self) -> io::Result<Self> {
-        self.try_clone()
-    }
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(Shutdown::Both);
-    }
-    fn set_write_limit(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.set_write_timeout(timeout)
-    }
+/// `SplitStream` for the standard library's sockets, which share these
+/// methods without a trait of their own.
+macro_rules! split_socket {
+    ($($t:ty),+) => {$(
+        impl SplitStream for $t {
+            fn try_clone_stream(&self) -> io::Result<Self> {
+                self.try_clone()
+            }
+            fn shutdown_both(&self) {
+                let _ = self.shutdown(Shutdown::Both);
+            }
+            fn set_write_limit(&self, timeout: Option<Duration>) -> io::Result<()> {
+                self.set_write_timeout(timeout)
+            }
+        }
+    )+};
 }
 
-impl SplitStream for UnixStream {
-    fn try_clone_stream(&self) -> io::Result<Self> {
-        self.try_clone()
-    }
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(Shutdown::Both);
-    }
-    fn set_write_limit(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.set_write_timeout(timeout)
-    }
-}
+split_socket!(TcpStream, UnixStream);
 
 /// Length-prefixed frames over a TCP or Unix stream. A reader thread
 /// collects incoming frames, so `recv` can wait with a timeout without

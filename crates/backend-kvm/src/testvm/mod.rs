@@ -227,7 +227,7 @@ impl TestVm {
         if !(1..=16).contains(&vcpus) {
             return Err(KvmError::Config(format!("1 to 16 vCPUs, not {vcpus}")));
         }
-        if !(4 << 20..=MAX_MEM).contains(&mem_bytes) || mem_bytes % (2 << 20) != 0 {
+        if !(4 << 20..=MAX_MEM).contains(&mem_bytes) || !mem_bytes.is_multiple_of(2 << 20) {
             return Err(KvmError::Config(format!(
                 "test VM memory must be a multiple of 2 MiB from 4 MiB to 64 GiB, not {mem_bytes}"
             )));
@@ -274,15 +274,7 @@ impl TestVm {
                     op: "KVM_CREATE_VCPU",
                     source,
                 })?;
-                let mut own = cpuid.clone();
-                for e in own.as_mut_slice() {
-                    match e.function {
-                        // Initial APIC ID in EBX[31:24]; x2APIC ID in EDX.
-                        1 => e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24),
-                        0xb | 0x1f => e.edx = id as u32,
-                        _ => {}
-                    }
-                }
+                let own = crate::vcpu_cpuid(&cpuid, id as u32);
                 fd.set_cpuid2(&own).map_err(|source| KvmError::Ioctl {
                     op: "KVM_SET_CPUID2",
                     source,

@@ -160,18 +160,13 @@ impl VcpuRunner {
         let mut c = self.ctl();
         c.run = false;
         self.shared.kick.kick();
-        let deadline = Instant::now() + timeout;
-        while c.in_guest {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(KvmError::PauseTimeout(timeout));
-            }
-            c = self
-                .shared
-                .cv
-                .wait_timeout(c, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+        let (_c, waited) = self
+            .shared
+            .cv
+            .wait_timeout_while(c, timeout, |c| c.in_guest)
+            .unwrap_or_else(|e| e.into_inner());
+        if waited.timed_out() {
+            return Err(KvmError::PauseTimeout(timeout));
         }
         Ok(())
     }
@@ -231,24 +226,17 @@ impl VcpuRunner {
         let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return Ok(());
         };
-        let deadline = Instant::now() + timeout;
-        let mut c = self.ctl();
-        while !c.record.ended {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                drop(c);
-                // Not joined: put it back so a later call can try again.
-                *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
-                return Err(KvmError::PauseTimeout(timeout));
-            }
-            c = self
-                .shared
-                .cv
-                .wait_timeout(c, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        let (c, waited) = self
+            .shared
+            .cv
+            .wait_timeout_while(self.ctl(), timeout, |c| !c.record.ended)
+            .unwrap_or_else(|e| e.into_inner());
         drop(c);
+        if waited.timed_out() {
+            // Not joined: put it back so a later call can try again.
+            *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
+            return Err(KvmError::PauseTimeout(timeout));
+        }
         thread
             .join()
             .map_err(|_| KvmError::Config("a vCPU thread panicked".into()))

@@ -1,0 +1,215 @@
+//! Real-KVM migrations between two processes: the test binary runs
+//! itself again as the destination.
+
+mod common;
+
+use backend_kvm::{run_kvm_destination, TestVm};
+use common::*;
+use migrate_core::digest::digest_memory;
+use migrate_core::DestinationEngine;
+use migrate_core::MigrationStats;
+use migrate_core::{Clock, PageSource, Policy, Precopy, StopAndCopy, SystemClock};
+use migrate_core::{DirtyBitmap, Hybrid, HybridConfig, PostCopy, PrecopyConfig};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Set (to the source's address) in the destination process of the
+/// two-process tests.
+const DEST_ENV: &str = "LIVEMIG_KVM_DESTINATION";
+/// Set (to the payload's report interval) with `DEST_ENV`.
+const EVERY_ENV: &str = "LIVEMIG_KVM_REPORT_EVERY";
+/// Set (to the payload's pages a second, 0 for no limit) with `DEST_ENV`.
+const RATE_ENV: &str = "LIVEMIG_KVM_RATE";
+
+/// The destination process of the two-process tests: the parent test
+/// starts this test binary again running only this test, with `DEST_ENV`
+/// set. Run on its own it has nothing to connect to.
+#[test]
+#[ignore = "the destination half of the two-process tests; they start it themselves"]
+fn destination_process() {
+    let addr = std::env::var(DEST_ENV).expect("started by a two-process test");
+    let every: u64 = std::env::var(EVERY_ENV).unwrap().parse().unwrap();
+    let rate: f64 = std::env::var(RATE_ENV).unwrap().parse().unwrap();
+    let rate = (rate > 0.0).then_some(rate);
+    let vm = TestVm::destination(MEM, every, rate).expect("destination VM");
+    // One destination takes every policy's stream: post-copy is enabled
+    // up front, and a pre-copy stream is placed through userfaultfd too.
+    vm.memory().enable_postcopy().expect("userfaultfd");
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let mut t = migrate_core::StreamTransport::connect_tcp(&addr).expect("connect");
+    let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock.clone());
+    let report = run_kvm_destination(&mut e, &mut t, &vm.memory(), &vm.control(), clock, TIMEOUT)
+        .expect("destination");
+    assert_eq!(vm.memory().missing_pages(), 0);
+    assert!(
+        eventually(|| vm.reports().len() >= 3),
+        "the migrated guest runs"
+    );
+    let r = vm.reports();
+    let pc = report.postcopy.unwrap_or_default();
+    println!(
+        "DESTINATION {} {} {} {} {}",
+        report.digest.unwrap(),
+        r[0].value,
+        vm.fault().is_none(),
+        pc.faults,
+        pc.duplicates
+    );
+}
+
+/// Migrates the payload (dirtying a 16 MiB working set at `rate` pages a
+/// second, or as fast as it can, and reporting every `every` pages) to a
+/// destination process with `policy`.
+fn between_processes<P: Policy + 'static>(
+    policy: P,
+    every: u64,
+    rate: Option<f64>,
+    slow: bool,
+) -> MigrationStats {
+    let _turn = serial();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "destination_process",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(DEST_ENV, &addr)
+        .env(EVERY_ENV, every.to_string())
+        .env(RATE_ENV, rate.unwrap_or(0.0).to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the destination process");
+    let src = TestVm::source(MEM, 4096, every, rate).expect("source VM");
+    assert!(eventually(|| src.reports().len() >= 5));
+    let (stream, _) = listener.accept().unwrap();
+    let t = Slow {
+        inner: migrate_core::StreamTransport::new(stream).unwrap(),
+        per_frame: if slow { SLOW } else { Duration::ZERO },
+    };
+    let stats = source_side(&src, policy, Arc::new(SystemClock::new()), t);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "destination process failed: {text}");
+    let line = text
+        .lines()
+        .find_map(|l| l.find("DESTINATION ").map(|i| &l[i..]))
+        .unwrap_or_else(|| panic!("no destination report in: {text}"));
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let layout = src.pages().layout().clone();
+    let digest = digest_memory(&mut src.pages(), &layout)
+        .unwrap()
+        .to_string();
+    assert_eq!(f[1], digest, "destination memory equals the source's");
+    let first: u64 = f[2].parse().unwrap();
+    let last_on_source = src.reports().last().unwrap().value;
+    assert_eq!(
+        first,
+        last_on_source + every,
+        "the counter goes on from where it stopped"
+    );
+    assert_eq!(f[3], "true", "no guest fault on the destination");
+    assert!(stats.memory_verified && stats.downtime > Duration::ZERO);
+    if let Some(pc) = &stats.postcopy {
+        let faults: u64 = f[4].parse().unwrap();
+        assert_eq!(pc.requests, faults, "each fault was one request");
+        assert_eq!(f[5], "0", "no page placed twice");
+    }
+    stats
+}
+
+#[test]
+fn precopy_between_two_processes() {
+    if have_kvm() {
+        let stats = between_processes(Precopy::default(), 1 << 10, Some(20_000.0), false);
+        assert!(stats.postcopy.is_none());
+    }
+}
+
+#[test]
+fn stop_and_copy_between_two_processes() {
+    if have_kvm() {
+        between_processes(StopAndCopy, 1 << 10, Some(20_000.0), false);
+    }
+}
+
+#[test]
+fn hca_between_two_processes() {
+    if have_kvm() {
+        between_processes(
+            migrate_core::Hca::new(migrate_core::HcaConfig::default()),
+            1 << 10,
+            Some(20_000.0),
+            false,
+        );
+    }
+}
+
+#[test]
+fn postcopy_between_two_processes_sends_each_page_once() {
+    if have_kvm() {
+        let stats = between_processes(PostCopy::default(), 1 << 10, Some(20_000.0), true);
+        let pc = stats.postcopy.expect("a post-copy migration");
+        assert_eq!(
+            stats.total_pages_sent, stats.guest_pages,
+            "every page crosses once"
+        );
+        assert_eq!(pc.pages, stats.guest_pages);
+        assert!(pc.requests > 0, "the resumed guest faulted on absent pages");
+        assert!(pc.fault_latency_p50 > Duration::ZERO);
+    }
+}
+
+/// Hybrid with two pre-copy rounds and a 1 µs downtime target, which
+/// then switches to post-copy. Its one change to [`Hybrid`]: where Hybrid
+/// would stop and copy because nothing is left (a guest that got no CPU
+/// during a round dirtied nothing, which a loaded host can cause), it
+/// switches to post-copy all the same, so the test exercises the switch
+/// on any host.
+struct ForcedHybrid(Hybrid);
+
+fn forced_hybrid() -> ForcedHybrid {
+    ForcedHybrid(Hybrid::new({
+        let mut v = HybridConfig::default();
+        v.precopy = {
+            let mut v = PrecopyConfig::default();
+            v.max_rounds = 2;
+            v.downtime_target = Duration::from_micros(1);
+            v
+        };
+        v
+    }))
+}
+
+impl Policy for ForcedHybrid {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn decide(&mut self, input: &migrate_core::PolicyInput<'_>) -> migrate_core::Decision {
+        match self.0.decide(input) {
+            migrate_core::Decision::StopAndCopy(r) => migrate_core::Decision::PostCopy(r),
+            other => other,
+        }
+    }
+    fn on_fault(&mut self, page: u64, now: Duration) {
+        self.0.on_fault(page, now)
+    }
+    fn next_push(&mut self, pending: &DirtyBitmap, max: usize, out: &mut Vec<u64>) {
+        self.0.next_push(pending, max, out)
+    }
+}
+
+#[test]
+fn hybrid_between_two_processes() {
+    if have_kvm() {
+        // A guest that never stops writing, so that every pre-copy round
+        // finds pages dirtied.
+        let stats = between_processes(forced_hybrid(), 1 << 16, None, false);
+        assert!(stats.postcopy.is_some(), "{:?}", stats.switch_reason);
+        assert!(stats.rounds.len() >= 2, "pre-copy rounds came first");
+    }
+}

@@ -1,0 +1,274 @@
+//! Writing frames: the record encoders, page batches, and sealing a frame
+//! with its sequence number and CRC.
+
+use super::*;
+
+fn begin(out: &mut Vec<u8>, ty: RecordType) -> usize {
+    let start = out.len();
+    out.put_u8(ty as u8);
+    out.put_u8(0);
+    out.put_u16_le(0);
+    out.put_u32_le(0);
+    out.put_u32_le(0);
+    out.put_u32_le(0);
+    start
+}
+
+fn finish(out: &mut [u8], start: usize) {
+    let len = (out.len() - start - RECORD_HEADER_LEN) as u32;
+    out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
+    reseal(&mut out[start..]);
+}
+
+/// The CRC32C a frame must carry: over the first 12 header bytes and the
+/// body. `frame` must hold at least a record header.
+pub(super) fn frame_crc(frame: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&frame[..CRC_AT]);
+    crc32c::crc32c_append(crc, &frame[RECORD_HEADER_LEN..])
+}
+
+/// Stamps `frame` (one whole frame as the encoders make it) with sequence
+/// number `seq` and recomputes its CRC. Shorter input is left alone.
+pub fn seal(frame: &mut [u8], seq: u32) {
+    if frame.len() < RECORD_HEADER_LEN {
+        return;
+    }
+    frame[SEQ_AT..SEQ_AT + 4].copy_from_slice(&seq.to_le_bytes());
+    reseal(frame);
+}
+
+/// Recomputes the CRC of `frame` (one whole frame) after its bytes were
+/// changed, keeping its sequence number. Shorter input is left alone.
+pub fn reseal(frame: &mut [u8]) {
+    if frame.len() < RECORD_HEADER_LEN {
+        return;
+    }
+    let crc = frame_crc(frame);
+    frame[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The sequence number of a frame, if it is long enough to have one.
+pub fn frame_sequence(frame: &[u8]) -> Option<u32> {
+    let b = frame.get(SEQ_AT..SEQ_AT + 4)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Numbers the frames of one direction as they leave: 0 for the first
+/// (the header), then one more for each frame.
+#[derive(Clone, Debug, Default)]
+pub struct Sequencer {
+    next: u32,
+}
+
+impl Sequencer {
+    /// A sequencer whose next frame is number 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stamps `frame` with the next number (see [`seal`]).
+    pub fn seal(&mut self, frame: &mut [u8]) {
+        seal(frame, self.next);
+        self.next = self.next.wrapping_add(1);
+    }
+
+    /// The number the next frame will carry.
+    pub fn next(&self) -> u32 {
+        self.next
+    }
+}
+
+/// Appends `record` as one frame to `out`.
+///
+/// Page batches are better built with [`encode_page_batch`], which reads
+/// pages straight from a buffer and detects zero pages.
+pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
+    let start = begin(out, record.record_type());
+    match record {
+        Record::Header { version } => {
+            out.put_slice(&MAGIC);
+            out.put_u32_le(*version);
+            out.put_u32_le(0);
+        }
+        Record::Layout(layout) => {
+            out.put_u32_le(layout.page_size().bytes());
+            out.put_u32_le(layout.regions().len() as u32);
+            for r in layout.regions() {
+                out.put_u64_le(r.first_page);
+                out.put_u64_le(r.pages);
+            }
+        }
+        Record::PageBatch(b) => {
+            put_batch_body(out, b.round, b.pages, b.flags, b.data);
+        }
+        Record::RoundEnd { round, pages_sent } => {
+            out.put_u32_le(*round);
+            out.put_u32_le(0);
+            out.put_u64_le(*pages_sent);
+        }
+        Record::DeviceState(s) => {
+            out.put_u32_le(s.version);
+            out.put_u32_le(s.format.len() as u32);
+            out.put_u32_le(s.data.len() as u32);
+            out.put_slice(s.format.as_bytes());
+            out.put_slice(&s.data);
+        }
+        Record::SwitchOver { round, postcopy } => {
+            out.put_u32_le(*round);
+            out.put_u32_le(u32::from(*postcopy));
+        }
+        Record::Discard(ranges) => {
+            out.put_u32_le(ranges.len() as u32);
+            out.put_u32_le(0);
+            for (first, count) in ranges {
+                out.put_u64_le(*first);
+                out.put_u64_le(*count);
+            }
+        }
+        Record::DiscardBitmap { first_page, words } => {
+            out.put_u64_le(*first_page);
+            out.put_u32_le(words.len() as u32);
+            out.put_u32_le(0);
+            for w in words {
+                out.put_u64_le(*w);
+            }
+        }
+        Record::Verified(r) => {
+            out.put_u64_le(r.faults);
+            out.put_u64_le(r.duplicates);
+            out.put_u64_le(r.latency_p50_ns);
+            out.put_u64_le(r.latency_p99_ns);
+            out.put_u64_le(r.latency_max_ns);
+            out.put_u64_le(r.stall_ns);
+        }
+        Record::PageRequest(pages) => {
+            out.put_u32_le(pages.len() as u32);
+            out.put_u32_le(0);
+            for p in pages {
+                out.put_u64_le(*p);
+            }
+        }
+        Record::Complete {
+            total_pages,
+            digest,
+        } => {
+            out.put_u64_le(*total_pages);
+            out.put_u128_le(digest.0);
+        }
+        Record::Abort { reason } => {
+            let mut r = reason.as_str();
+            if r.len() > MAX_TEXT {
+                let mut cut = MAX_TEXT;
+                while !r.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                r = &r[..cut];
+            }
+            out.put_u32_le(r.len() as u32);
+            out.put_u32_le(0);
+            out.put_slice(r.as_bytes());
+        }
+        Record::Ready => {}
+        Record::Resumed(r) => {
+            out.put_u64_le(r.verify_ns);
+            out.put_u64_le(r.restore_ns);
+            out.put_u64_le(r.resume_ns);
+            out.put_u64_le(r.total_ns);
+        }
+    }
+    finish(out, start);
+}
+
+fn put_batch_body(out: &mut Vec<u8>, round: u32, pages: &[u8], flags: &[u8], data: &[u8]) {
+    let body_start = out.len();
+    out.put_u32_le(round);
+    out.put_u32_le(flags.len() as u32);
+    out.put_slice(pages);
+    out.put_slice(flags);
+    out.resize(out.len() + pad8(flags.len()), 0);
+    out.put_slice(data);
+    let sum = xxh3_64(&out[body_start..]);
+    out.put_u64_le(sum);
+}
+
+pub(super) fn pad8(n: usize) -> usize {
+    (8 - n % 8) % 8
+}
+
+/// The largest number of pages of `page_size` one batch may hold.
+pub fn max_batch_pages(page_size: PageSize) -> usize {
+    (MAX_BATCH_DATA / page_size.get()).clamp(1, MAX_BATCH_PAGES)
+}
+
+/// What [`encode_page_batch`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchSummary {
+    /// Pages in the batch.
+    pub pages: usize,
+    /// Of those, zero pages (sent as a flag, no data).
+    pub zero_pages: usize,
+    /// Bytes of the frame.
+    pub frame_bytes: usize,
+}
+
+/// Appends one page-batch frame to `out`: `pages[i]`'s content is
+/// `contents[i * page_size ..][.. page_size]`. Zero pages are sent as a flag.
+///
+/// # Panics
+/// Never on valid arguments; `pages.len()` must not exceed
+/// [`max_batch_pages`] and `contents` must hold exactly one page per entry,
+/// which the engine guarantees (a debug assertion checks it).
+pub fn encode_page_batch(
+    round: u32,
+    page_size: PageSize,
+    pages: &[PageNum],
+    contents: &[u8],
+    out: &mut Vec<u8>,
+) -> BatchSummary {
+    let ps = page_size.get();
+    debug_assert!(pages.len() <= max_batch_pages(page_size));
+    debug_assert_eq!(contents.len(), pages.len() * ps);
+    let n = pages.len();
+    let zero: Vec<bool> = contents.chunks_exact(ps).map(is_zero_page).collect();
+    let nonzero = zero.iter().filter(|z| !**z).count();
+    let before = out.len();
+    out.reserve(RECORD_HEADER_LEN + 8 + n * 9 + pad8(n) + nonzero * ps + 8);
+    let start = begin(out, RecordType::PageBatch);
+    let body_start = out.len();
+    out.put_u32_le(round);
+    out.put_u32_le(n as u32);
+    for p in pages {
+        out.put_u64_le(*p);
+    }
+    for z in &zero {
+        out.put_u8(if *z { PAGE_FLAG_ZERO } else { 0 });
+    }
+    out.resize(out.len() + pad8(n), 0);
+    for (chunk, z) in contents.chunks_exact(ps).zip(&zero) {
+        if !*z {
+            out.put_slice(chunk);
+        }
+    }
+    let sum = xxh3_64(&out[body_start..]);
+    out.put_u64_le(sum);
+    finish(out, start);
+    BatchSummary {
+        pages: n,
+        zero_pages: n - nonzero,
+        frame_bytes: out.len() - before,
+    }
+}
+
+/// An abort record telling the peer why, as a frame.
+pub fn abort_frame(reason: &str) -> Vec<u8> {
+    encode_to_vec(&Record::Abort {
+        reason: reason.to_owned(),
+    })
+}
+
+/// Encodes one record into a new frame.
+pub fn encode_to_vec(record: &Record<'_>) -> Vec<u8> {
+    let mut v = Vec::new();
+    encode(record, &mut v);
+    v
+}

@@ -1,0 +1,345 @@
+//! The record types: their codes and bounds, the decoded records, and the
+//! errors a frame can have.
+
+use super::*;
+
+/// Record type codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+#[non_exhaustive]
+pub enum RecordType {
+    /// Stream header.
+    Header = 1,
+    /// Memory layout.
+    Layout = 2,
+    /// A batch of pages.
+    PageBatch = 3,
+    /// End of a pre-copy round.
+    RoundEnd = 4,
+    /// vCPU and device state.
+    DeviceState = 5,
+    /// The source paused the guest.
+    SwitchOver = 6,
+    /// Destination asks for pages (post-copy).
+    PageRequest = 7,
+    /// All memory sent, with its digest.
+    Complete = 8,
+    /// The sender gives up.
+    Abort = 9,
+    /// Destination accepted the layout.
+    Ready = 10,
+    /// Destination resumed the guest.
+    Resumed = 11,
+    /// Post-copy: pages the destination must treat as absent.
+    Discard = 12,
+    /// Post-copy: every page arrived and the digest matched.
+    Verified = 13,
+    /// Post-copy: absent pages as a bitmap (for scattered sets).
+    DiscardBitmap = 14,
+}
+
+impl RecordType {
+    pub(super) fn from_u8(v: u8) -> Option<Self> {
+        use RecordType::*;
+        Some(match v {
+            1 => Header,
+            2 => Layout,
+            3 => PageBatch,
+            4 => RoundEnd,
+            5 => DeviceState,
+            6 => SwitchOver,
+            7 => PageRequest,
+            8 => Complete,
+            9 => Abort,
+            10 => Ready,
+            11 => Resumed,
+            12 => Discard,
+            13 => Verified,
+            14 => DiscardBitmap,
+            _ => return None,
+        })
+    }
+
+    /// The largest body this record type may have.
+    pub fn max_body(self) -> usize {
+        use RecordType::*;
+        match self {
+            Header => 16,
+            Layout => 8 + MAX_REGIONS * 16,
+            PageBatch => MAX_PAGE_BATCH_BODY,
+            RoundEnd => 16,
+            DeviceState => MAX_DEVICE_STATE_BODY,
+            SwitchOver => 8,
+            PageRequest => 8 + MAX_REQUEST_PAGES * 8,
+            Complete => 24,
+            Abort => 8 + MAX_TEXT,
+            Ready => 0,
+            Resumed => 32,
+            Discard => 8 + MAX_DISCARD_RANGES * 16,
+            Verified => 48,
+            DiscardBitmap => 16 + MAX_DISCARD_WORDS * 8,
+        }
+    }
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// Fewer bytes than the record says it has.
+    #[error("truncated {what}: needed {needed} bytes, had {available}")]
+    Truncated {
+        /// What was being read.
+        what: &'static str,
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes present.
+        available: usize,
+    },
+    /// A body longer than its type allows.
+    #[error("{record:?} record of {len} bytes exceeds its limit of {max}")]
+    Oversized {
+        /// The record type.
+        record: RecordType,
+        /// The length claimed.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Bytes after the end of the record.
+    #[error("{extra} unexpected bytes after a {record:?} record")]
+    TrailingBytes {
+        /// The record type.
+        record: RecordType,
+        /// How many extra bytes.
+        extra: usize,
+    },
+    /// The stream does not start with our magic.
+    #[error("not a migration stream (bad magic)")]
+    BadMagic,
+    /// A protocol version we do not speak.
+    #[error("unsupported protocol version {0} (this library speaks {VERSION})")]
+    UnsupportedVersion(u32),
+    /// An unknown record type code.
+    #[error("unknown record type {0}")]
+    UnknownRecordType(u8),
+    /// A record in a place the protocol does not allow.
+    #[error("unexpected {got:?} record: {why}")]
+    UnexpectedRecord {
+        /// What arrived.
+        got: RecordType,
+        /// Why it is not allowed here.
+        why: &'static str,
+    },
+    /// A field out of its valid range.
+    #[error("{what} out of range: {value}")]
+    OutOfRange {
+        /// The field.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
+    /// A reserved field or flag that is not zero, or text that is not UTF-8.
+    #[error("malformed {0}")]
+    Malformed(&'static str),
+    /// A page batch whose checksum does not match its contents.
+    #[error("page batch checksum mismatch (expected {expected:016x}, computed {computed:016x})")]
+    ChecksumMismatch {
+        /// The checksum in the record.
+        expected: u64,
+        /// The checksum of the bytes received.
+        computed: u64,
+    },
+    /// An invalid memory layout.
+    #[error("invalid memory layout: {0}")]
+    Layout(#[from] LayoutError),
+    /// A frame whose CRC32C does not match its header and body: it was
+    /// altered or cut on the way.
+    #[error("frame checksum mismatch (expected {expected:08x}, computed {computed:08x})")]
+    FrameChecksum {
+        /// The CRC in the frame.
+        expected: u32,
+        /// The CRC of the bytes received.
+        computed: u32,
+    },
+    /// A frame whose sequence number is not the next one: a frame was
+    /// lost, repeated or reordered.
+    #[error("frame out of sequence: expected number {expected}, got {got}")]
+    OutOfSequence {
+        /// The number the next frame must carry.
+        expected: u32,
+        /// The number it carried.
+        got: u32,
+    },
+}
+
+/// A batch of pages as it lies in a received frame (no copy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageBatch<'a> {
+    /// The round the pages belong to.
+    pub round: u32,
+    pub(super) page_size: PageSize,
+    pub(super) pages: &'a [u8],
+    pub(super) flags: &'a [u8],
+    pub(super) data: &'a [u8],
+}
+
+impl<'a> PageBatch<'a> {
+    /// Number of pages.
+    pub fn len(&self) -> usize {
+        self.flags.len()
+    }
+
+    /// Whether the batch has no pages.
+    pub fn is_empty(&self) -> bool {
+        self.flags.is_empty()
+    }
+
+    /// The pages in order: their GFN and their data, `None` for a zero page.
+    pub fn iter(&self) -> impl Iterator<Item = (PageNum, Option<&'a [u8]>)> + 'a {
+        let ps = self.page_size.get();
+        let data = self.data;
+        let mut offset = 0usize;
+        self.pages
+            .chunks_exact(8)
+            .zip(self.flags.iter())
+            .map(move |(p, f)| {
+                let page = u64::from_le_bytes(p.try_into().unwrap_or_default());
+                if f & PAGE_FLAG_ZERO != 0 {
+                    (page, None)
+                } else {
+                    let d = &data[offset..offset + ps];
+                    offset += ps;
+                    (page, Some(d))
+                }
+            })
+    }
+
+    /// Number of zero pages in the batch.
+    pub fn zero_pages(&self) -> usize {
+        self.flags
+            .iter()
+            .filter(|f| **f & PAGE_FLAG_ZERO != 0)
+            .count()
+    }
+}
+
+/// What the destination reports when it has resumed the guest: how long
+/// each of its steps took, on its own clock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResumeReport {
+    /// Nanoseconds spent digesting memory before resume.
+    pub verify_ns: u64,
+    /// Nanoseconds spent restoring device state.
+    pub restore_ns: u64,
+    /// Nanoseconds spent in the backend's resume.
+    pub resume_ns: u64,
+    /// Nanoseconds from the completion record's arrival to resume, in all.
+    pub total_ns: u64,
+}
+
+/// What a post-copy destination reports once every page has arrived.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PostcopyReport {
+    /// Network faults: pages the guest touched before they arrived.
+    pub faults: u64,
+    /// Pages that arrived when already present (not placed again).
+    pub duplicates: u64,
+    /// Median fault latency (request to page placed), nanoseconds.
+    pub latency_p50_ns: u64,
+    /// 99th-percentile fault latency, nanoseconds.
+    pub latency_p99_ns: u64,
+    /// Longest fault latency, nanoseconds.
+    pub latency_max_ns: u64,
+    /// Sum of fault latencies: the time vCPUs waited, nanoseconds.
+    pub stall_ns: u64,
+}
+
+/// One decoded record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Record<'a> {
+    /// Stream header.
+    Header {
+        /// Protocol version of the sender.
+        version: u32,
+    },
+    /// Memory layout of the guest being migrated.
+    Layout(MemoryLayout),
+    /// Pages.
+    PageBatch(PageBatch<'a>),
+    /// Marks the end of a pre-copy round.
+    RoundEnd {
+        /// The round.
+        round: u32,
+        /// Pages sent in it.
+        pages_sent: u64,
+    },
+    /// vCPU and device state.
+    DeviceState(DeviceState),
+    /// The source paused the guest; the final pages follow.
+    SwitchOver {
+        /// The round number of the final copy (or of the post-copy push).
+        round: u32,
+        /// Post-copy: the destination resumes the guest as soon as the
+        /// device state arrives, before the pages.
+        postcopy: bool,
+    },
+    /// Post-copy: pages (as `(first, count)` ranges) whose copy on the
+    /// destination is stale or missing; the guest must fault on them.
+    Discard(Vec<(PageNum, u64)>),
+    /// Post-copy: every page arrived and the digest matched.
+    Verified(PostcopyReport),
+    /// Post-copy: pages the destination must treat as absent, as a bitmap:
+    /// bit `i` of word `w` is page `first_page + 64 * w + i`.
+    DiscardBitmap {
+        /// The page of bit 0 of word 0.
+        first_page: PageNum,
+        /// The bits.
+        words: Vec<u64>,
+    },
+    /// Destination asks for these pages now (post-copy).
+    PageRequest(Vec<PageNum>),
+    /// Everything has been sent.
+    Complete {
+        /// Guest pages in the layout.
+        total_pages: u64,
+        /// Digest of all guest memory on the source after pause, bound to
+        /// the device state sent
+        /// ([`crate::digest::completion_digest`]).
+        digest: MemoryDigest,
+    },
+    /// The sender gives up.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+    /// Destination accepted the layout and is ready for pages.
+    Ready,
+    /// Destination has resumed the guest.
+    Resumed(ResumeReport),
+}
+
+impl Record<'_> {
+    /// The record's type code.
+    pub fn record_type(&self) -> RecordType {
+        match self {
+            Record::Header { .. } => RecordType::Header,
+            Record::Layout(_) => RecordType::Layout,
+            Record::PageBatch(_) => RecordType::PageBatch,
+            Record::RoundEnd { .. } => RecordType::RoundEnd,
+            Record::DeviceState(_) => RecordType::DeviceState,
+            Record::SwitchOver { .. } => RecordType::SwitchOver,
+            Record::PageRequest(_) => RecordType::PageRequest,
+            Record::Complete { .. } => RecordType::Complete,
+            Record::Abort { .. } => RecordType::Abort,
+            Record::Ready => RecordType::Ready,
+            Record::Resumed(_) => RecordType::Resumed,
+            Record::Discard(_) => RecordType::Discard,
+            Record::Verified(_) => RecordType::Verified,
+            Record::DiscardBitmap { .. } => RecordType::DiscardBitmap,
+        }
+    }
+}
