@@ -16,15 +16,17 @@
 
 use clap::{Parser, ValueEnum};
 use livemig::core::driver::run_source;
+use livemig::core::tls::{self, TlsConfig, TlsSession};
 use livemig::core::{
     Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, PolicyConfig, PolicyKind,
-    Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock,
+    Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
 };
 use livemig::kvm::{run_kvm_destination, DirtyLog, Pacing, TestVm};
 use livemig::units::{parse_rate, parse_size};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -106,6 +108,20 @@ struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Mutual TLS: this process's certificate (PEM; both processes use
+    /// it). With `--tls-key` and `--tls-ca`; without them, plain TCP.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Mutual TLS: the certificate's private key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: the CA the peer's certificate must chain to (PEM).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Mutual TLS: the name the destination verifies the source's
+    /// certificate against (default: the address it dials, 127.0.0.1).
+    #[arg(long)]
+    tls_name: Option<String>,
     /// Internal: which side this process is.
     #[arg(long, value_enum, default_value = "source", hide = true)]
     role: Role,
@@ -155,6 +171,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// The TLS configuration the arguments name, if any.
+fn tls_config(a: &Args) -> Result<Option<TlsConfig>, String> {
+    TlsConfig::from_optional_paths(
+        a.tls_cert.as_deref(),
+        a.tls_key.as_deref(),
+        a.tls_ca.as_deref(),
+    )
+    .map_err(|e| format!("invalid: {e}"))
+}
+
 fn destination(a: &Args) -> Result<bool, String> {
     let addr = a
         .connect
@@ -166,7 +192,17 @@ fn destination(a: &Args) -> Result<bool, String> {
         vm.memory().enable_postcopy().map_err(|e| e.to_string())?;
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let mut t = StreamTransport::connect_tcp(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    let sock = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    sock.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut t: Box<dyn Transport> = match tls_config(a)? {
+        // This side dials: it begins the session.
+        Some(cfg) => {
+            let mut session = TlsSession::initiator(&cfg).map_err(|e| e.to_string())?;
+            let name = a.tls_name.as_deref().unwrap_or(tls::host_of(addr));
+            Box::new(tls::connect(&cfg, sock, name, &mut session).map_err(|e| format!("TLS: {e}"))?)
+        }
+        None => Box::new(StreamTransport::new(sock).map_err(|e| e.to_string())?),
+    };
     let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock.clone());
     let report = run_kvm_destination(&mut e, &mut t, &vm.memory(), &vm.control(), clock, TIMEOUT)
         .map_err(|e| e.to_string())?;
@@ -198,10 +234,26 @@ fn source(a: &Args) -> Result<bool, String> {
             a.mem - (1 << 20)
         ));
     }
+    let tls = tls_config(a)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut child = Command::new(exe)
+    let mut child = Command::new(exe);
+    if tls.is_some() {
+        for (flag, v) in [
+            ("--tls-cert", &a.tls_cert),
+            ("--tls-key", &a.tls_key),
+            ("--tls-ca", &a.tls_ca),
+        ] {
+            child
+                .arg(flag)
+                .arg(v.as_deref().unwrap_or_else(|| "".as_ref()));
+        }
+        if let Some(n) = &a.tls_name {
+            child.args(["--tls-name", n]);
+        }
+    }
+    let mut child = child
         .args(["--role", "destination", "--connect", &addr.to_string()])
         .args(["--mem", &a.mem.to_string(), "--wss", &a.wss.to_string()])
         .args(["--vcpus", &a.vcpus.to_string()])
@@ -226,7 +278,13 @@ fn source(a: &Args) -> Result<bool, String> {
     std::thread::sleep(Duration::from_millis(a.settle_ms));
     let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let mut t = StreamTransport::new(stream).map_err(|e| e.to_string())?;
+    let mut t: Box<dyn Transport> = match &tls {
+        Some(cfg) => Box::new(
+            tls::accept(cfg, stream, &mut TlsSession::acceptor())
+                .map_err(|e| format!("TLS: {e}"))?,
+        ),
+        None => Box::new(StreamTransport::new(stream).map_err(|e| e.to_string())?),
+    };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let target = Duration::from_millis(a.downtime_target_ms);
     let mut config = PolicyConfig::default();

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -22,77 +22,12 @@ const DEADLINE: Duration = Duration::from_secs(300);
 /// every 4096 iterations, no pacing.
 const CMDLINE: &str = "payload.elf wss=512 every=4096 ticks=0";
 
-fn have_kvm() -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var("LIVEMIG_NO_KVM").as_deref() == Ok("1") {
-        eprintln!("LIVEMIG_NO_KVM=1: this machine declares it has no KVM; test not run");
-        return false;
-    }
-    panic!("/dev/kvm not found (set LIVEMIG_NO_KVM=1 only on a machine known to have no KVM)");
-}
+mod common;
+use common::{have_kvm, wait};
 
-/// The example binary, `target/<profile>/examples/kvm-vmm` next to this
-/// test's `target/<profile>/deps`. `cargo test` builds it before running
-/// any test; if it is missing or older than the sources it is built from
-/// (a target selection that left it out), it is built with cargo here.
-fn vmm() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let exe = std::env::current_exe().expect("the test binary's path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test binary lives in target/<profile>/deps");
-        let bin = profile_dir.join("examples").join("kvm-vmm");
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let sources = [
-            root.join("examples/kvm-vmm"),
-            root.join("Cargo.toml"),
-            root.join("src"),
-            root.join("crates/migrate-core/src"),
-            root.join("crates/migrate-core/Cargo.toml"),
-            root.join("crates/backend-kvm/src"),
-            root.join("crates/backend-kvm/Cargo.toml"),
-        ];
-        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-        let newest = sources.iter().filter_map(|p| newest_source(p)).max();
-        if !matches!((built, newest), (Some(b), Some(n)) if b >= n) {
-            let mut cargo = Command::new(env!("CARGO"));
-            cargo
-                .current_dir(root)
-                .args(["build", "--example", "kvm-vmm"]);
-            // `--release` builds land in target/release, the others in
-            // target/debug.
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cargo.arg("--release");
-            }
-            let status = cargo.status().expect("running cargo");
-            assert!(status.success(), "cargo build --example kvm-vmm: {status}");
-        }
-        assert!(bin.exists(), "{} not built", bin.display());
-        bin
-    })
-}
-
-/// The latest modification time of the Rust sources and manifests at
-/// `path` (a file, or a directory searched through).
-fn newest_source(path: &Path) -> Option<std::time::SystemTime> {
-    let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_dir() {
-        return meta.modified().ok();
-    }
-    std::fs::read_dir(path)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_dir()
-                || p.extension().is_some_and(|x| x == "rs")
-                || p.file_name().is_some_and(|n| n == "Cargo.toml")
-        })
-        .filter_map(|p| newest_source(&p))
-        .max()
+/// The example binary (built if missing or stale).
+fn vmm() -> PathBuf {
+    common::example("kvm-vmm")
 }
 
 /// The multiboot test image, built with `payload/build.sh` (binutils).
@@ -113,33 +48,6 @@ fn image() -> PathBuf {
             out.join("payload.elf")
         })
         .clone()
-}
-
-/// Waits for `child` at most [`DEADLINE`]; kills it past that.
-fn wait(mut child: Child, what: &str) -> Output {
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = stdout.read_to_end(&mut s);
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for the VMM") {
-            break status;
-        }
-        if start.elapsed() > DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not end within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Output {
-        status,
-        stdout: reader.join().expect("reading the VMM's output"),
-        stderr: Vec::new(),
-    }
 }
 
 /// Runs the example with `args` (stderr inherited) and returns its exit

@@ -32,6 +32,8 @@
 //!   ([`driver`]);
 //! - statistics in Xen's per-round and QEMU's total vocabulary
 //!   ([`MigrationStats`], [`RoundStats`]);
+//! - mutual TLS for the stream transport, every connection bound to
+//!   its migration session (`tls`, feature `tls`);
 //! - with the `conformance` feature, the backend contract as generic
 //!   checks a backend's tests run (`conformance`).
 //!
@@ -43,8 +45,7 @@
 //! programs' business (the `livemig` facade's `units`).
 //!
 //! What it does not do: talk to a hypervisor (that is the backends'
-//! work: `backend-sim`, and in time KVM and Xen), compress or encrypt
-//! pages, or choose a destination host.
+//! work: `backend-sim`, and in time KVM and Xen), compress pages, or choose a destination host.
 //!
 //! This crate has no unsafe code.
 
@@ -65,6 +66,8 @@ mod page;
 pub mod policy;
 pub mod protocol;
 mod stats;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod transport;
 
 pub use backend::{
