@@ -46,11 +46,12 @@ thread_local! {
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let run = RUNNING.with(|r| r.get());
     if !run.is_null() {
-        // SAFETY: `RUNNING` is non-null only between the point where
+        // `RUNNING` is non-null only between the point where
         // `VcpuKick::run` published the `kvm_run` of a `VcpuFd` it holds by
         // `&mut` and the point where it cleared it, on this same thread;
-        // that mapping lives as long as the `VcpuFd`. The handler
-        // interrupted this thread, so nothing else on it touches the field.
+        // that mapping lives as long as the `VcpuFd`.
+        // SAFETY: the pointer is valid (above); the handler interrupted
+        // this thread, so nothing else on it touches the field.
         unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
     }
 }

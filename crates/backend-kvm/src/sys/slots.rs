@@ -93,10 +93,11 @@ impl GuestSlots {
             userspace_addr: s.host_addr,
             flags: s.flags | extra,
         };
-        // SAFETY: `s` describes a region of `self.memory` (built from it in
-        // `new`'s caller and never changed), which this struct owns and
-        // unmaps only after `drop` has removed the slots it registered;
-        // KVM reads and writes the mapping only as guest memory.
+        // `s` describes a region of `self.memory` (built from it in `new`'s
+        // caller and never changed), which this struct owns and unmaps
+        // only after `drop` has removed the slots it registered.
+        // SAFETY: the slot points at that live mapping; KVM reads and
+        // writes it only as guest memory.
         unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| KvmError::Ioctl {
             op: "KVM_SET_USER_MEMORY_REGION",
             source: e,
@@ -113,10 +114,11 @@ impl GuestSlots {
                 format!("{len} bytes at {host:#x} are not guest memory"),
             ));
         }
-        // SAFETY: the range lies inside the mapping of `self.memory`, which
-        // this struct owns; guest memory is only ever accessed through
-        // vm-memory's volatile accessors, never through Rust references,
-        // so its contents may change under them.
+        // Guest memory is only ever accessed through vm-memory's volatile
+        // accessors, never through Rust references, so its contents may
+        // change under them.
+        // SAFETY: the range lies inside the mapping of `self.memory`,
+        // which this struct owns (checked above).
         unsafe { uffd::drop_pages(host, len) }
     }
 }
