@@ -15,13 +15,13 @@
 //! verified; `--json` prints all of it as one object.
 
 use clap::{Parser, ValueEnum};
-use livemig::core::driver::run_source;
+use livemig::core::driver::{run_destination, run_source};
 use livemig::core::tls::{self, TlsConfig, TlsSession};
 use livemig::core::{
     Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, PolicyConfig, PolicyKind,
     Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
 };
-use livemig::kvm::{run_kvm_destination, DirtyLog, Pacing, TestVm};
+use livemig::kvm::{DirtyLog, KvmFaults, Pacing, TestVm};
 use livemig::units::{parse_rate, parse_size};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -204,8 +204,10 @@ fn destination(a: &Args) -> Result<bool, String> {
         None => Box::new(StreamTransport::new(sock).map_err(|e| e.to_string())?),
     };
     let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock.clone());
-    let report = run_kvm_destination(&mut e, &mut t, &vm.memory(), &vm.control(), clock, TIMEOUT)
-        .map_err(|e| e.to_string())?;
+    let mut faults =
+        KvmFaults::start(&vm.memory(), &vm.control(), clock).map_err(|e| e.to_string())?;
+    let report =
+        run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT).map_err(|e| e.to_string())?;
     std::thread::sleep(Duration::from_millis(a.settle_ms));
     let reports = vm.reports();
     let first = reports.first();

@@ -151,7 +151,7 @@ impl Side {
         let mut t = StreamTransport::new(stream).map_err(|e| e.to_string())?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock);
-        let report = run_destination(&mut e, &mut t, PATIENCE).map_err(|e| e.to_string())?;
+        let report = run_destination(&mut e, &mut t, None, PATIENCE).map_err(|e| e.to_string())?;
         let digest = report.digest.ok_or("no digest")?.to_string();
         wait("the migrated guest's first report", || {
             !vm.reports().is_empty()

@@ -40,7 +40,7 @@
 //! let destination = std::thread::spawn(move || {
 //!     let mut transport = StreamTransport::new(b).unwrap();
 //!     let mut engine = DestinationEngine::new(d.pages(), d.control(), c);
-//!     run_destination(&mut engine, &mut transport, DEFAULT_PEER_TIMEOUT)
+//!     run_destination(&mut engine, &mut transport, None, DEFAULT_PEER_TIMEOUT)
 //! });
 //!
 //! let mut transport = StreamTransport::new(a).unwrap();

@@ -35,7 +35,7 @@
 
 use clap::Parser;
 use livemig::core::digest::digest_memory;
-use livemig::core::driver::run_source;
+use livemig::core::driver::{run_destination, run_source};
 use livemig::core::{
     Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, PolicyConfig, PolicyKind,
     SourceEngine, StreamTransport, SystemClock,
@@ -48,9 +48,8 @@ use livemig::kvm::vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
 };
 use livemig::kvm::{
-    advise_huge_pages, enter_multiboot, load_multiboot, run_kvm_destination, vcpu_cpuid,
-    KvmControl, KvmDirtyTracker, KvmError, KvmMemory, KvmPages, TrackedMemory, VcpuCaps, VcpuKick,
-    Vcpus,
+    advise_huge_pages, enter_multiboot, load_multiboot, vcpu_cpuid, KvmControl, KvmDirtyTracker,
+    KvmError, KvmFaults, KvmMemory, KvmPages, TrackedMemory, VcpuCaps, VcpuKick, Vcpus,
 };
 use livemig::units::parse_size;
 use std::io::{BufRead, BufReader, Write};
@@ -574,17 +573,12 @@ fn destination(a: &Args) -> Result<(), Failure> {
         vm.control.clone(),
         clock.clone(),
     );
-    // Pre-copy and stop-and-copy end in `run_destination`; with post-copy
-    // enabled, a fault handler serves the guest while its pages arrive.
-    let report = run_kvm_destination(
-        &mut engine,
-        &mut transport,
-        &vm.memory,
-        &vm.control,
-        clock,
-        PEER_TIMEOUT,
-    )
-    .map_err(migration("the destination engine"))?;
+    // With post-copy enabled on the memory, a fault handler serves the
+    // guest while its pages arrive; otherwise it stays quiet.
+    let mut faults =
+        KvmFaults::start(&vm.memory, &vm.control, clock).map_err(migration("the fault handler"))?;
+    let report = run_destination(&mut engine, &mut transport, Some(&mut faults), PEER_TIMEOUT)
+        .map_err(migration("the destination engine"))?;
     drop(transport);
 
     // The engine resumed the guest: wait for its first report here.

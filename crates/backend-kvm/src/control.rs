@@ -62,6 +62,21 @@ pub trait Vcpus: Send + Sync {
     fn fault(&self) -> Option<String> {
         None
     }
+
+    /// Auto-converge: holds every vCPU out of the guest for `pct` percent
+    /// of the time from now on (at most 99; 0 lifts it). A VMM that
+    /// cannot keeps the default, which refuses with
+    /// [`KvmError::Unsupported`]; the migration then runs unthrottled.
+    ///
+    /// One way, QEMU's: after each stay in the guest, a vCPU thread
+    /// sleeps `pct / (100 - pct)` times as long as it ran, and a timer
+    /// kicks every vCPU out of the guest each few milliseconds so that a
+    /// guest that never exits is held too.
+    fn set_throttle(&self, pct: u8) -> Result<(), KvmError> {
+        Err(KvmError::Unsupported(format!(
+            "this VMM cannot throttle its vCPUs (asked for {pct}%)"
+        )))
+    }
 }
 
 /// How long [`KvmControl`] waits for the vCPUs to pause.
@@ -132,6 +147,10 @@ impl GuestControl for KvmControl {
 
     fn guest_cpu_time(&self) -> Option<Duration> {
         self.vcpus.cpu_time()
+    }
+
+    fn set_throttle(&mut self, pct: u8) -> Result<(), BackendError> {
+        self.vcpus.set_throttle(pct).map_err(BackendError::from)
     }
 
     fn restore_state(&mut self, state: &DeviceState) -> Result<(), BackendError> {

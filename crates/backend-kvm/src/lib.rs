@@ -26,7 +26,11 @@
 //!   few;
 //! - post-copy destinations: [`KvmMemory::enable_postcopy`] puts the memory
 //!   under userfaultfd, a [`FaultHandler`] reports the guest's faults, and
-//!   [`run_kvm_destination`] asks the source for those pages first.
+//!   [`KvmFaults`] hands them to the core's destination driver
+//!   (`migrate_core::driver::run_destination`), which asks the source for
+//!   those pages first;
+//! - auto-converge: [`Vcpus::set_throttle`] holds the VMM's vCPUs out of
+//!   the guest for a share of each period.
 //!
 //! ```text
 //!  VMM: VmFd + GuestMemoryMmap + VcpuFd
@@ -96,7 +100,7 @@ mod testvm;
 
 pub use control::{KvmControl, Vcpus, PAUSE_TIMEOUT};
 pub use memory::{KvmDirtyTracker, KvmMemory, KvmPages};
-pub use postcopy::{run_kvm_destination, FaultHandler};
+pub use postcopy::{FaultHandler, KvmFaults};
 pub use state::{
     decode_guest, encode_guest, restore_vcpu, restore_vm, save_guest, save_vcpu, save_vm,
     vcpu_cpuid, Fpu, GuestState, VcpuCaps, VcpuState, VmState, STATE_FORMAT, STATE_VERSION,
@@ -109,7 +113,7 @@ pub use sys::{
 pub use testvm::{
     enter_multiboot, load_multiboot, DirtyLog, MultibootEntry, Pacing, Report, RingFull, Runners,
     TestVm, Throttle, VcpuRecord, VcpuRunner, VcpuWatch, COMPUTE_PAYLOAD, PAYLOAD, PAYLOAD_ADDR,
-    REPORT_PORT, WSS_BASE,
+    REPORT_PORT, THROTTLE_SLICE, WSS_BASE,
 };
 
 use std::time::Duration;
@@ -159,6 +163,9 @@ pub enum KvmError {
         #[source]
         source: std::io::Error,
     },
+    /// The VMM cannot do what was asked (throttle its vCPUs, for one).
+    #[error("not supported: {0}")]
+    Unsupported(String),
 }
 
 impl From<KvmError> for migrate_core::BackendError {
@@ -168,7 +175,7 @@ impl From<KvmError> for migrate_core::BackendError {
         use migrate_core::BackendErrorKind as Kind;
         let kind = match &e {
             KvmError::PauseTimeout(_) => Kind::InvalidState,
-            KvmError::Open(_) => Kind::Unsupported,
+            KvmError::Open(_) | KvmError::Unsupported(_) => Kind::Unsupported,
             KvmError::Unaligned { .. } | KvmError::Layout(_) | KvmError::Config(_) => {
                 Kind::InvalidArgument
             }

@@ -3,7 +3,7 @@
 //! ```text
 //!  vCPU thread ── touches an absent page ──▶ kernel parks it, posts an event
 //!  FaultHandler thread ── reads events ──▶ Faults{pages, at} ──▶ channel
-//!  engine thread (run_destination_serving) ── request_pages_at ──▶ source
+//!  engine thread (run_destination) ── request_pages_at ──▶ source
 //!  source ── page ──▶ engine thread ── UFFDIO_COPY ──▶ page mapped, vCPU woken
 //! ```
 //!
@@ -14,11 +14,8 @@
 
 use crate::memory::KvmMemory;
 use crate::{KvmControl, KvmError};
-use migrate_core::driver::{run_destination, run_destination_serving, Faults};
-use migrate_core::{
-    BackendError, Clock, DestinationEngine, DestinationReport, GuestControl, MigrationError,
-    PageSink, PageSource, Transport,
-};
+use migrate_core::driver::{FaultSource, Faults};
+use migrate_core::{BackendError, Clock, MigrationError};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
@@ -39,8 +36,8 @@ pub struct FaultHandler {
 impl FaultHandler {
     /// Starts the handler for `memory`, on which
     /// [`KvmMemory::enable_postcopy`] was called. Fault times are taken on
-    /// `clock`, which must be the destination engine's. Hand the receiver
-    /// to [`migrate_core::driver::run_destination_serving`].
+    /// `clock`, which must be the destination engine's. [`KvmFaults`]
+    /// starts one and hands its receiver to the destination driver.
     pub fn start(
         memory: Arc<KvmMemory>,
         clock: Arc<dyn Clock>,
@@ -107,66 +104,92 @@ impl Drop for FaultHandler {
     }
 }
 
-/// Runs a KVM destination to the end over `transport`.
+/// A KVM destination's post-copy faults, for
+/// [`migrate_core::driver::run_destination`]: the [`FaultHandler`] of a
+/// memory on which [`KvmMemory::enable_postcopy`] was called, and what
+/// the end of the migration does to it.
 ///
-/// If [`KvmMemory::enable_postcopy`] was called on `memory`, a
-/// [`FaultHandler`] serves the guest's faults while it runs in post-copy,
-/// and once every page is here the memory leaves userfaultfd. Otherwise
-/// this is [`migrate_core::driver::run_destination`].
+/// When every page has arrived the memory leaves userfaultfd and the
+/// handler stops. If the source is lost after the guest resumed here in
+/// post-copy, the vCPUs are told to stop, and any vCPU waiting for a page
+/// that never came stays parked in the kernel: the memory stays
+/// registered, so no missing page ever reads as zeros.
+/// [`KvmMemory::missing_pages`] says how many are missing.
 ///
-/// If the source is lost after the guest resumed here in post-copy, the
-/// result is [`MigrationError::Incomplete`]; the vCPUs are told to stop,
-/// and any vCPU waiting for a page that never came stays parked in the
-/// kernel: the memory stays registered, so no missing page ever reads as
-/// zeros. [`KvmMemory::missing_pages`] says how many are missing.
-///
-/// The calling thread both restores the device state and places pages, so
-/// `control`'s restore must not write guest memory in post-copy (KVM's
-/// `KVM_SET_*` ioctls do not; a device model that did would wait on a
-/// fault only this thread can serve).
-pub fn run_kvm_destination<K, G, X>(
-    engine: &mut DestinationEngine<K, G>,
-    transport: &mut X,
-    memory: &Arc<KvmMemory>,
-    control: &KvmControl,
-    clock: Arc<dyn Clock>,
-    peer_timeout: Duration,
-) -> Result<DestinationReport, MigrationError>
-where
-    K: PageSink + PageSource,
-    G: GuestControl,
-    X: Transport + ?Sized,
-{
-    if memory.userfault().is_none() {
-        return run_destination(engine, transport, peer_timeout);
+/// The driver's thread both restores the device state and places pages,
+/// so the control's restore must not write guest memory in post-copy
+/// (KVM's `KVM_SET_*` ioctls do not; a device model that did would wait
+/// on a fault only that thread can serve).
+pub struct KvmFaults {
+    handler: Option<FaultHandler>,
+    faults: Receiver<Faults>,
+    memory: Arc<KvmMemory>,
+    vcpus: Arc<dyn crate::Vcpus>,
+}
+
+impl std::fmt::Debug for KvmFaults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmFaults")
+            .field("serving", &self.handler.is_some())
+            .finish()
     }
-    let backend = |op: &'static str| {
-        move |e: KvmError| MigrationError::Backend {
-            op,
-            source: BackendError::from(e),
+}
+
+impl KvmFaults {
+    /// Starts the fault handler of `memory` if post-copy is enabled on it
+    /// (otherwise there is nothing to serve, and this source of faults
+    /// stays quiet). Fault times are taken on `clock`, the destination
+    /// engine's; `control` is the destination guest's, stopped if the
+    /// source is lost in post-copy.
+    pub fn start(
+        memory: &Arc<KvmMemory>,
+        control: &KvmControl,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, KvmError> {
+        let (handler, faults) = if memory.userfault().is_some() {
+            let (h, rx) = FaultHandler::start(memory.clone(), clock)?;
+            (Some(h), rx)
+        } else {
+            (None, mpsc::channel().1)
+        };
+        Ok(KvmFaults {
+            handler,
+            faults,
+            memory: memory.clone(),
+            vcpus: control.vcpus().clone(),
+        })
+    }
+}
+
+fn kvm_backend(op: &'static str) -> impl FnOnce(KvmError) -> MigrationError {
+    move |e: KvmError| MigrationError::Backend {
+        op,
+        source: BackendError::from(e),
+    }
+}
+
+impl FaultSource for KvmFaults {
+    fn faults(&self) -> &Receiver<Faults> {
+        &self.faults
+    }
+
+    fn finish(&mut self) -> Result<(), MigrationError> {
+        let Some(handler) = self.handler.take() else {
+            return Ok(());
+        };
+        self.memory
+            .finish_postcopy()
+            .map_err(kvm_backend("leave userfaultfd"))?;
+        handler.stop().map_err(kvm_backend("the fault handler"))
+    }
+
+    fn abandon(&mut self) {
+        // Kicked: a vCPU parked on an absent page leaves the guest where
+        // the kernel lets a signal end the wait; none enters it again
+        // either way.
+        if let Err(e) = self.vcpus.pause(Duration::from_millis(100)) {
+            tracing::warn!(error = %e, "a vCPU stays parked on a missing page");
         }
-    };
-    let (handler, faults) =
-        FaultHandler::start(memory.clone(), clock).map_err(backend("start the fault handler"))?;
-    match run_destination_serving(engine, transport, &faults, peer_timeout) {
-        Ok(report) => {
-            memory
-                .finish_postcopy()
-                .map_err(backend("leave userfaultfd"))?;
-            handler.stop().map_err(backend("the fault handler"))?;
-            Ok(report)
-        }
-        Err(e) => {
-            if engine.resumed() {
-                // Kicked: a vCPU parked on an absent page leaves the guest
-                // where the kernel lets a signal end the wait; none enters
-                // it again either way.
-                if let Err(e) = control.vcpus().pause(Duration::from_millis(100)) {
-                    tracing::warn!(error = %e, "a vCPU stays parked on a missing page");
-                }
-            }
-            drop(handler);
-            Err(e)
-        }
+        self.handler = None;
     }
 }

@@ -62,7 +62,7 @@ fn connection_cut_mid_precopy_leaves_the_source_running() {
     let dest = std::thread::spawn(move || {
         let mut t = b;
         let mut e = DestinationEngine::new(dp, dc, c2);
-        (run_destination(&mut e, &mut t, TIMEOUT), e.resumed())
+        (run_destination(&mut e, &mut t, None, TIMEOUT), e.resumed())
     });
     let mut t = Cut {
         inner: Some(a),

@@ -3,9 +3,10 @@
 
 mod common;
 
-use backend_kvm::{run_kvm_destination, TestVm};
+use backend_kvm::{KvmFaults, TestVm};
 use common::*;
 use migrate_core::digest::digest_memory;
+use migrate_core::driver::run_destination;
 use migrate_core::DestinationEngine;
 use migrate_core::MigrationStats;
 use migrate_core::{Clock, PageSource, Policy, Precopy, StopAndCopy, SystemClock};
@@ -38,8 +39,8 @@ fn destination_process() {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let mut t = migrate_core::StreamTransport::connect_tcp(&addr).expect("connect");
     let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock.clone());
-    let report = run_kvm_destination(&mut e, &mut t, &vm.memory(), &vm.control(), clock, TIMEOUT)
-        .expect("destination");
+    let mut faults = KvmFaults::start(&vm.memory(), &vm.control(), clock).expect("fault handler");
+    let report = run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT).expect("destination");
     assert_eq!(vm.memory().missing_pages(), 0);
     assert!(
         eventually(|| vm.reports().len() >= 3),

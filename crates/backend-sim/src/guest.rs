@@ -56,6 +56,8 @@ struct Inner {
     /// page that was present when the accesses were looked at, and pages
     /// do not go missing while the guest runs).
     fault_horizon: u64,
+    /// Auto-converge: percent of host time the vCPU is held (0..=99).
+    throttle: u8,
 }
 
 /// One post-copy fault as the simulated guest lived it.
@@ -102,6 +104,10 @@ impl Inner {
         if self.paused || self.stalled.is_some() {
             return;
         }
+        // A throttled vCPU runs (100 - throttle) % of the time: exactly
+        // that share of host time becomes guest time.
+        let run = self.run_share();
+        let elapsed = elapsed * run / 100;
         let g0 = self.guest_time;
         let target = g0 + elapsed;
         while self.workload.writes() && self.workload.next_time() <= target {
@@ -111,7 +117,7 @@ impl Inner {
             if self.absent.as_ref().is_some_and(|a| a.get(page)) {
                 // The vCPU touches a page that is not here: it stops until
                 // the page arrives.
-                let fault_at = start + (t - g0);
+                let fault_at = start + (t - g0) * 100 / run;
                 self.guest_time = t;
                 self.stalled = Some((acc, page, fault_at));
                 self.fault_count += 1;
@@ -121,6 +127,11 @@ impl Inner {
             self.apply(acc, page);
         }
         self.guest_time = target;
+    }
+
+    /// The percentage of host time the vCPU runs.
+    fn run_share(&self) -> u32 {
+        100 - u32::from(self.throttle.min(99))
     }
 
     fn apply(&mut self, acc: Access, page: PageNum) {
@@ -244,6 +255,7 @@ impl SimGuest {
                 fault_log: Vec::new(),
                 resume_pages: Vec::new(),
                 fault_horizon: 0,
+                throttle: 0,
             })),
             layout,
         }
@@ -258,6 +270,11 @@ impl SimGuest {
         let mut g = self.lock();
         g.catch_up();
         g
+    }
+
+    /// The vCPU throttle in force, percent.
+    pub fn throttle(&self) -> u8 {
+        self.lock().throttle
     }
 
     /// The memory layout.
@@ -315,7 +332,7 @@ impl SimGuest {
             g.fault_horizon = g.look_ahead();
         }
         let next = g.workload.time_of(g.fault_horizon);
-        Some(g.synced_at + next.saturating_sub(g.guest_time))
+        Some(g.synced_at + next.saturating_sub(g.guest_time) * 100 / g.run_share())
     }
 
     /// Post-copy: brings the guest up to the clock and returns the pages it
@@ -576,6 +593,21 @@ impl GuestControl for SimControl {
             g.paused = false;
             g.resumed_at = Some(g.clock.now());
         }
+        Ok(())
+    }
+
+    /// Holds the simulated vCPU for `pct` percent of host time from now
+    /// on, exactly: the guest's time advances at `100 - pct` percent of
+    /// the clock's. At most 99.
+    fn set_throttle(&mut self, pct: u8) -> Result<(), BackendError> {
+        if pct > 99 {
+            return Err(BackendError::new(
+                BackendErrorKind::InvalidArgument,
+                format!("throttle of {pct}%: at most 99"),
+            ));
+        }
+        // The time so far ran at the old throttle.
+        self.0.synced().throttle = pct;
         Ok(())
     }
 

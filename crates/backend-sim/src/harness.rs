@@ -17,7 +17,8 @@ use crate::memory::MemoryMode;
 use crate::workload::{WorkloadError, WorkloadSpec};
 use migrate_core::protocol::{abort_frame, wire_len};
 use migrate_core::{
-    Clock, GuestControl, MigrationError, MigrationStats, Payload, Policy, VirtualClock,
+    Clock, GuestControl, MigrationError, MigrationHandle, MigrationStats, Payload, Policy,
+    VirtualClock,
 };
 use migrate_core::{
     DestStatus, DestinationEngine, DestinationReport, EngineConfig, SourceEngine, SourceStep,
@@ -273,9 +274,63 @@ impl Run {
         Ok(())
     }
 
-    /// Polls the source engine.
+    /// Polls the source engine. A source that fails (a cancel among
+    /// other causes) tells the destination, as the blocking driver does.
     pub(crate) fn poll(&mut self) -> Result<SourceStep, SimError> {
-        Ok(self.source.poll()?)
+        match self.source.poll() {
+            Ok(step) => Ok(step),
+            Err(e) => Err(self.source_failed(e)),
+        }
+    }
+
+    /// The source's timers that fell due (a waiting source wakes at
+    /// [`Run::source_deadline`]).
+    pub(crate) fn source_timeout(&mut self) -> Result<(), SimError> {
+        match self.source.handle_timeout() {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.source_failed(e)),
+        }
+    }
+
+    /// When a waiting source's next timer falls due.
+    pub(crate) fn source_deadline(&self) -> Option<Duration> {
+        self.source.poll_timeout()
+    }
+
+    /// The destination's timers and its handle's cancel; a destination
+    /// that fails tells the source.
+    pub(crate) fn dest_timeout(&mut self) -> Result<(), SimError> {
+        if self.dest_done {
+            return Ok(());
+        }
+        if let Err(e) = self.dest.handle_timeout() {
+            if !self.dest.resumed() {
+                let abort = self.dest.abort_frame(&e.to_string());
+                let _ = self.source.handle_frame(&abort);
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Sends the source's abort to the destination (it arrives at once:
+    /// the run ends here) and returns the error.
+    fn source_failed(&mut self, e: MigrationError) -> SimError {
+        if !self.dest_done {
+            let abort = self.source.abort_frame(&e.to_string());
+            let _ = self.dest.handle_frame(&abort);
+        }
+        e.into()
+    }
+
+    /// The two engines' handles: the source's, the destination's.
+    pub(crate) fn handles(&self) -> (MigrationHandle, MigrationHandle) {
+        (self.source.handle(), self.dest.handle())
+    }
+
+    /// The two guests: the source, the destination.
+    pub(crate) fn guests(&self) -> (&SimGuest, &SimGuest) {
+        (&self.src, &self.dst)
     }
 
     /// The source's statistics, once it is done.
@@ -324,8 +379,34 @@ impl Run {
     }
 }
 
+/// What a steering hook of [`simulate_steered`] sees before each event.
+#[non_exhaustive]
+pub struct Steer<'a> {
+    /// Virtual time.
+    pub now: Duration,
+    /// The source engine's handle.
+    pub source: &'a MigrationHandle,
+    /// The destination engine's handle.
+    pub destination: &'a MigrationHandle,
+    /// The source guest.
+    pub source_guest: &'a SimGuest,
+    /// The destination guest.
+    pub destination_guest: &'a SimGuest,
+}
+
 /// Runs one migration in virtual time.
 pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
+    simulate_steered(config, &mut |_| {})
+}
+
+/// As [`simulate`], calling `steer` before each event, where a test (or a
+/// model of a VMM) reads progress and cancels or changes parameters
+/// through the handles. A side that fails (a cancel among other causes)
+/// sends its abort to the other, as the blocking drivers do.
+pub fn simulate_steered(
+    config: SimConfig,
+    steer: &mut dyn FnMut(&Steer<'_>),
+) -> Result<SimReport, SimError> {
     let SimConfig {
         layout,
         mode,
@@ -355,11 +436,28 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
     let mut src_ready = Duration::ZERO;
     let mut src_waiting = false;
     let mut replies = Vec::new();
+    let (source_handle, dest_handle) = run.handles();
 
     let stats = loop {
+        {
+            let (source_guest, destination_guest) = run.guests();
+            steer(&Steer {
+                now: clock.now(),
+                source: &source_handle,
+                destination: &dest_handle,
+                source_guest,
+                destination_guest,
+            });
+        }
+        run.dest_timeout()?;
         let next_delivery = events.peek().map(|Reverse((t, ..))| *t);
         let next_access = run.next_access();
-        let src_at = (!src_waiting).then_some(src_ready);
+        // A waiting source is woken by a frame or by its next timer.
+        let src_at = if src_waiting {
+            run.source_deadline().map(|t| t.max(clock.now()))
+        } else {
+            Some(src_ready)
+        };
         let earliest = [next_delivery, next_access, src_at]
             .into_iter()
             .flatten()
@@ -400,6 +498,11 @@ pub fn simulate(config: SimConfig) -> Result<SimReport, SimError> {
                 events.push(Reverse((arrive, seq, Dir::ToSource, req)));
             }
         } else {
+            if src_waiting {
+                run.source_timeout()?;
+                src_waiting = false;
+                src_ready = src_ready.max(now);
+            }
             match run.poll()? {
                 SourceStep::Send(frame) => {
                     let arrive = fwd.send(src_ready, wire_len(&frame));

@@ -64,6 +64,6 @@ pub use fault::{Fault, FaultAt, FaultPlan, FaultyTransport};
 pub use guest::{
     FaultRecord, SimControl, SimGuest, SimPages, SimTracker, STATE_FORMAT, STATE_VERSION,
 };
-pub use harness::{simulate, Link, SimConfig, SimError, SimReport};
+pub use harness::{simulate, simulate_steered, Link, SimConfig, SimError, SimReport, Steer};
 pub use memory::{MemoryMode, SimMemory};
 pub use workload::{WorkloadGen, WorkloadKind, WorkloadSpec};

@@ -339,7 +339,7 @@ fn run_once(policy: PolicyKind, plan: Option<(Dir, FaultPlan)>) -> Outcome {
                 },
                 c,
             );
-            let r = run_destination(&mut e, &mut dst_t, PEER_TIMEOUT);
+            let r = run_destination(&mut e, &mut dst_t, None, PEER_TIMEOUT);
             let out = (r.map(|_| ()), dst_t.frames_sent(), dst_t.fired());
             drop(dst_t);
             let _ = tx.send(());

@@ -133,7 +133,7 @@ fn connection_cut_mid_precopy_leaves_the_source_running() {
     let dest = std::thread::spawn(move || {
         let mut t = b;
         let mut e = DestinationEngine::new(d.pages(), d.control(), c);
-        let r = run_destination(&mut e, &mut t, TIMEOUT);
+        let r = run_destination(&mut e, &mut t, None, TIMEOUT);
         (r, e.resumed())
     });
     // Header, layout, then 20 page batches, then the cable is pulled.
@@ -251,7 +251,7 @@ fn postcopy_over_tcp_completes_and_verifies() {
     let dest = std::thread::spawn(move || {
         let mut t = StreamTransport::new(l.accept().unwrap().0).unwrap();
         let mut e = DestinationEngine::new(d.pages(), d.control(), c);
-        run_destination(&mut e, &mut t, TIMEOUT)
+        run_destination(&mut e, &mut t, None, TIMEOUT)
     });
     let mut t = StreamTransport::connect_tcp(addr).unwrap();
     let mut e = source_engine(&src, PostCopy::default(), clock);
@@ -277,7 +277,7 @@ fn postcopy_destination_that_loses_its_source_does_not_pretend_the_guest_is_whol
     let dest = std::thread::spawn(move || {
         let mut t = b;
         let mut e = DestinationEngine::new(d.pages(), d.control(), c);
-        let r = run_destination(&mut e, &mut t, TIMEOUT);
+        let r = run_destination(&mut e, &mut t, None, TIMEOUT);
         (r, e.resumed(), e.completed())
     });
     // Header, layout, switch-over, discard, device state, then ten page
@@ -420,7 +420,7 @@ fn faulty_migration<P: Policy>(
     let dest = std::thread::spawn(move || {
         let mut t = FaultyTransport::new(b, to_source);
         let mut e = DestinationEngine::new(d.pages(), d.control(), c);
-        let r = run_destination(&mut e, &mut t, Duration::from_secs(5));
+        let r = run_destination(&mut e, &mut t, None, Duration::from_secs(5));
         (r, e.resumed())
     });
     let mut t = FaultyTransport::new(a, to_dest);

@@ -14,9 +14,10 @@ use crate::domain::{common_layout, SourceFrames, StopMode, XenDomain};
 use crate::frame::Gfn;
 use crate::paging::Pager;
 use crate::xc::{Xen, XenError};
-use migrate_core::driver::{run_destination, run_destination_serving};
+use migrate_core::driver::{run_destination, FaultSource, Faults};
 use migrate_core::MemoryLayout;
 use migrate_core::{Clock, DestinationEngine, DestinationReport, MigrationError, Transport};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -143,7 +144,7 @@ pub fn receive<X: Transport + ?Sized>(
     let failed = |source, missing| DestinationError::Migration { source, missing };
     if !postcopy {
         let mut e = DestinationEngine::new(dst.pages(), dst.control(stop), clock);
-        return run_destination(&mut e, transport, peer_timeout).map_err(|e| failed(e, 0));
+        return run_destination(&mut e, transport, None, peer_timeout).map_err(|e| failed(e, 0));
     }
     let domid = dst.domid();
     if dst.is_pv() {
@@ -177,18 +178,39 @@ pub fn receive<X: Transport + ?Sized>(
     );
     let d = dst.clone().with_pager(pager.clone());
     let mut e = DestinationEngine::new(d.pages(), d.control(stop), clock);
-    match run_destination_serving(&mut e, transport, &faults, peer_timeout) {
-        Ok(r) => {
-            pager.finish().map_err(xen_err("ending memory paging"))?;
-            Ok(r)
-        }
-        Err(err) => {
-            if e.resumed() {
-                if let Err(p) = xen.pause(domid) {
-                    tracing::error!(domid, error = %p, "could not pause a guest left without its source");
-                }
-            }
-            Err(failed(err, pager.missing()))
+    let mut source = XenFaults {
+        xen,
+        domid,
+        pager: &pager,
+        faults,
+    };
+    run_destination(&mut e, transport, Some(&mut source), peer_timeout)
+        .map_err(|err| failed(err, pager.missing()))
+}
+
+/// A Xen destination's post-copy faults: its memory pager's.
+struct XenFaults<'a> {
+    xen: &'a Arc<Xen>,
+    domid: u32,
+    pager: &'a Pager,
+    faults: Receiver<Faults>,
+}
+
+impl FaultSource for XenFaults<'_> {
+    fn faults(&self) -> &Receiver<Faults> {
+        &self.faults
+    }
+
+    fn finish(&mut self) -> Result<(), MigrationError> {
+        self.pager.finish().map_err(|e| MigrationError::Backend {
+            op: "end memory paging",
+            source: crate::domain::be(e),
+        })
+    }
+
+    fn abandon(&mut self) {
+        if let Err(p) = self.xen.pause(self.domid) {
+            tracing::error!(domid = self.domid, error = %p, "could not pause a guest left without its source");
         }
     }
 }

@@ -217,6 +217,18 @@ pub trait GuestControl {
     fn resume_pages(&mut self) -> Result<Vec<PageNum>, BackendError> {
         Ok(Vec::new())
     }
+
+    /// Auto-converge: holds the guest's vCPUs out for `pct` percent of
+    /// each period (0 lifts the throttle), so that the guest dirties
+    /// memory more slowly. A backend that cannot throttle keeps the
+    /// default, which refuses with [`BackendErrorKind::Unsupported`]; the
+    /// engine then goes on unthrottled.
+    fn set_throttle(&mut self, pct: u8) -> Result<(), BackendError> {
+        Err(BackendError::new(
+            BackendErrorKind::Unsupported,
+            format!("this backend cannot throttle vCPUs (asked for {pct}%)"),
+        ))
+    }
 }
 
 impl<T: DirtyTracker + ?Sized> DirtyTracker for &mut T {
@@ -285,5 +297,8 @@ impl<T: GuestControl + ?Sized> GuestControl for &mut T {
     }
     fn resume_pages(&mut self) -> Result<Vec<PageNum>, BackendError> {
         (**self).resume_pages()
+    }
+    fn set_throttle(&mut self, pct: u8) -> Result<(), BackendError> {
+        (**self).set_throttle(pct)
     }
 }

@@ -1,4 +1,12 @@
 //! Blocking drivers: run an engine over a real [`Transport`].
+//!
+//! A driver owns the transport and moves frames; every timer is the
+//! engine's ([`SourceEngine::poll_timeout`],
+//! [`DestinationEngine::poll_timeout`]). While it waits for a frame it
+//! wakes at the engine's next deadline, or every [`CONTROL_TICK`] at the
+//! latest, so that a request made through the engine's
+//! [`crate::MigrationHandle`] (a cancel, a new bandwidth cap) takes effect
+//! within one tick.
 
 use crate::backend::{DirtyTracker, GuestControl, PageSink, PageSource};
 use crate::engine::{DestStatus, DestinationEngine, DestinationReport, SourceEngine, SourceStep};
@@ -8,10 +16,14 @@ use crate::policy::Policy;
 use crate::stats::MigrationStats;
 use crate::transport::{Transport, TransportError};
 use std::sync::mpsc::Receiver;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long a side waits for its peer before giving up (30 s).
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often a driver waiting for frames looks at the handle's requests
+/// and the engine's timers.
+pub const CONTROL_TICK: Duration = Duration::from_millis(20);
 
 /// How long the source reads what the destination sent last after a
 /// send failed (its abort may be on the way).
@@ -43,6 +55,7 @@ where
     X: Transport + ?Sized,
 {
     transport.set_send_timeout(Some(peer_timeout));
+    engine.set_peer_timeout(Some(peer_timeout));
     loop {
         let step = match engine.poll() {
             Ok(s) => s,
@@ -77,22 +90,35 @@ where
                     Err(e) => return Err(engine.fail(e.into())),
                 }
             }
-            SourceStep::Wait => match transport.recv(Some(peer_timeout)) {
-                Ok(Some(f)) => engine.handle_frame(&f)?,
-                Ok(None) => {
-                    // A destination that gave up waiting for us (its timer
-                    // started before ours) says so with an abort: wait a
-                    // little for it before calling the outcome unknown.
-                    if engine.committed() {
-                        if let Ok(Some(f)) = transport.recv(Some(SEND_FAILURE_GRACE)) {
-                            engine.handle_frame(&f)?;
-                            continue;
+            SourceStep::Wait => {
+                // Wait for a frame until the engine's next timer, looking
+                // at the handle's requests every CONTROL_TICK.
+                let now = engine.now();
+                let wait = engine
+                    .poll_timeout()
+                    .map_or(CONTROL_TICK, |t| t.saturating_sub(now))
+                    .min(CONTROL_TICK);
+                match transport.recv(Some(wait)) {
+                    Ok(Some(f)) => engine.handle_frame(&f)?,
+                    Ok(None) => {
+                        // A destination that gave up waiting for us (its
+                        // timer started before ours) says so with an
+                        // abort: wait a little for it before calling the
+                        // outcome unknown.
+                        if engine.peer_timed_out() && engine.committed() {
+                            if let Ok(Some(f)) = transport.recv(Some(SEND_FAILURE_GRACE)) {
+                                engine.handle_frame(&f)?;
+                                continue;
+                            }
+                        }
+                        if let Err(e) = engine.handle_timeout() {
+                            let _ = transport.send(&engine.abort_frame(&e.to_string()));
+                            return Err(e);
                         }
                     }
-                    return Err(engine.fail(TransportError::Timeout(peer_timeout).into()));
+                    Err(e) => return Err(engine.fail(e.into())),
                 }
-                Err(e) => return Err(engine.fail(e.into())),
-            },
+            }
             SourceStep::Done => {
                 return engine
                     .stats()
@@ -103,9 +129,35 @@ where
     }
 }
 
+/// What a backend that traps the guest's accesses to missing pages gives
+/// the destination driver ([`run_destination`]): the faults its handler
+/// saw, and what to do when the migration ends. KVM's userfaultfd handler
+/// and Xen's memory pager are two; a bare [`Receiver`] of [`Faults`] is
+/// one with nothing to finish.
+pub trait FaultSource {
+    /// The faults, as the backend's handler reports them.
+    fn faults(&self) -> &Receiver<Faults>;
+
+    /// Every page arrived: leave fault-serving mode (KVM: userfaultfd;
+    /// Xen: memory paging).
+    fn finish(&mut self) -> Result<(), MigrationError> {
+        Ok(())
+    }
+
+    /// The migration failed after the guest resumed here with pages still
+    /// missing: stop the guest where it is (it cannot go on).
+    fn abandon(&mut self) {}
+}
+
+impl FaultSource for Receiver<Faults> {
+    fn faults(&self) -> &Receiver<Faults> {
+        self
+    }
+}
+
 /// Runs the destination until the migration completes here (or fails, in
 /// which case a guest not yet resumed is not resumed and an abort is sent
-/// back).
+/// back). This is the destination driver of every backend.
 ///
 /// Once the guest is resumed this returns `Ok` even if the confirmation
 /// could not be sent; [`DestinationReport::resume_confirmed`] says so.
@@ -114,12 +166,19 @@ where
 /// [`crate::ErrorKind::Settle`]): its guest cannot go on, and the rest of
 /// its memory is on the paused source.
 ///
-/// This driver does not serve post-copy faults (the pages are pushed to
-/// it in any case); [`run_destination_serving`] does, for a backend that
-/// traps the guest's faults.
+/// With `faults`, while the guest runs in post-copy the driver asks the
+/// source for the pages the backend's handler reports, ahead of the
+/// pushed ones: it hands each [`Faults`] to
+/// [`DestinationEngine::request_pages_at`] and sends the requests, looking
+/// after every frame and every [`FAULT_POLL`] while none arrives. When
+/// every page has arrived it calls [`FaultSource::finish`]; if the source
+/// is lost after the guest resumed, [`FaultSource::abandon`]. Without
+/// `faults` the pages are pushed all the same, and a guest that touches
+/// one before it arrives is the backend's business.
 pub fn run_destination<K, G, X>(
     engine: &mut DestinationEngine<K, G>,
     transport: &mut X,
+    faults: Option<&mut dyn FaultSource>,
     peer_timeout: Duration,
 ) -> Result<DestinationReport, MigrationError>
 where
@@ -127,7 +186,21 @@ where
     G: GuestControl,
     X: Transport + ?Sized,
 {
-    drive_destination(engine, transport, None, peer_timeout)
+    let Some(source) = faults else {
+        return drive_destination(engine, transport, None, peer_timeout);
+    };
+    match drive_destination(engine, transport, Some(source.faults()), peer_timeout) {
+        Ok(report) => {
+            source.finish()?;
+            Ok(report)
+        }
+        Err(e) => {
+            if engine.resumed() {
+                source.abandon();
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Pages the destination's guest touched and does not have, as a
@@ -145,29 +218,6 @@ pub struct Faults {
 /// arrives.
 pub const FAULT_POLL: Duration = Duration::from_micros(100);
 
-/// As [`run_destination`], and while the guest runs in post-copy it asks
-/// the source for the pages that `faults` reports, ahead of the pushed
-/// ones.
-///
-/// A backend's fault handler (for KVM, a userfaultfd thread) sends
-/// [`Faults`]; between frames this driver hands them to
-/// [`DestinationEngine::request_pages_at`] and sends the requests. It
-/// looks at `faults` after every frame and every [`FAULT_POLL`] while
-/// none arrives.
-pub fn run_destination_serving<K, G, X>(
-    engine: &mut DestinationEngine<K, G>,
-    transport: &mut X,
-    faults: &Receiver<Faults>,
-    peer_timeout: Duration,
-) -> Result<DestinationReport, MigrationError>
-where
-    K: PageSink + PageSource,
-    G: GuestControl,
-    X: Transport + ?Sized,
-{
-    drive_destination(engine, transport, Some(faults), peer_timeout)
-}
-
 fn drive_destination<K, G, X>(
     engine: &mut DestinationEngine<K, G>,
     transport: &mut X,
@@ -180,8 +230,8 @@ where
     X: Transport + ?Sized,
 {
     transport.set_send_timeout(Some(peer_timeout));
+    engine.set_peer_timeout(Some(peer_timeout));
     let mut confirmed = false;
-    let mut last_frame = Instant::now();
     loop {
         let serving = faults.filter(|_| engine.in_postcopy());
         if let Some(rx) = serving {
@@ -198,25 +248,26 @@ where
                 }
             }
         }
+        if let Err(e) = engine.handle_timeout() {
+            if !engine.resumed() {
+                // Tell the source, in sequence, that the guest was not
+                // resumed here: it may then resume its own.
+                let _ = transport.send(&engine.abort_frame(&e.to_string()));
+            }
+            return Err(e);
+        }
         let wait = if serving.is_some() {
             FAULT_POLL
         } else {
-            peer_timeout
+            let now = engine.now();
+            engine
+                .poll_timeout()
+                .map_or(CONTROL_TICK, |t| t.saturating_sub(now))
+                .min(CONTROL_TICK)
         };
         let frame = match transport.recv(Some(wait)) {
-            Ok(Some(f)) => {
-                last_frame = Instant::now();
-                f
-            }
-            Ok(None) if last_frame.elapsed() < peer_timeout => continue,
-            Ok(None) => {
-                if !engine.resumed() {
-                    // Tell the source, in sequence, that the guest was not
-                    // resumed here: it may then resume its own.
-                    let _ = transport.send(&engine.abort_frame("destination timed out"));
-                }
-                return Err(lost(engine, TransportError::Timeout(peer_timeout)));
-            }
+            Ok(Some(f)) => f,
+            Ok(None) => continue,
             Err(e) => return Err(lost(engine, e)),
         };
         let status = match engine.handle_frame(&frame) {

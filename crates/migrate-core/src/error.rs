@@ -37,6 +37,11 @@ pub enum ErrorKind {
     /// reports failure), resume the source. Retrying or resuming without
     /// that answer can run two copies of the guest.
     Settle,
+    /// The migration was cancelled through its
+    /// [`crate::MigrationHandle`] before the point of no return: the
+    /// source guest runs on with dirty tracking stopped, the
+    /// destination's guest was never resumed.
+    Cancelled,
 }
 
 /// Why a migration failed.
@@ -109,6 +114,10 @@ pub enum MigrationError {
     /// of its memory, and the rest is on the paused source.
     #[error("source lost during post-copy: {0}")]
     SourceLost(String),
+    /// The migration was cancelled through its
+    /// [`crate::MigrationHandle`] before the point of no return.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl MigrationError {
@@ -117,6 +126,7 @@ impl MigrationError {
         match self {
             MigrationError::OutcomeUnknown(_) | MigrationError::SourceLost(_) => ErrorKind::Settle,
             MigrationError::Transport(_) => ErrorKind::Retry,
+            MigrationError::Cancelled => ErrorKind::Cancelled,
             MigrationError::Protocol(_)
             | MigrationError::UnexpectedRecord { .. }
             | MigrationError::PageOutOfRange(_)

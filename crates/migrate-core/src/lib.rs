@@ -28,8 +28,14 @@
 //! - a bounded, checksummed wire protocol whose decoder never panics
 //!   ([`protocol`]) and transports for it ([`transport`]);
 //! - source and destination engines as sans-I/O state machines
-//!   ([`SourceEngine`], [`DestinationEngine`]) with blocking drivers
-//!   ([`driver`]);
+//!   ([`SourceEngine`], [`DestinationEngine`]), every timer inside them
+//!   and driven by `now`, with blocking drivers ([`driver`]);
+//! - a [`MigrationHandle`] on each side of a running migration, for a
+//!   VMM's other threads: [`Progress`], [`Event`]s, cancel, and live
+//!   changes of the bandwidth cap, the downtime target and the switch to
+//!   post-copy; auto-converge ([`AutoConverge`]) through
+//!   [`GuestControl::set_throttle`]; `tracing` spans per migration, phase
+//!   and round;
 //! - statistics in Xen's per-round and QEMU's total vocabulary
 //!   ([`MigrationStats`], [`RoundStats`]);
 //! - mutual TLS for the stream transport, every connection bound to
@@ -45,7 +51,8 @@
 //! programs' business (the `livemig` facade's `units`).
 //!
 //! What it does not do: talk to a hypervisor (that is the backends'
-//! work: `backend-sim`, and in time KVM and Xen), compress pages, or choose a destination host.
+//! work: `backend-sim`, `backend-kvm`, `backend-xen`), compress pages, or
+//! choose a destination host.
 //!
 //! This crate has no unsafe code.
 
@@ -77,8 +84,8 @@ pub use bitmap::{DirtyBitmap, Ones, PageCounts};
 pub use clock::{Clock, SystemClock, VirtualClock};
 pub use digest::MemoryDigest;
 pub use engine::{
-    DestStatus, DestinationEngine, DestinationReport, EngineConfig, SourceEngine, SourceStep,
-    SourceVerify,
+    AutoConverge, ControlError, DestStatus, DestinationEngine, DestinationReport, EngineConfig,
+    Event, MigrationHandle, Phase, Progress, SourceEngine, SourceStep, SourceVerify, PACING_SLACK,
 };
 pub use error::{ErrorKind, MigrationError};
 pub use model::Payload;

@@ -11,13 +11,24 @@
 //! `query-migrate` (total-time, downtime, transferred, duplicate, ...).
 //! Downtime is measured from the source's pause to the destination's
 //! resume and broken into its parts; it is never inferred from a round.
+//!
+//! # The schema
+//!
+//! Every statistics type serialises with serde, both ways, in one naming:
+//! keys are kebab-case, and every duration is a number of milliseconds (a
+//! float) whose key ends in `-ms` (`total-time-ms`, `downtime-ms`,
+//! `delta-ms`, `fault-latency-p99-ms`...). Sizes are bytes, counts are
+//! pages, rates are per second unless the key says otherwise (`mbps`).
+//! [`MigrationStats`] also writes a few figures derived from its fields
+//! (`status`, `converged`, `transfer-ratio`, `postcopy-requests`,
+//! `postcopy-bytes`), which reading it back ignores.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::Duration;
 
 /// Why the source stopped pre-copying and paused the guest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum SwitchReason {
@@ -33,6 +44,9 @@ pub enum SwitchReason {
     NoProgress,
     /// Post-copy from the start: the guest moves at once.
     PostCopy,
+    /// The VMM asked for post-copy while pre-copy ran
+    /// ([`crate::MigrationHandle::switch_to_postcopy`]).
+    Requested,
 }
 
 impl SwitchReason {
@@ -40,7 +54,10 @@ impl SwitchReason {
     pub fn converged(self) -> bool {
         matches!(
             self,
-            SwitchReason::Converged | SwitchReason::StopAndCopy | SwitchReason::PostCopy
+            SwitchReason::Converged
+                | SwitchReason::StopAndCopy
+                | SwitchReason::PostCopy
+                | SwitchReason::Requested
         )
     }
 
@@ -53,12 +70,14 @@ impl SwitchReason {
             SwitchReason::TransferLimit => "did not converge: transfer limit reached",
             SwitchReason::NoProgress => "did not converge: rounds stopped making progress",
             SwitchReason::PostCopy => "post-copy",
+            SwitchReason::Requested => "post-copy on request",
         }
     }
 }
 
 /// One round, as Xen reports it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub struct RoundStats {
     /// Round number, from 1. The final (stop-and-copy) round is the last.
@@ -72,7 +91,7 @@ pub struct RoundStats {
     /// Bytes put on the wire in this round, record overhead included.
     pub bytes: u64,
     /// Duration of the round.
-    #[serde(serialize_with = "ser_ms", rename = "delta_ms")]
+    #[serde(with = "ms", rename = "delta-ms")]
     pub delta: Duration,
     /// Migration thread CPU use over the round, percent.
     pub dom0_pct: f64,
@@ -84,6 +103,9 @@ pub struct RoundStats {
     pub final_copy: bool,
     /// Page size in bytes, for the Mb/s columns.
     pub page_size: u32,
+    /// The vCPU throttle auto-converge applied during the round, percent
+    /// (0: none).
+    pub throttle_pct: u8,
 }
 
 impl RoundStats {
@@ -121,48 +143,70 @@ impl fmt::Display for RoundStats {
             self.sent_mbps(),
             self.dirtied_mbps(),
             self.dirtied
-        )
+        )?;
+        if self.throttle_pct > 0 {
+            write!(f, ", throttle {}%", self.throttle_pct)?;
+        }
+        Ok(())
     }
 }
 
 /// The parts downtime is made of. Each part is measured on one host's
 /// clock; `transit` is what remains of the measured total.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub struct DowntimeParts {
     /// Source: asking the guest to pause until every vCPU had stopped.
-    #[serde(serialize_with = "ser_ms", rename = "pause-ms")]
+    #[serde(with = "ms", rename = "pause-ms")]
     pub pause: Duration,
     /// Source: every vCPU stopped until the last page was handed to the
     /// transport.
-    #[serde(serialize_with = "ser_ms", rename = "final-copy-ms")]
+    #[serde(with = "ms", rename = "final-copy-ms")]
     pub final_copy: Duration,
     /// Source: saving vCPU and device state.
-    #[serde(serialize_with = "ser_ms", rename = "device-save-ms")]
+    #[serde(with = "ms", rename = "device-save-ms")]
     pub device_save: Duration,
     /// Source: digesting memory for the completion record.
-    #[serde(serialize_with = "ser_ms", rename = "source-verify-ms")]
+    #[serde(with = "ms", rename = "source-verify-ms")]
     pub source_verify: Duration,
     /// Network: the final data draining to and arriving at the destination.
-    #[serde(serialize_with = "ser_ms", rename = "transit-ms")]
+    #[serde(with = "ms", rename = "transit-ms")]
     pub transit: Duration,
     /// Destination: digesting its memory and comparing.
-    #[serde(serialize_with = "ser_ms", rename = "dest-verify-ms")]
+    #[serde(with = "ms", rename = "dest-verify-ms")]
     pub dest_verify: Duration,
     /// Destination: restoring vCPU and device state.
-    #[serde(serialize_with = "ser_ms", rename = "device-restore-ms")]
+    #[serde(with = "ms", rename = "device-restore-ms")]
     pub device_restore: Duration,
     /// Destination: the backend's resume.
-    #[serde(serialize_with = "ser_ms", rename = "resume-ms")]
+    #[serde(with = "ms", rename = "resume-ms")]
     pub resume: Duration,
 }
 
-fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64() * 1000.0)
+/// Serde for a [`Duration`] as milliseconds, a float (`12.5` is 12.5 ms),
+/// the unit of every duration in this schema.
+pub(crate) mod ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    /// Writes `d` as milliseconds.
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64() * 1000.0)
+    }
+
+    /// Reads milliseconds; a negative, infinite or not-a-number value is
+    /// an error.
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(v / 1000.0)
+            .map_err(|_| serde::de::Error::custom(format!("{v} is not a duration in milliseconds")))
+    }
 }
 
 /// What post-copy cost, once the guest ran on the destination.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub struct PostcopyStats {
     /// Network faults: pages the destination asked for because the guest
@@ -171,16 +215,16 @@ pub struct PostcopyStats {
     /// Pages that arrived twice (a request crossing a push); not placed again.
     pub duplicates: u64,
     /// Median fault latency: request to page placed.
-    #[serde(serialize_with = "ser_ms", rename = "fault-latency-p50-ms")]
+    #[serde(with = "ms", rename = "fault-latency-p50-ms")]
     pub fault_latency_p50: Duration,
     /// 99th-percentile fault latency.
-    #[serde(serialize_with = "ser_ms", rename = "fault-latency-p99-ms")]
+    #[serde(with = "ms", rename = "fault-latency-p99-ms")]
     pub fault_latency_p99: Duration,
     /// Longest fault latency.
-    #[serde(serialize_with = "ser_ms", rename = "fault-latency-max-ms")]
+    #[serde(with = "ms", rename = "fault-latency-max-ms")]
     pub fault_latency_max: Duration,
     /// Time vCPUs spent waiting for pages after resume (not downtime).
-    #[serde(serialize_with = "ser_ms", rename = "vcpu-stall-ms")]
+    #[serde(with = "ms", rename = "vcpu-stall-ms")]
     pub vcpu_stall: Duration,
     /// Pages the backend needed in place before the resume
     /// ([`crate::GuestControl::resume_pages`]), sent with the guest paused.
@@ -190,14 +234,16 @@ pub struct PostcopyStats {
     /// Bytes sent after the destination resumed (QEMU's `postcopy-bytes`).
     pub bytes: u64,
     /// Resume on the destination until the last page arrived.
-    #[serde(serialize_with = "ser_ms", rename = "postcopy-time-ms")]
+    #[serde(with = "ms", rename = "postcopy-time-ms")]
     pub duration: Duration,
 }
 
 /// Totals of one migration, with its rounds.
 ///
-/// It serializes as one object in QEMU's names (see its `Serialize`).
-#[derive(Clone, Debug, PartialEq)]
+/// It serializes as one object in QEMU's names, in the schema the module
+/// documents, with a few derived figures (see its `Serialize`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub struct MigrationStats {
     /// The policy's name.
@@ -209,15 +255,19 @@ pub struct MigrationStats {
     /// Page size in bytes.
     pub page_size: u32,
     /// Start to destination resume confirmed.
+    #[serde(with = "ms", rename = "total-time-ms")]
     pub total_time: Duration,
     /// Start until the first page went out (handshake, tracker start).
+    #[serde(with = "ms", rename = "setup-time-ms")]
     pub setup_time: Duration,
     /// Source pause to destination resume, measured.
+    #[serde(with = "ms", rename = "downtime-ms")]
     pub downtime: Duration,
     /// What the downtime was made of.
     pub downtime_parts: DowntimeParts,
     /// What the engine expected the downtime to be when it switched over
     /// (remaining bytes at the bandwidth estimate).
+    #[serde(with = "ms", rename = "expected-downtime-ms")]
     pub expected_downtime: Duration,
     /// Bytes put on the wire, record overhead included.
     pub transferred: u64,
@@ -242,6 +292,7 @@ pub struct MigrationStats {
     /// Bytes sent while the guest was paused.
     pub downtime_bytes: u64,
     /// Round-trip time measured in the handshake.
+    #[serde(with = "ms", rename = "rtt-ms")]
     pub rtt: Duration,
     /// Post-copy figures, if the migration ended in post-copy.
     pub postcopy: Option<PostcopyStats>,
@@ -277,13 +328,15 @@ impl MigrationStats {
 }
 
 /// The totals as QEMU's `query-migrate` names them, plus the rounds, as one
-/// object (times in milliseconds): what `serde_json::to_value(&stats)`
-/// gives.
+/// object in the module's schema (durations in milliseconds under `-ms`
+/// keys), with the derived `status`, `converged`, `transfer-ratio`,
+/// `postcopy-requests` and `postcopy-bytes`. Every field is written under
+/// the key its `Deserialize` reads.
 impl Serialize for MigrationStats {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let mut m = s.serialize_map(Some(30))?;
+        let mut m = s.serialize_map(Some(31))?;
         m.serialize_entry("policy", &self.policy)?;
         m.serialize_entry(
             "status",
@@ -297,11 +350,11 @@ impl Serialize for MigrationStats {
         m.serialize_entry("switch-reason", &self.switch_reason)?;
         m.serialize_entry("guest-pages", &self.guest_pages)?;
         m.serialize_entry("page-size", &self.page_size)?;
-        m.serialize_entry("total-time", &ms(self.total_time))?;
-        m.serialize_entry("setup-time", &ms(self.setup_time))?;
-        m.serialize_entry("downtime", &ms(self.downtime))?;
+        m.serialize_entry("total-time-ms", &ms(self.total_time))?;
+        m.serialize_entry("setup-time-ms", &ms(self.setup_time))?;
+        m.serialize_entry("downtime-ms", &ms(self.downtime))?;
         m.serialize_entry("downtime-parts", &self.downtime_parts)?;
-        m.serialize_entry("expected-downtime", &ms(self.expected_downtime))?;
+        m.serialize_entry("expected-downtime-ms", &ms(self.expected_downtime))?;
         m.serialize_entry("transferred", &self.transferred)?;
         m.serialize_entry("remaining", &self.remaining)?;
         m.serialize_entry("duplicate", &self.duplicate)?;
@@ -314,7 +367,7 @@ impl Serialize for MigrationStats {
         m.serialize_entry("dirty-sync-count", &self.dirty_sync_count)?;
         m.serialize_entry("precopy-bytes", &self.precopy_bytes)?;
         m.serialize_entry("downtime-bytes", &self.downtime_bytes)?;
-        m.serialize_entry("rtt", &ms(self.rtt))?;
+        m.serialize_entry("rtt-ms", &ms(self.rtt))?;
         let pc = self.postcopy.as_ref();
         m.serialize_entry("postcopy-requests", &pc.map_or(0, |p| p.requests))?;
         m.serialize_entry("postcopy-bytes", &pc.map_or(0, |p| p.bytes))?;
@@ -428,6 +481,7 @@ mod tests {
             dirtied: 6036,
             final_copy: false,
             page_size: 4096,
+            throttle_pct: 0,
         };
         assert_eq!(
             r.to_string(),

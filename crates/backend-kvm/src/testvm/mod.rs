@@ -55,7 +55,9 @@ mod multiboot;
 mod runner;
 
 pub use multiboot::{enter_multiboot, load_multiboot, MultibootEntry};
-pub use runner::{Report, RingFull, Runners, Throttle, VcpuRecord, VcpuRunner, VcpuWatch};
+pub use runner::{
+    Report, RingFull, Runners, Throttle, VcpuRecord, VcpuRunner, VcpuWatch, THROTTLE_SLICE,
+};
 
 use crate::kvm_bindings::kvm_segment;
 use crate::kvm_ioctls::Kvm;

@@ -46,6 +46,10 @@ struct Ctl {
     due: Option<Instant>,
     /// Exits because the dirty ring was full.
     ring_full: u64,
+    /// Auto-converge: percent of the time the vCPU is held out.
+    throttle_pct: u8,
+    /// Whether the thread that ends each throttle slice runs.
+    slicer: bool,
     record: VcpuRecord,
 }
 
@@ -79,6 +83,10 @@ impl Shared {
 
 /// What a vCPU runner calls when its dirty ring is full.
 pub type RingFull = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// The period of the auto-converge throttle: a throttled vCPU is kicked
+/// out of the guest this often.
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
 /// How long a dropped runner waits for its thread to leave the guest.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -124,6 +132,52 @@ impl VcpuRunner {
 
     fn ctl(&self) -> MutexGuard<'_, Ctl> {
         self.shared.ctl()
+    }
+
+    /// Auto-converge: from now on the vCPU is held out of the guest for
+    /// `pct` percent of the time (at most 99; 0 lifts it). After each stay
+    /// in the guest it waits `pct / (100 - pct)` times as long as it ran,
+    /// and a thread kicks it out of the guest every [`THROTTLE_SLICE`] so
+    /// that a guest that never exits is held too.
+    pub fn set_throttle(&self, pct: u8) -> Result<(), KvmError> {
+        if pct > 99 {
+            return Err(KvmError::Config(format!("throttle of {pct}%: at most 99")));
+        }
+        let mut c = self.ctl();
+        c.throttle_pct = pct;
+        if pct == 0 {
+            c.due = None;
+        }
+        if pct > 0 && !c.slicer {
+            c.slicer = true;
+            drop(c);
+            let s = self.shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name("livemig-throttle".into())
+                .spawn(move || loop {
+                    std::thread::sleep(THROTTLE_SLICE);
+                    let mut c = s.ctl();
+                    if c.quit || c.throttle_pct == 0 {
+                        c.slicer = false;
+                        return;
+                    }
+                    if c.run && c.in_guest {
+                        // The ctl lock is held: a pause cannot interleave.
+                        s.kick.kick();
+                    }
+                });
+            if let Err(e) = spawned {
+                self.ctl().slicer = false;
+                return Err(KvmError::Thread(e));
+            }
+        }
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+
+    /// The throttle in force, percent.
+    pub fn throttle(&self) -> u8 {
+        self.ctl().throttle_pct
     }
 
     /// Lets the vCPU run.
@@ -337,6 +391,10 @@ impl Vcpus for Runners {
     fn fault(&self) -> Option<String> {
         self.0.iter().find_map(|r| r.fault())
     }
+
+    fn set_throttle(&self, pct: u8) -> Result<(), KvmError> {
+        self.0.iter().try_for_each(|r| r.set_throttle(pct))
+    }
 }
 
 fn vcpu_loop(s: &Shared) {
@@ -391,9 +449,15 @@ fn vcpu_loop(s: &Shared) {
                     _ => break,
                 }
             }
+            if s.kick.is_kicked() {
+                // `run` is set, so this kick is the throttle slicer's (a
+                // pause or stop clears `run` before it kicks): enter again.
+                s.kick.reset();
+            }
             c.in_guest = true;
             c.record.entries += 1;
         }
+        let entered = Instant::now();
         let mut vcpu = s.vcpu.lock().unwrap_or_else(|e| e.into_inner());
         // Any entry completes what the last exit left pending.
         pending_io = false;
@@ -425,6 +489,13 @@ fn vcpu_loop(s: &Shared) {
         };
         drop(vcpu);
         let mut c = s.ctl();
+        if c.throttle_pct > 0 {
+            // Held out for pct / (100 - pct) of the time it ran.
+            let now = Instant::now();
+            let pct = u32::from(c.throttle_pct);
+            let hold = now.duration_since(entered) * pct / (100 - pct);
+            c.due = Some(c.due.map_or(now, |d| d.max(now)) + hold);
+        }
         match exit {
             Ok(Some((port, value))) => {
                 let at = Instant::now();

@@ -10,7 +10,7 @@
 // Each test binary uses a part of what is here.
 #![allow(dead_code, unused_imports)]
 
-use backend_kvm::{run_kvm_destination, DirtyLog, Pacing, TestVm};
+use backend_kvm::{DirtyLog, KvmFaults, Pacing, TestVm};
 use bytes::Bytes;
 use migrate_core::conformance::{check_dirty_tracker, check_page_roundtrip, Precision};
 use migrate_core::digest::digest_memory;
@@ -100,7 +100,7 @@ pub fn migrate_in_process<P: Policy>(
     let dest = std::thread::spawn(move || {
         let mut t = b;
         let mut e = DestinationEngine::new(dp, dc, c2);
-        run_destination(&mut e, &mut t, TIMEOUT)
+        run_destination(&mut e, &mut t, None, TIMEOUT)
     });
     let stats = source_side(src, policy, clock, a);
     let report = dest.join().unwrap().expect("destination");
@@ -226,7 +226,8 @@ pub fn postcopy_destination(
     std::thread::spawn(move || {
         let mut t = t;
         let mut e = DestinationEngine::new(dp, dc, clock.clone());
-        let r = run_kvm_destination(&mut e, &mut t, &mem, &control, clock, TIMEOUT);
+        let mut faults = KvmFaults::start(&mem, &control, clock).expect("fault handler");
+        let r = run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT);
         (r, e.resumed(), e.completed())
     })
 }

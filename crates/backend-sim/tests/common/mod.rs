@@ -64,6 +64,6 @@ pub fn spawn_destination<T: Transport + 'static>(
     let (d, c) = (dst.clone(), clock.clone());
     std::thread::spawn(move || {
         let mut e = DestinationEngine::new(d.pages(), d.control(), c);
-        run_destination(&mut e, &mut t, TIMEOUT)
+        run_destination(&mut e, &mut t, None, TIMEOUT)
     })
 }

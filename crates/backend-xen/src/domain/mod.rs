@@ -47,7 +47,7 @@ use std::sync::Mutex;
 /// Frames mapped per foreign-mapping call.
 pub(crate) const MAP_BATCH: usize = 1024;
 
-fn be(e: XenError) -> BackendError {
+pub(crate) fn be(e: XenError) -> BackendError {
     let kind = match &e {
         XenError::Library { .. } | XenError::Symbol { .. } | XenError::Open { .. } => {
             BackendErrorKind::Unsupported

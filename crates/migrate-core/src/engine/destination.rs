@@ -1,6 +1,7 @@
 //! The destination engine.
 
 use super::*;
+use crate::transport::TransportError;
 
 /// What the destination did with a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +82,18 @@ pub struct DestinationEngine<K, G> {
     duplicates: u64,
     resumed_at: Option<Duration>,
     report: DestinationReport,
+    /// How long to wait for a frame from the source (`None`: for ever).
+    peer_timeout: Option<Duration>,
+    /// When the last frame arrived (or the wait for the first began).
+    heard_at: Option<Duration>,
+    /// When the first frame arrived.
+    started_at: Option<Duration>,
+    /// When the last round ended (or the first frame came) and the bytes
+    /// received by then.
+    round_mark: (Duration, u64),
+    handle: MigrationHandle,
+    /// Tracing: the migration's span on this side.
+    span: tracing::Span,
 }
 
 impl<K, G> DestinationEngine<K, G>
@@ -105,7 +118,6 @@ where
             clock,
             decoder: Decoder::sequenced(),
             sequencer: Sequencer::new(),
-            layout,
             state: DstState::AwaitHeader,
             switched_over: false,
             postcopy: false,
@@ -118,7 +130,134 @@ where
             duplicates: 0,
             resumed_at: None,
             report: DestinationReport::default(),
+            peer_timeout: None,
+            heard_at: None,
+            started_at: None,
+            round_mark: (Duration::ZERO, 0),
+            handle: {
+                let h = MigrationHandle::new(Side::Destination);
+                h.lock().progress.guest_pages = layout.total_pages();
+                h.lock().progress.page_size = layout.page_size().bytes();
+                h
+            },
+            span: tracing::info_span!(
+                "migration",
+                side = "destination",
+                guest_pages = layout.total_pages(),
+                received = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+            ),
+            layout,
         }
+    }
+
+    /// The handle on this migration: progress, events and cancel, from
+    /// any thread. A cancel before the guest resumed here makes the engine
+    /// fail with [`MigrationError::Cancelled`] at its next frame or
+    /// [`DestinationEngine::handle_timeout`]: the guest is never resumed
+    /// and what arrived is for the caller to drop. Live parameters are the
+    /// source's; the destination's handle refuses them.
+    pub fn handle(&self) -> MigrationHandle {
+        self.handle.clone()
+    }
+
+    /// Sets how long the destination waits for a frame from its source
+    /// before it gives up (`None`: for ever). The drivers in
+    /// [`crate::driver`] set it from their `peer_timeout`.
+    pub fn set_peer_timeout(&mut self, timeout: Option<Duration>) {
+        self.peer_timeout = timeout;
+    }
+
+    /// When the peer timeout falls due on the engine's clock, if one is
+    /// set and the wait for the source has begun (the last frame, or the
+    /// first [`DestinationEngine::handle_timeout`]).
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        if matches!(self.state, DstState::Completed | DstState::Failed) {
+            return None;
+        }
+        Some(self.heard_at? + self.peer_timeout?)
+    }
+
+    /// Acts on a cancel asked for through the handle and on the peer
+    /// timeout; drivers call it while they wait for frames. A cancel fails
+    /// with [`MigrationError::Cancelled`] (the guest is not resumed); a
+    /// source silent past the peer timeout with a transport timeout, or
+    /// [`MigrationError::SourceLost`] once the guest runs here in
+    /// post-copy. Either way the engine has failed; send its
+    /// [`DestinationEngine::abort_frame`] to the source if the guest was
+    /// not resumed.
+    pub fn handle_timeout(&mut self) -> Result<(), MigrationError> {
+        if matches!(self.state, DstState::Completed | DstState::Failed) {
+            return Ok(());
+        }
+        let now = self.clock.now();
+        let heard = *self.heard_at.get_or_insert(now);
+        let err = if self.handle.cancel_requested() && self.resumed_at.is_none() {
+            MigrationError::Cancelled
+        } else {
+            match self.peer_timeout {
+                Some(limit) if now >= heard + limit => {
+                    let e = TransportError::Timeout(limit);
+                    if self.state == DstState::PostcopyRunning {
+                        MigrationError::SourceLost(format!(
+                            "{e}; the guest runs here without all of its memory and cannot go on"
+                        ))
+                    } else {
+                        e.into()
+                    }
+                }
+                _ => return Ok(()),
+            }
+        };
+        self.state = DstState::Failed;
+        self.ended(&err);
+        Err(err)
+    }
+
+    /// Publishes the counters into the handle.
+    fn publish(&mut self) {
+        let phase = match self.state {
+            DstState::AwaitHeader | DstState::AwaitLayout => Phase::Setup,
+            DstState::Receiving if self.switched_over => Phase::StopAndCopy,
+            DstState::Receiving => Phase::Precopy,
+            DstState::PostcopyRunning => Phase::Postcopy,
+            DstState::Completed => Phase::Completed,
+            DstState::Failed => return,
+        };
+        let now = self.clock.now();
+        let ps = self.layout.page_size().bytes() as u64;
+        let r = &self.report;
+        let mut h = self.handle.lock();
+        let p = &mut h.progress;
+        p.phase = phase;
+        p.round = r.rounds + 1;
+        p.transferred = r.bytes_received;
+        p.normal_pages = r.pages_received - r.zero_pages;
+        p.normal_bytes = p.normal_pages * ps;
+        p.zero_pages = r.zero_pages;
+        p.elapsed = now.saturating_sub(self.started_at.unwrap_or(now));
+        p.postcopy_requests = self.faults;
+    }
+
+    /// The migration failed or was cancelled here with `err`.
+    fn ended(&mut self, err: &MigrationError) {
+        let cancelled = matches!(err, MigrationError::Cancelled);
+        self.span.record("received", self.report.bytes_received);
+        self.span
+            .record("outcome", if cancelled { "cancelled" } else { "failed" });
+        self.handle.lock().progress.phase = if cancelled {
+            Phase::Cancelled
+        } else {
+            Phase::Failed
+        };
+        self.handle.emit(if cancelled {
+            Event::Cancelled
+        } else {
+            Event::Failed {
+                kind: err.kind(),
+                error: err.to_string(),
+            }
+        });
     }
 
     /// The next frame to send back to the source, if any.
@@ -148,6 +287,11 @@ where
     /// Whether the migration completed here.
     pub fn completed(&self) -> bool {
         self.state == DstState::Completed
+    }
+
+    /// The engine's clock.
+    pub fn now(&self) -> Duration {
+        self.clock.now()
     }
 
     /// Whether the guest runs here in post-copy, with pages still missing.
@@ -223,19 +367,50 @@ where
             }
             _ => {}
         }
+        let span = self.span.clone();
+        let _entered = span.enter();
+        if self.handle.cancel_requested() && self.resumed_at.is_none() {
+            self.state = DstState::Failed;
+            self.ended(&MigrationError::Cancelled);
+            return Err(MigrationError::Cancelled);
+        }
+        let now = self.clock.now();
+        self.heard_at = Some(now);
+        if self.started_at.is_none() {
+            self.started_at = Some(now);
+            self.round_mark = (now, 0);
+        }
         self.report.bytes_received += wire_len(frame) as u64;
         let r = self.handle_inner(frame);
-        if r.is_err() {
-            self.state = DstState::Failed;
+        match &r {
+            Err(e) => {
+                self.state = DstState::Failed;
+                self.ended(e);
+            }
+            Ok(DestStatus::Continue) => {}
+            Ok(DestStatus::Resumed) => self.handle.emit(Event::Resumed),
+            Ok(DestStatus::Completed) => {
+                self.span.record("received", self.report.bytes_received);
+                self.span.record("outcome", "completed");
+                tracing::info!("migration completed");
+                if self.report.postcopy.is_none() {
+                    self.handle.emit(Event::Resumed);
+                }
+                self.handle.emit(Event::Completed);
+            }
         }
+        self.publish();
         r
     }
 
     /// Marks the migration failed from outside (the stream ended or timed
     /// out). A guest not yet resumed is not resumed.
     pub fn fail(&mut self) {
-        if self.state != DstState::Completed {
+        if !matches!(self.state, DstState::Completed | DstState::Failed) {
             self.state = DstState::Failed;
+            self.ended(&MigrationError::Incomplete(
+                "the stream from the source ended".into(),
+            ));
         }
     }
 
@@ -401,6 +576,9 @@ where
         };
         let receiving = matches!(self.state, DstState::Receiving | DstState::PostcopyRunning);
         match (self.state, rec) {
+            (_, Record::Abort { reason }) if reason == CANCELLED_REASON => {
+                Err(MigrationError::Cancelled)
+            }
             (_, Record::Abort { reason }) => Err(MigrationError::PeerAborted(reason)),
             (DstState::AwaitHeader, Record::Header { .. }) => {
                 self.outbox
@@ -437,13 +615,28 @@ where
                 self.place_models(batch)?;
                 Ok(DestStatus::Continue)
             }
-            (_, Record::RoundEnd { .. }) if receiving => {
+            (_, Record::RoundEnd { round, pages_sent }) if receiving => {
                 self.report.rounds += 1;
+                let now = self.clock.now();
+                let (at, bytes) = self.round_mark;
+                self.round_mark = (now, self.report.bytes_received);
+                self.handle.emit(Event::RoundFinished {
+                    round,
+                    pages: pages_sent,
+                    bytes: self.report.bytes_received - bytes,
+                    dirtied: 0,
+                    duration: now.saturating_sub(at),
+                    throttle_pct: 0,
+                });
                 Ok(DestStatus::Continue)
             }
             (DstState::Receiving, Record::SwitchOver { postcopy, .. }) if !self.switched_over => {
                 self.switched_over = true;
                 self.postcopy = postcopy;
+                self.handle.emit(Event::SwitchOver {
+                    postcopy,
+                    reason: None,
+                });
                 Ok(DestStatus::Continue)
             }
             (DstState::Receiving, Record::Discard(ranges)) if self.postcopy => {
@@ -599,6 +792,14 @@ where
         t0: Duration,
         verified: Duration,
     ) -> Result<(), MigrationError> {
+        {
+            // From here a cancel is refused: the guest is about to run.
+            let mut h = self.handle.lock();
+            if h.cancel {
+                return Err(MigrationError::Cancelled);
+            }
+            h.committed = true;
+        }
         self.control
             .restore_state(state)
             .map_err(MigrationError::backend("restore device state"))?;

@@ -9,6 +9,17 @@
 //! (reading and writing guest memory is local work) and read time through
 //! a [`Clock`]; the [`Policy`] they consult is handed `now`.
 //!
+//! Every timer is inside the engines and runs on that clock, in the manner
+//! of quinn-proto's `poll_timeout`/`handle_timeout`: the source's peer
+//! timeout, its dirty-log sampling and its bandwidth pacing, the
+//! destination's peer timeout. A driver asks [`SourceEngine::poll_timeout`]
+//! when the next falls due, waits for a frame until then, and calls
+//! [`SourceEngine::handle_timeout`] if none came; on the simulator's
+//! virtual clock the same calls make every timer exact.
+//!
+//! Each engine hands out a [`MigrationHandle`]: progress, events, cancel
+//! and live parameters from any thread (see `docs/steering.md`).
+//!
 //! Guarantees:
 //! - no page is lost: a page leaves the pending set only when it is put in
 //!   a frame, and every page the tracker reports dirty goes back in;
@@ -48,6 +59,7 @@ use crate::protocol::{
     MAX_DISCARD_WORDS, MAX_REQUEST_PAGES, VERSION,
 };
 use crate::stats::{DowntimeParts, MigrationStats, PostcopyStats, RoundStats, SwitchReason};
+use handle::Side;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,7 +107,59 @@ impl std::fmt::Display for SourceVerify {
     }
 }
 
+/// Auto-converge: slow the guest's vCPUs when pre-copy does not converge
+/// (QEMU's `auto-converge` capability, with its defaults).
+///
+/// After each pre-copy round the source compares the bytes the guest
+/// dirtied during it with the bytes sent in it; each time the first
+/// exceeds `trigger_pct` percent of the second for the second time (not
+/// necessarily in a row), the throttle goes up: to `initial_pct` the
+/// first time, then by `increment_pct`, up to `max_pct`. The throttle is
+/// applied through [`GuestControl::set_throttle`]; a backend that refuses
+/// it leaves the migration unthrottled (with a warning). The throttle is
+/// lifted when the migration fails or is cancelled, and stays in force
+/// through a successful switch-over (the source guest is paused then and
+/// does not run again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AutoConverge {
+    /// First throttle, percent of each period the vCPUs are held (20).
+    pub initial_pct: u8,
+    /// Added at each later step (10).
+    pub increment_pct: u8,
+    /// Highest throttle (99).
+    pub max_pct: u8,
+    /// Dirtied bytes over sent bytes in a round, percent, past which the
+    /// round counts as not converging (50).
+    pub trigger_pct: u8,
+}
+
+impl Default for AutoConverge {
+    fn default() -> Self {
+        AutoConverge {
+            initial_pct: 20,
+            increment_pct: 10,
+            max_pct: 99,
+            trigger_pct: 50,
+        }
+    }
+}
+
+impl AutoConverge {
+    /// The throttle after one more step from `current`, percent.
+    pub fn next(&self, current: u8) -> u8 {
+        let max = self.max_pct.clamp(1, 99);
+        if current == 0 {
+            self.initial_pct.clamp(1, max)
+        } else {
+            current.saturating_add(self.increment_pct).min(max)
+        }
+    }
+}
+
 /// Engine settings that are not policy.
+///
+/// Build it from [`EngineConfig::default`] and change the fields you need.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct EngineConfig {
@@ -113,6 +177,40 @@ pub struct EngineConfig {
     /// What page batches carry: bytes, or content tokens for a backend
     /// that models pages (see [`crate::model`]).
     pub payload: Payload,
+    /// Bandwidth cap of the pre-copy stage, bytes per second (`None`: no
+    /// cap). The source paces the frames it hands out; the final copy with
+    /// the guest paused and post-copy are not capped (as QEMU's
+    /// `max-bandwidth`). [`MigrationHandle::set_max_bandwidth`] changes it
+    /// while the migration runs.
+    pub max_bandwidth: Option<u64>,
+    /// Auto-converge (`None`: off).
+    pub auto_converge: Option<AutoConverge>,
+    /// How long a side waits for a frame from its peer when it has
+    /// nothing else to do (`None`: for ever). The drivers in
+    /// [`crate::driver`] set it from their `peer_timeout`.
+    pub peer_timeout: Option<Duration>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_prints_as_the_reason_its_peer_recognises() {
+        assert_eq!(MigrationError::Cancelled.to_string(), CANCELLED_REASON);
+    }
+
+    #[test]
+    fn auto_converge_steps_as_qemu() {
+        let ac = AutoConverge::default();
+        let mut pct = 0;
+        let mut steps = Vec::new();
+        for _ in 0..12 {
+            pct = ac.next(pct);
+            steps.push(pct);
+        }
+        assert_eq!(steps, [20, 30, 40, 50, 60, 70, 80, 90, 99, 99, 99, 99]);
+    }
 }
 
 impl Default for EngineConfig {
@@ -124,15 +222,26 @@ impl Default for EngineConfig {
             max_peeks_per_round: 256,
             verify: SourceVerify::FullScan,
             payload: Payload::Bytes,
+            max_bandwidth: None,
+            auto_converge: None,
+            peer_timeout: None,
         }
     }
 }
 
 mod destination;
+mod handle;
 mod source;
 
 pub use destination::{DestStatus, DestinationEngine, DestinationReport};
-pub use source::{SourceEngine, SourceStep};
+pub use handle::{ControlError, Event, MigrationHandle, Phase, Progress};
+pub use source::{SourceEngine, SourceStep, PACING_SLACK};
+
+/// The abort reason a side sends when it was cancelled (what a
+/// [`MigrationError::Cancelled`] prints, so the drivers' abort on any
+/// error carries it): its peer fails with [`MigrationError::Cancelled`]
+/// too.
+const CANCELLED_REASON: &str = "cancelled";
 
 /// The memory digest from a table of per-page hashes (by dense index).
 fn digest_table(layout: &MemoryLayout, hashes: &[u64]) -> MemoryDigest {

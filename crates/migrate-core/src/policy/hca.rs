@@ -161,6 +161,11 @@ impl Policy for Hca {
         "hca"
     }
 
+    fn set_downtime_target(&mut self, target: Duration) -> bool {
+        self.config.downtime_target = target;
+        true
+    }
+
     fn decide(&mut self, input: &PolicyInput<'_>) -> Decision {
         if input.rounds_done == 0 {
             return Decision::Precopy(PageSelection::AllPending);

@@ -72,4 +72,7 @@ impl Policy for Hybrid {
     fn next_push(&mut self, pending: &DirtyBitmap, max: usize, out: &mut Vec<PageNum>) {
         self.prepager.next_pages(pending, max, out);
     }
+    fn set_downtime_target(&mut self, target: Duration) -> bool {
+        Policy::set_downtime_target(&mut self.precopy, target)
+    }
 }

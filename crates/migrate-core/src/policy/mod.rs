@@ -148,6 +148,14 @@ pub trait Policy: Send {
     fn next_push(&mut self, pending: &DirtyBitmap, max: usize, out: &mut Vec<PageNum>) {
         out.extend(pending.iter_ones().take(max));
     }
+
+    /// A new downtime target while the migration runs (a VMM's live
+    /// change through [`crate::MigrationHandle::set_downtime_target`]).
+    /// Returns whether the policy took it; the default, for policies
+    /// without a downtime target, refuses.
+    fn set_downtime_target(&mut self, _target: Duration) -> bool {
+        false
+    }
 }
 
 impl<P: Policy + ?Sized> Policy for Box<P> {
@@ -168,5 +176,8 @@ impl<P: Policy + ?Sized> Policy for Box<P> {
     }
     fn next_push(&mut self, pending: &DirtyBitmap, max: usize, out: &mut Vec<PageNum>) {
         (**self).next_push(pending, max, out)
+    }
+    fn set_downtime_target(&mut self, target: Duration) -> bool {
+        (**self).set_downtime_target(target)
     }
 }

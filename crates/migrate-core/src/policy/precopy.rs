@@ -107,6 +107,11 @@ impl Policy for Precopy {
             None => Decision::Precopy(PageSelection::AllPending),
         }
     }
+
+    fn set_downtime_target(&mut self, target: Duration) -> bool {
+        self.config.downtime_target = target;
+        true
+    }
 }
 
 #[cfg(test)]

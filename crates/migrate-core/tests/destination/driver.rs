@@ -28,7 +28,7 @@ fn driver_reports_a_closed_stream_and_does_not_resume() {
         replies
     });
     let mut e = engine();
-    let r = run_destination(&mut e.inner, &mut dest_end, Duration::from_secs(30));
+    let r = run_destination(&mut e.inner, &mut dest_end, None, Duration::from_secs(30));
     assert!(
         matches!(r, Err(MigrationError::Transport(TransportError::Closed))),
         "{r:?}"
@@ -59,7 +59,7 @@ fn driver_reports_a_source_gone_before_reading_replies() {
     }
     drop(source_end);
     let mut e = engine();
-    let r = run_destination(&mut e.inner, &mut dest_end, Duration::from_secs(30));
+    let r = run_destination(&mut e.inner, &mut dest_end, None, Duration::from_secs(30));
     assert!(
         matches!(r, Err(MigrationError::Transport(TransportError::Closed))),
         "{r:?}"
@@ -81,7 +81,7 @@ fn driver_sends_an_abort_back_on_a_bad_stream() {
         source_end.send(&f).unwrap();
     }
     let mut e = engine();
-    let r = run_destination(&mut e.inner, &mut dest_end, Duration::from_secs(30));
+    let r = run_destination(&mut e.inner, &mut dest_end, None, Duration::from_secs(30));
     assert!(
         matches!(
             r,
@@ -115,7 +115,8 @@ fn driver_runs_a_good_stream_to_resume() {
         source_end.send(f).unwrap();
     }
     let mut e = engine();
-    let report = run_destination(&mut e.inner, &mut dest_end, Duration::from_secs(30)).unwrap();
+    let report =
+        run_destination(&mut e.inner, &mut dest_end, None, Duration::from_secs(30)).unwrap();
     assert_eq!(report.digest, Some(src.digest()));
     assert!(report.resume_confirmed);
     assert!(e.resumed());
@@ -179,7 +180,7 @@ fn driver_keeps_a_resumed_guest_when_the_confirmation_is_lost() {
     let src = source();
     let mut t = Scripted::new(sealed(good_stream(&src)), 2);
     let mut e = engine();
-    let report = run_destination(&mut e.inner, &mut t, Duration::from_secs(1)).unwrap();
+    let report = run_destination(&mut e.inner, &mut t, None, Duration::from_secs(1)).unwrap();
     assert!(!report.resume_confirmed);
     assert_eq!(report.digest, Some(src.digest()));
     assert_eq!(t.sent, vec![RecordType::Header, RecordType::Ready]);
@@ -196,7 +197,7 @@ fn driver_does_not_resume_when_replies_cannot_be_sent() {
     let src = source();
     let mut t = Scripted::new(sealed(good_stream(&src)), 1);
     let mut e = engine();
-    let r = run_destination(&mut e.inner, &mut t, Duration::from_secs(1));
+    let r = run_destination(&mut e.inner, &mut t, None, Duration::from_secs(1));
     assert!(
         matches!(r, Err(MigrationError::Transport(TransportError::Closed))),
         "{r:?}"

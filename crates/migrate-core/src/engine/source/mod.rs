@@ -1,34 +1,69 @@
 //! The source engine: its states, its public face and how it moves
-//! frames; the rounds and the end are in `rounds.rs` and `finish.rs`.
+//! frames; the rounds, the end and the steering (handle, timers,
+//! auto-converge, tracing) are in `rounds.rs`, `finish.rs` and
+//! `steering.rs`.
 
 use super::*;
 
 mod finish;
 mod rounds;
+mod steering;
+
+pub use steering::PACING_SLACK;
 
 /// What the source wants done next.
 #[derive(Debug)]
 pub enum SourceStep {
     /// Send this frame to the destination.
     Send(Vec<u8>),
-    /// Nothing to send until a frame from the destination arrives.
+    /// Nothing to send now: wait for a frame from the destination, or
+    /// until [`SourceEngine::poll_timeout`], then poll again.
     Wait,
     /// The migration is complete; [`SourceEngine::stats`] has the figures.
     Done,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where the source is. Each state carries what only it needs.
 enum SrcState {
+    /// Nothing sent yet.
     Init,
-    AwaitReady,
+    /// Header and layout handed out; waiting for the destination to
+    /// accept the layout. The time they went measures the round trip.
+    AwaitReady { layout_sent_at: Duration },
+    /// Between rounds: the policy decides what comes next.
     Decide,
-    Round,
-    Final,
-    Postcopy,
+    /// A pre-copy round, with the guest running.
+    Precopy(Round),
+    /// The final copy of a stop-and-copy, with the guest paused.
+    Final(Round),
+    /// Post-copy: the guest was switched over and the rest of its pages
+    /// are pushed, those the destination asks for first.
+    Postcopy(Box<Postcopy>),
+    /// Pre-copy: the completion was handed out; waiting for the
+    /// destination to resume.
     AwaitResumed,
-    AwaitVerified,
-    Done,
+    /// Post-copy: every page was handed out; waiting for the destination
+    /// to verify what it holds.
+    AwaitVerified {
+        /// When the destination said its guest runs, with its timings.
+        resumed: Option<(Duration, ResumeReport)>,
+    },
+    /// The migration completed.
+    Done(Box<MigrationStats>),
+    /// The migration failed or was cancelled.
     Failed,
+}
+
+/// The post-copy stage's own data.
+struct Postcopy {
+    /// The round that pushes the rest of memory.
+    round: Round,
+    /// The device state sent, for the completion digest.
+    sent_state: DeviceState,
+    /// Pages the destination asked for, to go first.
+    urgent: VecDeque<PageNum>,
+    /// When the destination said its guest runs, with its timings.
+    resumed: Option<(Duration, ResumeReport)>,
 }
 
 /// The order a round walks its pages in.
@@ -37,9 +72,9 @@ enum RoundOrder {
     Ordered { pages: Vec<PageNum>, next: usize },
 }
 
+/// One round: its place in the walk and its figures so far.
 struct Round {
     number: u32,
-    final_copy: bool,
     order: RoundOrder,
     started: Duration,
     cpu_start: Option<Duration>,
@@ -50,6 +85,145 @@ struct Round {
     bytes: u64,
     examined_since_peek: u64,
     peek_every: u64,
+    /// The vCPU throttle in force when the round started, percent.
+    throttle: u8,
+}
+
+/// The round of a state that has one.
+fn round_of(state: &mut SrcState) -> Option<&mut Round> {
+    match state {
+        SrcState::Precopy(r) | SrcState::Final(r) => Some(r),
+        SrcState::Postcopy(p) => Some(&mut p.round),
+        _ => None,
+    }
+}
+
+/// The frames going out and coming in, and the point of no return.
+struct Wire {
+    decoder: Decoder,
+    sequencer: Sequencer,
+    outbox: VecDeque<Vec<u8>>,
+    /// The type of the record whose hand-out is the point of no return,
+    /// once it is queued.
+    commit_record: Option<u8>,
+    /// Whether the last frame handed out was that record.
+    last_was_commit: bool,
+    /// Whether the point of no return was passed.
+    committed: bool,
+    /// Whether the destination's abort came with every frame before it.
+    abort_in_sequence: bool,
+    /// Frames in the outbox that leave with the guest paused (the
+    /// post-copy switch-over's), for the byte counts.
+    paused_frames: usize,
+}
+
+/// The page sets and the buffers pages pass through.
+struct Pages {
+    pending: DirtyBitmap,
+    /// How many pages `pending` holds, kept as pages come and go.
+    pending_count: u64,
+    skip: DirtyBitmap,
+    scratch: DirtyBitmap,
+    round_dirty: DirtyBitmap,
+    round_dirty_used: bool,
+    batch: Vec<PageNum>,
+    push: Vec<PageNum>,
+    read_buf: Vec<u8>,
+    /// [`Payload::Model`]: the tokens of the batch being encoded.
+    tokens: Vec<u64>,
+    /// `SentContent`: the hash (the token, with [`Payload::Model`]) of
+    /// each page as last sent, by dense index.
+    sent_hashes: Vec<u64>,
+}
+
+impl Pages {
+    /// Takes `page` out of the pending set; whether it was there.
+    fn take(&mut self, page: PageNum) -> bool {
+        if self.pending.get(page) {
+            self.pending.clear(page);
+            self.pending_count -= 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Adds the pages of `scratch` to the pending set.
+    fn merge_scratch(&mut self) {
+        self.pending.union_with(&self.scratch);
+        self.pending_count = self.pending.count_ones();
+    }
+}
+
+/// What the engine holds of the guest beyond its traits.
+#[derive(Default)]
+struct GuestHold {
+    /// Dirty tracking runs.
+    tracking: bool,
+    /// When this engine asked the guest to pause, while it is paused.
+    paused_at: Option<Duration>,
+    /// The vCPU throttle applied now (auto-converge), percent.
+    throttle: u8,
+}
+
+/// Times, estimates and counters: what the statistics are made of.
+#[derive(Default)]
+struct Figures {
+    started_at: Option<Duration>,
+    rtt: Duration,
+    first_page_at: Option<Duration>,
+    bandwidth: f64,
+    dirty_rate: f64,
+    expected_downtime: Duration,
+    switch_reason: Option<SwitchReason>,
+    /// The migration switched over to post-copy.
+    postcopy: bool,
+    parts: DowntimeParts,
+    transferred: u64,
+    precopy_bytes: u64,
+    downtime_bytes: u64,
+    postcopy_bytes: u64,
+    postcopy_pages: u64,
+    postcopy_requests: u64,
+    resume_pages_sent: u64,
+    pages_sent: u64,
+    zero_sent: u64,
+    dirty_syncs: u64,
+    rounds: Vec<RoundStats>,
+    rounds_done: u32,
+    last_summary: Option<RoundSummary>,
+}
+
+/// The engine's timers: each a deadline on its clock.
+struct Timers {
+    /// The policy's dirty-log sampling period.
+    sample_every: Option<Duration>,
+    next_sample_at: Duration,
+    /// Pacing: the earliest time the next capped frame may go out.
+    pace_at: Duration,
+    /// When the engine started waiting for its peer.
+    wait_since: Option<Duration>,
+}
+
+/// What a VMM steers through the handle, as the engine applies it.
+struct Steering {
+    handle: MigrationHandle,
+    /// The bandwidth cap in force, bytes per second.
+    max_bandwidth: Option<u64>,
+    auto_converge: Option<AutoConverge>,
+    /// Rounds whose dirtied bytes passed the auto-converge trigger since
+    /// the last step.
+    high_dirty_rounds: u32,
+    /// The VMM asked for post-copy: the round ends and the engine
+    /// switches.
+    postcopy_requested: bool,
+}
+
+/// The tracing spans: the migration's, the current phase's and round's.
+struct Spans {
+    migration: tracing::Span,
+    phase: Option<(Phase, tracing::Span)>,
+    round: Option<tracing::Span>,
 }
 
 /// The source side of a migration.
@@ -61,68 +235,14 @@ pub struct SourceEngine<T, S, G, P> {
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     layout: MemoryLayout,
-    decoder: Decoder,
-    sequencer: Sequencer,
     state: SrcState,
-    outbox: VecDeque<Vec<u8>>,
-    /// The type of the record whose hand-out is the point of no return,
-    /// once it is queued.
-    commit_record: Option<u8>,
-    /// Whether the last frame handed out was that record.
-    last_was_commit: bool,
-    /// Post-copy: the device state sent, for the completion digest.
-    sent_state: Option<DeviceState>,
-    /// Whether the destination's abort came with every frame before it.
-    abort_in_sequence: bool,
-    pending: DirtyBitmap,
-    skip: DirtyBitmap,
-    scratch: DirtyBitmap,
-    round_dirty: DirtyBitmap,
-    round_dirty_used: bool,
-    sample_every: Option<Duration>,
-    next_sample_at: Duration,
-    round: Option<Round>,
-    rounds_done: u32,
-    last_summary: Option<RoundSummary>,
-    batch: Vec<PageNum>,
-    push: Vec<PageNum>,
-    urgent: VecDeque<PageNum>,
-    read_buf: Vec<u8>,
-    /// [`Payload::Model`]: the tokens of the batch being encoded.
-    tokens: Vec<u64>,
-    /// `SentContent`: the hash (the token, with [`Payload::Model`]) of each page as last sent, by dense index.
-    sent_hashes: Vec<u64>,
-    // estimates and times
-    bandwidth: f64,
-    dirty_rate: f64,
-    started_at: Option<Duration>,
-    layout_sent_at: Duration,
-    rtt: Duration,
-    first_page_at: Option<Duration>,
-    paused_at: Option<Duration>,
-    resumed_seen: Option<(Duration, ResumeReport)>,
-    tracking: bool,
-    postcopy: bool,
-    committed: bool,
-    switch_reason: Option<SwitchReason>,
-    expected_downtime: Duration,
-    parts: DowntimeParts,
-    // counters
-    transferred: u64,
-    precopy_bytes: u64,
-    downtime_bytes: u64,
-    postcopy_bytes: u64,
-    postcopy_pages: u64,
-    postcopy_requests: u64,
-    resume_pages_sent: u64,
-    /// Frames in the outbox that leave with the guest paused (the
-    /// post-copy switch-over's), for the byte counts.
-    paused_frames: usize,
-    pages_sent: u64,
-    zero_sent: u64,
-    dirty_syncs: u64,
-    rounds: Vec<RoundStats>,
-    stats: Option<MigrationStats>,
+    wire: Wire,
+    pages: Pages,
+    guest: GuestHold,
+    figures: Figures,
+    timers: Timers,
+    steer: Steering,
+    spans: Spans,
 }
 
 impl<T, S, G, P> SourceEngine<T, S, G, P>
@@ -148,71 +268,85 @@ where
         let cap = max_batch_pages(layout.page_size());
         config.batch_pages = config.batch_pages.clamp(1, cap);
         config.postcopy_batch_pages = config.postcopy_batch_pages.clamp(1, cap);
-        let sample_every = policy.sample_interval().filter(|d| !d.is_zero());
+        let max_bandwidth = config.max_bandwidth.filter(|b| *b > 0);
+        let handle = MigrationHandle::new(Side::Source);
+        {
+            let mut h = handle.lock();
+            h.progress.guest_pages = layout.total_pages();
+            h.progress.page_size = layout.page_size().bytes();
+            h.progress.max_bandwidth = max_bandwidth;
+        }
         let sent_hashes = match config.verify {
             SourceVerify::SentContent => vec![0; layout.total_pages() as usize],
             SourceVerify::FullScan => Vec::new(),
         };
         SourceEngine {
+            timers: Timers {
+                sample_every: policy.sample_interval().filter(|d| !d.is_zero()),
+                next_sample_at: Duration::ZERO,
+                pace_at: Duration::ZERO,
+                wait_since: None,
+            },
+            steer: Steering {
+                handle,
+                max_bandwidth,
+                auto_converge: config.auto_converge,
+                high_dirty_rounds: 0,
+                postcopy_requested: false,
+            },
+            spans: Spans {
+                migration: tracing::info_span!(
+                    "migration",
+                    side = "source",
+                    policy = policy.name(),
+                    guest_pages = layout.total_pages(),
+                    transferred = tracing::field::Empty,
+                    downtime_ms = tracing::field::Empty,
+                    outcome = tracing::field::Empty,
+                ),
+                phase: None,
+                round: None,
+            },
+            pages: Pages {
+                pending: DirtyBitmap::new(end),
+                pending_count: 0,
+                skip: DirtyBitmap::new(end),
+                scratch: DirtyBitmap::new(end),
+                round_dirty: DirtyBitmap::new(end),
+                round_dirty_used: false,
+                batch: Vec::with_capacity(config.batch_pages),
+                push: Vec::new(),
+                read_buf: Vec::new(),
+                tokens: Vec::new(),
+                sent_hashes,
+            },
+            wire: Wire {
+                decoder: Decoder::sequenced(),
+                sequencer: Sequencer::new(),
+                outbox: VecDeque::new(),
+                commit_record: None,
+                last_was_commit: false,
+                committed: false,
+                abort_in_sequence: false,
+                paused_frames: 0,
+            },
             tracker,
             memory,
             control,
             policy,
             clock,
-            layout,
-            decoder: Decoder::sequenced(),
-            sequencer: Sequencer::new(),
-            state: SrcState::Init,
-            outbox: VecDeque::new(),
-            commit_record: None,
-            last_was_commit: false,
-            sent_state: None,
-            abort_in_sequence: false,
-            pending: DirtyBitmap::new(end),
-            skip: DirtyBitmap::new(end),
-            scratch: DirtyBitmap::new(end),
-            round_dirty: DirtyBitmap::new(end),
-            round_dirty_used: false,
-            sample_every,
-            next_sample_at: Duration::ZERO,
-            round: None,
-            rounds_done: 0,
-            last_summary: None,
-            batch: Vec::with_capacity(config.batch_pages),
-            push: Vec::new(),
-            urgent: VecDeque::new(),
-            read_buf: Vec::new(),
-            tokens: Vec::new(),
-            sent_hashes,
             config,
-            bandwidth: 0.0,
-            dirty_rate: 0.0,
-            started_at: None,
-            layout_sent_at: Duration::ZERO,
-            rtt: Duration::ZERO,
-            first_page_at: None,
-            paused_at: None,
-            resumed_seen: None,
-            tracking: false,
-            postcopy: false,
-            committed: false,
-            switch_reason: None,
-            expected_downtime: Duration::ZERO,
-            parts: DowntimeParts::default(),
-            transferred: 0,
-            precopy_bytes: 0,
-            downtime_bytes: 0,
-            postcopy_bytes: 0,
-            postcopy_pages: 0,
-            postcopy_requests: 0,
-            resume_pages_sent: 0,
-            paused_frames: 0,
-            pages_sent: 0,
-            zero_sent: 0,
-            dirty_syncs: 0,
-            rounds: Vec::new(),
-            stats: None,
+            layout,
+            state: SrcState::Init,
+            guest: GuestHold::default(),
+            figures: Figures::default(),
         }
+    }
+
+    /// The handle on this migration: progress, events, cancel and live
+    /// parameters, from any thread.
+    pub fn handle(&self) -> MigrationHandle {
+        self.steer.handle.clone()
     }
 
     /// The guest's memory layout.
@@ -222,18 +356,21 @@ where
 
     /// Whether the source guest is paused by this engine.
     pub fn guest_paused(&self) -> bool {
-        self.paused_at.is_some()
+        self.guest.paused_at.is_some()
     }
 
     /// Whether the point of no return was passed: the guest may run on the
     /// destination, so the source must not resume it on failure.
     pub fn committed(&self) -> bool {
-        self.committed
+        self.wire.committed
     }
 
     /// The statistics, once [`SourceStep::Done`] was returned.
     pub fn stats(&self) -> Option<&MigrationStats> {
-        self.stats.as_ref()
+        match &self.state {
+            SrcState::Done(stats) => Some(stats),
+            _ => None,
+        }
     }
 
     /// The policy (for reading what it learnt).
@@ -248,29 +385,57 @@ where
 
     /// The next thing to do.
     pub fn poll(&mut self) -> Result<SourceStep, MigrationError> {
-        if self.state == SrcState::Failed {
+        if matches!(self.state, SrcState::Failed) {
             return Err(MigrationError::InvalidUse(
                 "source engine polled after failure",
             ));
         }
-        match self.poll_inner() {
-            Ok(mut step) => {
-                if let SourceStep::Send(f) = &mut step {
-                    self.sequencer.seal(f);
-                    self.account(f);
-                    self.last_was_commit = false;
-                    if self.commit_record.is_some() && f.first().copied() == self.commit_record {
-                        // Handed to the caller to send: from here the
-                        // destination may resume the guest.
-                        self.commit_record = None;
-                        self.committed = true;
-                        self.last_was_commit = true;
-                    }
-                }
-                Ok(step)
-            }
-            Err(e) => Err(self.fail(e)),
+        let span = self.current_span();
+        let _entered = span.enter();
+        if let Err(e) = self.apply_controls() {
+            return Err(self.fail(e));
         }
+        let r = match self.poll_inner() {
+            Ok(SourceStep::Send(mut f)) => match self.hand_out(&mut f) {
+                Ok(()) => Ok(SourceStep::Send(f)),
+                Err(e) => Err(self.fail(e)),
+            },
+            Ok(SourceStep::Wait) => {
+                if self.waiting_for_peer() {
+                    let now = self.now();
+                    self.timers.wait_since.get_or_insert(now);
+                }
+                Ok(SourceStep::Wait)
+            }
+            Ok(SourceStep::Done) => Ok(SourceStep::Done),
+            Err(e) => Err(self.fail(e)),
+        };
+        self.publish();
+        r
+    }
+
+    /// Seals and counts a frame about to be handed out, and passes the
+    /// point of no return if it is the record that marks it.
+    fn hand_out(&mut self, f: &mut Vec<u8>) -> Result<(), MigrationError> {
+        self.wire.last_was_commit = false;
+        if self.wire.commit_record.is_some() && f.first().copied() == self.wire.commit_record {
+            // Handed to the caller to send: from here the destination may
+            // resume the guest, and a cancel is refused. A cancel that
+            // came first wins.
+            let mut h = self.steer.handle.lock();
+            if h.cancel {
+                return Err(MigrationError::Cancelled);
+            }
+            h.committed = true;
+            drop(h);
+            self.wire.commit_record = None;
+            self.wire.committed = true;
+            self.wire.last_was_commit = true;
+        }
+        self.wire.sequencer.seal(f);
+        self.account(f);
+        self.pace(wire_len(f));
+        Ok(())
     }
 
     /// The frame the last [`SourceEngine::poll`] handed out could not be
@@ -284,9 +449,10 @@ where
     /// doubt call [`SourceEngine::fail`], which keeps the source paused
     /// after the point of no return.
     pub fn send_failed(&mut self, err: MigrationError) -> MigrationError {
-        if self.last_was_commit && self.state != SrcState::Done {
-            self.committed = false;
-            self.last_was_commit = false;
+        if self.wire.last_was_commit && !matches!(self.state, SrcState::Done(_)) {
+            self.wire.committed = false;
+            self.wire.last_was_commit = false;
+            self.steer.handle.lock().committed = false;
         }
         self.fail(err)
     }
@@ -295,71 +461,94 @@ where
     /// frame of this stream.
     pub fn abort_frame(&mut self, reason: &str) -> Vec<u8> {
         let mut f = protocol::abort_frame(reason);
-        self.sequencer.seal(&mut f);
+        self.wire.sequencer.seal(&mut f);
         f
     }
 
     /// Handles a frame from the destination.
     pub fn handle_frame(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
-        if self.state == SrcState::Failed {
+        if matches!(self.state, SrcState::Failed) {
             return Err(MigrationError::InvalidUse(
                 "source engine used after failure",
             ));
         }
-        match self.handle_inner(frame) {
+        self.timers.wait_since = None;
+        let span = self.current_span();
+        let _entered = span.enter();
+        let r = match self.handle_inner(frame) {
             Ok(()) => Ok(()),
             Err(e) => Err(self.fail(e)),
-        }
+        };
+        self.publish();
+        r
     }
 
     /// Records that the migration failed outside the engine (a transport
     /// error, a timeout) and cleans up: before the point of no return the
-    /// guest is resumed and tracking stopped. Returns the error to report
-    /// ([`MigrationError::OutcomeUnknown`] after the point of no return).
+    /// guest is resumed, its throttle lifted and tracking stopped. Returns
+    /// the error to report ([`MigrationError::OutcomeUnknown`] after the
+    /// point of no return).
     pub fn fail(&mut self, err: MigrationError) -> MigrationError {
-        if self.state == SrcState::Done {
+        if matches!(self.state, SrcState::Done(_) | SrcState::Failed) {
             return err;
-        }
-        self.state = SrcState::Failed;
-        if self.tracking {
-            let _ = self.tracker.stop();
-            self.tracking = false;
         }
         // A destination that resumes says so before anything else it
         // sends (its frames are ordered and numbered, so none was lost):
         // an abort with no resume confirmation before it means the guest
         // was not resumed there.
-        let refused = self.resumed_seen.is_none()
-            && self.abort_in_sequence
-            && matches!(err, MigrationError::PeerAborted(_));
-        if self.committed && !refused {
-            return match err {
+        let refused = self.resumed_seen().is_none()
+            && self.wire.abort_in_sequence
+            && matches!(
+                err,
+                MigrationError::PeerAborted(_) | MigrationError::Cancelled
+            );
+        self.state = SrcState::Failed;
+        if self.guest.tracking {
+            let _ = self.tracker.stop();
+            self.guest.tracking = false;
+        }
+        if self.wire.committed && !refused {
+            let err = match err {
                 MigrationError::OutcomeUnknown(_) => err,
                 other => MigrationError::OutcomeUnknown(other.to_string()),
             };
+            self.ended(&err);
+            return err;
         }
-        if self.paused_at.take().is_some() {
+        self.lift_throttle();
+        if self.guest.paused_at.take().is_some() {
             if let Err(e) = self.control.resume() {
                 tracing::error!(error = %e, "could not resume the source guest after a failed migration");
             }
         }
+        self.ended(&err);
         err
+    }
+
+    /// When the destination said its post-copied guest runs.
+    fn resumed_seen(&self) -> Option<(Duration, ResumeReport)> {
+        match &self.state {
+            SrcState::Postcopy(p) => p.resumed,
+            SrcState::AwaitVerified { resumed } => *resumed,
+            _ => None,
+        }
     }
 
     fn account(&mut self, frame: &[u8]) {
         let bytes = wire_len(frame) as u64;
-        self.transferred += bytes;
-        if self.paused_frames > 0 {
+        let f = &mut self.figures;
+        f.transferred += bytes;
+        if let Some(r) = round_of(&mut self.state) {
+            r.bytes += bytes;
+        }
+        if self.wire.paused_frames > 0 {
             // Queued at a post-copy switch-over, sent before the resume.
-            self.paused_frames -= 1;
-            self.downtime_bytes += bytes;
-            if let Some(r) = self.round.as_mut() {
-                r.bytes += bytes;
-            }
+            self.wire.paused_frames -= 1;
+            f.downtime_bytes += bytes;
             return;
         }
-        let after_resume = self.postcopy
-            && self.committed
+        let after_resume = f.postcopy
+            && self.wire.committed
             && matches!(
                 frame.first().copied(),
                 Some(t) if t == RecordType::PageBatch as u8
@@ -368,51 +557,57 @@ where
                     || t == RecordType::Complete as u8
             );
         if after_resume {
-            self.postcopy_bytes += bytes;
-        } else if self.paused_at.is_some() {
-            self.downtime_bytes += bytes;
+            f.postcopy_bytes += bytes;
+        } else if self.guest.paused_at.is_some() {
+            f.downtime_bytes += bytes;
         } else {
-            self.precopy_bytes += bytes;
+            f.precopy_bytes += bytes;
         }
-        if let Some(r) = self.round.as_mut() {
-            r.bytes += bytes;
-        }
-    }
-
-    fn now(&self) -> Duration {
-        self.clock.now()
     }
 
     fn poll_inner(&mut self) -> Result<SourceStep, MigrationError> {
         loop {
-            if let Some(f) = self.outbox.pop_front() {
+            let capped = !self.wire.outbox.is_empty() || matches!(self.state, SrcState::Precopy(_));
+            if capped && self.paced() {
+                return Ok(SourceStep::Wait);
+            }
+            if let Some(f) = self.wire.outbox.pop_front() {
                 return Ok(SourceStep::Send(f));
             }
-            match self.state {
+            match &self.state {
                 SrcState::Init => {
-                    self.started_at = Some(self.now());
-                    self.outbox
+                    let now = self.now();
+                    self.figures.started_at = Some(now);
+                    self.wire
+                        .outbox
                         .push_back(protocol::encode_to_vec(&Record::Header {
                             version: VERSION,
                         }));
-                    self.outbox
+                    self.wire
+                        .outbox
                         .push_back(protocol::encode_to_vec(&Record::Layout(
                             self.layout.clone(),
                         )));
-                    self.layout_sent_at = self.now();
-                    self.state = SrcState::AwaitReady;
+                    self.state = SrcState::AwaitReady {
+                        layout_sent_at: now,
+                    };
                 }
-                SrcState::AwaitReady | SrcState::AwaitResumed | SrcState::AwaitVerified => {
-                    return Ok(SourceStep::Wait)
-                }
+                SrcState::AwaitReady { .. }
+                | SrcState::AwaitResumed
+                | SrcState::AwaitVerified { .. } => return Ok(SourceStep::Wait),
                 SrcState::Decide => self.decide()?,
-                SrcState::Round | SrcState::Final | SrcState::Postcopy => {
+                SrcState::Precopy(_) if self.steer.postcopy_requested => {
+                    // End the round here: what it did not send stays
+                    // pending, and the switch follows.
+                    self.end_round()?;
+                }
+                SrcState::Precopy(_) | SrcState::Final(_) | SrcState::Postcopy(_) => {
                     if let Some(frame) = self.next_batch_frame()? {
                         return Ok(SourceStep::Send(frame));
                     }
                     self.end_round()?;
                 }
-                SrcState::Done => return Ok(SourceStep::Done),
+                SrcState::Done(_) => return Ok(SourceStep::Done),
                 SrcState::Failed => {
                     return Err(MigrationError::InvalidUse(
                         "source engine polled after failure",
@@ -423,55 +618,69 @@ where
     }
 
     fn handle_inner(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
-        let rec = self.decoder.decode(frame)?;
-        let postcopy_live = matches!(self.state, SrcState::Postcopy | SrcState::AwaitVerified);
-        match (rec, self.state) {
+        let rec = self.wire.decoder.decode(frame)?;
+        let now = self.now();
+        match (rec, &mut self.state) {
             (Record::Header { .. }, _) => Ok(()),
             (Record::Abort { reason }, _) => {
-                self.abort_in_sequence = self.decoder.last_in_sequence();
-                Err(MigrationError::PeerAborted(reason))
+                self.wire.abort_in_sequence = self.wire.decoder.last_in_sequence();
+                Err(if reason == CANCELLED_REASON {
+                    MigrationError::Cancelled
+                } else {
+                    MigrationError::PeerAborted(reason)
+                })
             }
-            (Record::Ready, SrcState::AwaitReady) => {
-                let now = self.now();
-                self.rtt = now.saturating_sub(self.layout_sent_at);
+            (Record::Ready, SrcState::AwaitReady { layout_sent_at }) => {
+                self.figures.rtt = now.saturating_sub(*layout_sent_at);
                 self.tracker
                     .start()
                     .map_err(MigrationError::backend("start dirty tracking"))?;
-                self.tracking = true;
-                if let Some(iv) = self.sample_every {
-                    self.next_sample_at = now + iv;
+                self.guest.tracking = true;
+                if let Some(iv) = self.timers.sample_every {
+                    self.timers.next_sample_at = now + iv;
                 }
-                let all = self.layout.regions().to_vec();
-                for r in all {
-                    self.pending.set_range(r.first_page..r.end());
+                for r in self.layout.regions() {
+                    self.pages.pending.set_range(r.first_page..r.end());
                 }
+                self.pages.pending_count = self.pages.pending.count_ones();
                 self.state = SrcState::Decide;
                 Ok(())
             }
             (Record::Resumed(report), SrcState::AwaitResumed) => {
-                self.finish(self.now(), report, None);
+                self.steer.handle.emit(Event::Resumed);
+                self.finish(now, report, None);
                 Ok(())
             }
-            (Record::Resumed(report), _) if postcopy_live && self.resumed_seen.is_none() => {
-                self.resumed_seen = Some((self.now(), report));
+            (Record::Resumed(report), SrcState::Postcopy(p)) if p.resumed.is_none() => {
+                p.resumed = Some((now, report));
+                self.steer.handle.emit(Event::Resumed);
                 Ok(())
             }
-            (Record::PageRequest(pages), _) if postcopy_live => {
-                let now = self.now();
+            (Record::Resumed(report), SrcState::AwaitVerified { resumed }) if resumed.is_none() => {
+                *resumed = Some((now, report));
+                self.steer.handle.emit(Event::Resumed);
+                Ok(())
+            }
+            (
+                Record::PageRequest(pages),
+                state @ (SrcState::Postcopy(_) | SrcState::AwaitVerified { .. }),
+            ) => {
                 for p in pages {
                     if !self.layout.contains(p) {
                         return Err(MigrationError::PageOutOfRange(p));
                     }
-                    self.postcopy_requests += 1;
+                    self.figures.postcopy_requests += 1;
                     self.policy.on_fault(p, now);
-                    if self.pending.get(p) {
-                        self.urgent.push_back(p);
+                    if let SrcState::Postcopy(pc) = state {
+                        if self.pages.pending.get(p) {
+                            pc.urgent.push_back(p);
+                        }
                     }
                 }
                 Ok(())
             }
-            (Record::Verified(report), SrcState::AwaitVerified) => {
-                let Some((at, resume)) = self.resumed_seen else {
+            (Record::Verified(report), SrcState::AwaitVerified { resumed }) => {
+                let Some((at, resume)) = *resumed else {
                     return Err(MigrationError::UnexpectedRecord {
                         got: RecordType::Verified,
                         state: "waiting for the destination to resume",
@@ -483,9 +692,13 @@ where
             (rec, state) => Err(MigrationError::UnexpectedRecord {
                 got: rec.record_type(),
                 state: match state {
-                    SrcState::AwaitReady => "waiting for the destination to accept the layout",
+                    SrcState::AwaitReady { .. } => {
+                        "waiting for the destination to accept the layout"
+                    }
                     SrcState::AwaitResumed => "waiting for the destination to resume",
-                    SrcState::Postcopy | SrcState::AwaitVerified => "pushing pages in post-copy",
+                    SrcState::Postcopy(_) | SrcState::AwaitVerified { .. } => {
+                        "pushing pages in post-copy"
+                    }
                     _ => "sending pages",
                 },
             }),

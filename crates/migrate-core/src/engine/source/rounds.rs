@@ -12,23 +12,28 @@ where
 {
     pub(super) fn decide(&mut self) -> Result<(), MigrationError> {
         let now = self.now();
-        let pending_pages = self.pending.count_ones();
+        let pending_pages = self.pages.pending_count;
         let input = PolicyInput {
             now,
-            rounds_done: self.rounds_done,
+            rounds_done: self.figures.rounds_done,
             guest_pages: self.layout.total_pages(),
             page_size: self.layout.page_size(),
-            last_round: self.last_summary.as_ref(),
-            pending: &self.pending,
+            last_round: self.figures.last_summary.as_ref(),
+            pending: &self.pages.pending,
             pending_pages,
-            total_pages_sent: self.pages_sent,
-            bytes_transferred: self.transferred,
-            bandwidth: self.bandwidth,
-            dirty_rate: self.dirty_rate,
-            rtt: self.rtt,
+            total_pages_sent: self.figures.pages_sent,
+            bytes_transferred: self.figures.transferred,
+            bandwidth: self.figures.bandwidth,
+            dirty_rate: self.figures.dirty_rate,
+            rtt: self.figures.rtt,
         };
         let expected = input.expected_downtime();
-        match self.policy.decide(&input) {
+        let decision = if self.steer.postcopy_requested {
+            Decision::PostCopy(SwitchReason::Requested)
+        } else {
+            self.policy.decide(&input)
+        };
+        match decision {
             Decision::Precopy(sel) => {
                 let (order, candidates) = match sel {
                     PageSelection::AllPending => {
@@ -39,73 +44,93 @@ where
                         (RoundOrder::Ordered { pages, next: 0 }, n)
                     }
                 };
-                self.begin_round(order, false, candidates);
+                let round = self.new_round(order, false, candidates);
+                self.state = SrcState::Precopy(round);
             }
             Decision::StopAndCopy(reason) => {
-                self.switch_reason = Some(reason);
-                self.expected_downtime = expected.unwrap_or_default();
-                self.pause_and_collect()?;
-                let number = self.rounds_done + 1;
-                self.outbox
-                    .push_back(protocol::encode_to_vec(&Record::SwitchOver {
-                        round: number,
-                        postcopy: false,
-                    }));
-                self.begin_round(RoundOrder::Ascending { cursor: 0 }, true, 0);
+                self.switch_over(reason, expected.unwrap_or_default(), false)?;
+                let round = self.new_round(RoundOrder::Ascending { cursor: 0 }, true, 0);
+                self.state = SrcState::Final(round);
             }
-            Decision::PostCopy(reason) => {
-                self.switch_reason = Some(reason);
-                self.expected_downtime = self.rtt / 2;
-                self.pause_and_collect()?;
-                if self.tracking {
-                    self.tracker
-                        .stop()
-                        .map_err(MigrationError::backend("stop dirty tracking"))?;
-                    self.tracking = false;
-                }
-                let number = self.rounds_done + 1;
-                self.outbox
-                    .push_back(protocol::encode_to_vec(&Record::SwitchOver {
-                        round: number,
-                        postcopy: true,
-                    }));
-                let t0 = self.now();
-                let state = self
-                    .control
-                    .save_state()
-                    .map_err(MigrationError::backend("save device state"))?;
-                let t1 = self.now();
-                self.parts.device_save = t1 - t0;
-                // Pages the backend needs in place before the guest runs
-                // leave the pending set, so they are neither discarded nor
-                // left to a fault, and go now with the guest paused.
-                let mut early = self
-                    .control
-                    .resume_pages()
-                    .map_err(MigrationError::backend("list the pages needed at resume"))?;
-                early.sort_unstable();
-                early.dedup();
-                early.retain(|p| self.layout.contains(*p) && self.pending.get(*p));
-                for p in &early {
-                    self.pending.clear(*p);
-                }
-                self.queue_discards();
-                self.begin_round(RoundOrder::Ascending { cursor: 0 }, true, 0);
-                self.send_now(&early)?;
-                self.resume_pages_sent = early.len() as u64;
-                self.parts.final_copy = self.now() - t1;
-                self.outbox
-                    .push_back(protocol::encode_to_vec(&Record::DeviceState(state.clone())));
-                self.sent_state = Some(state);
-                self.paused_frames = self.outbox.len();
-                // The destination may resume the guest once this record
-                // has been handed out (see `poll`).
-                self.commit_record = Some(RecordType::DeviceState as u8);
-                self.postcopy = true;
-                self.state = SrcState::Postcopy;
-            }
+            Decision::PostCopy(reason) => self.switch_to_postcopy(reason)?,
             Decision::Abort(reason) => return Err(MigrationError::PolicyAborted(reason)),
         }
+        Ok(())
+    }
+
+    /// Pauses the guest for the switch-over and says so: in the statistics,
+    /// on the wire and through the handle.
+    fn switch_over(
+        &mut self,
+        reason: SwitchReason,
+        expected: Duration,
+        postcopy: bool,
+    ) -> Result<(), MigrationError> {
+        self.steer.postcopy_requested = false;
+        self.figures.switch_reason = Some(reason);
+        self.figures.expected_downtime = expected;
+        self.pause_and_collect()?;
+        tracing::info!(reason = reason.describe(), postcopy, "switch-over");
+        self.steer.handle.emit(Event::SwitchOver {
+            postcopy,
+            reason: Some(reason),
+        });
+        self.wire
+            .outbox
+            .push_back(protocol::encode_to_vec(&Record::SwitchOver {
+                round: self.figures.rounds_done + 1,
+                postcopy,
+            }));
+        Ok(())
+    }
+
+    /// Switches over to post-copy: the device state goes with the pages
+    /// the backend needs at resume and the list of pages the destination
+    /// must fault on, and the rest follows as the guest runs there.
+    fn switch_to_postcopy(&mut self, reason: SwitchReason) -> Result<(), MigrationError> {
+        self.switch_over(reason, self.figures.rtt / 2, true)?;
+        if self.guest.tracking {
+            self.tracker
+                .stop()
+                .map_err(MigrationError::backend("stop dirty tracking"))?;
+            self.guest.tracking = false;
+        }
+        let t0 = self.now();
+        let state = self
+            .control
+            .save_state()
+            .map_err(MigrationError::backend("save device state"))?;
+        let t1 = self.now();
+        self.figures.parts.device_save = t1 - t0;
+        // Pages the backend needs in place before the guest runs leave the
+        // pending set, so they are neither discarded nor left to a fault,
+        // and go now with the guest paused.
+        let mut early = self
+            .control
+            .resume_pages()
+            .map_err(MigrationError::backend("list the pages needed at resume"))?;
+        early.sort_unstable();
+        early.dedup();
+        early.retain(|p| self.layout.contains(*p) && self.pages.take(*p));
+        self.queue_discards();
+        let round = self.new_round(RoundOrder::Ascending { cursor: 0 }, true, 0);
+        self.state = SrcState::Postcopy(Box::new(Postcopy {
+            round,
+            sent_state: state.clone(),
+            urgent: VecDeque::new(),
+            resumed: None,
+        }));
+        self.figures.postcopy = true;
+        self.send_now(&early)?;
+        self.figures.resume_pages_sent = early.len() as u64;
+        self.figures.parts.final_copy = self.now() - t1;
+        self.wire
+            .outbox
+            .push_back(protocol::encode_to_vec(&Record::DeviceState(state)));
+        self.wire.paused_frames = self.wire.outbox.len();
+        // The destination may resume the guest once this record has been
+        // handed out (see `poll`).
+        self.wire.commit_record = Some(RecordType::DeviceState as u8);
         Ok(())
     }
 
@@ -114,17 +139,17 @@ where
         // stopped waits for the others, and a failed pause still resumes
         // the ones that did stop.
         let asked = self.now();
-        self.paused_at = Some(asked);
+        self.guest.paused_at = Some(asked);
         self.control
             .pause()
             .map_err(MigrationError::backend("pause the guest"))?;
-        self.parts.pause = self.now().saturating_sub(asked);
-        if self.tracking {
+        self.figures.parts.pause = self.now().saturating_sub(asked);
+        if self.guest.tracking {
             self.tracker
-                .collect_and_clear(&mut self.scratch)
+                .collect_and_clear(&mut self.pages.scratch)
                 .map_err(MigrationError::backend("collect the dirty log"))?;
-            self.dirty_syncs += 1;
-            self.pending.union_with(&self.scratch);
+            self.figures.dirty_syncs += 1;
+            self.pages.merge_scratch();
         }
         Ok(())
     }
@@ -134,7 +159,8 @@ where
     /// (a few long runs for a fresh post-copy, a scattered bitmap after
     /// pre-copy rounds). These bytes are sent with the guest paused.
     pub(super) fn queue_discards(&mut self) {
-        let words = self.pending.as_words();
+        let outbox = &mut self.wire.outbox;
+        let words = self.pages.pending.as_words();
         for (c, chunk) in words.chunks(MAX_DISCARD_WORDS).enumerate() {
             let Some(lo) = chunk.iter().position(|w| *w != 0) else {
                 continue;
@@ -160,34 +186,38 @@ where
                         _ => {
                             if ranges.len() == MAX_DISCARD_RANGES {
                                 let full = std::mem::take(&mut ranges);
-                                self.outbox
-                                    .push_back(protocol::encode_to_vec(&Record::Discard(full)));
+                                outbox.push_back(protocol::encode_to_vec(&Record::Discard(full)));
                             }
                             ranges.push((p, 1));
                         }
                     }
                 }
-                self.outbox
-                    .push_back(protocol::encode_to_vec(&Record::Discard(ranges)));
+                outbox.push_back(protocol::encode_to_vec(&Record::Discard(ranges)));
             } else {
-                self.outbox
-                    .push_back(protocol::encode_to_vec(&Record::DiscardBitmap {
-                        first_page,
-                        words: span.to_vec(),
-                    }));
+                outbox.push_back(protocol::encode_to_vec(&Record::DiscardBitmap {
+                    first_page,
+                    words: span.to_vec(),
+                }));
             }
         }
     }
 
-    pub(super) fn begin_round(&mut self, order: RoundOrder, final_copy: bool, candidates: u64) {
+    /// A round that starts now, numbered after the last one done, with its
+    /// span opened and its start announced.
+    fn new_round(&mut self, order: RoundOrder, final_copy: bool, candidates: u64) -> Round {
         let peek_every = self
             .config
             .peek_interval_pages
             .max(candidates / self.config.max_peeks_per_round.max(1))
             .max(1);
-        self.round = Some(Round {
-            number: self.rounds_done + 1,
+        let number = self.figures.rounds_done + 1;
+        self.open_round_span(number, final_copy);
+        self.steer.handle.emit(Event::RoundStarted {
+            round: number,
             final_copy,
+        });
+        Round {
+            number,
             order,
             started: self.now(),
             cpu_start: self.clock.thread_cpu_time(),
@@ -198,77 +228,75 @@ where
             bytes: 0,
             examined_since_peek: u64::MAX,
             peek_every,
-        });
-        self.state = if final_copy {
-            SrcState::Final
-        } else {
-            SrcState::Round
-        };
+            throttle: self.guest.throttle,
+        }
     }
 
     /// HCA and friends: a sample of the dirty log, if one is due.
     pub(super) fn maybe_sample(&mut self) -> Result<(), MigrationError> {
-        let Some(iv) = self.sample_every else {
+        let Some(iv) = self.timers.sample_every else {
             return Ok(());
         };
         let now = self.now();
-        if now < self.next_sample_at {
+        if now < self.timers.next_sample_at {
             return Ok(());
         }
+        let pages = &mut self.pages;
         self.tracker
-            .collect_and_clear(&mut self.scratch)
+            .collect_and_clear(&mut pages.scratch)
             .map_err(MigrationError::backend("sample the dirty log"))?;
-        self.dirty_syncs += 1;
-        self.policy.on_sample(&self.scratch, now);
-        self.round_dirty.union_with(&self.scratch);
-        self.round_dirty_used = true;
-        self.next_sample_at = now + iv;
+        self.figures.dirty_syncs += 1;
+        self.policy.on_sample(&pages.scratch, now);
+        pages.round_dirty.union_with(&pages.scratch);
+        pages.round_dirty_used = true;
+        self.timers.next_sample_at = now + iv;
         Ok(())
     }
 
     /// Picks the pages of the next batch, taking each out of `pending`.
     pub(super) fn select_batch(&mut self) -> Result<(), MigrationError> {
-        self.batch.clear();
-        let postcopy = self.state == SrcState::Postcopy;
-        if postcopy {
-            let cap = self.config.postcopy_batch_pages;
-            while self.batch.len() < cap {
-                let Some(p) = self.urgent.pop_front() else {
-                    break;
-                };
-                if self.pending.get(p) {
-                    self.pending.clear(p);
-                    self.batch.push(p);
-                }
-            }
-            if self.batch.len() < cap {
-                self.push.clear();
-                self.policy
-                    .next_push(&self.pending, cap - self.batch.len(), &mut self.push);
-                for &p in &self.push {
-                    if self.batch.len() < cap && self.pending.get(p) {
-                        self.pending.clear(p);
-                        self.batch.push(p);
+        let pages = &mut self.pages;
+        pages.batch.clear();
+        let (round, final_copy) = match &mut self.state {
+            SrcState::Postcopy(p) => {
+                let cap = self.config.postcopy_batch_pages;
+                while pages.batch.len() < cap {
+                    let Some(page) = p.urgent.pop_front() else {
+                        break;
+                    };
+                    if pages.take(page) {
+                        pages.batch.push(page);
                     }
                 }
-            }
-            if self.batch.is_empty() {
-                // A policy that offers nothing still gets every page sent.
-                let take: Vec<PageNum> = self.pending.iter_ones().take(cap).collect();
-                for p in take {
-                    self.pending.clear(p);
-                    self.batch.push(p);
+                if pages.batch.len() < cap {
+                    pages.push.clear();
+                    self.policy
+                        .next_push(&pages.pending, cap - pages.batch.len(), &mut pages.push);
+                    for i in 0..pages.push.len() {
+                        let page = pages.push[i];
+                        if pages.batch.len() < cap && pages.take(page) {
+                            pages.batch.push(page);
+                        }
+                    }
                 }
+                if pages.batch.is_empty() {
+                    // A policy that offers nothing still gets every page sent.
+                    let take: Vec<PageNum> = pages.pending.iter_ones().take(cap).collect();
+                    for page in take {
+                        pages.take(page);
+                        pages.batch.push(page);
+                    }
+                }
+                return Ok(());
             }
-            return Ok(());
-        }
-        let Some(round) = self.round.as_mut() else {
-            return Ok(());
+            SrcState::Precopy(r) => (r, false),
+            SrcState::Final(r) => (r, true),
+            _ => return Ok(()),
         };
-        while self.batch.len() < self.config.batch_pages {
+        while pages.batch.len() < self.config.batch_pages {
             let page = match &mut round.order {
                 RoundOrder::Ascending { cursor } => {
-                    match self.pending.iter_ones_from(*cursor).next() {
+                    match pages.pending.iter_ones_from(*cursor).next() {
                         Some(p) => {
                             *cursor = p + 1;
                             p
@@ -276,10 +304,10 @@ where
                         None => break,
                     }
                 }
-                RoundOrder::Ordered { pages, next, .. } => match pages.get(*next) {
+                RoundOrder::Ordered { pages: order, next } => match order.get(*next) {
                     Some(p) => {
                         *next += 1;
-                        if !self.pending.get(*p) {
+                        if !pages.pending.get(*p) {
                             continue;
                         }
                         *p
@@ -287,24 +315,24 @@ where
                     None => break,
                 },
             };
-            if !round.final_copy {
+            if !final_copy {
                 if round.examined_since_peek >= round.peek_every {
                     self.tracker
-                        .peek(&mut self.skip)
+                        .peek(&mut pages.skip)
                         .map_err(MigrationError::backend("peek at the dirty log"))?;
-                    if self.round_dirty_used {
-                        self.skip.union_with(&self.round_dirty);
+                    if pages.round_dirty_used {
+                        pages.skip.union_with(&pages.round_dirty);
                     }
                     round.examined_since_peek = 0;
                 }
                 round.examined_since_peek += 1;
-                if self.skip.get(page) {
+                if pages.skip.get(page) {
                     round.skipped += 1;
                     continue;
                 }
             }
-            self.pending.clear(page);
-            self.batch.push(page);
+            pages.take(page);
+            pages.batch.push(page);
         }
         Ok(())
     }
@@ -313,20 +341,20 @@ where
     /// the current round, ahead of anything queued after.
     pub(super) fn send_now(&mut self, pages: &[PageNum]) -> Result<(), MigrationError> {
         for chunk in pages.chunks(self.config.batch_pages) {
-            self.batch.clear();
-            self.batch.extend_from_slice(chunk);
+            self.pages.batch.clear();
+            self.pages.batch.extend_from_slice(chunk);
             if let Some(frame) = self.encode_batch()? {
-                self.outbox.push_back(frame);
+                self.wire.outbox.push_back(frame);
             }
         }
-        self.batch.clear();
+        self.pages.batch.clear();
         Ok(())
     }
 
     /// Builds the next page-batch frame of the round, or `None` when the
     /// round has no more pages.
     pub(super) fn next_batch_frame(&mut self) -> Result<Option<Vec<u8>>, MigrationError> {
-        if self.state == SrcState::Round {
+        if matches!(self.state, SrcState::Precopy(_)) {
             self.maybe_sample()?;
         }
         self.select_batch()?;
@@ -336,170 +364,149 @@ where
     /// Reads the pages of `batch` and encodes them as one frame of the
     /// current round, keeping the counts and the sent-content hashes.
     pub(super) fn encode_batch(&mut self) -> Result<Option<Vec<u8>>, MigrationError> {
-        if self.batch.is_empty() {
+        let pages = &mut self.pages;
+        if pages.batch.is_empty() {
             return Ok(None);
         }
-        let Some(round) = self.round.as_mut() else {
+        let postcopy = matches!(self.state, SrcState::Postcopy(_));
+        let Some(round) = round_of(&mut self.state) else {
             return Ok(None);
         };
         let ps = self.layout.page_size();
         let mut frame = Vec::new();
         let summary = if self.config.payload == Payload::Model {
-            self.tokens.resize(self.batch.len(), 0);
+            pages.tokens.resize(pages.batch.len(), 0);
             self.memory
-                .read_tokens(&self.batch, &mut self.tokens)
+                .read_tokens(&pages.batch, &mut pages.tokens)
                 .map_err(MigrationError::backend("read guest page tokens"))?;
-            if !self.sent_hashes.is_empty() {
-                for (p, t) in self.batch.iter().zip(&self.tokens) {
+            if !pages.sent_hashes.is_empty() {
+                for (p, t) in pages.batch.iter().zip(&pages.tokens) {
                     if let Some(i) = self.layout.dense_index(*p) {
-                        self.sent_hashes[i as usize] = *t;
+                        pages.sent_hashes[i as usize] = *t;
                     }
                 }
             }
-            encode_model_batch(round.number, ps, &self.batch, &self.tokens, &mut frame)
+            encode_model_batch(round.number, ps, &pages.batch, &pages.tokens, &mut frame)
         } else {
             Self::encode_bytes(
                 &mut self.memory,
                 &self.layout,
-                &self.batch,
-                &mut self.read_buf,
-                &mut self.sent_hashes,
+                pages,
                 round.number,
                 &mut frame,
             )?
         };
         round.sent += summary.pages as u64;
         round.zero += summary.zero_pages as u64;
-        self.pages_sent += summary.pages as u64;
-        self.zero_sent += summary.zero_pages as u64;
-        if self.postcopy {
-            self.postcopy_pages += summary.pages as u64;
+        let f = &mut self.figures;
+        f.pages_sent += summary.pages as u64;
+        f.zero_sent += summary.zero_pages as u64;
+        if postcopy {
+            f.postcopy_pages += summary.pages as u64;
         }
-        if self.first_page_at.is_none() {
-            self.first_page_at = Some(self.now());
+        if f.first_page_at.is_none() {
+            f.first_page_at = Some(self.clock.now());
         }
         Ok(Some(frame))
     }
 
-    /// [`Payload::Bytes`]: reads `batch` and encodes it as a page batch.
-    pub(super) fn encode_bytes(
+    /// [`Payload::Bytes`]: reads the batch and encodes it as a page batch.
+    fn encode_bytes(
         memory: &mut S,
         layout: &MemoryLayout,
-        batch: &[PageNum],
-        read_buf: &mut Vec<u8>,
-        sent_hashes: &mut [u64],
+        pages: &mut Pages,
         round: u32,
         frame: &mut Vec<u8>,
     ) -> Result<protocol::BatchSummary, MigrationError> {
         let ps = layout.page_size();
-        let need = batch.len() * ps.get();
-        if read_buf.len() < need {
-            read_buf.resize(need, 0);
+        let need = pages.batch.len() * ps.get();
+        if pages.read_buf.len() < need {
+            pages.read_buf.resize(need, 0);
         }
         memory
-            .read_pages(batch, &mut read_buf[..need])
+            .read_pages(&pages.batch, &mut pages.read_buf[..need])
             .map_err(MigrationError::backend("read guest pages"))?;
-        if !sent_hashes.is_empty() {
-            let chunks = read_buf[..need].chunks_exact(ps.get());
-            for (p, data) in batch.iter().zip(chunks) {
+        if !pages.sent_hashes.is_empty() {
+            let chunks = pages.read_buf[..need].chunks_exact(ps.get());
+            for (p, data) in pages.batch.iter().zip(chunks) {
                 if let Some(i) = layout.dense_index(*p) {
-                    sent_hashes[i as usize] = page_hash(data);
+                    pages.sent_hashes[i as usize] = page_hash(data);
                 }
             }
         }
         Ok(encode_page_batch(
             round,
             ps,
-            batch,
-            &read_buf[..need],
+            &pages.batch,
+            &pages.read_buf[..need],
             frame,
         ))
     }
 
+    /// The round has no more pages to send (or, pre-copy, was cut short
+    /// by a request for post-copy): collects what the guest dirtied,
+    /// records the round and moves on.
     pub(super) fn end_round(&mut self) -> Result<(), MigrationError> {
-        let Some(round) = self.round.take() else {
-            return Err(MigrationError::InvalidUse("round ended twice"));
-        };
         let now = self.now();
-        let delta = now.saturating_sub(round.started);
-        let mut dirtied = 0;
-        if round.final_copy && !self.postcopy {
-            // Anything written while paused (device emulation) goes too.
-            self.tracker
-                .collect_and_clear(&mut self.scratch)
-                .map_err(MigrationError::backend("collect the dirty log"))?;
-            self.dirty_syncs += 1;
-            if !self.scratch.none() {
-                self.pending.union_with(&self.scratch);
-                self.round = Some(Round {
-                    order: RoundOrder::Ascending { cursor: 0 },
-                    ..round
-                });
-                return Ok(());
-            }
-        } else if !round.final_copy {
-            self.tracker
-                .collect_and_clear(&mut self.scratch)
-                .map_err(MigrationError::backend("collect the dirty log"))?;
-            self.dirty_syncs += 1;
-            if self.sample_every.is_some() {
-                self.policy.on_sample(&self.scratch, now);
-                self.next_sample_at = now + self.sample_every.unwrap_or_default();
-            }
-            if self.round_dirty_used {
-                self.scratch.union_with(&self.round_dirty);
-                self.round_dirty.clear_all();
-                self.round_dirty_used = false;
-            }
-            self.pending.union_with(&self.scratch);
-            dirtied = self.scratch.count_ones();
-        }
-        let pct = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
-            (Some(a), Some(b)) if !delta.is_zero() => {
-                (b.saturating_sub(a).as_secs_f64() / delta.as_secs_f64() * 100.0).min(100.0)
-            }
-            _ => 0.0,
-        };
-        let dom0_pct = pct(round.cpu_start, self.clock.thread_cpu_time());
-        let target_pct = if round.final_copy {
-            0.0
-        } else {
-            pct(round.guest_cpu_start, self.control.guest_cpu_time())
-        };
-        self.outbox
-            .push_back(protocol::encode_to_vec(&Record::RoundEnd {
-                round: round.number,
-                pages_sent: round.sent,
-            }));
-        self.rounds.push(RoundStats {
-            round: round.number,
-            sent: round.sent,
-            skipped: round.skipped,
-            zero: round.zero,
-            bytes: round.bytes,
-            delta,
-            dom0_pct,
-            target_pct,
-            dirtied,
-            final_copy: round.final_copy,
-            page_size: self.layout.page_size().bytes(),
-        });
-        if round.final_copy {
-            return if self.postcopy {
-                self.complete_postcopy()
-            } else {
+        match std::mem::replace(&mut self.state, SrcState::Decide) {
+            SrcState::Precopy(round) => self.end_precopy_round(round, now),
+            SrcState::Final(round) => {
+                // Anything written while paused (device emulation) goes too.
+                self.tracker
+                    .collect_and_clear(&mut self.pages.scratch)
+                    .map_err(MigrationError::backend("collect the dirty log"))?;
+                self.figures.dirty_syncs += 1;
+                if !self.pages.scratch.none() {
+                    self.pages.merge_scratch();
+                    self.state = SrcState::Final(Round {
+                        order: RoundOrder::Ascending { cursor: 0 },
+                        ..round
+                    });
+                    return Ok(());
+                }
+                self.record_round(&round, true, now, 0);
                 self.send_tail(now)
-            };
+            }
+            SrcState::Postcopy(p) => {
+                let p = *p;
+                self.record_round(&p.round, true, now, 0);
+                self.complete_postcopy(p.sent_state, p.resumed)
+            }
+            other => {
+                self.state = other;
+                Err(MigrationError::InvalidUse("no round to end"))
+            }
         }
+    }
+
+    fn end_precopy_round(&mut self, round: Round, now: Duration) -> Result<(), MigrationError> {
+        let pages = &mut self.pages;
+        self.tracker
+            .collect_and_clear(&mut pages.scratch)
+            .map_err(MigrationError::backend("collect the dirty log"))?;
+        self.figures.dirty_syncs += 1;
+        if let Some(iv) = self.timers.sample_every {
+            self.policy.on_sample(&pages.scratch, now);
+            self.timers.next_sample_at = now + iv;
+        }
+        if pages.round_dirty_used {
+            pages.scratch.union_with(&pages.round_dirty);
+            pages.round_dirty.clear_all();
+            pages.round_dirty_used = false;
+        }
+        let dirtied = pages.scratch.count_ones();
+        pages.merge_scratch();
+        let delta = self.record_round(&round, false, now, dirtied);
+        let f = &mut self.figures;
         if !delta.is_zero() {
             let secs = delta.as_secs_f64();
             if round.bytes > 0 {
-                self.bandwidth = round.bytes as f64 / secs;
+                f.bandwidth = round.bytes as f64 / secs;
             }
-            self.dirty_rate = dirtied as f64 / secs;
+            f.dirty_rate = dirtied as f64 / secs;
         }
-        self.rounds_done = round.number;
-        self.last_summary = Some(RoundSummary {
+        f.rounds_done = round.number;
+        f.last_summary = Some(RoundSummary {
             round: round.number,
             sent: round.sent,
             skipped: round.skipped,
@@ -507,7 +514,61 @@ where
             duration: delta,
             dirtied,
         });
-        self.state = SrcState::Decide;
-        Ok(())
+        self.converge_step(dirtied, round.bytes)
+    }
+
+    /// Closes a round: its end marker on the wire, its line in the
+    /// statistics, its figures in its span and an event. Returns its
+    /// duration.
+    fn record_round(
+        &mut self,
+        round: &Round,
+        final_copy: bool,
+        now: Duration,
+        dirtied: u64,
+    ) -> Duration {
+        let delta = now.saturating_sub(round.started);
+        let pct = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) if !delta.is_zero() => {
+                (b.saturating_sub(a).as_secs_f64() / delta.as_secs_f64() * 100.0).min(100.0)
+            }
+            _ => 0.0,
+        };
+        let dom0_pct = pct(round.cpu_start, self.clock.thread_cpu_time());
+        let target_pct = if final_copy {
+            0.0
+        } else {
+            pct(round.guest_cpu_start, self.control.guest_cpu_time())
+        };
+        self.wire
+            .outbox
+            .push_back(protocol::encode_to_vec(&Record::RoundEnd {
+                round: round.number,
+                pages_sent: round.sent,
+            }));
+        let mut stats = RoundStats::default();
+        stats.round = round.number;
+        stats.sent = round.sent;
+        stats.skipped = round.skipped;
+        stats.zero = round.zero;
+        stats.bytes = round.bytes;
+        stats.delta = delta;
+        stats.dom0_pct = dom0_pct;
+        stats.target_pct = target_pct;
+        stats.dirtied = dirtied;
+        stats.final_copy = final_copy;
+        stats.page_size = self.layout.page_size().bytes();
+        stats.throttle_pct = round.throttle;
+        self.close_round_span(&stats);
+        self.steer.handle.emit(Event::RoundFinished {
+            round: round.number,
+            pages: round.sent,
+            bytes: round.bytes,
+            dirtied,
+            duration: delta,
+            throttle_pct: round.throttle,
+        });
+        self.figures.rounds.push(stats);
+        delta
     }
 }
