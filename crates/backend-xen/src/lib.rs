@@ -33,4 +33,4 @@ pub use frame::{Gfn, Mfn, Pfn};
 pub use handshake::{answer, offer, AnswerError, HandshakeError, FRAMES_FORMAT, FRAMES_VERSION};
 pub use state::XenDeviceState;
 pub use walk::ResumeWindow;
-pub use xc::{DomainInfo, Xen, XenError};
+pub use xc::{DomainInfo, Scheduler, Xen, XenError};

@@ -1198,8 +1198,52 @@ pub struct __va_list_tag {
     pub overflow_arg_area: *mut ::std::os::raw::c_void,
     pub reg_save_area: *mut ::std::os::raw::c_void,
 }
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct xen_domctl_sched_credit {
+    pub weight: u16,
+    pub cap: u16,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct xen_domctl_sched_credit2 {
+    pub weight: u16,
+    pub cap: u16,
+}
 pub struct XenLib {
     __library: ::libloading::Library,
+    pub xc_sched_credit_domain_get: Result<
+        unsafe extern "C" fn(
+            xch: *mut xc_interface,
+            domid: u32,
+            sdom: *mut xen_domctl_sched_credit,
+        ) -> ::std::os::raw::c_int,
+        ::libloading::Error,
+    >,
+    pub xc_sched_credit_domain_set: Result<
+        unsafe extern "C" fn(
+            xch: *mut xc_interface,
+            domid: u32,
+            sdom: *mut xen_domctl_sched_credit,
+        ) -> ::std::os::raw::c_int,
+        ::libloading::Error,
+    >,
+    pub xc_sched_credit2_domain_get: Result<
+        unsafe extern "C" fn(
+            xch: *mut xc_interface,
+            domid: u32,
+            sdom: *mut xen_domctl_sched_credit2,
+        ) -> ::std::os::raw::c_int,
+        ::libloading::Error,
+    >,
+    pub xc_sched_credit2_domain_set: Result<
+        unsafe extern "C" fn(
+            xch: *mut xc_interface,
+            domid: u32,
+            sdom: *mut xen_domctl_sched_credit2,
+        ) -> ::std::os::raw::c_int,
+        ::libloading::Error,
+    >,
     pub xc_interface_open: Result<
         unsafe extern "C" fn(
             logger: *mut xentoollog_logger,
@@ -1514,6 +1558,18 @@ impl XenLib {
         L: Into<::libloading::Library>,
     {
         let __library = library.into();
+        let xc_sched_credit_domain_get = __library
+            .get(b"xc_sched_credit_domain_get\0")
+            .map(|sym| *sym);
+        let xc_sched_credit_domain_set = __library
+            .get(b"xc_sched_credit_domain_set\0")
+            .map(|sym| *sym);
+        let xc_sched_credit2_domain_get = __library
+            .get(b"xc_sched_credit2_domain_get\0")
+            .map(|sym| *sym);
+        let xc_sched_credit2_domain_set = __library
+            .get(b"xc_sched_credit2_domain_set\0")
+            .map(|sym| *sym);
         let xc_interface_open = __library.get(b"xc_interface_open\0").map(|sym| *sym);
         let xc_interface_close = __library.get(b"xc_interface_close\0").map(|sym| *sym);
         let xc__hypercall_buffer_alloc_pages = __library
@@ -1567,6 +1623,10 @@ impl XenLib {
         let xc_get_pfn_type_batch = __library.get(b"xc_get_pfn_type_batch\0").map(|sym| *sym);
         Ok(XenLib {
             __library,
+            xc_sched_credit_domain_get,
+            xc_sched_credit_domain_set,
+            xc_sched_credit2_domain_get,
+            xc_sched_credit2_domain_set,
             xc_interface_open,
             xc_interface_close,
             xc__hypercall_buffer_alloc_pages,
@@ -1646,6 +1706,50 @@ impl XenLib {
             .xc__hypercall_buffer_free_pages
             .as_ref()
             .expect("Expected function, got error."))(xch, b, nr_pages)
+    }
+    pub unsafe fn xc_sched_credit_domain_get(
+        &self,
+        xch: *mut xc_interface,
+        domid: u32,
+        sdom: *mut xen_domctl_sched_credit,
+    ) -> ::std::os::raw::c_int {
+        (self
+            .xc_sched_credit_domain_get
+            .as_ref()
+            .expect("Expected function, got error."))(xch, domid, sdom)
+    }
+    pub unsafe fn xc_sched_credit_domain_set(
+        &self,
+        xch: *mut xc_interface,
+        domid: u32,
+        sdom: *mut xen_domctl_sched_credit,
+    ) -> ::std::os::raw::c_int {
+        (self
+            .xc_sched_credit_domain_set
+            .as_ref()
+            .expect("Expected function, got error."))(xch, domid, sdom)
+    }
+    pub unsafe fn xc_sched_credit2_domain_get(
+        &self,
+        xch: *mut xc_interface,
+        domid: u32,
+        sdom: *mut xen_domctl_sched_credit2,
+    ) -> ::std::os::raw::c_int {
+        (self
+            .xc_sched_credit2_domain_get
+            .as_ref()
+            .expect("Expected function, got error."))(xch, domid, sdom)
+    }
+    pub unsafe fn xc_sched_credit2_domain_set(
+        &self,
+        xch: *mut xc_interface,
+        domid: u32,
+        sdom: *mut xen_domctl_sched_credit2,
+    ) -> ::std::os::raw::c_int {
+        (self
+            .xc_sched_credit2_domain_set
+            .as_ref()
+            .expect("Expected function, got error."))(xch, domid, sdom)
     }
     pub unsafe fn xc_domain_pause(
         &self,

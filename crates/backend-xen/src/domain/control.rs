@@ -7,7 +7,7 @@ use super::{be, read_frames, DomainKind, PvInfo, XenDomain, MAP_BATCH};
 use crate::frame::{Mfn, Pfn};
 use crate::pv::{self, PvState, VcpuContext};
 use crate::walk::{self, ResumeWindow};
-use crate::xc::{XenError, SHUTDOWN_SUSPEND};
+use crate::xc::{Scheduler, XenError, SHUTDOWN_SUSPEND};
 use crate::{sys, XenDeviceState};
 use migrate_core::PageNum;
 use migrate_core::{BackendError, BackendErrorKind, DeviceState, GuestControl};
@@ -56,6 +56,26 @@ pub struct XenControl {
     paused: bool,
     suspend_timeout: Duration,
     resume_window: ResumeWindow,
+    /// While auto-converge caps the domain: its scheduler and the cap it
+    /// had before.
+    uncapped: Option<(Scheduler, u16)>,
+}
+
+/// The scheduler cap that holds a domain of `vcpus` vCPUs out for `pct`
+/// percent of the time: each vCPU may use `100 - pct` percent of one
+/// physical CPU (the cap counts percent of one CPU for the whole domain),
+/// never more than a cap the domain already had (`original`, 0 for none).
+fn throttle_cap(vcpus: u32, pct: u8, original: u16) -> u16 {
+    let per_vcpu = 100 - u32::from(pct.min(99));
+    let cap = vcpus
+        .max(1)
+        .saturating_mul(per_vcpu)
+        .clamp(1, u32::from(u16::MAX)) as u16;
+    if original == 0 {
+        cap
+    } else {
+        cap.min(original)
+    }
 }
 
 impl XenControl {
@@ -324,6 +344,40 @@ impl XenControl {
 }
 
 impl GuestControl for XenControl {
+    /// Auto-converge through the scheduler's cap (credit2 or credit),
+    /// where the host allows: a domain that neither schedules, or a
+    /// libxenctrl without their calls, refuses with
+    /// [`BackendErrorKind::Unsupported`]. 0 puts back the cap the domain
+    /// had.
+    fn set_throttle(&mut self, pct: u8) -> Result<(), BackendError> {
+        let d = &self.d;
+        let (sched, original) = match self.uncapped {
+            Some(held) => held,
+            None if pct == 0 => return Ok(()),
+            None => match d.xen.sched_cap(d.domid).map_err(be)? {
+                Some(held) => held,
+                None => {
+                    return Err(BackendError::new(
+                        BackendErrorKind::Unsupported,
+                        format!(
+                            "domain {}: neither the credit2 nor the credit scheduler runs it, so Xen cannot cap it",
+                            d.domid
+                        ),
+                    ))
+                }
+            },
+        };
+        let cap = if pct == 0 {
+            original
+        } else {
+            let vcpus = d.xen.domain_info(d.domid).map_err(be)?.max_vcpu_id + 1;
+            throttle_cap(vcpus, pct, original)
+        };
+        d.xen.set_sched_cap(d.domid, sched, cap).map_err(be)?;
+        self.uncapped = (pct > 0).then_some((sched, original));
+        Ok(())
+    }
+
     fn pause(&mut self) -> Result<(), BackendError> {
         if self.d.is_pv() && self.stop == StopMode::Pause {
             return Err(BackendError::new(
@@ -460,6 +514,27 @@ impl XenDomain {
             paused: false,
             suspend_timeout: Duration::from_secs(30),
             resume_window: ResumeWindow::default(),
+            uncapped: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::throttle_cap;
+
+    #[test]
+    fn the_cap_holds_each_vcpu_for_the_throttle() {
+        // One vCPU at 20 %: 80 % of a CPU; four at 50 %: two CPUs.
+        assert_eq!(throttle_cap(1, 20, 0), 80);
+        assert_eq!(throttle_cap(4, 50, 0), 200);
+        // At most 99 %, never a cap of 0 (which would lift it).
+        assert_eq!(throttle_cap(1, 99, 0), 1);
+        assert_eq!(throttle_cap(1, 100, 0), 1);
+        // A tighter cap the domain already had stays.
+        assert_eq!(throttle_cap(2, 20, 100), 100);
+        assert_eq!(throttle_cap(2, 60, 100), 80);
+        // Huge domains saturate rather than wrap.
+        assert_eq!(throttle_cap(4096, 1, 0), u16::MAX);
     }
 }

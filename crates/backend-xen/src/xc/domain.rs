@@ -3,6 +3,15 @@
 //! its memory reservation).
 
 use super::{errno, DomainInfo, Xen, XenError};
+
+/// A Xen scheduler that can cap a domain's CPU time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheduler {
+    /// Credit2, Xen's default scheduler since 4.12.
+    Credit2,
+    /// The older credit scheduler.
+    Credit,
+}
 use crate::sys;
 
 impl Xen {
@@ -47,6 +56,66 @@ impl Xen {
             unsafe { h.ctrl.xc_domain_maximum_gpfn(h.xch, domid, &mut g) }
         })?;
         Ok(g as u64)
+    }
+
+    /// The domain's scheduler cap, percent of one physical CPU its vCPUs
+    /// may use together (0: no cap), and which scheduler holds it: credit2
+    /// (Xen's default) or credit. `None` when neither runs the domain, or
+    /// this libxenctrl lacks their calls: the host cannot cap it.
+    pub fn sched_cap(&self, domid: u32) -> Result<Option<(Scheduler, u16)>, XenError> {
+        let h = self.lock();
+        if h.ctrl.xc_sched_credit2_domain_get.is_ok() {
+            let mut c = sys::xen_domctl_sched_credit2::default();
+            // SAFETY: the handle is open, the symbol is present and `c` is
+            // a valid out-pointer.
+            let r = unsafe { h.ctrl.xc_sched_credit2_domain_get(h.xch, domid, &mut c) };
+            if r >= 0 {
+                return Ok(Some((Scheduler::Credit2, c.cap)));
+            }
+        }
+        if h.ctrl.xc_sched_credit_domain_get.is_ok() {
+            let mut c = sys::xen_domctl_sched_credit::default();
+            // SAFETY: as above.
+            let r = unsafe { h.ctrl.xc_sched_credit_domain_get(h.xch, domid, &mut c) };
+            if r >= 0 {
+                return Ok(Some((Scheduler::Credit, c.cap)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Sets the domain's cap under `sched` (from [`Xen::sched_cap`]),
+    /// keeping its weight.
+    pub fn set_sched_cap(&self, domid: u32, sched: Scheduler, cap: u16) -> Result<(), XenError> {
+        match sched {
+            Scheduler::Credit2 => {
+                let mut c = sys::xen_domctl_sched_credit2::default();
+                self.call("xc_sched_credit2_domain_get", domid, |h| {
+                    // SAFETY: the handle is open and `c` a valid pointer;
+                    // `sched_cap` found the symbol.
+                    unsafe { h.ctrl.xc_sched_credit2_domain_get(h.xch, domid, &mut c) }
+                })?;
+                c.cap = cap;
+                self.call("xc_sched_credit2_domain_set", domid, |h| {
+                    // SAFETY: as above.
+                    unsafe { h.ctrl.xc_sched_credit2_domain_set(h.xch, domid, &mut c) }
+                })
+                .map(drop)
+            }
+            Scheduler::Credit => {
+                let mut c = sys::xen_domctl_sched_credit::default();
+                self.call("xc_sched_credit_domain_get", domid, |h| {
+                    // SAFETY: as above.
+                    unsafe { h.ctrl.xc_sched_credit_domain_get(h.xch, domid, &mut c) }
+                })?;
+                c.cap = cap;
+                self.call("xc_sched_credit_domain_set", domid, |h| {
+                    // SAFETY: as above.
+                    unsafe { h.ctrl.xc_sched_credit_domain_set(h.xch, domid, &mut c) }
+                })
+                .map(drop)
+            }
+        }
     }
 
     /// Pauses the domain.

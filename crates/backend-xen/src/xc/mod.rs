@@ -281,6 +281,7 @@ mod logdirty;
 mod mapping;
 mod paging;
 
+pub use domain::Scheduler;
 pub(crate) use logdirty::HypercallBitmap;
 pub(crate) use mapping::Mapping;
 pub(crate) use paging::EventChannel;

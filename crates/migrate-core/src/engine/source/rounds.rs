@@ -120,8 +120,10 @@ where
             urgent: VecDeque::new(),
             resumed: None,
         }));
-        self.figures.postcopy = true;
+        // The pages needed at resume go before the guest runs there: not
+        // post-copy's.
         self.send_now(&early)?;
+        self.figures.postcopy = true;
         self.figures.resume_pages_sent = early.len() as u64;
         self.figures.parts.final_copy = self.now() - t1;
         self.wire
@@ -368,7 +370,7 @@ where
         if pages.batch.is_empty() {
             return Ok(None);
         }
-        let postcopy = matches!(self.state, SrcState::Postcopy(_));
+        let postcopy = self.figures.postcopy;
         let Some(round) = round_of(&mut self.state) else {
             return Ok(None);
         };
