@@ -45,7 +45,11 @@ enum MemoryArg {
 
 /// Evacuate a simulated host.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    after_help = "Exit codes: 0 every guest moved and verified; 1 a migration failed or did not verify, or the plot could not be written; 2 invalid arguments."
+)]
 struct Args {
     /// Guests on the host.
     #[arg(long, default_value_t = 50)]

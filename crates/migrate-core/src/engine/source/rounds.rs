@@ -562,6 +562,9 @@ where
         stats.page_size = self.layout.page_size().bytes();
         stats.throttle_pct = round.throttle;
         self.close_round_span(&stats);
+        self.figures.rounds.push(stats);
+        // Watchers read the progress as the round ended.
+        self.publish();
         self.steer.handle.emit(Event::RoundFinished {
             round: round.number,
             pages: round.sent,
@@ -570,7 +573,6 @@ where
             duration: delta,
             throttle_pct: round.throttle,
         });
-        self.figures.rounds.push(stats);
         delta
     }
 }
