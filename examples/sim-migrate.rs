@@ -222,14 +222,12 @@ fn run(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
         MemoryArg::Model => MemoryMode::Model,
         MemoryArg::Auto => MemoryMode::Model,
     };
-    let workload = WorkloadSpec {
-        kind,
-        wss_pages: (wss / ps).max(1),
-        writes_per_sec: a.dirty_rate / ps as f64,
-        zero_fraction: a.zero_fraction,
-        seed: a.seed,
-        reads_per_write: a.reads_per_write,
-        wss_offset: a.wss_offset / ps,
+    let workload = {
+        let mut c = WorkloadSpec::new(kind, (wss / ps).max(1), a.dirty_rate / ps as f64, a.seed);
+        c.zero_fraction = a.zero_fraction;
+        c.reads_per_write = a.reads_per_write;
+        c.wss_offset = a.wss_offset / ps;
+        c
     };
     let precopy = {
         let mut v = PrecopyConfig::default();
@@ -275,15 +273,12 @@ fn run(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     }
     let mut watching = false;
     let report = simulate_steered(
-        SimConfig {
-            layout,
-            mode,
-            workload,
-            link: Link::new(a.bandwidth, a.latency),
-            policy,
-            engine,
-            time_limit: Duration::from_secs(24 * 3600),
-            resume_pages: Vec::new(),
+        {
+            let mut c = SimConfig::new(layout, workload, Link::new(a.bandwidth, a.latency), policy);
+            c.mode = mode;
+            c.engine = engine;
+            c.time_limit = Duration::from_secs(24 * 3600);
+            c
         },
         &mut |s| {
             if !watching {
