@@ -32,22 +32,45 @@ use std::fmt;
 pub struct DirtyBitmap {
     len: u64,
     /// `levels[0]`: one bit a page. `levels[k + 1]`: bit `j` is set exactly
-    /// when `levels[k][j] != 0`. At least two levels; the last has at most
-    /// one word.
+    /// when `levels[k][j] != 0`. At least three levels (so the words always
+    /// come in blocks of 64 under a summary word that has a level above it);
+    /// the last has at most one word.
     levels: Vec<Vec<u64>>,
 }
 
-/// Zeroed levels over `words` level-0 words (see [`DirtyBitmap::levels`]).
+/// Zeroed summary levels over `words` level-0 words (see
+/// [`DirtyBitmap::levels`]): at least two, the last of at most one word.
 fn summaries(mut words: usize) -> Vec<Vec<u64>> {
     let mut levels = Vec::new();
     loop {
         let up = words.div_ceil(64);
         levels.push(vec![0; up]);
-        if words <= 64 {
+        if words <= 64 && levels.len() >= 2 {
             return levels;
         }
         words = up;
     }
+}
+
+/// A block of 64 words with at least this many not zero is handled as a
+/// slice (a loop the compiler vectorises), one with fewer word by word.
+const DENSE: u32 = 16;
+
+/// The set bits of `word`, lowest first.
+fn bits(mut word: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if word == 0 {
+            return None;
+        }
+        let b = word.trailing_zeros() as usize;
+        word &= word - 1;
+        Some(b)
+    })
+}
+
+/// The words of block `b` (words `64 b ..`) in a slice of `n` words.
+fn block(b: usize, n: usize) -> std::ops::Range<usize> {
+    b * 64..(b * 64 + 64).min(n)
 }
 
 /// The first set bit at or after `from` in `levels[0]`, found through the
@@ -140,8 +163,14 @@ impl DirtyBitmap {
     }
 
     /// The summaries learn that word `j` is no longer zero.
-    fn mark(&mut self, mut j: usize) {
-        for level in &mut self.levels[1..] {
+    fn mark(&mut self, j: usize) {
+        self.mark_from(1, j);
+    }
+
+    /// Level `k` learns that word `j` of level `k - 1` is no longer zero
+    /// (and the levels above, as far as that changes them).
+    fn mark_from(&mut self, k: usize, mut j: usize) {
+        for level in &mut self.levels[k..] {
             let word = &mut level[j / 64];
             let was = *word;
             *word |= 1 << (j % 64);
@@ -196,6 +225,13 @@ impl DirtyBitmap {
         Ones::over(&self.levels[1..], 0)
     }
 
+    /// The blocks of 64 words that have a word not zero, with their
+    /// summary word (bit `i`: word `64 b + i` is not zero), ascending.
+    fn blocks(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        let summary = &self.levels[1];
+        Ones::over(&self.levels[2..], 0).map(|b| (b as usize, summary[b as usize]))
+    }
+
     /// Whether `page` is set; pages past the end are not.
     #[inline]
     pub fn get(&self, page: PageNum) -> bool {
@@ -223,8 +259,22 @@ impl DirtyBitmap {
     /// Clears every bit, visiting only the words that have some.
     pub fn clear_all(&mut self) {
         // Each level's set words are found through the level above, which
-        // is cleared after it.
-        for k in 0..self.levels.len() - 1 {
+        // is cleared after it; the words a block at a time.
+        let (words, above) = self.levels.split_at_mut(1);
+        let words = &mut words[0];
+        let n = words.len();
+        for b in Ones::over(&above[1..], 0) {
+            let summary = above[0][b as usize];
+            let range = block(b as usize, n);
+            if summary.count_ones() >= DENSE {
+                words[range].fill(0);
+            } else {
+                for i in bits(summary) {
+                    words[range.start + i] = 0;
+                }
+            }
+        }
+        for k in 1..self.levels.len() - 1 {
             let (below, above) = self.levels.split_at_mut(k + 1);
             let words = &mut below[k];
             for j in Ones::over(above, 0) {
@@ -257,8 +307,16 @@ impl DirtyBitmap {
     /// Number of set bits.
     pub fn count_ones(&self) -> u64 {
         let words = &self.levels[0];
-        self.set_words()
-            .map(|j| u64::from(words[j as usize].count_ones()))
+        let ones = |w: &u64| u64::from(w.count_ones());
+        self.blocks()
+            .map(|(b, summary)| {
+                let range = block(b, words.len());
+                if summary.count_ones() >= DENSE {
+                    words[range].iter().map(ones).sum::<u64>()
+                } else {
+                    bits(summary).map(|i| ones(&words[range.start + i])).sum()
+                }
+            })
             .sum()
     }
 
@@ -298,8 +356,26 @@ impl DirtyBitmap {
             *self = self.resized(other.len);
         }
         let theirs = &other.levels[0];
-        for j in other.set_words() {
-            self.or_word(j as usize, theirs[j as usize]);
+        let n = theirs.len();
+        for (b, summary) in other.blocks() {
+            let range = block(b, n);
+            let mine = &mut self.levels[0][range.clone()];
+            if summary.count_ones() >= DENSE {
+                for (a, t) in mine.iter_mut().zip(&theirs[range]) {
+                    *a |= *t;
+                }
+            } else {
+                for i in bits(summary) {
+                    mine[i] |= theirs[range.start + i];
+                }
+            }
+            // Word `64 b + i` of `self` is now not zero where it was not or
+            // where `other`'s was not.
+            let was = self.levels[1][b];
+            self.levels[1][b] |= summary;
+            if was == 0 {
+                self.mark_from(2, b);
+            }
         }
     }
 
@@ -394,9 +470,18 @@ impl Iterator for Ones<'_> {
                 self.current &= self.current - 1;
                 return Some(self.index * 64 + bit);
             }
-            let j = next_in(self.levels.get(1..)?, self.index.checked_add(1)?)?;
+            let words = self.levels.first()?;
+            let next = self.index.checked_add(1)?;
+            // Dense runs: the next word, without the search.
+            let word = usize::try_from(next).ok().and_then(|j| words.get(j));
+            if let Some(&w) = word.filter(|w| **w != 0) {
+                self.index = next;
+                self.current = w;
+                continue;
+            }
+            let j = next_in(self.levels.get(1..)?, next.checked_add(1)?)?;
             self.index = j;
-            self.current = *self.levels.first()?.get(usize::try_from(j).ok()?)?;
+            self.current = *words.get(usize::try_from(j).ok()?)?;
         }
     }
 }
@@ -525,10 +610,18 @@ mod tests {
         Clear(u64),
         SetRange(u64, u64),
         ClearAll,
-        Union(Vec<u64>),
-        Subtract(Vec<u64>),
-        Intersect(Vec<u64>),
-        Copy(Vec<u64>),
+        Union(Other),
+        Subtract(Other),
+        Intersect(Other),
+        Copy(Other),
+    }
+
+    /// The other bitmap of a two-bitmap operation: scattered pages, and a
+    /// range (dense blocks take another path than sparse ones).
+    #[derive(Clone, Debug)]
+    struct Other {
+        pages: Vec<u64>,
+        range: std::ops::Range<u64>,
     }
 
     /// Lengths that cross one, two and three summary levels.
@@ -540,15 +633,19 @@ mod tests {
         // Pages a little past the end too: they must be ignored.
         let page = 0..len + 70;
         let pages = proptest::collection::vec(0..len + 70, 0..40);
+        let other = (pages, 0..len + 70, 0u64..5000).prop_map(|(pages, s, n)| Other {
+            pages,
+            range: s..s + n,
+        });
         prop_oneof![
             4 => page.clone().prop_map(Op::Set),
             3 => page.clone().prop_map(Op::Clear),
             1 => (page.clone(), 0u64..5000).prop_map(|(s, n)| Op::SetRange(s, s + n)),
             1 => Just(Op::ClearAll),
-            1 => pages.clone().prop_map(Op::Union),
-            1 => pages.clone().prop_map(Op::Subtract),
-            1 => pages.clone().prop_map(Op::Intersect),
-            1 => pages.prop_map(Op::Copy),
+            1 => other.clone().prop_map(Op::Union),
+            1 => other.clone().prop_map(Op::Subtract),
+            1 => other.clone().prop_map(Op::Intersect),
+            1 => other.prop_map(Op::Copy),
         ]
     }
 
@@ -562,6 +659,18 @@ mod tests {
 
     fn naive_of(len: u64, pages: &[u64]) -> Naive {
         pages.iter().copied().filter(|p| *p < len).collect()
+    }
+
+    fn other_bitmap(len: u64, o: &Other) -> DirtyBitmap {
+        let mut b = bitmap_of(len, &o.pages);
+        b.set_range(o.range.clone());
+        b
+    }
+
+    fn other_naive(len: u64, o: &Other) -> Naive {
+        let mut n = naive_of(len, &o.pages);
+        n.extend(o.range.start.min(len)..o.range.end.min(len));
+        n
     }
 
     fn apply(b: &mut DirtyBitmap, n: &mut Naive, op: &Op) {
@@ -585,23 +694,23 @@ mod tests {
                 b.clear_all();
                 n.clear();
             }
-            Op::Union(pages) => {
-                b.union_with(&bitmap_of(len, pages));
-                n.extend(naive_of(len, pages));
+            Op::Union(o) => {
+                b.union_with(&other_bitmap(len, o));
+                n.extend(other_naive(len, o));
             }
-            Op::Subtract(pages) => {
-                b.subtract(&bitmap_of(len, pages));
-                let other = naive_of(len, pages);
+            Op::Subtract(o) => {
+                b.subtract(&other_bitmap(len, o));
+                let other = other_naive(len, o);
                 n.retain(|p| !other.contains(p));
             }
-            Op::Intersect(pages) => {
-                b.intersect_with(&bitmap_of(len, pages));
-                let other = naive_of(len, pages);
+            Op::Intersect(o) => {
+                b.intersect_with(&other_bitmap(len, o));
+                let other = other_naive(len, o);
                 n.retain(|p| other.contains(p));
             }
-            Op::Copy(pages) => {
-                b.copy_from(&bitmap_of(len, pages));
-                *n = naive_of(len, pages);
+            Op::Copy(o) => {
+                b.copy_from(&other_bitmap(len, o));
+                *n = other_naive(len, o);
             }
         }
     }
