@@ -14,9 +14,11 @@
 //! so they cost a step per set word, not a step per 64 pages of guest: a
 //! 1 TiB guest's bitmap is 4 Mi words (32 MiB), and the engine and HCA
 //! look at the dirty log up to several hundred times a round, while what
-//! the guest dirtied in that time is a few thousand pages. A write keeps
-//! the summaries exact with one extra word written when a word turns
-//! from zero to not zero or back (rarely more: a level up per such turn).
+//! the guest dirtied in that time is a few thousand pages. A block of 64
+//! words that is mostly set is taken as a slice, so a dense bitmap costs
+//! what a plain one does. A write keeps the summaries exact with one extra
+//! word written when a word turns from zero to not zero or back (rarely
+//! more: a level up per such turn).
 //!
 //! [`PageCounts`] keeps a small saturating counter per page instead of a
 //! bit: how many samples of the dirty log saw the page written, which the
