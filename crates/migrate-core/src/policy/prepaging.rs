@@ -11,7 +11,10 @@
 //!   faults and expand them in turn.
 //!
 //! A [`Prepager`] is pure state: it is told of faults and asked for the
-//! next pages; it never reads a clock or does I/O.
+//! next pages; it never reads a clock or does I/O. Its searches for the
+//! next pending page go through the bitmap's summary levels, so a bubble
+//! started by a fault skips the part of memory pushed already in a few
+//! steps rather than a scan.
 
 use crate::bitmap::DirtyBitmap;
 use crate::page::PageNum;
@@ -99,22 +102,17 @@ impl Bubble {
     }
 
     /// The next pending page of this bubble, if it has any left.
-    fn next(
-        &mut self,
-        pending: &DirtyBitmap,
-        both_ways: bool,
-        empty: &mut EmptyBlocks,
-    ) -> Option<PageNum> {
+    fn next(&mut self, pending: &DirtyBitmap, both_ways: bool) -> Option<PageNum> {
         for _ in 0..2 {
             let back = both_ways && self.turn_back;
             self.turn_back = !self.turn_back;
             if back {
-                if let Some(p) = empty.prev_one(pending, self.backward) {
+                if let Some(p) = pending.prev_one(self.backward) {
                     self.backward = p;
                     return Some(p);
                 }
                 self.backward = 0;
-            } else if let Some(p) = empty.next_one(pending, self.forward) {
+            } else if let Some(p) = pending.iter_ones_from(self.forward).next() {
                 self.forward = p + 1;
                 return Some(p);
             } else {
@@ -128,131 +126,12 @@ impl Bubble {
     }
 }
 
-/// Bitmap words per block of [`EmptyBlocks`] (4096 pages).
-const BLOCK: usize = 64;
-
-/// Blocks of the pending bitmap seen empty, so that bubbles skip what was
-/// pushed already in a word per block instead of a word per 64 pages.
-///
-/// A post-copy push only ever takes pages out of the pending set, so a
-/// block seen empty stays empty and every search gives what a plain scan
-/// gives; the knowledge is dropped when the push wraps around (and when
-/// the bitmap's size changes), so a page put back in the set is found by
-/// the next pass at the latest. Without this, each new bubble (one per
-/// network fault) scanned the pushed part of memory word by word: a cost
-/// of faults times memory size, minutes for a 1 TiB guest.
-#[derive(Clone, Debug, Default)]
-struct EmptyBlocks {
-    seen: Vec<u64>,
-    words: usize,
-}
-
-impl EmptyBlocks {
-    fn fit(&mut self, words: usize) {
-        if self.words != words {
-            self.words = words;
-            self.seen = vec![0; words.div_ceil(BLOCK).div_ceil(64)];
-        }
-    }
-
-    fn forget(&mut self) {
-        self.seen.fill(0);
-    }
-
-    fn is_empty(&self, b: usize) -> bool {
-        self.seen[b / 64] & (1 << (b % 64)) != 0
-    }
-
-    fn mark(&mut self, b: usize) {
-        self.seen[b / 64] |= 1 << (b % 64);
-    }
-
-    /// The lowest pending page at or after `from`.
-    fn next_one(&mut self, pending: &DirtyBitmap, from: PageNum) -> Option<PageNum> {
-        let words = pending.as_words();
-        self.fit(words.len());
-        let n = words.len();
-        let mut w = usize::try_from(from / 64).ok().filter(|w| *w < n)?;
-        let first = words[w] & (u64::MAX << (from % 64));
-        if first != 0 {
-            return Some(w as u64 * 64 + u64::from(first.trailing_zeros()));
-        }
-        w += 1;
-        while w < n {
-            let b = w / BLOCK;
-            let whole = w.is_multiple_of(BLOCK);
-            if whole && self.is_empty(b) {
-                w += BLOCK;
-                continue;
-            }
-            let end = ((b + 1) * BLOCK).min(n);
-            match words[w..end].iter().position(|x| *x != 0) {
-                Some(i) => {
-                    let k = w + i;
-                    return Some(k as u64 * 64 + u64::from(words[k].trailing_zeros()));
-                }
-                None => {
-                    if whole {
-                        self.mark(b);
-                    }
-                    w = end;
-                }
-            }
-        }
-        None
-    }
-
-    /// The highest pending page strictly below `before`.
-    fn prev_one(&mut self, pending: &DirtyBitmap, before: PageNum) -> Option<PageNum> {
-        let words = pending.as_words();
-        self.fit(words.len());
-        let n = words.len();
-        if before == 0 || n == 0 {
-            return None;
-        }
-        let last = before - 1;
-        let mut w = usize::try_from(last / 64).unwrap_or(usize::MAX);
-        if w < n {
-            let cur = words[w] & (u64::MAX >> (63 - last % 64));
-            if cur != 0 {
-                return Some(w as u64 * 64 + 63 - u64::from(cur.leading_zeros()));
-            }
-        } else {
-            w = n;
-        }
-        // Words below `w`, a block at a time.
-        while w > 0 {
-            let b = (w - 1) / BLOCK;
-            let start = b * BLOCK;
-            let whole = w == ((b + 1) * BLOCK).min(n);
-            if whole && self.is_empty(b) {
-                w = start;
-                continue;
-            }
-            match words[start..w].iter().rposition(|x| *x != 0) {
-                Some(i) => {
-                    let k = start + i;
-                    return Some(k as u64 * 64 + 63 - u64::from(words[k].leading_zeros()));
-                }
-                None => {
-                    if whole {
-                        self.mark(b);
-                    }
-                    w = start;
-                }
-            }
-        }
-        None
-    }
-}
-
 /// Pre-paging state for one post-copy migration.
 #[derive(Clone, Debug)]
 pub struct Prepager {
     mode: Prepaging,
     bubbles: VecDeque<Bubble>,
     next: usize,
-    empty: EmptyBlocks,
 }
 
 impl Prepager {
@@ -264,7 +143,6 @@ impl Prepager {
             mode,
             bubbles,
             next: 0,
-            empty: EmptyBlocks::default(),
         }
     }
 
@@ -301,7 +179,7 @@ impl Prepager {
         while out.len() - start < max && !self.bubbles.is_empty() {
             let i = self.next % self.bubbles.len();
             let before = self.bubbles[i];
-            match self.bubbles[i].next(pending, both_ways, &mut self.empty) {
+            match self.bubbles[i].next(pending, both_ways) {
                 Some(p) => {
                     // Bubbles may overlap; the caller takes pages out of
                     // `pending` only after this call.
@@ -339,7 +217,6 @@ impl Prepager {
                         break;
                     }
                     wrapped = true;
-                    self.empty.forget();
                     self.bubbles[0] = Bubble::at(0);
                 }
             }
@@ -350,52 +227,6 @@ impl Prepager {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn empty_blocks_find_what_a_plain_scan_finds_while_pages_leave() {
-        // A bitmap over a few blocks, emptied in a scattered order; after
-        // every removal both searches agree with the bitmap's own from
-        // many starting points.
-        let n = 3 * 4096 + 100;
-        let mut pending = DirtyBitmap::new(n);
-        let mut x = 12345u64;
-        for p in 0..n {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            if (x >> 33).is_multiple_of(7) || (4096..8192).contains(&p) {
-                pending.set(p);
-            }
-        }
-        let mut empty = EmptyBlocks::default();
-        let mut ones: Vec<PageNum> = pending.iter_ones().collect();
-        let mut step = 0;
-        while !ones.is_empty() {
-            let i = (step * 7919) % ones.len();
-            pending.clear(ones.swap_remove(i));
-            step += 1;
-            if step % 37 != 0 && !ones.is_empty() {
-                continue;
-            }
-            for probe in (0..=n)
-                .step_by(523)
-                .chain([0, 1, 4095, 4096, 8191, 8192, n])
-            {
-                assert_eq!(
-                    empty.next_one(&pending, probe),
-                    pending.iter_ones_from(probe).next(),
-                    "next from {probe}"
-                );
-                assert_eq!(
-                    empty.prev_one(&pending, probe),
-                    pending.prev_one(probe),
-                    "prev before {probe}"
-                );
-            }
-        }
-        assert_eq!(empty.next_one(&pending, 0), None);
-        assert_eq!(empty.prev_one(&pending, n), None);
-    }
 
     fn all(n: u64) -> DirtyBitmap {
         let mut b = DirtyBitmap::new(n);
