@@ -157,4 +157,8 @@ impl<T: Transport> Transport for FaultyTransport<T> {
             t.set_send_timeout(timeout);
         }
     }
+
+    fn close(&mut self) {
+        self.inner = None;
+    }
 }

@@ -236,6 +236,18 @@ pub struct PostcopyStats {
     /// Resume on the destination until the last page arrived.
     #[serde(with = "ms", rename = "postcopy-time-ms")]
     pub duration: Duration,
+    /// Times the connection broke after the switch-over and the
+    /// migration went on over a new one.
+    #[serde(default)]
+    pub recoveries: u32,
+    /// Pages sent again after a recovery (the destination did not hold
+    /// them when the connection broke).
+    #[serde(default)]
+    pub recovered_pages: u64,
+    /// Time from each break of the connection to the destination's
+    /// answer on the new one (the push resumes then), summed.
+    #[serde(default, with = "ms", rename = "recovery-time-ms")]
+    pub recovery_time: Duration,
 }
 
 /// Totals of one migration, with its rounds.

@@ -66,6 +66,11 @@ pub trait Transport: Send {
     fn set_send_timeout(&mut self, timeout: Option<Duration>) {
         let _ = timeout;
     }
+
+    /// Closes the connection now, so the peer sees it end: every later
+    /// `send` fails. A driver that gives up on a connection calls it
+    /// before it waits for a new one. The provided method does nothing.
+    fn close(&mut self) {}
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
@@ -77,6 +82,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn set_send_timeout(&mut self, timeout: Option<Duration>) {
         (**self).set_send_timeout(timeout)
+    }
+    fn close(&mut self) {
+        (**self).close()
     }
 }
 
@@ -349,6 +357,11 @@ impl<S: SplitStream> Transport for StreamTransport<S> {
         if self.writer.set_write_limit(timeout).is_ok() {
             self.send_timeout = timeout;
         }
+    }
+
+    fn close(&mut self) {
+        self.broken = true;
+        self.writer.shutdown_both();
     }
 }
 

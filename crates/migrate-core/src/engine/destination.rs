@@ -38,6 +38,9 @@ pub struct DestinationReport {
     /// means the guest runs here but the source may not know: it stays
     /// paused, and the operator must not resume it.
     pub resume_confirmed: bool,
+    /// Times the connection broke in post-copy and the migration went on
+    /// over a new one.
+    pub recoveries: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +49,9 @@ enum DstState {
     AwaitLayout,
     Receiving,
     PostcopyRunning,
+    /// Post-copy whose connection broke: the guest runs on, waiting for
+    /// a new connection from the source.
+    Recovering,
     Completed,
     Failed,
 }
@@ -84,6 +90,13 @@ pub struct DestinationEngine<K, G> {
     report: DestinationReport,
     /// How long to wait for a frame from the source (`None`: for ever).
     peer_timeout: Option<Duration>,
+    /// How long a post-copy waits for a new connection after its
+    /// connection broke (`None`: it does not wait, the migration fails).
+    recover_timeout: Option<Duration>,
+    /// The session the source named, if it can resume a post-copy.
+    session: Option<u128>,
+    /// When the connection broke, while recovering.
+    lost_at: Option<Duration>,
     /// When the last frame arrived (or the wait for the first began).
     heard_at: Option<Duration>,
     /// When the first frame arrived.
@@ -131,6 +144,9 @@ where
             resumed_at: None,
             report: DestinationReport::default(),
             peer_timeout: None,
+            recover_timeout: None,
+            session: None,
+            lost_at: None,
             heard_at: None,
             started_at: None,
             round_mark: (Duration::ZERO, 0),
@@ -168,14 +184,84 @@ where
         self.peer_timeout = timeout;
     }
 
-    /// When the peer timeout falls due on the engine's clock, if one is
-    /// set and the wait for the source has begun (the last frame, or the
-    /// first [`DestinationEngine::handle_timeout`]).
+    /// Sets how long a post-copy whose connection broke waits for the
+    /// source to connect again (`None`, the default: it does not wait and
+    /// fails with [`MigrationError::SourceLost`]). Recovery needs a
+    /// source that named its session ([`EngineConfig::recover_timeout`]
+    /// set there too).
+    pub fn set_recover_timeout(&mut self, timeout: Option<Duration>) {
+        self.recover_timeout = timeout;
+    }
+
+    /// When the next timer falls due on the engine's clock: the peer
+    /// timeout, if one is set and the wait for the source has begun (the
+    /// last frame, or the first [`DestinationEngine::handle_timeout`]);
+    /// while recovering, the end of the wait for a new connection.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        if matches!(self.state, DstState::Completed | DstState::Failed) {
-            return None;
+        match self.state {
+            DstState::Completed | DstState::Failed => None,
+            DstState::Recovering => Some(self.lost_at? + self.recover_timeout?),
+            _ => Some(self.heard_at? + self.peer_timeout?),
         }
-        Some(self.heard_at? + self.peer_timeout?)
+    }
+
+    /// Whether the post-copy's connection broke and the engine waits for
+    /// the source to connect again ([`Phase::PostcopyPaused`]). The guest
+    /// runs on; the frames of a new connection go to
+    /// [`DestinationEngine::handle_frame`] as usual.
+    pub fn recovering(&self) -> bool {
+        self.state == DstState::Recovering
+    }
+
+    /// Whether a broken connection would now be recovered from rather
+    /// than end the migration: the guest runs here in post-copy, the
+    /// source named its session, and a recovery timeout is set.
+    pub fn recoverable(&self) -> bool {
+        matches!(
+            self.state,
+            DstState::PostcopyRunning | DstState::Recovering
+        ) && self.session.is_some()
+            && self.recover_timeout.is_some()
+    }
+
+    /// The connection to the source broke (`err` says how). If the
+    /// migration can recover ([`DestinationEngine::recoverable`]) the
+    /// engine forgets the connection's frames and waits for a new one:
+    /// the guest runs on, faults on missing pages are recorded and asked
+    /// for once the source is back; `Ok` then, and the driver waits for
+    /// the source to connect again. Otherwise the engine fails and the
+    /// error to report comes back ([`MigrationError::SourceLost`] once
+    /// the guest runs here).
+    pub fn connection_lost(&mut self, err: MigrationError) -> Result<(), MigrationError> {
+        if matches!(self.state, DstState::Completed | DstState::Failed) {
+            return Err(err);
+        }
+        if !self.recoverable() {
+            let err = if self.state == DstState::PostcopyRunning {
+                MigrationError::SourceLost(format!(
+                    "{err}; the guest runs here without all of its memory and cannot go on"
+                ))
+            } else {
+                err
+            };
+            self.state = DstState::Failed;
+            self.ended(&err);
+            return Err(err);
+        }
+        let now = self.clock.now();
+        if self.state != DstState::Recovering {
+            tracing::warn!(error = %err, "post-copy connection lost; waiting for the source");
+            self.lost_at = Some(now);
+            self.handle.emit(Event::ConnectionLost {
+                error: err.to_string(),
+            });
+        }
+        self.state = DstState::Recovering;
+        self.decoder = Decoder::sequenced();
+        self.sequencer = Sequencer::new();
+        self.outbox.clear();
+        self.publish();
+        Ok(())
     }
 
     /// Acts on a cancel asked for through the handle and on the peer
@@ -192,12 +278,29 @@ where
         }
         let now = self.clock.now();
         let heard = *self.heard_at.get_or_insert(now);
+        if self.state == DstState::Recovering {
+            let (Some(lost), Some(limit)) = (self.lost_at, self.recover_timeout) else {
+                return Ok(());
+            };
+            if now < lost + limit {
+                return Ok(());
+            }
+            let err = MigrationError::SourceLost(format!(
+                "the source did not connect again within {limit:?}; the guest runs here without all of its memory and cannot go on"
+            ));
+            self.state = DstState::Failed;
+            self.ended(&err);
+            return Err(err);
+        }
         let err = if self.handle.cancel_requested() && self.resumed_at.is_none() {
             MigrationError::Cancelled
         } else {
             match self.peer_timeout {
                 Some(limit) if now >= heard + limit => {
                     let e = TransportError::Timeout(limit);
+                    if self.recoverable() {
+                        return self.connection_lost(e.into());
+                    }
                     if self.state == DstState::PostcopyRunning {
                         MigrationError::SourceLost(format!(
                             "{e}; the guest runs here without all of its memory and cannot go on"
@@ -221,6 +324,7 @@ where
             DstState::Receiving if self.switched_over => Phase::StopAndCopy,
             DstState::Receiving => Phase::Precopy,
             DstState::PostcopyRunning => Phase::Postcopy,
+            DstState::Recovering => Phase::PostcopyPaused,
             DstState::Completed => Phase::Completed,
             DstState::Failed => return,
         };
@@ -294,9 +398,10 @@ where
         self.clock.now()
     }
 
-    /// Whether the guest runs here in post-copy, with pages still missing.
+    /// Whether the guest runs here in post-copy, with pages still missing
+    /// (over a working connection, or waiting for a new one).
     pub fn in_postcopy(&self) -> bool {
-        self.state == DstState::PostcopyRunning
+        matches!(self.state, DstState::PostcopyRunning | DstState::Recovering)
     }
 
     /// Whether `page` is here (received and not discarded).
@@ -330,7 +435,7 @@ where
         pages: &[PageNum],
         now: Duration,
     ) -> Result<(), MigrationError> {
-        if self.state != DstState::PostcopyRunning {
+        if !self.in_postcopy() {
             return Err(MigrationError::InvalidUse(
                 "pages can be requested only while the guest runs in post-copy",
             ));
@@ -346,6 +451,10 @@ where
             self.requested.insert(p, now);
             self.faults += 1;
             want.push(p);
+        }
+        if self.state == DstState::Recovering {
+            // Asked for once the source is back (see `recover`).
+            return Ok(());
         }
         for chunk in want.chunks(MAX_REQUEST_PAGES) {
             self.outbox
@@ -383,6 +492,22 @@ where
         self.report.bytes_received += wire_len(frame) as u64;
         let r = self.handle_inner(frame);
         match &r {
+            Err(e) if self.state == DstState::Recovering => {
+                // A new connection that is not the session's, or broke
+                // again: it is dropped, and the wait goes on.
+                tracing::warn!(error = %e, "connection refused while recovering");
+                self.decoder = Decoder::sequenced();
+                self.sequencer = Sequencer::new();
+                self.outbox.clear();
+            }
+            Err(e) if e.is_link_failure() && self.recoverable() => {
+                let e = MigrationError::Protocol(match e {
+                    MigrationError::Protocol(p) => p.clone(),
+                    _ => ProtocolError::Malformed("broken link"),
+                });
+                // Recoverable: `connection_lost` cannot fail here.
+                let _ = self.connection_lost(e);
+            }
             Err(e) => {
                 self.state = DstState::Failed;
                 self.ended(e);
@@ -588,6 +713,20 @@ where
                 self.state = DstState::AwaitLayout;
                 Ok(DestStatus::Continue)
             }
+            (DstState::AwaitLayout, Record::Session { id, resume: false })
+                if self.session.is_none() =>
+            {
+                self.session = Some(id);
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Recovering, Record::Header { .. }) => {
+                self.outbox
+                    .push_back(protocol::encode_to_vec(&Record::Header {
+                        version: VERSION,
+                    }));
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Recovering, Record::Session { id, resume: true }) => self.recover(id),
             (DstState::AwaitLayout, Record::Layout(layout)) => {
                 if layout != self.layout {
                     return Err(MigrationError::LayoutMismatch {
@@ -700,8 +839,53 @@ where
             (DstState::AwaitHeader, rec) => Err(unexpected(&rec, "waiting for the stream header")),
             (DstState::AwaitLayout, rec) => Err(unexpected(&rec, "waiting for the memory layout")),
             (DstState::PostcopyRunning, rec) => Err(unexpected(&rec, "running in post-copy")),
+            (DstState::Recovering, rec) => Err(unexpected(&rec, "waiting for the source to resume the session")),
             (_, rec) => Err(unexpected(&rec, "receiving pages")),
         }
+    }
+
+    /// A new connection from the source resumes the session `id`: the
+    /// resume report again (the first may have been lost), which pages
+    /// are here, and every outstanding fault asked for again.
+    fn recover(&mut self, id: u128) -> Result<DestStatus, MigrationError> {
+        if self.session != Some(id) {
+            return Err(MigrationError::SessionMismatch);
+        }
+        self.outbox
+            .push_back(protocol::encode_to_vec(&Record::Resumed(
+                self.report.resume,
+            )));
+        let words = self.received.as_words();
+        let mut held = 0u64;
+        for (c, chunk) in words.chunks(MAX_DISCARD_WORDS).enumerate() {
+            held += chunk.iter().map(|w| w.count_ones() as u64).sum::<u64>();
+            self.outbox
+                .push_back(protocol::encode_to_vec(&Record::ReceivedBitmap {
+                    first_page: (c * MAX_DISCARD_WORDS) as u64 * 64,
+                    words: chunk.to_vec(),
+                }));
+        }
+        self.outbox
+            .push_back(protocol::encode_to_vec(&Record::Recovered { held }));
+        let mut again: Vec<PageNum> = self.requested.keys().copied().collect();
+        again.sort_unstable();
+        for chunk in again.chunks(MAX_REQUEST_PAGES) {
+            self.outbox
+                .push_back(protocol::encode_to_vec(&Record::PageRequest(
+                    chunk.to_vec(),
+                )));
+        }
+        let now = self.clock.now();
+        tracing::info!(
+            outage_ms = self.lost_at.map_or(0, |t| now.saturating_sub(t).as_millis() as u64),
+            held,
+            "post-copy resumed over a new connection"
+        );
+        self.lost_at = None;
+        self.report.recoveries += 1;
+        self.state = DstState::PostcopyRunning;
+        self.handle.emit(Event::Recovered { missing_pages: 0 });
+        Ok(DestStatus::Continue)
     }
 
     fn check_all_here(&self, total_pages: u64) -> Result<(), MigrationError> {

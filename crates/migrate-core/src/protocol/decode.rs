@@ -264,7 +264,7 @@ impl Decoder {
                 }
                 Record::Discard(ranges)
             }
-            RecordType::DiscardBitmap => {
+            RecordType::DiscardBitmap | RecordType::ReceivedBitmap => {
                 let first_page = check_page(b.u64()?)?;
                 let n = b.count("discard bitmap words", MAX_DISCARD_WORDS)?;
                 b.zero_u32("discard bitmap reserved field")?;
@@ -278,7 +278,36 @@ impl Decoder {
                 for _ in 0..n {
                     words.push(b.u64()?);
                 }
-                Record::DiscardBitmap { first_page, words }
+                if ty == RecordType::DiscardBitmap {
+                    Record::DiscardBitmap { first_page, words }
+                } else {
+                    Record::ReceivedBitmap { first_page, words }
+                }
+            }
+            RecordType::Session => {
+                let id = b.u128()?;
+                let resume = match b.u32()? {
+                    0 => false,
+                    1 => true,
+                    other => {
+                        return Err(ProtocolError::OutOfRange {
+                            what: "session mode",
+                            value: other as u64,
+                        })
+                    }
+                };
+                b.zero_u32("session reserved field")?;
+                Record::Session { id, resume }
+            }
+            RecordType::Recovered => {
+                let held = b.u64()?;
+                if held > MAX_PAGE_END {
+                    return Err(ProtocolError::OutOfRange {
+                        what: "pages held",
+                        value: held,
+                    });
+                }
+                Record::Recovered { held }
             }
             RecordType::Verified => Record::Verified(PostcopyReport {
                 faults: b.u64()?,
@@ -354,6 +383,9 @@ fn record_name(ty: RecordType) -> &'static str {
         RecordType::Discard => "discard",
         RecordType::Verified => "verified",
         RecordType::DiscardBitmap => "discard bitmap",
+        RecordType::Session => "session",
+        RecordType::ReceivedBitmap => "received bitmap",
+        RecordType::Recovered => "recovered",
     }
 }
 
