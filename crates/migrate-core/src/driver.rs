@@ -220,8 +220,7 @@ where
                         // timer started before ours) says so with an
                         // abort: wait a little for it before calling the
                         // outcome unknown.
-                        if engine.peer_timed_out() && engine.committed() && !engine.recoverable()
-                        {
+                        if engine.peer_timed_out() && engine.committed() && !engine.recoverable() {
                             if let Ok(Some(f)) = transport.recv(Some(SEND_FAILURE_GRACE)) {
                                 engine.handle_frame(&f)?;
                                 continue;
@@ -388,7 +387,13 @@ where
     let Some(source) = faults else {
         return drive_destination(engine, transport, None, relink, peer_timeout);
     };
-    match drive_destination(engine, transport, Some(source.faults()), relink, peer_timeout) {
+    match drive_destination(
+        engine,
+        transport,
+        Some(source.faults()),
+        relink,
+        peer_timeout,
+    ) {
         Ok(report) => {
             source.finish()?;
             Ok(report)

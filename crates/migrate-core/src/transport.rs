@@ -9,7 +9,7 @@
 use crate::protocol::MAX_FRAME_LEN;
 use bytes::Bytes;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
@@ -272,6 +272,36 @@ impl StreamTransport<UnixStream> {
     /// Connects to a Unix socket.
     pub fn connect_unix(path: impl AsRef<Path>) -> io::Result<Self> {
         Self::new(UnixStream::connect(path)?)
+    }
+}
+
+/// Waits at most `timeout` for a connection on `listener` (a TCP
+/// listener has no accept timeout of its own): a destination waiting for
+/// its source to connect again uses it. The listener is left
+/// non-blocking; the stream returned blocks.
+pub fn accept_within(
+    listener: &TcpListener,
+    timeout: Duration,
+) -> Result<TcpStream, TransportError> {
+    listener.set_nonblocking(true)?;
+    let end = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let now = Instant::now();
+                if now >= end {
+                    return Err(TransportError::Timeout(timeout));
+                }
+                std::thread::sleep((end - now).min(Duration::from_millis(5)));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

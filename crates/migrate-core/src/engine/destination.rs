@@ -217,10 +217,8 @@ where
     /// than end the migration: the guest runs here in post-copy, the
     /// source named its session, and a recovery timeout is set.
     pub fn recoverable(&self) -> bool {
-        matches!(
-            self.state,
-            DstState::PostcopyRunning | DstState::Recovering
-        ) && self.session.is_some()
+        matches!(self.state, DstState::PostcopyRunning | DstState::Recovering)
+            && self.session.is_some()
             && self.recover_timeout.is_some()
     }
 
@@ -257,7 +255,7 @@ where
             });
         }
         self.state = DstState::Recovering;
-        self.decoder = Decoder::sequenced();
+        self.decoder = Decoder::resuming(self.layout.page_size());
         self.sequencer = Sequencer::new();
         self.outbox.clear();
         self.publish();
@@ -496,7 +494,7 @@ where
                 // A new connection that is not the session's, or broke
                 // again: it is dropped, and the wait goes on.
                 tracing::warn!(error = %e, "connection refused while recovering");
-                self.decoder = Decoder::sequenced();
+                self.decoder = Decoder::resuming(self.layout.page_size());
                 self.sequencer = Sequencer::new();
                 self.outbox.clear();
             }
@@ -839,7 +837,10 @@ where
             (DstState::AwaitHeader, rec) => Err(unexpected(&rec, "waiting for the stream header")),
             (DstState::AwaitLayout, rec) => Err(unexpected(&rec, "waiting for the memory layout")),
             (DstState::PostcopyRunning, rec) => Err(unexpected(&rec, "running in post-copy")),
-            (DstState::Recovering, rec) => Err(unexpected(&rec, "waiting for the source to resume the session")),
+            (DstState::Recovering, rec) => Err(unexpected(
+                &rec,
+                "waiting for the source to resume the session",
+            )),
             (_, rec) => Err(unexpected(&rec, "receiving pages")),
         }
     }
@@ -877,7 +878,9 @@ where
         }
         let now = self.clock.now();
         tracing::info!(
-            outage_ms = self.lost_at.map_or(0, |t| now.saturating_sub(t).as_millis() as u64),
+            outage_ms = self
+                .lost_at
+                .map_or(0, |t| now.saturating_sub(t).as_millis() as u64),
             held,
             "post-copy resumed over a new connection"
         );

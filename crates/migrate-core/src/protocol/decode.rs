@@ -88,6 +88,19 @@ impl Decoder {
         }
     }
 
+    /// A sequenced decoder for a new connection that resumes a stream
+    /// whose layout was given on an earlier one (post-copy recovery): it
+    /// checks the new connection's numbering from 0 and its header, and
+    /// takes page batches of `page_size` without a layout (a layout is
+    /// refused as a second one).
+    pub fn resuming(page_size: PageSize) -> Self {
+        Decoder {
+            sequenced: true,
+            page_size: Some(page_size),
+            ..Self::default()
+        }
+    }
+
     /// Whether the last frame that passed its CRC carried the number the
     /// next frame was due to carry. For an abort (which is accepted with
     /// any number) this says whether every frame before it arrived.

@@ -127,7 +127,9 @@ where
         r.held.clear_all();
         self.reset_wire();
         let outbox = &mut self.wire.outbox;
-        outbox.push_back(protocol::encode_to_vec(&Record::Header { version: VERSION }));
+        outbox.push_back(protocol::encode_to_vec(&Record::Header {
+            version: VERSION,
+        }));
         outbox.push_back(protocol::encode_to_vec(&Record::Session {
             id: self.session,
             resume: true,
