@@ -240,8 +240,9 @@ pub struct PostcopyStats {
     /// migration went on over a new one.
     #[serde(default)]
     pub recoveries: u32,
-    /// Pages sent again after a recovery (the destination did not hold
-    /// them when the connection broke).
+    /// Pages the destination did not hold when a new connection took
+    /// over, summed over recoveries: sent after it (those sent before the
+    /// break were lost with the link).
     #[serde(default)]
     pub recovered_pages: u64,
     /// Time from each break of the connection to the destination's
