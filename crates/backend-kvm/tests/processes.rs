@@ -4,13 +4,14 @@
 mod common;
 
 use backend_kvm::{KvmFaults, TestVm};
+use backend_sim::{Fault, FaultAt, FaultPlan, FaultyTransport};
 use common::*;
 use migrate_core::digest::digest_memory;
 use migrate_core::driver::{
     run_destination, run_destination_recoverable, run_source, run_source_recoverable,
 };
 use migrate_core::protocol::RecordType;
-use migrate_core::transport::{accept_within, StreamTransport, Transport, TransportError};
+use migrate_core::transport::{accept_within, StreamTransport, TransportError};
 use migrate_core::MigrationStats;
 use migrate_core::{Clock, PageSource, Policy, Precopy, StopAndCopy, SystemClock};
 use migrate_core::{DestinationEngine, EngineConfig, SourceEngine};
@@ -31,48 +32,6 @@ const RECOVER_ENV: &str = "LIVEMIG_KVM_RECOVER";
 
 /// How long either side waits for a new connection.
 const RECOVER_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Cuts the TCP connection (both directions, as a failed link or a
-/// killed proxy would) instead of sending the `after`-th page batch
-/// that follows the post-copy device state; every later send and
-/// receive on it fails.
-struct CutMidPush<T: Transport> {
-    inner: T,
-    after: Option<usize>,
-    committed: bool,
-    batches: usize,
-    cut: bool,
-}
-
-impl<T: Transport> Transport for CutMidPush<T> {
-    fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
-        if self.cut {
-            return Err(TransportError::Closed);
-        }
-        if self.committed && frame[0] == RecordType::PageBatch as u8 {
-            self.batches += 1;
-            if Some(self.batches) == self.after {
-                self.cut = true;
-                self.inner.close();
-                return Err(TransportError::Closed);
-            }
-        }
-        self.committed |= frame[0] == RecordType::DeviceState as u8;
-        self.inner.send(frame)
-    }
-    fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<bytes::Bytes>, TransportError> {
-        if self.cut {
-            return Err(TransportError::Closed);
-        }
-        self.inner.recv(timeout)
-    }
-    fn set_send_timeout(&mut self, timeout: Option<Duration>) {
-        self.inner.set_send_timeout(timeout)
-    }
-    fn close(&mut self) {
-        self.inner.close()
-    }
-}
 
 /// The destination process of the two-process tests: the parent test
 /// starts this test binary again running only this test, with `DEST_ENV`
@@ -160,15 +119,23 @@ fn between_processes<P: Policy + 'static>(
     assert!(eventually(|| src.reports().len() >= 5));
     let (stream, _) = listener.accept().unwrap();
     let per_frame = if slow { SLOW } else { Duration::ZERO };
-    let link = |s, after| CutMidPush {
-        inner: Slow {
+    // The cut: the connection is dropped (both directions, as a failed
+    // link or a killed proxy would) instead of sending that page batch
+    // of the push, the n-th after the post-copy device state.
+    let link = |s, cut: Option<usize>| {
+        let plan = cut.map(|nth| FaultPlan {
+            fault: Fault::Cut,
+            at: FaultAt::NthOfTypeAfter {
+                after: RecordType::DeviceState as u8,
+                ty: RecordType::PageBatch as u8,
+                nth,
+            },
+        });
+        let slow = Slow {
             inner: StreamTransport::new(s).unwrap(),
             per_frame,
-        },
-        after,
-        committed: false,
-        batches: 0,
-        cut: false,
+        };
+        FaultyTransport::new(slow, plan)
     };
     let mut t = link(stream, cut);
     let mut config = EngineConfig::default();

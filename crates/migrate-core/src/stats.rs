@@ -467,6 +467,16 @@ impl fmt::Display for MigrationStats {
                 ms(p.vcpu_stall),
                 ms(p.duration)
             )?;
+            if p.recoveries > 0 {
+                writeln!(
+                    f,
+                    "recovered: {} broken connection{}, {:.3} ms from the break to the push resuming, {} pages missing then",
+                    p.recoveries,
+                    if p.recoveries == 1 { "" } else { "s" },
+                    ms(p.recovery_time),
+                    p.recovered_pages
+                )?;
+            }
         }
         write!(
             f,
