@@ -14,6 +14,12 @@
 //! host's clock), the counter before and after, and whether memory
 //! verified; `--json` prints all of it as one object.
 //!
+//! `--max-bandwidth` caps the pre-copy stage, `--auto-converge` throttles
+//! the guest's vCPUs while pre-copy does not converge; progress goes to
+//! stderr (a bar on a terminal), Ctrl-C cancels with the source guest
+//! running, `RUST_LOG=info` prints the migration's tracing spans (see
+//! `--help` for the exit statuses).
+//!
 //! With `--recover-timeout 30s` a post-copy or hybrid migration whose
 //! connection breaks after the switch-over goes on over a new one: the
 //! destination dials the source again, says which pages it holds, and
@@ -24,6 +30,9 @@
 //! cargo run --release --example kvm-migrate -- --policy postcopy --recover-timeout 30s --test-cut-after-batches 2000
 //! ```
 
+#[path = "common/steer.rs"]
+mod steer;
+
 use clap::{Parser, ValueEnum};
 use livemig::core::driver::{
     run_destination, run_destination_recoverable, run_source, run_source_recoverable,
@@ -32,12 +41,12 @@ use livemig::core::protocol::RecordType;
 use livemig::core::tls::{self, TlsConfig, TlsSession};
 use livemig::core::transport::{accept_within, TransportError};
 use livemig::core::{
-    Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, PolicyConfig, PolicyKind,
-    Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
+    AutoConverge, Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, PolicyConfig,
+    PolicyKind, Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
 };
 use livemig::kvm::{DirtyLog, KvmFaults, Pacing, TestVm};
 use livemig::sim::{Fault, FaultAt, FaultPlan, FaultyTransport};
-use livemig::units::{parse_duration, parse_rate, parse_size};
+use livemig::units::{parse_bandwidth, parse_duration, parse_rate, parse_size};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
@@ -45,6 +54,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use steer::Failure;
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum TrackerArg {
@@ -73,7 +83,7 @@ enum Role {
 
 /// Live-migrate a running KVM guest between two processes.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, after_help = steer::EXIT_CODES)]
 struct Args {
     /// Guest memory (2 MiB multiple, up to 1 GiB).
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
@@ -102,15 +112,28 @@ struct Args {
     /// Pre-copy and hybrid: the downtime the final copy may take; pre-copy
     /// goes on while what is left would take longer (hybrid switches to
     /// post-copy after its rounds run out).
-    #[arg(long, default_value_t = 300)]
-    downtime_target_ms: u64,
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    downtime_target: Duration,
+    /// Cap the bandwidth of the pre-copy stage (e.g. 500Mbit, 50MB/s).
+    #[arg(long, value_parser = parse_bandwidth)]
+    max_bandwidth: Option<f64>,
+    /// Throttle the guest's vCPUs step by step while pre-copy does not
+    /// converge (QEMU's auto-converge: 20 %, +10 % a step, at most 99 %).
+    #[arg(long)]
+    auto_converge: bool,
+    /// auto-converge: the first throttle, percent.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(1..=99))]
+    throttle_initial: u8,
+    /// auto-converge: the throttle's step, percent.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=99))]
+    throttle_step: u8,
     /// The source's dirty log.
     #[arg(long, value_enum, default_value = "bitmap")]
     tracker: TrackerArg,
     /// How long the guest runs before the migration starts, and after it
-    /// on the destination, in milliseconds.
-    #[arg(long, default_value_t = 300)]
-    settle_ms: u64,
+    /// on the destination.
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    settle: Duration,
     /// What the completion digest covers: `full` reads all of memory
     /// again after the pause (catches a dirty log that missed a write);
     /// `sent` digests pages as they were sent (milliseconds instead).
@@ -182,17 +205,19 @@ fn pacing(a: &Args) -> Pacing {
 fn main() -> ExitCode {
     let a = Args::parse();
     TestVm::use_huge_pages(a.huge_pages == "on");
+    steer::init_tracing();
+    let ctrlc = match steer::CtrlC::install() {
+        Ok(c) => c,
+        Err(e) => return ExitCode::from(Failure::Other(e).report("kvm-migrate")),
+    };
     let r = match a.role {
-        Role::Source => source(&a),
-        Role::Destination => destination(&a),
+        Role::Source => source(&a, &ctrlc),
+        Role::Destination => destination(&a, &ctrlc),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("kvm-migrate: {e}");
-            ExitCode::from(if e.starts_with("invalid") { 2 } else { 1 })
-        }
+        Err(f) => ExitCode::from(f.report("kvm-migrate")),
     }
 }
 
@@ -206,7 +231,7 @@ fn tls_config(a: &Args) -> Result<Option<TlsConfig>, String> {
     .map_err(|e| format!("invalid: {e}"))
 }
 
-fn destination(a: &Args) -> Result<bool, String> {
+fn destination(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     let addr = a
         .connect
         .as_deref()
@@ -241,6 +266,7 @@ fn destination(a: &Args) -> Result<bool, String> {
     };
     let mut t = dial()?;
     let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock.clone());
+    ctrlc.watch(&e.handle());
     let mut faults =
         KvmFaults::start(&vm.memory(), &vm.control(), clock).map_err(|e| e.to_string())?;
     let report = match a.recover_timeout {
@@ -252,8 +278,8 @@ fn destination(a: &Args) -> Result<bool, String> {
         }
         None => run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT),
     }
-    .map_err(|e| e.to_string())?;
-    std::thread::sleep(Duration::from_millis(a.settle_ms));
+    .map_err(Failure::Migration)?;
+    std::thread::sleep(a.settle);
     let reports = vm.reports();
     let first = reports.first();
     let out = json!({
@@ -275,12 +301,28 @@ fn destination(a: &Args) -> Result<bool, String> {
     Ok(vm.fault().is_none() && first.is_some())
 }
 
-fn source(a: &Args) -> Result<bool, String> {
+fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     if a.wss > a.mem.saturating_sub(1 << 20) || a.wss < 4096 {
         return Err(format!(
             "invalid --wss: from 4 KiB to --mem less 1 MiB ({} bytes)",
             a.mem - (1 << 20)
-        ));
+        )
+        .into());
+    }
+    let mut engine = EngineConfig::default();
+    engine.verify = a.verify;
+    engine.recover_timeout = a.recover_timeout;
+    if let Some(bits) = a.max_bandwidth {
+        if !(bits.is_finite() && bits >= 8.0) {
+            return Err("invalid --max-bandwidth: at least 1 byte a second".into());
+        }
+        engine.max_bandwidth = Some((bits / 8.0) as u64);
+    }
+    if a.auto_converge {
+        let mut ac = AutoConverge::default();
+        ac.initial_pct = a.throttle_initial;
+        ac.increment_pct = a.throttle_step;
+        engine.auto_converge = Some(ac);
     }
     let tls = tls_config(a)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
@@ -314,8 +356,8 @@ fn source(a: &Args) -> Result<bool, String> {
         .args([
             "--dirty-rate",
             &format!("{}", a.dirty_rate as u64),
-            "--settle-ms",
-            &a.settle_ms.to_string(),
+            "--settle",
+            &format!("{}us", a.settle.as_micros()),
         ])
         .stdout(Stdio::piped())
         .spawn()
@@ -326,7 +368,7 @@ fn source(a: &Args) -> Result<bool, String> {
     };
     let vm = TestVm::source_logged(a.mem, a.vcpus, a.wss / 4096, REPORT_EVERY, pacing(a), log)
         .map_err(|e| e.to_string())?;
-    std::thread::sleep(Duration::from_millis(a.settle_ms));
+    std::thread::sleep(a.settle);
     // Every connection of the migration joins one TLS session: the
     // first fixes its id and the destination's certificate.
     let mut session = TlsSession::acceptor();
@@ -340,28 +382,32 @@ fn source(a: &Args) -> Result<bool, String> {
         })
     };
     let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
-    let plan = a.test_cut_after_batches.map(|nth| FaultPlan {
-        fault: Fault::Cut,
-        at: FaultAt::NthOfTypeAfter {
+    let plan = a.test_cut_after_batches.map(|nth| {
+        let at = FaultAt::NthOfTypeAfter {
             after: RecordType::DeviceState as u8,
             ty: RecordType::PageBatch as u8,
             nth,
-        },
+        };
+        FaultPlan::new(Fault::Cut, at)
     });
     let mut t = FaultyTransport::new(take(stream)?, plan);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let target = Duration::from_millis(a.downtime_target_ms);
+    let target = a.downtime_target;
     let mut config = PolicyConfig::default();
     config.precopy.downtime_target = target;
     config.hybrid_precopy.downtime_target = target;
     let policy = a.policy.with_prepaging(a.prepaging).build(&config);
-    let mut e = SourceEngine::new(vm.tracker(), vm.pages(), vm.control(), policy, clock, {
-        let mut v = EngineConfig::default();
-        v.verify = a.verify;
-        v.recover_timeout = a.recover_timeout;
-        v
-    });
-    let stats = if a.recover_timeout.is_some() {
+    let mut e = SourceEngine::new(
+        vm.tracker(),
+        vm.pages(),
+        vm.control(),
+        policy,
+        clock,
+        engine,
+    );
+    ctrlc.watch(&e.handle());
+    steer::show_progress(&e.handle(), true);
+    let run = if a.recover_timeout.is_some() {
         let mut again = |left: Duration| {
             let s = accept_within(&listener, left)?;
             let t = take(s).map_err(|e| TransportError::Io(std::io::Error::other(e)))?;
@@ -370,8 +416,16 @@ fn source(a: &Args) -> Result<bool, String> {
         run_source_recoverable(&mut e, &mut t, &mut again, TIMEOUT)
     } else {
         run_source(&mut e, &mut t, TIMEOUT)
-    }
-    .map_err(|e| e.to_string())?;
+    };
+    let stats = match run {
+        Ok(stats) => stats,
+        Err(err) => {
+            // The destination was told (an abort) and ends too.
+            drop(t);
+            let _ = child.wait();
+            return Err(Failure::Migration(err));
+        }
+    };
     drop(t);
     let out = child.stdout.take().ok_or("no destination output")?;
     let mut line = String::new();

@@ -39,7 +39,7 @@ fn kvm_migrate(args: &[String]) -> (std::process::ExitStatus, String) {
         } else {
             &["--dirty-rate", "50MB/s"][..]
         })
-        .args(["--settle-ms", "100", "--json"])
+        .args(["--settle", "100ms", "--json"])
         .args(args)
         .stdout(Stdio::piped())
         .spawn()
@@ -125,7 +125,7 @@ fn kvm_guest_hybrid_recovers_from_a_cut_over_mutual_tls() {
     recovers_over_tls(
         "hybrid",
         "3",
-        &["--downtime-target-ms", "0", "--dirty-rate", "0"],
+        &["--downtime-target", "0ms", "--dirty-rate", "0"],
     );
 }
 

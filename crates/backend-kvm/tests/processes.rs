@@ -123,13 +123,13 @@ fn between_processes<P: Policy + 'static>(
     // link or a killed proxy would) instead of sending that page batch
     // of the push, the n-th after the post-copy device state.
     let link = |s, cut: Option<usize>| {
-        let plan = cut.map(|nth| FaultPlan {
-            fault: Fault::Cut,
-            at: FaultAt::NthOfTypeAfter {
+        let plan = cut.map(|nth| {
+            let at = FaultAt::NthOfTypeAfter {
                 after: RecordType::DeviceState as u8,
                 ty: RecordType::PageBatch as u8,
                 nth,
-            },
+            };
+            FaultPlan::new(Fault::Cut, at)
         });
         let slow = Slow {
             inner: StreamTransport::new(s).unwrap(),

@@ -224,7 +224,6 @@ fn cut_everywhere<P: Policy + Send + 'static>(
     assert!(stats.postcopy.is_some(), "post-copy ran");
     assert_eq!(report.recoveries, 0);
     let switch = index_of(&clean.sent, RecordType::SwitchOver);
-    let commit = index_of(&clean.sent, RecordType::DeviceState);
     let (from, to) = match dir {
         Dir::Forward => (switch, clean.sent.len()),
         // The destination's frames after it resumed.

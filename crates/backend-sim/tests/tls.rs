@@ -338,10 +338,10 @@ fn postcopy_recovers_over_a_new_tls_connection_of_the_same_session() {
     let sock = TcpStream::connect(addr).unwrap();
     let first = tls::connect(&src_cfg, sock, "localhost", &mut session).unwrap();
     // The first page batch of the push never arrives: the link is cut.
-    let plan = FaultPlan {
-        fault: Fault::Cut,
-        at: FaultAt::FirstOfType(RecordType::PageBatch as u8),
-    };
+    let plan = FaultPlan::new(
+        Fault::Cut,
+        FaultAt::FirstOfType(RecordType::PageBatch as u8),
+    );
     let mut t = FaultyTransport::new(first, Some(plan));
     let mut cfg = EngineConfig::default();
     cfg.recover_timeout = Some(TIMEOUT);

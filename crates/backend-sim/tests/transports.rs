@@ -460,10 +460,7 @@ fn cut_before_the_completion_is_sent_resumes_the_source() {
         RecordType::DeviceState,
         RecordType::Complete,
     ] {
-        let plan = FaultPlan {
-            fault: Fault::Cut,
-            at: FaultAt::FirstOfType(ty as u8),
-        };
+        let plan = FaultPlan::new(Fault::Cut, FaultAt::FirstOfType(ty as u8));
         let (s, d, resumed, src, dst, fired) = faulty_migration(StopAndCopy, Some(plan), None);
         assert!(fired);
         assert!(
@@ -504,10 +501,7 @@ fn lost_discard_record_stops_the_postcopy_destination() {
     let mut dropped = 0;
     for policy in policies {
         for ty in [RecordType::Discard, RecordType::DiscardBitmap] {
-            let plan = FaultPlan {
-                fault: Fault::Drop,
-                at: FaultAt::FirstOfType(ty as u8),
-            };
+            let plan = FaultPlan::new(Fault::Drop, FaultAt::FirstOfType(ty as u8));
             let (s, d, resumed, src, dst, fired) = faulty_migration(policy(), Some(plan), None);
             if !fired {
                 // This policy sent no record of that type.
@@ -534,10 +528,10 @@ fn lost_discard_record_stops_the_postcopy_destination() {
 /// resume the guest on pages that never came.
 #[test]
 fn lost_precopy_batch_stops_the_hybrid_destination() {
-    let plan = FaultPlan {
-        fault: Fault::Drop,
-        at: FaultAt::FirstOfType(RecordType::PageBatch as u8),
-    };
+    let plan = FaultPlan::new(
+        Fault::Drop,
+        FaultAt::FirstOfType(RecordType::PageBatch as u8),
+    );
     let (s, d, resumed, src, dst, fired) =
         faulty_migration(migrate_core::Hybrid::default(), Some(plan), None);
     assert!(fired);
@@ -556,10 +550,10 @@ fn altered_device_state_is_never_restored() {
         || Box::new(migrate_core::Hybrid::default()),
     ];
     for policy in policies {
-        let plan = FaultPlan {
-            fault: Fault::Flip,
-            at: FaultAt::FirstOfType(RecordType::DeviceState as u8),
-        };
+        let plan = FaultPlan::new(
+            Fault::Flip,
+            FaultAt::FirstOfType(RecordType::DeviceState as u8),
+        );
         let (s, d, resumed, src, dst, fired) = faulty_migration(policy(), Some(plan), None);
         assert!(fired);
         assert!(
