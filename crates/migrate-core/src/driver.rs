@@ -58,8 +58,8 @@ where
 }
 
 /// How a driver gets a new connection to the same peer after a
-/// post-copy's connection broke: the source dials again, the destination
-/// accepts again (over TLS, bound to the same [`crate::tls::TlsSession`]
+/// post-copy's connection broke: the side that dialled dials again, the
+/// other accepts again (over TLS, bound to the same `tls::TlsSession`
 /// when the feature is on). Any `FnMut(Duration) -> Result<X,
 /// TransportError>` is one.
 pub trait Reconnect<X> {
