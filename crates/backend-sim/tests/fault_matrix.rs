@@ -55,7 +55,7 @@ const MAX_DELAY_INDICES: usize = 10;
 
 const GUEST_BYTES: u64 = 4 << 20;
 /// How long a broken post-copy waits for a new connection.
-const RECOVER_TIMEOUT: Duration = Duration::from_secs(2);
+const RECOVER_TIMEOUT: Duration = Duration::from_secs(1);
 
 // ------------------------------------------------------------- the oracle
 

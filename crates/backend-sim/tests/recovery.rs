@@ -22,18 +22,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod common;
-use common::{guests, TIMEOUT};
+use common::{guests, recovering_postcopy_source, TIMEOUT};
 
 /// How long either side waits for a new connection.
 const RECOVER: Duration = Duration::from_secs(5);
 
 /// Records the type of every frame sent through it and, if told to,
 /// cuts the connection instead of sending frame `cut_at` (that send and
-/// every later one fail, and the peer sees the connection end).
+/// every later one fail, and the peer sees the connection end). With
+/// `swallow` the send of that frame succeeds: it was handed to the
+/// connection and lost with it.
 struct Tap<T> {
     inner: T,
     log: Arc<Mutex<Vec<u8>>>,
     cut_at: Option<usize>,
+    swallow: bool,
     sent: usize,
     cut: Arc<AtomicBool>,
 }
@@ -43,6 +46,12 @@ impl<T: Transport> Transport for Tap<T> {
         if self.cut_at == Some(self.sent) {
             self.cut.store(true, Ordering::Relaxed);
             self.inner.close();
+            self.sent += 1;
+            if self.swallow {
+                self.log.lock().unwrap().push(frame[0]);
+                return Ok(());
+            }
+            return Err(TransportError::Closed);
         }
         self.sent += 1;
         if self.cut_at.is_some_and(|c| self.sent > c) {
@@ -77,10 +86,14 @@ struct Wire {
 
 impl Wire {
     fn link(&self, s: TcpStream, cut_at: Option<usize>) -> Link {
+        self.link_swallowing(s, cut_at, false)
+    }
+    fn link_swallowing(&self, s: TcpStream, cut_at: Option<usize>, swallow: bool) -> Link {
         Tap {
             inner: StreamTransport::new(s).unwrap(),
             log: self.log.clone(),
             cut_at,
+            swallow,
             sent: 0,
             cut: self.cut.clone(),
         }
@@ -135,6 +148,17 @@ fn fault_pump(dst: &SimGuest) -> (mpsc::Receiver<Faults>, Arc<AtomicBool>) {
 /// 256 pages) from one thread to another over loopback TCP, with
 /// recovery on, cut as `cut` says.
 fn migrate<P: Policy + Send + 'static>(policy: P, writes: f64, cut: Option<(Dir, usize)>) -> Run {
+    migrate_swallowing(policy, writes, cut, false)
+}
+
+/// [`migrate`]; with `swallow` the frame cut in the forward direction is
+/// lost with the connection after the source handed it out.
+fn migrate_swallowing<P: Policy + Send + 'static>(
+    policy: P,
+    writes: f64,
+    cut: Option<(Dir, usize)>,
+    swallow: bool,
+) -> Run {
     let (src, dst, clock) = guests(4 << 20, writes);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -153,7 +177,7 @@ fn migrate<P: Policy + Send + 'static>(policy: P, writes: f64, cut: Option<(Dir,
         stop.store(true, Ordering::Relaxed);
         out
     });
-    let mut t = fwd.link(TcpStream::connect(addr).unwrap(), at(Dir::Forward));
+    let mut t = fwd.link_swallowing(TcpStream::connect(addr).unwrap(), at(Dir::Forward), swallow);
     let mut cfg = EngineConfig::default();
     cfg.postcopy_batch_pages = 16;
     cfg.recover_timeout = Some(RECOVER);
@@ -335,16 +359,7 @@ fn without_a_new_connection_both_sides_give_up_after_the_recovery_timeout() {
     // Header, session, layout, switch-over, discard, device state, then
     // the first batch of the push: cut.
     let mut t = wire.link(TcpStream::connect(addr).unwrap(), Some(6));
-    let mut cfg = EngineConfig::default();
-    cfg.recover_timeout = Some(Duration::from_secs(1));
-    let mut e = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        PostCopy::default(),
-        clock,
-        cfg,
-    );
+    let mut e = recovering_postcopy_source(&src, clock, Duration::from_secs(1));
     let mut refused =
         |_left: Duration| -> Result<Link, TransportError> { Err(TransportError::Closed) };
     let err = run_source_recoverable(&mut e, &mut t, &mut refused, TIMEOUT).unwrap_err();
@@ -378,16 +393,7 @@ fn a_connection_naming_another_session_is_refused_and_the_source_recovers() {
     // Header, session, layout, switch-over, discard, device state, then
     // the first batch of the push: cut.
     let mut t = wire.link(TcpStream::connect(addr).unwrap(), Some(6));
-    let mut cfg = EngineConfig::default();
-    cfg.recover_timeout = Some(RECOVER);
-    let mut e = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        PostCopy::default(),
-        clock,
-        cfg,
-    );
+    let mut e = recovering_postcopy_source(&src, clock, RECOVER);
     let mut impostor_refused = false;
     let mut again = |_left: Duration| -> Result<Link, TransportError> {
         if !impostor_refused {
@@ -435,5 +441,37 @@ fn impostor(addr: SocketAddr) {
         !got.contains(&(RecordType::ReceivedBitmap as u8))
             && !got.contains(&(RecordType::Recovered as u8)),
         "another session was told the pages: {got:?}"
+    );
+}
+
+#[test]
+fn a_device_state_lost_with_the_link_resumes_the_source_guest() {
+    let clean = migrate(PostCopy::default(), 5_000.0, None);
+    assert_completed(&clean, "clean run");
+    let commit = index_of(&clean.sent, RecordType::DeviceState);
+    // The device state is handed to the connection, which then breaks:
+    // the source passed its point of no return, the destination never
+    // resumed. On the new connection the destination says so (an abort
+    // in sequence, no resume confirmation), and the source resumes its
+    // guest at once instead of waiting to settle the outcome.
+    let r = migrate_swallowing(
+        PostCopy::default(),
+        5_000.0,
+        Some((Dir::Forward, commit)),
+        true,
+    );
+    assert!(r.cut);
+    let e = r.source.as_ref().expect_err("the source cannot complete");
+    assert_ne!(e.kind(), ErrorKind::Settle, "{e}");
+    assert!(matches!(e, MigrationError::PeerAborted(_)), "{e}");
+    assert!(!r.src.is_paused(), "the source guest runs again");
+    assert!(r.dst.is_paused(), "the destination never resumed");
+    assert!(r.dest.is_err());
+    assert!(
+        r.sent
+            .windows(2)
+            .any(|w| w == [RecordType::Header as u8, RecordType::Session as u8]),
+        "the source came back: {:?}",
+        r.sent
     );
 }

@@ -3,7 +3,7 @@
 //! bound to another session). Certificates are made at test time.
 
 mod common;
-use common::{guests, source_engine, spawn_destination, TIMEOUT};
+use common::{guests, recovering_postcopy_source, source_engine, spawn_destination, TIMEOUT};
 use migrate_core::driver::run_source;
 use migrate_core::tls::test_pki::{TestCa, TestIdentity};
 use migrate_core::tls::{self, TlsConfig, TlsError, TlsSession, TlsStream};
@@ -302,7 +302,7 @@ fn postcopy_recovers_over_a_new_tls_connection_of_the_same_session() {
     use migrate_core::driver::{run_destination_recoverable, run_source_recoverable};
     use migrate_core::protocol::RecordType;
     use migrate_core::transport::{accept_within, TransportError};
-    use migrate_core::{DestinationEngine, EngineConfig, PostCopy, SourceEngine};
+    use migrate_core::DestinationEngine;
 
     type Link = FaultyTransport<StreamTransport<TlsStream>>;
     let tls_err = |e: TlsError| TransportError::Io(std::io::Error::other(e));
@@ -343,16 +343,7 @@ fn postcopy_recovers_over_a_new_tls_connection_of_the_same_session() {
         FaultAt::FirstOfType(RecordType::PageBatch as u8),
     );
     let mut t = FaultyTransport::new(first, Some(plan));
-    let mut cfg = EngineConfig::default();
-    cfg.recover_timeout = Some(TIMEOUT);
-    let mut e = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        PostCopy::default(),
-        clock,
-        cfg,
-    );
+    let mut e = recovering_postcopy_source(&src, clock, TIMEOUT);
     let mut intruded = false;
     let mut again = |_left: Duration| -> Result<Link, TransportError> {
         if !intruded {

@@ -214,10 +214,15 @@ where
     }
 
     /// Whether a broken connection would now be recovered from rather
-    /// than end the migration: the guest runs here in post-copy, the
-    /// source named its session, and a recovery timeout is set.
+    /// than end the migration: the source named its session, a recovery
+    /// timeout is set, and the guest runs here in post-copy, or the
+    /// source switched to post-copy and its device state may have been
+    /// lost with the link (the source then counts on a resume here: on
+    /// its new connection it is told the guest was not resumed, and
+    /// resumes its own).
     pub fn recoverable(&self) -> bool {
-        matches!(self.state, DstState::PostcopyRunning | DstState::Recovering)
+        let switched = self.state == DstState::Receiving && self.switched_over && self.postcopy;
+        (switched || matches!(self.state, DstState::PostcopyRunning | DstState::Recovering))
             && self.session.is_some()
             && self.recover_timeout.is_some()
     }
@@ -283,9 +288,13 @@ where
             if now < lost + limit {
                 return Ok(());
             }
-            let err = MigrationError::SourceLost(format!(
-                "the source did not connect again within {limit:?}; the guest runs here without all of its memory and cannot go on"
-            ));
+            let err = if self.resumed_at.is_some() {
+                MigrationError::SourceLost(format!(
+                    "the source did not connect again within {limit:?}; the guest runs here without all of its memory and cannot go on"
+                ))
+            } else {
+                TransportError::Timeout(limit).into()
+            };
             self.state = DstState::Failed;
             self.ended(&err);
             return Err(err);
@@ -399,7 +408,8 @@ where
     /// Whether the guest runs here in post-copy, with pages still missing
     /// (over a working connection, or waiting for a new one).
     pub fn in_postcopy(&self) -> bool {
-        matches!(self.state, DstState::PostcopyRunning | DstState::Recovering)
+        self.state == DstState::PostcopyRunning
+            || (self.state == DstState::Recovering && self.resumed_at.is_some())
     }
 
     /// Whether `page` is here (received and not discarded).
@@ -851,6 +861,15 @@ where
     fn recover(&mut self, id: u128) -> Result<DestStatus, MigrationError> {
         if self.session != Some(id) {
             return Err(MigrationError::SessionMismatch);
+        }
+        if self.resumed_at.is_none() {
+            // The device state never arrived: the guest was not resumed
+            // here, which the abort the driver sends now (in sequence,
+            // with no resume confirmation before it) tells the source.
+            self.state = DstState::Failed;
+            return Err(MigrationError::Incomplete(
+                "the post-copy device state was lost with the connection; the guest was not resumed here".into(),
+            ));
         }
         self.outbox
             .push_back(protocol::encode_to_vec(&Record::Resumed(
