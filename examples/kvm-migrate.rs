@@ -41,12 +41,12 @@ use livemig::core::protocol::RecordType;
 use livemig::core::tls::{self, TlsConfig, TlsSession};
 use livemig::core::transport::{accept_within, TransportError};
 use livemig::core::{
-    AutoConverge, Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, PolicyConfig,
-    PolicyKind, Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
+    Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, PolicyConfig, PolicyKind,
+    Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
 };
 use livemig::kvm::{DirtyLog, KvmFaults, Pacing, TestVm};
 use livemig::sim::{Fault, FaultAt, FaultPlan, FaultyTransport};
-use livemig::units::{parse_bandwidth, parse_duration, parse_rate, parse_size};
+use livemig::units::{parse_duration, parse_rate, parse_size};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
@@ -114,19 +114,9 @@ struct Args {
     /// post-copy after its rounds run out).
     #[arg(long, default_value = "300ms", value_parser = parse_duration)]
     downtime_target: Duration,
-    /// Cap the bandwidth of the pre-copy stage (e.g. 500Mbit, 50MB/s).
-    #[arg(long, value_parser = parse_bandwidth)]
-    max_bandwidth: Option<f64>,
-    /// Throttle the guest's vCPUs step by step while pre-copy does not
-    /// converge (QEMU's auto-converge: 20 %, +10 % a step, at most 99 %).
-    #[arg(long)]
-    auto_converge: bool,
-    /// auto-converge: the first throttle, percent.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(1..=99))]
-    throttle_initial: u8,
-    /// auto-converge: the throttle's step, percent.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=99))]
-    throttle_step: u8,
+    /// Bandwidth cap and auto-converge.
+    #[command(flatten)]
+    steer: steer::SteerArgs,
     /// The source's dirty log.
     #[arg(long, value_enum, default_value = "bitmap")]
     tracker: TrackerArg,
@@ -312,18 +302,7 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     let mut engine = EngineConfig::default();
     engine.verify = a.verify;
     engine.recover_timeout = a.recover_timeout;
-    if let Some(bits) = a.max_bandwidth {
-        if !(bits.is_finite() && bits >= 8.0) {
-            return Err("invalid --max-bandwidth: at least 1 byte a second".into());
-        }
-        engine.max_bandwidth = Some((bits / 8.0) as u64);
-    }
-    if a.auto_converge {
-        let mut ac = AutoConverge::default();
-        ac.initial_pct = a.throttle_initial;
-        ac.increment_pct = a.throttle_step;
-        engine.auto_converge = Some(ac);
-    }
+    a.steer.apply(&mut engine)?;
     let tls = tls_config(a)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;

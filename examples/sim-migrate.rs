@@ -19,8 +19,8 @@ mod steer;
 
 use clap::{Parser, ValueEnum};
 use livemig::core::{
-    AutoConverge, EngineConfig, HcaConfig, MemoryLayout, PageSize, PolicyConfig, PolicyKind,
-    PrecopyConfig, Prepaging,
+    EngineConfig, HcaConfig, MemoryLayout, PageSize, PolicyConfig, PolicyKind, PrecopyConfig,
+    Prepaging,
 };
 use livemig::sim::{
     simulate_steered, Link, MemoryMode, SimConfig, SimError, WorkloadKind, WorkloadSpec,
@@ -147,19 +147,9 @@ struct Args {
     /// Where the working set starts, as an offset into memory (e.g. 3GiB).
     #[arg(long, default_value = "0", value_parser = parse_size)]
     wss_offset: u64,
-    /// Cap the bandwidth of the pre-copy stage (e.g. 500Mbit, 50MB/s).
-    #[arg(long, value_parser = parse_bandwidth)]
-    max_bandwidth: Option<f64>,
-    /// Throttle the guest's vCPUs step by step while pre-copy does not
-    /// converge (QEMU's auto-converge: 20 %, +10 % a step, at most 99 %).
-    #[arg(long)]
-    auto_converge: bool,
-    /// auto-converge: the first throttle, percent.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(1..=99))]
-    throttle_initial: u8,
-    /// auto-converge: the throttle's step, percent.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=99))]
-    throttle_step: u8,
+    /// Bandwidth cap and auto-converge.
+    #[command(flatten)]
+    steer: steer::SteerArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -259,18 +249,7 @@ fn run(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     };
     let policy = kind.build(&config);
     let mut engine = EngineConfig::default();
-    if let Some(bits) = a.max_bandwidth {
-        if !(bits.is_finite() && bits >= 8.0) {
-            return Err("invalid --max-bandwidth: at least 1 byte a second".into());
-        }
-        engine.max_bandwidth = Some((bits / 8.0) as u64);
-    }
-    if a.auto_converge {
-        let mut ac = AutoConverge::default();
-        ac.initial_pct = a.throttle_initial;
-        ac.increment_pct = a.throttle_step;
-        engine.auto_converge = Some(ac);
-    }
+    a.steer.apply(&mut engine)?;
     let mut watching = false;
     let report = simulate_steered(
         {

@@ -46,10 +46,10 @@ use livemig::core::driver::run_source;
 use livemig::core::tls::{self, TlsConfig, TlsSession};
 use livemig::core::MemoryLayout;
 use livemig::core::{
-    AutoConverge, Clock, DestinationReport, EngineConfig, MigrationStats, Policy, PolicyConfig,
-    PolicyKind, SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
+    Clock, DestinationReport, EngineConfig, MigrationStats, Policy, PolicyConfig, PolicyKind,
+    SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
 };
-use livemig::units::{parse_bandwidth, parse_duration};
+use livemig::units::parse_duration;
 use livemig::xen::DestinationError;
 use livemig::xen::{ResumeWindow, SourceFrames};
 use livemig::xen::{StopMode, Xen, XenDomain};
@@ -108,16 +108,11 @@ struct Args {
     /// its rounds run out before what is left fits.
     #[arg(long, value_parser = parse_duration)]
     downtime_target: Option<Duration>,
-    /// Sender: cap the bandwidth of the pre-copy stage (e.g. 500Mbit,
-    /// 50MB/s).
-    #[arg(long, value_parser = parse_bandwidth)]
-    max_bandwidth: Option<f64>,
-    /// Sender: throttle the domain through the scheduler's cap (credit2
-    /// or credit) while pre-copy does not converge (QEMU's steps: 20 %,
-    /// +10 %, at most 99 %); a host that cannot cap it migrates
-    /// unthrottled.
-    #[arg(long)]
-    auto_converge: bool,
+    /// Sender: bandwidth cap and auto-converge (through the scheduler's
+    /// cap, credit2 or credit; a host that cannot cap the domain
+    /// migrates unthrottled).
+    #[command(flatten)]
+    steer: steer::SteerArgs,
     /// Pre-copy and hybrid: at most this many rounds (the policy's
     /// default if not given); hybrid then switches to post-copy.
     #[arg(long)]
@@ -264,15 +259,7 @@ fn source_side(
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let mut config = EngineConfig::default();
     config.verify = a.verify;
-    if let Some(bits) = a.max_bandwidth {
-        if !(bits.is_finite() && bits >= 8.0) {
-            return Err("invalid --max-bandwidth: at least 1 byte a second".into());
-        }
-        config.max_bandwidth = Some((bits / 8.0) as u64);
-    }
-    if a.auto_converge {
-        config.auto_converge = Some(AutoConverge::default());
-    }
+    a.steer.apply(&mut config)?;
     let mut engine = SourceEngine::new(
         src.tracker(),
         src.pages(),

@@ -7,7 +7,10 @@
 #![allow(dead_code)]
 
 use indicatif::{ProgressBar, ProgressStyle};
-use livemig::core::{ErrorKind, Event, MigrationError, MigrationHandle, Phase};
+use livemig::core::{
+    AutoConverge, EngineConfig, ErrorKind, Event, MigrationError, MigrationHandle, Phase,
+};
+use livemig::units::parse_bandwidth;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +31,44 @@ Exit status:
 Ctrl-C cancels the migration; after the point of no return it is refused
 and the migration goes on (a second Ctrl-C then exits with 130).
 RUST_LOG=info prints a span per migration, phase and round with its figures.";
+
+/// The flags that steer a source engine: a bandwidth cap and
+/// auto-converge (`#[command(flatten)]` into a program's arguments).
+#[derive(clap::Args, Debug)]
+pub struct SteerArgs {
+    /// Cap the bandwidth of the pre-copy stage (e.g. 500Mbit, 50MB/s).
+    #[arg(long, value_parser = parse_bandwidth)]
+    pub max_bandwidth: Option<f64>,
+    /// Throttle the guest's vCPUs step by step while pre-copy does not
+    /// converge (QEMU's auto-converge: 20 %, +10 % a step, at most 99 %).
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// auto-converge: the first throttle, percent.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub throttle_initial: u8,
+    /// auto-converge: the throttle's step, percent.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub throttle_step: u8,
+}
+
+impl SteerArgs {
+    /// Sets the cap and auto-converge in `engine`.
+    pub fn apply(&self, engine: &mut EngineConfig) -> Result<(), Failure> {
+        if let Some(bits) = self.max_bandwidth {
+            if !(bits.is_finite() && bits >= 8.0) {
+                return Err("invalid --max-bandwidth: at least 1 byte a second".into());
+            }
+            engine.max_bandwidth = Some((bits / 8.0) as u64);
+        }
+        if self.auto_converge {
+            let mut ac = AutoConverge::default();
+            ac.initial_pct = self.throttle_initial;
+            ac.increment_pct = self.throttle_step;
+            engine.auto_converge = Some(ac);
+        }
+        Ok(())
+    }
+}
 
 /// Why a program failed: the migration (its error decides the exit
 /// status) or anything else (a message; `invalid...` exits with 2).

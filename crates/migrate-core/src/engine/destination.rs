@@ -43,17 +43,37 @@ pub struct DestinationReport {
     pub recoveries: u32,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where the destination is. Each state carries what only it needs.
 enum DstState {
     AwaitHeader,
     AwaitLayout,
-    Receiving,
-    PostcopyRunning,
-    /// Post-copy whose connection broke: the guest runs on, waiting for
-    /// a new connection from the source.
-    Recovering,
+    /// Pages arrive; once the source switched over, what that started.
+    Receiving(Option<Switched>),
+    /// Post-copy: the guest runs here on the device state it was
+    /// restored to (for the completion digest), and the rest of its pages
+    /// follow.
+    PostcopyRunning {
+        restored: DeviceState,
+    },
+    /// Post-copy whose connection broke: waiting for the source to
+    /// connect again. With the device state restored (`Some`) the guest
+    /// runs on; without (it was lost with the link) it was never resumed.
+    Recovering {
+        restored: Option<DeviceState>,
+    },
     Completed,
     Failed,
+}
+
+/// What the source's switch-over started.
+struct Switched {
+    /// The rest of memory goes by post-copy.
+    postcopy: bool,
+    /// Post-copy: discards ascend across the stream; the first page the
+    /// next may name.
+    discard_cursor: PageNum,
+    /// Pre-copy: the device state, kept until the completion.
+    device_state: Option<DeviceState>,
 }
 
 /// The destination side of a migration.
@@ -69,18 +89,12 @@ pub struct DestinationEngine<K, G> {
     /// Pages received or discarded at least once: a post-copy guest
     /// resumes only when this is every page.
     accounted: DirtyBitmap,
-    /// Post-copy: the device state restored, for the completion digest.
-    restored_state: Option<DeviceState>,
     hashes: Vec<u64>,
     /// [`Payload::Model`]: the digest of the tokens that arrived (kept as
     /// a sum, in place of `hashes`), once the first model batch came.
     model: Option<TokenDigest>,
     model_pages: Vec<PageNum>,
     model_tokens: Vec<u64>,
-    switched_over: bool,
-    postcopy: bool,
-    discard_cursor: PageNum,
-    device_state: Option<DeviceState>,
     outbox: VecDeque<Vec<u8>>,
     requested: HashMap<PageNum, Duration>,
     latencies: Vec<u64>,
@@ -121,7 +135,6 @@ where
         DestinationEngine {
             received: DirtyBitmap::new(layout.page_end()),
             accounted: DirtyBitmap::new(layout.page_end()),
-            restored_state: None,
             hashes: vec![0; layout.total_pages() as usize],
             model: None,
             model_pages: Vec::new(),
@@ -132,10 +145,6 @@ where
             decoder: Decoder::sequenced(),
             sequencer: Sequencer::new(),
             state: DstState::AwaitHeader,
-            switched_over: false,
-            postcopy: false,
-            discard_cursor: 0,
-            device_state: None,
             outbox: VecDeque::new(),
             requested: HashMap::new(),
             latencies: Vec::new(),
@@ -200,17 +209,17 @@ where
     pub fn poll_timeout(&self) -> Option<Duration> {
         match self.state {
             DstState::Completed | DstState::Failed => None,
-            DstState::Recovering => Some(self.lost_at? + self.recover_timeout?),
+            DstState::Recovering { .. } => Some(self.lost_at? + self.recover_timeout?),
             _ => Some(self.heard_at? + self.peer_timeout?),
         }
     }
 
     /// Whether the post-copy's connection broke and the engine waits for
     /// the source to connect again ([`Phase::PostcopyPaused`]). The guest
-    /// runs on; the frames of a new connection go to
+    /// runs on (if it was resumed); the frames of a new connection go to
     /// [`DestinationEngine::handle_frame`] as usual.
     pub fn recovering(&self) -> bool {
-        self.state == DstState::Recovering
+        matches!(self.state, DstState::Recovering { .. })
     }
 
     /// Whether a broken connection would now be recovered from rather
@@ -221,10 +230,12 @@ where
     /// its new connection it is told the guest was not resumed, and
     /// resumes its own).
     pub fn recoverable(&self) -> bool {
-        let switched = self.state == DstState::Receiving && self.switched_over && self.postcopy;
-        (switched || matches!(self.state, DstState::PostcopyRunning | DstState::Recovering))
-            && self.session.is_some()
-            && self.recover_timeout.is_some()
+        let state = match &self.state {
+            DstState::Receiving(Some(sw)) => sw.postcopy,
+            DstState::PostcopyRunning { .. } | DstState::Recovering { .. } => true,
+            _ => false,
+        };
+        state && self.session.is_some() && self.recover_timeout.is_some()
     }
 
     /// The connection to the source broke (`err` says how). If the
@@ -240,7 +251,7 @@ where
             return Err(err);
         }
         if !self.recoverable() {
-            let err = if self.state == DstState::PostcopyRunning {
+            let err = if self.in_postcopy() {
                 MigrationError::SourceLost(format!(
                     "{err}; the guest runs here without all of its memory and cannot go on"
                 ))
@@ -252,19 +263,32 @@ where
             return Err(err);
         }
         let now = self.clock.now();
-        if self.state != DstState::Recovering {
-            tracing::warn!(error = %err, "post-copy connection lost; waiting for the source");
-            self.lost_at = Some(now);
-            self.handle.emit(Event::ConnectionLost {
-                error: err.to_string(),
-            });
-        }
-        self.state = DstState::Recovering;
+        let restored = match std::mem::replace(&mut self.state, DstState::Failed) {
+            DstState::PostcopyRunning { restored } => Some(restored),
+            DstState::Recovering { restored } => {
+                self.state = DstState::Recovering { restored };
+                self.reset_link();
+                return Ok(());
+            }
+            _ => None,
+        };
+        tracing::warn!(error = %err, "post-copy connection lost; waiting for the source");
+        self.lost_at = Some(now);
+        self.handle.emit(Event::ConnectionLost {
+            error: err.to_string(),
+        });
+        self.state = DstState::Recovering { restored };
+        self.reset_link();
+        self.publish();
+        Ok(())
+    }
+
+    /// A fresh numbering both ways for a new connection, nothing queued;
+    /// its page batches need no layout (the first connection gave it).
+    fn reset_link(&mut self) {
         self.decoder = Decoder::resuming(self.layout.page_size());
         self.sequencer = Sequencer::new();
         self.outbox.clear();
-        self.publish();
-        Ok(())
     }
 
     /// Acts on a cancel asked for through the handle and on the peer
@@ -281,14 +305,14 @@ where
         }
         let now = self.clock.now();
         let heard = *self.heard_at.get_or_insert(now);
-        if self.state == DstState::Recovering {
+        if let DstState::Recovering { restored } = &self.state {
             let (Some(lost), Some(limit)) = (self.lost_at, self.recover_timeout) else {
                 return Ok(());
             };
             if now < lost + limit {
                 return Ok(());
             }
-            let err = if self.resumed_at.is_some() {
+            let err = if restored.is_some() {
                 MigrationError::SourceLost(format!(
                     "the source did not connect again within {limit:?}; the guest runs here without all of its memory and cannot go on"
                 ))
@@ -308,7 +332,7 @@ where
                     if self.recoverable() {
                         return self.connection_lost(e.into());
                     }
-                    if self.state == DstState::PostcopyRunning {
+                    if matches!(self.state, DstState::PostcopyRunning { .. }) {
                         MigrationError::SourceLost(format!(
                             "{e}; the guest runs here without all of its memory and cannot go on"
                         ))
@@ -328,10 +352,10 @@ where
     fn publish(&mut self) {
         let phase = match self.state {
             DstState::AwaitHeader | DstState::AwaitLayout => Phase::Setup,
-            DstState::Receiving if self.switched_over => Phase::StopAndCopy,
-            DstState::Receiving => Phase::Precopy,
-            DstState::PostcopyRunning => Phase::Postcopy,
-            DstState::Recovering => Phase::PostcopyPaused,
+            DstState::Receiving(Some(_)) => Phase::StopAndCopy,
+            DstState::Receiving(None) => Phase::Precopy,
+            DstState::PostcopyRunning { .. } => Phase::Postcopy,
+            DstState::Recovering { .. } => Phase::PostcopyPaused,
             DstState::Completed => Phase::Completed,
             DstState::Failed => return,
         };
@@ -397,7 +421,7 @@ where
 
     /// Whether the migration completed here.
     pub fn completed(&self) -> bool {
-        self.state == DstState::Completed
+        matches!(self.state, DstState::Completed)
     }
 
     /// The engine's clock.
@@ -408,8 +432,10 @@ where
     /// Whether the guest runs here in post-copy, with pages still missing
     /// (over a working connection, or waiting for a new one).
     pub fn in_postcopy(&self) -> bool {
-        self.state == DstState::PostcopyRunning
-            || (self.state == DstState::Recovering && self.resumed_at.is_some())
+        matches!(
+            self.state,
+            DstState::PostcopyRunning { .. } | DstState::Recovering { restored: Some(_) }
+        )
     }
 
     /// Whether `page` is here (received and not discarded).
@@ -460,7 +486,7 @@ where
             self.faults += 1;
             want.push(p);
         }
-        if self.state == DstState::Recovering {
+        if self.recovering() {
             // Asked for once the source is back (see `recover`).
             return Ok(());
         }
@@ -500,21 +526,17 @@ where
         self.report.bytes_received += wire_len(frame) as u64;
         let r = self.handle_inner(frame);
         match &r {
-            Err(e) if self.state == DstState::Recovering => {
+            Err(e) if self.recovering() => {
                 // A new connection that is not the session's, or broke
                 // again: it is dropped, and the wait goes on.
                 tracing::warn!(error = %e, "connection refused while recovering");
-                self.decoder = Decoder::resuming(self.layout.page_size());
-                self.sequencer = Sequencer::new();
-                self.outbox.clear();
+                self.reset_link();
             }
-            Err(e) if e.is_link_failure() && self.recoverable() => {
-                let e = MigrationError::Protocol(match e {
-                    MigrationError::Protocol(p) => p.clone(),
-                    _ => ProtocolError::Malformed("broken link"),
-                });
+            Err(MigrationError::Protocol(p))
+                if MigrationError::Protocol(p.clone()).is_link_failure() && self.recoverable() =>
+            {
                 // Recoverable: `connection_lost` cannot fail here.
-                let _ = self.connection_lost(e);
+                let _ = self.connection_lost(MigrationError::Protocol(p.clone()));
             }
             Err(e) => {
                 self.state = DstState::Failed;
@@ -551,7 +573,7 @@ where
         let Some(i) = self.layout.dense_index(page) else {
             return Err(MigrationError::PageOutOfRange(page));
         };
-        if self.state == DstState::PostcopyRunning && self.received.get(page) {
+        if matches!(self.state, DstState::PostcopyRunning { .. }) && self.received.get(page) {
             // Already here and maybe written by the running guest since.
             self.duplicates += 1;
             return Ok(());
@@ -600,7 +622,7 @@ where
             )));
         }
         let mut digest = self.model.unwrap_or_default();
-        let running = self.state == DstState::PostcopyRunning;
+        let running = matches!(self.state, DstState::PostcopyRunning { .. });
         self.model_pages.clear();
         self.model_tokens.clear();
         let mut replaced = Vec::new();
@@ -707,8 +729,11 @@ where
             got: rec.record_type(),
             state,
         };
-        let receiving = matches!(self.state, DstState::Receiving | DstState::PostcopyRunning);
-        match (self.state, rec) {
+        let receiving = matches!(
+            self.state,
+            DstState::Receiving(_) | DstState::PostcopyRunning { .. }
+        );
+        match (&mut self.state, rec) {
             (_, Record::Abort { reason }) if reason == CANCELLED_REASON => {
                 Err(MigrationError::Cancelled)
             }
@@ -727,14 +752,14 @@ where
                 self.session = Some(id);
                 Ok(DestStatus::Continue)
             }
-            (DstState::Recovering, Record::Header { .. }) => {
+            (DstState::Recovering { .. }, Record::Header { .. }) => {
                 self.outbox
                     .push_back(protocol::encode_to_vec(&Record::Header {
                         version: VERSION,
                     }));
                 Ok(DestStatus::Continue)
             }
-            (DstState::Recovering, Record::Session { id, resume: true }) => self.recover(id),
+            (DstState::Recovering { .. }, Record::Session { id, resume: true }) => self.recover(id),
             (DstState::AwaitLayout, Record::Layout(layout)) => {
                 if layout != self.layout {
                     return Err(MigrationError::LayoutMismatch {
@@ -744,7 +769,7 @@ where
                 }
                 self.outbox
                     .push_back(protocol::encode_to_vec(&Record::Ready));
-                self.state = DstState::Receiving;
+                self.state = DstState::Receiving(None);
                 Ok(DestStatus::Continue)
             }
             (_, Record::PageBatch(batch)) if receiving => {
@@ -777,20 +802,24 @@ where
                 });
                 Ok(DestStatus::Continue)
             }
-            (DstState::Receiving, Record::SwitchOver { postcopy, .. }) if !self.switched_over => {
-                self.switched_over = true;
-                self.postcopy = postcopy;
+            (DstState::Receiving(sw @ None), Record::SwitchOver { postcopy, .. }) => {
+                *sw = Some(Switched {
+                    postcopy,
+                    discard_cursor: 0,
+                    device_state: None,
+                });
                 self.handle.emit(Event::SwitchOver {
                     postcopy,
                     reason: None,
                 });
                 Ok(DestStatus::Continue)
             }
-            (DstState::Receiving, Record::Discard(ranges)) if self.postcopy => {
+            (DstState::Receiving(Some(sw)), Record::Discard(ranges)) if sw.postcopy => {
+                let mut cursor = sw.discard_cursor;
                 for (first, count) in ranges {
                     // Ranges ascend and do not overlap, across the whole
                     // stream: a source cannot make us walk memory twice.
-                    if first < self.discard_cursor {
+                    if first < cursor {
                         return Err(MigrationError::Protocol(ProtocolError::OutOfRange {
                             what: "discard range start (ranges must ascend)",
                             value: first,
@@ -803,12 +832,15 @@ where
                     if end > stop {
                         return Err(MigrationError::PageOutOfRange(stop));
                     }
-                    self.discard_cursor = end;
+                    cursor = end;
                 }
+                self.set_discard_cursor(cursor);
                 Ok(DestStatus::Continue)
             }
-            (DstState::Receiving, Record::DiscardBitmap { first_page, words }) if self.postcopy => {
-                if first_page < self.discard_cursor {
+            (DstState::Receiving(Some(sw)), Record::DiscardBitmap { first_page, words })
+                if sw.postcopy =>
+            {
+                if first_page < sw.discard_cursor {
                     return Err(MigrationError::Protocol(ProtocolError::OutOfRange {
                         what: "discard bitmap start (discards must ascend)",
                         value: first_page,
@@ -817,28 +849,28 @@ where
                 let n = words.len() as u64 * 64;
                 let bits = DirtyBitmap::from_words(words, n);
                 self.discard(bits.iter_ones().map(|i| first_page + i))?;
-                self.discard_cursor = first_page + n;
+                self.set_discard_cursor(first_page + n);
                 Ok(DestStatus::Continue)
             }
-            (DstState::Receiving, Record::DeviceState(s))
-                if self.switched_over && self.device_state.is_none() =>
+            (DstState::Receiving(Some(sw)), Record::DeviceState(s))
+                if sw.device_state.is_none() =>
             {
-                if self.postcopy {
+                if sw.postcopy {
                     self.resume_postcopy(s)
                 } else {
-                    self.device_state = Some(s);
+                    sw.device_state = Some(s);
                     Ok(DestStatus::Continue)
                 }
             }
             (
-                DstState::Receiving,
+                DstState::Receiving(sw),
                 Record::Complete {
                     total_pages,
                     digest,
                 },
-            ) if !self.postcopy => self.complete(total_pages, digest),
+            ) if !sw.as_ref().is_some_and(|sw| sw.postcopy) => self.complete(total_pages, digest),
             (
-                DstState::PostcopyRunning,
+                DstState::PostcopyRunning { .. },
                 Record::Complete {
                     total_pages,
                     digest,
@@ -846,8 +878,10 @@ where
             ) => self.complete_postcopy(total_pages, digest),
             (DstState::AwaitHeader, rec) => Err(unexpected(&rec, "waiting for the stream header")),
             (DstState::AwaitLayout, rec) => Err(unexpected(&rec, "waiting for the memory layout")),
-            (DstState::PostcopyRunning, rec) => Err(unexpected(&rec, "running in post-copy")),
-            (DstState::Recovering, rec) => Err(unexpected(
+            (DstState::PostcopyRunning { .. }, rec) => {
+                Err(unexpected(&rec, "running in post-copy"))
+            }
+            (DstState::Recovering { .. }, rec) => Err(unexpected(
                 &rec,
                 "waiting for the source to resume the session",
             )),
@@ -862,15 +896,19 @@ where
         if self.session != Some(id) {
             return Err(MigrationError::SessionMismatch);
         }
-        if self.resumed_at.is_none() {
+        let DstState::Recovering { restored } =
+            std::mem::replace(&mut self.state, DstState::Failed)
+        else {
+            return Err(MigrationError::InvalidUse("not recovering"));
+        };
+        let Some(restored) = restored else {
             // The device state never arrived: the guest was not resumed
             // here, which the abort the driver sends now (in sequence,
             // with no resume confirmation before it) tells the source.
-            self.state = DstState::Failed;
             return Err(MigrationError::Incomplete(
                 "the post-copy device state was lost with the connection; the guest was not resumed here".into(),
             ));
-        }
+        };
         self.outbox
             .push_back(protocol::encode_to_vec(&Record::Resumed(
                 self.report.resume,
@@ -905,13 +943,24 @@ where
         );
         self.lost_at = None;
         self.report.recoveries += 1;
-        self.state = DstState::PostcopyRunning;
+        self.state = DstState::PostcopyRunning { restored };
         self.handle.emit(Event::Recovered { missing_pages: 0 });
         Ok(DestStatus::Continue)
     }
 
+    /// Post-copy: the next discard may name no page below `cursor`.
+    fn set_discard_cursor(&mut self, cursor: PageNum) {
+        if let DstState::Receiving(Some(sw)) = &mut self.state {
+            sw.discard_cursor = cursor;
+        }
+    }
+
     fn check_all_here(&self, total_pages: u64) -> Result<(), MigrationError> {
-        if !self.switched_over {
+        let switched = matches!(
+            self.state,
+            DstState::Receiving(Some(_)) | DstState::PostcopyRunning { .. }
+        );
+        if !switched {
             return Err(MigrationError::Incomplete(
                 "completion before the switch-over record".into(),
             ));
@@ -939,7 +988,11 @@ where
     ) -> Result<DestStatus, MigrationError> {
         let t0 = self.clock.now();
         self.check_all_here(total_pages)?;
-        let Some(state) = self.device_state.take() else {
+        let device_state = match &mut self.state {
+            DstState::Receiving(Some(sw)) => sw.device_state.take(),
+            _ => None,
+        };
+        let Some(state) = device_state else {
             return Err(MigrationError::Incomplete(
                 "no device state was sent".into(),
             ));
@@ -983,8 +1036,7 @@ where
             )));
         }
         self.restore_and_resume(&state, t0, t0)?;
-        self.restored_state = Some(state);
-        self.state = DstState::PostcopyRunning;
+        self.state = DstState::PostcopyRunning { restored: state };
         Ok(DestStatus::Resumed)
     }
 
@@ -1038,12 +1090,12 @@ where
         // The guest has been writing since it resumed, so the digest is of
         // what arrived, page by page, not of memory as it is now.
         let held = self.arrived_digest();
-        let Some(state) = self.restored_state.as_ref() else {
+        let DstState::PostcopyRunning { restored } = &self.state else {
             return Err(MigrationError::Incomplete(
                 "post-copy completion without a device state".into(),
             ));
         };
-        let actual = completion_digest(held, state);
+        let actual = completion_digest(held, restored);
         if actual != digest {
             return Err(MigrationError::DigestMismatch {
                 expected: digest,
