@@ -310,7 +310,7 @@ fn postcopy_between_two_processes_recovers_from_a_cut_mid_push() {
         );
         let pc = stats.postcopy.expect("a post-copy migration");
         println!(
-            "recovered: {} pages sent again, {:?} from the cut to the destination's answer, total {:?}",
+            "recovered: {} pages missing at the cut sent over the new connection, {:?} from the cut to the destination's answer, total {:?}",
             pc.recovered_pages, pc.recovery_time, stats.total_time
         );
         assert!(pc.recovered_pages > 0 && pc.recovered_pages < stats.guest_pages);
