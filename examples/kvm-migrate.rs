@@ -19,18 +19,33 @@
 //! stderr (a bar on a terminal), Ctrl-C cancels with the source guest
 //! running, `RUST_LOG=info` prints the migration's tracing spans (see
 //! `--help` for the exit statuses).
+//!
+//! With `--recover-timeout 30s` a post-copy or hybrid migration whose
+//! connection breaks after the switch-over goes on over a new one: the
+//! destination dials the source again, says which pages it holds, and
+//! the rest follows. `--test-cut-after-batches N` (for tests) cuts the
+//! connection at the N-th page batch of the push to show it:
+//!
+//! ```text
+//! cargo run --release --example kvm-migrate -- --policy postcopy --recover-timeout 30s --test-cut-after-batches 2000
+//! ```
 
 #[path = "common/steer.rs"]
 mod steer;
 
 use clap::{Parser, ValueEnum};
-use livemig::core::driver::{run_destination, run_source};
+use livemig::core::driver::{
+    run_destination, run_destination_recoverable, run_source, run_source_recoverable,
+};
+use livemig::core::protocol::RecordType;
 use livemig::core::tls::{self, TlsConfig, TlsSession};
+use livemig::core::transport::{accept_within, TransportError};
 use livemig::core::{
     Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, PolicyConfig, PolicyKind,
     Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
 };
 use livemig::kvm::{DirtyLog, KvmFaults, Pacing, TestVm};
+use livemig::sim::{Fault, FaultAt, FaultPlan, FaultyTransport};
 use livemig::units::{parse_duration, parse_rate, parse_size};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -135,6 +150,16 @@ struct Args {
     /// certificate against (default: the address it dials, 127.0.0.1).
     #[arg(long)]
     tls_name: Option<String>,
+    /// Post-copy recovery (post-copy and hybrid; both processes): when
+    /// the connection breaks after the switch-over, wait this long for a
+    /// new one (`30s`) instead of failing; the destination dials again.
+    #[arg(long, value_parser = parse_duration)]
+    recover_timeout: Option<Duration>,
+    /// For tests: cut the connection instead of sending the N-th page
+    /// batch of the post-copy push (with --recover-timeout, the migration
+    /// recovers; without, it fails with the outcome to settle).
+    #[arg(long)]
+    test_cut_after_batches: Option<usize>,
     /// Internal: which side this process is.
     #[arg(long, value_enum, default_value = "source", hide = true)]
     role: Role,
@@ -207,23 +232,43 @@ fn destination(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
         vm.memory().enable_postcopy().map_err(|e| e.to_string())?;
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let sock = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-    sock.set_nodelay(true).map_err(|e| e.to_string())?;
-    let mut t: Box<dyn Transport> = match tls_config(a)? {
-        // This side dials: it begins the session.
-        Some(cfg) => {
-            let mut session = TlsSession::initiator(&cfg).map_err(|e| e.to_string())?;
-            let name = a.tls_name.as_deref().unwrap_or(tls::host_of(addr));
-            Box::new(tls::connect(&cfg, sock, name, &mut session).map_err(|e| format!("TLS: {e}"))?)
-        }
-        None => Box::new(StreamTransport::new(sock).map_err(|e| e.to_string())?),
+    let tls = tls_config(a)?;
+    // This side dials: over TLS it begins the session, and a new
+    // connection after a break joins it.
+    let mut session = match &tls {
+        Some(cfg) => Some(TlsSession::initiator(cfg).map_err(|e| e.to_string())?),
+        None => None,
     };
+    let name = a
+        .tls_name
+        .as_deref()
+        .unwrap_or(tls::host_of(addr))
+        .to_owned();
+    let mut dial = || -> Result<Box<dyn Transport>, String> {
+        let sock = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+        sock.set_nodelay(true).map_err(|e| e.to_string())?;
+        Ok(match (&tls, session.as_mut()) {
+            (Some(cfg), Some(s)) => {
+                Box::new(tls::connect(cfg, sock, &name, s).map_err(|e| format!("TLS: {e}"))?)
+            }
+            _ => Box::new(StreamTransport::new(sock).map_err(|e| e.to_string())?),
+        })
+    };
+    let mut t = dial()?;
     let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock.clone());
     ctrlc.watch(&e.handle());
     let mut faults =
         KvmFaults::start(&vm.memory(), &vm.control(), clock).map_err(|e| e.to_string())?;
-    let report =
-        run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT).map_err(Failure::Migration)?;
+    let report = match a.recover_timeout {
+        Some(limit) => {
+            e.set_recover_timeout(Some(limit));
+            let mut again =
+                |_left: Duration| dial().map_err(|e| TransportError::Io(std::io::Error::other(e)));
+            run_destination_recoverable(&mut e, &mut t, Some(&mut faults), &mut again, TIMEOUT)
+        }
+        None => run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT),
+    }
+    .map_err(Failure::Migration)?;
     std::thread::sleep(a.settle);
     let reports = vm.reports();
     let first = reports.first();
@@ -234,6 +279,7 @@ fn destination(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
         "reports": reports.len(),
         "last-counter": reports.last().map(|r| r.value),
         "fault": vm.fault(),
+        "recoveries": report.recoveries,
         "postcopy": report.postcopy.map(|p| json!({
             "faults": p.faults, "duplicates": p.duplicates,
             "latency-p50-us": p.latency_p50_ns as f64 / 1e3,
@@ -255,6 +301,7 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     }
     let mut engine = EngineConfig::default();
     engine.verify = a.verify;
+    engine.recover_timeout = a.recover_timeout;
     a.steer.apply(&mut engine)?;
     let tls = tls_config(a)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
@@ -274,6 +321,9 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
         if let Some(n) = &a.tls_name {
             child.args(["--tls-name", n]);
         }
+    }
+    if let Some(limit) = a.recover_timeout {
+        child.args(["--recover-timeout", &format!("{}ms", limit.as_millis())]);
     }
     let mut child = child
         .args(["--role", "destination", "--connect", &addr.to_string()])
@@ -298,15 +348,28 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     let vm = TestVm::source_logged(a.mem, a.vcpus, a.wss / 4096, REPORT_EVERY, pacing(a), log)
         .map_err(|e| e.to_string())?;
     std::thread::sleep(a.settle);
-    let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let mut t: Box<dyn Transport> = match &tls {
-        Some(cfg) => Box::new(
-            tls::accept(cfg, stream, &mut TlsSession::acceptor())
-                .map_err(|e| format!("TLS: {e}"))?,
-        ),
-        None => Box::new(StreamTransport::new(stream).map_err(|e| e.to_string())?),
+    // Every connection of the migration joins one TLS session: the
+    // first fixes its id and the destination's certificate.
+    let mut session = TlsSession::acceptor();
+    let mut take = |stream: TcpStream| -> Result<Box<dyn Transport>, String> {
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        Ok(match &tls {
+            Some(cfg) => {
+                Box::new(tls::accept(cfg, stream, &mut session).map_err(|e| format!("TLS: {e}"))?)
+            }
+            None => Box::new(StreamTransport::new(stream).map_err(|e| e.to_string())?),
+        })
     };
+    let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
+    let plan = a.test_cut_after_batches.map(|nth| {
+        let at = FaultAt::NthOfTypeAfter {
+            after: RecordType::DeviceState as u8,
+            ty: RecordType::PageBatch as u8,
+            nth,
+        };
+        FaultPlan::new(Fault::Cut, at)
+    });
+    let mut t = FaultyTransport::new(take(stream)?, plan);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let target = a.downtime_target;
     let mut config = PolicyConfig::default();
@@ -323,7 +386,17 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     );
     ctrlc.watch(&e.handle());
     steer::show_progress(&e.handle(), true);
-    let stats = match run_source(&mut e, &mut t, TIMEOUT) {
+    let run = if a.recover_timeout.is_some() {
+        let mut again = |left: Duration| {
+            let s = accept_within(&listener, left)?;
+            let t = take(s).map_err(|e| TransportError::Io(std::io::Error::other(e)))?;
+            Ok(FaultyTransport::new(t, None))
+        };
+        run_source_recoverable(&mut e, &mut t, &mut again, TIMEOUT)
+    } else {
+        run_source(&mut e, &mut t, TIMEOUT)
+    };
+    let stats = match run {
         Ok(stats) => stats,
         Err(err) => {
             // The destination was told (an abort) and ends too.

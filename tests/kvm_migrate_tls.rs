@@ -33,7 +33,12 @@ fn tls_args(id: &TestIdentity, tag: &str) -> Vec<String> {
 
 fn kvm_migrate(args: &[String]) -> (std::process::ExitStatus, String) {
     let child = Command::new(common::example("kvm-migrate"))
-        .args(["--mem", "64MiB", "--wss", "16MiB", "--dirty-rate", "50MB/s"])
+        .args(["--mem", "64MiB", "--wss", "16MiB"])
+        .args(if args.iter().any(|a| a == "--dirty-rate") {
+            &[][..]
+        } else {
+            &["--dirty-rate", "50MB/s"][..]
+        })
         .args(["--settle", "100ms", "--json"])
         .args(args)
         .stdout(Stdio::piped())
@@ -46,13 +51,18 @@ fn kvm_migrate(args: &[String]) -> (std::process::ExitStatus, String) {
     )
 }
 
-fn migrates_over_tls(policy: &str) {
+fn migrates_over_tls(policy: &str) -> serde_json::Value {
+    migrates_over_tls_with(policy, &[])
+}
+
+fn migrates_over_tls_with(policy: &str, extra: &[&str]) -> serde_json::Value {
     if !common::have_kvm() {
-        return;
+        return serde_json::Value::Null;
     }
     let ca = TestCa::new("kvm-migrate test CA").unwrap();
     let mut args = tls_args(&ca.issue("host").unwrap(), policy);
     args.extend(["--policy".to_string(), policy.to_string()]);
+    args.extend(extra.iter().map(|a| a.to_string()));
     let (status, stdout) = kvm_migrate(&args);
     assert!(
         status.success(),
@@ -69,6 +79,7 @@ fn migrates_over_tls(policy: &str) {
         Some(32),
         "{k}"
     );
+    v
 }
 
 #[test]
@@ -79,6 +90,43 @@ fn kvm_guest_migrates_between_processes_over_mutual_tls() {
 #[test]
 fn kvm_guest_postcopy_migrates_between_processes_over_mutual_tls() {
     migrates_over_tls("postcopy");
+}
+
+/// The connection is cut mid-push (at the `batch`-th page batch of the
+/// post-copy): the destination dials again over TLS, in the same
+/// session, and the migration ends verified with the counter going on.
+fn recovers_over_tls(policy: &str, batch: &str, extra: &[&str]) {
+    let mut args = vec![
+        "--recover-timeout",
+        "60s",
+        "--test-cut-after-batches",
+        batch,
+    ];
+    args.extend(extra);
+    let v = migrates_over_tls_with(policy, &args);
+    if v.is_null() {
+        return;
+    }
+    assert_eq!(v["postcopy"]["recoveries"], 1, "{v}");
+    assert_eq!(v["kvm"]["destination"]["recoveries"], 1, "{v}");
+}
+
+#[test]
+fn kvm_guest_postcopy_recovers_from_a_cut_over_mutual_tls() {
+    // The 500th of 4,096.
+    recovers_over_tls("postcopy", "500", &[]);
+}
+
+#[test]
+fn kvm_guest_hybrid_recovers_from_a_cut_over_mutual_tls() {
+    // No downtime is short enough and the guest dirties its 16 MiB as
+    // fast as it can: the hybrid switches to post-copy after its rounds,
+    // with thousands of dirtied pages (hundreds of batches) to push.
+    recovers_over_tls(
+        "hybrid",
+        "3",
+        &["--downtime-target", "0ms", "--dirty-rate", "0"],
+    );
 }
 
 /// Both processes are given a certificate the other's CA did not issue:

@@ -49,6 +49,7 @@ pub fn example(name: &str) -> PathBuf {
             root.join("crates/migrate-core/Cargo.toml"),
             root.join("crates/backend-kvm/src"),
             root.join("crates/backend-kvm/Cargo.toml"),
+            root.join("crates/backend-sim/src"),
         ];
         let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
         let newest = sources.iter().filter_map(|p| newest_source(p)).max();

@@ -4,12 +4,17 @@
 mod common;
 
 use backend_kvm::{KvmFaults, TestVm};
+use backend_sim::{Fault, FaultAt, FaultPlan, FaultyTransport};
 use common::*;
 use migrate_core::digest::digest_memory;
-use migrate_core::driver::run_destination;
-use migrate_core::DestinationEngine;
+use migrate_core::driver::{
+    run_destination, run_destination_recoverable, run_source, run_source_recoverable,
+};
+use migrate_core::protocol::RecordType;
+use migrate_core::transport::{accept_within, StreamTransport, TransportError};
 use migrate_core::MigrationStats;
 use migrate_core::{Clock, PageSource, Policy, Precopy, StopAndCopy, SystemClock};
+use migrate_core::{DestinationEngine, EngineConfig, SourceEngine};
 use migrate_core::{DirtyBitmap, Hybrid, HybridConfig, PostCopy, PrecopyConfig};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +26,12 @@ const DEST_ENV: &str = "LIVEMIG_KVM_DESTINATION";
 const EVERY_ENV: &str = "LIVEMIG_KVM_REPORT_EVERY";
 /// Set (to the payload's pages a second, 0 for no limit) with `DEST_ENV`.
 const RATE_ENV: &str = "LIVEMIG_KVM_RATE";
+/// Set with `DEST_ENV` when the destination is to recover a post-copy
+/// whose connection breaks (it dials the source again).
+const RECOVER_ENV: &str = "LIVEMIG_KVM_RECOVER";
+
+/// How long either side waits for a new connection.
+const RECOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The destination process of the two-process tests: the parent test
 /// starts this test binary again running only this test, with `DEST_ENV`
@@ -37,10 +48,21 @@ fn destination_process() {
     // up front, and a pre-copy stream is placed through userfaultfd too.
     vm.memory().enable_postcopy().expect("userfaultfd");
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let mut t = migrate_core::StreamTransport::connect_tcp(&addr).expect("connect");
+    let mut t = StreamTransport::connect_tcp(&addr).expect("connect");
     let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock.clone());
     let mut faults = KvmFaults::start(&vm.memory(), &vm.control(), clock).expect("fault handler");
-    let report = run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT).expect("destination");
+    let report = if std::env::var_os(RECOVER_ENV).is_some() {
+        // The guest runs on while the link is down; its vCPUs that touch
+        // a missing page wait in userfaultfd until the page arrives.
+        e.set_recover_timeout(Some(RECOVER_TIMEOUT));
+        let mut again = |_left: Duration| -> Result<_, TransportError> {
+            Ok(StreamTransport::connect_tcp(&addr)?)
+        };
+        run_destination_recoverable(&mut e, &mut t, Some(&mut faults), &mut again, TIMEOUT)
+    } else {
+        run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT)
+    }
+    .expect("destination");
     assert_eq!(vm.memory().missing_pages(), 0);
     assert!(
         eventually(|| vm.reports().len() >= 3),
@@ -49,28 +71,36 @@ fn destination_process() {
     let r = vm.reports();
     let pc = report.postcopy.unwrap_or_default();
     println!(
-        "DESTINATION {} {} {} {} {}",
+        "DESTINATION {} {} {} {} {} {}",
         report.digest.unwrap(),
         r[0].value,
         vm.fault().is_none(),
         pc.faults,
-        pc.duplicates
+        pc.duplicates,
+        report.recoveries
     );
 }
 
 /// Migrates the payload (dirtying a 16 MiB working set at `rate` pages a
 /// second, or as fast as it can, and reporting every `every` pages) to a
-/// destination process with `policy`.
+/// destination process with `policy`. With `cut`, post-copy recovery is
+/// on and the connection is cut instead of sending that page batch of
+/// the push; the migration must go on over a new one.
 fn between_processes<P: Policy + 'static>(
     policy: P,
     every: u64,
     rate: Option<f64>,
     slow: bool,
+    cut: Option<usize>,
 ) -> MigrationStats {
     let _turn = serial();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let child = std::process::Command::new(std::env::current_exe().unwrap())
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    if cut.is_some() {
+        child.env(RECOVER_ENV, "1");
+    }
+    let child = child
         .args([
             "--ignored",
             "--exact",
@@ -88,11 +118,47 @@ fn between_processes<P: Policy + 'static>(
     let src = TestVm::source(MEM, 4096, every, rate).expect("source VM");
     assert!(eventually(|| src.reports().len() >= 5));
     let (stream, _) = listener.accept().unwrap();
-    let t = Slow {
-        inner: migrate_core::StreamTransport::new(stream).unwrap(),
-        per_frame: if slow { SLOW } else { Duration::ZERO },
+    let per_frame = if slow { SLOW } else { Duration::ZERO };
+    // The cut: the connection is dropped (both directions, as a failed
+    // link or a killed proxy would) instead of sending that page batch
+    // of the push, the n-th after the post-copy device state.
+    let link = |s, cut: Option<usize>| {
+        let plan = cut.map(|nth| {
+            let at = FaultAt::NthOfTypeAfter {
+                after: RecordType::DeviceState as u8,
+                ty: RecordType::PageBatch as u8,
+                nth,
+            };
+            FaultPlan::new(Fault::Cut, at)
+        });
+        let slow = Slow {
+            inner: StreamTransport::new(s).unwrap(),
+            per_frame,
+        };
+        FaultyTransport::new(slow, plan)
     };
-    let stats = source_side(&src, policy, Arc::new(SystemClock::new()), t);
+    let mut t = link(stream, cut);
+    let mut config = EngineConfig::default();
+    config.recover_timeout = cut.map(|_| RECOVER_TIMEOUT);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let mut e = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        policy,
+        clock,
+        config,
+    );
+    let stats = if cut.is_some() {
+        let mut again = |left: Duration| -> Result<_, TransportError> {
+            Ok(link(accept_within(&listener, left)?, None))
+        };
+        run_source_recoverable(&mut e, &mut t, &mut again, TIMEOUT)
+    } else {
+        run_source(&mut e, &mut t, TIMEOUT)
+    }
+    .expect("source");
+    drop(t);
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "destination process failed: {text}");
@@ -117,8 +183,23 @@ fn between_processes<P: Policy + 'static>(
     assert!(stats.memory_verified && stats.downtime > Duration::ZERO);
     if let Some(pc) = &stats.postcopy {
         let faults: u64 = f[4].parse().unwrap();
-        assert_eq!(pc.requests, faults, "each fault was one request");
+        if cut.is_some() {
+            // Faults outstanding at the cut are asked for again.
+            assert!(
+                pc.requests >= faults,
+                "{} requests, {faults} faults",
+                pc.requests
+            );
+        } else {
+            assert_eq!(pc.requests, faults, "each fault was one request");
+        }
         assert_eq!(f[5], "0", "no page placed twice");
+        let recoveries: u32 = f[6].parse().unwrap();
+        let expected = u32::from(cut.is_some());
+        assert_eq!(pc.recoveries, expected, "recoveries on the source");
+        assert_eq!(recoveries, expected, "recoveries on the destination");
+    } else {
+        assert!(cut.is_none(), "a cut test must switch to post-copy");
     }
     stats
 }
@@ -126,7 +207,7 @@ fn between_processes<P: Policy + 'static>(
 #[test]
 fn precopy_between_two_processes() {
     if have_kvm() {
-        let stats = between_processes(Precopy::default(), 1 << 10, Some(20_000.0), false);
+        let stats = between_processes(Precopy::default(), 1 << 10, Some(20_000.0), false, None);
         assert!(stats.postcopy.is_none());
     }
 }
@@ -134,7 +215,7 @@ fn precopy_between_two_processes() {
 #[test]
 fn stop_and_copy_between_two_processes() {
     if have_kvm() {
-        between_processes(StopAndCopy, 1 << 10, Some(20_000.0), false);
+        between_processes(StopAndCopy, 1 << 10, Some(20_000.0), false, None);
     }
 }
 
@@ -146,6 +227,7 @@ fn hca_between_two_processes() {
             1 << 10,
             Some(20_000.0),
             false,
+            None,
         );
     }
 }
@@ -153,7 +235,7 @@ fn hca_between_two_processes() {
 #[test]
 fn postcopy_between_two_processes_sends_each_page_once() {
     if have_kvm() {
-        let stats = between_processes(PostCopy::default(), 1 << 10, Some(20_000.0), true);
+        let stats = between_processes(PostCopy::default(), 1 << 10, Some(20_000.0), true, None);
         let pc = stats.postcopy.expect("a post-copy migration");
         assert_eq!(
             stats.total_pages_sent, stats.guest_pages,
@@ -209,8 +291,42 @@ fn hybrid_between_two_processes() {
     if have_kvm() {
         // A guest that never stops writing, so that every pre-copy round
         // finds pages dirtied.
-        let stats = between_processes(forced_hybrid(), 1 << 16, None, false);
+        let stats = between_processes(forced_hybrid(), 1 << 16, None, false, None);
         assert!(stats.postcopy.is_some(), "{:?}", stats.switch_reason);
         assert!(stats.rounds.len() >= 2, "pre-copy rounds came first");
+    }
+}
+
+#[test]
+fn postcopy_between_two_processes_recovers_from_a_cut_mid_push() {
+    if have_kvm() {
+        // 1,024 batches in all; the link goes after 300 of them.
+        let stats = between_processes(
+            PostCopy::default(),
+            1 << 10,
+            Some(20_000.0),
+            true,
+            Some(300),
+        );
+        let pc = stats.postcopy.expect("a post-copy migration");
+        println!(
+            "recovered: {} pages missing at the cut sent over the new connection, {:?} from the cut to the destination's answer, total {:?}",
+            pc.recovered_pages, pc.recovery_time, stats.total_time
+        );
+        assert!(pc.recovered_pages > 0 && pc.recovered_pages < stats.guest_pages);
+        assert!(pc.recovery_time > Duration::ZERO);
+    }
+}
+
+#[test]
+fn hybrid_between_two_processes_recovers_from_a_cut_mid_push() {
+    if have_kvm() {
+        // The guest dirties its 16 MiB as fast as it can: the push after
+        // the switch has what it dirtied in the last round (thousands of
+        // pages on an idle host, far fewer on a loaded one); the link goes
+        // at the third batch (48 pages).
+        let stats = between_processes(forced_hybrid(), 1 << 16, None, true, Some(3));
+        assert!(stats.rounds.len() >= 2, "pre-copy rounds came first");
+        assert_eq!(stats.postcopy.expect("post-copy").recoveries, 1);
     }
 }

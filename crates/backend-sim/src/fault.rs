@@ -53,6 +53,17 @@ pub enum FaultAt {
     Index(usize),
     /// The first frame whose record type code is this.
     FirstOfType(u8),
+    /// The `nth` frame (from 1) of record type `ty` sent after the first
+    /// frame of type `after`: say, the 300th page batch of a post-copy
+    /// push (after the device state).
+    NthOfTypeAfter {
+        /// The record type that starts the count.
+        after: u8,
+        /// The record type counted.
+        ty: u8,
+        /// Which one, from 1.
+        nth: usize,
+    },
 }
 
 /// A fault and the frame it hits.
@@ -80,6 +91,9 @@ pub struct FaultyTransport<T: Transport> {
     plan: Option<FaultPlan>,
     sent: usize,
     fired: bool,
+    /// For [`FaultAt::NthOfTypeAfter`]: frames of the counted type since
+    /// the one that starts the count (`None` before it).
+    counted: Option<usize>,
 }
 
 impl<T: Transport> FaultyTransport<T> {
@@ -90,6 +104,7 @@ impl<T: Transport> FaultyTransport<T> {
             plan,
             sent: 0,
             fired: false,
+            counted: None,
         }
     }
 
@@ -103,14 +118,28 @@ impl<T: Transport> FaultyTransport<T> {
         self.fired
     }
 
-    fn hits(&self, frame: &[u8]) -> Option<Fault> {
+    fn hits(&mut self, frame: &[u8]) -> Option<Fault> {
         let plan = self.plan?;
         if self.fired {
             return None;
         }
+        let ty = frame.first().copied();
         let hit = match plan.at {
             FaultAt::Index(i) => i == self.sent,
-            FaultAt::FirstOfType(t) => frame.first() == Some(&t),
+            FaultAt::FirstOfType(t) => ty == Some(t),
+            FaultAt::NthOfTypeAfter { after, ty: t, nth } => match self.counted.as_mut() {
+                Some(n) if ty == Some(t) => {
+                    *n += 1;
+                    *n == nth
+                }
+                Some(_) => false,
+                None => {
+                    if ty == Some(after) {
+                        self.counted = Some(0);
+                    }
+                    false
+                }
+            },
         };
         hit.then_some(plan.fault)
     }
@@ -164,5 +193,9 @@ impl<T: Transport> Transport for FaultyTransport<T> {
         if let Some(t) = self.inner.as_mut() {
             t.set_send_timeout(timeout);
         }
+    }
+
+    fn close(&mut self) {
+        self.inner = None;
     }
 }

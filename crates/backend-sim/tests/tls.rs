@@ -3,7 +3,7 @@
 //! bound to another session). Certificates are made at test time.
 
 mod common;
-use common::{guests, source_engine, spawn_destination, TIMEOUT};
+use common::{guests, recovering_postcopy_source, source_engine, spawn_destination, TIMEOUT};
 use migrate_core::driver::run_source;
 use migrate_core::tls::test_pki::{TestCa, TestIdentity};
 use migrate_core::tls::{self, TlsConfig, TlsError, TlsSession, TlsStream};
@@ -294,4 +294,80 @@ fn bad_pem_is_a_config_error() {
         "/nonexistent/ca.pem".as_ref(),
     );
     assert!(matches!(r, Err(TlsError::Config(_))), "{r:?}");
+}
+
+#[test]
+fn postcopy_recovers_over_a_new_tls_connection_of_the_same_session() {
+    use backend_sim::{Fault, FaultAt, FaultPlan, FaultyTransport};
+    use migrate_core::driver::{run_destination_recoverable, run_source_recoverable};
+    use migrate_core::protocol::RecordType;
+    use migrate_core::transport::{accept_within, TransportError};
+    use migrate_core::DestinationEngine;
+
+    type Link = FaultyTransport<StreamTransport<TlsStream>>;
+    let tls_err = |e: TlsError| TransportError::Io(std::io::Error::other(e));
+    let p = pki();
+    let (src_cfg, dst_cfg) = (p.src.config().unwrap(), p.dst.config().unwrap());
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (src, dst, clock) = guests(4 << 20, 5_000.0);
+    let (d, c) = (dst.clone(), clock.clone());
+    let dest = std::thread::spawn(move || {
+        // Every connection of the migration joins one session: the
+        // first fixes its id and the source's certificate.
+        let mut session = TlsSession::acceptor();
+        let s = accept_within(&l, TIMEOUT).unwrap();
+        let mut t = FaultyTransport::new(tls::accept(&dst_cfg, s, &mut session).unwrap(), None);
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        e.set_recover_timeout(Some(TIMEOUT));
+        let mut refused = 0;
+        let mut again = |left: Duration| -> Result<Link, TransportError> {
+            let s = accept_within(&l, left)?;
+            match tls::accept(&dst_cfg, s, &mut session) {
+                Ok(t) => Ok(FaultyTransport::new(t, None)),
+                Err(e) => {
+                    refused += 1;
+                    Err(tls_err(e))
+                }
+            }
+        };
+        let r = run_destination_recoverable(&mut e, &mut t, None, &mut again, TIMEOUT);
+        (r, refused, session.connections())
+    });
+    let mut session = TlsSession::initiator(&src_cfg).unwrap();
+    let sock = TcpStream::connect(addr).unwrap();
+    let first = tls::connect(&src_cfg, sock, "localhost", &mut session).unwrap();
+    // The first page batch of the push never arrives: the link is cut.
+    let plan = FaultPlan::new(
+        Fault::Cut,
+        FaultAt::FirstOfType(RecordType::PageBatch as u8),
+    );
+    let mut t = FaultyTransport::new(first, Some(plan));
+    let mut e = recovering_postcopy_source(&src, clock, TIMEOUT);
+    let mut intruded = false;
+    let mut again = |_left: Duration| -> Result<Link, TransportError> {
+        if !intruded {
+            // A holder of a certificate from the same CA, in another
+            // session, is refused by the TLS binding before any record.
+            intruded = true;
+            let other = p.src.config().unwrap();
+            let mut theirs = TlsSession::initiator(&other).unwrap();
+            let sock = TcpStream::connect(addr)?;
+            let r = tls::connect(&other, sock, "localhost", &mut theirs);
+            assert!(matches!(r, Err(TlsError::SessionMismatch)), "{r:?}");
+        }
+        let sock = TcpStream::connect(addr)?;
+        let t = tls::connect(&src_cfg, sock, "localhost", &mut session).map_err(tls_err)?;
+        Ok(FaultyTransport::new(t, None))
+    };
+    let stats = run_source_recoverable(&mut e, &mut t, &mut again, TIMEOUT).expect("source");
+    let (report, refused, connections) = dest.join().unwrap();
+    let report = report.expect("destination");
+    assert_eq!(stats.postcopy.unwrap().recoveries, 1);
+    assert_eq!(report.recoveries, 1);
+    assert_eq!(refused, 1, "the other session's connection was refused");
+    assert_eq!(connections, 2, "two connections of one session");
+    assert_eq!(report.digest.unwrap(), src.digest());
+    assert_eq!(dst.absent_pages(), 0);
+    assert!(src.is_paused() && !dst.is_paused());
 }

@@ -54,9 +54,112 @@ where
     P: Policy,
     X: Transport + ?Sized,
 {
+    drive_source(engine, transport, None, peer_timeout)
+}
+
+/// How a driver gets a new connection to the same peer after a
+/// post-copy's connection broke: the side that dialled dials again, the
+/// other accepts again (over TLS, bound to the same `tls::TlsSession`
+/// when the feature is on). Any `FnMut(Duration) -> Result<X,
+/// TransportError>` is one.
+pub trait Reconnect<X> {
+    /// A new connection, waiting at most `timeout` for it. An error is
+    /// not the end: the driver tries again until the engine's recovery
+    /// timeout.
+    fn reconnect(&mut self, timeout: Duration) -> Result<X, TransportError>;
+}
+
+impl<X, F> Reconnect<X> for F
+where
+    F: FnMut(Duration) -> Result<X, TransportError>,
+{
+    fn reconnect(&mut self, timeout: Duration) -> Result<X, TransportError> {
+        self(timeout)
+    }
+}
+
+/// How long a driver waits between attempts at a new connection.
+pub const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
+
+/// [`run_source`], recovering a post-copy whose connection breaks: with
+/// [`crate::EngineConfig::recover_timeout`] set, when the connection
+/// breaks after the switch-over (the transport fails, the destination
+/// stays silent past the peer timeout, or a frame from it arrives cut,
+/// altered, lost or repeated) the driver closes it and asks `reconnect`
+/// for a new one until the recovery timeout, replacing `transport`; the
+/// destination then says which pages it holds, and the push goes on
+/// with the rest. Past the recovery timeout the source fails with
+/// [`MigrationError::OutcomeUnknown`], its guest paused (see
+/// `docs/postcopy.md`, *Recovery*). Before the switch-over a failure is
+/// handled as by [`run_source`].
+pub fn run_source_recoverable<T, S, G, P, X>(
+    engine: &mut SourceEngine<T, S, G, P>,
+    transport: &mut X,
+    reconnect: &mut dyn Reconnect<X>,
+    peer_timeout: Duration,
+) -> Result<MigrationStats, MigrationError>
+where
+    T: DirtyTracker,
+    S: PageSource,
+    G: GuestControl,
+    P: Policy,
+    X: Transport,
+{
+    let mut again = |t: &mut X, timeout: Duration| -> Result<(), TransportError> {
+        *t = reconnect.reconnect(timeout)?;
+        Ok(())
+    };
+    drive_source(engine, transport, Some(&mut again), peer_timeout)
+}
+
+/// Replaces a transport with a new connection, waiting at most the time
+/// given.
+type Relink<'a, X> = &'a mut dyn FnMut(&mut X, Duration) -> Result<(), TransportError>;
+
+/// A frame for the source engine: `Ok` also when the link broke and the
+/// engine now waits for a new connection.
+fn source_frame<T, S, G, P>(
+    engine: &mut SourceEngine<T, S, G, P>,
+    frame: &[u8],
+) -> Result<(), MigrationError>
+where
+    T: DirtyTracker,
+    S: PageSource,
+    G: GuestControl,
+    P: Policy,
+{
+    match engine.handle_frame(frame) {
+        Err(_) if engine.needs_connection() => Ok(()),
+        r => r,
+    }
+}
+
+fn drive_source<T, S, G, P, X>(
+    engine: &mut SourceEngine<T, S, G, P>,
+    transport: &mut X,
+    mut relink: Option<Relink<'_, X>>,
+    peer_timeout: Duration,
+) -> Result<MigrationStats, MigrationError>
+where
+    T: DirtyTracker,
+    S: PageSource,
+    G: GuestControl,
+    P: Policy,
+    X: Transport + ?Sized,
+{
     transport.set_send_timeout(Some(peer_timeout));
     engine.set_peer_timeout(Some(peer_timeout));
     loop {
+        if engine.needs_connection() {
+            transport.close();
+            let Some(relink) = relink.as_mut() else {
+                return Err(engine.fail(MigrationError::InvalidUse(
+                    "post-copy recovery needs a driver that reconnects",
+                )));
+            };
+            source_reconnect(engine, transport, &mut **relink, peer_timeout)?;
+            continue;
+        }
         let step = match engine.poll() {
             Ok(s) => s,
             Err(e) => {
@@ -73,10 +176,22 @@ where
                     // resume.
                     let grace = peer_timeout.min(SEND_FAILURE_GRACE);
                     while let Ok(Some(f)) = transport.recv(Some(grace)) {
-                        engine.handle_frame(&f)?;
+                        source_frame(engine, &f)?;
                         if let Some(stats) = engine.stats() {
                             return Ok(stats.clone());
                         }
+                        if engine.needs_connection() {
+                            break;
+                        }
+                    }
+                    if engine.needs_connection() {
+                        continue;
+                    }
+                    // After the switch-over, with recovery on, the
+                    // post-copy waits for a new connection.
+                    if !engine.last_was_commit() && engine.recoverable() {
+                        engine.connection_lost(e.into())?;
+                        continue;
                     }
                     // A failed send delivered no whole frame (the
                     // transport contract): if this was the point-of-no-
@@ -85,9 +200,9 @@ where
                 }
                 // Pick up an early abort from the destination.
                 match transport.recv(Some(Duration::ZERO)) {
-                    Ok(Some(f)) => engine.handle_frame(&f)?,
+                    Ok(Some(f)) => source_frame(engine, &f)?,
                     Ok(None) => {}
-                    Err(e) => return Err(engine.fail(e.into())),
+                    Err(e) => engine.connection_lost(e.into())?,
                 }
             }
             SourceStep::Wait => {
@@ -99,13 +214,13 @@ where
                     .map_or(CONTROL_TICK, |t| t.saturating_sub(now))
                     .min(CONTROL_TICK);
                 match transport.recv(Some(wait)) {
-                    Ok(Some(f)) => engine.handle_frame(&f)?,
+                    Ok(Some(f)) => source_frame(engine, &f)?,
                     Ok(None) => {
                         // A destination that gave up waiting for us (its
                         // timer started before ours) says so with an
                         // abort: wait a little for it before calling the
                         // outcome unknown.
-                        if engine.peer_timed_out() && engine.committed() {
+                        if engine.peer_timed_out() && engine.committed() && !engine.recoverable() {
                             if let Ok(Some(f)) = transport.recv(Some(SEND_FAILURE_GRACE)) {
                                 engine.handle_frame(&f)?;
                                 continue;
@@ -116,7 +231,7 @@ where
                             return Err(e);
                         }
                     }
-                    Err(e) => return Err(engine.fail(e.into())),
+                    Err(e) => engine.connection_lost(e.into())?,
                 }
             }
             SourceStep::Done => {
@@ -124,6 +239,42 @@ where
                     .stats()
                     .cloned()
                     .ok_or(MigrationError::InvalidUse("done without statistics"))
+            }
+        }
+    }
+}
+
+/// Post-copy recovery on the source: a new connection, tried until the
+/// engine's recovery timeout.
+fn source_reconnect<T, S, G, P, X>(
+    engine: &mut SourceEngine<T, S, G, P>,
+    transport: &mut X,
+    relink: &mut dyn FnMut(&mut X, Duration) -> Result<(), TransportError>,
+    peer_timeout: Duration,
+) -> Result<(), MigrationError>
+where
+    T: DirtyTracker,
+    S: PageSource,
+    G: GuestControl,
+    P: Policy,
+    X: Transport + ?Sized,
+{
+    loop {
+        // Fails once the recovery timeout has passed.
+        engine.handle_timeout()?;
+        let now = engine.now();
+        let left = engine
+            .poll_timeout()
+            .map_or(peer_timeout, |t| t.saturating_sub(now))
+            .max(Duration::from_millis(1));
+        match relink(transport, left) {
+            Ok(()) => {
+                transport.set_send_timeout(Some(peer_timeout));
+                return engine.reconnected();
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no new connection to the destination yet");
+                std::thread::sleep(RECONNECT_PAUSE.min(left));
             }
         }
     }
@@ -186,10 +337,63 @@ where
     G: GuestControl,
     X: Transport + ?Sized,
 {
-    let Some(source) = faults else {
-        return drive_destination(engine, transport, None, peer_timeout);
+    serve_destination(engine, transport, faults, None, peer_timeout)
+}
+
+/// [`run_destination`], recovering a post-copy whose connection breaks:
+/// with [`DestinationEngine::set_recover_timeout`] set and a source that
+/// named its session, when the connection breaks after the guest resumed
+/// here (the transport fails, the source stays silent past the peer
+/// timeout, or a frame arrives cut, altered, lost or repeated) the guest
+/// runs on — a vCPU that needs a missing page waits, its fault recorded —
+/// and the driver closes the connection and asks `reconnect` for a new
+/// one (it accepts the source's next connection), replacing `transport`.
+/// A connection that does not resume this session is dropped and the wait
+/// goes on. On the source's return the destination says which pages it
+/// holds, asks again for the faults outstanding, and the migration ends
+/// as usual. Past the recovery timeout it fails with
+/// [`MigrationError::SourceLost`] and calls [`FaultSource::abandon`].
+pub fn run_destination_recoverable<K, G, X>(
+    engine: &mut DestinationEngine<K, G>,
+    transport: &mut X,
+    faults: Option<&mut dyn FaultSource>,
+    reconnect: &mut dyn Reconnect<X>,
+    peer_timeout: Duration,
+) -> Result<DestinationReport, MigrationError>
+where
+    K: PageSink + PageSource,
+    G: GuestControl,
+    X: Transport,
+{
+    let mut again = |t: &mut X, timeout: Duration| -> Result<(), TransportError> {
+        *t = reconnect.reconnect(timeout)?;
+        Ok(())
     };
-    match drive_destination(engine, transport, Some(source.faults()), peer_timeout) {
+    serve_destination(engine, transport, faults, Some(&mut again), peer_timeout)
+}
+
+fn serve_destination<K, G, X>(
+    engine: &mut DestinationEngine<K, G>,
+    transport: &mut X,
+    faults: Option<&mut dyn FaultSource>,
+    relink: Option<Relink<'_, X>>,
+    peer_timeout: Duration,
+) -> Result<DestinationReport, MigrationError>
+where
+    K: PageSink + PageSource,
+    G: GuestControl,
+    X: Transport + ?Sized,
+{
+    let Some(source) = faults else {
+        return drive_destination(engine, transport, None, relink, peer_timeout);
+    };
+    match drive_destination(
+        engine,
+        transport,
+        Some(source.faults()),
+        relink,
+        peer_timeout,
+    ) {
         Ok(report) => {
             source.finish()?;
             Ok(report)
@@ -222,6 +426,7 @@ fn drive_destination<K, G, X>(
     engine: &mut DestinationEngine<K, G>,
     transport: &mut X,
     faults: Option<&Receiver<Faults>>,
+    mut relink: Option<Relink<'_, X>>,
     peer_timeout: Duration,
 ) -> Result<DestinationReport, MigrationError>
 where
@@ -232,8 +437,28 @@ where
     transport.set_send_timeout(Some(peer_timeout));
     engine.set_peer_timeout(Some(peer_timeout));
     let mut confirmed = false;
+    // Recovering: whether the connection in hand is to be replaced, and
+    // when the one in hand came (a new one that does not resume the
+    // session within the peer timeout is dropped).
+    let mut need_link = false;
+    let mut linked_at = engine.now();
     loop {
-        let serving = faults.filter(|_| engine.in_postcopy());
+        if engine.recovering()
+            && (need_link || engine.now().saturating_sub(linked_at) >= peer_timeout)
+        {
+            transport.close();
+            let Some(relink) = relink.as_mut() else {
+                engine.fail();
+                return Err(MigrationError::SourceLost(
+                    "the connection broke and this driver does not reconnect".into(),
+                ));
+            };
+            destination_reconnect(engine, transport, faults, &mut **relink, peer_timeout)?;
+            need_link = false;
+            linked_at = engine.now();
+            continue;
+        }
+        let serving = faults.filter(|_| engine.in_postcopy() && !engine.recovering());
         if let Some(rx) = serving {
             while let Ok(f) = rx.try_recv() {
                 if let Err(e) = engine.request_pages_at(&f.pages, f.at) {
@@ -244,10 +469,16 @@ where
             }
             while let Some(request) = engine.poll_transmit() {
                 if let Err(e) = transport.send(&request) {
-                    return Err(lost(engine, e));
+                    engine.connection_lost(e.into())?;
+                    need_link = true;
+                    break;
                 }
             }
+            if need_link {
+                continue;
+            }
         }
+        let was_recovering = engine.recovering();
         if let Err(e) = engine.handle_timeout() {
             if !engine.resumed() {
                 // Tell the source, in sequence, that the guest was not
@@ -255,6 +486,11 @@ where
                 let _ = transport.send(&engine.abort_frame(&e.to_string()));
             }
             return Err(e);
+        }
+        if engine.recovering() && !was_recovering {
+            // The source was silent past the peer timeout.
+            need_link = true;
+            continue;
         }
         let wait = if serving.is_some() {
             FAULT_POLL
@@ -268,10 +504,20 @@ where
         let frame = match transport.recv(Some(wait)) {
             Ok(Some(f)) => f,
             Ok(None) => continue,
-            Err(e) => return Err(lost(engine, e)),
+            Err(e) => {
+                engine.connection_lost(e.into())?;
+                need_link = true;
+                continue;
+            }
         };
         let status = match engine.handle_frame(&frame) {
             Ok(s) => s,
+            Err(_) if engine.recovering() => {
+                // The link broke, or a new connection was not the
+                // session's: wait for another.
+                need_link = true;
+                continue;
+            }
             Err(e) => {
                 let _ = transport.send(&engine.abort_frame(&e.to_string()));
                 return Err(e);
@@ -285,17 +531,16 @@ where
             }
         }
         match status {
-            DestStatus::Continue => {
+            DestStatus::Continue | DestStatus::Resumed => {
                 if let Some(e) = send_error {
-                    return Err(lost(engine, e));
+                    engine.connection_lost(e.into())?;
+                    need_link = true;
+                    continue;
                 }
-            }
-            DestStatus::Resumed => {
-                // Post-copy: the guest runs here now; the pages follow.
-                if let Some(e) = send_error {
-                    return Err(lost(engine, e));
+                if status == DestStatus::Resumed {
+                    // Post-copy: the guest runs here now; the pages follow.
+                    confirmed = true;
                 }
-                confirmed = true;
             }
             DestStatus::Completed => {
                 // The guest runs here now, whatever happens to the reply.
@@ -314,18 +559,48 @@ where
     }
 }
 
-fn lost<K, G>(engine: &mut DestinationEngine<K, G>, e: TransportError) -> MigrationError
+/// Post-copy recovery on the destination: a new connection, tried
+/// until the engine's recovery timeout, with the guest's faults recorded
+/// meanwhile.
+fn destination_reconnect<K, G, X>(
+    engine: &mut DestinationEngine<K, G>,
+    transport: &mut X,
+    faults: Option<&Receiver<Faults>>,
+    relink: &mut dyn FnMut(&mut X, Duration) -> Result<(), TransportError>,
+    peer_timeout: Duration,
+) -> Result<(), MigrationError>
 where
     K: PageSink + PageSource,
     G: GuestControl,
+    X: Transport + ?Sized,
 {
-    let postcopy = engine.in_postcopy();
-    engine.fail();
-    if postcopy {
-        MigrationError::SourceLost(format!(
-            "{e}; the guest runs here without all of its memory and cannot go on"
-        ))
-    } else {
-        e.into()
+    loop {
+        if let Some(rx) = faults {
+            while let Ok(f) = rx.try_recv() {
+                engine.request_pages_at(&f.pages, f.at)?;
+            }
+        }
+        // Fails once the recovery timeout has passed.
+        engine.handle_timeout()?;
+        let now = engine.now();
+        let left = engine
+            .poll_timeout()
+            .map_or(peer_timeout, |t| t.saturating_sub(now))
+            .clamp(Duration::from_millis(1), RECOVERY_TICK);
+        match relink(transport, left) {
+            Ok(()) => {
+                transport.set_send_timeout(Some(peer_timeout));
+                return Ok(());
+            }
+            Err(TransportError::Timeout(_)) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "no new connection from the source yet");
+                std::thread::sleep(RECONNECT_PAUSE.min(left));
+            }
+        }
     }
 }
+
+/// How long a recovering destination waits for a connection at a time
+/// before it looks at the guest's faults and its timers again.
+const RECOVERY_TICK: Duration = Duration::from_millis(100);

@@ -118,6 +118,10 @@ pub enum MigrationError {
     /// [`crate::MigrationHandle`] before the point of no return.
     #[error("cancelled")]
     Cancelled,
+    /// A connection that asked to resume a post-copy named another
+    /// migration session: it was refused, and the migration waits on.
+    #[error("the connection names another migration session")]
+    SessionMismatch,
 }
 
 impl MigrationError {
@@ -131,8 +135,27 @@ impl MigrationError {
             | MigrationError::UnexpectedRecord { .. }
             | MigrationError::PageOutOfRange(_)
             | MigrationError::DigestMismatch { .. }
-            | MigrationError::Incomplete(_) => ErrorKind::PeerMisbehaved,
+            | MigrationError::Incomplete(_)
+            | MigrationError::SessionMismatch => ErrorKind::PeerMisbehaved,
             _ => ErrorKind::Abort,
+        }
+    }
+
+    /// Whether the error says the link broke (the connection failed or
+    /// timed out, or a frame on it was cut, altered, lost or repeated)
+    /// rather than that the peer refused or the migration cannot go on:
+    /// a post-copy may resume over a new connection after it.
+    pub(crate) fn is_link_failure(&self) -> bool {
+        match self {
+            MigrationError::Transport(_) => true,
+            MigrationError::Protocol(p) => matches!(
+                p,
+                ProtocolError::FrameChecksum { .. }
+                    | ProtocolError::OutOfSequence { .. }
+                    | ProtocolError::Truncated { .. }
+                    | ProtocolError::ChecksumMismatch { .. }
+            ),
+            _ => false,
         }
     }
 

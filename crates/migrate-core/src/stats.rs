@@ -236,6 +236,19 @@ pub struct PostcopyStats {
     /// Resume on the destination until the last page arrived.
     #[serde(with = "ms", rename = "postcopy-time-ms")]
     pub duration: Duration,
+    /// Times the connection broke after the switch-over and the
+    /// migration went on over a new one.
+    #[serde(default)]
+    pub recoveries: u32,
+    /// Pages the destination did not hold when a new connection took
+    /// over, summed over recoveries: sent after it (those sent before the
+    /// break were lost with the link).
+    #[serde(default)]
+    pub recovered_pages: u64,
+    /// Time from each break of the connection to the destination's
+    /// answer on the new one (the push resumes then), summed.
+    #[serde(default, with = "ms", rename = "recovery-time-ms")]
+    pub recovery_time: Duration,
 }
 
 /// Totals of one migration, with its rounds.
@@ -454,6 +467,16 @@ impl fmt::Display for MigrationStats {
                 ms(p.vcpu_stall),
                 ms(p.duration)
             )?;
+            if p.recoveries > 0 {
+                writeln!(
+                    f,
+                    "recovered: {} broken connection{}, {:.3} ms from the break to the push resuming, {} pages missing then",
+                    p.recoveries,
+                    if p.recoveries == 1 { "" } else { "s" },
+                    ms(p.recovery_time),
+                    p.recovered_pages
+                )?;
+            }
         }
         write!(
             f,

@@ -9,7 +9,7 @@
 use crate::protocol::MAX_FRAME_LEN;
 use bytes::Bytes;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
@@ -66,6 +66,11 @@ pub trait Transport: Send {
     fn set_send_timeout(&mut self, timeout: Option<Duration>) {
         let _ = timeout;
     }
+
+    /// Closes the connection now, so the peer sees it end: every later
+    /// `send` fails. A driver that gives up on a connection calls it
+    /// before it waits for a new one. The provided method does nothing.
+    fn close(&mut self) {}
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
@@ -77,6 +82,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn set_send_timeout(&mut self, timeout: Option<Duration>) {
         (**self).set_send_timeout(timeout)
+    }
+    fn close(&mut self) {
+        (**self).close()
     }
 }
 
@@ -267,6 +275,36 @@ impl StreamTransport<UnixStream> {
     }
 }
 
+/// Waits at most `timeout` for a connection on `listener` (a TCP
+/// listener has no accept timeout of its own): a destination waiting for
+/// its source to connect again uses it. The listener is left
+/// non-blocking; the stream returned blocks.
+pub fn accept_within(
+    listener: &TcpListener,
+    timeout: Duration,
+) -> Result<TcpStream, TransportError> {
+    listener.set_nonblocking(true)?;
+    let end = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let now = Instant::now();
+                if now >= end {
+                    return Err(TransportError::Timeout(timeout));
+                }
+                std::thread::sleep((end - now).min(Duration::from_millis(5)));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 fn read_frame<R: Read>(r: &mut R) -> Result<Bytes, TransportError> {
     let mut len = [0u8; 4];
     if let Err(e) = r.read_exact(&mut len) {
@@ -349,6 +387,11 @@ impl<S: SplitStream> Transport for StreamTransport<S> {
         if self.writer.set_write_limit(timeout).is_ok() {
             self.send_timeout = timeout;
         }
+    }
+
+    fn close(&mut self) {
+        self.broken = true;
+        self.writer.shutdown_both();
     }
 }
 

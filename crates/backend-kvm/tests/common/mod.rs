@@ -196,6 +196,12 @@ impl<T: Transport> Transport for Slow<T> {
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
         self.inner.recv(timeout)
     }
+    fn set_send_timeout(&mut self, timeout: Option<Duration>) {
+        self.inner.set_send_timeout(timeout)
+    }
+    fn close(&mut self) {
+        self.inner.close()
+    }
 }
 
 /// 300 µs a frame: about 0.3 s for the 1,024 frames of 64 MiB, time

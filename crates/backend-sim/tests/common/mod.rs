@@ -51,6 +51,25 @@ pub fn source_engine<P: Policy>(
     )
 }
 
+/// A post-copy source engine over `src` that waits up to `recover` for
+/// a new connection when its connection breaks after the switch-over.
+pub fn recovering_postcopy_source(
+    src: &SimGuest,
+    clock: Arc<dyn Clock>,
+    recover: Duration,
+) -> SourceEngine<SimTracker, SimPages, SimControl, migrate_core::PostCopy> {
+    let mut cfg = EngineConfig::default();
+    cfg.recover_timeout = Some(recover);
+    SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        migrate_core::PostCopy::default(),
+        clock,
+        cfg,
+    )
+}
+
 /// Runs a destination engine for `dst` over `t` on its own thread.
 pub fn spawn_destination<T: Transport + 'static>(
     dst: &SimGuest,

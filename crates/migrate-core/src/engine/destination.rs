@@ -38,6 +38,9 @@ pub struct DestinationReport {
     /// means the guest runs here but the source may not know: it stays
     /// paused, and the operator must not resume it.
     pub resume_confirmed: bool,
+    /// Times the connection broke in post-copy and the migration went on
+    /// over a new one.
+    pub recoveries: u32,
 }
 
 /// Where the destination is. Each state carries what only it needs.
@@ -51,6 +54,12 @@ enum DstState {
     /// follow.
     PostcopyRunning {
         restored: DeviceState,
+    },
+    /// Post-copy whose connection broke: waiting for the source to
+    /// connect again. With the device state restored (`Some`) the guest
+    /// runs on; without (it was lost with the link) it was never resumed.
+    Recovering {
+        restored: Option<DeviceState>,
     },
     Completed,
     Failed,
@@ -95,6 +104,13 @@ pub struct DestinationEngine<K, G> {
     report: DestinationReport,
     /// How long to wait for a frame from the source (`None`: for ever).
     peer_timeout: Option<Duration>,
+    /// How long a post-copy waits for a new connection after its
+    /// connection broke (`None`: it does not wait, the migration fails).
+    recover_timeout: Option<Duration>,
+    /// The session the source named, if it can resume a post-copy.
+    session: Option<u128>,
+    /// When the connection broke, while recovering.
+    lost_at: Option<Duration>,
     /// When the last frame arrived (or the wait for the first began).
     heard_at: Option<Duration>,
     /// When the first frame arrived.
@@ -137,6 +153,9 @@ where
             resumed_at: None,
             report: DestinationReport::default(),
             peer_timeout: None,
+            recover_timeout: None,
+            session: None,
+            lost_at: None,
             heard_at: None,
             started_at: None,
             round_mark: (Duration::ZERO, 0),
@@ -174,14 +193,102 @@ where
         self.peer_timeout = timeout;
     }
 
-    /// When the peer timeout falls due on the engine's clock, if one is
-    /// set and the wait for the source has begun (the last frame, or the
-    /// first [`DestinationEngine::handle_timeout`]).
+    /// Sets how long a post-copy whose connection broke waits for the
+    /// source to connect again (`None`, the default: it does not wait and
+    /// fails with [`MigrationError::SourceLost`]). Recovery needs a
+    /// source that named its session ([`EngineConfig::recover_timeout`]
+    /// set there too).
+    pub fn set_recover_timeout(&mut self, timeout: Option<Duration>) {
+        self.recover_timeout = timeout;
+    }
+
+    /// When the next timer falls due on the engine's clock: the peer
+    /// timeout, if one is set and the wait for the source has begun (the
+    /// last frame, or the first [`DestinationEngine::handle_timeout`]);
+    /// while recovering, the end of the wait for a new connection.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        if matches!(self.state, DstState::Completed | DstState::Failed) {
-            return None;
+        match self.state {
+            DstState::Completed | DstState::Failed => None,
+            DstState::Recovering { .. } => Some(self.lost_at? + self.recover_timeout?),
+            _ => Some(self.heard_at? + self.peer_timeout?),
         }
-        Some(self.heard_at? + self.peer_timeout?)
+    }
+
+    /// Whether the post-copy's connection broke and the engine waits for
+    /// the source to connect again ([`Phase::PostcopyPaused`]). The guest
+    /// runs on (if it was resumed); the frames of a new connection go to
+    /// [`DestinationEngine::handle_frame`] as usual.
+    pub fn recovering(&self) -> bool {
+        matches!(self.state, DstState::Recovering { .. })
+    }
+
+    /// Whether a broken connection would now be recovered from rather
+    /// than end the migration: the source named its session, a recovery
+    /// timeout is set, and the guest runs here in post-copy, or the
+    /// source switched to post-copy and its device state may have been
+    /// lost with the link (the source then counts on a resume here: on
+    /// its new connection it is told the guest was not resumed, and
+    /// resumes its own).
+    pub fn recoverable(&self) -> bool {
+        let state = match &self.state {
+            DstState::Receiving(Some(sw)) => sw.postcopy,
+            DstState::PostcopyRunning { .. } | DstState::Recovering { .. } => true,
+            _ => false,
+        };
+        state && self.session.is_some() && self.recover_timeout.is_some()
+    }
+
+    /// The connection to the source broke (`err` says how). If the
+    /// migration can recover ([`DestinationEngine::recoverable`]) the
+    /// engine forgets the connection's frames and waits for a new one:
+    /// the guest runs on, faults on missing pages are recorded and asked
+    /// for once the source is back; `Ok` then, and the driver waits for
+    /// the source to connect again. Otherwise the engine fails and the
+    /// error to report comes back ([`MigrationError::SourceLost`] once
+    /// the guest runs here).
+    pub fn connection_lost(&mut self, err: MigrationError) -> Result<(), MigrationError> {
+        if matches!(self.state, DstState::Completed | DstState::Failed) {
+            return Err(err);
+        }
+        if !self.recoverable() {
+            let err = if self.in_postcopy() {
+                MigrationError::SourceLost(format!(
+                    "{err}; the guest runs here without all of its memory and cannot go on"
+                ))
+            } else {
+                err
+            };
+            self.state = DstState::Failed;
+            self.ended(&err);
+            return Err(err);
+        }
+        let now = self.clock.now();
+        let restored = match std::mem::replace(&mut self.state, DstState::Failed) {
+            DstState::PostcopyRunning { restored } => Some(restored),
+            DstState::Recovering { restored } => {
+                self.state = DstState::Recovering { restored };
+                self.reset_link();
+                return Ok(());
+            }
+            _ => None,
+        };
+        tracing::warn!(error = %err, "post-copy connection lost; waiting for the source");
+        self.lost_at = Some(now);
+        self.handle.emit(Event::ConnectionLost {
+            error: err.to_string(),
+        });
+        self.state = DstState::Recovering { restored };
+        self.reset_link();
+        self.publish();
+        Ok(())
+    }
+
+    /// A fresh numbering both ways for a new connection, nothing queued;
+    /// its page batches need no layout (the first connection gave it).
+    fn reset_link(&mut self) {
+        self.decoder = Decoder::resuming(self.layout.page_size());
+        self.sequencer = Sequencer::new();
+        self.outbox.clear();
     }
 
     /// Acts on a cancel asked for through the handle and on the peer
@@ -198,12 +305,33 @@ where
         }
         let now = self.clock.now();
         let heard = *self.heard_at.get_or_insert(now);
+        if let DstState::Recovering { restored } = &self.state {
+            let (Some(lost), Some(limit)) = (self.lost_at, self.recover_timeout) else {
+                return Ok(());
+            };
+            if now < lost + limit {
+                return Ok(());
+            }
+            let err = if restored.is_some() {
+                MigrationError::SourceLost(format!(
+                    "the source did not connect again within {limit:?}; the guest runs here without all of its memory and cannot go on"
+                ))
+            } else {
+                TransportError::Timeout(limit).into()
+            };
+            self.state = DstState::Failed;
+            self.ended(&err);
+            return Err(err);
+        }
         let err = if self.handle.cancel_requested() && self.resumed_at.is_none() {
             MigrationError::Cancelled
         } else {
             match self.peer_timeout {
                 Some(limit) if now >= heard + limit => {
                     let e = TransportError::Timeout(limit);
+                    if self.recoverable() {
+                        return self.connection_lost(e.into());
+                    }
                     if matches!(self.state, DstState::PostcopyRunning { .. }) {
                         MigrationError::SourceLost(format!(
                             "{e}; the guest runs here without all of its memory and cannot go on"
@@ -227,6 +355,7 @@ where
             DstState::Receiving(Some(_)) => Phase::StopAndCopy,
             DstState::Receiving(None) => Phase::Precopy,
             DstState::PostcopyRunning { .. } => Phase::Postcopy,
+            DstState::Recovering { .. } => Phase::PostcopyPaused,
             DstState::Completed => Phase::Completed,
             DstState::Failed => return,
         };
@@ -300,9 +429,13 @@ where
         self.clock.now()
     }
 
-    /// Whether the guest runs here in post-copy, with pages still missing.
+    /// Whether the guest runs here in post-copy, with pages still missing
+    /// (over a working connection, or waiting for a new one).
     pub fn in_postcopy(&self) -> bool {
-        matches!(self.state, DstState::PostcopyRunning { .. })
+        matches!(
+            self.state,
+            DstState::PostcopyRunning { .. } | DstState::Recovering { restored: Some(_) }
+        )
     }
 
     /// Whether `page` is here (received and not discarded).
@@ -336,7 +469,7 @@ where
         pages: &[PageNum],
         now: Duration,
     ) -> Result<(), MigrationError> {
-        if !matches!(self.state, DstState::PostcopyRunning { .. }) {
+        if !self.in_postcopy() {
             return Err(MigrationError::InvalidUse(
                 "pages can be requested only while the guest runs in post-copy",
             ));
@@ -352,6 +485,10 @@ where
             self.requested.insert(p, now);
             self.faults += 1;
             want.push(p);
+        }
+        if self.recovering() {
+            // Asked for once the source is back (see `recover`).
+            return Ok(());
         }
         for chunk in want.chunks(MAX_REQUEST_PAGES) {
             self.outbox
@@ -389,6 +526,18 @@ where
         self.report.bytes_received += wire_len(frame) as u64;
         let r = self.handle_inner(frame);
         match &r {
+            Err(e) if self.recovering() => {
+                // A new connection that is not the session's, or broke
+                // again: it is dropped, and the wait goes on.
+                tracing::warn!(error = %e, "connection refused while recovering");
+                self.reset_link();
+            }
+            Err(MigrationError::Protocol(p))
+                if MigrationError::Protocol(p.clone()).is_link_failure() && self.recoverable() =>
+            {
+                // Recoverable: `connection_lost` cannot fail here.
+                let _ = self.connection_lost(MigrationError::Protocol(p.clone()));
+            }
             Err(e) => {
                 self.state = DstState::Failed;
                 self.ended(e);
@@ -597,6 +746,20 @@ where
                 self.state = DstState::AwaitLayout;
                 Ok(DestStatus::Continue)
             }
+            (DstState::AwaitLayout, Record::Session { id, resume: false })
+                if self.session.is_none() =>
+            {
+                self.session = Some(id);
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Recovering { .. }, Record::Header { .. }) => {
+                self.outbox
+                    .push_back(protocol::encode_to_vec(&Record::Header {
+                        version: VERSION,
+                    }));
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Recovering { .. }, Record::Session { id, resume: true }) => self.recover(id),
             (DstState::AwaitLayout, Record::Layout(layout)) => {
                 if layout != self.layout {
                     return Err(MigrationError::LayoutMismatch {
@@ -718,8 +881,71 @@ where
             (DstState::PostcopyRunning { .. }, rec) => {
                 Err(unexpected(&rec, "running in post-copy"))
             }
+            (DstState::Recovering { .. }, rec) => Err(unexpected(
+                &rec,
+                "waiting for the source to resume the session",
+            )),
             (_, rec) => Err(unexpected(&rec, "receiving pages")),
         }
+    }
+
+    /// A new connection from the source resumes the session `id`: the
+    /// resume report again (the first may have been lost), which pages
+    /// are here, and every outstanding fault asked for again.
+    fn recover(&mut self, id: u128) -> Result<DestStatus, MigrationError> {
+        if self.session != Some(id) {
+            return Err(MigrationError::SessionMismatch);
+        }
+        let DstState::Recovering { restored } =
+            std::mem::replace(&mut self.state, DstState::Failed)
+        else {
+            return Err(MigrationError::InvalidUse("not recovering"));
+        };
+        let Some(restored) = restored else {
+            // The device state never arrived: the guest was not resumed
+            // here, which the abort the driver sends now (in sequence,
+            // with no resume confirmation before it) tells the source.
+            return Err(MigrationError::Incomplete(
+                "the post-copy device state was lost with the connection; the guest was not resumed here".into(),
+            ));
+        };
+        self.outbox
+            .push_back(protocol::encode_to_vec(&Record::Resumed(
+                self.report.resume,
+            )));
+        let words = self.received.as_words();
+        let mut held = 0u64;
+        for (c, chunk) in words.chunks(MAX_DISCARD_WORDS).enumerate() {
+            held += chunk.iter().map(|w| w.count_ones() as u64).sum::<u64>();
+            self.outbox
+                .push_back(protocol::encode_to_vec(&Record::ReceivedBitmap {
+                    first_page: (c * MAX_DISCARD_WORDS) as u64 * 64,
+                    words: chunk.to_vec(),
+                }));
+        }
+        self.outbox
+            .push_back(protocol::encode_to_vec(&Record::Recovered { held }));
+        let mut again: Vec<PageNum> = self.requested.keys().copied().collect();
+        again.sort_unstable();
+        for chunk in again.chunks(MAX_REQUEST_PAGES) {
+            self.outbox
+                .push_back(protocol::encode_to_vec(&Record::PageRequest(
+                    chunk.to_vec(),
+                )));
+        }
+        let now = self.clock.now();
+        tracing::info!(
+            outage_ms = self
+                .lost_at
+                .map_or(0, |t| now.saturating_sub(t).as_millis() as u64),
+            held,
+            "post-copy resumed over a new connection"
+        );
+        self.lost_at = None;
+        self.report.recoveries += 1;
+        self.state = DstState::PostcopyRunning { restored };
+        self.handle.emit(Event::Recovered { missing_pages: 0 });
+        Ok(DestStatus::Continue)
     }
 
     /// Post-copy: the next discard may name no page below `cursor`.

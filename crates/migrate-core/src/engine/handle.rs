@@ -32,6 +32,11 @@ pub enum Phase {
     /// The guest runs on the destination and the rest of its pages follow
     /// (QEMU `postcopy-active`).
     Postcopy,
+    /// Post-copy whose connection broke: the destination's guest runs
+    /// (its vCPUs that need a missing page wait), the source keeps the
+    /// rest of its memory, and both wait for a new connection (QEMU
+    /// `postcopy-paused`).
+    PostcopyPaused,
     /// Everything was sent; waiting for the destination's confirmation.
     Completing,
     /// The migration completed (QEMU `completed`).
@@ -45,14 +50,15 @@ pub enum Phase {
 
 impl Phase {
     /// The phase's name as it serialises (`setup`, `precopy`,
-    /// `stop-and-copy`, `postcopy`, `completing`, `completed`, `failed`,
-    /// `cancelled`).
+    /// `stop-and-copy`, `postcopy`, `postcopy-paused`, `completing`,
+    /// `completed`, `failed`, `cancelled`).
     pub fn name(self) -> &'static str {
         match self {
             Phase::Setup => "setup",
             Phase::Precopy => "precopy",
             Phase::StopAndCopy => "stop-and-copy",
             Phase::Postcopy => "postcopy",
+            Phase::PostcopyPaused => "postcopy-paused",
             Phase::Completing => "completing",
             Phase::Completed => "completed",
             Phase::Failed => "failed",
@@ -170,6 +176,18 @@ pub enum Event {
     /// The guest runs on the destination (post-copy: before every page
     /// arrived).
     Resumed,
+    /// Post-copy: the connection broke; the migration waits for a new
+    /// one ([`Phase::PostcopyPaused`]).
+    ConnectionLost {
+        /// Why, as text.
+        error: String,
+    },
+    /// Post-copy: a new connection took over; the pages the destination
+    /// did not hold go again.
+    Recovered {
+        /// Pages the destination did not hold (0 on the destination).
+        missing_pages: u64,
+    },
     /// The migration completed.
     Completed,
     /// The migration failed.
@@ -297,7 +315,7 @@ impl MigrationHandle {
         if s.committed {
             return Err(ControlError::PointOfNoReturn(match s.side {
                 Side::Source => {
-                    if s.progress.phase == Phase::Postcopy {
+                    if matches!(s.progress.phase, Phase::Postcopy | Phase::PostcopyPaused) {
                         "post-copy is under way: the guest runs on the destination"
                     } else {
                         "the completion was sent: the destination may be resuming the guest"

@@ -189,6 +189,14 @@ pub struct EngineConfig {
     /// nothing else to do (`None`: for ever). The drivers in
     /// [`crate::driver`] set it from their `peer_timeout`.
     pub peer_timeout: Option<Duration>,
+    /// Post-copy recovery: how long the source waits for a new
+    /// connection when the connection breaks after the switch-over
+    /// (`None`: it does not wait, and the migration ends with
+    /// [`MigrationError::OutcomeUnknown`]). With it set the source names
+    /// its session to the destination, which may then wait too
+    /// ([`DestinationEngine::set_recover_timeout`]). See
+    /// [`SourceEngine::connection_lost`].
+    pub recover_timeout: Option<Duration>,
 }
 
 #[cfg(test)]
@@ -225,6 +233,7 @@ impl Default for EngineConfig {
             max_bandwidth: None,
             auto_converge: None,
             peer_timeout: None,
+            recover_timeout: None,
         }
     }
 }

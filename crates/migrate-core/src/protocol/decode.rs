@@ -88,6 +88,19 @@ impl Decoder {
         }
     }
 
+    /// A sequenced decoder for a new connection that resumes a stream
+    /// whose layout was given on an earlier one (post-copy recovery): it
+    /// checks the new connection's numbering from 0 and its header, and
+    /// takes page batches of `page_size` without a layout (a layout is
+    /// refused as a second one).
+    pub fn resuming(page_size: PageSize) -> Self {
+        Decoder {
+            sequenced: true,
+            page_size: Some(page_size),
+            ..Self::default()
+        }
+    }
+
     /// Whether the last frame that passed its CRC carried the number the
     /// next frame was due to carry. For an abort (which is accepted with
     /// any number) this says whether every frame before it arrived.
@@ -264,7 +277,7 @@ impl Decoder {
                 }
                 Record::Discard(ranges)
             }
-            RecordType::DiscardBitmap => {
+            RecordType::DiscardBitmap | RecordType::ReceivedBitmap => {
                 let first_page = check_page(b.u64()?)?;
                 let n = b.count("discard bitmap words", MAX_DISCARD_WORDS)?;
                 b.zero_u32("discard bitmap reserved field")?;
@@ -278,7 +291,36 @@ impl Decoder {
                 for _ in 0..n {
                     words.push(b.u64()?);
                 }
-                Record::DiscardBitmap { first_page, words }
+                if ty == RecordType::DiscardBitmap {
+                    Record::DiscardBitmap { first_page, words }
+                } else {
+                    Record::ReceivedBitmap { first_page, words }
+                }
+            }
+            RecordType::Session => {
+                let id = b.u128()?;
+                let resume = match b.u32()? {
+                    0 => false,
+                    1 => true,
+                    other => {
+                        return Err(ProtocolError::OutOfRange {
+                            what: "session mode",
+                            value: other as u64,
+                        })
+                    }
+                };
+                b.zero_u32("session reserved field")?;
+                Record::Session { id, resume }
+            }
+            RecordType::Recovered => {
+                let held = b.u64()?;
+                if held > MAX_PAGE_END {
+                    return Err(ProtocolError::OutOfRange {
+                        what: "pages held",
+                        value: held,
+                    });
+                }
+                Record::Recovered { held }
             }
             RecordType::Verified => Record::Verified(PostcopyReport {
                 faults: b.u64()?,
@@ -354,6 +396,9 @@ fn record_name(ty: RecordType) -> &'static str {
         RecordType::Discard => "discard",
         RecordType::Verified => "verified",
         RecordType::DiscardBitmap => "discard bitmap",
+        RecordType::Session => "session",
+        RecordType::ReceivedBitmap => "received bitmap",
+        RecordType::Recovered => "recovered",
     }
 }
 

@@ -129,7 +129,8 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
                 out.put_u64_le(*count);
             }
         }
-        Record::DiscardBitmap { first_page, words } => {
+        Record::DiscardBitmap { first_page, words }
+        | Record::ReceivedBitmap { first_page, words } => {
             out.put_u64_le(*first_page);
             out.put_u32_le(words.len() as u32);
             out.put_u32_le(0);
@@ -172,6 +173,12 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
             out.put_u32_le(0);
             out.put_slice(r.as_bytes());
         }
+        Record::Session { id, resume } => {
+            out.put_u128_le(*id);
+            out.put_u32_le(u32::from(*resume));
+            out.put_u32_le(0);
+        }
+        Record::Recovered { held } => out.put_u64_le(*held),
         Record::Ready => {}
         Record::Resumed(r) => {
             out.put_u64_le(r.verify_ns);

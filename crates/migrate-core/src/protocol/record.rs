@@ -36,6 +36,13 @@ pub enum RecordType {
     Verified = 13,
     /// Post-copy: absent pages as a bitmap (for scattered sets).
     DiscardBitmap = 14,
+    /// The migration session this stream belongs to; on a new connection,
+    /// a request to resume a post-copy whose connection broke.
+    Session = 15,
+    /// Recovery: pages the destination holds, as a bitmap.
+    ReceivedBitmap = 16,
+    /// Recovery: the destination's bitmap is complete.
+    Recovered = 17,
     /// A batch of page models (see [`ModelBatch`]): the simulator's fast
     /// path, never sent by a real backend.
     ModelBatch = 0x40,
@@ -59,6 +66,9 @@ impl RecordType {
             12 => Discard,
             13 => Verified,
             14 => DiscardBitmap,
+            15 => Session,
+            16 => ReceivedBitmap,
+            17 => Recovered,
             0x40 => ModelBatch,
             _ => return None,
         })
@@ -81,7 +91,9 @@ impl RecordType {
             Resumed => 32,
             Discard => 8 + MAX_DISCARD_RANGES * 16,
             Verified => 48,
-            DiscardBitmap => 16 + MAX_DISCARD_WORDS * 8,
+            DiscardBitmap | ReceivedBitmap => 16 + MAX_DISCARD_WORDS * 8,
+            Session => 24,
+            Recovered => 8,
             ModelBatch => 16 + MAX_BATCH_PAGES * 16 + 8,
         }
     }
@@ -363,6 +375,32 @@ pub enum Record<'a> {
     },
     /// Destination asks for these pages now (post-copy).
     PageRequest(Vec<PageNum>),
+    /// The migration session this stream belongs to. Sent by the source
+    /// right after its header: on the first connection (`resume: false`)
+    /// it names the session and says the source can resume a post-copy
+    /// over a new connection; on a new connection (`resume: true`) it asks
+    /// the destination to resume that session's post-copy.
+    Session {
+        /// The session's id, drawn at random by the source.
+        id: u128,
+        /// Whether this connection resumes a broken post-copy.
+        resume: bool,
+    },
+    /// Recovery: pages the destination holds, as a bitmap: bit `i` of
+    /// word `w` is page `first_page + 64 * w + i`. Pages outside every
+    /// bitmap are missing.
+    ReceivedBitmap {
+        /// The page of bit 0 of word 0.
+        first_page: PageNum,
+        /// The bits.
+        words: Vec<u64>,
+    },
+    /// Recovery: every [`Record::ReceivedBitmap`] was sent; the
+    /// destination holds this many pages.
+    Recovered {
+        /// Pages held.
+        held: u64,
+    },
     /// Everything has been sent.
     Complete {
         /// Guest pages in the layout.
@@ -402,6 +440,9 @@ impl Record<'_> {
             Record::Discard(_) => RecordType::Discard,
             Record::Verified(_) => RecordType::Verified,
             Record::DiscardBitmap { .. } => RecordType::DiscardBitmap,
+            Record::Session { .. } => RecordType::Session,
+            Record::ReceivedBitmap { .. } => RecordType::ReceivedBitmap,
+            Record::Recovered { .. } => RecordType::Recovered,
         }
     }
 }

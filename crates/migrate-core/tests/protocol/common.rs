@@ -232,6 +232,10 @@ pub(crate) fn owned_record() -> impl Strategy<Value = Record<'static>> {
         prop::collection::vec(discard_range(), 0..32).prop_map(Record::Discard),
         (0u64..(1 << 40), prop::collection::vec(any::<u64>(), 0..64))
             .prop_map(|(first_page, words)| Record::DiscardBitmap { first_page, words }),
+        (0u64..(1 << 40), prop::collection::vec(any::<u64>(), 0..64))
+            .prop_map(|(first_page, words)| Record::ReceivedBitmap { first_page, words }),
+        (any::<u128>(), any::<bool>()).prop_map(|(id, resume)| Record::Session { id, resume }),
+        (0u64..(1 << 50)).prop_map(|held| Record::Recovered { held }),
         any::<[u64; 6]>().prop_map(|t| Record::Verified({
             let mut v = PostcopyReport::default();
             v.faults = t[0];

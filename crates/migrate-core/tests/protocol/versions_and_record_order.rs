@@ -15,7 +15,7 @@ fn unsupported_version() {
 
 #[test]
 fn unknown_record_type() {
-    for code in [0u8, 15, 16, 0x80, 255] {
+    for code in [0u8, 18, 19, 0x80, 255] {
         for mut d in [
             Decoder::new(),
             decoder_after_header(),
@@ -108,4 +108,53 @@ fn unexpected_second_layout() {
     ));
     // The first layout's page size still applies.
     assert_eq!(d.page_size(), Some(ps(512)));
+}
+
+#[test]
+fn session_records_refuse_bad_fields() {
+    let mut body = 7u128.to_le_bytes().to_vec();
+    body.extend_from_slice(&2u32.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(
+        decoder_after_header().decode(&raw_frame(RecordType::Session as u8, &body)),
+        Err(ProtocolError::OutOfRange {
+            what: "session mode",
+            value: 2
+        })
+    );
+    body[16..20].copy_from_slice(&1u32.to_le_bytes());
+    body[20] = 1;
+    assert_eq!(
+        decoder_after_header().decode(&raw_frame(RecordType::Session as u8, &body)),
+        Err(ProtocolError::Malformed("session reserved field"))
+    );
+    let held = (MAX_PAGE_END + 1).to_le_bytes();
+    assert!(matches!(
+        decoder_after_header().decode(&raw_frame(RecordType::Recovered as u8, &held)),
+        Err(ProtocolError::OutOfRange {
+            what: "pages held",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_resuming_decoder_takes_pages_without_a_layout_and_refuses_one() {
+    let mut d = Decoder::resuming(PageSize::DEFAULT);
+    let mut header = header_frame();
+    protocol::seal(&mut header, 0);
+    d.decode(&header).expect("the new connection's header");
+    let mut batch = batch_frame(PageSize::DEFAULT, 1, &[0], &[1]);
+    protocol::seal(&mut batch, 1);
+    assert!(matches!(d.decode(&batch), Ok(Record::PageBatch(_))));
+    let layout = MemoryLayout::new(PageSize::DEFAULT, vec![region(0, 16)]).unwrap();
+    let mut again = layout_frame(&layout);
+    protocol::seal(&mut again, 2);
+    assert!(matches!(
+        d.decode(&again),
+        Err(ProtocolError::UnexpectedRecord {
+            got: RecordType::Layout,
+            ..
+        })
+    ));
 }

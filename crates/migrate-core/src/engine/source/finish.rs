@@ -63,20 +63,16 @@ where
 
     /// Post-copy: every page is on its way; the source's memory has been
     /// frozen since the pause, so its digest is taken now, outside downtime.
-    pub(super) fn complete_postcopy(
-        &mut self,
-        sent_state: DeviceState,
-        resumed: Option<(Duration, ResumeReport)>,
-    ) -> Result<(), MigrationError> {
+    pub(super) fn complete_postcopy(&mut self, p: Box<Postcopy>) -> Result<(), MigrationError> {
         let memory = self.source_digest()?;
-        let digest = completion_digest(memory, &sent_state);
+        let digest = completion_digest(memory, &p.sent_state);
         self.wire
             .outbox
             .push_back(protocol::encode_to_vec(&Record::Complete {
                 total_pages: self.layout.total_pages(),
                 digest,
             }));
-        self.state = SrcState::AwaitVerified { resumed };
+        self.state = SrcState::AwaitVerified(p);
         Ok(())
     }
 
@@ -121,6 +117,9 @@ where
             pages: f.postcopy_pages,
             bytes: f.postcopy_bytes,
             duration: now.saturating_sub(f.rtt / 2).saturating_sub(resumed_at),
+            recoveries: f.recoveries,
+            recovered_pages: f.recovered_pages,
+            recovery_time: f.recovery_time,
         });
         let stats = MigrationStats {
             policy: self.policy.name().to_owned(),

@@ -6,8 +6,11 @@
 use super::*;
 
 mod finish;
+mod recovery;
 mod rounds;
 mod steering;
+
+use recovery::Recovery;
 
 pub use steering::PACING_SLACK;
 
@@ -44,10 +47,10 @@ enum SrcState {
     AwaitResumed,
     /// Post-copy: every page was handed out; waiting for the destination
     /// to verify what it holds.
-    AwaitVerified {
-        /// When the destination said its guest runs, with its timings.
-        resumed: Option<(Duration, ResumeReport)>,
-    },
+    AwaitVerified(Box<Postcopy>),
+    /// Post-copy whose connection broke: waiting for a new one, then for
+    /// the destination to say which pages it holds.
+    Recovering(Box<Recovery>),
     /// The migration completed.
     Done(Box<MigrationStats>),
     /// The migration failed or was cancelled.
@@ -64,6 +67,9 @@ struct Postcopy {
     urgent: VecDeque<PageNum>,
     /// When the destination said its guest runs, with its timings.
     resumed: Option<(Duration, ResumeReport)>,
+    /// Whether the round's line is in the statistics (every page had been
+    /// handed out once; a recovery may send some again).
+    recorded: bool,
 }
 
 /// The order a round walks its pages in.
@@ -192,6 +198,11 @@ struct Figures {
     rounds: Vec<RoundStats>,
     rounds_done: u32,
     last_summary: Option<RoundSummary>,
+    /// Post-copy recoveries, the pages they sent again and the time from
+    /// each break to the destination's answer, summed.
+    recoveries: u32,
+    recovered_pages: u64,
+    recovery_time: Duration,
 }
 
 /// The engine's timers: each a deadline on its clock.
@@ -243,6 +254,8 @@ pub struct SourceEngine<T, S, G, P> {
     timers: Timers,
     steer: Steering,
     spans: Spans,
+    /// The session id the destination is told (post-copy recovery).
+    session: u128,
 }
 
 impl<T, S, G, P> SourceEngine<T, S, G, P>
@@ -307,6 +320,7 @@ where
                 phase: None,
                 round: None,
             },
+            session: recovery::session_id(),
             pages: Pages {
                 pending: DirtyBitmap::new(end),
                 pending_count: 0,
@@ -477,6 +491,17 @@ where
         let _entered = span.enter();
         let r = match self.handle_inner(frame) {
             Ok(()) => Ok(()),
+            // The link broke (a damaged, lost or repeated frame) after
+            // the switch-over: the post-copy waits for a new connection
+            // ([`SourceEngine::needs_connection`]).
+            Err(e) if e.is_link_failure() && self.recoverable() => {
+                let shown = MigrationError::Protocol(match &e {
+                    MigrationError::Protocol(p) => p.clone(),
+                    _ => ProtocolError::Malformed("broken link"),
+                });
+                self.lose_connection(shown);
+                Err(e)
+            }
             Err(e) => Err(self.fail(e)),
         };
         self.publish();
@@ -528,8 +553,8 @@ where
     /// When the destination said its post-copied guest runs.
     fn resumed_seen(&self) -> Option<(Duration, ResumeReport)> {
         match &self.state {
-            SrcState::Postcopy(p) => p.resumed,
-            SrcState::AwaitVerified { resumed } => *resumed,
+            SrcState::Postcopy(p) | SrcState::AwaitVerified(p) => p.resumed,
+            SrcState::Recovering(r) => r.postcopy.resumed,
             _ => None,
         }
     }
@@ -583,6 +608,14 @@ where
                         .push_back(protocol::encode_to_vec(&Record::Header {
                             version: VERSION,
                         }));
+                    if self.config.recover_timeout.is_some() {
+                        self.wire
+                            .outbox
+                            .push_back(protocol::encode_to_vec(&Record::Session {
+                                id: self.session,
+                                resume: false,
+                            }));
+                    }
                     self.wire
                         .outbox
                         .push_back(protocol::encode_to_vec(&Record::Layout(
@@ -594,7 +627,8 @@ where
                 }
                 SrcState::AwaitReady { .. }
                 | SrcState::AwaitResumed
-                | SrcState::AwaitVerified { .. } => return Ok(SourceStep::Wait),
+                | SrcState::AwaitVerified(_)
+                | SrcState::Recovering(_) => return Ok(SourceStep::Wait),
                 SrcState::Decide => self.decide()?,
                 SrcState::Precopy(_) if self.steer.postcopy_requested => {
                     // End the round here: what it did not send stays
@@ -656,14 +690,27 @@ where
                 self.steer.handle.emit(Event::Resumed);
                 Ok(())
             }
-            (Record::Resumed(report), SrcState::AwaitVerified { resumed }) if resumed.is_none() => {
-                *resumed = Some((now, report));
+            (Record::Resumed(report), SrcState::AwaitVerified(p)) if p.resumed.is_none() => {
+                p.resumed = Some((now, report));
                 self.steer.handle.emit(Event::Resumed);
                 Ok(())
             }
+            // A recovering destination says again that its guest runs
+            // (the first confirmation may have been lost with the link).
+            (Record::Resumed(report), SrcState::Recovering(r)) => {
+                if r.postcopy.resumed.is_none() {
+                    r.postcopy.resumed = Some((now, report));
+                    self.steer.handle.emit(Event::Resumed);
+                }
+                Ok(())
+            }
+            (Record::ReceivedBitmap { first_page, words }, SrcState::Recovering(r)) => {
+                r.add_held(&self.layout, first_page, &words)
+            }
+            (Record::Recovered { held }, SrcState::Recovering(_)) => self.recovered(held, now),
             (
                 Record::PageRequest(pages),
-                state @ (SrcState::Postcopy(_) | SrcState::AwaitVerified { .. }),
+                state @ (SrcState::Postcopy(_) | SrcState::AwaitVerified(_)),
             ) => {
                 for p in pages {
                     if !self.layout.contains(p) {
@@ -679,8 +726,8 @@ where
                 }
                 Ok(())
             }
-            (Record::Verified(report), SrcState::AwaitVerified { resumed }) => {
-                let Some((at, resume)) = *resumed else {
+            (Record::Verified(report), SrcState::AwaitVerified(p)) => {
+                let Some((at, resume)) = p.resumed else {
                     return Err(MigrationError::UnexpectedRecord {
                         got: RecordType::Verified,
                         state: "waiting for the destination to resume",
@@ -696,9 +743,10 @@ where
                         "waiting for the destination to accept the layout"
                     }
                     SrcState::AwaitResumed => "waiting for the destination to resume",
-                    SrcState::Postcopy(_) | SrcState::AwaitVerified { .. } => {
+                    SrcState::Postcopy(_) | SrcState::AwaitVerified(_) => {
                         "pushing pages in post-copy"
                     }
+                    SrcState::Recovering(_) => "resuming post-copy over a new connection",
                     _ => "sending pages",
                 },
             }),

@@ -119,6 +119,7 @@ where
             sent_state: state.clone(),
             urgent: VecDeque::new(),
             resumed: None,
+            recorded: false,
         }));
         // The pages needed at resume go before the guest runs there: not
         // post-copy's.
@@ -469,10 +470,12 @@ where
                 self.record_round(&round, true, now, 0);
                 self.send_tail(now)
             }
-            SrcState::Postcopy(p) => {
-                let p = *p;
-                self.record_round(&p.round, true, now, 0);
-                self.complete_postcopy(p.sent_state, p.resumed)
+            SrcState::Postcopy(mut p) => {
+                if !p.recorded {
+                    self.record_round(&p.round, true, now, 0);
+                    p.recorded = true;
+                }
+                self.complete_postcopy(p)
             }
             other => {
                 self.state = other;

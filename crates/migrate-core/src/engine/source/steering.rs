@@ -41,6 +41,7 @@ where
         let precopy = matches!(self.state, SrcState::Precopy(_));
         [
             self.peer_deadline(),
+            self.recovery_deadline(),
             (self.pacing() && (precopy || !self.wire.outbox.is_empty()))
                 .then_some(self.timers.pace_at),
             self.timers
@@ -74,9 +75,17 @@ where
         if let Err(e) = self.apply_controls() {
             return Err(self.fail(e));
         }
+        if let Some(e) = self.recovery_expired() {
+            return Err(self.fail(e));
+        }
         if self.peer_timed_out() {
             let limit = self.config.peer_timeout.unwrap_or_default();
-            return Err(self.fail(TransportError::Timeout(limit).into()));
+            let e = TransportError::Timeout(limit).into();
+            if self.recoverable() {
+                self.lose_connection(e);
+                return Ok(());
+            }
+            return Err(self.fail(e));
         }
         if matches!(self.state, SrcState::Precopy(_)) {
             if let Err(e) = self.maybe_sample() {
@@ -106,8 +115,8 @@ where
     pub(super) fn waiting_for_peer(&self) -> bool {
         matches!(
             self.state,
-            SrcState::AwaitReady { .. } | SrcState::AwaitResumed | SrcState::AwaitVerified { .. }
-        )
+            SrcState::AwaitReady { .. } | SrcState::AwaitResumed | SrcState::AwaitVerified(_)
+        ) || matches!(&self.state, SrcState::Recovering(r) if r.connected)
     }
 
     /// Whether the bandwidth cap applies now: pre-copy, guest running.
@@ -242,7 +251,8 @@ where
             SrcState::Decide | SrcState::Precopy(_) => Phase::Precopy,
             SrcState::Final(_) => Phase::StopAndCopy,
             SrcState::Postcopy(_) if !self.wire.committed => Phase::StopAndCopy,
-            SrcState::Postcopy(_) | SrcState::AwaitVerified { .. } => Phase::Postcopy,
+            SrcState::Postcopy(_) | SrcState::AwaitVerified(_) => Phase::Postcopy,
+            SrcState::Recovering(_) => Phase::PostcopyPaused,
             SrcState::AwaitResumed => Phase::Completing,
             SrcState::Done(_) => Phase::Completed,
             SrcState::Failed => return None,
