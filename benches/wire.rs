@@ -42,18 +42,9 @@ const RUNS: usize = 5;
 /// How long a receiver waits for a frame before the run is abandoned.
 const PEER_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// SplitMix64: a small, fixed-seed generator so runs see the same data.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
+#[path = "support/splitmix.rs"]
+mod splitmix;
+use splitmix::SplitMix64;
 
 #[derive(Clone, Copy)]
 enum Data {
@@ -74,12 +65,7 @@ impl Data {
     fn fill(self, buf: &mut [u8]) {
         let mut rng = SplitMix64(0x5EED);
         match self {
-            Data::Random => {
-                for c in buf.chunks_mut(8) {
-                    let w = rng.next_u64().to_le_bytes();
-                    c.copy_from_slice(&w[..c.len()]);
-                }
-            }
+            Data::Random => rng.fill(buf),
             Data::Text => {
                 // Words of a 16-letter alphabet between spaces: about 4
                 // bits of entropy per byte.
