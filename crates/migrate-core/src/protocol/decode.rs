@@ -130,7 +130,7 @@ impl Decoder {
                 extra: c.buf.len(),
             });
         }
-        let computed = frame_crc(frame);
+        let computed = crc::frame_crc(frame);
         if computed != crc {
             return Err(ProtocolError::FrameChecksum {
                 expected: crc,
@@ -382,17 +382,11 @@ fn decode_model_batch(body: &[u8], ps: PageSize) -> Result<ModelBatch<'_>, Proto
         a.copy_from_slice(p);
         check_page(u64::from_le_bytes(a))?;
     }
-    let covered = body.len() - b.buf.len();
-    let expected = b.u64()?;
     if !b.buf.is_empty() {
         return Err(ProtocolError::TrailingBytes {
             record: RecordType::ModelBatch,
             extra: b.buf.len(),
         });
-    }
-    let computed = xxh3_64(&body[..covered]);
-    if computed != expected {
-        return Err(ProtocolError::ChecksumMismatch { expected, computed });
     }
     let batch = ModelBatch::new(round, nominal_len, pages, tokens);
     let zero = batch.iter().filter(|(_, t)| *t == 0).count();
@@ -433,17 +427,11 @@ fn decode_batch(body: &[u8], ps: PageSize) -> Result<PageBatch<'_>, ProtocolErro
         }
     }
     let data = b.take(nonzero * ps.get())?;
-    let covered = body.len() - b.buf.len();
-    let expected = b.u64()?;
     if !b.buf.is_empty() {
         return Err(ProtocolError::TrailingBytes {
             record: RecordType::PageBatch,
             extra: b.buf.len(),
         });
-    }
-    let computed = xxh3_64(&body[..covered]);
-    if computed != expected {
-        return Err(ProtocolError::ChecksumMismatch { expected, computed });
     }
     Ok(PageBatch {
         round,

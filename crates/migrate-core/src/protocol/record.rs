@@ -82,7 +82,7 @@ impl RecordType {
             Discard => 8 + MAX_DISCARD_RANGES * 16,
             Verified => 48,
             DiscardBitmap => 16 + MAX_DISCARD_WORDS * 8,
-            ModelBatch => 16 + MAX_BATCH_PAGES * 16 + 8,
+            ModelBatch => 16 + MAX_BATCH_PAGES * 16,
         }
     }
 }
@@ -147,14 +147,6 @@ pub enum ProtocolError {
     /// A reserved field or flag that is not zero, or text that is not UTF-8.
     #[error("malformed {0}")]
     Malformed(&'static str),
-    /// A page batch whose checksum does not match its contents.
-    #[error("page batch checksum mismatch (expected {expected:016x}, computed {computed:016x})")]
-    ChecksumMismatch {
-        /// The checksum in the record.
-        expected: u64,
-        /// The checksum of the bytes received.
-        computed: u64,
-    },
     /// An invalid memory layout.
     #[error("invalid memory layout: {0}")]
     Layout(#[from] LayoutError),
