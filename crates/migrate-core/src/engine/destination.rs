@@ -66,6 +66,8 @@ pub struct DestinationEngine<K, G> {
     /// Post-copy: the device state restored, for the completion digest.
     restored_state: Option<DeviceState>,
     hashes: Vec<u64>,
+    /// The zero pages of the batch being placed.
+    zero_batch: Vec<PageNum>,
     /// [`Payload::Model`]: the digest of the tokens that arrived (kept as
     /// a sum, in place of `hashes`), once the first model batch came.
     model: Option<TokenDigest>,
@@ -110,6 +112,7 @@ where
             accounted: DirtyBitmap::new(layout.page_end()),
             restored_state: None,
             hashes: vec![0; layout.total_pages() as usize],
+            zero_batch: Vec::new(),
             model: None,
             model_pages: Vec::new(),
             model_tokens: Vec::new(),
@@ -443,6 +446,61 @@ where
         Ok(())
     }
 
+    /// Places the pages of a batch. Before post-copy runs, the zero pages
+    /// are handed to the sink together ([`PageSink::write_zero_pages`]),
+    /// so that it can leave alone those that are zero already; a page
+    /// with data that was named as zero earlier in the batch waits for
+    /// them, so the batch's last word on a page stands.
+    fn place_batch(&mut self, batch: &protocol::PageBatch<'_>) -> Result<(), MigrationError> {
+        if self.state == DstState::PostcopyRunning || batch.zero_pages() == 0 {
+            return batch
+                .iter()
+                .try_for_each(|(page, data)| self.place(page, data));
+        }
+        let mut zeros = std::mem::take(&mut self.zero_batch);
+        zeros.clear();
+        let r = (|| {
+            for (page, data) in batch.iter() {
+                if !self.layout.contains(page) {
+                    return Err(MigrationError::PageOutOfRange(page));
+                }
+                if data.is_none() {
+                    zeros.push(page);
+                    continue;
+                }
+                // Mostly ascending: a page above the last zero one is
+                // not among them.
+                if zeros.last().is_some_and(|l| *l >= page) && zeros.contains(&page) {
+                    self.place_zeros(&zeros)?;
+                    zeros.clear();
+                }
+                self.place(page, data)?;
+            }
+            self.place_zeros(&zeros)
+        })();
+        self.zero_batch = zeros;
+        r
+    }
+
+    /// Makes `pages` zero pages, all at once.
+    fn place_zeros(&mut self, pages: &[PageNum]) -> Result<(), MigrationError> {
+        if pages.is_empty() {
+            return Ok(());
+        }
+        self.memory
+            .write_zero_pages(pages)
+            .map_err(MigrationError::backend("write guest pages"))?;
+        let hash = zero_page_hash(self.layout.page_size().get());
+        for &page in pages {
+            if let Some(i) = self.layout.dense_index(page) {
+                self.hashes[i as usize] = hash;
+            }
+            self.report.zero_pages += 1;
+            self.arrived(page);
+        }
+        Ok(())
+    }
+
     /// Counts `page` as here, and a fault on it as served.
     fn arrived(&mut self, page: PageNum) {
         self.received.set(page);
@@ -606,9 +664,7 @@ where
                         "page bytes after page models",
                     )));
                 }
-                for (page, data) in batch.iter() {
-                    self.place(page, data)?;
-                }
+                self.place_batch(&batch)?;
                 Ok(DestStatus::Continue)
             }
             (_, Record::ModelBatch(batch)) if receiving => {

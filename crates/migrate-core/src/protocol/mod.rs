@@ -101,6 +101,7 @@ mod encode;
 mod record;
 
 pub use decode::Decoder;
+pub(crate) use encode::encode_page_batch_known;
 use encode::pad8;
 pub use encode::{
     abort_frame, encode, encode_model_batch, encode_page_batch, encode_to_vec, frame_sequence,

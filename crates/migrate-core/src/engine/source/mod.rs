@@ -129,6 +129,10 @@ struct Pages {
     batch: Vec<PageNum>,
     push: Vec<PageNum>,
     read_buf: Vec<u8>,
+    /// Which pages of the batch the source knows to be zero.
+    known_zero: Vec<bool>,
+    /// The pages of the batch the source must read.
+    to_read: Vec<PageNum>,
     /// [`Payload::Model`]: the tokens of the batch being encoded.
     tokens: Vec<u64>,
     /// `SentContent`: the hash (the token, with [`Payload::Model`]) of
@@ -317,6 +321,8 @@ where
                 batch: Vec::with_capacity(config.batch_pages),
                 push: Vec::new(),
                 read_buf: Vec::new(),
+                known_zero: Vec::new(),
+                to_read: Vec::new(),
                 tokens: Vec::new(),
                 sent_hashes,
             },
