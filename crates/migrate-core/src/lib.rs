@@ -95,5 +95,7 @@ pub use policy::{
     PolicyInput, PolicyKind, PostCopy, Precopy, PrecopyConfig, Prepager, Prepaging, RoundSummary,
     StopAndCopy,
 };
-pub use stats::{DowntimeParts, MigrationStats, PostcopyStats, RoundStats, SwitchReason};
+pub use stats::{
+    CompressionStats, DowntimeParts, MigrationStats, PostcopyStats, RoundStats, SwitchReason,
+};
 pub use transport::{channel_pair, StreamTransport, Transport, TransportError};

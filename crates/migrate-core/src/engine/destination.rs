@@ -1,6 +1,7 @@
 //! The destination engine.
 
 use super::*;
+use crate::protocol::CompressionFigures;
 use crate::transport::TransportError;
 
 /// What the destination did with a frame.
@@ -38,6 +39,9 @@ pub struct DestinationReport {
     /// means the guest runs here but the source may not know: it stays
     /// paused, and the operator must not resume it.
     pub resume_confirmed: bool,
+    /// Compressed batches expanded: how many, their bytes on the wire and
+    /// expanded, and the time it took.
+    pub compression: CompressionFigures,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +72,8 @@ pub struct DestinationEngine<K, G> {
     hashes: Vec<u64>,
     /// The zero pages of the batch being placed.
     zero_batch: Vec<PageNum>,
+    /// Expands compressed batches.
+    expander: BatchExpander,
     /// [`Payload::Model`]: the digest of the tokens that arrived (kept as
     /// a sum, in place of `hashes`), once the first model batch came.
     model: Option<TokenDigest>,
@@ -113,13 +119,18 @@ where
             restored_state: None,
             hashes: vec![0; layout.total_pages() as usize],
             zero_batch: Vec::new(),
+            expander: BatchExpander::new(),
             model: None,
             model_pages: Vec::new(),
             model_tokens: Vec::new(),
             memory,
             control,
             clock,
-            decoder: Decoder::sequenced(),
+            decoder: {
+                let mut d = Decoder::sequenced();
+                d.accept(Capabilities::ALL);
+                d
+            },
             sequencer: Sequencer::new(),
             state: DstState::AwaitHeader,
             switched_over: false,
@@ -643,6 +654,11 @@ where
                     .push_back(protocol::encode_to_vec(&Record::Header {
                         version: VERSION,
                     }));
+                // The codecs the source may compress batches with.
+                self.outbox
+                    .push_back(protocol::encode_to_vec(&Record::Capabilities(
+                        Capabilities::ALL,
+                    )));
                 self.state = DstState::AwaitLayout;
                 Ok(DestStatus::Continue)
             }
@@ -666,6 +682,21 @@ where
                 }
                 self.place_batch(&batch)?;
                 Ok(DestStatus::Continue)
+            }
+            (_, Record::CompressedBatch(packed)) if receiving => {
+                if self.model.is_some() {
+                    return Err(MigrationError::Protocol(ProtocolError::Malformed(
+                        "page bytes after page models",
+                    )));
+                }
+                let mut x = std::mem::take(&mut self.expander);
+                let r = x
+                    .expand(&packed, self.layout.page_size())
+                    .map_err(MigrationError::Protocol)
+                    .and_then(|batch| self.place_batch(&batch));
+                self.report.compression = x.figures();
+                self.expander = x;
+                r.map(|()| DestStatus::Continue)
             }
             (_, Record::ModelBatch(batch)) if receiving => {
                 self.place_models(batch)?;

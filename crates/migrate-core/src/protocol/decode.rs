@@ -70,6 +70,8 @@ pub struct Decoder {
     sequenced: bool,
     next_seq: u32,
     in_sequence: bool,
+    accepted: Capabilities,
+    capabilities_seen: bool,
 }
 
 impl Decoder {
@@ -93,6 +95,12 @@ impl Decoder {
     /// any number) this says whether every frame before it arrived.
     pub fn last_in_sequence(&self) -> bool {
         self.in_sequence
+    }
+
+    /// Accepts compressed batches in the codecs of `caps` (what this side
+    /// announced to its peer); by default none is accepted.
+    pub fn accept(&mut self, caps: Capabilities) {
+        self.accepted = caps;
     }
 
     /// The page size announced by the stream's layout, once seen.
@@ -320,6 +328,29 @@ impl Decoder {
                 Record::Abort { reason }
             }
             RecordType::Ready => Record::Ready,
+            RecordType::Capabilities => {
+                if self.capabilities_seen {
+                    return Err(ProtocolError::UnexpectedRecord {
+                        got: ty,
+                        why: "second capabilities record",
+                    });
+                }
+                let caps = Capabilities(b.u32()?);
+                b.zero_u32("capabilities reserved field")?;
+                self.capabilities_seen = true;
+                Record::Capabilities(caps)
+            }
+            RecordType::CompressedBatch => {
+                if self.page_size.is_none() {
+                    return Err(ProtocolError::UnexpectedRecord {
+                        got: ty,
+                        why: "pages before the memory layout",
+                    });
+                }
+                let batch = compress::decode_compressed(body, self.accepted)?;
+                b.buf = &[];
+                Record::CompressedBatch(batch)
+            }
             RecordType::Resumed => Record::Resumed(ResumeReport {
                 verify_ns: b.u64()?,
                 restore_ns: b.u64()?,
@@ -354,6 +385,8 @@ fn record_name(ty: RecordType) -> &'static str {
         RecordType::Discard => "discard",
         RecordType::Verified => "verified",
         RecordType::DiscardBitmap => "discard bitmap",
+        RecordType::Capabilities => "capabilities",
+        RecordType::CompressedBatch => "compressed batch",
     }
 }
 
@@ -399,7 +432,7 @@ fn decode_model_batch(body: &[u8], ps: PageSize) -> Result<ModelBatch<'_>, Proto
     Ok(batch)
 }
 
-fn decode_batch(body: &[u8], ps: PageSize) -> Result<PageBatch<'_>, ProtocolError> {
+pub(super) fn decode_batch(body: &[u8], ps: PageSize) -> Result<PageBatch<'_>, ProtocolError> {
     let mut b = Cursor {
         buf: body,
         what: "page batch",

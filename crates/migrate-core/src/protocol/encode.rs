@@ -20,6 +20,13 @@ fn finish(out: &mut [u8], start: usize) {
     reseal(&mut out[start..]);
 }
 
+/// Appends one frame of type `ty` whose body is `body`.
+pub(super) fn encode_raw(ty: RecordType, body: &[u8], out: &mut Vec<u8>) {
+    let start = begin(out, ty);
+    out.put_slice(body);
+    finish(out, start);
+}
+
 /// Stamps `frame` (one whole frame as the encoders make it) with sequence
 /// number `seq` and updates its CRC to match, without reading the body:
 /// a frame whose CRC was right stays right, one whose CRC was wrong stays
@@ -176,6 +183,16 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
             out.put_slice(r.as_bytes());
         }
         Record::Ready => {}
+        Record::Capabilities(c) => {
+            out.put_u32_le(c.0);
+            out.put_u32_le(0);
+        }
+        Record::CompressedBatch(b) => {
+            out.put_u8(b.code);
+            out.put_slice(&[0, 0, 0]);
+            out.put_u32_le(b.raw_len as u32);
+            out.put_slice(b.data);
+        }
         Record::Resumed(r) => {
             out.put_u64_le(r.verify_ns);
             out.put_u64_le(r.restore_ns);

@@ -95,11 +95,15 @@ const MAX_DEVICE_STATE_BODY: usize = 12 + MAX_TEXT + MAX_DEVICE_STATE;
 /// Page flag: the page is all zeros and carries no data.
 pub const PAGE_FLAG_ZERO: u8 = 1;
 
+mod compress;
 mod crc;
 mod decode;
 mod encode;
 mod record;
 
+pub use compress::{
+    BatchCompressor, BatchExpander, Capabilities, Codec, CompressedBatch, CompressionFigures,
+};
 pub use decode::Decoder;
 pub(crate) use encode::encode_page_batch_known;
 use encode::pad8;

@@ -36,6 +36,10 @@ pub enum RecordType {
     Verified = 13,
     /// Post-copy: absent pages as a bitmap (for scattered sets).
     DiscardBitmap = 14,
+    /// What the sender can decode (capability bits).
+    Capabilities = 15,
+    /// A page batch, compressed.
+    CompressedBatch = 16,
     /// A batch of page models (see [`ModelBatch`]): the simulator's fast
     /// path, never sent by a real backend.
     ModelBatch = 0x40,
@@ -59,6 +63,8 @@ impl RecordType {
             12 => Discard,
             13 => Verified,
             14 => DiscardBitmap,
+            15 => Capabilities,
+            16 => CompressedBatch,
             0x40 => ModelBatch,
             _ => return None,
         })
@@ -82,6 +88,9 @@ impl RecordType {
             Discard => 8 + MAX_DISCARD_RANGES * 16,
             Verified => 48,
             DiscardBitmap => 16 + MAX_DISCARD_WORDS * 8,
+            Capabilities => 8,
+            // Sent only when smaller than the page batch it stands for.
+            CompressedBatch => 8 + MAX_PAGE_BATCH_BODY,
             ModelBatch => 16 + MAX_BATCH_PAGES * 16,
         }
     }
@@ -159,6 +168,9 @@ pub enum ProtocolError {
         /// The CRC of the bytes received.
         computed: u32,
     },
+    /// A compressed batch in a codec this decoder did not announce.
+    #[error("a batch compressed with a codec this side did not announce (capability {0:#x})")]
+    NotAnnounced(u32),
     /// A frame whose sequence number is not the next one: a frame was
     /// lost, repeated or reordered.
     #[error("frame out of sequence: expected number {expected}, got {got}")]
@@ -371,6 +383,11 @@ pub enum Record<'a> {
     },
     /// Destination accepted the layout and is ready for pages.
     Ready,
+    /// What the sender can decode: the peer may use these codecs toward
+    /// it (the destination sends it after its header).
+    Capabilities(Capabilities),
+    /// A compressed page batch (see [`BatchExpander`]).
+    CompressedBatch(CompressedBatch<'a>),
     /// Destination has resumed the guest.
     Resumed(ResumeReport),
 }
@@ -390,6 +407,8 @@ impl Record<'_> {
             Record::Complete { .. } => RecordType::Complete,
             Record::Abort { .. } => RecordType::Abort,
             Record::Ready => RecordType::Ready,
+            Record::Capabilities(_) => RecordType::Capabilities,
+            Record::CompressedBatch(_) => RecordType::CompressedBatch,
             Record::Resumed(_) => RecordType::Resumed,
             Record::Discard(_) => RecordType::Discard,
             Record::Verified(_) => RecordType::Verified,

@@ -115,6 +115,11 @@ struct Wire {
     /// Frames in the outbox that leave with the guest paused (the
     /// post-copy switch-over's), for the byte counts.
     paused_frames: usize,
+    /// What the destination announced it can decode.
+    peer_caps: Capabilities,
+    /// The page-batch compressor, once the destination announced its
+    /// codec.
+    compressor: Option<BatchCompressor>,
 }
 
 /// The page sets and the buffers pages pass through.
@@ -334,6 +339,8 @@ where
                 last_was_commit: false,
                 committed: false,
                 abort_in_sequence: false,
+                peer_caps: Capabilities::default(),
+                compressor: None,
                 paused_frames: 0,
             },
             tracker,
@@ -628,6 +635,10 @@ where
         let now = self.now();
         match (rec, &mut self.state) {
             (Record::Header { .. }, _) => Ok(()),
+            (Record::Capabilities(caps), SrcState::AwaitReady { .. }) => {
+                self.wire.peer_caps = caps;
+                Ok(())
+            }
             (Record::Abort { reason }, _) => {
                 self.wire.abort_in_sequence = self.wire.decoder.last_in_sequence();
                 Err(if reason == CANCELLED_REASON {
@@ -638,6 +649,15 @@ where
             }
             (Record::Ready, SrcState::AwaitReady { layout_sent_at }) => {
                 self.figures.rtt = now.saturating_sub(*layout_sent_at);
+                if let Some(codec) = self.config.compression {
+                    if self.wire.peer_caps.contains(codec.capability()) {
+                        self.wire.compressor = Some(BatchCompressor::new(codec).ok_or(
+                            MigrationError::InvalidUse(
+                                "compression level out of the codec's range",
+                            ),
+                        )?);
+                    }
+                }
                 self.tracker
                     .start()
                     .map_err(MigrationError::backend("start dirty tracking"))?;

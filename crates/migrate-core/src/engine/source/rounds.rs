@@ -390,13 +390,17 @@ where
             }
             encode_model_batch(round.number, ps, &pages.batch, &pages.tokens, &mut frame)
         } else {
-            Self::encode_bytes(
+            let summary = Self::encode_bytes(
                 &mut self.memory,
                 &self.layout,
                 pages,
                 round.number,
                 &mut frame,
-            )?
+            )?;
+            if let Some(c) = &mut self.wire.compressor {
+                c.compress(&mut frame);
+            }
+            summary
         };
         round.sent += summary.pages as u64;
         round.zero += summary.zero_pages as u64;
