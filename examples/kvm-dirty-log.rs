@@ -7,7 +7,7 @@
 //!
 //! For each guest size and each log, the test guest dirties a small
 //! working set (1 MiB by default) at a low rate while the tracker collects
-//! every `--interval-ms`; the table gives the time of a collection (median
+//! every `--interval`; the table gives the time of a collection (median
 //! and mean over `--collections`), the pages each found, and the ratio of
 //! the bitmap's median to the ring's at each size. The guest's memory is
 //! reserved, not touched: only the working set and the payload are ever
@@ -22,13 +22,17 @@
 use clap::Parser;
 use livemig::core::{DirtyBitmap, DirtyTracker, PageSource};
 use livemig::kvm::{DirtyLog, Pacing, TestVm};
-use livemig::units::parse_size;
+use livemig::units::{parse_duration, parse_size};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 /// Time one dirty-log collection on large idle guests, bitmap against ring.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    after_help = "Exit codes: 0 measured; 1 a guest or a collection failed; 2 invalid arguments."
+)]
 struct Args {
     /// Guest sizes, comma separated (2 MiB multiples, up to 64 GiB).
     #[arg(long, default_value = "1GiB,8GiB,32GiB", value_delimiter = ',', value_parser = parse_size)]
@@ -42,9 +46,9 @@ struct Args {
     /// Collections to time per guest and log.
     #[arg(long, default_value_t = 40)]
     collections: usize,
-    /// Time between collections, in milliseconds.
-    #[arg(long, default_value_t = 10)]
-    interval_ms: u64,
+    /// Time between collections (e.g. 10ms).
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    interval: Duration,
     /// Entries of each vCPU's dirty ring.
     #[arg(long, default_value_t = 4096)]
     ring_entries: u32,
@@ -66,7 +70,7 @@ fn measure(a: &Args, mem: u64, log: DirtyLog, vmm_writes: bool) -> Result<Row, S
     let mut times = Vec::new();
     let mut pages = 0u64;
     for _ in 0..a.collections {
-        std::thread::sleep(Duration::from_millis(a.interval_ms));
+        std::thread::sleep(a.interval);
         let t0 = Instant::now();
         t.collect_and_clear(&mut dirty).map_err(|e| e.to_string())?;
         times.push(t0.elapsed());
@@ -94,8 +98,8 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     println!(
-        "one dirty-log collection every {} ms while the guest dirties {} KiB at {} pages/s; {} collections each",
-        a.interval_ms,
+        "one dirty-log collection every {:.1} ms while the guest dirties {} KiB at {} pages/s; {} collections each",
+        a.interval.as_secs_f64() * 1e3,
         a.wss >> 10,
         a.rate,
         a.collections

@@ -13,6 +13,15 @@
 //! progress report on the source and its first on the destination, on the
 //! host's clock), the counter before and after, and whether memory
 //! verified; `--json` prints all of it as one object.
+//!
+//! `--max-bandwidth` caps the pre-copy stage, `--auto-converge` throttles
+//! the guest's vCPUs while pre-copy does not converge; progress goes to
+//! stderr (a bar on a terminal), Ctrl-C cancels with the source guest
+//! running, `RUST_LOG=info` prints the migration's tracing spans (see
+//! `--help` for the exit statuses).
+
+#[path = "common/steer.rs"]
+mod steer;
 
 use clap::{Parser, ValueEnum};
 use livemig::core::driver::{run_destination, run_source};
@@ -22,7 +31,7 @@ use livemig::core::{
     Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
 };
 use livemig::kvm::{DirtyLog, KvmFaults, Pacing, TestVm};
-use livemig::units::{parse_rate, parse_size};
+use livemig::units::{parse_duration, parse_rate, parse_size};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
@@ -30,6 +39,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use steer::Failure;
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum TrackerArg {
@@ -58,7 +68,7 @@ enum Role {
 
 /// Live-migrate a running KVM guest between two processes.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, after_help = steer::EXIT_CODES)]
 struct Args {
     /// Guest memory (2 MiB multiple, up to 1 GiB).
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
@@ -87,15 +97,18 @@ struct Args {
     /// Pre-copy and hybrid: the downtime the final copy may take; pre-copy
     /// goes on while what is left would take longer (hybrid switches to
     /// post-copy after its rounds run out).
-    #[arg(long, default_value_t = 300)]
-    downtime_target_ms: u64,
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    downtime_target: Duration,
+    /// Bandwidth cap and auto-converge.
+    #[command(flatten)]
+    steer: steer::SteerArgs,
     /// The source's dirty log.
     #[arg(long, value_enum, default_value = "bitmap")]
     tracker: TrackerArg,
     /// How long the guest runs before the migration starts, and after it
-    /// on the destination, in milliseconds.
-    #[arg(long, default_value_t = 300)]
-    settle_ms: u64,
+    /// on the destination.
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    settle: Duration,
     /// What the completion digest covers: `full` reads all of memory
     /// again after the pause (catches a dirty log that missed a write);
     /// `sent` digests pages as they were sent (milliseconds instead).
@@ -157,17 +170,19 @@ fn pacing(a: &Args) -> Pacing {
 fn main() -> ExitCode {
     let a = Args::parse();
     TestVm::use_huge_pages(a.huge_pages == "on");
+    steer::init_tracing();
+    let ctrlc = match steer::CtrlC::install() {
+        Ok(c) => c,
+        Err(e) => return ExitCode::from(Failure::Other(e).report("kvm-migrate")),
+    };
     let r = match a.role {
-        Role::Source => source(&a),
-        Role::Destination => destination(&a),
+        Role::Source => source(&a, &ctrlc),
+        Role::Destination => destination(&a, &ctrlc),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("kvm-migrate: {e}");
-            ExitCode::from(if e.starts_with("invalid") { 2 } else { 1 })
-        }
+        Err(f) => ExitCode::from(f.report("kvm-migrate")),
     }
 }
 
@@ -181,7 +196,7 @@ fn tls_config(a: &Args) -> Result<Option<TlsConfig>, String> {
     .map_err(|e| format!("invalid: {e}"))
 }
 
-fn destination(a: &Args) -> Result<bool, String> {
+fn destination(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     let addr = a
         .connect
         .as_deref()
@@ -204,11 +219,12 @@ fn destination(a: &Args) -> Result<bool, String> {
         None => Box::new(StreamTransport::new(sock).map_err(|e| e.to_string())?),
     };
     let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock.clone());
+    ctrlc.watch(&e.handle());
     let mut faults =
         KvmFaults::start(&vm.memory(), &vm.control(), clock).map_err(|e| e.to_string())?;
     let report =
-        run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT).map_err(|e| e.to_string())?;
-    std::thread::sleep(Duration::from_millis(a.settle_ms));
+        run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT).map_err(Failure::Migration)?;
+    std::thread::sleep(a.settle);
     let reports = vm.reports();
     let first = reports.first();
     let out = json!({
@@ -229,13 +245,17 @@ fn destination(a: &Args) -> Result<bool, String> {
     Ok(vm.fault().is_none() && first.is_some())
 }
 
-fn source(a: &Args) -> Result<bool, String> {
+fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     if a.wss > a.mem.saturating_sub(1 << 20) || a.wss < 4096 {
         return Err(format!(
             "invalid --wss: from 4 KiB to --mem less 1 MiB ({} bytes)",
             a.mem - (1 << 20)
-        ));
+        )
+        .into());
     }
+    let mut engine = EngineConfig::default();
+    engine.verify = a.verify;
+    a.steer.apply(&mut engine)?;
     let tls = tls_config(a)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -265,8 +285,8 @@ fn source(a: &Args) -> Result<bool, String> {
         .args([
             "--dirty-rate",
             &format!("{}", a.dirty_rate as u64),
-            "--settle-ms",
-            &a.settle_ms.to_string(),
+            "--settle",
+            &format!("{}us", a.settle.as_micros()),
         ])
         .stdout(Stdio::piped())
         .spawn()
@@ -277,7 +297,7 @@ fn source(a: &Args) -> Result<bool, String> {
     };
     let vm = TestVm::source_logged(a.mem, a.vcpus, a.wss / 4096, REPORT_EVERY, pacing(a), log)
         .map_err(|e| e.to_string())?;
-    std::thread::sleep(Duration::from_millis(a.settle_ms));
+    std::thread::sleep(a.settle);
     let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let mut t: Box<dyn Transport> = match &tls {
@@ -288,17 +308,30 @@ fn source(a: &Args) -> Result<bool, String> {
         None => Box::new(StreamTransport::new(stream).map_err(|e| e.to_string())?),
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let target = Duration::from_millis(a.downtime_target_ms);
+    let target = a.downtime_target;
     let mut config = PolicyConfig::default();
     config.precopy.downtime_target = target;
     config.hybrid_precopy.downtime_target = target;
     let policy = a.policy.with_prepaging(a.prepaging).build(&config);
-    let mut e = SourceEngine::new(vm.tracker(), vm.pages(), vm.control(), policy, clock, {
-        let mut v = EngineConfig::default();
-        v.verify = a.verify;
-        v
-    });
-    let stats = run_source(&mut e, &mut t, TIMEOUT).map_err(|e| e.to_string())?;
+    let mut e = SourceEngine::new(
+        vm.tracker(),
+        vm.pages(),
+        vm.control(),
+        policy,
+        clock,
+        engine,
+    );
+    ctrlc.watch(&e.handle());
+    steer::show_progress(&e.handle(), true);
+    let stats = match run_source(&mut e, &mut t, TIMEOUT) {
+        Ok(stats) => stats,
+        Err(err) => {
+            // The destination was told (an abort) and ends too.
+            drop(t);
+            let _ = child.wait();
+            return Err(Failure::Migration(err));
+        }
+    };
     drop(t);
     let out = child.stdout.take().ok_or("no destination output")?;
     let mut line = String::new();

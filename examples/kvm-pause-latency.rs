@@ -18,21 +18,22 @@
 use clap::Parser;
 use livemig::core::GuestControl;
 use livemig::kvm::TestVm;
+use livemig::units::parse_duration;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 /// Pause a compute-only KVM guest again and again; print the latency.
 #[derive(Parser, Debug)]
 #[command(
-    after_help = "Exit codes: 0 measured; 1 the guest could not be paused or did not run; 2 bad arguments."
+    after_help = "Exit codes: 0 measured; 1 the guest could not be paused or did not run; 2 invalid arguments."
 )]
 struct Args {
     /// How many pauses to measure.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pauses: u32,
-    /// How long the guest runs between two pauses, in milliseconds.
-    #[arg(long, default_value_t = 2)]
-    run_ms: u64,
+    /// How long the guest runs between two pauses (e.g. 2ms).
+    #[arg(long, default_value = "2ms", value_parser = parse_duration)]
+    run: Duration,
 }
 
 fn main() -> ExitCode {
@@ -56,7 +57,7 @@ fn run(args: &Args) -> Result<(), String> {
     let mut took = Vec::with_capacity(args.pauses as usize);
     let mut last = 0;
     for i in 0..args.pauses {
-        std::thread::sleep(Duration::from_millis(args.run_ms));
+        std::thread::sleep(args.run);
         let t = Instant::now();
         control
             .pause()

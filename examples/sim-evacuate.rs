@@ -15,7 +15,7 @@
 //! line per strategy; `--json` prints every guest's outcome.
 
 use clap::{Parser, ValueEnum};
-use livemig::core::{EngineConfig, Policy, PolicyConfig, PolicyKind};
+use livemig::core::{Policy, PolicyConfig, PolicyKind};
 use livemig::sim::{
     evacuate, fleet, EvacConfig, EvacReport, FleetShape, Link, MemoryMode, PolicyFactory, Strategy,
 };
@@ -45,7 +45,11 @@ enum MemoryArg {
 
 /// Evacuate a simulated host.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    after_help = "Exit codes: 0 every guest moved and verified; 1 a migration failed or did not verify, or the plot could not be written; 2 invalid arguments."
+)]
 struct Args {
     /// Guests on the host.
     #[arg(long, default_value_t = 50)]
@@ -148,19 +152,21 @@ fn main() -> ExitCode {
     let mut ok = true;
     for s in strategies {
         let wall = Instant::now();
-        let r = evacuate(EvacConfig {
-            guests: guests.clone(),
-            uplink: Link::new(a.uplink, a.latency),
-            destinations: vec![a.downlink; a.destinations],
-            concurrency: a.concurrency,
-            strategy: s,
-            policy: factory(&a),
-            engine: EngineConfig::default(),
-            mode: match a.memory {
+        let r = evacuate({
+            let mut c = EvacConfig::new(
+                guests.clone(),
+                Link::new(a.uplink, a.latency),
+                vec![a.downlink; a.destinations],
+                s,
+                a.concurrency,
+                factory(&a),
+            );
+            c.mode = match a.memory {
                 MemoryArg::Model => MemoryMode::Model,
                 MemoryArg::Bytes => MemoryMode::Bytes,
-            },
-            time_limit: Duration::from_secs(7 * 24 * 3600),
+            };
+            c.time_limit = Duration::from_secs(7 * 24 * 3600);
+            c
         });
         let r = match r {
             Ok(r) => r,

@@ -8,18 +8,28 @@
 //! Prints Xen-style round lines, the totals in QEMU's names, the downtime
 //! observed by the guest on the virtual clock, the guest's progress
 //! counter before and after, and whether memory verified. `--json` prints
-//! the same as one JSON object.
+//! the same as one JSON object. `--max-bandwidth` caps the pre-copy stage,
+//! `--auto-converge` throttles a guest that outruns the link; progress
+//! goes to stderr (a bar on a terminal), Ctrl-C cancels, `RUST_LOG=info`
+//! prints the migration's tracing spans (see `--help` for the exit
+//! statuses).
+
+#[path = "common/steer.rs"]
+mod steer;
 
 use clap::{Parser, ValueEnum};
 use livemig::core::{
     EngineConfig, HcaConfig, MemoryLayout, PageSize, PolicyConfig, PolicyKind, PrecopyConfig,
     Prepaging,
 };
-use livemig::sim::{simulate, Link, MemoryMode, SimConfig, WorkloadKind, WorkloadSpec};
+use livemig::sim::{
+    simulate_steered, Link, MemoryMode, SimConfig, SimError, WorkloadKind, WorkloadSpec,
+};
 use livemig::units::{parse_bandwidth, parse_duration, parse_rate, parse_size};
 use serde_json::json;
 use std::process::ExitCode;
 use std::time::Duration;
+use steer::Failure;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum WorkloadArg {
@@ -54,7 +64,7 @@ enum LayoutArg {
 
 /// Migrate a simulated guest in virtual time.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, after_help = steer::EXIT_CODES)]
 struct Args {
     /// Migration policy: precopy, stop-and-copy, postcopy[:PREPAGING],
     /// hybrid[:PREPAGING] or hca.
@@ -137,6 +147,9 @@ struct Args {
     /// Where the working set starts, as an offset into memory (e.g. 3GiB).
     #[arg(long, default_value = "0", value_parser = parse_size)]
     wss_offset: u64,
+    /// Bandwidth cap and auto-converge.
+    #[command(flatten)]
+    steer: steer::SteerArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -144,22 +157,19 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args) {
-        Ok(ok) => {
-            if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Err(e) => {
-            eprintln!("sim-migrate: {e}");
-            ExitCode::from(if e.starts_with("invalid") { 2 } else { 1 })
-        }
+    steer::init_tracing();
+    let ctrlc = match steer::CtrlC::install() {
+        Ok(c) => c,
+        Err(e) => return ExitCode::from(Failure::Other(e).report("sim-migrate")),
+    };
+    match run(&args, &ctrlc) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(f) => ExitCode::from(f.report("sim-migrate")),
     }
 }
 
-fn run(a: &Args) -> Result<bool, String> {
+fn run(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     let page_size = u32::try_from(a.page_size)
         .ok()
         .and_then(|p| PageSize::new(p).ok())
@@ -179,10 +189,7 @@ fn run(a: &Args) -> Result<bool, String> {
     }
     let wss = a.wss.unwrap_or(a.mem / 4);
     if wss > a.mem {
-        return Err(format!(
-            "invalid --wss: {wss} bytes is more than --mem {}",
-            a.mem
-        ));
+        return Err(format!("invalid --wss: {wss} bytes is more than --mem {}", a.mem).into());
     }
     let ps = page_size.bytes() as u64;
     let kind = match a.workload {
@@ -205,14 +212,12 @@ fn run(a: &Args) -> Result<bool, String> {
         MemoryArg::Model => MemoryMode::Model,
         MemoryArg::Auto => MemoryMode::Model,
     };
-    let workload = WorkloadSpec {
-        kind,
-        wss_pages: (wss / ps).max(1),
-        writes_per_sec: a.dirty_rate / ps as f64,
-        zero_fraction: a.zero_fraction,
-        seed: a.seed,
-        reads_per_write: a.reads_per_write,
-        wss_offset: a.wss_offset / ps,
+    let workload = {
+        let mut c = WorkloadSpec::new(kind, (wss / ps).max(1), a.dirty_rate / ps as f64, a.seed);
+        c.zero_fraction = a.zero_fraction;
+        c.reads_per_write = a.reads_per_write;
+        c.wss_offset = a.wss_offset / ps;
+        c
     };
     let precopy = {
         let mut v = PrecopyConfig::default();
@@ -243,20 +248,30 @@ fn run(a: &Args) -> Result<bool, String> {
         None => a.policy,
     };
     let policy = kind.build(&config);
-    let report = simulate(SimConfig {
-        layout,
-        mode,
-        workload,
-        link: Link::new(a.bandwidth, a.latency),
-        policy,
-        engine: EngineConfig::default(),
-        time_limit: Duration::from_secs(24 * 3600),
-        resume_pages: Vec::new(),
-    })
+    let mut engine = EngineConfig::default();
+    a.steer.apply(&mut engine)?;
+    let mut watching = false;
+    let report = simulate_steered(
+        {
+            let mut c = SimConfig::new(layout, workload, Link::new(a.bandwidth, a.latency), policy);
+            c.mode = mode;
+            c.engine = engine;
+            c.time_limit = Duration::from_secs(24 * 3600);
+            c
+        },
+        &mut |s| {
+            if !watching {
+                watching = true;
+                ctrlc.watch(s.source);
+                steer::show_progress(s.source, true);
+            }
+        },
+    )
     .map_err(|e| match e {
-        livemig::sim::SimError::Workload(w) => format!("invalid workload flags: {w}"),
-        livemig::sim::SimError::Link(l) => format!("invalid link flags: {l}"),
-        other => other.to_string(),
+        SimError::Workload(w) => Failure::Other(format!("invalid workload flags: {w}")),
+        SimError::Link(l) => Failure::Other(format!("invalid link flags: {l}")),
+        SimError::Migration(m) => Failure::Migration(m),
+        other => Failure::Other(other.to_string()),
     })?;
     let verified = report.memory_equal && report.stats.memory_verified;
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -282,7 +297,7 @@ fn run(a: &Args) -> Result<bool, String> {
         });
         println!(
             "{}",
-            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+            serde_json::to_string_pretty(&v).map_err(|e| Failure::Other(e.to_string()))?
         );
     } else {
         println!(

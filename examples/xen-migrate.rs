@@ -32,7 +32,14 @@
 //! resumed instead.
 //!
 //! It prints the round lines, the totals and the verification; `--json`
-//! prints one JSON object.
+//! prints one JSON object. The sender shows its progress on stderr (a
+//! bar on a terminal); Ctrl-C cancels before the point of no return (the
+//! source domain runs on, log-dirty mode off); `--max-bandwidth` and
+//! `--auto-converge` (through the scheduler's cap) steer it; see `--help`
+//! for the exit statuses.
+
+#[path = "common/steer.rs"]
+mod steer;
 
 use clap::{Parser, ValueEnum};
 use livemig::core::driver::run_source;
@@ -42,6 +49,8 @@ use livemig::core::{
     Clock, DestinationReport, EngineConfig, MigrationStats, Policy, PolicyConfig, PolicyKind,
     SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
 };
+use livemig::units::parse_duration;
+use livemig::xen::DestinationError;
 use livemig::xen::{ResumeWindow, SourceFrames};
 use livemig::xen::{StopMode, Xen, XenDomain};
 use std::net::{TcpListener, TcpStream};
@@ -50,6 +59,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use steer::{CtrlC, Failure};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum StopArg {
@@ -61,7 +71,7 @@ enum StopArg {
 
 /// Live-migrate a Xen domain into another, paused, domain.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, after_help = steer::EXIT_CODES)]
 struct Args {
     /// The running domain to migrate.
     #[arg(long)]
@@ -96,8 +106,13 @@ struct Args {
     /// Pre-copy and hybrid: the downtime the final copy may take (the
     /// policy's default if not given); hybrid switches to post-copy when
     /// its rounds run out before what is left fits.
-    #[arg(long)]
-    downtime_target_ms: Option<u64>,
+    #[arg(long, value_parser = parse_duration)]
+    downtime_target: Option<Duration>,
+    /// Sender: bandwidth cap and auto-converge (through the scheduler's
+    /// cap, credit2 or credit; a host that cannot cap the domain
+    /// migrates unthrottled).
+    #[command(flatten)]
+    steer: steer::SteerArgs,
     /// Pre-copy and hybrid: at most this many rounds (the policy's
     /// default if not given); hybrid then switches to post-copy.
     #[arg(long)]
@@ -136,19 +151,35 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 
 fn main() -> ExitCode {
     let a = Args::parse();
+    steer::init_tracing();
+    let ctrlc = match CtrlC::install() {
+        Ok(c) => c,
+        Err(e) => return ExitCode::from(Failure::Other(e).report("xen-migrate")),
+    };
     let r = match (a.domid, a.dest, &a.to, &a.listen) {
-        (Some(s), Some(d), None, None) => run_local(&a, s, d),
-        (Some(s), None, Some(to), None) => run_send(&a, s, to),
+        (Some(s), Some(d), None, None) => run_local(&a, s, d, &ctrlc),
+        (Some(s), None, Some(to), None) => run_send(&a, s, to, &ctrlc),
         (None, Some(d), None, Some(at)) => run_receive(&a, d, at),
-        _ => Err("give --domid and --dest (both ends here), --domid and --to (sender), or --dest and --listen (receiver)".into()),
+        _ => Err("invalid arguments: give --domid and --dest (both ends here), --domid and --to (sender), or --dest and --listen (receiver)".into()),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("xen-migrate: {e}");
-            ExitCode::from(2)
+        Err(f) => ExitCode::from(f.report("xen-migrate")),
+    }
+}
+
+/// A destination's failure: the migration's error (its kind decides the
+/// exit status) or the domain's.
+fn dest_failure(e: DestinationError) -> Failure {
+    match e {
+        DestinationError::Migration { source, missing } => {
+            if missing > 0 {
+                eprintln!("xen-migrate: {missing} frames never arrived");
+            }
+            Failure::Migration(source)
         }
+        other => Failure::Other(format!("destination failed: {other}")),
     }
 }
 
@@ -203,8 +234,8 @@ fn prepare_destination(
 fn policy(a: &Args) -> Box<dyn Policy> {
     let mut config = PolicyConfig::default();
     for c in [&mut config.precopy, &mut config.hybrid_precopy] {
-        if let Some(ms) = a.downtime_target_ms {
-            c.downtime_target = Duration::from_millis(ms);
+        if let Some(target) = a.downtime_target {
+            c.downtime_target = target;
         }
         if let Some(rounds) = a.max_rounds {
             c.max_rounds = rounds;
@@ -217,9 +248,18 @@ fn is_postcopy(a: &Args) -> bool {
     a.policy.may_postcopy()
 }
 
-/// Runs the source engine over `t`.
-fn source_side(a: &Args, src: &XenDomain, t: &mut dyn Transport) -> Result<MigrationStats, String> {
+/// Runs the source engine over `t`, with Ctrl-C cancelling it and its
+/// progress on stderr.
+fn source_side(
+    a: &Args,
+    src: &XenDomain,
+    t: &mut dyn Transport,
+    ctrlc: &CtrlC,
+) -> Result<MigrationStats, Failure> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let mut config = EngineConfig::default();
+    config.verify = a.verify;
+    a.steer.apply(&mut config)?;
     let mut engine = SourceEngine::new(
         src.tracker(),
         src.pages(),
@@ -227,13 +267,11 @@ fn source_side(a: &Args, src: &XenDomain, t: &mut dyn Transport) -> Result<Migra
             .with_resume_window(ResumeWindow::default().with_per_cpu(a.resume_window_kib << 10)),
         policy(a),
         clock,
-        {
-            let mut v = EngineConfig::default();
-            v.verify = a.verify;
-            v
-        },
+        config,
     );
-    run_source(&mut engine, t, TIMEOUT).map_err(|e| e.to_string())
+    ctrlc.watch(&engine.handle());
+    steer::show_progress(&engine.handle(), true);
+    run_source(&mut engine, t, TIMEOUT).map_err(Failure::Migration)
 }
 
 /// Runs the destination engine over `t` (see [`livemig::xen::receive`]).
@@ -243,9 +281,9 @@ fn dest_side(
     stop: StopMode,
     t: &mut dyn Transport,
     postcopy: bool,
-) -> Result<DestinationReport, String> {
+) -> Result<DestinationReport, DestinationError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    livemig::xen::receive(xen, dst, stop, t, postcopy, clock, TIMEOUT).map_err(|e| e.to_string())
+    livemig::xen::receive(xen, dst, stop, t, postcopy, clock, TIMEOUT)
 }
 
 fn print_source(a: &Args, s: &MigrationStats, dest: Option<&DestinationReport>) {
@@ -282,9 +320,9 @@ fn print_source(a: &Args, s: &MigrationStats, dest: Option<&DestinationReport>) 
 }
 
 /// Both ends in this process, over a Unix socket pair.
-fn run_local(a: &Args, domid: u32, dest: u32) -> Result<bool, String> {
+fn run_local(a: &Args, domid: u32, dest: u32, ctrlc: &CtrlC) -> Result<bool, Failure> {
     if domid == dest {
-        return Err("--domid and --dest must differ".into());
+        return Err("invalid arguments: --domid and --dest must differ".into());
     }
     let xen = Arc::new(Xen::open().map_err(|e| e.to_string())?);
     let src = attach_source(a, &xen, domid)?;
@@ -301,12 +339,10 @@ fn run_local(a: &Args, domid: u32, dest: u32) -> Result<bool, String> {
     let (sa, sb) = UnixStream::pair().map_err(|e| e.to_string())?;
     let stop = stop_mode(a);
     let (x2, pc) = (xen.clone(), is_postcopy(a));
-    let receiver = std::thread::spawn(move || {
-        let mut t = StreamTransport::new(sb).map_err(|e| e.to_string())?;
-        dest_side(&x2, &dst, stop, &mut t, pc)
-    });
+    let mut tb = StreamTransport::new(sb).map_err(|e| e.to_string())?;
+    let receiver = std::thread::spawn(move || dest_side(&x2, &dst, stop, &mut tb, pc));
     let mut t = StreamTransport::new(sa).map_err(|e| e.to_string())?;
-    let result = source_side(a, &src, &mut t);
+    let result = source_side(a, &src, &mut t, ctrlc);
     let report = receiver
         .join()
         .map_err(|_| "the destination thread panicked".to_string())?;
@@ -317,11 +353,10 @@ fn run_local(a: &Args, domid: u32, dest: u32) -> Result<bool, String> {
         }
         (Err(e), r) => {
             let src_state = src.info().map(|i| format!("{i:?}")).unwrap_or_default();
-            Err(format!(
-                "migration failed: {e}; destination: {r:?}; source domain now: {src_state}"
-            ))
+            eprintln!("xen-migrate: destination: {r:?}; source domain now: {src_state}");
+            Err(e)
         }
-        (Ok(_), Err(e)) => Err(format!("destination failed: {e}")),
+        (Ok(_), Err(e)) => Err(dest_failure(e)),
     }
 }
 
@@ -336,7 +371,7 @@ fn tls_config(a: &Args) -> Result<Option<TlsConfig>, String> {
 }
 
 /// The sending process.
-fn run_send(a: &Args, domid: u32, to: &str) -> Result<bool, String> {
+fn run_send(a: &Args, domid: u32, to: &str, ctrlc: &CtrlC) -> Result<bool, Failure> {
     let tls = tls_config(a)?;
     let xen = Arc::new(Xen::open().map_err(|e| e.to_string())?);
     let src = attach_source(a, &xen, domid)?;
@@ -362,22 +397,21 @@ fn run_send(a: &Args, domid: u32, to: &str) -> Result<bool, String> {
         src.layout().total_pages(),
         src.layout().regions().len()
     );
-    match source_side(a, &src, &mut t) {
+    match source_side(a, &src, &mut t, ctrlc) {
         Ok(s) => {
             print_source(a, &s, None);
             Ok(s.memory_verified)
         }
         Err(e) => {
             let src_state = src.info().map(|i| format!("{i:?}")).unwrap_or_default();
-            Err(format!(
-                "migration failed: {e}; source domain now: {src_state}"
-            ))
+            eprintln!("xen-migrate: source domain now: {src_state}");
+            Err(e)
         }
     }
 }
 
 /// The receiving process.
-fn run_receive(a: &Args, dest: u32, at: &str) -> Result<bool, String> {
+fn run_receive(a: &Args, dest: u32, at: &str) -> Result<bool, Failure> {
     let tls = tls_config(a)?;
     let xen = Arc::new(Xen::open().map_err(|e| e.to_string())?);
     let listener = TcpListener::bind(at).map_err(|e| format!("listening at {at}: {e}"))?;
@@ -403,8 +437,7 @@ fn run_receive(a: &Args, dest: u32, at: &str) -> Result<bool, String> {
         "domain {dest}: receiving {} pages from {peer}",
         dst.layout().total_pages()
     );
-    let r = dest_side(&xen, &dst, stop_mode(a), &mut t, a.postcopy)
-        .map_err(|e| format!("destination failed: {e}"))?;
+    let r = dest_side(&xen, &dst, stop_mode(a), &mut t, a.postcopy).map_err(dest_failure)?;
     if a.json {
         println!(
             "{}",

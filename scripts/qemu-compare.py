@@ -166,7 +166,7 @@ def ours_run(a):
     exe = os.path.join(ROOT, "target/release/examples/kvm-migrate")
     out = subprocess.run([exe, "--mem", str(a.mem), "--wss", str(a.wss),
                           "--dirty-rate", str(a.dirty_rate), "--pacing", "guest",
-                          "--verify", a.verify, "--settle-ms", str(a.settle_ms), "--json"],
+                          "--verify", a.verify, "--settle", f"{a.settle_ms}ms", "--json"],
                          check=True, capture_output=True, text=True).stdout
     j = json.loads(out)
     k = j["kvm"]

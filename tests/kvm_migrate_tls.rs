@@ -34,7 +34,7 @@ fn tls_args(id: &TestIdentity, tag: &str) -> Vec<String> {
 fn kvm_migrate(args: &[String]) -> (std::process::ExitStatus, String) {
     let child = Command::new(common::example("kvm-migrate"))
         .args(["--mem", "64MiB", "--wss", "16MiB", "--dirty-rate", "50MB/s"])
-        .args(["--settle-ms", "100", "--json"])
+        .args(["--settle", "100ms", "--json"])
         .args(args)
         .stdout(Stdio::piped())
         .spawn()

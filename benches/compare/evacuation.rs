@@ -29,16 +29,18 @@ pub(crate) fn evacuations(out: &Path, n: usize) {
         for strategy in Strategy::all() {
             let policy: PolicyFactory =
                 Arc::new(|| -> Box<dyn Policy> { build(PolicyKind::Precopy) });
-            let r = evacuate(EvacConfig {
-                guests: guests.clone(),
-                uplink,
-                destinations: downlinks.clone(),
-                concurrency: 8,
-                strategy,
-                policy,
-                engine: EngineConfig::default(),
-                mode: MemoryMode::Model,
-                time_limit: Duration::from_secs(7 * 24 * 3600),
+            let r = evacuate({
+                let mut c = EvacConfig::new(
+                    guests.clone(),
+                    uplink,
+                    downlinks.clone(),
+                    strategy,
+                    8,
+                    policy,
+                );
+                c.mode = MemoryMode::Model;
+                c.time_limit = Duration::from_secs(7 * 24 * 3600);
+                c
             })
             .expect("evacuation");
             assert_eq!(r.unverified(), 0, "a migration did not verify");

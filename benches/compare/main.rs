@@ -24,8 +24,7 @@
 
 use clap::Parser;
 use livemig::core::{
-    EngineConfig, MemoryLayout, MigrationStats, PageSize, Policy, PolicyConfig, PolicyKind,
-    Prepaging,
+    MemoryLayout, MigrationStats, PageSize, Policy, PolicyConfig, PolicyKind, Prepaging,
 };
 use livemig::sim::{
     evacuate, fleet, simulate, EvacConfig, EvacReport, FaultRecord, FleetShape, Link, MemoryMode,
@@ -254,15 +253,16 @@ fn run_in(
     link: Link,
     policy: Box<dyn Policy>,
 ) -> (MigrationStats, Vec<FaultRecord>, Duration) {
-    let r = simulate(SimConfig {
-        layout: MemoryLayout::flat(PageSize::DEFAULT, mem).expect("layout"),
-        mode,
-        workload: workload.clone(),
-        link,
-        policy,
-        engine: EngineConfig::default(),
-        time_limit: Duration::from_secs(24 * 3600),
-        resume_pages: Vec::new(),
+    let r = simulate({
+        let mut c = SimConfig::new(
+            MemoryLayout::flat(PageSize::DEFAULT, mem).expect("layout"),
+            workload.clone(),
+            link,
+            policy,
+        );
+        c.mode = mode;
+        c.time_limit = Duration::from_secs(24 * 3600);
+        c
     })
     .expect("simulated migration");
     assert!(

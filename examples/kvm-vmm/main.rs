@@ -29,7 +29,7 @@
 //! - `--migrate`: a source that starts the destination itself, as a child
 //!   process on loopback, and checks both ends: it prints
 //!   `MIGRATED verified=... digest=... destination-digest=... last=... first=... every=... continues=...`.
-//! - none of these: the guest just runs for `--run-for` seconds.
+//! - none of these: the guest just runs for `--run-for` (a duration).
 //!
 //! Progress reports and the VMM's own messages go to standard error.
 
@@ -51,7 +51,7 @@ use livemig::kvm::{
     advise_huge_pages, enter_multiboot, load_multiboot, vcpu_cpuid, KvmControl, KvmDirtyTracker,
     KvmError, KvmFaults, KvmMemory, KvmPages, TrackedMemory, VcpuCaps, VcpuKick, Vcpus,
 };
-use livemig::units::parse_size;
+use livemig::units::{parse_duration, parse_size};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -122,16 +122,17 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     first_slot: u32,
     /// Source: how long the guest runs after its first progress report
-    /// before the migration starts, in milliseconds.
-    #[arg(long, default_value_t = 500)]
-    settle_ms: u64,
-    /// How long the guest runs: without migration, in all (0: until it
-    /// stops); on a destination, after its first report.
-    #[arg(long, default_value_t = 1.0)]
-    run_for: f64,
-    /// How long to wait for the guest's progress reports, in seconds.
-    #[arg(long, default_value_t = 120)]
-    wait_secs: u64,
+    /// before the migration starts (e.g. 500ms).
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    settle: Duration,
+    /// How long the guest runs (e.g. 1s; a bare number is seconds):
+    /// without migration, in all (0: until it stops); on a destination,
+    /// after its first report.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    run_for: Duration,
+    /// How long to wait for the guest's progress reports (e.g. 120s).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    wait: Duration,
 }
 
 /// Why the program ends (the exit status in [`EXIT_CODES`]).
@@ -302,7 +303,7 @@ fn source(a: &Args, guest: Guest) -> Result<(), Failure> {
         Guest::BootSector(code) => load_boot_sector(memory, vcpu, code),
     })?;
     vm.vcpus.resume().map_err(setup("starting the vCPUs"))?;
-    let wait = Duration::from_secs(a.wait_secs);
+    let wait = a.wait;
 
     if a.to.is_none() && !a.migrate {
         return run_alone(a, &vm);
@@ -312,7 +313,7 @@ fn source(a: &Args, guest: Guest) -> Result<(), Failure> {
             format!("no progress report on port {REPORT_PORT:#x} within {wait:?}")
         })));
     }
-    std::thread::sleep(Duration::from_millis(a.settle_ms));
+    std::thread::sleep(a.settle);
 
     // The destination: given, or a child process of this program.
     let mut child = None;
@@ -390,11 +391,11 @@ fn source(a: &Args, guest: Guest) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Runs the guest without migrating it, for `--run-for` seconds (0: until
+/// Runs the guest without migrating it, for `--run-for` (0: until
 /// it stops).
 fn run_alone(a: &Args, vm: &Vm) -> Result<(), Failure> {
-    let forever = a.run_for <= 0.0;
-    let span = Duration::from_secs_f64(if forever { 0.0 } else { a.run_for });
+    let forever = a.run_for.is_zero();
+    let span = a.run_for;
     let deadline = Instant::now() + span;
     let all_stopped = |c: &Ctl| {
         c.at.iter()
@@ -485,8 +486,8 @@ impl Destination {
             .args(["--mem", &a.mem.to_string()])
             .args(["--vcpus", &a.vcpus.to_string()])
             .args(["--first-slot", &(a.first_slot + 16).to_string()])
-            .args(["--run-for", &a.run_for.to_string()])
-            .args(["--wait-secs", &a.wait_secs.to_string()])
+            .args(["--run-for", &format!("{}us", a.run_for.as_micros())])
+            .args(["--wait", &format!("{}us", a.wait.as_micros())])
             .stdout(Stdio::piped());
         if a.policy.may_postcopy() {
             cmd.arg("--postcopy");
@@ -582,7 +583,7 @@ fn destination(a: &Args) -> Result<(), Failure> {
     drop(transport);
 
     // The engine resumed the guest: wait for its first report here.
-    let wait = Duration::from_secs(a.wait_secs);
+    let wait = a.wait;
     let reported = vm
         .vcpus
         .wait_for(wait, |c| c.progress.first_since_resume.is_some());
@@ -597,7 +598,7 @@ fn destination(a: &Args) -> Result<(), Failure> {
             format!("no progress report within {wait:?} of the resume")
         })));
     }
-    let deadline = Instant::now() + Duration::from_secs_f64(a.run_for.max(0.0));
+    let deadline = Instant::now() + a.run_for;
     while Instant::now() < deadline && vm.vcpus.fault().is_none() {
         vm.vcpus
             .wait_for(deadline - Instant::now(), |c| c.fault.is_some());

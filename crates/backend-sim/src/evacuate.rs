@@ -46,6 +46,7 @@ use std::time::Duration;
 
 /// One guest to move off the host.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct EvacGuest {
     /// Guest memory in bytes (a multiple of the page size).
     pub memory: u64,
@@ -54,6 +55,11 @@ pub struct EvacGuest {
 }
 
 impl EvacGuest {
+    /// A guest of `memory` bytes doing `workload`.
+    pub fn new(memory: u64, workload: WorkloadSpec) -> Self {
+        EvacGuest { memory, workload }
+    }
+
     /// The rate at which the guest writes pages, in bytes per second.
     pub fn dirty_rate(&self) -> f64 {
         self.workload.writes_per_sec * PageSize::DEFAULT.get() as f64
@@ -62,6 +68,7 @@ impl EvacGuest {
 
 /// The distribution a fleet is drawn from.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct FleetShape {
     /// Guest memory sizes in GiB to choose from, uniformly.
     pub memory_gib: Vec<u64>,
@@ -239,7 +246,9 @@ impl FromStr for Strategy {
 /// Makes the policy of each guest's migration.
 pub type PolicyFactory = Arc<dyn Fn() -> Box<dyn Policy> + Send + Sync>;
 
-/// Everything an evacuation needs.
+/// Everything an evacuation needs: build it with [`EvacConfig::new`]
+/// and set the fields to change.
+#[non_exhaustive]
 pub struct EvacConfig {
     /// The guests, in fleet order.
     pub guests: Vec<EvacGuest>,
@@ -263,8 +272,37 @@ pub struct EvacConfig {
     pub time_limit: Duration,
 }
 
+impl EvacConfig {
+    /// Evacuating `guests` over `uplink` to `destinations` (their
+    /// downlinks, bits per second) with `strategy`, `concurrency`
+    /// migrations at most, each run by a policy from `policy`: the
+    /// default engine settings, page models ([`MemoryMode::Model`]), at
+    /// most a week of virtual time.
+    pub fn new(
+        guests: Vec<EvacGuest>,
+        uplink: Link,
+        destinations: Vec<f64>,
+        strategy: Strategy,
+        concurrency: usize,
+        policy: PolicyFactory,
+    ) -> Self {
+        EvacConfig {
+            guests,
+            uplink,
+            destinations,
+            concurrency,
+            strategy,
+            policy,
+            engine: EngineConfig::default(),
+            mode: MemoryMode::Model,
+            time_limit: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
 /// How one guest's migration went.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct GuestOutcome {
     /// Its index in the fleet.
     pub guest: usize,
@@ -298,6 +336,7 @@ impl GuestOutcome {
 
 /// What an evacuation did.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct EvacReport {
     /// The strategy.
     pub strategy: Strategy,

@@ -57,11 +57,19 @@ pub enum FaultAt {
 
 /// A fault and the frame it hits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FaultPlan {
     /// What happens.
     pub fault: Fault,
     /// To which frame.
     pub at: FaultAt,
+}
+
+impl FaultPlan {
+    /// `fault` at the frame `at` names.
+    pub fn new(fault: Fault, at: FaultAt) -> Self {
+        FaultPlan { fault, at }
+    }
 }
 
 /// A transport that breaks one frame as its plan says (or none, with no

@@ -31,6 +31,7 @@ use std::time::Duration;
 
 /// A network link: bandwidth and one-way latency, the same both ways.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Link {
     /// Bits per second.
     pub bandwidth_bps: f64,
@@ -53,7 +54,9 @@ impl Link {
     }
 }
 
-/// Everything a simulated migration needs.
+/// Everything a simulated migration needs: build it with
+/// [`SimConfig::new`] and set the fields to change.
+#[non_exhaustive]
 pub struct SimConfig {
     /// Guest memory layout.
     pub layout: MemoryLayout,
@@ -72,6 +75,30 @@ pub struct SimConfig {
     /// Pages the simulated hypervisor maps as the guest resumes (see
     /// [`SimGuest::set_resume_pages`]); usually empty.
     pub resume_pages: Vec<PageNum>,
+}
+
+impl SimConfig {
+    /// A migration of a guest of `layout` doing `workload`, over `link`,
+    /// run by `policy`: every byte of memory stored
+    /// ([`MemoryMode::Bytes`]), the default engine settings, at most an
+    /// hour of virtual time, no pages mapped at resume.
+    pub fn new(
+        layout: MemoryLayout,
+        workload: WorkloadSpec,
+        link: Link,
+        policy: Box<dyn Policy>,
+    ) -> Self {
+        SimConfig {
+            layout,
+            mode: MemoryMode::Bytes,
+            workload,
+            link,
+            policy,
+            engine: EngineConfig::default(),
+            time_limit: Duration::from_secs(3600),
+            resume_pages: Vec::new(),
+        }
+    }
 }
 
 /// Why a simulation could not run or finish.

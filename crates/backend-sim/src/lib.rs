@@ -19,28 +19,18 @@
 //! pages take no virtual time.
 //!
 //! ```
-//! use backend_sim::{simulate, Link, MemoryMode, SimConfig, WorkloadKind, WorkloadSpec};
-//! use migrate_core::{EngineConfig, MemoryLayout, PageSize, Precopy};
+//! use backend_sim::{simulate, Link, SimConfig, WorkloadKind, WorkloadSpec};
+//! use migrate_core::{MemoryLayout, PageSize, Precopy};
 //! use std::time::Duration;
 //!
-//! let report = simulate(SimConfig {
-//!     layout: MemoryLayout::flat(PageSize::DEFAULT, 16 << 20).unwrap(),
-//!     mode: MemoryMode::Bytes,
-//!     workload: WorkloadSpec {
-//!         kind: WorkloadKind::Uniform,
-//!         wss_pages: 1024,
-//!         writes_per_sec: 2000.0,
-//!         zero_fraction: 0.1,
-//!         seed: 7,
-//!         reads_per_write: 0.0,
-//!         wss_offset: 0,
-//!     },
-//!     link: Link::new(1e9, Duration::from_millis(1)),
-//!     policy: Box::new(Precopy::default()),
-//!     engine: EngineConfig::default(),
-//!     time_limit: Duration::from_secs(3600),
-//!     resume_pages: Vec::new(),
-//! })
+//! let mut workload = WorkloadSpec::new(WorkloadKind::Uniform, 1024, 2000.0, 7);
+//! workload.zero_fraction = 0.1;
+//! let report = simulate(SimConfig::new(
+//!     MemoryLayout::flat(PageSize::DEFAULT, 16 << 20).unwrap(),
+//!     workload,
+//!     Link::new(1e9, Duration::from_millis(1)),
+//!     Box::new(Precopy::default()),
+//! ))
 //! .unwrap();
 //! assert!(report.memory_equal && report.stats.memory_verified);
 //! ```

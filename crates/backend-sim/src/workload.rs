@@ -95,6 +95,7 @@ impl fmt::Display for WorkloadKind {
 
 /// A complete workload description.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct WorkloadSpec {
     /// The shape.
     pub kind: WorkloadKind,

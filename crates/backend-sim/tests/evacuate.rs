@@ -8,7 +8,7 @@ use backend_sim::{
     evacuate, EvacConfig, EvacGuest, EvacReport, Link, MemoryMode, PolicyFactory, Strategy,
     WorkloadKind, WorkloadSpec,
 };
-use migrate_core::{EngineConfig, Hybrid, Policy, PostCopy, Precopy};
+use migrate_core::{Hybrid, Policy, PostCopy, Precopy};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ fn guests() -> Vec<EvacGuest> {
             let mut workload =
                 WorkloadSpec::new(kind, memory / 4096 / 4, 2000.0 * (1 + i) as f64, 40 + i);
             workload.zero_fraction = 0.1;
-            EvacGuest { memory, workload }
+            EvacGuest::new(memory, workload)
         })
         .collect()
 }
@@ -37,16 +37,17 @@ fn run(
     policy: PolicyFactory,
     downlinks: usize,
 ) -> EvacReport {
-    let r = evacuate(EvacConfig {
-        guests: guests(),
-        uplink: Link::new(2e9, Duration::from_micros(200)),
-        destinations: vec![1e9; downlinks],
-        concurrency: 2,
-        strategy,
-        policy,
-        engine: EngineConfig::default(),
-        mode,
-        time_limit: Duration::from_secs(3600),
+    let r = evacuate({
+        let mut c = EvacConfig::new(
+            guests(),
+            Link::new(2e9, Duration::from_micros(200)),
+            vec![1e9; downlinks],
+            strategy,
+            2,
+            policy,
+        );
+        c.mode = mode;
+        c
     })
     .expect("evacuation");
     assert_eq!(r.guests.len(), 6);

@@ -305,14 +305,10 @@ struct Outcome {
 fn run_once(policy: PolicyKind, plan: Option<(Dir, FaultPlan)>) -> Outcome {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let layout = MemoryLayout::flat(PageSize::DEFAULT, GUEST_BYTES).unwrap();
-    let w = WorkloadSpec {
-        kind: WorkloadKind::Uniform,
-        wss_pages: 256,
-        writes_per_sec: 5_000.0,
-        zero_fraction: 0.25,
-        seed: 15,
-        reads_per_write: 0.0,
-        wss_offset: 0,
+    let w = {
+        let mut c = WorkloadSpec::new(WorkloadKind::Uniform, 256, 5_000.0, 15);
+        c.zero_fraction = 0.25;
+        c
     };
     let src =
         SimGuest::source(layout.clone(), MemoryMode::Bytes, w.clone(), clock.clone()).unwrap();
@@ -512,10 +508,7 @@ fn fault_matrix_holds_the_failure_semantics() {
                     MAX_INDICES
                 };
                 for k in sample(n, max) {
-                    let plan = FaultPlan {
-                        fault,
-                        at: FaultAt::Index(k),
-                    };
+                    let plan = FaultPlan::new(fault, FaultAt::Index(k));
                     let o = run_once(policy, Some((dir, plan)));
                     record(policy, fault.name(), &o, format!("{dir:?} frame {k}"));
                 }

@@ -23,19 +23,20 @@ fn run(
     policy: Box<dyn Policy>,
     verify: SourceVerify,
 ) -> SimReport {
-    let r = simulate(SimConfig {
-        layout: layout.clone(),
-        mode,
-        workload: w.clone(),
-        link: Link::new(1e9, Duration::from_micros(500)),
-        policy,
-        engine: {
+    let r = simulate({
+        let mut c = SimConfig::new(
+            layout.clone(),
+            w.clone(),
+            Link::new(1e9, Duration::from_micros(500)),
+            policy,
+        );
+        c.mode = mode;
+        c.engine = {
             let mut v = EngineConfig::default();
             v.verify = verify;
             v
-        },
-        time_limit: Duration::from_secs(3600),
-        resume_pages: Vec::new(),
+        };
+        c
     })
     .expect("simulated migration");
     assert!(r.stats.memory_verified, "{mode:?}: digest not verified");

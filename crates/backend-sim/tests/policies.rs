@@ -7,9 +7,9 @@ use backend_sim::{
     simulate, Link, MemoryMode, SimConfig, SimGuest, SimReport, WorkloadKind, WorkloadSpec,
 };
 use migrate_core::{
-    BackendErrorKind, Clock, EngineConfig, GuestControl, Hca, HcaConfig, Hybrid, MemoryLayout,
-    PageNum, PageSink, PageSize, Policy, PolicyConfig, PolicyKind, PostCopy, Precopy, Prepaging,
-    SwitchReason, VirtualClock,
+    BackendErrorKind, Clock, GuestControl, Hca, HcaConfig, Hybrid, MemoryLayout, PageNum, PageSink,
+    PageSize, Policy, PolicyConfig, PolicyKind, PostCopy, Precopy, Prepaging, SwitchReason,
+    VirtualClock,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,15 +37,16 @@ fn run_full(
     policy: Box<dyn Policy>,
     resume_pages: Vec<PageNum>,
 ) -> SimReport {
-    let r = simulate(SimConfig {
-        layout: MemoryLayout::flat(PageSize::DEFAULT, mem).unwrap(),
-        mode,
-        workload,
-        link: Link::new(GBIT, Duration::from_millis(1)),
-        policy,
-        engine: EngineConfig::default(),
-        time_limit: Duration::from_secs(3600),
-        resume_pages,
+    let r = simulate({
+        let mut c = SimConfig::new(
+            MemoryLayout::flat(PageSize::DEFAULT, mem).unwrap(),
+            workload,
+            Link::new(GBIT, Duration::from_millis(1)),
+            policy,
+        );
+        c.mode = mode;
+        c.resume_pages = resume_pages;
+        c
     })
     .expect("simulated migration");
     assert!(r.stats.memory_verified, "digest not verified");

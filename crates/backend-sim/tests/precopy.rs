@@ -18,15 +18,15 @@ fn run(
     link: Link,
     policy: Box<dyn Policy>,
 ) -> SimReport {
-    let r = simulate(SimConfig {
-        layout: MemoryLayout::flat(PageSize::DEFAULT, mem).unwrap(),
-        mode,
-        workload,
-        link,
-        policy,
-        engine: EngineConfig::default(),
-        time_limit: Duration::from_secs(3600),
-        resume_pages: Vec::new(),
+    let r = simulate({
+        let mut c = SimConfig::new(
+            MemoryLayout::flat(PageSize::DEFAULT, mem).unwrap(),
+            workload,
+            link,
+            policy,
+        );
+        c.mode = mode;
+        c
     })
     .expect("simulated migration");
     assert_verified(&r);
@@ -50,15 +50,7 @@ fn assert_verified(r: &SimReport) {
 }
 
 fn uniform(wss_pages: u64, writes_per_sec: f64, seed: u64) -> WorkloadSpec {
-    WorkloadSpec {
-        kind: WorkloadKind::Uniform,
-        wss_pages,
-        writes_per_sec,
-        zero_fraction: 0.0,
-        seed,
-        reads_per_write: 0.0,
-        wss_offset: 0,
-    }
+    WorkloadSpec::new(WorkloadKind::Uniform, wss_pages, writes_per_sec, seed)
 }
 
 #[test]
@@ -281,14 +273,11 @@ fn same_seed_same_statistics_different_seed_different() {
         run(
             32 << 20,
             MemoryMode::Bytes,
-            WorkloadSpec {
-                kind: WorkloadKind::Zipf { exponent: 0.8 },
-                wss_pages: 4096,
-                writes_per_sec: 20_000.0,
-                zero_fraction: 0.2,
-                seed,
-                reads_per_write: 0.0,
-                wss_offset: 0,
+            {
+                let mut c =
+                    WorkloadSpec::new(WorkloadKind::Zipf { exponent: 0.8 }, 4096, 20_000.0, seed);
+                c.zero_fraction = 0.2;
+                c
             },
             Link::new(GBIT, Duration::from_micros(300)),
             Box::new(Precopy::default()),
@@ -309,9 +298,10 @@ fn zero_pages_travel_as_flags() {
     let r = run(
         mem,
         MemoryMode::Bytes,
-        WorkloadSpec {
-            zero_fraction: 0.5,
-            ..WorkloadSpec::idle(4)
+        {
+            let mut w = WorkloadSpec::idle(4);
+            w.zero_fraction = 0.5;
+            w
         },
         Link::new(GBIT, Duration::from_millis(1)),
         Box::new(StopAndCopy),
@@ -340,14 +330,10 @@ fn every_policy_on_every_workload_verifies() {
                 let r = run(
                     16 << 20,
                     mode,
-                    WorkloadSpec {
-                        kind: kind_v,
-                        wss_pages: 1024,
-                        writes_per_sec: 30_000.0,
-                        zero_fraction: 0.1,
-                        seed: 1,
-                        reads_per_write: 0.0,
-                        wss_offset: 0,
+                    {
+                        let mut c = WorkloadSpec::new(kind_v, 1024, 30_000.0, 1);
+                        c.zero_fraction = 0.1;
+                        c
                     },
                     Link::new(GBIT, Duration::from_millis(1)),
                     pol,
@@ -363,15 +349,15 @@ fn layouts_with_holes_migrate() {
     // 4 GiB below/above the PC hole, compact so it stays cheap.
     let layout = MemoryLayout::pc(PageSize::DEFAULT, 4 << 30).unwrap();
     assert_eq!(layout.regions().len(), 2);
-    let r = simulate(SimConfig {
-        layout,
-        mode: MemoryMode::Compact,
-        workload: uniform(1 << 16, 5000.0, 3),
-        link: Link::new(10.0 * GBIT, Duration::from_millis(1)),
-        policy: Box::new(Precopy::default()),
-        engine: EngineConfig::default(),
-        time_limit: Duration::from_secs(3600),
-        resume_pages: Vec::new(),
+    let r = simulate({
+        let mut c = SimConfig::new(
+            layout,
+            uniform(1 << 16, 5000.0, 3),
+            Link::new(10.0 * GBIT, Duration::from_millis(1)),
+            Box::new(Precopy::default()),
+        );
+        c.mode = MemoryMode::Compact;
+        c
     })
     .unwrap();
     assert_verified(&r);
@@ -384,19 +370,19 @@ fn sent_content_verification_verifies_a_correct_migration() {
         Box::new(Precopy::default()) as Box<dyn Policy>,
         Box::new(StopAndCopy),
     ] {
-        let r = simulate(SimConfig {
-            layout: MemoryLayout::flat(PageSize::DEFAULT, 32 << 20).unwrap(),
-            mode: MemoryMode::Bytes,
-            workload: uniform(4096, 20_000.0, 4),
-            link: Link::new(GBIT, Duration::from_millis(1)),
-            policy,
-            engine: {
+        let r = simulate({
+            let mut c = SimConfig::new(
+                MemoryLayout::flat(PageSize::DEFAULT, 32 << 20).unwrap(),
+                uniform(4096, 20_000.0, 4),
+                Link::new(GBIT, Duration::from_millis(1)),
+                policy,
+            );
+            c.engine = {
                 let mut v = EngineConfig::default();
                 v.verify = migrate_core::SourceVerify::SentContent;
                 v
-            },
-            time_limit: Duration::from_secs(3600),
-            resume_pages: Vec::new(),
+            };
+            c
         })
         .expect("simulated migration");
         assert_verified(&r);

@@ -20,15 +20,7 @@ use std::time::Duration;
 const GBIT: f64 = 1e9;
 
 fn uniform(wss_pages: u64, writes_per_sec: f64) -> WorkloadSpec {
-    WorkloadSpec {
-        kind: WorkloadKind::Uniform,
-        wss_pages,
-        writes_per_sec,
-        zero_fraction: 0.0,
-        seed: 7,
-        reads_per_write: 0.0,
-        wss_offset: 0,
-    }
+    WorkloadSpec::new(WorkloadKind::Uniform, wss_pages, writes_per_sec, 7)
 }
 
 fn config(
@@ -37,16 +29,15 @@ fn config(
     policy: Box<dyn Policy>,
     engine: EngineConfig,
 ) -> SimConfig {
-    SimConfig {
-        layout: MemoryLayout::flat(PageSize::DEFAULT, mem).unwrap(),
-        mode: MemoryMode::Compact,
+    let mut c = SimConfig::new(
+        MemoryLayout::flat(PageSize::DEFAULT, mem).unwrap(),
         workload,
-        link: Link::new(GBIT, Duration::from_millis(1)),
+        Link::new(GBIT, Duration::from_millis(1)),
         policy,
-        engine,
-        time_limit: Duration::from_secs(3600),
-        resume_pages: Vec::new(),
-    }
+    );
+    c.mode = MemoryMode::Compact;
+    c.engine = engine;
+    c
 }
 
 /// Pre-copy limits: the downtime target, at most `max_rounds` rounds, and

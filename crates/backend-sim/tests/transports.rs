@@ -460,10 +460,7 @@ fn cut_before_the_completion_is_sent_resumes_the_source() {
         RecordType::DeviceState,
         RecordType::Complete,
     ] {
-        let plan = FaultPlan {
-            fault: Fault::Cut,
-            at: FaultAt::FirstOfType(ty as u8),
-        };
+        let plan = FaultPlan::new(Fault::Cut, FaultAt::FirstOfType(ty as u8));
         let (s, d, resumed, src, dst, fired) = faulty_migration(StopAndCopy, Some(plan), None);
         assert!(fired);
         assert!(
@@ -504,10 +501,7 @@ fn lost_discard_record_stops_the_postcopy_destination() {
     let mut dropped = 0;
     for policy in policies {
         for ty in [RecordType::Discard, RecordType::DiscardBitmap] {
-            let plan = FaultPlan {
-                fault: Fault::Drop,
-                at: FaultAt::FirstOfType(ty as u8),
-            };
+            let plan = FaultPlan::new(Fault::Drop, FaultAt::FirstOfType(ty as u8));
             let (s, d, resumed, src, dst, fired) = faulty_migration(policy(), Some(plan), None);
             if !fired {
                 // This policy sent no record of that type.
@@ -534,10 +528,10 @@ fn lost_discard_record_stops_the_postcopy_destination() {
 /// resume the guest on pages that never came.
 #[test]
 fn lost_precopy_batch_stops_the_hybrid_destination() {
-    let plan = FaultPlan {
-        fault: Fault::Drop,
-        at: FaultAt::FirstOfType(RecordType::PageBatch as u8),
-    };
+    let plan = FaultPlan::new(
+        Fault::Drop,
+        FaultAt::FirstOfType(RecordType::PageBatch as u8),
+    );
     let (s, d, resumed, src, dst, fired) =
         faulty_migration(migrate_core::Hybrid::default(), Some(plan), None);
     assert!(fired);
@@ -556,10 +550,10 @@ fn altered_device_state_is_never_restored() {
         || Box::new(migrate_core::Hybrid::default()),
     ];
     for policy in policies {
-        let plan = FaultPlan {
-            fault: Fault::Flip,
-            at: FaultAt::FirstOfType(RecordType::DeviceState as u8),
-        };
+        let plan = FaultPlan::new(
+            Fault::Flip,
+            FaultAt::FirstOfType(RecordType::DeviceState as u8),
+        );
         let (s, d, resumed, src, dst, fired) = faulty_migration(policy(), Some(plan), None);
         assert!(fired);
         assert!(
@@ -652,15 +646,8 @@ fn compressed_batches_over_tcp_with_each_codec() {
     for codec in [Codec::Lz4, Codec::Zstd { level: 3 }] {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let layout = MemoryLayout::flat(PageSize::DEFAULT, 32 << 20).unwrap();
-        let w = WorkloadSpec {
-            kind: WorkloadKind::Uniform,
-            wss_pages: 2048,
-            writes_per_sec: 20_000.0,
-            zero_fraction: 0.25,
-            seed: 7,
-            reads_per_write: 0.0,
-            wss_offset: 0,
-        };
+        let mut w = WorkloadSpec::new(WorkloadKind::Uniform, 2048, 20_000.0, 7);
+        w.zero_fraction = 0.25;
         let src = SimGuest::source(
             layout.clone(),
             MemoryMode::Compact,

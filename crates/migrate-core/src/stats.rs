@@ -517,6 +517,85 @@ mod tests {
     use super::*;
 
     #[test]
+    fn statistics_round_trip_in_one_naming_with_milliseconds() {
+        use serde_json::Value;
+        let round = RoundStats {
+            round: 1,
+            sent: 10,
+            delta: Duration::from_micros(1500),
+            throttle_pct: 20,
+            page_size: 4096,
+            ..RoundStats::default()
+        };
+        let stats = MigrationStats {
+            policy: "precopy".into(),
+            switch_reason: SwitchReason::Converged,
+            guest_pages: 10,
+            page_size: 4096,
+            total_time: Duration::from_millis(250),
+            setup_time: Duration::from_millis(2),
+            downtime: Duration::from_micros(12_500),
+            downtime_parts: DowntimeParts {
+                final_copy: Duration::from_millis(10),
+                ..DowntimeParts::default()
+            },
+            expected_downtime: Duration::from_millis(11),
+            transferred: 41_000,
+            remaining: 0,
+            duplicate: 0,
+            normal: 10,
+            normal_bytes: 40_960,
+            total_pages_sent: 10,
+            dirty_pages_rate: 3.5,
+            mbps: 1.25,
+            dirty_sync_count: 2,
+            precopy_bytes: 41_000,
+            downtime_bytes: 0,
+            rtt: Duration::from_micros(200),
+            postcopy: Some(PostcopyStats {
+                requests: 3,
+                fault_latency_p99: Duration::from_micros(750),
+                ..PostcopyStats::default()
+            }),
+            rounds: vec![round],
+            memory_verified: true,
+            compression: None,
+        };
+        let j = serde_json::to_value(&stats).unwrap();
+        assert_eq!(j["total-time-ms"], 250.0);
+        assert_eq!(j["downtime-ms"], 12.5);
+        assert_eq!(j["rtt-ms"], 0.2);
+        assert_eq!(j["downtime-parts"]["final-copy-ms"], 10.0);
+        assert_eq!(j["postcopy"]["fault-latency-p99-ms"], 0.75);
+        assert_eq!(j["rounds"][0]["delta-ms"], 1.5);
+        assert_eq!(j["rounds"][0]["throttle-pct"], 20);
+        assert_eq!(j["switch-reason"], "converged");
+        assert_eq!(j["status"], "completed");
+        assert_eq!(j["postcopy-requests"], 3);
+        // Every key, at every depth, is kebab-case.
+        fn keys(v: &Value, out: &mut Vec<String>) {
+            match v {
+                Value::Object(m) => {
+                    for (k, v) in m {
+                        out.push(k.clone());
+                        keys(v, out);
+                    }
+                }
+                Value::Array(a) => a.iter().for_each(|v| keys(v, out)),
+                _ => {}
+            }
+        }
+        let mut all = Vec::new();
+        keys(&j, &mut all);
+        assert!(all.iter().all(|k| !k.contains('_')), "{all:?}");
+        let mut bad = j["rounds"][0].clone();
+        bad["delta-ms"] = serde_json::json!(-1.0);
+        assert!(serde_json::from_value::<RoundStats>(bad).is_err());
+        let back: MigrationStats = serde_json::from_value(j).unwrap();
+        assert_eq!(back, stats);
+    }
+
+    #[test]
     fn round_line_matches_xen_arithmetic() {
         let r = RoundStats {
             round: 1,

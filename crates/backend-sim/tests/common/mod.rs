@@ -24,14 +24,10 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 pub fn guests(mem: u64, writes_per_sec: f64) -> (SimGuest, SimGuest, Arc<dyn Clock>) {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let layout = MemoryLayout::flat(PageSize::DEFAULT, mem).unwrap();
-    let w = WorkloadSpec {
-        kind: WorkloadKind::Uniform,
-        wss_pages: mem / 4096 / 4,
-        writes_per_sec,
-        zero_fraction: 0.25,
-        seed: 42,
-        reads_per_write: 0.0,
-        wss_offset: 0,
+    let w = {
+        let mut c = WorkloadSpec::new(WorkloadKind::Uniform, mem / 4096 / 4, writes_per_sec, 42);
+        c.zero_fraction = 0.25;
+        c
     };
     let src =
         SimGuest::source(layout.clone(), MemoryMode::Bytes, w.clone(), clock.clone()).unwrap();

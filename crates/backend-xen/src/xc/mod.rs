@@ -62,6 +62,7 @@ pub enum XenError {
 
 /// What [`Xen::domain_info`] reports about a domain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DomainInfo {
     /// The domain id.
     pub domid: u32,

@@ -44,14 +44,31 @@ pub struct DestinationReport {
     pub compression: CompressionFigures,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where the destination is. Each state carries what only it needs.
 enum DstState {
     AwaitHeader,
     AwaitLayout,
-    Receiving,
-    PostcopyRunning,
+    /// Pages arrive; once the source switched over, what that started.
+    Receiving(Option<Switched>),
+    /// Post-copy: the guest runs here on the device state it was
+    /// restored to (for the completion digest), and the rest of its pages
+    /// follow.
+    PostcopyRunning {
+        restored: DeviceState,
+    },
     Completed,
     Failed,
+}
+
+/// What the source's switch-over started.
+struct Switched {
+    /// The rest of memory goes by post-copy.
+    postcopy: bool,
+    /// Post-copy: discards ascend across the stream; the first page the
+    /// next may name.
+    discard_cursor: PageNum,
+    /// Pre-copy: the device state, kept until the completion.
+    device_state: Option<DeviceState>,
 }
 
 /// The destination side of a migration.
@@ -67,8 +84,6 @@ pub struct DestinationEngine<K, G> {
     /// Pages received or discarded at least once: a post-copy guest
     /// resumes only when this is every page.
     accounted: DirtyBitmap,
-    /// Post-copy: the device state restored, for the completion digest.
-    restored_state: Option<DeviceState>,
     hashes: Vec<u64>,
     /// The zero pages of the batch being placed.
     zero_batch: Vec<PageNum>,
@@ -79,10 +94,6 @@ pub struct DestinationEngine<K, G> {
     model: Option<TokenDigest>,
     model_pages: Vec<PageNum>,
     model_tokens: Vec<u64>,
-    switched_over: bool,
-    postcopy: bool,
-    discard_cursor: PageNum,
-    device_state: Option<DeviceState>,
     outbox: VecDeque<Vec<u8>>,
     requested: HashMap<PageNum, Duration>,
     latencies: Vec<u64>,
@@ -116,7 +127,6 @@ where
         DestinationEngine {
             received: DirtyBitmap::new(layout.page_end()),
             accounted: DirtyBitmap::new(layout.page_end()),
-            restored_state: None,
             hashes: vec![0; layout.total_pages() as usize],
             zero_batch: Vec::new(),
             expander: BatchExpander::new(),
@@ -133,10 +143,6 @@ where
             },
             sequencer: Sequencer::new(),
             state: DstState::AwaitHeader,
-            switched_over: false,
-            postcopy: false,
-            discard_cursor: 0,
-            device_state: None,
             outbox: VecDeque::new(),
             requested: HashMap::new(),
             latencies: Vec::new(),
@@ -212,7 +218,7 @@ where
             match self.peer_timeout {
                 Some(limit) if now >= heard + limit => {
                     let e = TransportError::Timeout(limit);
-                    if self.state == DstState::PostcopyRunning {
+                    if matches!(self.state, DstState::PostcopyRunning { .. }) {
                         MigrationError::SourceLost(format!(
                             "{e}; the guest runs here without all of its memory and cannot go on"
                         ))
@@ -232,9 +238,9 @@ where
     fn publish(&mut self) {
         let phase = match self.state {
             DstState::AwaitHeader | DstState::AwaitLayout => Phase::Setup,
-            DstState::Receiving if self.switched_over => Phase::StopAndCopy,
-            DstState::Receiving => Phase::Precopy,
-            DstState::PostcopyRunning => Phase::Postcopy,
+            DstState::Receiving(Some(_)) => Phase::StopAndCopy,
+            DstState::Receiving(None) => Phase::Precopy,
+            DstState::PostcopyRunning { .. } => Phase::Postcopy,
             DstState::Completed => Phase::Completed,
             DstState::Failed => return,
         };
@@ -300,7 +306,7 @@ where
 
     /// Whether the migration completed here.
     pub fn completed(&self) -> bool {
-        self.state == DstState::Completed
+        matches!(self.state, DstState::Completed)
     }
 
     /// The engine's clock.
@@ -310,7 +316,7 @@ where
 
     /// Whether the guest runs here in post-copy, with pages still missing.
     pub fn in_postcopy(&self) -> bool {
-        self.state == DstState::PostcopyRunning
+        matches!(self.state, DstState::PostcopyRunning { .. })
     }
 
     /// Whether `page` is here (received and not discarded).
@@ -344,7 +350,7 @@ where
         pages: &[PageNum],
         now: Duration,
     ) -> Result<(), MigrationError> {
-        if self.state != DstState::PostcopyRunning {
+        if !matches!(self.state, DstState::PostcopyRunning { .. }) {
             return Err(MigrationError::InvalidUse(
                 "pages can be requested only while the guest runs in post-copy",
             ));
@@ -432,7 +438,7 @@ where
         let Some(i) = self.layout.dense_index(page) else {
             return Err(MigrationError::PageOutOfRange(page));
         };
-        if self.state == DstState::PostcopyRunning && self.received.get(page) {
+        if matches!(self.state, DstState::PostcopyRunning { .. }) && self.received.get(page) {
             // Already here and maybe written by the running guest since.
             self.duplicates += 1;
             return Ok(());
@@ -463,7 +469,7 @@ where
     /// with data that was named as zero earlier in the batch waits for
     /// them, so the batch's last word on a page stands.
     fn place_batch(&mut self, batch: &protocol::PageBatch<'_>) -> Result<(), MigrationError> {
-        if self.state == DstState::PostcopyRunning || batch.zero_pages() == 0 {
+        if matches!(self.state, DstState::PostcopyRunning { .. }) || batch.zero_pages() == 0 {
             return batch
                 .iter()
                 .try_for_each(|(page, data)| self.place(page, data));
@@ -536,7 +542,7 @@ where
             )));
         }
         let mut digest = self.model.unwrap_or_default();
-        let running = self.state == DstState::PostcopyRunning;
+        let running = matches!(self.state, DstState::PostcopyRunning { .. });
         self.model_pages.clear();
         self.model_tokens.clear();
         let mut replaced = Vec::new();
@@ -643,8 +649,11 @@ where
             got: rec.record_type(),
             state,
         };
-        let receiving = matches!(self.state, DstState::Receiving | DstState::PostcopyRunning);
-        match (self.state, rec) {
+        let receiving = matches!(
+            self.state,
+            DstState::Receiving(_) | DstState::PostcopyRunning { .. }
+        );
+        match (&mut self.state, rec) {
             (_, Record::Abort { reason }) if reason == CANCELLED_REASON => {
                 Err(MigrationError::Cancelled)
             }
@@ -671,7 +680,7 @@ where
                 }
                 self.outbox
                     .push_back(protocol::encode_to_vec(&Record::Ready));
-                self.state = DstState::Receiving;
+                self.state = DstState::Receiving(None);
                 Ok(DestStatus::Continue)
             }
             (_, Record::PageBatch(batch)) if receiving => {
@@ -717,20 +726,24 @@ where
                 });
                 Ok(DestStatus::Continue)
             }
-            (DstState::Receiving, Record::SwitchOver { postcopy, .. }) if !self.switched_over => {
-                self.switched_over = true;
-                self.postcopy = postcopy;
+            (DstState::Receiving(sw @ None), Record::SwitchOver { postcopy, .. }) => {
+                *sw = Some(Switched {
+                    postcopy,
+                    discard_cursor: 0,
+                    device_state: None,
+                });
                 self.handle.emit(Event::SwitchOver {
                     postcopy,
                     reason: None,
                 });
                 Ok(DestStatus::Continue)
             }
-            (DstState::Receiving, Record::Discard(ranges)) if self.postcopy => {
+            (DstState::Receiving(Some(sw)), Record::Discard(ranges)) if sw.postcopy => {
+                let mut cursor = sw.discard_cursor;
                 for (first, count) in ranges {
                     // Ranges ascend and do not overlap, across the whole
                     // stream: a source cannot make us walk memory twice.
-                    if first < self.discard_cursor {
+                    if first < cursor {
                         return Err(MigrationError::Protocol(ProtocolError::OutOfRange {
                             what: "discard range start (ranges must ascend)",
                             value: first,
@@ -743,12 +756,15 @@ where
                     if end > stop {
                         return Err(MigrationError::PageOutOfRange(stop));
                     }
-                    self.discard_cursor = end;
+                    cursor = end;
                 }
+                self.set_discard_cursor(cursor);
                 Ok(DestStatus::Continue)
             }
-            (DstState::Receiving, Record::DiscardBitmap { first_page, words }) if self.postcopy => {
-                if first_page < self.discard_cursor {
+            (DstState::Receiving(Some(sw)), Record::DiscardBitmap { first_page, words })
+                if sw.postcopy =>
+            {
+                if first_page < sw.discard_cursor {
                     return Err(MigrationError::Protocol(ProtocolError::OutOfRange {
                         what: "discard bitmap start (discards must ascend)",
                         value: first_page,
@@ -757,28 +773,28 @@ where
                 let n = words.len() as u64 * 64;
                 let bits = DirtyBitmap::from_words(words, n);
                 self.discard(bits.iter_ones().map(|i| first_page + i))?;
-                self.discard_cursor = first_page + n;
+                self.set_discard_cursor(first_page + n);
                 Ok(DestStatus::Continue)
             }
-            (DstState::Receiving, Record::DeviceState(s))
-                if self.switched_over && self.device_state.is_none() =>
+            (DstState::Receiving(Some(sw)), Record::DeviceState(s))
+                if sw.device_state.is_none() =>
             {
-                if self.postcopy {
+                if sw.postcopy {
                     self.resume_postcopy(s)
                 } else {
-                    self.device_state = Some(s);
+                    sw.device_state = Some(s);
                     Ok(DestStatus::Continue)
                 }
             }
             (
-                DstState::Receiving,
+                DstState::Receiving(sw),
                 Record::Complete {
                     total_pages,
                     digest,
                 },
-            ) if !self.postcopy => self.complete(total_pages, digest),
+            ) if !sw.as_ref().is_some_and(|sw| sw.postcopy) => self.complete(total_pages, digest),
             (
-                DstState::PostcopyRunning,
+                DstState::PostcopyRunning { .. },
                 Record::Complete {
                     total_pages,
                     digest,
@@ -786,13 +802,26 @@ where
             ) => self.complete_postcopy(total_pages, digest),
             (DstState::AwaitHeader, rec) => Err(unexpected(&rec, "waiting for the stream header")),
             (DstState::AwaitLayout, rec) => Err(unexpected(&rec, "waiting for the memory layout")),
-            (DstState::PostcopyRunning, rec) => Err(unexpected(&rec, "running in post-copy")),
+            (DstState::PostcopyRunning { .. }, rec) => {
+                Err(unexpected(&rec, "running in post-copy"))
+            }
             (_, rec) => Err(unexpected(&rec, "receiving pages")),
         }
     }
 
+    /// Post-copy: the next discard may name no page below `cursor`.
+    fn set_discard_cursor(&mut self, cursor: PageNum) {
+        if let DstState::Receiving(Some(sw)) = &mut self.state {
+            sw.discard_cursor = cursor;
+        }
+    }
+
     fn check_all_here(&self, total_pages: u64) -> Result<(), MigrationError> {
-        if !self.switched_over {
+        let switched = matches!(
+            self.state,
+            DstState::Receiving(Some(_)) | DstState::PostcopyRunning { .. }
+        );
+        if !switched {
             return Err(MigrationError::Incomplete(
                 "completion before the switch-over record".into(),
             ));
@@ -820,7 +849,11 @@ where
     ) -> Result<DestStatus, MigrationError> {
         let t0 = self.clock.now();
         self.check_all_here(total_pages)?;
-        let Some(state) = self.device_state.take() else {
+        let device_state = match &mut self.state {
+            DstState::Receiving(Some(sw)) => sw.device_state.take(),
+            _ => None,
+        };
+        let Some(state) = device_state else {
             return Err(MigrationError::Incomplete(
                 "no device state was sent".into(),
             ));
@@ -864,8 +897,7 @@ where
             )));
         }
         self.restore_and_resume(&state, t0, t0)?;
-        self.restored_state = Some(state);
-        self.state = DstState::PostcopyRunning;
+        self.state = DstState::PostcopyRunning { restored: state };
         Ok(DestStatus::Resumed)
     }
 
@@ -919,12 +951,12 @@ where
         // The guest has been writing since it resumed, so the digest is of
         // what arrived, page by page, not of memory as it is now.
         let held = self.arrived_digest();
-        let Some(state) = self.restored_state.as_ref() else {
+        let DstState::PostcopyRunning { restored } = &self.state else {
             return Err(MigrationError::Incomplete(
                 "post-copy completion without a device state".into(),
             ));
         };
-        let actual = completion_digest(held, state);
+        let actual = completion_digest(held, restored);
         if actual != digest {
             return Err(MigrationError::DigestMismatch {
                 expected: digest,

@@ -36,7 +36,10 @@ macro_rules! say {
 }
 
 #[derive(Parser, Debug)]
-#[command(about = "Read a Xen migration log (xend or libxc `xc:` lines) and explain its numbers")]
+#[command(
+    about = "Read a Xen migration log (xend or libxc `xc:` lines) and explain its numbers",
+    after_help = "Exit codes: 0 explained; 2 the log could not be read or parsed, or --migration names none it holds."
+)]
 struct Args {
     /// The log; `-` or nothing reads standard input.
     #[arg(value_name = "FILE")]

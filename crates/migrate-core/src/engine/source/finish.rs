@@ -110,19 +110,17 @@ where
         let ps = self.layout.page_size().bytes() as u64;
         let normal = f.pages_sent - f.zero_sent;
         let resumed_at = paused + downtime;
-        let postcopy = post.map(|r| {
-            let mut p = PostcopyStats::default();
-            p.requests = f.postcopy_requests.max(r.faults);
-            p.duplicates = r.duplicates;
-            p.fault_latency_p50 = Duration::from_nanos(r.latency_p50_ns);
-            p.fault_latency_p99 = Duration::from_nanos(r.latency_p99_ns);
-            p.fault_latency_max = Duration::from_nanos(r.latency_max_ns);
-            p.vcpu_stall = Duration::from_nanos(r.stall_ns);
-            p.resume_pages = f.resume_pages_sent;
-            p.pages = f.postcopy_pages;
-            p.bytes = f.postcopy_bytes;
-            p.duration = now.saturating_sub(f.rtt / 2).saturating_sub(resumed_at);
-            p
+        let postcopy = post.map(|r| PostcopyStats {
+            requests: f.postcopy_requests.max(r.faults),
+            duplicates: r.duplicates,
+            fault_latency_p50: Duration::from_nanos(r.latency_p50_ns),
+            fault_latency_p99: Duration::from_nanos(r.latency_p99_ns),
+            fault_latency_max: Duration::from_nanos(r.latency_max_ns),
+            vcpu_stall: Duration::from_nanos(r.stall_ns),
+            resume_pages: f.resume_pages_sent,
+            pages: f.postcopy_pages,
+            bytes: f.postcopy_bytes,
+            duration: now.saturating_sub(f.rtt / 2).saturating_sub(resumed_at),
         });
         let compression = self.config.compression.map(|codec| {
             let mut c = CompressionStats {

@@ -429,7 +429,7 @@ where
 
     /// Seals and counts a frame about to be handed out, and passes the
     /// point of no return if it is the record that marks it.
-    fn hand_out(&mut self, f: &mut Vec<u8>) -> Result<(), MigrationError> {
+    fn hand_out(&mut self, f: &mut [u8]) -> Result<(), MigrationError> {
         self.wire.last_was_commit = false;
         if self.wire.commit_record.is_some() && f.first().copied() == self.wire.commit_record {
             // Handed to the caller to send: from here the destination may

@@ -583,20 +583,24 @@ where
                 round: round.number,
                 pages_sent: round.sent,
             }));
-        let mut stats = RoundStats::default();
-        stats.round = round.number;
-        stats.sent = round.sent;
-        stats.skipped = round.skipped;
-        stats.zero = round.zero;
-        stats.bytes = round.bytes;
-        stats.delta = delta;
-        stats.dom0_pct = dom0_pct;
-        stats.target_pct = target_pct;
-        stats.dirtied = dirtied;
-        stats.final_copy = final_copy;
-        stats.page_size = self.layout.page_size().bytes();
-        stats.throttle_pct = round.throttle;
+        let stats = RoundStats {
+            round: round.number,
+            sent: round.sent,
+            skipped: round.skipped,
+            zero: round.zero,
+            bytes: round.bytes,
+            delta,
+            dom0_pct,
+            target_pct,
+            dirtied,
+            final_copy,
+            page_size: self.layout.page_size().bytes(),
+            throttle_pct: round.throttle,
+        };
         self.close_round_span(&stats);
+        self.figures.rounds.push(stats);
+        // Watchers read the progress as the round ended.
+        self.publish();
         self.steer.handle.emit(Event::RoundFinished {
             round: round.number,
             pages: round.sent,
@@ -605,7 +609,6 @@ where
             duration: delta,
             throttle_pct: round.throttle,
         });
-        self.figures.rounds.push(stats);
         delta
     }
 }
