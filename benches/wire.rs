@@ -18,9 +18,10 @@
 //! because their pages carry no data. The stream runs without a
 //! compressor, with LZ4 and with Zstandard at level 1 (each batch
 //! compressed with `BatchCompressor`, sent as it was where that does not
-//! save an eighth, expanded with `BatchExpander`). Columns name the
-//! connections and the compressor, so that lines with more connections
-//! sit beside these when the stream has them.
+//! save an eighth, expanded with `BatchExpander`), over one connection
+//! for everything (`StreamTransport`) and over a control connection and
+//! 2 or 4 data connections (`MultiTransport`); the connections column
+//! counts the connections that carry pages.
 //!
 //! Each figure is the median of `RUNS` runs, raw and stream interleaved,
 //! so a machine shared with other work moves both alike.
@@ -31,6 +32,7 @@ use livemig::core::protocol::{
     Record, Sequencer, VERSION,
 };
 use livemig::core::transport::{StreamTransport, Transport};
+use livemig::core::MultiTransport;
 use livemig::core::{MemoryLayout, PageNum, PageSize};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -147,13 +149,42 @@ fn place(batch: &PageBatch<'_>, dst: &mut [u8]) -> usize {
     batch.len() * PAGE
 }
 
-/// The library's stream over one TCP connection, page batches compressed
-/// with `codec` if given (each batch that pays); seconds. The
+/// The two ends of the library's transport over loopback TCP: one
+/// connection for everything (`StreamTransport`), or a control and
+/// `connections` data connections (`MultiTransport`).
+fn transports(connections: usize) -> (Box<dyn Transport>, Box<dyn Transport>) {
+    if connections == 1 {
+        let (a, b) = loopback();
+        return (
+            Box::new(StreamTransport::new(a).expect("sender transport")),
+            Box::new(StreamTransport::new(b).expect("receiver transport")),
+        );
+    }
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = l.local_addr().expect("address");
+    let acceptor = std::thread::spawn(move || {
+        MultiTransport::accept(|| {
+            let (s, _) = l.accept()?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+        .expect("accept connections")
+    });
+    let tx = MultiTransport::connect(connections, || {
+        let s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    })
+    .expect("connect");
+    let rx = acceptor.join().expect("acceptor");
+    (Box::new(tx), Box::new(rx))
+}
+
+/// The library's stream with `connections` TCP connections for pages, page batches
+/// compressed with `codec` if given (each batch that pays); seconds. The
 /// destination buffer must equal `src` afterwards.
-fn stream(src: &[u8], dst: &mut [u8], codec: Option<Codec>) -> f64 {
-    let (a, b) = loopback();
-    let mut tx = StreamTransport::new(a).expect("sender transport");
-    let mut rx = StreamTransport::new(b).expect("receiver transport");
+fn stream(src: &[u8], dst: &mut [u8], connections: usize, codec: Option<Codec>) -> f64 {
+    let (mut tx, mut rx) = transports(connections);
     let layout = MemoryLayout::flat(PageSize::DEFAULT, MEM as u64).expect("layout");
     let start = Instant::now();
     std::thread::scope(|s| {
@@ -228,15 +259,19 @@ fn main() {
     let mut dst = vec![0xA5u8; MEM];
     let mut rows = Vec::new();
     let codecs = [None, Some(Codec::Lz4), Some(Codec::Zstd { level: 1 })];
+    let variants: Vec<(usize, Option<Codec>)> = [1, 2, 4]
+        .into_iter()
+        .flat_map(|n| codecs.iter().map(move |c| (n, *c)))
+        .collect();
     for data in [Data::Random, Data::Text, Data::Zeros] {
         data.fill(&mut src);
         let mut raw = Vec::with_capacity(RUNS);
-        let mut ours = vec![Vec::with_capacity(RUNS); codecs.len()];
+        let mut ours = vec![Vec::with_capacity(RUNS); variants.len()];
         for _ in 0..RUNS {
             raw.push(raw_tcp(&src));
-            for (codec, times) in codecs.iter().zip(&mut ours) {
+            for ((connections, codec), times) in variants.iter().zip(&mut ours) {
                 dst.fill(0xA5);
-                times.push(stream(&src, &mut dst, *codec));
+                times.push(stream(&src, &mut dst, *connections, *codec));
                 assert!(dst == src, "destination differs from the source");
             }
         }
@@ -249,7 +284,7 @@ fn main() {
             format!("{raw_gbps:.2}"),
             "1.000".to_owned(),
         ]);
-        for (codec, times) in codecs.iter().zip(ours) {
+        for ((connections, codec), times) in variants.iter().zip(ours) {
             let gbps = TOTAL as f64 / median(times) / 1e9;
             let name = match codec {
                 None => "none".to_owned(),
@@ -259,7 +294,7 @@ fn main() {
             rows.push([
                 data.name().to_owned(),
                 "livemig stream".to_owned(),
-                "1".to_owned(),
+                connections.to_string(),
                 name,
                 format!("{gbps:.2}"),
                 format!("{:.3}", gbps / raw_gbps),

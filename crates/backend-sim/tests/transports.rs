@@ -9,6 +9,7 @@ use bytes::Bytes;
 use migrate_core::driver::{run_destination, run_source};
 use migrate_core::protocol::{Codec, ProtocolError, RecordType};
 use migrate_core::transport::{channel_pair, StreamTransport, Transport, TransportError};
+use migrate_core::MultiTransport;
 use migrate_core::{
     Clock, GuestControl, MemoryLayout, MigrationError, PageSize, Policy, PostCopy, Precopy,
     StopAndCopy, SystemClock,
@@ -688,4 +689,43 @@ fn compressed_batches_over_tcp_with_each_codec() {
         );
         assert!(stats.transferred < c.bytes_before, "{codec:?}");
     }
+}
+
+/// A migration over a control and four data connections, TCP and a Unix
+/// socket: page batches spread over the data connections arrive in
+/// their order and memory verifies.
+#[test]
+fn migrates_over_several_connections() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = std::thread::spawn(move || {
+        MultiTransport::accept(|| {
+            let (s, _) = l.accept()?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+        .unwrap()
+    });
+    let client = MultiTransport::connect(4, || {
+        let s = std::net::TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    })
+    .unwrap();
+    let server = acceptor.join().unwrap();
+    assert_eq!((client.connections(), server.connections()), (5, 5));
+    migrate_over(client, server);
+
+    let dir = std::env::temp_dir().join(format!("livemig-multi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("migrate.sock");
+    let _ = std::fs::remove_file(&path);
+    let l = UnixListener::bind(&path).unwrap();
+    let acceptor =
+        std::thread::spawn(move || MultiTransport::accept(|| Ok(l.accept()?.0)).unwrap());
+    let client =
+        MultiTransport::connect(4, || std::os::unix::net::UnixStream::connect(&path)).unwrap();
+    let server = acceptor.join().unwrap();
+    migrate_over(client, server);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -34,6 +34,10 @@ pub enum TransportError {
         /// The limit.
         max: usize,
     },
+    /// Setting up several connections failed, or their frames could not
+    /// be put back in order (see [`crate::multistream`]).
+    #[error("multi-connection transport: {0}")]
+    Handshake(String),
     /// An operating-system error.
     #[error("transport I/O error: {0}")]
     Io(#[from] io::Error),
@@ -230,23 +234,8 @@ const READ_AHEAD: usize = 4;
 impl<S: SplitStream> StreamTransport<S> {
     /// Wraps a connected stream.
     pub fn new(stream: S) -> io::Result<Self> {
-        // Buffered, so that small frames cost one read call among many;
-        // a read of a large frame's body bypasses the buffer (and a short
-        // buffer leaves little of such a frame to be copied through it).
-        let mut reader_half = io::BufReader::with_capacity(READ_BUFFER, stream.try_clone_stream()?);
         let (tx, rx) = mpsc::sync_channel(READ_AHEAD);
-        let reader = std::thread::Builder::new()
-            .name("livemig-rx".into())
-            .spawn(move || {
-                let mut buffers = FrameBuffers::default();
-                loop {
-                    let r = read_frame(&mut reader_half, &mut buffers);
-                    let stop = r.is_err();
-                    if tx.send(r).is_err() || stop {
-                        break;
-                    }
-                }
-            })?;
+        let reader = spawn_reader(&stream, move |r| tx.send(r).is_ok())?;
         Ok(StreamTransport {
             writer: stream,
             rx,
@@ -255,6 +244,31 @@ impl<S: SplitStream> StreamTransport<S> {
             broken: false,
         })
     }
+}
+
+/// Starts the reader thread of `stream`: each frame it reads (or the
+/// error that ends it) goes to `deliver`, until that returns `false` or
+/// the stream fails.
+pub(crate) fn spawn_reader<S: SplitStream>(
+    stream: &S,
+    mut deliver: impl FnMut(Result<Bytes, TransportError>) -> bool + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    // Buffered, so that small frames cost one read call among many; a
+    // read of a large frame's body bypasses the buffer (and a short
+    // buffer leaves little of such a frame to be copied through it).
+    let mut reader_half = io::BufReader::with_capacity(READ_BUFFER, stream.try_clone_stream()?);
+    std::thread::Builder::new()
+        .name("livemig-rx".into())
+        .spawn(move || {
+            let mut buffers = FrameBuffers::default();
+            loop {
+                let r = read_frame(&mut reader_half, &mut buffers);
+                let stop = r.is_err();
+                if !deliver(r) || stop {
+                    break;
+                }
+            }
+        })
 }
 
 /// Size of the reader's buffer.
@@ -357,50 +371,60 @@ fn read_frame<R: Read>(r: &mut R, buffers: &mut FrameBuffers) -> Result<Bytes, T
     Ok(buffers.lend(buf, len))
 }
 
+/// Writes one frame (its length, then the frame) to `writer`.
+pub(crate) fn write_frame<W: Write>(writer: &mut W, frame: &[u8]) -> io::Result<()> {
+    let len = (frame.len() as u32).to_le_bytes();
+    // Length and frame in one call where the stream takes both.
+    let mut parts = [io::IoSlice::new(&len), io::IoSlice::new(frame)];
+    let mut left = &mut parts[..];
+    while !left.is_empty() {
+        match writer.write_vectored(left) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => io::IoSlice::advance_slices(&mut left, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Whether a frame may be sent: not on a broken stream, not above the
+/// frame limit.
+pub(crate) fn may_send(broken: bool, frame: &[u8]) -> Result<(), TransportError> {
+    if broken {
+        return Err(TransportError::Closed);
+    }
+    if frame.len() > MAX_FRAME_LEN {
+        return Err(TransportError::FrameTooLarge {
+            len: frame.len() as u64,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    Ok(())
+}
+
+/// The error of a send that failed with `e` under `timeout`.
+pub(crate) fn send_error(e: io::Error, timeout: Option<Duration>) -> TransportError {
+    match e.kind() {
+        io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted => TransportError::Closed,
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            TransportError::Timeout(timeout.unwrap_or_default())
+        }
+        _ => TransportError::Io(e),
+    }
+}
+
 impl<S: SplitStream> Transport for StreamTransport<S> {
     fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
-        if self.broken {
-            return Err(TransportError::Closed);
-        }
-        if frame.len() > MAX_FRAME_LEN {
-            return Err(TransportError::FrameTooLarge {
-                len: frame.len() as u64,
-                max: MAX_FRAME_LEN,
-            });
-        }
-        let len = (frame.len() as u32).to_le_bytes();
-        // Length and frame in one call where the stream takes both.
-        let mut parts = [io::IoSlice::new(&len), io::IoSlice::new(frame)];
-        let mut left = &mut parts[..];
-        let mut r = Ok(());
-        while !left.is_empty() {
-            match self.writer.write_vectored(left) {
-                Ok(0) => {
-                    r = Err(io::Error::from(io::ErrorKind::WriteZero));
-                    break;
-                }
-                Ok(n) => io::IoSlice::advance_slices(&mut left, n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    r = Err(e);
-                    break;
-                }
-            }
-        }
-        r.map_err(|e| {
+        may_send(self.broken, frame)?;
+        write_frame(&mut self.writer, frame).map_err(|e| {
             // Part of the frame may be on the wire: the stream cannot
             // carry another frame, so the peer is shown a cut.
             self.broken = true;
             self.writer.shutdown_both();
-            match e.kind() {
-                io::ErrorKind::BrokenPipe
-                | io::ErrorKind::ConnectionReset
-                | io::ErrorKind::ConnectionAborted => TransportError::Closed,
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                    TransportError::Timeout(self.send_timeout.unwrap_or_default())
-                }
-                _ => TransportError::Io(e),
-            }
+            send_error(e, self.send_timeout)
         })
     }
 
