@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 use indicatif::{ProgressBar, ProgressStyle};
+use livemig::core::protocol::Codec;
 use livemig::core::{
     AutoConverge, EngineConfig, ErrorKind, Event, MigrationError, MigrationHandle, Phase,
 };
@@ -32,8 +33,8 @@ Ctrl-C cancels the migration; after the point of no return it is refused
 and the migration goes on (a second Ctrl-C then exits with 130).
 RUST_LOG=info prints a span per migration, phase and round with its figures.";
 
-/// The flags that steer a source engine: a bandwidth cap and
-/// auto-converge (`#[command(flatten)]` into a program's arguments).
+/// The flags that steer a source engine: a bandwidth cap, auto-converge
+/// and compression (`#[command(flatten)]` into a program's arguments).
 #[derive(clap::Args, Debug)]
 pub struct SteerArgs {
     /// Cap the bandwidth of the pre-copy stage (e.g. 500Mbit, 50MB/s).
@@ -49,6 +50,24 @@ pub struct SteerArgs {
     /// auto-converge: the throttle's step, percent.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=99))]
     pub throttle_step: u8,
+    /// Compress page batches: lz4, or zstd with a level (zstd:3; zstd
+    /// alone is level 1). Used if the destination announces the codec;
+    /// a batch it does not pay for goes as it is.
+    #[arg(long, value_parser = parse_codec)]
+    pub compress: Option<Codec>,
+}
+
+/// `lz4`, `zstd` or `zstd:LEVEL`.
+fn parse_codec(s: &str) -> Result<Codec, String> {
+    match s.split_once(':') {
+        None if s == "lz4" => Ok(Codec::Lz4),
+        None if s == "zstd" => Ok(Codec::Zstd { level: 1 }),
+        Some(("zstd", level)) => level
+            .parse()
+            .map(|level| Codec::Zstd { level })
+            .map_err(|_| format!("not a zstd level: {level}")),
+        _ => Err(format!("unknown codec {s} (lz4, zstd or zstd:LEVEL)")),
+    }
 }
 
 impl SteerArgs {
@@ -66,6 +85,7 @@ impl SteerArgs {
             ac.increment_pct = self.throttle_step;
             engine.auto_converge = Some(ac);
         }
+        engine.compression = self.compress;
         Ok(())
     }
 }

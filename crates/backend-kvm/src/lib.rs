@@ -91,6 +91,7 @@ pub use vm_memory;
 
 mod control;
 mod memory;
+mod pagemap;
 mod postcopy;
 mod state;
 #[allow(unsafe_code)]

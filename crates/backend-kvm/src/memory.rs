@@ -1,5 +1,6 @@
 //! Guest memory registered with KVM, its dirty log, and page access.
 
+use crate::pagemap::{self, Pagemap};
 use crate::sys::{DirtyRings, GuestSlots, Placed, Slot, TrackedMemory, Userfault};
 use crate::KvmError;
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
@@ -35,6 +36,9 @@ pub struct KvmMemory {
     /// Whether collections include the VMM's own writes (vm-memory's
     /// bitmap).
     vmm_writes: AtomicBool,
+    /// This process's page table entries, where they tell zero pages
+    /// (every region private and anonymous; see [`pagemap`]).
+    pagemap: Option<Mutex<Pagemap>>,
 }
 
 /// A destination's memory under userfaultfd.
@@ -142,7 +146,12 @@ impl KvmMemory {
             });
         }
         let layout = MemoryLayout::new(ps, regions).map_err(KvmError::Layout)?;
+        // Without a readable pagemap every page is simply read.
+        let pagemap = pagemap::exact_for(&memory)
+            .then(|| Pagemap::open().ok().map(Mutex::new))
+            .flatten();
         Ok(KvmMemory {
+            pagemap,
             pending: Mutex::new(Pending {
                 bits: DirtyBitmap::new(layout.page_end()),
                 list: Vec::new(),
@@ -284,6 +293,29 @@ impl KvmMemory {
                     format!("page {page:#x} is not guest memory"),
                 )
             })
+    }
+
+    /// Sets `out[i]` when `pages[i]` was never populated by the host (so
+    /// reads as zero) and returns `true`; returns `false`, leaving `out`
+    /// alone, where that cannot be known: memory that is not private and
+    /// anonymous, or a post-copy destination (there an absent page is
+    /// missing, not zero).
+    fn unpopulated(&self, pages: &[PageNum], out: &mut [bool]) -> Result<bool, BackendError> {
+        let Some(pm) = &self.pagemap else {
+            return Ok(false);
+        };
+        if self.postcopy_lock().is_some() {
+            return Ok(false);
+        }
+        let hosts = pages
+            .iter()
+            .map(|p| self.host_of(*p))
+            .collect::<Result<Vec<u64>, _>>()?;
+        pm.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unpopulated(&hosts, out)
+            .map_err(|e| BackendError::io("read /proc/self/pagemap", e))?;
+        Ok(true)
     }
 
     /// Places a page on a post-copy destination; `None` if post-copy is
@@ -523,6 +555,13 @@ impl PageSource for KvmPages {
         }
         Ok(())
     }
+
+    /// Pages of private anonymous memory the host never populated: they
+    /// read as zeros (see the `pagemap` module), so they are sent as zero
+    /// pages without a page fault or a read.
+    fn known_zero(&mut self, pages: &[PageNum], zero: &mut [bool]) -> Result<(), BackendError> {
+        self.0.unpopulated(pages, zero).map(|_| ())
+    }
 }
 
 impl PageSink for KvmPages {
@@ -571,6 +610,20 @@ impl PageSink for KvmPages {
                 .memory()
                 .write_slice(&[0u8; 4096], a)
                 .map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Leaves alone the pages the host never populated (zeros already,
+    /// and left unpopulated, so the destination's memory stays as sparse
+    /// as the source's), and makes the others zero one by one.
+    fn write_zero_pages(&mut self, pages: &[PageNum]) -> Result<(), BackendError> {
+        let mut unpopulated = vec![false; pages.len()];
+        self.0.unpopulated(pages, &mut unpopulated)?;
+        for (p, u) in pages.iter().zip(&unpopulated) {
+            if !u {
+                self.write_zero_page(*p)?;
+            }
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 mod common;
 
+use backend_kvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use backend_kvm::{DirtyLog, TestVm};
 use common::*;
 use migrate_core::conformance::check_page_roundtrip;
@@ -222,4 +223,109 @@ fn a_guest_with_two_vcpus_moves_with_both_counters_continuing() {
         );
     }
     assert!(dst.fault().is_none(), "{:?}", dst.fault());
+}
+
+/// Notes the pages a migration reads from its source.
+struct CountingReads {
+    inner: backend_kvm::KvmPages,
+    read: std::collections::BTreeSet<migrate_core::PageNum>,
+}
+
+impl PageSource for CountingReads {
+    fn layout(&self) -> &migrate_core::MemoryLayout {
+        self.inner.layout()
+    }
+    fn read_pages(
+        &mut self,
+        pages: &[migrate_core::PageNum],
+        out: &mut [u8],
+    ) -> Result<(), migrate_core::BackendError> {
+        self.read.extend(pages);
+        self.inner.read_pages(pages, out)
+    }
+    fn known_zero(
+        &mut self,
+        pages: &[migrate_core::PageNum],
+        zero: &mut [bool],
+    ) -> Result<(), migrate_core::BackendError> {
+        self.inner.known_zero(pages, zero)
+    }
+}
+
+/// Pages of this process populated in `len` bytes from host address
+/// `addr` (present or swapped, from `/proc/self/pagemap`).
+fn populated(addr: u64, len: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/self/pagemap").unwrap();
+    let mut raw = vec![0u8; (len / 4096 * 8) as usize];
+    f.read_exact_at(&mut raw, addr / 4096 * 8).unwrap();
+    raw.chunks_exact(8)
+        .filter(|e| u64::from_le_bytes((*e).try_into().unwrap()) >> 62 != 0)
+        .count() as u64
+}
+
+/// A guest that touched little of its memory: the pages the host never
+/// populated are sent as zero pages without being read, the destination
+/// leaves them unpopulated, and both memories digest alike.
+#[test]
+fn untouched_memory_is_neither_read_nor_populated() {
+    if !have_kvm() {
+        return;
+    }
+    let _turn = serial();
+    let src = TestVm::source(MEM, 16, 1 << 16, None).expect("source VM");
+    assert!(eventually(|| src.reports().len() >= 10));
+    let dst = TestVm::destination(MEM, 1 << 16, None).expect("destination VM");
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let (mut a, b) = channel_pair(8);
+    let (dp, dc, c2) = (dst.pages(), dst.control(), clock.clone());
+    let dest = std::thread::spawn(move || {
+        let mut t = b;
+        let mut e = DestinationEngine::new(dp, dc, c2);
+        run_destination(&mut e, &mut t, None, TIMEOUT)
+    });
+    let mut counting = CountingReads {
+        inner: src.pages(),
+        read: Default::default(),
+    };
+    let stats = {
+        let mut e = SourceEngine::new(
+            src.tracker(),
+            &mut counting,
+            src.control(),
+            StopAndCopy,
+            clock,
+            EngineConfig::default(),
+        );
+        run_source(&mut e, &mut a, TIMEOUT).expect("source")
+    };
+    let report = dest.join().unwrap().expect("destination");
+    assert!(stats.memory_verified && report.resume_confirmed);
+    let layout = src.pages().layout().clone();
+    assert_eq!(
+        digest_memory(&mut src.pages(), &layout).unwrap(),
+        report.digest.unwrap()
+    );
+    let total = layout.total_pages();
+    let region = |vm: &TestVm| {
+        let m = vm.memory();
+        let r = m.guest_memory().iter().next().unwrap();
+        (r.as_ptr() as u64, r.len())
+    };
+    let (src_at, src_len) = region(&src);
+    let (dst_at, dst_len) = region(&dst);
+    let on_source = populated(src_at, src_len);
+    let on_dest = populated(dst_at, dst_len);
+    let read = counting.read.len() as u64;
+    println!(
+        "{total} pages: {read} read, {on_source} populated on the source, {on_dest} on the destination"
+    );
+    // The guest's code, stack and 16-page working set (in huge pages
+    // where the host backs memory with them) are a small part of it.
+    assert!(read < total / 2, "{read} of {total} pages read");
+    assert!(read <= on_source, "read pages the host never populated");
+    assert!(
+        on_dest < total / 2,
+        "{on_dest} of {total} pages populated on the destination"
+    );
 }

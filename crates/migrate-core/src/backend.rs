@@ -107,6 +107,19 @@ pub trait PageSource {
     /// (`out.len() == pages.len() * page_size`).
     fn read_pages(&mut self, pages: &[PageNum], out: &mut [u8]) -> Result<(), BackendError>;
 
+    /// Sets `zero[i]` for each of `pages` this source knows to be all
+    /// zeros without reading it (`zero.len() == pages.len()`, all `false`
+    /// on entry); the engine then neither reads nor checks those pages
+    /// and sends them as zero pages. A page left `false` is read as
+    /// usual, so an answer may be partial but never wrong: a page the
+    /// guest may have written must stay `false`. A KVM guest's memory,
+    /// for instance, knows which of its pages the host never populated.
+    /// The default knows none.
+    fn known_zero(&mut self, pages: &[PageNum], zero: &mut [bool]) -> Result<(), BackendError> {
+        let _ = (pages, zero);
+        Ok(())
+    }
+
     /// Writes a token naming the content of each of `pages` into `out`
     /// (`out.len() == pages.len()`): 0 for a zero page, and two pages with
     /// equal tokens have equal contents. Only a backend that models pages
@@ -137,6 +150,14 @@ pub trait PageSink {
     fn write_zero_page(&mut self, page: PageNum) -> Result<(), BackendError> {
         let zeros = vec![0u8; self.layout().page_size().get()];
         self.write_page(page, &zeros)
+    }
+
+    /// Makes each of `pages` all zeros. The default calls
+    /// [`PageSink::write_zero_page`] for each; a backend that can tell
+    /// which pages are zero already without touching them (memory the
+    /// host never populated) overrides this to leave those alone.
+    fn write_zero_pages(&mut self, pages: &[PageNum]) -> Result<(), BackendError> {
+        pages.iter().try_for_each(|p| self.write_zero_page(*p))
     }
 
     /// Post-copy: forgets `page` so that the guest faults on its next
@@ -256,6 +277,9 @@ impl<T: PageSource + ?Sized> PageSource for &mut T {
     fn read_tokens(&mut self, pages: &[PageNum], out: &mut [u64]) -> Result<(), BackendError> {
         (**self).read_tokens(pages, out)
     }
+    fn known_zero(&mut self, pages: &[PageNum], zero: &mut [bool]) -> Result<(), BackendError> {
+        (**self).known_zero(pages, zero)
+    }
 }
 
 impl<T: PageSink + ?Sized> PageSink for &mut T {
@@ -267,6 +291,9 @@ impl<T: PageSink + ?Sized> PageSink for &mut T {
     }
     fn write_zero_page(&mut self, page: PageNum) -> Result<(), BackendError> {
         (**self).write_zero_page(page)
+    }
+    fn write_zero_pages(&mut self, pages: &[PageNum]) -> Result<(), BackendError> {
+        (**self).write_zero_pages(pages)
     }
     fn discard(&mut self, page: PageNum) -> Result<(), BackendError> {
         (**self).discard(page)

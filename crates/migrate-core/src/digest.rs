@@ -81,20 +81,43 @@ pub fn completion_digest(memory: MemoryDigest, state: &DeviceState) -> MemoryDig
 /// Pages read per call when digesting through a [`PageSource`].
 const DIGEST_BATCH: usize = 256;
 
-/// Reads every page of `layout` from `memory` and digests it.
+/// Reads every page of `layout` from `memory` and digests it. Pages the
+/// source knows to be zero ([`PageSource::known_zero`]) are digested as
+/// zero pages without being read.
 pub fn digest_memory<S: PageSource + ?Sized>(
     memory: &mut S,
     layout: &MemoryLayout,
 ) -> Result<MemoryDigest, BackendError> {
     let ps = layout.page_size().get();
+    let zero_hash = page_hash(&vec![0u8; ps]);
     let mut builder = DigestBuilder::new();
     let mut pages = Vec::with_capacity(DIGEST_BATCH);
+    let mut known = Vec::with_capacity(DIGEST_BATCH);
+    let mut to_read = Vec::with_capacity(DIGEST_BATCH);
     let mut buf = vec![0u8; DIGEST_BATCH * ps];
-    let mut flush = |pages: &mut Vec<PageNum>, buf: &mut [u8]| -> Result<(), BackendError> {
-        let n = pages.len();
-        memory.read_pages(pages, &mut buf[..n * ps])?;
-        for (i, p) in pages.iter().enumerate() {
-            builder.add_page(*p, &buf[i * ps..(i + 1) * ps]);
+    let mut flush = |pages: &mut Vec<PageNum>| -> Result<(), BackendError> {
+        known.clear();
+        known.resize(pages.len(), false);
+        memory.known_zero(pages, &mut known)?;
+        to_read.clear();
+        to_read.extend(
+            pages
+                .iter()
+                .zip(&known)
+                .filter(|(_, z)| !**z)
+                .map(|(p, _)| *p),
+        );
+        let data = &mut buf[..to_read.len() * ps];
+        if !to_read.is_empty() {
+            memory.read_pages(&to_read, data)?;
+        }
+        let mut read = data.chunks_exact(ps);
+        for (p, z) in pages.iter().zip(&known) {
+            if *z {
+                builder.add_page_hash(*p, zero_hash);
+            } else if let Some(d) = read.next() {
+                builder.add_page(*p, d);
+            }
         }
         pages.clear();
         Ok(())
@@ -102,11 +125,11 @@ pub fn digest_memory<S: PageSource + ?Sized>(
     for page in layout.pages() {
         pages.push(page);
         if pages.len() == DIGEST_BATCH {
-            flush(&mut pages, &mut buf)?;
+            flush(&mut pages)?;
         }
     }
     if !pages.is_empty() {
-        flush(&mut pages, &mut buf)?;
+        flush(&mut pages)?;
     }
     Ok(builder.finish())
 }

@@ -153,7 +153,6 @@ impl MigrationError {
                 ProtocolError::FrameChecksum { .. }
                     | ProtocolError::OutOfSequence { .. }
                     | ProtocolError::Truncated { .. }
-                    | ProtocolError::ChecksumMismatch { .. }
             ),
             _ => false,
         }

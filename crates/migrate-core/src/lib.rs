@@ -69,6 +69,7 @@ pub mod driver;
 mod engine;
 mod error;
 pub mod model;
+pub mod multistream;
 mod page;
 pub mod policy;
 pub mod protocol;
@@ -89,11 +90,14 @@ pub use engine::{
 };
 pub use error::{ErrorKind, MigrationError};
 pub use model::Payload;
+pub use multistream::MultiTransport;
 pub use page::{LayoutError, MemoryLayout, PageNum, PageSize, Region, MAX_PAGE_END};
 pub use policy::{
     Decision, Hca, HcaConfig, Hybrid, HybridConfig, PageSelection, Policy, PolicyConfig,
     PolicyInput, PolicyKind, PostCopy, Precopy, PrecopyConfig, Prepager, Prepaging, RoundSummary,
     StopAndCopy,
 };
-pub use stats::{DowntimeParts, MigrationStats, PostcopyStats, RoundStats, SwitchReason};
+pub use stats::{
+    CompressionStats, DowntimeParts, MigrationStats, PostcopyStats, RoundStats, SwitchReason,
+};
 pub use transport::{channel_pair, StreamTransport, Transport, TransportError};

@@ -313,6 +313,33 @@ pub struct MigrationStats {
     pub rounds: Vec<RoundStats>,
     /// Whether the destination confirmed resume after matching the digest.
     pub memory_verified: bool,
+    /// Page-batch compression, if the configuration asked for it.
+    #[serde(default)]
+    pub compression: Option<CompressionStats>,
+}
+
+/// Page-batch compression on the source: bytes before and after, and the
+/// time it took.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub struct CompressionStats {
+    /// The codec asked for (`lz4` or `zstd`).
+    pub codec: String,
+    /// Whether the destination announced the codec; if not, every batch
+    /// went uncompressed.
+    pub negotiated: bool,
+    /// Batches sent compressed.
+    pub compressed_batches: u64,
+    /// Batches sent as they were, compression not paying for them.
+    pub raw_batches: u64,
+    /// Page-batch bytes (record bodies) given to the compressor.
+    pub bytes_before: u64,
+    /// What those bytes became on the wire.
+    pub bytes_after: u64,
+    /// Time spent compressing, on the source engine's thread.
+    #[serde(with = "ms", rename = "cpu-ms")]
+    pub cpu: Duration,
 }
 
 impl MigrationStats {
@@ -349,7 +376,7 @@ impl Serialize for MigrationStats {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let mut m = s.serialize_map(Some(31))?;
+        let mut m = s.serialize_map(Some(32))?;
         m.serialize_entry("policy", &self.policy)?;
         m.serialize_entry(
             "status",
@@ -387,6 +414,7 @@ impl Serialize for MigrationStats {
         m.serialize_entry("postcopy", &self.postcopy)?;
         m.serialize_entry("memory-verified", &self.memory_verified)?;
         m.serialize_entry("rounds", &self.rounds)?;
+        m.serialize_entry("compression", &self.compression)?;
         m.end()
     }
 }
@@ -440,6 +468,27 @@ impl fmt::Display for MigrationStats {
         writeln!(f, "dirty-sync-count: {}", self.dirty_sync_count)?;
         writeln!(f, "precopy-bytes: {}", self.precopy_bytes)?;
         writeln!(f, "downtime-bytes: {}", self.downtime_bytes)?;
+        if let Some(c) = &self.compression {
+            if c.negotiated {
+                writeln!(
+                    f,
+                    "compression: {}, {} of {} batches, {} bytes to {} ({:.2}x), {:.1} ms",
+                    c.codec,
+                    c.compressed_batches,
+                    c.compressed_batches + c.raw_batches,
+                    c.bytes_before,
+                    c.bytes_after,
+                    c.bytes_before as f64 / c.bytes_after.max(1) as f64,
+                    ms(c.cpu)
+                )?;
+            } else {
+                writeln!(
+                    f,
+                    "compression: {} not announced by the destination; none used",
+                    c.codec
+                )?;
+            }
+        }
         if let Some(p) = &self.postcopy {
             writeln!(
                 f,
@@ -533,6 +582,7 @@ mod tests {
             }),
             rounds: vec![round],
             memory_verified: true,
+            compression: None,
         };
         let j = serde_json::to_value(&stats).unwrap();
         assert_eq!(j["total-time-ms"], 250.0);

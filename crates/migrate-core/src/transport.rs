@@ -7,7 +7,8 @@
 //! above [`MAX_FRAME_LEN`] before allocating for it.
 
 use crate::protocol::MAX_FRAME_LEN;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
@@ -33,6 +34,10 @@ pub enum TransportError {
         /// The limit.
         max: usize,
     },
+    /// Setting up several connections failed, or their frames could not
+    /// be put back in order (see [`crate::multistream`]).
+    #[error("multi-connection transport: {0}")]
+    Handshake(String),
     /// An operating-system error.
     #[error("transport I/O error: {0}")]
     Io(#[from] io::Error),
@@ -237,18 +242,8 @@ const READ_AHEAD: usize = 4;
 impl<S: SplitStream> StreamTransport<S> {
     /// Wraps a connected stream.
     pub fn new(stream: S) -> io::Result<Self> {
-        // Buffered: small frames then cost one read call among many.
-        let mut reader_half = io::BufReader::with_capacity(256 << 10, stream.try_clone_stream()?);
         let (tx, rx) = mpsc::sync_channel(READ_AHEAD);
-        let reader = std::thread::Builder::new()
-            .name("livemig-rx".into())
-            .spawn(move || loop {
-                let r = read_frame(&mut reader_half);
-                let stop = r.is_err();
-                if tx.send(r).is_err() || stop {
-                    break;
-                }
-            })?;
+        let reader = spawn_reader(&stream, move |r| tx.send(r).is_ok())?;
         Ok(StreamTransport {
             writer: stream,
             rx,
@@ -256,6 +251,88 @@ impl<S: SplitStream> StreamTransport<S> {
             send_timeout: None,
             broken: false,
         })
+    }
+}
+
+/// Starts the reader thread of `stream`: each frame it reads (or the
+/// error that ends it) goes to `deliver`, until that returns `false` or
+/// the stream fails.
+pub(crate) fn spawn_reader<S: SplitStream>(
+    stream: &S,
+    mut deliver: impl FnMut(Result<Bytes, TransportError>) -> bool + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    // Buffered, so that small frames cost one read call among many; a
+    // read of a large frame's body bypasses the buffer (and a short
+    // buffer leaves little of such a frame to be copied through it).
+    let mut reader_half = io::BufReader::with_capacity(READ_BUFFER, stream.try_clone_stream()?);
+    std::thread::Builder::new()
+        .name("livemig-rx".into())
+        .spawn(move || {
+            let mut buffers = FrameBuffers::default();
+            loop {
+                let r = read_frame(&mut reader_half, &mut buffers);
+                let stop = r.is_err();
+                if !deliver(r) || stop {
+                    break;
+                }
+            }
+        })
+}
+
+/// Size of the reader's buffer.
+const READ_BUFFER: usize = 32 << 10;
+
+/// Receive buffers taken back once the frames cut from them are dropped.
+///
+/// The reader keeps a handle on each buffer it hands out; when every
+/// frame cut from a buffer has been dropped, the handle is the only one
+/// left and the buffer is reused as it is, its bytes already initialised.
+/// A steady stream therefore neither allocates nor zero-fills after its
+/// first few frames. A consumer that keeps frames only keeps their
+/// buffers from being reused.
+#[derive(Default)]
+struct FrameBuffers {
+    lent: VecDeque<Bytes>,
+}
+
+impl FrameBuffers {
+    /// Buffers kept for reuse: the read-ahead queue's, the consumer's
+    /// frame and the one being read.
+    const KEPT: usize = READ_AHEAD + 2;
+
+    /// A buffer of at least `len` initialised bytes.
+    fn take(&mut self, len: usize) -> BytesMut {
+        let mut buf = BytesMut::new();
+        // Oldest first: frames are mostly dropped in the order they came.
+        for _ in 0..self.lent.len() {
+            let Some(b) = self.lent.pop_front() else {
+                break;
+            };
+            match b.try_into_mut() {
+                Ok(m) => {
+                    buf = m;
+                    break;
+                }
+                Err(b) => self.lent.push_back(b),
+            }
+        }
+        if buf.len() < len {
+            // Zero-fills only the part never used before.
+            buf.resize(len, 0);
+        }
+        buf
+    }
+
+    /// The first `len` bytes of `buf` as a frame, keeping a handle on
+    /// the buffer.
+    fn lend(&mut self, buf: BytesMut, len: usize) -> Bytes {
+        let whole = buf.freeze();
+        let frame = whole.slice(..len);
+        self.lent.push_back(whole);
+        if self.lent.len() > Self::KEPT {
+            self.lent.pop_front();
+        }
+        frame
     }
 }
 
@@ -305,7 +382,7 @@ pub fn accept_within(
     }
 }
 
-fn read_frame<R: Read>(r: &mut R) -> Result<Bytes, TransportError> {
+fn read_frame<R: Read>(r: &mut R, buffers: &mut FrameBuffers) -> Result<Bytes, TransportError> {
     let mut len = [0u8; 4];
     if let Err(e) = r.read_exact(&mut len) {
         return Err(match e.kind() {
@@ -323,58 +400,69 @@ fn read_frame<R: Read>(r: &mut R) -> Result<Bytes, TransportError> {
             max: MAX_FRAME_LEN,
         });
     }
-    let mut buf = vec![0u8; len as usize];
-    r.read_exact(&mut buf).map_err(|e| match e.kind() {
+    let len = len as usize;
+    let mut buf = buffers.take(len);
+    r.read_exact(&mut buf[..len]).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => TransportError::Closed,
         _ => TransportError::Io(e),
     })?;
-    Ok(Bytes::from(buf))
+    Ok(buffers.lend(buf, len))
+}
+
+/// Writes one frame (its length, then the frame) to `writer`.
+pub(crate) fn write_frame<W: Write>(writer: &mut W, frame: &[u8]) -> io::Result<()> {
+    let len = (frame.len() as u32).to_le_bytes();
+    // Length and frame in one call where the stream takes both.
+    let mut parts = [io::IoSlice::new(&len), io::IoSlice::new(frame)];
+    let mut left = &mut parts[..];
+    while !left.is_empty() {
+        match writer.write_vectored(left) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => io::IoSlice::advance_slices(&mut left, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Whether a frame may be sent: not on a broken stream, not above the
+/// frame limit.
+pub(crate) fn may_send(broken: bool, frame: &[u8]) -> Result<(), TransportError> {
+    if broken {
+        return Err(TransportError::Closed);
+    }
+    if frame.len() > MAX_FRAME_LEN {
+        return Err(TransportError::FrameTooLarge {
+            len: frame.len() as u64,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    Ok(())
+}
+
+/// The error of a send that failed with `e` under `timeout`.
+pub(crate) fn send_error(e: io::Error, timeout: Option<Duration>) -> TransportError {
+    match e.kind() {
+        io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted => TransportError::Closed,
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            TransportError::Timeout(timeout.unwrap_or_default())
+        }
+        _ => TransportError::Io(e),
+    }
 }
 
 impl<S: SplitStream> Transport for StreamTransport<S> {
     fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
-        if self.broken {
-            return Err(TransportError::Closed);
-        }
-        if frame.len() > MAX_FRAME_LEN {
-            return Err(TransportError::FrameTooLarge {
-                len: frame.len() as u64,
-                max: MAX_FRAME_LEN,
-            });
-        }
-        let len = (frame.len() as u32).to_le_bytes();
-        // Length and frame in one call where the stream takes both.
-        let mut parts = [io::IoSlice::new(&len), io::IoSlice::new(frame)];
-        let mut left = &mut parts[..];
-        let mut r = Ok(());
-        while !left.is_empty() {
-            match self.writer.write_vectored(left) {
-                Ok(0) => {
-                    r = Err(io::Error::from(io::ErrorKind::WriteZero));
-                    break;
-                }
-                Ok(n) => io::IoSlice::advance_slices(&mut left, n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    r = Err(e);
-                    break;
-                }
-            }
-        }
-        r.map_err(|e| {
+        may_send(self.broken, frame)?;
+        write_frame(&mut self.writer, frame).map_err(|e| {
             // Part of the frame may be on the wire: the stream cannot
             // carry another frame, so the peer is shown a cut.
             self.broken = true;
             self.writer.shutdown_both();
-            match e.kind() {
-                io::ErrorKind::BrokenPipe
-                | io::ErrorKind::ConnectionReset
-                | io::ErrorKind::ConnectionAborted => TransportError::Closed,
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                    TransportError::Timeout(self.send_timeout.unwrap_or_default())
-                }
-                _ => TransportError::Io(e),
-            }
+            send_error(e, self.send_timeout)
         })
     }
 
@@ -441,6 +529,33 @@ mod tests {
         assert_eq!(c.recv(None).unwrap().unwrap().len(), big.len());
         t.join().unwrap();
         assert!(matches!(c.recv(None), Err(TransportError::Closed)));
+    }
+
+    /// Receive buffers are reused: a frame still held keeps its bytes
+    /// while later frames of other sizes arrive, and every frame arrives
+    /// whole.
+    #[test]
+    fn reused_receive_buffers_never_touch_a_held_frame() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut tx = StreamTransport::new(a).unwrap();
+        let mut rx = StreamTransport::new(b).unwrap();
+        let frame = |i: usize| -> Vec<u8> {
+            let len = [100_000, 16, 70_000, 1, 300_000][i % 5];
+            (0..len).map(|j| (i * 31 + j * 7) as u8).collect()
+        };
+        let sender = std::thread::spawn(move || {
+            for i in 0..200 {
+                tx.send(&frame(i)).unwrap();
+            }
+            tx
+        });
+        let held = rx.recv(None).unwrap().unwrap();
+        for i in 1..200 {
+            let f = rx.recv(Some(Duration::from_secs(120))).unwrap().unwrap();
+            assert!(f[..] == frame(i)[..], "frame {i} differs");
+        }
+        assert!(held[..] == frame(0)[..], "the held frame was overwritten");
+        drop(sender.join().unwrap());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The destination engine.
 
 use super::*;
+use crate::protocol::CompressionFigures;
 use crate::transport::TransportError;
 
 /// What the destination did with a frame.
@@ -41,6 +42,9 @@ pub struct DestinationReport {
     /// Times the connection broke in post-copy and the migration went on
     /// over a new one.
     pub recoveries: u32,
+    /// Compressed batches expanded: how many, their bytes on the wire and
+    /// expanded, and the time it took.
+    pub compression: CompressionFigures,
 }
 
 /// Where the destination is. Each state carries what only it needs.
@@ -90,6 +94,10 @@ pub struct DestinationEngine<K, G> {
     /// resumes only when this is every page.
     accounted: DirtyBitmap,
     hashes: Vec<u64>,
+    /// The zero pages of the batch being placed.
+    zero_batch: Vec<PageNum>,
+    /// Expands compressed batches.
+    expander: BatchExpander,
     /// [`Payload::Model`]: the digest of the tokens that arrived (kept as
     /// a sum, in place of `hashes`), once the first model batch came.
     model: Option<TokenDigest>,
@@ -136,13 +144,19 @@ where
             received: DirtyBitmap::new(layout.page_end()),
             accounted: DirtyBitmap::new(layout.page_end()),
             hashes: vec![0; layout.total_pages() as usize],
+            zero_batch: Vec::new(),
+            expander: BatchExpander::new(),
             model: None,
             model_pages: Vec::new(),
             model_tokens: Vec::new(),
             memory,
             control,
             clock,
-            decoder: Decoder::sequenced(),
+            decoder: {
+                let mut d = Decoder::sequenced();
+                d.accept(Capabilities::ALL);
+                d
+            },
             sequencer: Sequencer::new(),
             state: DstState::AwaitHeader,
             outbox: VecDeque::new(),
@@ -598,6 +612,61 @@ where
         Ok(())
     }
 
+    /// Places the pages of a batch. Before post-copy runs, the zero pages
+    /// are handed to the sink together ([`PageSink::write_zero_pages`]),
+    /// so that it can leave alone those that are zero already; a page
+    /// with data that was named as zero earlier in the batch waits for
+    /// them, so the batch's last word on a page stands.
+    fn place_batch(&mut self, batch: &protocol::PageBatch<'_>) -> Result<(), MigrationError> {
+        if matches!(self.state, DstState::PostcopyRunning { .. }) || batch.zero_pages() == 0 {
+            return batch
+                .iter()
+                .try_for_each(|(page, data)| self.place(page, data));
+        }
+        let mut zeros = std::mem::take(&mut self.zero_batch);
+        zeros.clear();
+        let r = (|| {
+            for (page, data) in batch.iter() {
+                if !self.layout.contains(page) {
+                    return Err(MigrationError::PageOutOfRange(page));
+                }
+                if data.is_none() {
+                    zeros.push(page);
+                    continue;
+                }
+                // Mostly ascending: a page above the last zero one is
+                // not among them.
+                if zeros.last().is_some_and(|l| *l >= page) && zeros.contains(&page) {
+                    self.place_zeros(&zeros)?;
+                    zeros.clear();
+                }
+                self.place(page, data)?;
+            }
+            self.place_zeros(&zeros)
+        })();
+        self.zero_batch = zeros;
+        r
+    }
+
+    /// Makes `pages` zero pages, all at once.
+    fn place_zeros(&mut self, pages: &[PageNum]) -> Result<(), MigrationError> {
+        if pages.is_empty() {
+            return Ok(());
+        }
+        self.memory
+            .write_zero_pages(pages)
+            .map_err(MigrationError::backend("write guest pages"))?;
+        let hash = zero_page_hash(self.layout.page_size().get());
+        for &page in pages {
+            if let Some(i) = self.layout.dense_index(page) {
+                self.hashes[i as usize] = hash;
+            }
+            self.report.zero_pages += 1;
+            self.arrived(page);
+        }
+        Ok(())
+    }
+
     /// Counts `page` as here, and a fault on it as served.
     fn arrived(&mut self, page: PageNum) {
         self.received.set(page);
@@ -743,6 +812,11 @@ where
                     .push_back(protocol::encode_to_vec(&Record::Header {
                         version: VERSION,
                     }));
+                // The codecs the source may compress batches with.
+                self.outbox
+                    .push_back(protocol::encode_to_vec(&Record::Capabilities(
+                        Capabilities::ALL,
+                    )));
                 self.state = DstState::AwaitLayout;
                 Ok(DestStatus::Continue)
             }
@@ -778,10 +852,23 @@ where
                         "page bytes after page models",
                     )));
                 }
-                for (page, data) in batch.iter() {
-                    self.place(page, data)?;
-                }
+                self.place_batch(&batch)?;
                 Ok(DestStatus::Continue)
+            }
+            (_, Record::CompressedBatch(packed)) if receiving => {
+                if self.model.is_some() {
+                    return Err(MigrationError::Protocol(ProtocolError::Malformed(
+                        "page bytes after page models",
+                    )));
+                }
+                let mut x = std::mem::take(&mut self.expander);
+                let r = x
+                    .expand(&packed, self.layout.page_size())
+                    .map_err(MigrationError::Protocol)
+                    .and_then(|batch| self.place_batch(&batch));
+                self.report.compression = x.figures();
+                self.expander = x;
+                r.map(|()| DestStatus::Continue)
             }
             (_, Record::ModelBatch(batch)) if receiving => {
                 self.place_models(batch)?;

@@ -54,11 +54,14 @@ use crate::model::{token_digest_memory, token_digest_table, Payload, TokenDigest
 use crate::page::{MemoryLayout, PageNum};
 use crate::policy::{Decision, PageSelection, Policy, PolicyInput, RoundSummary};
 use crate::protocol::{
-    self, encode_model_batch, encode_page_batch, max_batch_pages, wire_len, Decoder, ModelBatch,
-    PostcopyReport, ProtocolError, Record, RecordType, ResumeReport, Sequencer, MAX_DISCARD_RANGES,
-    MAX_DISCARD_WORDS, MAX_REQUEST_PAGES, VERSION,
+    self, encode_model_batch, encode_page_batch, max_batch_pages, wire_len, BatchCompressor,
+    BatchExpander, Capabilities, Codec, Decoder, ModelBatch, PostcopyReport, ProtocolError, Record,
+    RecordType, ResumeReport, Sequencer, MAX_DISCARD_RANGES, MAX_DISCARD_WORDS, MAX_REQUEST_PAGES,
+    VERSION,
 };
-use crate::stats::{DowntimeParts, MigrationStats, PostcopyStats, RoundStats, SwitchReason};
+use crate::stats::{
+    CompressionStats, DowntimeParts, MigrationStats, PostcopyStats, RoundStats, SwitchReason,
+};
 use handle::Side;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -197,6 +200,11 @@ pub struct EngineConfig {
     /// ([`DestinationEngine::set_recover_timeout`]). See
     /// [`SourceEngine::connection_lost`].
     pub recover_timeout: Option<Duration>,
+    /// Compress page batches with this codec (`None`: do not). Used only
+    /// if the destination announced the codec; a batch it does not pay
+    /// for goes uncompressed. The statistics report what it did
+    /// ([`MigrationStats::compression`]).
+    pub compression: Option<Codec>,
 }
 
 #[cfg(test)]
@@ -234,6 +242,7 @@ impl Default for EngineConfig {
             auto_converge: None,
             peer_timeout: None,
             recover_timeout: None,
+            compression: None,
         }
     }
 }

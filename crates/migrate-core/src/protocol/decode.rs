@@ -70,6 +70,8 @@ pub struct Decoder {
     sequenced: bool,
     next_seq: u32,
     in_sequence: bool,
+    accepted: Capabilities,
+    capabilities_seen: bool,
 }
 
 impl Decoder {
@@ -108,6 +110,12 @@ impl Decoder {
         self.in_sequence
     }
 
+    /// Accepts compressed batches in the codecs of `caps` (what this side
+    /// announced to its peer); by default none is accepted.
+    pub fn accept(&mut self, caps: Capabilities) {
+        self.accepted = caps;
+    }
+
     /// The page size announced by the stream's layout, once seen.
     pub fn page_size(&self) -> Option<PageSize> {
         self.page_size
@@ -143,7 +151,7 @@ impl Decoder {
                 extra: c.buf.len(),
             });
         }
-        let computed = frame_crc(frame);
+        let computed = crc::frame_crc(frame);
         if computed != crc {
             return Err(ProtocolError::FrameChecksum {
                 expected: crc,
@@ -362,6 +370,29 @@ impl Decoder {
                 Record::Abort { reason }
             }
             RecordType::Ready => Record::Ready,
+            RecordType::Capabilities => {
+                if self.capabilities_seen {
+                    return Err(ProtocolError::UnexpectedRecord {
+                        got: ty,
+                        why: "second capabilities record",
+                    });
+                }
+                let caps = Capabilities(b.u32()?);
+                b.zero_u32("capabilities reserved field")?;
+                self.capabilities_seen = true;
+                Record::Capabilities(caps)
+            }
+            RecordType::CompressedBatch => {
+                if self.page_size.is_none() {
+                    return Err(ProtocolError::UnexpectedRecord {
+                        got: ty,
+                        why: "pages before the memory layout",
+                    });
+                }
+                let batch = compress::decode_compressed(body, self.accepted)?;
+                b.buf = &[];
+                Record::CompressedBatch(batch)
+            }
             RecordType::Resumed => Record::Resumed(ResumeReport {
                 verify_ns: b.u64()?,
                 restore_ns: b.u64()?,
@@ -399,6 +430,8 @@ fn record_name(ty: RecordType) -> &'static str {
         RecordType::Session => "session",
         RecordType::ReceivedBitmap => "received bitmap",
         RecordType::Recovered => "recovered",
+        RecordType::Capabilities => "capabilities",
+        RecordType::CompressedBatch => "compressed batch",
     }
 }
 
@@ -427,17 +460,11 @@ fn decode_model_batch(body: &[u8], ps: PageSize) -> Result<ModelBatch<'_>, Proto
         a.copy_from_slice(p);
         check_page(u64::from_le_bytes(a))?;
     }
-    let covered = body.len() - b.buf.len();
-    let expected = b.u64()?;
     if !b.buf.is_empty() {
         return Err(ProtocolError::TrailingBytes {
             record: RecordType::ModelBatch,
             extra: b.buf.len(),
         });
-    }
-    let computed = xxh3_64(&body[..covered]);
-    if computed != expected {
-        return Err(ProtocolError::ChecksumMismatch { expected, computed });
     }
     let batch = ModelBatch::new(round, nominal_len, pages, tokens);
     let zero = batch.iter().filter(|(_, t)| *t == 0).count();
@@ -450,7 +477,7 @@ fn decode_model_batch(body: &[u8], ps: PageSize) -> Result<ModelBatch<'_>, Proto
     Ok(batch)
 }
 
-fn decode_batch(body: &[u8], ps: PageSize) -> Result<PageBatch<'_>, ProtocolError> {
+pub(super) fn decode_batch(body: &[u8], ps: PageSize) -> Result<PageBatch<'_>, ProtocolError> {
     let mut b = Cursor {
         buf: body,
         what: "page batch",
@@ -478,17 +505,11 @@ fn decode_batch(body: &[u8], ps: PageSize) -> Result<PageBatch<'_>, ProtocolErro
         }
     }
     let data = b.take(nonzero * ps.get())?;
-    let covered = body.len() - b.buf.len();
-    let expected = b.u64()?;
     if !b.buf.is_empty() {
         return Err(ProtocolError::TrailingBytes {
             record: RecordType::PageBatch,
             extra: b.buf.len(),
         });
-    }
-    let computed = xxh3_64(&body[..covered]);
-    if computed != expected {
-        return Err(ProtocolError::ChecksumMismatch { expected, computed });
     }
     Ok(PageBatch {
         round,

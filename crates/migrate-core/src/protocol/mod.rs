@@ -10,8 +10,11 @@
 //!    u8     u8     u16    u32 LE         u32 LE         u32 LE
 //! ```
 //!
-//! The CRC32C covers the first 12 bytes of the header and the body, so a
-//! flipped or truncated frame is refused ([`ProtocolError::FrameChecksum`]).
+//! The CRC32C covers the body and then the first 12 bytes of the header,
+//! so a flipped or truncated frame is refused
+//! ([`ProtocolError::FrameChecksum`]). It is the one integrity check of a
+//! frame: page batches carry no checksum of their own, so each page is
+//! read once to be sent and once to be received.
 //! The sequence number counts the frames of one direction from 0 (the
 //! header); an engine's decoder ([`Decoder::sequenced`]) refuses a frame
 //! whose number is not the next one ([`ProtocolError::OutOfSequence`]),
@@ -36,8 +39,7 @@
 //! [`Record::Abort`].
 //!
 //! Every record type has a maximum body length, every count is checked
-//! against the bytes present, every frame carries a CRC32C, page batches
-//! also carry an XXH3 checksum of their contents, and the
+//! against the bytes present, every frame carries a CRC32C, and the
 //! [`Decoder`] returns a [`ProtocolError`] for any input it cannot accept:
 //! it never panics and never allocates more than the record's bound.
 
@@ -45,7 +47,6 @@ use crate::backend::DeviceState;
 use crate::digest::{is_zero_page, MemoryDigest};
 use crate::page::{LayoutError, MemoryLayout, PageNum, PageSize, Region, MAX_PAGE_END};
 use bytes::BufMut;
-use xxhash_rust::xxh3::xxh3_64;
 
 /// The 8 bytes that open every stream.
 pub const MAGIC: [u8; 8] = *b"LVMIGRAT";
@@ -53,8 +54,11 @@ pub const MAGIC: [u8; 8] = *b"LVMIGRAT";
 ///
 /// Version 2 added the sequence number and the CRC32C to every frame, and
 /// made the completion digest cover the device state
-/// ([`crate::digest::completion_digest`]).
-pub const VERSION: u32 = 2;
+/// ([`crate::digest::completion_digest`]). Version 3 computes the CRC over
+/// the body before the header (so a frame can be renumbered without
+/// reading its body again) and drops the XXH3 checksum that page and
+/// model batches carried besides the CRC.
+pub const VERSION: u32 = 3;
 /// Bytes of a record header.
 pub const RECORD_HEADER_LEN: usize = 16;
 /// Offset of the sequence number in a frame.
@@ -85,22 +89,28 @@ pub const MAX_DISCARD_RANGES: usize = 4096;
 /// Most 64-bit words in one discard-bitmap record (512 Ki pages).
 pub const MAX_DISCARD_WORDS: usize = 8192;
 
-const MAX_PAGE_BATCH_BODY: usize = 8 + MAX_BATCH_PAGES * 9 + 8 + MAX_BATCH_DATA + 8;
+const MAX_PAGE_BATCH_BODY: usize = 8 + MAX_BATCH_PAGES * 9 + MAX_BATCH_DATA;
 const MAX_DEVICE_STATE_BODY: usize = 12 + MAX_TEXT + MAX_DEVICE_STATE;
 
 /// Page flag: the page is all zeros and carries no data.
 pub const PAGE_FLAG_ZERO: u8 = 1;
 
+mod compress;
+mod crc;
 mod decode;
 mod encode;
 mod record;
 
+pub use compress::{
+    BatchCompressor, BatchExpander, Capabilities, Codec, CompressedBatch, CompressionFigures,
+};
 pub use decode::Decoder;
+pub(crate) use encode::encode_page_batch_known;
+use encode::pad8;
 pub use encode::{
     abort_frame, encode, encode_model_batch, encode_page_batch, encode_to_vec, frame_sequence,
     max_batch_pages, page_batch_len, reseal, seal, wire_len, BatchSummary, Sequencer,
 };
-use encode::{frame_crc, pad8};
 pub use record::{
     ModelBatch, PageBatch, PostcopyReport, ProtocolError, Record, RecordType, ResumeReport,
 };

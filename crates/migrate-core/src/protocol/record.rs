@@ -43,6 +43,10 @@ pub enum RecordType {
     ReceivedBitmap = 16,
     /// Recovery: the destination's bitmap is complete.
     Recovered = 17,
+    /// What the sender can decode (capability bits).
+    Capabilities = 18,
+    /// A page batch, compressed.
+    CompressedBatch = 19,
     /// A batch of page models (see [`ModelBatch`]): the simulator's fast
     /// path, never sent by a real backend.
     ModelBatch = 0x40,
@@ -69,6 +73,8 @@ impl RecordType {
             15 => Session,
             16 => ReceivedBitmap,
             17 => Recovered,
+            18 => Capabilities,
+            19 => CompressedBatch,
             0x40 => ModelBatch,
             _ => return None,
         })
@@ -94,7 +100,10 @@ impl RecordType {
             DiscardBitmap | ReceivedBitmap => 16 + MAX_DISCARD_WORDS * 8,
             Session => 24,
             Recovered => 8,
-            ModelBatch => 16 + MAX_BATCH_PAGES * 16 + 8,
+            Capabilities => 8,
+            // Sent only when smaller than the page batch it stands for.
+            CompressedBatch => 8 + MAX_PAGE_BATCH_BODY,
+            ModelBatch => 16 + MAX_BATCH_PAGES * 16,
         }
     }
 }
@@ -159,14 +168,6 @@ pub enum ProtocolError {
     /// A reserved field or flag that is not zero, or text that is not UTF-8.
     #[error("malformed {0}")]
     Malformed(&'static str),
-    /// A page batch whose checksum does not match its contents.
-    #[error("page batch checksum mismatch (expected {expected:016x}, computed {computed:016x})")]
-    ChecksumMismatch {
-        /// The checksum in the record.
-        expected: u64,
-        /// The checksum of the bytes received.
-        computed: u64,
-    },
     /// An invalid memory layout.
     #[error("invalid memory layout: {0}")]
     Layout(#[from] LayoutError),
@@ -179,6 +180,9 @@ pub enum ProtocolError {
         /// The CRC of the bytes received.
         computed: u32,
     },
+    /// A compressed batch in a codec this decoder did not announce.
+    #[error("a batch compressed with a codec this side did not announce (capability {0:#x})")]
+    NotAnnounced(u32),
     /// A frame whose sequence number is not the next one: a frame was
     /// lost, repeated or reordered.
     #[error("frame out of sequence: expected number {expected}, got {got}")]
@@ -417,6 +421,11 @@ pub enum Record<'a> {
     },
     /// Destination accepted the layout and is ready for pages.
     Ready,
+    /// What the sender can decode: the peer may use these codecs toward
+    /// it (the destination sends it after its header).
+    Capabilities(Capabilities),
+    /// A compressed page batch (see [`BatchExpander`]).
+    CompressedBatch(CompressedBatch<'a>),
     /// Destination has resumed the guest.
     Resumed(ResumeReport),
 }
@@ -436,6 +445,8 @@ impl Record<'_> {
             Record::Complete { .. } => RecordType::Complete,
             Record::Abort { .. } => RecordType::Abort,
             Record::Ready => RecordType::Ready,
+            Record::Capabilities(_) => RecordType::Capabilities,
+            Record::CompressedBatch(_) => RecordType::CompressedBatch,
             Record::Resumed(_) => RecordType::Resumed,
             Record::Discard(_) => RecordType::Discard,
             Record::Verified(_) => RecordType::Verified,

@@ -159,7 +159,7 @@ fn garbled_frames_are_protocol_errors() {
     let batch = pages(&src, 1, &[1, 2]);
     prefix.push(batch.clone());
 
-    // A flipped byte in the page data: caught by the checksum, and the
+    // A flipped byte in the page data: caught by the frame's CRC, and the
     // page is not written.
     let mut bad = pages(&src, 1, &[4, 5]);
     let at = bad.len() - 20;
@@ -168,7 +168,7 @@ fn garbled_frames_are_protocol_errors() {
     assert!(
         matches!(
             err,
-            MigrationError::Protocol(ProtocolError::ChecksumMismatch { .. })
+            MigrationError::Protocol(ProtocolError::FrameChecksum { .. })
         ),
         "{err:?}"
     );
@@ -200,6 +200,7 @@ fn garbled_frames_are_protocol_errors() {
     // Not a migration stream.
     let mut h = header();
     h[RECORD_HEADER_LEN] = b'X';
+    migrate_core::protocol::reseal(&mut h);
     let (err, _, _) = fails_on_last(&[h]);
     assert!(
         matches!(err, MigrationError::Protocol(ProtocolError::BadMagic)),

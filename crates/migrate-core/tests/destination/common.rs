@@ -365,7 +365,10 @@ pub(crate) fn fails_on_last(frames: &[Vec<u8>]) -> (MigrationError, TestMemory, 
     while let Some(reply) = e.poll_transmit() {
         let r = decoder.decode(&reply).expect("replies decode");
         assert!(
-            matches!(r, Record::Header { .. } | Record::Ready),
+            matches!(
+                r,
+                Record::Header { .. } | Record::Capabilities(_) | Record::Ready
+            ),
             "unexpected reply {r:?} after a failure"
         );
     }

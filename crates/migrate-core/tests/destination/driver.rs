@@ -17,7 +17,7 @@ fn driver_reports_a_closed_stream_and_does_not_resume() {
         // can fail it, then go away.
         let mut d = Decoder::new();
         let mut replies = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..3 {
             let f = source_end
                 .recv(Some(Duration::from_secs(30)))
                 .unwrap()
@@ -35,7 +35,11 @@ fn driver_reports_a_closed_stream_and_does_not_resume() {
     );
     assert_eq!(
         sender.join().unwrap(),
-        vec![RecordType::Header, RecordType::Ready]
+        vec![
+            RecordType::Header,
+            RecordType::Capabilities,
+            RecordType::Ready
+        ]
     );
     assert!(!e.resumed());
     // The half that arrived was applied; the engine takes nothing more.
@@ -100,7 +104,12 @@ fn driver_sends_an_abort_back_on_a_bad_stream() {
     }
     assert_eq!(
         got,
-        vec![RecordType::Header, RecordType::Ready, RecordType::Abort]
+        vec![
+            RecordType::Header,
+            RecordType::Capabilities,
+            RecordType::Ready,
+            RecordType::Abort
+        ]
     );
     let (_, guest) = e.into_parts();
     assert!(!guest.resumed);
@@ -127,7 +136,12 @@ fn driver_runs_a_good_stream_to_resume() {
     }
     assert_eq!(
         got,
-        vec![RecordType::Header, RecordType::Ready, RecordType::Resumed]
+        vec![
+            RecordType::Header,
+            RecordType::Capabilities,
+            RecordType::Ready,
+            RecordType::Resumed
+        ]
     );
     let (memory, guest) = e.into_parts();
     assert!(guest.resumed);
@@ -178,12 +192,19 @@ fn driver_keeps_a_resumed_guest_when_the_confirmation_is_lost() {
     // resume confirmation can go back: the guest runs here, so this is a
     // success whose confirmation is missing, not a failure.
     let src = source();
-    let mut t = Scripted::new(sealed(good_stream(&src)), 2);
+    let mut t = Scripted::new(sealed(good_stream(&src)), 3);
     let mut e = engine();
     let report = run_destination(&mut e.inner, &mut t, None, Duration::from_secs(1)).unwrap();
     assert!(!report.resume_confirmed);
     assert_eq!(report.digest, Some(src.digest()));
-    assert_eq!(t.sent, vec![RecordType::Header, RecordType::Ready]);
+    assert_eq!(
+        t.sent,
+        vec![
+            RecordType::Header,
+            RecordType::Capabilities,
+            RecordType::Ready
+        ]
+    );
     assert!(e.completed());
     let (memory, guest) = e.into_parts();
     assert!(guest.resumed);

@@ -17,17 +17,21 @@ fn a_complete_stream_resumes_the_guest() {
     assert!(e.completed());
     assert!(!e.in_postcopy());
 
-    // Replies: our header, ready, resumed.
+    // Replies: our header, the codecs we take, ready, resumed.
     let mut d = Decoder::new();
     let replies: Vec<Vec<u8>> = std::iter::from_fn(|| e.poll_transmit()).collect();
-    assert_eq!(replies.len(), 3);
+    assert_eq!(replies.len(), 4);
     assert_eq!(
         d.decode(&replies[0]),
         Ok(Record::Header { version: VERSION })
     );
-    assert_eq!(d.decode(&replies[1]), Ok(Record::Ready));
     assert_eq!(
-        d.decode(&replies[2]),
+        d.decode(&replies[1]),
+        Ok(Record::Capabilities(Capabilities::ALL))
+    );
+    assert_eq!(d.decode(&replies[2]), Ok(Record::Ready));
+    assert_eq!(
+        d.decode(&replies[3]),
         Ok(Record::Resumed(e.report().resume))
     );
 

@@ -5,7 +5,7 @@
 use migrate_core::digest::{completion_digest, digest_memory};
 use migrate_core::driver::run_destination;
 use migrate_core::protocol::{
-    encode_page_batch, encode_to_vec, Decoder, ProtocolError, Record, RecordType,
+    encode_page_batch, encode_to_vec, Capabilities, Decoder, ProtocolError, Record, RecordType,
     RECORD_HEADER_LEN, VERSION,
 };
 use migrate_core::transport::{channel_pair, Transport, TransportError};

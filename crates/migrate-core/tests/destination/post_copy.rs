@@ -33,6 +33,7 @@ fn a_postcopy_stream_resumes_on_device_state_and_completes() {
         replies,
         vec![
             RecordType::Header,
+            RecordType::Capabilities,
             RecordType::Ready,
             RecordType::Resumed,
             RecordType::Verified

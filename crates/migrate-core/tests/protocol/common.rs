@@ -6,7 +6,7 @@ use super::*;
 
 pub(crate) use migrate_core::digest::MemoryDigest;
 pub(crate) use migrate_core::protocol::{
-    self, encode_page_batch, encode_to_vec, max_batch_pages, Decoder, PostcopyReport,
+    self, encode_page_batch, encode_to_vec, max_batch_pages, Capabilities, Decoder, PostcopyReport,
     ProtocolError, Record, RecordType, ResumeReport, MAGIC, MAX_BATCH_DATA, MAX_BATCH_PAGES,
     MAX_DEVICE_STATE, MAX_DISCARD_RANGES, MAX_DISCARD_WORDS, MAX_FRAME_LEN, MAX_REGIONS,
     MAX_REQUEST_PAGES, MAX_TEXT, PAGE_FLAG_ZERO, RECORD_HEADER_LEN, VERSION,
@@ -253,6 +253,7 @@ pub(crate) fn owned_record() -> impl Strategy<Value = Record<'static>> {
         }),
         text().prop_map(|reason| Record::Abort { reason }),
         Just(Record::Ready),
+        any::<u32>().prop_map(|c| Record::Capabilities(Capabilities(c))),
         any::<[u64; 4]>().prop_map(|t| Record::Resumed({
             let mut v = ResumeReport::default();
             v.verify_ns = t[0];

@@ -221,35 +221,37 @@ fn sequenced_decoder_refuses_lost_repeated_and_reordered_frames() {
 }
 
 #[test]
-fn checksum_mismatch() {
+fn flips_anywhere_in_a_batch_are_frame_checksum_errors() {
     let f = batch_frame(PageSize::DEFAULT, 1, &[1, 2, 3], &[4, 0, 6]);
-    let stored = u64::from_le_bytes(f[f.len() - 8..].try_into().unwrap());
-    // A flipped data byte, a flipped round, a flipped page number, a
-    // flipped checksum.
+    let stored = u32::from_le_bytes(f[12..16].try_into().unwrap());
+    // A flipped data byte (first page, second page, last byte), a flipped
+    // round, a flipped page number, a flipped sequence number.
     let data = batch_data_offset(3);
     for at in [
         data,
         data + 4096 + 17,
-        f.len() - 9,
+        f.len() - 1,
         RECORD_HEADER_LEN,
         RECORD_HEADER_LEN + 8,
-        f.len() - 1,
+        8,
     ] {
-        let mut bad = flipped(&f, at, 0x01);
-        protocol::reseal(&mut bad);
-        let expected_stored = u64::from_le_bytes(bad[bad.len() - 8..].try_into().unwrap());
+        let bad = flipped(&f, at, 0x01);
         match decoder_after_layout(PageSize::DEFAULT).decode(&bad) {
-            Err(ProtocolError::ChecksumMismatch { expected, computed }) => {
-                assert_eq!(expected, expected_stored, "byte {at}");
+            Err(ProtocolError::FrameChecksum { expected, computed }) => {
+                assert_eq!(expected, stored, "byte {at}");
                 assert_ne!(computed, expected, "byte {at}");
-                if at < f.len() - 8 {
-                    assert_eq!(expected, stored);
-                } else {
-                    assert_eq!(computed, stored);
-                }
             }
             other => panic!("byte {at} flipped: {other:?}"),
         }
+    }
+    // A flipped CRC: the bytes are intact, the CRC received is not.
+    let bad = flipped(&f, 12, 0x01);
+    match decoder_after_layout(PageSize::DEFAULT).decode(&bad) {
+        Err(ProtocolError::FrameChecksum { expected, computed }) => {
+            assert_eq!(computed, stored);
+            assert_ne!(expected, stored);
+        }
+        other => panic!("CRC flipped: {other:?}"),
     }
     // Flipping a zero page's flag changes how much data the batch has,
     // so it is caught before the checksum.
@@ -341,5 +343,31 @@ fn discard_bitmap_bounds_are_checked() {
     assert!(matches!(
         decoder_after_header().decode(&f),
         Err(ProtocolError::Truncated { .. })
+    ));
+}
+
+#[test]
+fn seal_renumbers_without_reading_the_body_and_keeps_a_bad_crc_bad() {
+    let f = batch_frame(PageSize::DEFAULT, 1, &[1, 2, 3], &[4, 0, 6]);
+    for seq in [0u32, 1, 2, 0x8000_0000, u32::MAX] {
+        // The same frame renumbered by seal and by writing the number and
+        // recomputing the CRC over every byte.
+        let mut sealed = f.clone();
+        protocol::seal(&mut sealed, seq);
+        let mut full = f.clone();
+        full[8..12].copy_from_slice(&seq.to_le_bytes());
+        protocol::reseal(&mut full);
+        assert_eq!(sealed, full, "seq {seq}");
+        assert_eq!(protocol::frame_sequence(&sealed), Some(seq));
+        let mut d = decoder_after_layout(PageSize::DEFAULT);
+        assert!(d.decode(&sealed).is_ok(), "seq {seq}");
+    }
+    // A frame damaged before it is numbered stays refused: seal does not
+    // vouch for bytes it did not read.
+    let mut bad = flipped(&f, batch_data_offset(3) + 5, 0x40);
+    protocol::seal(&mut bad, 9);
+    assert!(matches!(
+        decoder_after_layout(PageSize::DEFAULT).decode(&bad),
+        Err(ProtocolError::FrameChecksum { .. })
     ));
 }

@@ -121,6 +121,22 @@ where
             recovered_pages: f.recovered_pages,
             recovery_time: f.recovery_time,
         });
+        let compression = self.config.compression.map(|codec| {
+            let mut c = CompressionStats {
+                codec: codec.name().to_owned(),
+                ..CompressionStats::default()
+            };
+            if let Some(z) = &self.wire.compressor {
+                let fig = z.figures();
+                c.negotiated = true;
+                c.compressed_batches = fig.compressed_batches;
+                c.raw_batches = fig.raw_batches;
+                c.bytes_before = fig.bytes_in;
+                c.bytes_after = fig.bytes_out;
+                c.cpu = fig.cpu;
+            }
+            c
+        });
         let stats = MigrationStats {
             policy: self.policy.name().to_owned(),
             switch_reason: f.switch_reason.unwrap_or(SwitchReason::StopAndCopy),
@@ -150,6 +166,7 @@ where
             postcopy,
             rounds: std::mem::take(&mut f.rounds),
             memory_verified: true,
+            compression,
         };
         self.guest.paused_at = None;
         self.completed(&stats);

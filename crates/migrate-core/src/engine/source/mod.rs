@@ -121,6 +121,11 @@ struct Wire {
     /// Frames in the outbox that leave with the guest paused (the
     /// post-copy switch-over's), for the byte counts.
     paused_frames: usize,
+    /// What the destination announced it can decode.
+    peer_caps: Capabilities,
+    /// The page-batch compressor, once the destination announced its
+    /// codec.
+    compressor: Option<BatchCompressor>,
 }
 
 /// The page sets and the buffers pages pass through.
@@ -135,6 +140,10 @@ struct Pages {
     batch: Vec<PageNum>,
     push: Vec<PageNum>,
     read_buf: Vec<u8>,
+    /// Which pages of the batch the source knows to be zero.
+    known_zero: Vec<bool>,
+    /// The pages of the batch the source must read.
+    to_read: Vec<PageNum>,
     /// [`Payload::Model`]: the tokens of the batch being encoded.
     tokens: Vec<u64>,
     /// `SentContent`: the hash (the token, with [`Payload::Model`]) of
@@ -331,6 +340,8 @@ where
                 batch: Vec::with_capacity(config.batch_pages),
                 push: Vec::new(),
                 read_buf: Vec::new(),
+                known_zero: Vec::new(),
+                to_read: Vec::new(),
                 tokens: Vec::new(),
                 sent_hashes,
             },
@@ -342,6 +353,8 @@ where
                 last_was_commit: false,
                 committed: false,
                 abort_in_sequence: false,
+                peer_caps: Capabilities::default(),
+                compressor: None,
                 paused_frames: 0,
             },
             tracker,
@@ -656,6 +669,10 @@ where
         let now = self.now();
         match (rec, &mut self.state) {
             (Record::Header { .. }, _) => Ok(()),
+            (Record::Capabilities(caps), SrcState::AwaitReady { .. }) => {
+                self.wire.peer_caps = caps;
+                Ok(())
+            }
             (Record::Abort { reason }, _) => {
                 self.wire.abort_in_sequence = self.wire.decoder.last_in_sequence();
                 Err(if reason == CANCELLED_REASON {
@@ -666,6 +683,15 @@ where
             }
             (Record::Ready, SrcState::AwaitReady { layout_sent_at }) => {
                 self.figures.rtt = now.saturating_sub(*layout_sent_at);
+                if let Some(codec) = self.config.compression {
+                    if self.wire.peer_caps.contains(codec.capability()) {
+                        self.wire.compressor = Some(BatchCompressor::new(codec).ok_or(
+                            MigrationError::InvalidUse(
+                                "compression level out of the codec's range",
+                            ),
+                        )?);
+                    }
+                }
                 self.tracker
                     .start()
                     .map_err(MigrationError::backend("start dirty tracking"))?;

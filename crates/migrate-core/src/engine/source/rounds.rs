@@ -391,13 +391,17 @@ where
             }
             encode_model_batch(round.number, ps, &pages.batch, &pages.tokens, &mut frame)
         } else {
-            Self::encode_bytes(
+            let summary = Self::encode_bytes(
                 &mut self.memory,
                 &self.layout,
                 pages,
                 round.number,
                 &mut frame,
-            )?
+            )?;
+            if let Some(c) = &mut self.wire.compressor {
+                c.compress(&mut frame);
+            }
+            summary
         };
         round.sent += summary.pages as u64;
         round.zero += summary.zero_pages as u64;
@@ -414,6 +418,8 @@ where
     }
 
     /// [`Payload::Bytes`]: reads the batch and encodes it as a page batch.
+    /// Pages the source knows to be zero ([`PageSource::known_zero`]) are
+    /// neither read nor checked.
     fn encode_bytes(
         memory: &mut S,
         layout: &MemoryLayout,
@@ -422,28 +428,57 @@ where
         frame: &mut Vec<u8>,
     ) -> Result<protocol::BatchSummary, MigrationError> {
         let ps = layout.page_size();
-        let need = pages.batch.len() * ps.get();
+        let n = pages.batch.len();
+        pages.known_zero.clear();
+        pages.known_zero.resize(n, false);
+        memory
+            .known_zero(&pages.batch, &mut pages.known_zero)
+            .map_err(MigrationError::backend("ask which guest pages are zero"))?;
+        pages.to_read.clear();
+        let known = pages.known_zero.iter();
+        pages.to_read.extend(
+            pages
+                .batch
+                .iter()
+                .zip(known)
+                .filter(|(_, z)| !**z)
+                .map(|(p, _)| *p),
+        );
+        let need = pages.to_read.len() * ps.get();
         if pages.read_buf.len() < need {
             pages.read_buf.resize(need, 0);
         }
-        memory
-            .read_pages(&pages.batch, &mut pages.read_buf[..need])
-            .map_err(MigrationError::backend("read guest pages"))?;
+        if need > 0 {
+            memory
+                .read_pages(&pages.to_read, &mut pages.read_buf[..need])
+                .map_err(MigrationError::backend("read guest pages"))?;
+        }
         if !pages.sent_hashes.is_empty() {
-            let chunks = pages.read_buf[..need].chunks_exact(ps.get());
-            for (p, data) in pages.batch.iter().zip(chunks) {
+            let mut chunks = pages.read_buf[..need].chunks_exact(ps.get());
+            for (p, z) in pages.batch.iter().zip(&pages.known_zero) {
+                let hash = if *z {
+                    zero_page_hash(ps.get())
+                } else {
+                    chunks.next().map_or(0, page_hash)
+                };
                 if let Some(i) = layout.dense_index(*p) {
-                    pages.sent_hashes[i as usize] = page_hash(data);
+                    pages.sent_hashes[i as usize] = hash;
                 }
             }
         }
-        Ok(encode_page_batch(
-            round,
-            ps,
-            &pages.batch,
-            &pages.read_buf[..need],
-            frame,
-        ))
+        let contents = &pages.read_buf[..need];
+        Ok(if pages.to_read.len() == n {
+            encode_page_batch(round, ps, &pages.batch, contents, frame)
+        } else {
+            protocol::encode_page_batch_known(
+                round,
+                ps,
+                &pages.batch,
+                &pages.known_zero,
+                contents,
+                frame,
+            )
+        })
     }
 
     /// The round has no more pages to send (or, pre-copy, was cut short

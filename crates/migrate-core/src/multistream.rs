@@ -1,0 +1,531 @@
+//! Several connections as one transport: page batches spread over the
+//! data connections, every other record on a control connection of its
+//! own, and frames handed over in the order they were numbered.
+//!
+//! # The ordering rule
+//!
+//! Every frame of a direction carries its sequence number (the engines'
+//! [`Sequencer`](crate::protocol::Sequencer) stamps them as they leave).
+//! [`MultiTransport::recv`] hands frames over strictly in that order,
+//! whichever connection carried them: a frame that arrives early waits
+//! until every frame numbered before it has been handed over. So a page
+//! sent again in a later round (a higher number) is never overtaken by its
+//! older copy on another connection, and a round marker, the switch-over
+//! or the completion record is never handed over before a batch sent
+//! before it. Aborts, which may come with any number, are handed over at
+//! once. Without the rule, an older copy of a page that travels on a
+//! slower connection would land after the newer one and the destination
+//! would end with stale memory
+//! (`tests::without_the_rule_an_older_copy_overtakes`). A frame that
+//! arrives early costs memory until the frames before it arrive: at most
+//! [`MAX_REORDER_BYTES`], beyond which the stream is refused.
+//!
+//! # Setting up
+//!
+//! [`MultiTransport::connect`] opens `1 + data` connections, each
+//! beginning with a 16-byte hello: magic `LVMIGCON`, hello version,
+//! capability bits (bit 0: frames spread over several connections), the
+//! connection's index (0 is control) and the connections in all. The
+//! accepting side ([`MultiTransport::accept`]) reads each hello, answers on
+//! the control connection with its own capability bits, and refuses
+//! a connection without a hello or a set it does not take
+//! ([`TransportError::Handshake`]). A peer that expects a single stream
+//! reads the hello's magic as a frame length above the limit and refuses
+//! it as such, so neither side misreads the other.
+
+use crate::protocol::{frame_sequence, RecordType};
+use crate::transport::{
+    may_send, send_error, spawn_reader, write_frame, SplitStream, Transport, TransportError,
+};
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant};
+
+/// The most bytes of early frames a receiver holds while it waits for a
+/// frame numbered before them.
+pub const MAX_REORDER_BYTES: usize = 256 << 20;
+/// The most data connections.
+pub const MAX_DATA_CONNECTIONS: usize = 64;
+/// Capability bit: frames spread over several connections.
+const CAP_SPREAD: u32 = 1;
+const HELLO_MAGIC: [u8; 8] = *b"LVMIGCON";
+const HELLO_VERSION: u8 = 1;
+/// Frames each connection's reader may hold before it stops reading.
+const READ_AHEAD: usize = 4;
+
+/// One control and several data connections as one [`Transport`].
+///
+/// `send` puts page batches (plain or compressed) on the data connections
+/// in turn and every other record on the control connection; `recv`
+/// hands frames over in the order of their sequence numbers (see the
+/// module's ordering rule). Failures behave as on a [`StreamTransport`]:
+/// a send that fails part-way shuts every connection down, and dropping
+/// the transport returns promptly.
+///
+/// [`StreamTransport`]: crate::transport::StreamTransport
+pub struct MultiTransport<S: SplitStream> {
+    /// Control first, then the data connections.
+    writers: Vec<S>,
+    rx: Receiver<Result<Bytes, TransportError>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    next_data: usize,
+    send_timeout: Option<Duration>,
+    broken: bool,
+    /// Frames that came before their turn, by sequence number.
+    early: BTreeMap<u32, Bytes>,
+    early_bytes: usize,
+    /// The number of the next frame to hand over.
+    next_seq: u32,
+    /// Connections whose peer has closed them.
+    closed: usize,
+}
+
+impl<S: SplitStream> std::fmt::Debug for MultiTransport<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MultiTransport")
+            .field("connections", &self.writers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn hello(index: u8, count: u8) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..8].copy_from_slice(&HELLO_MAGIC);
+    h[8] = HELLO_VERSION;
+    h[9..13].copy_from_slice(&CAP_SPREAD.to_le_bytes());
+    h[13] = index;
+    h[14] = count;
+    h
+}
+
+fn handshake_error(why: impl Into<String>) -> TransportError {
+    TransportError::Handshake(why.into())
+}
+
+/// Reads a hello (or the answer, which has the same shape): its
+/// capability bits, index and count.
+fn read_hello<S: Read>(s: &mut S) -> Result<(u32, u8, u8), TransportError> {
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => TransportError::Closed,
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            handshake_error("no hello from the peer in time")
+        }
+        _ => TransportError::Io(e),
+    })?;
+    if h[..8] != HELLO_MAGIC {
+        return Err(handshake_error(
+            "the peer did not open with a multi-connection hello (it may expect a single stream)",
+        ));
+    }
+    if h[8] != HELLO_VERSION {
+        return Err(handshake_error(format!(
+            "hello version {} (this side speaks {HELLO_VERSION})",
+            h[8]
+        )));
+    }
+    let caps = u32::from_le_bytes([h[9], h[10], h[11], h[12]]);
+    Ok((caps, h[13], h[14]))
+}
+
+impl<S: SplitStream> MultiTransport<S> {
+    /// Opens a control and `data` data connections with `connect` (called
+    /// `1 + data` times, in order), says hello on each and waits for the
+    /// peer's answer on the control connection.
+    pub fn connect(
+        data: usize,
+        mut connect: impl FnMut() -> io::Result<S>,
+    ) -> Result<Self, TransportError> {
+        if data == 0 || data > MAX_DATA_CONNECTIONS {
+            return Err(handshake_error(format!(
+                "{data} data connections (1 to {MAX_DATA_CONNECTIONS})"
+            )));
+        }
+        let count = (data + 1) as u8;
+        let mut streams = Vec::with_capacity(data + 1);
+        for i in 0..count {
+            let mut s = connect()?;
+            s.write_all(&hello(i, count))?;
+            streams.push(s);
+        }
+        let (caps, _, answered) = read_hello(&mut streams[0])?;
+        if caps & CAP_SPREAD == 0 || answered != count {
+            return Err(handshake_error(format!(
+                "the peer took {answered} of {count} connections (capabilities {caps:#x})"
+            )));
+        }
+        Self::from_streams(streams).map_err(TransportError::Io)
+    }
+
+    /// Accepts the connections of one [`MultiTransport::connect`] with
+    /// `accept` (called until the hellos' count is reached), in any order,
+    /// and answers on the control connection.
+    pub fn accept(mut accept: impl FnMut() -> io::Result<S>) -> Result<Self, TransportError> {
+        let mut slots: Vec<Option<S>> = Vec::new();
+        let mut count = None;
+        let mut taken = 0;
+        while count != Some(taken) {
+            let mut s = accept()?;
+            let (caps, index, n) = read_hello(&mut s)?;
+            let n = usize::from(n);
+            if caps & CAP_SPREAD == 0 || !(2..=MAX_DATA_CONNECTIONS + 1).contains(&n) {
+                return Err(handshake_error(format!(
+                    "a hello for {n} connections with capabilities {caps:#x}"
+                )));
+            }
+            if *count.get_or_insert(n) != n {
+                return Err(handshake_error("hellos disagree on the connection count"));
+            }
+            slots.resize_with(n, || None);
+            let slot = &mut slots[usize::from(index).min(n - 1)];
+            if usize::from(index) >= n || slot.is_some() {
+                return Err(handshake_error(format!(
+                    "connection index {index} twice or out of range"
+                )));
+            }
+            *slot = Some(s);
+            taken += 1;
+        }
+        let mut streams: Vec<S> = slots.into_iter().flatten().collect();
+        let count = streams.len() as u8;
+        streams[0].write_all(&hello(0, count))?;
+        Self::from_streams(streams).map_err(TransportError::Io)
+    }
+
+    /// Connections already set up: control first, then the data ones.
+    fn from_streams(streams: Vec<S>) -> io::Result<Self> {
+        // One queue for every reader: `recv` waits on all at once.
+        let (tx, rx) = mpsc::sync_channel(READ_AHEAD * streams.len());
+        let mut readers = Vec::with_capacity(streams.len());
+        for s in &streams {
+            let tx = tx.clone();
+            readers.push(spawn_reader(s, move |r| tx.send(r).is_ok())?);
+        }
+        Ok(MultiTransport {
+            writers: streams,
+            rx,
+            readers,
+            next_data: 0,
+            send_timeout: None,
+            broken: false,
+            early: BTreeMap::new(),
+            early_bytes: 0,
+            next_seq: 0,
+            closed: 0,
+        })
+    }
+
+    /// Connections in all (control included).
+    pub fn connections(&self) -> usize {
+        self.writers.len()
+    }
+
+    /// What to do with a frame that came in: hand it over now, or keep it
+    /// for its turn.
+    fn take_in(&mut self, frame: Bytes) -> Result<Option<Bytes>, TransportError> {
+        let is_abort = frame.first() == Some(&(RecordType::Abort as u8));
+        let Some(seq) = frame_sequence(&frame).filter(|_| !is_abort) else {
+            // Too short to have a number (the decoder will say so), or
+            // an abort: at once.
+            return Ok(Some(frame));
+        };
+        let ahead = seq.wrapping_sub(self.next_seq);
+        if ahead == 0 {
+            self.next_seq = self.next_seq.wrapping_add(1);
+            return Ok(Some(frame));
+        }
+        if ahead > u32::MAX / 2 || self.early.contains_key(&seq) {
+            // Behind, or twice: the decoder refuses it.
+            return Ok(Some(frame));
+        }
+        self.early_bytes += frame.len();
+        if self.early_bytes > MAX_REORDER_BYTES {
+            return Err(TransportError::Handshake(format!(
+                "more than {MAX_REORDER_BYTES} bytes arrived ahead of frame {}",
+                self.next_seq
+            )));
+        }
+        self.early.insert(seq, frame);
+        Ok(None)
+    }
+
+    fn shut(&mut self) {
+        self.broken = true;
+        for w in &self.writers {
+            w.shutdown_both();
+        }
+    }
+}
+
+impl<S: SplitStream> Transport for MultiTransport<S> {
+    fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
+        may_send(self.broken, frame)?;
+        let data = self.writers.len() - 1;
+        let batch = matches!(
+            frame.first().copied(),
+            Some(t) if t == RecordType::PageBatch as u8 || t == RecordType::CompressedBatch as u8
+        );
+        let i = if batch && data > 0 {
+            self.next_data = (self.next_data + 1) % data;
+            1 + self.next_data
+        } else {
+            0
+        };
+        let timeout = self.send_timeout;
+        write_frame(&mut self.writers[i], frame).map_err(|e| {
+            // Part of a frame may be on one connection: none can carry
+            // another, so the peer is shown a cut on all.
+            self.shut();
+            send_error(e, timeout)
+        })
+    }
+
+    fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if let Some(f) = self.early.remove(&self.next_seq) {
+                self.early_bytes -= f.len();
+                self.next_seq = self.next_seq.wrapping_add(1);
+                return Ok(Some(f));
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let item = match left {
+                None => self.rx.recv().ok(),
+                Some(t) if t.is_zero() => match self.rx.try_recv() {
+                    Ok(x) => Some(x),
+                    Err(TryRecvError::Empty) => return Ok(None),
+                    Err(TryRecvError::Disconnected) => None,
+                },
+                Some(t) => match self.rx.recv_timeout(t) {
+                    Ok(x) => Some(x),
+                    Err(RecvTimeoutError::Timeout) => return Ok(None),
+                    Err(RecvTimeoutError::Disconnected) => None,
+                },
+            };
+            match item {
+                // Every reader has stopped.
+                None => return Err(TransportError::Closed),
+                Some(Ok(frame)) => {
+                    if let Some(f) = self.take_in(frame)? {
+                        return Ok(Some(f));
+                    }
+                }
+                // One connection ended: the others may still carry
+                // frames numbered before its end (the peer closes them
+                // all when it is done). The stream has ended when all
+                // have.
+                Some(Err(TransportError::Closed)) => {
+                    self.closed += 1;
+                    if self.closed == self.writers.len() {
+                        return Err(TransportError::Closed);
+                    }
+                }
+                Some(Err(e)) => return Err(e),
+            }
+        }
+    }
+
+    fn set_send_timeout(&mut self, timeout: Option<Duration>) {
+        let timeout = timeout.filter(|t| !t.is_zero());
+        if self
+            .writers
+            .iter()
+            .all(|w| w.set_write_limit(timeout).is_ok())
+        {
+            self.send_timeout = timeout;
+        }
+    }
+}
+
+impl<S: SplitStream> Drop for MultiTransport<S> {
+    fn drop(&mut self) {
+        // As a stream transport: the queue first, so that a reader blocked
+        // on it wakes, then the connections, then the readers.
+        let (_, empty) = mpsc::sync_channel(0);
+        drop(std::mem::replace(&mut self.rx, empty));
+        for w in &self.writers {
+            w.shutdown_both();
+        }
+        for h in self.readers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{encode_page_batch, Record, Sequencer};
+    use crate::transport::StreamTransport;
+    use crate::PageSize;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    /// Socket pairs for a transport of `data` data connections, the
+    /// accepting ends handed out in `order`.
+    fn pairs(data: usize) -> (Vec<UnixStream>, Vec<UnixStream>) {
+        (0..=data).map(|_| UnixStream::pair().unwrap()).unzip()
+    }
+
+    /// A page-batch frame of one page of `page` holding `byte`, numbered
+    /// by `seq`.
+    fn page_frame(seq: &mut Sequencer, page: u64, byte: u8) -> Vec<u8> {
+        let mut f = Vec::new();
+        encode_page_batch(1, PageSize::DEFAULT, &[page], &[byte; 4096], &mut f);
+        seq.seal(&mut f);
+        f
+    }
+
+    /// The data of the one page of a frame made by `page_frame`: its
+    /// last page's worth of bytes.
+    fn page_data(frame: &[u8]) -> &[u8] {
+        &frame[frame.len() - 4096..]
+    }
+
+    /// Frames spread over four data connections arrive in the order
+    /// they were numbered, the connections are set up whatever the order
+    /// they are accepted in, and the end of the stream comes after its
+    /// last frame.
+    #[test]
+    fn frames_arrive_in_their_order_over_several_connections() {
+        let (a, b) = pairs(4);
+        let mut b = b.into_iter().rev();
+        let acceptor = std::thread::spawn(move || MultiTransport::accept(|| Ok(b.next().unwrap())));
+        let mut a = a.into_iter();
+        let mut tx = MultiTransport::connect(4, || Ok(a.next().unwrap())).unwrap();
+        let mut rx = acceptor.join().unwrap().unwrap();
+        assert_eq!(rx.connections(), 5);
+        let mut seq = Sequencer::new();
+        let frames: Vec<Vec<u8>> = (0..200)
+            .map(|i| page_frame(&mut seq, i % 7, i as u8))
+            .collect();
+        // The sender closes every connection as soon as it has sent: the
+        // frames still on their way arrive all the same, then the close.
+        let sender = std::thread::spawn(move || {
+            for f in &frames {
+                tx.send(f).unwrap();
+            }
+            drop(tx);
+            frames
+        });
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            got.push(rx.recv(Some(Duration::from_secs(120))).unwrap().unwrap());
+        }
+        let frames = sender.join().unwrap();
+        for (i, (g, f)) in got.iter().zip(&frames).enumerate() {
+            assert!(g[..] == f[..], "frame {i} out of order");
+        }
+        assert!(matches!(
+            rx.recv(Some(Duration::from_secs(120))),
+            Err(TransportError::Closed)
+        ));
+    }
+
+    /// A connection whose bytes arrive `delay` late: a socket pair whose
+    /// far end is fed by a relay that waits before it forwards each read.
+    fn slow_pair(delay: Duration) -> (UnixStream, UnixStream) {
+        let (near, mut relay_in) = UnixStream::pair().unwrap();
+        let (mut relay_out, far) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            while let Ok(n) = relay_in.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                std::thread::sleep(delay);
+                if relay_out.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        (near, far)
+    }
+
+    /// The rule is needed: the older copy of a page, sent first on a
+    /// slow connection, arrives after its newer copy sent on a fast one,
+    /// so a receiver that took frames as they came would end with the
+    /// stale copy; the transport hands the copies over in the order they
+    /// were sent.
+    #[test]
+    fn without_the_rule_an_older_copy_overtakes() {
+        let mut seq = Sequencer::new();
+        let old = page_frame(&mut seq, 9, 1);
+        let new = page_frame(&mut seq, 9, 2);
+        let delay = Duration::from_millis(300);
+
+        // Taken as they come, from either connection.
+        let (mut slow_a, slow_b) = slow_pair(delay);
+        let (mut fast_a, fast_b) = UnixStream::pair().unwrap();
+        write_frame(&mut slow_a, &old).unwrap();
+        write_frame(&mut fast_a, &new).unwrap();
+        let (tx, arrivals) = mpsc::channel();
+        let mut readers = Vec::new();
+        for s in [&slow_b, &fast_b] {
+            let tx = tx.clone();
+            readers.push(spawn_reader(s, move |r| tx.send(r).is_ok()).unwrap());
+        }
+        let first = arrivals.recv().unwrap().unwrap();
+        let second = arrivals.recv().unwrap().unwrap();
+        assert!(
+            first[..] == new[..] && second[..] == old[..],
+            "the older copy came second"
+        );
+        // Placed as they came: the last one placed stays.
+        let mut place = [0u8; 4096];
+        for f in [&first, &second] {
+            place.copy_from_slice(page_data(f));
+        }
+        assert_eq!(
+            place[0], 1,
+            "taken as they came, the page ends with its old copy"
+        );
+        for s in [&slow_a, &fast_a, &slow_b, &fast_b] {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        for h in readers {
+            let _ = h.join();
+        }
+
+        // The same through the transport: the second data connection
+        // (which carries the first batch) is the slow one.
+        let (ctrl_a, ctrl_b) = UnixStream::pair().unwrap();
+        let (d1_a, d1_b) = UnixStream::pair().unwrap();
+        let (d2_a, d2_b) = slow_pair(delay);
+        let mut b = vec![ctrl_b, d1_b, d2_b].into_iter();
+        let acceptor = std::thread::spawn(move || MultiTransport::accept(|| Ok(b.next().unwrap())));
+        let mut a = vec![ctrl_a, d1_a, d2_a].into_iter();
+        let mut tx = MultiTransport::connect(2, || Ok(a.next().unwrap())).unwrap();
+        let mut rx = acceptor.join().unwrap().unwrap();
+        tx.send(&old).unwrap();
+        tx.send(&new).unwrap();
+        for want in [1u8, 2] {
+            let f = rx.recv(Some(Duration::from_secs(120))).unwrap().unwrap();
+            place.copy_from_slice(page_data(&f));
+            assert_eq!(place[0], want, "the copies in the order they were sent");
+        }
+        assert_eq!(rx.early_bytes, 0);
+    }
+
+    /// A single-stream peer is told, not misread: it reads the hello as a
+    /// frame length above the limit; and an acceptor given a plain stream
+    /// refuses it.
+    #[test]
+    fn a_single_stream_peer_and_a_multi_connection_peer_refuse_each_other() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let mut plain = StreamTransport::new(b).unwrap();
+        a.write_all(&hello(0, 3)).unwrap();
+        assert!(matches!(
+            plain.recv(Some(Duration::from_secs(120))),
+            Err(TransportError::FrameTooLarge { .. })
+        ));
+
+        let (mut a, b) = UnixStream::pair().unwrap();
+        write_frame(&mut a, &crate::protocol::encode_to_vec(&Record::Ready)).unwrap();
+        let mut b = Some(b);
+        let r = MultiTransport::accept(|| b.take().ok_or(io::ErrorKind::NotConnected.into()));
+        assert!(matches!(r, Err(TransportError::Handshake(_))), "{r:?}");
+    }
+}
