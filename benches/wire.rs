@@ -21,7 +21,9 @@
 //! save an eighth, expanded with `BatchExpander`), over one connection
 //! for everything (`StreamTransport`) and over a control connection and
 //! 2 or 4 data connections (`MultiTransport`); the connections column
-//! counts the connections that carry pages.
+//! counts the connections that carry pages. One more line per data runs
+//! the stream over one connection under mutual TLS (certificates from a
+//! test CA made at start), to set TLS against plain TCP on the same data.
 //!
 //! Each figure is the median of `RUNS` runs, raw and stream interleaved,
 //! so a machine shared with other work moves both alike.
@@ -31,6 +33,8 @@ use livemig::core::protocol::{
     encode, encode_page_batch, BatchCompressor, BatchExpander, Capabilities, Codec, Decoder,
     Record, Sequencer, VERSION,
 };
+use livemig::core::tls::test_pki::TestCa;
+use livemig::core::tls::{self, TlsConfig, TlsSession};
 use livemig::core::transport::{StreamTransport, Transport};
 use livemig::core::MultiTransport;
 use livemig::core::{MemoryLayout, PageNum, PageSize};
@@ -152,7 +156,10 @@ fn place(batch: &PageBatch<'_>, dst: &mut [u8]) -> usize {
 /// The two ends of the library's transport over loopback TCP: one
 /// connection for everything (`StreamTransport`), or a control and
 /// `connections` data connections (`MultiTransport`).
-fn transports(connections: usize) -> (Box<dyn Transport>, Box<dyn Transport>) {
+fn transports(connections: usize, tls: Option<&Pki>) -> (Box<dyn Transport>, Box<dyn Transport>) {
+    if let Some(pki) = tls {
+        return tls_transports(pki);
+    }
     if connections == 1 {
         let (a, b) = loopback();
         return (
@@ -180,11 +187,59 @@ fn transports(connections: usize) -> (Box<dyn Transport>, Box<dyn Transport>) {
     (Box::new(tx), Box::new(rx))
 }
 
-/// The library's stream with `connections` TCP connections for pages, page batches
-/// compressed with `codec` if given (each batch that pays); seconds. The
-/// destination buffer must equal `src` afterwards.
-fn stream(src: &[u8], dst: &mut [u8], connections: usize, codec: Option<Codec>) -> f64 {
-    let (mut tx, mut rx) = transports(connections);
+/// The source's and the destination's TLS configurations, both issued by
+/// one test CA made at start.
+struct Pki {
+    source: TlsConfig,
+    destination: TlsConfig,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let ca = TestCa::new("wire bench CA").expect("test CA");
+        let config = |name| {
+            ca.issue(name)
+                .and_then(|i| i.config())
+                .expect("certificate")
+        };
+        Pki {
+            source: config("source"),
+            destination: config("destination"),
+        }
+    }
+}
+
+/// One loopback TCP connection under mutual TLS, as `kvm-migrate --tls-*`
+/// sets it up (`StreamTransport` over `tls::TlsStream`).
+fn tls_transports(pki: &Pki) -> (Box<dyn Transport>, Box<dyn Transport>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = l.local_addr().expect("address");
+    let dst = pki.destination.clone();
+    let acceptor = std::thread::spawn(move || {
+        let (s, _) = l.accept().expect("accept");
+        s.set_nodelay(true).expect("nodelay");
+        tls::accept(&dst, s, &mut TlsSession::acceptor()).expect("TLS accept")
+    });
+    let mut session = TlsSession::initiator(&pki.source).expect("TLS session");
+    let sock = TcpStream::connect(addr).expect("connect");
+    sock.set_nodelay(true).expect("nodelay");
+    let tx = tls::connect(&pki.source, sock, "localhost", &mut session).expect("TLS connect");
+    let rx = acceptor.join().expect("acceptor");
+    (Box::new(tx), Box::new(rx))
+}
+
+/// The library's stream with `connections` TCP connections for pages (or
+/// one under mutual TLS if `tls` is given), page batches compressed with
+/// `codec` if given (each batch that pays); seconds. The destination
+/// buffer must equal `src` afterwards.
+fn stream(
+    src: &[u8],
+    dst: &mut [u8],
+    connections: usize,
+    codec: Option<Codec>,
+    tls: Option<&Pki>,
+) -> f64 {
+    let (mut tx, mut rx) = transports(connections, tls);
     let layout = MemoryLayout::flat(PageSize::DEFAULT, MEM as u64).expect("layout");
     let start = Instant::now();
     std::thread::scope(|s| {
@@ -259,19 +314,23 @@ fn main() {
     let mut dst = vec![0xA5u8; MEM];
     let mut rows = Vec::new();
     let codecs = [None, Some(Codec::Lz4), Some(Codec::Zstd { level: 1 })];
-    let variants: Vec<(usize, Option<Codec>)> = [1, 2, 4]
+    // (data connections, compressor, mutual TLS)
+    let mut variants: Vec<(usize, Option<Codec>, bool)> = [1, 2, 4]
         .into_iter()
-        .flat_map(|n| codecs.iter().map(move |c| (n, *c)))
+        .flat_map(|n| codecs.iter().map(move |c| (n, *c, false)))
         .collect();
+    variants.push((1, None, true));
+    let pki = Pki::new();
     for data in [Data::Random, Data::Text, Data::Zeros] {
         data.fill(&mut src);
         let mut raw = Vec::with_capacity(RUNS);
         let mut ours = vec![Vec::with_capacity(RUNS); variants.len()];
         for _ in 0..RUNS {
             raw.push(raw_tcp(&src));
-            for ((connections, codec), times) in variants.iter().zip(&mut ours) {
+            for ((connections, codec, tls), times) in variants.iter().zip(&mut ours) {
                 dst.fill(0xA5);
-                times.push(stream(&src, &mut dst, *connections, *codec));
+                let tls = tls.then_some(&pki);
+                times.push(stream(&src, &mut dst, *connections, *codec, tls));
                 assert!(dst == src, "destination differs from the source");
             }
         }
@@ -284,7 +343,7 @@ fn main() {
             format!("{raw_gbps:.2}"),
             "1.000".to_owned(),
         ]);
-        for ((connections, codec), times) in variants.iter().zip(ours) {
+        for ((connections, codec, tls), times) in variants.iter().zip(ours) {
             let gbps = TOTAL as f64 / median(times) / 1e9;
             let name = match codec {
                 None => "none".to_owned(),
@@ -293,7 +352,11 @@ fn main() {
             };
             rows.push([
                 data.name().to_owned(),
-                "livemig stream".to_owned(),
+                if *tls {
+                    "livemig stream, mutual TLS".to_owned()
+                } else {
+                    "livemig stream".to_owned()
+                },
                 connections.to_string(),
                 name,
                 format!("{gbps:.2}"),
