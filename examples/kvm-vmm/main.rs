@@ -28,8 +28,14 @@
 //! - `--to ADDR`: a source migrating to a destination started separately.
 //! - `--migrate`: a source that starts the destination itself, as a child
 //!   process on loopback, and checks both ends: it prints
-//!   `MIGRATED verified=... digest=... destination-digest=... last=... first=... every=... continues=...`.
+//!   `MIGRATED verified=... digest=... destination-digest=... last=... first=... every=... continues=... throttle=...`
+//!   (`throttle`: the highest vCPU throttle auto-converge set, percent).
 //! - none of these: the guest just runs for `--run-for` (a duration).
+//!
+//! While a migration runs, Ctrl-C cancels it (the source guest runs on),
+//! `--max-bandwidth` caps pre-copy and `--auto-converge` throttles the
+//! vCPUs, which this VMM's [`Vcpus`] implementation does by holding each
+//! vCPU out of the guest for a share of every 10 ms.
 //!
 //! Progress reports and the VMM's own messages go to standard error.
 
@@ -37,8 +43,8 @@ use clap::Parser;
 use livemig::core::digest::digest_memory;
 use livemig::core::driver::{run_destination, run_source};
 use livemig::core::{
-    Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, PolicyConfig, PolicyKind,
-    SourceEngine, StreamTransport, SystemClock,
+    Clock, DestinationEngine, EngineConfig, ErrorKind, GuestControl, MigrationError, PageSource,
+    PolicyConfig, PolicyKind, SourceEngine, StreamTransport, SystemClock,
 };
 use livemig::kvm::kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
@@ -61,16 +67,28 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+#[path = "../common/steer.rs"]
+mod steer;
+
 /// What `--help` says about the exit status.
 const EXIT_CODES: &str = "\
 Exit status:
-  0  done: the guest ran (no migration), or it migrated, memory verified and
-     (with --migrate) the destination's counter continued the source's
-  1  the migration failed, or did not verify
-  2  bad arguments
-  3  the guest stopped (shutdown, an exit this VMM does not handle) or did
-     not report progress in time
-  4  the VM could not be set up (no /dev/kvm, an image that does not load)";
+  0    done: the guest ran (no migration), or it migrated, memory verified
+       and (with --migrate) the destination's counter continued the source's
+  1    the migration failed, or did not verify (the source guest runs on)
+  2    bad arguments
+  3    the guest stopped (shutdown, an exit this VMM does not handle) or did
+       not report progress in time
+  4    the VM could not be set up (no /dev/kvm, an image that does not load)
+  5    cancelled (Ctrl-C) before the point of no return: the source guest
+       runs on, dirty tracking off
+  6    the outcome is unknown (failed after the point of no return): the
+       source guest stays paused
+  130  a second Ctrl-C, after the migration passed the point of no return
+
+Ctrl-C cancels a migration; after the point of no return it is refused
+and the migration goes on (a second Ctrl-C then exits with 130). Without
+a migration, Ctrl-C ends the program as usual.";
 
 /// A small KVM VMM with its own vCPU loop, live-migrated between two
 /// processes by livemig.
@@ -133,6 +151,8 @@ struct Args {
     /// How long to wait for the guest's progress reports (e.g. 120s).
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     wait: Duration,
+    #[command(flatten)]
+    steer: steer::SteerArgs,
 }
 
 /// Why the program ends (the exit status in [`EXIT_CODES`]).
@@ -146,6 +166,10 @@ enum Failure {
     Guest(String),
     /// The VM could not be set up.
     Setup(String),
+    /// The migration was cancelled; the source guest runs on.
+    Cancelled(String),
+    /// The migration failed past the point of no return.
+    Settle(String),
 }
 
 impl Failure {
@@ -155,6 +179,8 @@ impl Failure {
             Failure::Usage(_) => 2,
             Failure::Guest(_) => 3,
             Failure::Setup(_) => 4,
+            Failure::Cancelled(_) => 5,
+            Failure::Settle(_) => 6,
         }
     }
 }
@@ -166,6 +192,8 @@ impl std::fmt::Display for Failure {
             Failure::Usage(m) => write!(f, "{m}"),
             Failure::Guest(m) => write!(f, "guest: {m}"),
             Failure::Setup(m) => write!(f, "setting up the VM: {m}"),
+            Failure::Cancelled(m) => write!(f, "migration cancelled: {m}"),
+            Failure::Settle(m) => write!(f, "migration outcome unknown: {m}"),
         }
     }
 }
@@ -176,6 +204,15 @@ fn setup<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> Failure {
 
 fn migration<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> Failure {
     move |e| Failure::Migration(format!("{what}: {e}"))
+}
+
+/// A failed migration, by what its error says of the guest.
+fn engine_failed(what: &'static str) -> impl Fn(MigrationError) -> Failure {
+    move |e| match e.kind() {
+        ErrorKind::Cancelled => Failure::Cancelled(format!("{what}: {e}")),
+        ErrorKind::Settle => Failure::Settle(format!("{what}: {e}")),
+        _ => Failure::Migration(format!("{what}: {e}")),
+    }
 }
 
 /// How long a migration waits on its peer.
@@ -308,6 +345,12 @@ fn source(a: &Args, guest: Guest) -> Result<(), Failure> {
     if a.to.is_none() && !a.migrate {
         return run_alone(a, &vm);
     }
+    let mut config = EngineConfig::default();
+    a.steer.apply(&mut config).map_err(|f| match f {
+        steer::Failure::Other(m) => Failure::Usage(m),
+        steer::Failure::Migration(e) => Failure::Usage(e.to_string()),
+    })?;
+    let ctrlc = steer::CtrlC::install().map_err(Failure::Setup)?;
     if !vm.vcpus.wait_for(wait, |c| c.progress.count > 0) {
         return Err(Failure::Guest(vm.vcpus.fault().unwrap_or_else(|| {
             format!("no progress report on port {REPORT_PORT:#x} within {wait:?}")
@@ -336,12 +379,41 @@ fn source(a: &Args, guest: Guest) -> Result<(), Failure> {
         vm.control.clone(),
         policy,
         clock,
-        EngineConfig::default(),
+        config,
     );
-    let stats = run_source(&mut engine, &mut transport, PEER_TIMEOUT)
-        .map_err(migration("the source engine"))?;
+    ctrlc.watch(&engine.handle());
+    steer::show_progress(&engine.handle(), true);
+    let stats = match run_source(&mut engine, &mut transport, PEER_TIMEOUT) {
+        Ok(stats) => stats,
+        Err(e) => {
+            let f = engine_failed("the source engine")(e);
+            if matches!(f, Failure::Cancelled(_) | Failure::Migration(_)) {
+                // The engine resumed the guest here; say so once it shows.
+                let before = vm.vcpus.progress().count;
+                let runs = vm.vcpus.wait_for(wait.min(Duration::from_secs(10)), |c| {
+                    c.progress.count > before
+                });
+                eprintln!(
+                    "kvm-vmm {}: the guest {} here",
+                    role(),
+                    if runs {
+                        "runs on"
+                    } else {
+                        "did not report again"
+                    }
+                );
+            }
+            return Err(f);
+        }
+    };
     drop(transport);
     eprintln!("{stats}");
+    let throttle = stats
+        .rounds
+        .iter()
+        .map(|r| r.throttle_pct)
+        .max()
+        .unwrap_or(0);
 
     // The guest stays paused here once it has moved: its memory now is
     // what the destination received.
@@ -355,7 +427,7 @@ fn source(a: &Args, guest: Guest) -> Result<(), Failure> {
 
     let Some(child) = child else {
         say(&format!(
-            "MIGRATED verified={} digest={digest} last={}",
+            "MIGRATED verified={} digest={digest} last={} throttle={throttle}",
             stats.memory_verified,
             show(last)
         ));
@@ -371,7 +443,7 @@ fn source(a: &Args, guest: Guest) -> Result<(), Failure> {
     let continues = matches!((last, first), (Some(l), Some(f)) if f == l + every);
     let digests_equal = dest.digest.as_deref() == Some(digest.to_string().as_str());
     say(&format!(
-        "MIGRATED verified={} digest={digest} destination-digest={} last={} first={} every={every} continues={}",
+        "MIGRATED verified={} digest={digest} destination-digest={} last={} first={} every={every} continues={} throttle={throttle}",
         stats.memory_verified && digests_equal,
         dest.digest.as_deref().unwrap_or("-"),
         show(last),
@@ -560,6 +632,7 @@ fn destination(a: &Args) -> Result<(), Failure> {
             .enable_postcopy()
             .map_err(setup("enabling post-copy"))?;
     }
+    let ctrlc = steer::CtrlC::install().map_err(Failure::Setup)?;
     let listener =
         TcpListener::bind(addr).map_err(|e| Failure::Usage(format!("--listen {addr}: {e}")))?;
     let local = listener.local_addr().map_err(setup("listening"))?;
@@ -578,8 +651,9 @@ fn destination(a: &Args) -> Result<(), Failure> {
     // guest while its pages arrive; otherwise it stays quiet.
     let mut faults =
         KvmFaults::start(&vm.memory, &vm.control, clock).map_err(migration("the fault handler"))?;
+    ctrlc.watch(&engine.handle());
     let report = run_destination(&mut engine, &mut transport, Some(&mut faults), PEER_TIMEOUT)
-        .map_err(migration("the destination engine"))?;
+        .map_err(engine_failed("the destination engine"))?;
     drop(transport);
 
     // The engine resumed the guest: wait for its first report here.

@@ -30,7 +30,18 @@ pub(crate) struct Ctl {
     pub(crate) fault: Option<String>,
     /// The first vCPU's progress reports.
     pub(crate) progress: Progress,
+    /// Auto-converge: percent of the time each vCPU is held out of the
+    /// guest (0: not throttled).
+    pub(crate) throttle_pct: u8,
+    /// Per vCPU: not back into the guest before this moment (throttle).
+    pub(crate) held_until: Vec<Option<Instant>>,
+    /// Whether the thread that kicks throttled vCPUs each slice runs.
+    pub(crate) slicer: bool,
 }
+
+/// The throttle's period: a throttled vCPU is kicked out of the guest
+/// this often, so that a guest that never exits is held too.
+pub(crate) const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
 /// The first vCPU's progress reports (port 0x10).
 #[derive(Debug, Default, Clone, Copy)]
@@ -70,6 +81,9 @@ impl VcpuThreads {
                 at: vec![Where::Running; fds.len()],
                 fault: None,
                 progress: Progress::default(),
+                throttle_pct: 0,
+                held_until: vec![None; fds.len()],
+                slicer: false,
             }),
             Condvar::new(),
         ));
@@ -197,6 +211,7 @@ impl Vcpus for VcpuThreads {
         }
         c.paused = false;
         c.progress.first_since_resume = None;
+        c.held_until.fill(None);
         for (at, v) in c.at.iter_mut().zip(&self.vcpus) {
             if *at == Where::Halted {
                 *at = Where::Parked;
@@ -241,6 +256,60 @@ impl Vcpus for VcpuThreads {
     fn fault(&self) -> Option<String> {
         self.lock().fault.clone()
     }
+
+    /// Auto-converge, as QEMU does it: after each stay in the guest a vCPU
+    /// is held out `pct / (100 - pct)` times as long as it ran (see
+    /// [`vcpu_loop`]), and a thread kicks the vCPUs out of the guest every
+    /// [`THROTTLE_SLICE`] while the throttle is on.
+    fn set_throttle(&self, pct: u8) -> Result<(), KvmError> {
+        if pct > 99 {
+            return Err(KvmError::Config(format!("throttle of {pct}%: at most 99")));
+        }
+        let mut c = self.lock();
+        c.throttle_pct = pct;
+        if pct == 0 {
+            c.held_until.fill(None);
+        }
+        if pct > 0 && !c.slicer {
+            c.slicer = true;
+            drop(c);
+            let (vcpus, ctl) = (self.vcpus.clone(), self.ctl.clone());
+            let spawned = std::thread::Builder::new()
+                .name("throttle".into())
+                .spawn(move || slice(&vcpus, &ctl));
+            if let Err(e) = spawned {
+                self.lock().slicer = false;
+                return Err(KvmError::Thread(e));
+            }
+        } else {
+            drop(c);
+        }
+        self.ctl.1.notify_all();
+        Ok(())
+    }
+}
+
+/// The throttle's slicer: kicks the running vCPUs out of the guest every
+/// [`THROTTLE_SLICE`] until the throttle is lifted or the VM ends.
+fn slice(vcpus: &[Arc<Vcpu>], ctl: &(Mutex<Ctl>, Condvar)) {
+    loop {
+        std::thread::sleep(THROTTLE_SLICE);
+        let mut c = lock(&ctl.0);
+        if c.quit || c.throttle_pct == 0 {
+            c.slicer = false;
+            return;
+        }
+        if c.paused {
+            continue;
+        }
+        // Under the lock: a vCPU clears a kick only while not paused, so
+        // it can never clear a pause's kick for one of these.
+        for (v, at) in vcpus.iter().zip(&c.at) {
+            if *at == Where::Running {
+                v.kick.kick();
+            }
+        }
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -279,6 +348,23 @@ pub(crate) fn vcpu_loop(index: usize, v: &Vcpu, ctl: &(Mutex<Ctl>, Condvar), ser
                     cv.notify_all();
                     return;
                 }
+                // Throttled: out of the guest (parked, so a pause need not
+                // wait for it) until its hold ends.
+                let now = Instant::now();
+                let held = c.held_until[index].filter(|t| *t > now);
+                if let (Some(until), false, Where::Running | Where::Parked) =
+                    (held, c.paused, c.at[index])
+                {
+                    if c.at[index] == Where::Running {
+                        c.at[index] = Where::Parked;
+                        cv.notify_all();
+                    }
+                    c = cv
+                        .wait_timeout(c, until - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    continue;
+                }
                 match c.at[index] {
                     Where::Running if !c.paused => break,
                     Where::Running => {
@@ -294,7 +380,13 @@ pub(crate) fn vcpu_loop(index: usize, v: &Vcpu, ctl: &(Mutex<Ctl>, Condvar), ser
                 }
                 c = cv.wait(c).unwrap_or_else(|e| e.into_inner());
             }
+            if v.kick.is_kicked() {
+                // Not paused (checked under this lock), so the kick is
+                // the throttle slicer's: enter again.
+                v.kick.reset();
+            }
         }
+        let entered = Instant::now();
         let mut fd = lock(&v.fd);
         let next = match v.kick.run(&mut fd) {
             Ok(VcpuExit::IoOut(port, data)) => {
@@ -329,6 +421,17 @@ pub(crate) fn vcpu_loop(index: usize, v: &Vcpu, ctl: &(Mutex<Ctl>, Condvar), ser
             Err(e) => Next::Stop(format!("vCPU {index}: KVM_RUN failed: {e}")),
         };
         drop(fd);
+        {
+            let mut c = lock(m);
+            if c.throttle_pct > 0 {
+                // Held out for pct / (100 - pct) of the time it ran.
+                let now = Instant::now();
+                let pct = u32::from(c.throttle_pct);
+                let hold = now.duration_since(entered) * pct / (100 - pct);
+                let from = c.held_until[index].map_or(now, |t| t.max(now));
+                c.held_until[index] = Some(from + hold);
+            }
+        }
         complete = matches!(next, Next::Complete);
         match next {
             Next::Run | Next::Complete => {}

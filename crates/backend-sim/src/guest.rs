@@ -56,6 +56,9 @@ struct Inner {
     /// page that was present when the accesses were looked at, and pages
     /// do not go missing while the guest runs).
     fault_horizon: u64,
+    /// The workload's time of access `fault_horizon` (kept with it: the
+    /// event loop asks for it after every event).
+    horizon_time: Duration,
     /// Auto-converge: percent of host time the vCPU is held (0..=99).
     throttle: u8,
 }
@@ -255,6 +258,7 @@ impl SimGuest {
                 fault_log: Vec::new(),
                 resume_pages: Vec::new(),
                 fault_horizon: 0,
+                horizon_time: Duration::ZERO,
                 throttle: 0,
             })),
             layout,
@@ -330,8 +334,9 @@ impl SimGuest {
         let from = g.workload.next_index();
         if g.fault_horizon < from {
             g.fault_horizon = g.look_ahead();
+            g.horizon_time = g.workload.time_of(g.fault_horizon);
         }
-        let next = g.workload.time_of(g.fault_horizon);
+        let next = g.horizon_time;
         Some(g.synced_at + next.saturating_sub(g.guest_time) * 100 / g.run_share())
     }
 
@@ -544,20 +549,36 @@ impl PageSink for SimPages {
     }
 
     fn discard(&mut self, page: PageNum) -> Result<(), BackendError> {
+        self.discard_pages(&[page])
+    }
+
+    /// One lock and one catch-up for the whole run (a post-copy start
+    /// discards every page of the guest); the pages before a bad one are
+    /// discarded, as page by page.
+    fn discard_pages(&mut self, pages: &[PageNum]) -> Result<(), BackendError> {
         let mut g = self.0.synced();
-        if !self.0.layout.contains(page) {
-            return Err(BackendError::new(
+        let end = self.0.layout.page_end();
+        let mut added = 0;
+        let mut bad = None;
+        for &page in pages {
+            if !self.0.layout.contains(page) {
+                bad = Some(page);
+                break;
+            }
+            let a = g.absent.get_or_insert_with(|| DirtyBitmap::new(end));
+            if !a.get(page) {
+                a.set(page);
+                added += 1;
+            }
+        }
+        g.absent_count += added;
+        match bad {
+            Some(page) => Err(BackendError::new(
                 BackendErrorKind::InvalidArgument,
                 format!("page {page:#x} is not in the simulated guest's memory"),
-            ));
+            )),
+            None => Ok(()),
         }
-        let end = self.0.layout.page_end();
-        let a = g.absent.get_or_insert_with(|| DirtyBitmap::new(end));
-        if !a.get(page) {
-            a.set(page);
-            g.absent_count += 1;
-        }
-        Ok(())
     }
 }
 

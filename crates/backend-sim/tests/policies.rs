@@ -285,6 +285,24 @@ fn a_destination_missing_a_resume_page_refuses_to_resume() {
 }
 
 #[test]
+fn a_run_of_discards_stops_at_a_page_outside_memory() {
+    let layout = MemoryLayout::flat(PageSize::DEFAULT, 16 * 4096).unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(VirtualClock::new());
+    let dst =
+        SimGuest::destination(layout, MemoryMode::Model, WorkloadSpec::idle(1), clock).unwrap();
+    dst.pages().discard_pages(&[2, 3, 3]).unwrap();
+    assert_eq!(dst.absent_pages(), 2, "a page discarded twice counts once");
+    let err = dst.pages().discard_pages(&[7, 8, 16, 9]).unwrap_err();
+    assert_eq!(err.kind, BackendErrorKind::InvalidArgument);
+    // As page by page: those before the bad page are gone, those after not.
+    assert_eq!(dst.absent_pages(), 4);
+    assert!(dst.is_absent(7) && dst.is_absent(8) && !dst.is_absent(9));
+    let err = dst.pages().discard(99).unwrap_err();
+    assert_eq!(err.kind, BackendErrorKind::InvalidArgument);
+    assert_eq!(dst.absent_pages(), 4);
+}
+
+#[test]
 fn hybrid_that_converges_finishes_as_precopy() {
     let w = spec(WorkloadKind::Uniform, 64 * MIB, 5e6, 5);
     let r = run(128 * MIB, w, Box::new(Hybrid::default()));

@@ -89,7 +89,13 @@ impl FromStr for Prepaging {
 struct Bubble {
     forward: PageNum,
     backward: PageNum,
-    turn_back: bool,
+    /// 1 when the next look goes backward, else 0. A word rather than a
+    /// `bool`: a bubble without padding bytes is copied and compared
+    /// (several times a page pushed) in whole words; with a one-byte
+    /// field, the copy of the padding after it read memory just written
+    /// byte-wise, which the CPU cannot forward from its store buffer and
+    /// stalls on.
+    turn_back: u64,
 }
 
 impl Bubble {
@@ -97,22 +103,28 @@ impl Bubble {
         Bubble {
             forward: pivot,
             backward: pivot,
-            turn_back: false,
+            turn_back: 0,
         }
     }
 
     /// The next pending page of this bubble, if it has any left.
     fn next(&mut self, pending: &DirtyBitmap, both_ways: bool) -> Option<PageNum> {
         for _ in 0..2 {
-            let back = both_ways && self.turn_back;
-            self.turn_back = !self.turn_back;
+            let back = both_ways && self.turn_back == 1;
+            self.turn_back ^= 1;
             if back {
-                if let Some(p) = pending.prev_one(self.backward) {
+                // The page next to the last one is usually still pending
+                // (a bubble sweeps a run): a bit test, not a search.
+                let near = self.backward.checked_sub(1).filter(|p| pending.get(*p));
+                if let Some(p) = near.or_else(|| pending.prev_one(self.backward)) {
                     self.backward = p;
                     return Some(p);
                 }
                 self.backward = 0;
-            } else if let Some(p) = pending.iter_ones_from(self.forward).next() {
+            } else if let Some(p) = Some(self.forward)
+                .filter(|p| pending.get(*p))
+                .or_else(|| pending.iter_ones_from(self.forward).next())
+            {
                 self.forward = p + 1;
                 return Some(p);
             } else {
@@ -176,10 +188,15 @@ impl Prepager {
         };
         let start = out.len();
         let mut wrapped = false;
+        // The bubble in turn, `self.next % self.bubbles.len()`, kept
+        // without dividing but when a bubble goes.
+        let mut i = self.next % self.bubbles.len().max(1);
         while out.len() - start < max && !self.bubbles.is_empty() {
-            let i = self.next % self.bubbles.len();
             let before = self.bubbles[i];
-            match self.bubbles[i].next(pending, both_ways) {
+            let mut after = before;
+            let found = after.next(pending, both_ways);
+            self.bubbles[i] = after;
+            match found {
                 Some(p) => {
                     // Bubbles may overlap; the caller takes pages out of
                     // `pending` only after this call.
@@ -187,27 +204,26 @@ impl Prepager {
                         out.push(p);
                     }
                     self.next += 1;
+                    let len = self.bubbles.len();
+                    i = if i + 1 == len { 0 } else { i + 1 };
                     if out.len() - start < max {
                         // The bubbles next in turn that are where this one
                         // was (bubbles that met sweep on together) find the
                         // same page, a duplicate each, and move as it did:
                         // do that at once. Same order, fewer searches.
-                        let after = self.bubbles[i];
-                        let len = self.bubbles.len();
-                        // `j` is `self.next % len`, kept without dividing.
-                        let mut j = if i + 1 == len { 0 } else { i + 1 };
                         for _ in 1..len {
-                            if self.bubbles[j] != before {
+                            if self.bubbles[i] != before {
                                 break;
                             }
-                            self.bubbles[j] = after;
+                            self.bubbles[i] = after;
                             self.next += 1;
-                            j = if j + 1 == len { 0 } else { j + 1 };
+                            i = if i + 1 == len { 0 } else { i + 1 };
                         }
                     }
                 }
                 None if self.bubbles.len() > 1 => {
                     self.bubbles.remove(i);
+                    i = self.next % self.bubbles.len();
                 }
                 None => {
                     // The last bubble reached both ends. Start over from 0
