@@ -19,6 +19,7 @@ Usage:
     scripts/qemu-compare.py --workload 512MiB@400MB/s --mode postcopy
     scripts/qemu-compare.py --matrix --runs 5 --markdown --json target/qemu-compare.json
     scripts/qemu-compare.py --ours 'preempt=--policy postcopy --postcopy-preempt' --mode postcopy
+    scripts/qemu-compare.py --only livemig --workload idle --runs 1 --no-build
 
 Workloads (`--workload`, repeatable): `idle` (the guest writes only the
 page holding its counter, and reports every millisecond) or
@@ -26,8 +27,9 @@ page holding its counter, and reports every millisecond) or
 256MiB@200MB/s and 512MiB@400MB/s under pre-copy, and the two busy ones
 under post-copy.
 
-Rows. Pre-copy: QEMU's defaults (legacy single stream, zero pages
-detected), QEMU with multifd on 2 and 4 channels, and livemig's pre-copy.
+Rows. Pre-copy: QEMU's defaults (one stream), QEMU with multifd on 2 and
+4 channels (in QEMU 7.2 the migration thread finds zero pages on both
+paths; multifd has no detection of its own), and livemig's pre-copy.
 Post-copy: QEMU's postcopy-ram, started with migrate-start-postcopy once
 the first pass is over, the same with postcopy-preempt, livemig's
 post-copy (`--policy postcopy`, at once) and hybrid (pre-copy rounds,
@@ -43,7 +45,8 @@ the lowest median of its pre-copy rows for that figure (the row is named).
 A livemig run counts only if its memory verified (digests equal on both
 sides) and its counter continued; a QEMU run only if its counter
 continued. A row with a failed run is marked FAILED and the script exits
-with status 1.
+with status 1. Each run is logged on stderr as it ends; `--json FILE`
+keeps every run's figures, the medians and the ratios.
 
 Needs qemu-system-x86_64 (Debian: qemu-system-x86), binutils, /dev/kvm
 and, for post-copy, userfaultfd (root). Python 3 standard library only.
@@ -427,7 +430,7 @@ def spread(values, whole=False):
     if not values:
         return "-", None
     med = statistics.median(values)
-    digits = 0 if whole or abs(med) >= 100 else 1
+    digits = 0 if whole or abs(med) >= 100 else 1 if abs(med) >= 10 else 2 if abs(med) >= 1 else 3
     text = f"{med:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
     return text, med
 
