@@ -341,6 +341,8 @@ def qemu_run(ctx, row, w):
         "rounds": ram.get("dirty-sync-count"),
         "continues": first[1] == (last[1] + REPORT_EVERY) & 0xFFFFFFFF,
         "memory-verified": None,
+        "setup-ms": info.get("setup-time"),
+        "ram": ram,
     }
     if row.mode == "postcopy":
         out["postcopy-requests"] = ram.get("postcopy-requests")
@@ -369,6 +371,12 @@ def ours_run(ctx, row, w):
         "continues": k["counter-continues"],
         "memory-verified": k["memory-verified"],
     }
+    # Where the downtime went, and each round's pages and time (sent,
+    # zero, delta-ms), to explain the figures.
+    out["downtime-parts"] = j.get("downtime-parts")
+    out["switch-reason"] = j.get("switch-reason")
+    out["round-log"] = [{k: rd.get(k) for k in ("round", "sent", "zero", "delta-ms", "dirtied")}
+                        for rd in j.get("rounds", [])]
     pc = j.get("postcopy")
     if pc:
         out["postcopy-requests"] = pc.get("requests")
