@@ -279,7 +279,11 @@ def drive_qemu_migration(row, src):
     while time.time() < deadline:
         info = src.cmd("query-migrate")
         status = info.get("status")
-        if status in ("completed", "failed", "cancelled"):
+        if status in ("failed", "cancelled"):
+            return info
+        # QEMU 7.2 says "completed" a moment before it computes the total
+        # time and the downtime: until then they read 0.
+        if status == "completed" and info.get("total-time"):
             return info
         passes = info.get("ram", {}).get("dirty-sync-count", 0)
         if row.mode == "postcopy" and not started_postcopy and passes >= 2:
