@@ -111,7 +111,7 @@ pub(crate) fn populate(
         let start = r.as_ptr() as u64;
         addr >= start && addr.checked_add(len).is_some_and(|e| e <= start + r.len())
     });
-    if !inside || addr % 4096 != 0 || len % 4096 != 0 {
+    if !inside || !addr.is_multiple_of(4096) || !len.is_multiple_of(4096) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("{len} bytes at {addr:#x} are not pages of guest memory"),
