@@ -9,7 +9,7 @@ use backend_kvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use backend_kvm::{PrefaultUnavailable, TestVm};
 use common::*;
 use migrate_core::digest::digest_memory;
-use migrate_core::{PageSource, StopAndCopy};
+use migrate_core::{MigrationStats, PageSource, StopAndCopy};
 use std::collections::BTreeSet;
 
 /// Test VMs without transparent huge pages while it lives (a huge page
@@ -44,6 +44,25 @@ fn populated(vm: &TestVm) -> BTreeSet<u64> {
         .filter(|(_, e)| u64::from_le_bytes((*e).try_into().unwrap()) >> 62 != 0)
         .map(|(i, _)| i as u64)
         .collect()
+}
+
+/// Stop-and-copies a 64 MiB guest with a 4 MiB working set into a fresh
+/// destination, prefaulting or not; checks that the memories digest
+/// alike. Returns both VMs, the pages populated on the source before the
+/// migration, and the statistics.
+fn migrate_small_guest(prefault: bool) -> (TestVm, TestVm, BTreeSet<u64>, MigrationStats) {
+    let src = TestVm::source(MEM, 1024, 1 << 16, None).expect("source VM");
+    assert!(eventually(|| src.reports().len() >= 10));
+    let on_source_before = populated(&src);
+    let dst = TestVm::destination(MEM, 1 << 16, None).expect("destination VM");
+    dst.memory().set_prefault(prefault);
+    let (stats, report) = migrate_in_process(&src, &dst, StopAndCopy);
+    let layout = src.pages().layout().clone();
+    assert_eq!(
+        digest_memory(&mut src.pages(), &layout).unwrap(),
+        report.digest.unwrap()
+    );
+    (src, dst, on_source_before, stats)
 }
 
 /// Asks a fresh destination to prefault two ranges: exactly their pages
@@ -95,16 +114,8 @@ fn the_destination_prefaults_exactly_the_pages_the_source_holds() {
     }
     let _turn = serial();
     let _small = SmallPages::new();
-    let src = TestVm::source(MEM, 1024, 1 << 16, None).expect("source VM");
-    assert!(eventually(|| src.reports().len() >= 10));
-    let on_source_before = populated(&src);
-    let dst = TestVm::destination(MEM, 1 << 16, None).expect("destination VM");
-    let (stats, report) = migrate_in_process(&src, &dst, StopAndCopy);
+    let (src, dst, on_source_before, stats) = migrate_small_guest(true);
     let layout = src.pages().layout().clone();
-    assert_eq!(
-        digest_memory(&mut src.pages(), &layout).unwrap(),
-        report.digest.unwrap()
-    );
     let mem = dst.memory();
     assert!(mem.wait_prefault(PATIENCE));
     let prefault = mem.prefault_report();
@@ -148,16 +159,7 @@ fn without_the_prefault_pages_are_populated_as_they_arrive() {
     }
     let _turn = serial();
     let _small = SmallPages::new();
-    let src = TestVm::source(MEM, 1024, 1 << 16, None).expect("source VM");
-    assert!(eventually(|| src.reports().len() >= 10));
-    let dst = TestVm::destination(MEM, 1 << 16, None).expect("destination VM");
-    dst.memory().set_prefault(false);
-    let (_, report) = migrate_in_process(&src, &dst, StopAndCopy);
-    let layout = src.pages().layout().clone();
-    assert_eq!(
-        digest_memory(&mut src.pages(), &layout).unwrap(),
-        report.digest.unwrap()
-    );
+    let (src, dst, _, _) = migrate_small_guest(false);
     let prefault = dst.memory().prefault_report();
     assert_eq!(prefault.unavailable, Some(PrefaultUnavailable::Off));
     assert!(prefault.requested_pages > 0, "{prefault:?}");
