@@ -135,6 +135,7 @@ pub trait PageSource {
             ),
         ))
     }
+
     /// The pages of guest memory that may hold data, as `(first, count)`
     /// ranges in ascending order, every other page being zero as
     /// [`PageSource::known_zero`] would say; `None` where the source
@@ -199,6 +200,7 @@ pub trait PageSink {
             ),
         ))
     }
+
     /// The source's [`PageSource::populated_ranges`], before its first
     /// round: these pages will arrive with data, the others stay zero. A
     /// sink may prepare them in the background (KVM populates its memory
