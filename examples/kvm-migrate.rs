@@ -133,6 +133,11 @@ struct Args {
     /// (`madvise(MADV_HUGEPAGE)`, as QEMU does for guest RAM).
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     huge_pages: String,
+    /// Destination: populate the pages the source holds ahead of their
+    /// data, on a thread of its own (`MADV_POPULATE_WRITE`), rather than
+    /// where each is first written.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    prefault: String,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -231,6 +236,7 @@ fn destination(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     if a.policy.may_postcopy() {
         vm.memory().enable_postcopy().map_err(|e| e.to_string())?;
     }
+    vm.memory().set_prefault(a.prefault == "on");
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let tls = tls_config(a)?;
     // This side dials: over TLS it begins the session, and a new
@@ -272,6 +278,12 @@ fn destination(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     std::thread::sleep(a.settle);
     let reports = vm.reports();
     let first = reports.first();
+    let p = vm.memory().prefault_report();
+    let prefault = json!({
+        "requested-pages": p.requested_pages, "populated-pages": p.populated_pages,
+        "busy-ms": p.busy.as_secs_f64() * 1e3,
+        "unavailable": p.unavailable.map(|u| u.to_string()),
+    });
     let out = json!({
         "digest": report.digest.map(|d| d.to_string()),
         "first-report-us": first.map(|r| micros(r.wall)),
@@ -280,6 +292,7 @@ fn destination(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
         "last-counter": reports.last().map(|r| r.value),
         "fault": vm.fault(),
         "recoveries": report.recoveries,
+        "prefault": prefault,
         "postcopy": report.postcopy.map(|p| json!({
             "faults": p.faults, "duplicates": p.duplicates,
             "latency-p50-us": p.latency_p50_ns as f64 / 1e3,
@@ -330,6 +343,7 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
         .args(["--mem", &a.mem.to_string(), "--wss", &a.wss.to_string()])
         .args(["--vcpus", &a.vcpus.to_string()])
         .args(["--huge-pages", &a.huge_pages])
+        .args(["--prefault", &a.prefault])
         .args(["--policy", a.policy.name()])
         .args(["--pacing", a.pacing.to_possible_value().unwrap().get_name()])
         .args([
@@ -445,7 +459,7 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
             "report-interval-ms": interval_us as f64 / 1000.0,
             "counter-last-on-source": before, "counter-first-on-destination": after,
             "counter-continues": continues, "memory-verified": verified,
-            "verify": a.verify.to_string(),
+            "verify": a.verify.to_string(), "prefault": a.prefault == "on",
             "tracker": format!("{:?}", a.tracker).to_lowercase(),
             "destination": dest,
         });
@@ -470,6 +484,17 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
             "guest-observed downtime: {:.3} ms (last progress report on the source to the first on the destination; reports come every {:.3} ms)",
             gap_us as f64 / 1000.0,
             interval_us as f64 / 1000.0
+        );
+        let p = &dest["prefault"];
+        println!(
+            "destination prefault: {} of {} announced pages populated ahead, {:.1} ms on its thread{}",
+            p["populated-pages"],
+            p["requested-pages"],
+            p["busy-ms"].as_f64().unwrap_or(0.0),
+            p["unavailable"]
+                .as_str()
+                .map(|u| format!(" (not done: {u})"))
+                .unwrap_or_default()
         );
         println!(
             "guest counter: {before} last reported on the source, {after} first reported on the destination ({})",

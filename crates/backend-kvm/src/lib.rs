@@ -93,6 +93,7 @@ mod control;
 mod memory;
 mod pagemap;
 mod postcopy;
+mod prefault;
 mod state;
 #[allow(unsafe_code)]
 mod sys;
@@ -102,6 +103,7 @@ mod testvm;
 pub use control::{KvmControl, Vcpus, PAUSE_TIMEOUT};
 pub use memory::{KvmDirtyTracker, KvmMemory, KvmPages};
 pub use postcopy::{FaultHandler, KvmFaults};
+pub use prefault::{PrefaultReport, PrefaultUnavailable};
 pub use state::{
     decode_guest, encode_guest, restore_vcpu, restore_vm, save_guest, save_vcpu, save_vm,
     vcpu_cpuid, Fpu, GuestState, VcpuCaps, VcpuState, VmState, STATE_FORMAT, STATE_VERSION,

@@ -1,6 +1,7 @@
 //! Guest memory registered with KVM, its dirty log, and page access.
 
 use crate::pagemap::{self, Pagemap};
+use crate::prefault::{PrefaultReport, PrefaultUnavailable, Prefaulter};
 use crate::sys::{DirtyRings, GuestSlots, Placed, Slot, TrackedMemory, Userfault};
 use crate::KvmError;
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
@@ -39,6 +40,9 @@ pub struct KvmMemory {
     /// This process's page table entries, where they tell zero pages
     /// (every region private and anonymous; see [`pagemap`]).
     pagemap: Option<Mutex<Pagemap>>,
+    /// On a destination: populates the pages the source says will
+    /// arrive, ahead of their data, on a thread of its own.
+    prefault: Prefaulter,
 }
 
 /// A destination's memory under userfaultfd.
@@ -152,6 +156,7 @@ impl KvmMemory {
             .flatten();
         Ok(KvmMemory {
             pagemap,
+            prefault: Prefaulter::new(memory.clone()),
             pending: Mutex::new(Pending {
                 bits: DirtyBitmap::new(layout.page_end()),
                 list: Vec::new(),
@@ -235,6 +240,85 @@ impl KvmMemory {
             Some(pc) => self.layout.total_pages() - pc.present.count_ones(),
             None => 0,
         }
+    }
+
+    /// Populates, on a thread of its own, the guest pages of `ranges`
+    /// (`(first page, pages)`: the pages the source says will arrive with
+    /// data), so that placing them later costs no page fault and no clear;
+    /// returns at once. Pages outside every range are left as they are
+    /// (unpopulated memory stays unpopulated). Nothing is populated on a
+    /// post-copy destination, where a missing page must fault, when turned
+    /// off ([`KvmMemory::set_prefault`]), or on a kernel without
+    /// `MADV_POPULATE_WRITE` (Linux 5.14); [`KvmMemory::prefault_report`]
+    /// says which. A page outside guest memory is refused.
+    pub fn prefault(&self, ranges: &[(PageNum, u64)]) -> Result<(), KvmError> {
+        let mut hosts = Vec::with_capacity(ranges.len());
+        for &(first, pages) in ranges {
+            let s = self
+                .mapped
+                .slots()
+                .iter()
+                .find(|s| {
+                    let (start, end) = (s.guest_addr >> 12, (s.guest_addr + s.size) >> 12);
+                    first >= start && pages <= end - first.min(end) && pages > 0
+                })
+                .ok_or_else(|| {
+                    KvmError::Config(format!(
+                        "pages {first:#x}+{pages} are not in one region of guest memory"
+                    ))
+                })?;
+            hosts.push((s.host_addr + (first << 12) - s.guest_addr, pages << 12));
+        }
+        if self.postcopy_lock().is_some() {
+            self.prefault.disable(PrefaultUnavailable::Postcopy);
+        }
+        self.prefault.request(hosts);
+        Ok(())
+    }
+
+    /// Whether [`KvmMemory::prefault`] populates pages (on by default);
+    /// off, the pages are populated where they are written, inside the
+    /// round.
+    pub fn set_prefault(&self, on: bool) {
+        if on {
+            self.prefault.enable();
+        } else {
+            self.prefault.disable(PrefaultUnavailable::Off);
+        }
+    }
+
+    /// What [`KvmMemory::prefault`] did so far.
+    pub fn prefault_report(&self) -> PrefaultReport {
+        self.prefault.report()
+    }
+
+    /// Waits up to `limit` for the prefault to finish what it was asked
+    /// to do; whether it did.
+    pub fn wait_prefault(&self, limit: std::time::Duration) -> bool {
+        self.prefault.wait_idle(limit)
+    }
+
+    /// The runs of pages the host populated, as `(first page, pages)` in
+    /// ascending order; `None` where that cannot be known (memory that is
+    /// not private and anonymous, or a post-copy destination): see
+    /// [`PageSource::known_zero`].
+    fn populated_ranges(&self) -> Result<Option<Vec<(PageNum, u64)>>, BackendError> {
+        let Some(pm) = &self.pagemap else {
+            return Ok(None);
+        };
+        if self.postcopy_lock().is_some() {
+            return Ok(None);
+        }
+        let mut pm = pm.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for s in self.mapped.slots() {
+            let first = s.guest_addr >> 12;
+            let runs = pm
+                .populated_runs(s.host_addr, s.size)
+                .map_err(|e| BackendError::io("read /proc/self/pagemap", e))?;
+            out.extend(runs.into_iter().map(|(at, n)| (first + at, n)));
+        }
+        Ok(Some(out))
     }
 
     /// Ends post-copy once every page is here: unregisters the memory
@@ -562,6 +646,12 @@ impl PageSource for KvmPages {
     fn known_zero(&mut self, pages: &[PageNum], zero: &mut [bool]) -> Result<(), BackendError> {
         self.0.unpopulated(pages, zero).map(|_| ())
     }
+
+    /// The pages the host populated (`/proc/self/pagemap`), where the
+    /// others are known to be zero (see [`PageSource::known_zero`]).
+    fn populated_ranges(&mut self) -> Result<Option<Vec<(PageNum, u64)>>, BackendError> {
+        self.0.populated_ranges()
+    }
 }
 
 impl PageSink for KvmPages {
@@ -626,6 +716,12 @@ impl PageSink for KvmPages {
             }
         }
         Ok(())
+    }
+
+    /// Hands the ranges to [`KvmMemory::prefault`]: they are populated in
+    /// the background while the round streams in.
+    fn expect_pages(&mut self, ranges: &[(PageNum, u64)]) -> Result<(), BackendError> {
+        self.0.prefault(ranges).map_err(BackendError::from)
     }
 
     /// Post-copy: drops the page, so that the guest's next access faults

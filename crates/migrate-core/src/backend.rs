@@ -135,6 +135,16 @@ pub trait PageSource {
             ),
         ))
     }
+
+    /// The pages of guest memory that may hold data, as `(first, count)`
+    /// ranges in ascending order, every other page being zero as
+    /// [`PageSource::known_zero`] would say; `None` where the source
+    /// cannot tell (the default). Asked once, before the first round; the
+    /// destination may prepare those pages ahead of their data
+    /// ([`PageSink::expect_pages`]).
+    fn populated_ranges(&mut self) -> Result<Option<Vec<(PageNum, u64)>>, BackendError> {
+        Ok(None)
+    }
 }
 
 /// Places guest pages on the destination.
@@ -189,6 +199,17 @@ pub trait PageSink {
                 pages.len()
             ),
         ))
+    }
+
+    /// The source's [`PageSource::populated_ranges`], before its first
+    /// round: these pages will arrive with data, the others stay zero. A
+    /// sink may prepare them in the background (KVM populates its memory
+    /// ahead of the data, off the round's critical path); nothing may
+    /// depend on it. Ranges lie inside the layout (the engine checks).
+    /// The default does nothing.
+    fn expect_pages(&mut self, ranges: &[(PageNum, u64)]) -> Result<(), BackendError> {
+        let _ = ranges;
+        Ok(())
     }
 }
 
@@ -280,6 +301,9 @@ impl<T: PageSource + ?Sized> PageSource for &mut T {
     fn known_zero(&mut self, pages: &[PageNum], zero: &mut [bool]) -> Result<(), BackendError> {
         (**self).known_zero(pages, zero)
     }
+    fn populated_ranges(&mut self) -> Result<Option<Vec<(PageNum, u64)>>, BackendError> {
+        (**self).populated_ranges()
+    }
 }
 
 impl<T: PageSink + ?Sized> PageSink for &mut T {
@@ -303,6 +327,9 @@ impl<T: PageSink + ?Sized> PageSink for &mut T {
     }
     fn write_tokens(&mut self, pages: &[PageNum], tokens: &[u64]) -> Result<(), BackendError> {
         (**self).write_tokens(pages, tokens)
+    }
+    fn expect_pages(&mut self, ranges: &[(PageNum, u64)]) -> Result<(), BackendError> {
+        (**self).expect_pages(ranges)
     }
 }
 

@@ -8,7 +8,8 @@
 //! - [`slots`]: guest memory and the KVM memory slots into it, owned
 //!   together so a slot never outlives its mapping;
 //! - [`uffd`]: userfaultfd for post-copy destinations;
-//! - here: the huge-page advice for guest memory, and `KVM_SET_XSAVE`.
+//! - here: the huge-page advice for guest memory, populating it ahead
+//!   of its data (`MADV_POPULATE_WRITE`), and `KVM_SET_XSAVE`.
 
 pub(crate) mod kick;
 pub(crate) mod ring;
@@ -77,6 +78,58 @@ pub fn advise_huge_pages(memory: &TrackedMemory) -> Result<u64, KvmError> {
         bytes += (end - start) as u64;
     }
     Ok(bytes)
+}
+
+/// The advice [`populate`] gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Populate {
+    /// `MADV_POPULATE_WRITE`.
+    Write,
+    /// An advice number no kernel defines, refused with `EINVAL` as an
+    /// older kernel refuses `MADV_POPULATE_WRITE` (tests).
+    #[cfg(test)]
+    Unknown,
+}
+
+/// Populates `len` bytes of `memory` from host address `addr` as a write
+/// would, without writing: `madvise(MADV_POPULATE_WRITE)` (Linux 5.14;
+/// older kernels refuse it with `EINVAL`). Refused with `InvalidInput`
+/// unless the range is page-aligned and lies inside one region of
+/// `memory`.
+pub(crate) fn populate(
+    memory: &TrackedMemory,
+    addr: u64,
+    len: u64,
+    advice: Populate,
+) -> std::io::Result<()> {
+    let advice = match advice {
+        Populate::Write => libc::MADV_POPULATE_WRITE,
+        #[cfg(test)]
+        Populate::Unknown => 12345,
+    };
+    let inside = memory.iter().any(|r| {
+        let start = r.as_ptr() as u64;
+        addr >= start && addr.checked_add(len).is_some_and(|e| e <= start + r.len())
+    });
+    if !inside || !addr.is_multiple_of(4096) || !len.is_multiple_of(4096) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{len} bytes at {addr:#x} are not pages of guest memory"),
+        ));
+    }
+    // SAFETY: the range lies inside a mapping `memory` holds (checked
+    // above), which stays mapped while `memory` lives. The advice is
+    // MADV_POPULATE_WRITE or one the kernel refuses. MADV_POPULATE_WRITE
+    // faults pages in as writable and changes no byte of them: a page
+    // holding data keeps it, a fresh one reads as zeros, as before. Guest
+    // memory is only accessed through volatile accessors, never through
+    // Rust references, so populating under another thread's access is
+    // sound.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, advice) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A transparent huge page on x86-64.

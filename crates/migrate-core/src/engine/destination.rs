@@ -792,6 +792,28 @@ where
             .map_err(MigrationError::backend("discard stale pages"))
     }
 
+    /// The source's populated ranges: each must lie in one region of the
+    /// layout; the sink may prepare them. The sink's failure to is only
+    /// logged: pages are placed all the same.
+    fn expect_pages(&mut self, ranges: &[(PageNum, u64)]) -> Result<(), MigrationError> {
+        for &(first, count) in ranges {
+            let inside = self
+                .layout
+                .regions()
+                .iter()
+                .any(|r| first >= r.first_page && count <= r.end().saturating_sub(first));
+            if !inside {
+                return Err(MigrationError::PageOutOfRange(
+                    first + count.saturating_sub(1),
+                ));
+            }
+        }
+        if let Err(e) = self.memory.expect_pages(ranges) {
+            tracing::warn!(error = %e, "the destination's memory did not take the populated pages");
+        }
+        Ok(())
+    }
+
     fn handle_inner(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
         let rec = self.decoder.decode(frame)?;
         let unexpected = |rec: &Record<'_>, state| MigrationError::UnexpectedRecord {
@@ -887,6 +909,10 @@ where
                     duration: now.saturating_sub(at),
                     throttle_pct: 0,
                 });
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Receiving(None), Record::Populated(ranges)) => {
+                self.expect_pages(&ranges)?;
                 Ok(DestStatus::Continue)
             }
             (DstState::Receiving(sw @ None), Record::SwitchOver { postcopy, .. }) => {

@@ -268,22 +268,31 @@ impl Decoder {
                 };
                 Record::SwitchOver { round, postcopy }
             }
-            RecordType::Discard => {
-                let n = b.count("discard range count", MAX_DISCARD_RANGES)?;
-                b.zero_u32("discard reserved field")?;
+            RecordType::Discard | RecordType::Populated => {
+                let discard = ty == RecordType::Discard;
+                let what = |d: &'static str, p: &'static str| if discard { d } else { p };
+                let n = b.count(
+                    what("discard range count", "populated range count"),
+                    MAX_DISCARD_RANGES,
+                )?;
+                b.zero_u32(what("discard reserved field", "populated reserved field"))?;
                 let mut ranges = Vec::with_capacity(n.min(b.buf.len() / 16));
                 for _ in 0..n {
                     let first = check_page(b.u64()?)?;
                     let count = b.u64()?;
                     if count == 0 || count > MAX_PAGE_END - first {
                         return Err(ProtocolError::OutOfRange {
-                            what: "discard range length",
+                            what: what("discard range length", "populated range length"),
                             value: count,
                         });
                     }
                     ranges.push((first, count));
                 }
-                Record::Discard(ranges)
+                if discard {
+                    Record::Discard(ranges)
+                } else {
+                    Record::Populated(ranges)
+                }
             }
             RecordType::DiscardBitmap | RecordType::ReceivedBitmap => {
                 let first_page = check_page(b.u64()?)?;
@@ -432,6 +441,7 @@ fn record_name(ty: RecordType) -> &'static str {
         RecordType::Recovered => "recovered",
         RecordType::Capabilities => "capabilities",
         RecordType::CompressedBatch => "compressed batch",
+        RecordType::Populated => "populated ranges",
     }
 }
 

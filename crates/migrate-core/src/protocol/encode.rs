@@ -131,7 +131,7 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
             out.put_u32_le(*round);
             out.put_u32_le(u32::from(*postcopy));
         }
-        Record::Discard(ranges) => {
+        Record::Discard(ranges) | Record::Populated(ranges) => {
             out.put_u32_le(ranges.len() as u32);
             out.put_u32_le(0);
             for (first, count) in ranges {

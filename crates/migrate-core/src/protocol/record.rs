@@ -47,6 +47,9 @@ pub enum RecordType {
     Capabilities = 18,
     /// A page batch, compressed.
     CompressedBatch = 19,
+    /// The pages that will arrive with data, sent before the first round
+    /// (the destination may populate them ahead of their data).
+    Populated = 21,
     /// A batch of page models (see [`ModelBatch`]): the simulator's fast
     /// path, never sent by a real backend.
     ModelBatch = 0x40,
@@ -75,6 +78,7 @@ impl RecordType {
             17 => Recovered,
             18 => Capabilities,
             19 => CompressedBatch,
+            21 => Populated,
             0x40 => ModelBatch,
             _ => return None,
         })
@@ -95,7 +99,7 @@ impl RecordType {
             Abort => 8 + MAX_TEXT,
             Ready => 0,
             Resumed => 32,
-            Discard => 8 + MAX_DISCARD_RANGES * 16,
+            Discard | Populated => 8 + MAX_DISCARD_RANGES * 16,
             Verified => 48,
             DiscardBitmap | ReceivedBitmap => 16 + MAX_DISCARD_WORDS * 8,
             Session => 24,
@@ -428,6 +432,12 @@ pub enum Record<'a> {
     CompressedBatch(CompressedBatch<'a>),
     /// Destination has resumed the guest.
     Resumed(ResumeReport),
+    /// Pages (as `(first, count)` ranges, ascending) that may hold data on
+    /// the source, sent after [`Record::Ready`] and before the first page
+    /// batch, only to a destination that announced
+    /// [`Capabilities::POPULATED`]; every other page is zero. Several
+    /// records follow one another when the ranges do not fit in one.
+    Populated(Vec<(PageNum, u64)>),
 }
 
 impl Record<'_> {
@@ -449,6 +459,7 @@ impl Record<'_> {
             Record::CompressedBatch(_) => RecordType::CompressedBatch,
             Record::Resumed(_) => RecordType::Resumed,
             Record::Discard(_) => RecordType::Discard,
+            Record::Populated(_) => RecordType::Populated,
             Record::Verified(_) => RecordType::Verified,
             Record::DiscardBitmap { .. } => RecordType::DiscardBitmap,
             Record::Session { .. } => RecordType::Session,

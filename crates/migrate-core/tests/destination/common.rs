@@ -34,6 +34,8 @@ pub(crate) struct TestMemory {
     /// A page this sink stores wrongly (one byte flipped), as faulty
     /// memory would.
     pub(crate) corrupt_page: Option<PageNum>,
+    /// The ranges given to `expect_pages`, in order.
+    pub(crate) expected: Vec<(PageNum, u64)>,
 }
 
 impl TestMemory {
@@ -43,6 +45,7 @@ impl TestMemory {
             layout: layout.clone(),
             bytes: vec![0; layout.total_bytes() as usize],
             corrupt_page: None,
+            expected: Vec::new(),
         }
     }
 
@@ -134,6 +137,11 @@ impl PageSink for TestMemory {
     fn discard(&mut self, page: PageNum) -> Result<(), BackendError> {
         let r = self.range(page).ok_or_else(|| invalid(page))?;
         self.bytes[r].fill(0);
+        Ok(())
+    }
+
+    fn expect_pages(&mut self, ranges: &[(PageNum, u64)]) -> Result<(), BackendError> {
+        self.expected.extend_from_slice(ranges);
         Ok(())
     }
 }

@@ -24,4 +24,5 @@ mod driver;
 mod good_stream;
 mod incomplete_streams;
 mod integrity;
+mod populated;
 mod post_copy;

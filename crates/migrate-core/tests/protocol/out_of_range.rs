@@ -205,3 +205,33 @@ fn out_of_range_switch_over_mode() {
         );
     }
 }
+
+/// `Populated` ranges share the discard body: they round-trip, and bad
+/// ranges are refused under their own name.
+#[test]
+fn populated_ranges_round_trip_and_are_checked() {
+    let ranges = vec![(0, 512), (1024, 1), (MAX_PAGE_END - 1, 1)];
+    let rec = Record::Populated(ranges.clone());
+    let f = encode_to_vec(&rec);
+    assert_eq!(f[0], 21);
+    assert_eq!(decoder_after_header().decode(&f), Ok(rec));
+    let frame = raw_frame(
+        RecordType::Populated as u8,
+        &raw_discard_body(&[(0, 1), (MAX_PAGE_END - 1, 2)]),
+    );
+    assert_eq!(
+        decoder_after_header().decode(&frame),
+        Err(ProtocolError::OutOfRange {
+            what: "populated range length",
+            value: 2
+        })
+    );
+    let frame = raw_frame(RecordType::Populated as u8, &raw_discard_body(&[(5, 0)]));
+    assert_eq!(
+        decoder_after_header().decode(&frame),
+        Err(ProtocolError::OutOfRange {
+            what: "populated range length",
+            value: 0
+        })
+    );
+}

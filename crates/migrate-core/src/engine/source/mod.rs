@@ -664,6 +664,26 @@ where
         }
     }
 
+    /// Tells the destination which pages will arrive with data
+    /// ([`Record::Populated`]), as the memory says after tracking began (a
+    /// page populated later is dirty and sent anyway). A hint only: a
+    /// source that cannot tell, or fails to, sends nothing.
+    fn announce_populated(&mut self) {
+        let ranges = match self.memory.populated_ranges() {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "which pages are populated is not known; none announced");
+                return;
+            }
+        };
+        for chunk in ranges.chunks(protocol::MAX_DISCARD_RANGES) {
+            self.wire
+                .outbox
+                .push_back(protocol::encode_to_vec(&Record::Populated(chunk.to_vec())));
+        }
+    }
+
     fn handle_inner(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
         let rec = self.wire.decoder.decode(frame)?;
         let now = self.now();
@@ -696,6 +716,9 @@ where
                     .start()
                     .map_err(MigrationError::backend("start dirty tracking"))?;
                 self.guest.tracking = true;
+                if self.wire.peer_caps.contains(Capabilities::POPULATED) {
+                    self.announce_populated();
+                }
                 if let Some(iv) = self.timers.sample_every {
                     self.timers.next_sample_at = now + iv;
                 }
