@@ -65,6 +65,11 @@ impl BodyCrc {
         self.0.update(bytes);
     }
 
+    /// Continues this CRC over the bytes `other` was taken over.
+    pub(super) fn append(&mut self, other: &BodyCrc) {
+        self.0.combine(&other.0);
+    }
+
     pub(super) fn finish(&self) -> u32 {
         // A 32-bit CRC: the upper half is always zero.
         self.0.finalize() as u32
@@ -108,5 +113,10 @@ mod tests {
         }
         assert_eq!(c.finish(), crc32c::crc32c(&data));
         assert_eq!(BodyCrc::new().finish(), crc32c::crc32c(&[]));
+        let (mut a, mut b) = (BodyCrc::new(), BodyCrc::new());
+        a.update(&data[..1234]);
+        b.update(&data[1234..]);
+        a.append(&b);
+        assert_eq!(a.finish(), crc32c::crc32c(&data));
     }
 }

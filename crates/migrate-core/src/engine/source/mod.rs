@@ -139,11 +139,8 @@ struct Pages {
     round_dirty_used: bool,
     batch: Vec<PageNum>,
     push: Vec<PageNum>,
-    read_buf: Vec<u8>,
     /// Which pages of the batch the source knows to be zero.
     known_zero: Vec<bool>,
-    /// The pages of the batch the source must read.
-    to_read: Vec<PageNum>,
     /// [`Payload::Model`]: the tokens of the batch being encoded.
     tokens: Vec<u64>,
     /// `SentContent`: the hash (the token, with [`Payload::Model`]) of
@@ -339,9 +336,7 @@ where
                 round_dirty_used: false,
                 batch: Vec::with_capacity(config.batch_pages),
                 push: Vec::new(),
-                read_buf: Vec::new(),
                 known_zero: Vec::new(),
-                to_read: Vec::new(),
                 tokens: Vec::new(),
                 sent_hashes,
             },
