@@ -400,12 +400,16 @@ pub fn encode_page_batch_from<E>(
         .iter()
         .filter(|f| **f != 0)
         .count();
-    let mut body_crc = crc::BodyCrc::new();
-    body_crc.update(&out[start + RECORD_HEADER_LEN..data_at]);
-    body_crc.append(&data_crc);
+    let mut prefix = crc::BodyCrc::new();
+    prefix.update(&out[start + RECORD_HEADER_LEN..data_at]);
+    let body_crc = crc::combine(
+        prefix.finish(),
+        data_crc.finish(),
+        (out.len() - data_at) as u64,
+    );
     let len = (out.len() - start - RECORD_HEADER_LEN) as u32;
     out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
-    let crc = crc::with_header(body_crc.finish(), &out[start..]);
+    let crc = crc::with_header(body_crc, &out[start..]);
     out[start + CRC_AT..start + CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
     Ok(BatchSummary {
         pages: n,
