@@ -589,6 +589,11 @@ impl PageSource for KvmPages {
     fn known_zero(&mut self, pages: &[PageNum], zero: &mut [bool]) -> Result<(), BackendError> {
         self.0.unpopulated(pages, zero).map(|_| ())
     }
+
+    /// Guest memory is mapped into this process: a read is a copy.
+    fn small_reads_are_cheap(&self) -> bool {
+        true
+    }
 }
 
 impl PageSink for KvmPages {

@@ -325,7 +325,8 @@ fn encode_batch(
 /// into the frame: `read(pages, buf)` must fill `buf` with the contents of
 /// `pages`, one page after another, as [`crate::PageSource::read_pages`]
 /// does. `known_zero[i]` (if not empty, one entry per page) marks
-/// `pages[i]` as known to be zero: it is neither read nor checked.
+/// `pages[i]` as known to be zero: it is neither read nor checked. The
+/// other pages are asked for in order, each once.
 ///
 /// The pages are read a few at a time (8 KiB, or one page where pages are
 /// larger) into their slots in the frame; each is then checked for zeros

@@ -139,8 +139,13 @@ struct Pages {
     round_dirty_used: bool,
     batch: Vec<PageNum>,
     push: Vec<PageNum>,
+    /// The batch's pages read in one call, for a source whose calls cost
+    /// ([`PageSource::small_reads_are_cheap`]).
+    read_buf: Vec<u8>,
     /// Which pages of the batch the source knows to be zero.
     known_zero: Vec<bool>,
+    /// The pages of the batch the source must read.
+    to_read: Vec<PageNum>,
     /// [`Payload::Model`]: the tokens of the batch being encoded.
     tokens: Vec<u64>,
     /// `SentContent`: the hash (the token, with [`Payload::Model`]) of
@@ -336,7 +341,9 @@ where
                 round_dirty_used: false,
                 batch: Vec::with_capacity(config.batch_pages),
                 push: Vec::new(),
+                read_buf: Vec::new(),
                 known_zero: Vec::new(),
+                to_read: Vec::new(),
                 tokens: Vec::new(),
                 sent_hashes,
             },

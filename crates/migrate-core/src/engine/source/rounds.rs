@@ -434,14 +434,46 @@ where
         memory
             .known_zero(&pages.batch, &mut pages.known_zero)
             .map_err(MigrationError::backend("ask which guest pages are zero"))?;
-        let summary = protocol::encode_page_batch_from(
-            round,
-            ps,
-            &pages.batch,
-            &pages.known_zero,
-            |p: &[PageNum], buf: &mut [u8]| memory.read_pages(p, buf),
-            frame,
-        )
+        let summary = if memory.small_reads_are_cheap() {
+            protocol::encode_page_batch_from(
+                round,
+                ps,
+                &pages.batch,
+                &pages.known_zero,
+                |p: &[PageNum], buf: &mut [u8]| memory.read_pages(p, buf),
+                frame,
+            )
+        } else {
+            // One read of every page not known to be zero; the frame is
+            // then filled from the buffer, in the same order.
+            pages.to_read.clear();
+            let known = pages.known_zero.iter();
+            let unknown = pages.batch.iter().zip(known).filter(|(_, z)| !**z);
+            pages.to_read.extend(unknown.map(|(p, _)| *p));
+            let need = pages.to_read.len() * ps.get();
+            if pages.read_buf.len() < need {
+                pages.read_buf.resize(need, 0);
+            }
+            if need > 0 {
+                memory
+                    .read_pages(&pages.to_read, &mut pages.read_buf[..need])
+                    .map_err(MigrationError::backend("read guest pages"))?;
+            }
+            let mut read = &pages.read_buf[..need];
+            protocol::encode_page_batch_from(
+                round,
+                ps,
+                &pages.batch,
+                &pages.known_zero,
+                |_: &[PageNum], buf: &mut [u8]| {
+                    let (now, rest) = read.split_at(buf.len());
+                    crate::copy::copy_bytes(buf, now);
+                    read = rest;
+                    Ok::<(), crate::backend::BackendError>(())
+                },
+                frame,
+            )
+        }
         .map_err(MigrationError::backend("read guest pages"))?;
         if !pages.sent_hashes.is_empty() {
             // The hashes of the bytes sent, taken from the frame.
