@@ -268,6 +268,28 @@ pub fn encode_page_batch(
     encode_batch(round, page_size, pages, contents, out)
 }
 
+/// Starts a page-batch frame at the end of `out`: header, round, page
+/// count and page numbers. Where the frame and its flags begin.
+fn begin_batch(out: &mut Vec<u8>, round: u32, pages: &[PageNum]) -> (usize, usize) {
+    let start = begin(out, RecordType::PageBatch);
+    out.put_u32_le(round);
+    out.put_u32_le(pages.len() as u32);
+    for p in pages {
+        out.put_u64_le(*p);
+    }
+    (start, out.len())
+}
+
+/// Ends the page-batch frame that begins at `start` and runs to the end
+/// of `out`: its body length, and its CRC from `body_crc`, the CRC of
+/// its body.
+fn end_batch(out: &mut [u8], start: usize, body_crc: u32) {
+    let len = (out.len() - start - RECORD_HEADER_LEN) as u32;
+    out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
+    let crc = crc::with_header(body_crc, &out[start..]);
+    out[start + CRC_AT..start + CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
 fn encode_batch(
     round: u32,
     page_size: PageSize,
@@ -281,13 +303,7 @@ fn encode_batch(
     debug_assert_eq!(contents.len(), n * ps);
     let before = out.len();
     out.reserve(RECORD_HEADER_LEN + 8 + n * 9 + pad8(n));
-    let start = begin(out, RecordType::PageBatch);
-    out.put_u32_le(round);
-    out.put_u32_le(n as u32);
-    for p in pages {
-        out.put_u64_le(*p);
-    }
-    let flags_at = out.len();
+    let (start, flags_at) = begin_batch(out, round, pages);
     let mut nonzero = 0usize;
     for page in contents.chunks_exact(ps) {
         let zero = is_zero_page(page);
@@ -310,10 +326,7 @@ fn encode_batch(
             run = i + 1;
         }
     }
-    let len = (out.len() - start - RECORD_HEADER_LEN) as u32;
-    out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
-    let crc = crc::with_header(crc.finish(), &out[start..]);
-    out[start + CRC_AT..start + CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+    end_batch(out, start, crc.finish());
     BatchSummary {
         pages: n,
         zero_pages: n - nonzero,
@@ -351,13 +364,7 @@ pub fn encode_page_batch_from<E>(
     let known = |i: usize| known_zero.get(i).copied().unwrap_or(false);
     let before = out.len();
     out.reserve(RECORD_HEADER_LEN + 8 + n * 9 + pad8(n) + n * ps);
-    let start = begin(out, RecordType::PageBatch);
-    out.put_u32_le(round);
-    out.put_u32_le(n as u32);
-    for p in pages {
-        out.put_u64_le(*p);
-    }
-    let flags_at = out.len();
+    let (start, flags_at) = begin_batch(out, round, pages);
     for i in 0..n {
         out.put_u8(if known(i) { PAGE_FLAG_ZERO } else { 0 });
     }
@@ -408,10 +415,7 @@ pub fn encode_page_batch_from<E>(
         data_crc.finish(),
         (out.len() - data_at) as u64,
     );
-    let len = (out.len() - start - RECORD_HEADER_LEN) as u32;
-    out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
-    let crc = crc::with_header(body_crc, &out[start..]);
-    out[start + CRC_AT..start + CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+    end_batch(out, start, body_crc);
     Ok(BatchSummary {
         pages: n,
         zero_pages,
