@@ -4,7 +4,8 @@
 //! Run with `cargo bench --bench hotpath`. For every case it prints the bytes
 //! one iteration covers, the median time of an iteration, the throughput in
 //! GB/s (10^9 bytes per second), the throughput of `copy_from_slice` over a
-//! buffer of the same size, and the ratio of the two. A final copy of the
+//! buffer of the same size (source and destination page-aligned), and the
+//! ratio of the two. A final copy of the
 //! table in Markdown, between `--- markdown ---` and `--- end ---`, can be
 //! pasted into a README.
 //!
@@ -17,13 +18,24 @@
 //!   union reads two and writes one, the copy reads one and writes one);
 //! - `encode_page_batch` of 256 pages of random data into a reused buffer,
 //!   and of 256 pages of which half are zero (bytes: all 256 pages);
-//! - decoding that frame with a `Decoder` (which checks the batch checksum)
-//!   and touching each page's first and last byte, and decoding it and
-//!   copying every page into a destination buffer as a destination does
-//!   (zero pages are filled with zeros);
+//! - the source engine's whole path from guest memory (a page-aligned
+//!   buffer) to a new frame: reading the pages into a buffer and encoding
+//!   them from there (as it did), and `encode_page_batch_from`, which
+//!   reads them straight into the frame a few at a time;
+//! - decoding that frame with a `Decoder` (which checks the frame's CRC)
+//!   and touching each page's first and last byte; decoding it and then
+//!   copying every page into page-aligned destination memory (zero pages
+//!   are filled with zeros), as a destination does once its guest runs;
+//!   and `Decoder::decode_placing`, which checks and places in one pass,
+//!   as a destination does before;
+//! - 256 copies of a 4 KiB page whose destination lies 8 bytes past its
+//!   source modulo 4096, with `copy_from_slice` (the C library's
+//!   `memcpy`, `rep movsb` on this size) and with `copy::copy_bytes`;
 //! - `is_zero_page` over 256 pages that are all zero (a full scan of each)
 //!   and over 256 pages whose first byte is not zero (an early exit, so its
 //!   GB/s counts the bytes classified, not the bytes read);
+//! - the frame CRC (CRC32C) over a page batch of random pages
+//!   (`protocol::reseal`), the one checksum encode and decode take;
 //! - `page_hash` (XXH3-64, the per-page hash of the memory digest and the
 //!   hash behind the batch checksum) over 256 pages of random data, which
 //!   shows how much of the encode and decode cases the checksum accounts
@@ -43,9 +55,15 @@
 //! interleaved (alternating which goes first), and reports the medians.
 //! `std::hint::black_box` keeps inputs opaque and results alive so nothing
 //! is optimised away.
+//!
+//! `cargo bench --bench hotpath -- WORD…` runs only the cases whose name
+//! contains one of the words.
 
+use livemig::core::copy::copy_bytes;
 use livemig::core::digest::{is_zero_page, page_hash};
-use livemig::core::protocol::{encode, encode_page_batch, Decoder, Record, VERSION};
+use livemig::core::protocol::{
+    encode, encode_page_batch, encode_page_batch_from, reseal, Decoder, Placed, Record, VERSION,
+};
 use livemig::core::DirtyBitmap;
 use livemig::core::{MemoryLayout, PageNum, PageSize};
 use std::hint::black_box;
@@ -163,11 +181,13 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Measures `case` and a `memcpy` of as many bytes, samples interleaved.
 fn measure(case: &mut Case) -> Row {
-    let mut src = vec![0u8; case.bytes];
-    SplitMix64(0xC0FF_EE00).fill(&mut src);
-    let mut dst = vec![1u8; case.bytes];
+    // Both page-aligned: `memcpy` at its best (see `copy::copy_bytes`
+    // for how much an unlucky relative alignment costs it).
+    let (mut src, s_at) = page_aligned(case.bytes, 0);
+    SplitMix64(0xC0FF_EE00).fill(&mut src[s_at..s_at + case.bytes]);
+    let (mut dst, d_at) = page_aligned(case.bytes, 1);
     let mut memcpy = || {
-        dst.copy_from_slice(black_box(&src));
+        dst[d_at..d_at + case.bytes].copy_from_slice(black_box(&src[s_at..s_at + case.bytes]));
         black_box(&mut dst);
     };
     let case_iters = warm_and_calibrate(&mut case.run);
@@ -292,18 +312,56 @@ fn primed_decoder() -> Decoder {
 }
 
 /// Decodes `frame` and copies every page into `guest` (indexed from
-/// `BATCH_FIRST_GFN`), zero-filling zero pages.
+/// `BATCH_FIRST_GFN`), zero-filling zero pages: the frame checked first,
+/// then placed, as a destination does once the guest runs (post-copy).
 fn decode_into(dec: &mut Decoder, frame: &[u8], guest: &mut [u8]) {
     let Ok(Record::PageBatch(batch)) = dec.decode(frame) else {
         panic!("frame did not decode as a page batch");
     };
     for (gfn, data) in batch.iter() {
-        let off = (gfn - BATCH_FIRST_GFN) as usize * PAGE;
-        let dst = &mut guest[off..off + PAGE];
-        match data {
-            Some(d) => dst.copy_from_slice(d),
-            None => dst.fill(0),
-        }
+        place_page(guest, gfn, data);
+    }
+}
+
+/// Decodes `frame` and copies every page into `guest` in one pass
+/// (`Decoder::decode_placing`), as a destination does before the guest
+/// runs.
+fn decode_placing_into(dec: &mut Decoder, frame: &[u8], guest: &mut [u8]) {
+    let r = dec.decode_placing(frame, |gfn, data| {
+        place_page(guest, gfn, data);
+        Ok::<(), ()>(())
+    });
+    assert!(
+        matches!(r, Ok(Placed::Batch { .. })),
+        "frame did not decode as a page batch"
+    );
+}
+
+/// Copies a page into `guest` (indexed from `BATCH_FIRST_GFN`) as a sink
+/// does, or zero-fills it.
+fn place_page(guest: &mut [u8], gfn: PageNum, data: Option<&[u8]>) {
+    let off = (gfn - BATCH_FIRST_GFN) as usize * PAGE;
+    let dst = &mut guest[off..off + PAGE];
+    match data {
+        Some(d) => copy_bytes(dst, d),
+        None => dst.fill(0),
+    }
+}
+
+/// `len` bytes starting on a 4 KiB boundary, as guest memory is, at
+/// `offset` in the returned buffer.
+fn page_aligned(len: usize, fill: u8) -> (Vec<u8>, usize) {
+    let buf = vec![fill; len + PAGE];
+    let offset = (PAGE - buf.as_ptr() as usize % PAGE) % PAGE;
+    (buf, offset)
+}
+
+/// Reads `pages` (numbered from `BATCH_FIRST_GFN`) out of `memory` into
+/// `out` as a backend's `read_pages` does.
+fn read_guest(memory: &[u8], pages: &[PageNum], out: &mut [u8]) {
+    for (p, slot) in pages.iter().zip(out.chunks_exact_mut(PAGE)) {
+        let at = (p - BATCH_FIRST_GFN) as usize * PAGE;
+        copy_bytes(slot, &memory[at..at + PAGE]);
     }
 }
 
@@ -349,7 +407,7 @@ fn protocol_cases(cases: &mut Vec<Case>) {
         let gfns = batch_gfns();
         let mut out = Vec::new();
         cases.push(Case {
-            name: format!("encode_page_batch, {label}"),
+            name: format!("encode_page_batch from a buffer, {label}"),
             bytes: batch_bytes,
             pages,
             run: Box::new(move || {
@@ -366,13 +424,91 @@ fn protocol_cases(cases: &mut Vec<Case>) {
         });
     }
     for (label, half_zero) in [("random", false), ("50% zero", true)] {
+        // Guest memory (page-aligned); the source engine's reads of it,
+        // into a buffer and then the frame (as it did), or straight into
+        // the frame. Each frame is a new buffer, as the engine's are.
+        let (mut memory, at) = page_aligned(batch_bytes, 0);
+        memory[at..at + batch_bytes].copy_from_slice(&batch_contents(half_zero, 0xDA7A));
+        let gfns = batch_gfns();
+        let mut buf = vec![0u8; batch_bytes];
+        let guest = memory.clone();
+        let gfns_b = gfns.clone();
+        let check = {
+            let mut a = Vec::new();
+            encode_page_batch(
+                0,
+                PageSize::DEFAULT,
+                &gfns,
+                &memory[at..][..batch_bytes],
+                &mut a,
+            );
+            a
+        };
+        let mut b = Vec::new();
+        encode_page_batch_from(
+            0,
+            PageSize::DEFAULT,
+            &gfns,
+            &[],
+            |p: &[PageNum], out: &mut [u8]| {
+                read_guest(&memory[at..][..batch_bytes], p, out);
+                Ok::<(), ()>(())
+            },
+            &mut b,
+        )
+        .expect("read");
+        assert!(b == check, "reading into the frame made another frame");
+        cases.push(Case {
+            name: format!("read into a buffer, then encode, {label}"),
+            bytes: batch_bytes,
+            pages,
+            run: Box::new(move || {
+                let mem = &guest[at..][..batch_bytes];
+                read_guest(black_box(mem), &gfns_b, &mut buf);
+                let mut out = Vec::new();
+                let s = encode_page_batch(0, PageSize::DEFAULT, &gfns_b, &buf, &mut out);
+                black_box((&mut out, s));
+            }),
+        });
+        cases.push(Case {
+            name: format!("encode_page_batch_from (read into the frame), {label}"),
+            bytes: batch_bytes,
+            pages,
+            run: Box::new(move || {
+                let mem = black_box(&memory[at..][..batch_bytes]);
+                let mut out = Vec::new();
+                let s = encode_page_batch_from(
+                    0,
+                    PageSize::DEFAULT,
+                    &gfns,
+                    &[],
+                    |p: &[PageNum], slot: &mut [u8]| {
+                        read_guest(mem, p, slot);
+                        Ok::<(), ()>(())
+                    },
+                    &mut out,
+                );
+                black_box((&mut out, s.is_ok()));
+            }),
+        });
+    }
+    for (label, half_zero) in [("random", false), ("50% zero", true)] {
         let contents = batch_contents(half_zero, 0xDA7A);
         let frame = encode_batch(&contents);
-        // Check once that the decode-and-copy path reproduces the pages.
-        let mut guest = vec![0xAAu8; batch_bytes];
-        let mut dec = primed_decoder();
-        decode_into(&mut dec, &frame, &mut guest);
-        assert!(guest == contents, "decode did not reproduce the batch");
+        // Check once that both decode-and-copy paths reproduce the pages.
+        let dec = primed_decoder();
+        for fused in [false, true] {
+            let (mut guest, at) = page_aligned(batch_bytes, 0xAA);
+            if fused {
+                decode_placing_into(&mut dec.clone(), &frame, &mut guest[at..]);
+            } else {
+                decode_into(&mut dec.clone(), &frame, &mut guest[at..]);
+            }
+            assert!(
+                guest[at..at + batch_bytes] == contents[..],
+                "decode did not reproduce the batch"
+            );
+        }
 
         let frame_for_sum = frame.clone();
         let mut dec_sum = dec.clone();
@@ -394,13 +530,51 @@ fn protocol_cases(cases: &mut Vec<Case>) {
                 black_box(acc);
             }),
         });
+        for fused in [false, true] {
+            let (mut guest, at) = page_aligned(batch_bytes, 0xAA);
+            let frame = frame.clone();
+            let mut dec = dec.clone();
+            cases.push(Case {
+                name: if fused {
+                    format!("decode_placing (check while placing), {label}")
+                } else {
+                    format!("decode, then copy into place, {label}")
+                },
+                bytes: batch_bytes,
+                pages,
+                run: Box::new(move || {
+                    let g = &mut guest[at..];
+                    if fused {
+                        decode_placing_into(&mut dec, black_box(&frame), g);
+                    } else {
+                        decode_into(&mut dec, black_box(&frame), g);
+                    }
+                    black_box(g);
+                }),
+            });
+        }
+    }
+    // 4 KiB page copies whose destination lies 8 bytes past the source
+    // modulo 4096 (the alignment of the regression in decode + copy).
+    for (label, blocks) in [("copy_from_slice", false), ("copy_bytes", true)] {
+        let (src, s_at) = page_aligned(batch_bytes + 64, 0x5A);
+        let (mut dst, d_at) = page_aligned(batch_bytes + 64, 0);
         cases.push(Case {
-            name: format!("decode + copy into place, {label}"),
+            name: format!("4 KiB page copies, dst 8 B past src, {label}"),
             bytes: batch_bytes,
             pages,
             run: Box::new(move || {
-                decode_into(&mut dec, black_box(&frame), &mut guest);
-                black_box(&mut guest);
+                let s = black_box(&src[s_at..]);
+                let d = &mut dst[d_at + 8..];
+                for k in 0..BATCH_PAGES {
+                    let (a, b) = (&mut d[k * PAGE..][..PAGE], &s[k * PAGE..][..PAGE]);
+                    if blocks {
+                        copy_bytes(a, b);
+                    } else {
+                        a.copy_from_slice(b);
+                    }
+                }
+                black_box(d);
             }),
         });
     }
@@ -428,6 +602,15 @@ fn page_check_cases(cases: &mut Vec<Case>) {
             }),
         });
     }
+    let mut frame = encode_batch(&batch_contents(false, 0xDA7A));
+    cases.push(Case {
+        name: "CRC32C of a page batch (reseal), random".to_owned(),
+        bytes,
+        pages: Some(BATCH_PAGES as u64),
+        run: Box::new(move || {
+            reseal(black_box(&mut frame));
+        }),
+    });
     let contents = batch_contents(false, 0xDA7A);
     cases.push(Case {
         name: "page_hash (xxh3_64), random".to_owned(),
@@ -469,6 +652,13 @@ fn main() {
     bitmap_cases(&mut cases);
     protocol_cases(&mut cases);
     page_check_cases(&mut cases);
+    // `cargo bench --bench hotpath -- WORD` keeps the cases whose name
+    // contains WORD (cargo's own `--bench` argument is ignored).
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    cases.retain(|c| filter.is_empty() || filter.iter().any(|f| c.name.contains(f.as_str())));
 
     let mut widths = HEADINGS.map(|h| h.chars().count());
     widths[0] = widths[0].max(cases.iter().map(|c| c.name.len()).max().unwrap_or(0));

@@ -3,13 +3,14 @@
 //!
 //! Run with `cargo bench --bench wire`. It first moves `TOTAL` bytes over
 //! a plain loopback `TcpStream` in writes of one batch's size (the raw
-//! figure), then moves the same guest bytes through the library: the
-//! sender reads pages from a source buffer, encodes them as page batches
-//! (`encode_page_batch`), numbers them (`Sequencer`) and sends them on a
-//! `StreamTransport` over TCP; the receiver decodes them with a
-//! sequenced `Decoder` and copies every page into a destination buffer,
-//! as a destination engine does. After each run the destination buffer is
-//! compared with the source byte for byte.
+//! figure), then moves the same guest bytes through the library as the
+//! engines do: the sender reads pages from a source buffer straight into
+//! page-batch frames (`encode_page_batch_from`), numbers them
+//! (`Sequencer`) and sends them on a `StreamTransport` over TCP; the
+//! receiver checks each frame with a sequenced `Decoder` while copying
+//! its pages into a destination buffer (`Decoder::decode_placing`, as a
+//! destination does before its guest runs). After each run the
+//! destination buffer is compared with the source byte for byte.
 //!
 //! The data: pages of random bytes (incompressible), pages of text-like
 //! bytes (a small alphabet, which compresses), and zero pages (sent as a
@@ -27,11 +28,16 @@
 //!
 //! Each figure is the median of `RUNS` runs, raw and stream interleaved,
 //! so a machine shared with other work moves both alike.
+//!
+//! `cargo bench --bench wire -- random plain` runs a part: words among
+//! `random`, `text` and `zero` pick the data, `plain` keeps only the
+//! stream without compressor or TLS.
 
+use livemig::core::copy::copy_bytes;
 use livemig::core::protocol::PageBatch;
 use livemig::core::protocol::{
-    encode, encode_page_batch, BatchCompressor, BatchExpander, Capabilities, Codec, Decoder,
-    Record, Sequencer, VERSION,
+    encode, encode_page_batch_from, BatchCompressor, BatchExpander, Capabilities, Codec, Decoder,
+    Placed, Record, Sequencer, VERSION,
 };
 use livemig::core::tls::test_pki::TestCa;
 use livemig::core::tls::{self, TlsConfig, TlsSession};
@@ -143,14 +149,27 @@ fn frame_of(record: &Record<'_>, seq: &mut Sequencer) -> Vec<u8> {
 /// memory that was.
 fn place(batch: &PageBatch<'_>, dst: &mut [u8]) -> usize {
     for (gfn, data) in batch.iter() {
-        let at = gfn as usize * PAGE;
-        let page = &mut dst[at..at + PAGE];
-        match data {
-            Some(d) => page.copy_from_slice(d),
-            None => page.fill(0),
-        }
+        place_page(dst, gfn, data);
     }
     batch.len() * PAGE
+}
+
+/// Copies one page into `dst` as a sink does, or zero-fills it.
+fn place_page(dst: &mut [u8], gfn: PageNum, data: Option<&[u8]>) {
+    let at = gfn as usize * PAGE;
+    let page = &mut dst[at..at + PAGE];
+    match data {
+        Some(d) => copy_bytes(page, d),
+        None => page.fill(0),
+    }
+}
+
+/// Reads `pages` out of `src` into `out` as a backend's `read_pages` does.
+fn read_pages(src: &[u8], pages: &[PageNum], out: &mut [u8]) {
+    for (p, slot) in pages.iter().zip(out.chunks_exact_mut(PAGE)) {
+        let at = *p as usize * PAGE;
+        copy_bytes(slot, &src[at..at + PAGE]);
+    }
 }
 
 /// The two ends of the library's transport over loopback TCP: one
@@ -258,13 +277,18 @@ fn stream(
                 gfns.clear();
                 gfns.extend((0..BATCH as u64).map(|i| (at / PAGE) as u64 + i));
                 frame.clear();
-                encode_page_batch(
+                encode_page_batch_from(
                     1,
                     PageSize::DEFAULT,
                     &gfns,
-                    &src[at..at + BATCH * PAGE],
+                    &[],
+                    |p: &[PageNum], out: &mut [u8]| {
+                        read_pages(src, p, out);
+                        Ok::<(), ()>(())
+                    },
                     &mut frame,
-                );
+                )
+                .expect("read pages");
                 if let Some(c) = &mut compressor {
                     c.compress(&mut frame);
                 }
@@ -282,14 +306,18 @@ fn stream(
                 .recv(Some(PEER_TIMEOUT))
                 .expect("receive")
                 .expect("a frame within the peer timeout");
-            match dec.decode(&f).expect("decode") {
-                Record::PageBatch(batch) => got += place(&batch, dst),
-                Record::CompressedBatch(packed) => {
+            let placed = dec.decode_placing(&f, |gfn, data| {
+                place_page(dst, gfn, data);
+                Ok::<(), ()>(())
+            });
+            match placed.expect("decode") {
+                Placed::Batch { pages, .. } => got += pages * PAGE,
+                Placed::Record(Record::CompressedBatch(packed)) => {
                     let batch = expander.expand(&packed, PageSize::DEFAULT).expect("expand");
                     got += place(&batch, dst);
                 }
-                Record::Header { .. } | Record::Layout(_) => {}
-                other => panic!("unexpected record {:?}", other.record_type()),
+                Placed::Record(Record::Header { .. } | Record::Layout(_)) => {}
+                Placed::Record(other) => panic!("unexpected record {:?}", other.record_type()),
             }
         }
     });
@@ -320,8 +348,24 @@ fn main() {
         .flat_map(|n| codecs.iter().map(move |c| (n, *c, false)))
         .collect();
     variants.push((1, None, true));
+    // `cargo bench --bench wire -- WORD…`: `random`, `text` or `zero`
+    // keep those data, `plain` keeps the stream without compressor or TLS.
+    let words: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if words.iter().any(|w| w == "plain") {
+        variants.retain(|(_, codec, tls)| codec.is_none() && !tls);
+    }
+    let picked = |d: Data| {
+        let named: Vec<&String> = words.iter().filter(|w| *w != "plain").collect();
+        named.is_empty() || named.iter().any(|w| d.name().contains(w.as_str()))
+    };
     let pki = Pki::new();
-    for data in [Data::Random, Data::Text, Data::Zeros] {
+    for data in [Data::Random, Data::Text, Data::Zeros]
+        .into_iter()
+        .filter(|d| picked(*d))
+    {
         data.fill(&mut src);
         let mut raw = Vec::with_capacity(RUNS);
         let mut ours = vec![Vec::with_capacity(RUNS); variants.len()];

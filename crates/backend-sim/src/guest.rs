@@ -504,6 +504,12 @@ impl PageSource for SimPages {
         self.check_tokens(pages.len(), out.len())?;
         self.0.synced().memory.read_tokens(pages, out)
     }
+
+    /// The simulated memory is this process's: a read is a copy (or a
+    /// page rendered from its model).
+    fn small_reads_are_cheap(&self) -> bool {
+        true
+    }
 }
 
 impl SimPages {

@@ -119,6 +119,18 @@ pub trait PageSource {
         let _ = (pages, zero);
         Ok(())
     }
+    /// Whether [`PageSource::read_pages`] costs about the same per page
+    /// however few pages one call asks for, as memory this process maps
+    /// does (KVM's, the simulator's). The engine then reads each batch a
+    /// few pages per call straight into the frame it sends, checking each
+    /// piece for zeros and taking its CRC while it is in cache
+    /// ([`crate::protocol::encode_page_batch_from`]). The default, `false`,
+    /// suits a source whose every call has a fixed cost (Xen maps the
+    /// guest's frames on each call): the engine reads a batch in one call
+    /// into a buffer and builds the frame from there.
+    fn small_reads_are_cheap(&self) -> bool {
+        false
+    }
 
     /// Writes a token naming the content of each of `pages` into `out`
     /// (`out.len() == pages.len()`): 0 for a zero page, and two pages with
@@ -303,6 +315,9 @@ impl<T: PageSource + ?Sized> PageSource for &mut T {
     }
     fn populated_ranges(&mut self) -> Result<Option<Vec<(PageNum, u64)>>, BackendError> {
         (**self).populated_ranges()
+    }
+    fn small_reads_are_cheap(&self) -> bool {
+        (**self).small_reads_are_cheap()
     }
 }
 

@@ -45,8 +45,8 @@
 //!
 //! The modules that stay public are namespaces of their own: the
 //! [`driver`]s, the wire [`protocol`], the [`transport`]s, the memory
-//! [`digest`], the simulator's page [`model`]s and the [`policy`]
-//! building blocks; everything else is
+//! [`digest`], page [`copy`]ing, the simulator's page [`model`]s and
+//! the [`policy`] building blocks; everything else is
 //! re-exported here. Parsing sizes and rates as people type them is the
 //! programs' business (the `livemig` facade's `units`).
 //!
@@ -64,6 +64,7 @@ mod bitmap;
 mod clock;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod copy;
 pub mod digest;
 pub mod driver;
 mod engine;

@@ -648,6 +648,56 @@ where
         r
     }
 
+    /// Whether a page batch may be placed as its CRC is checked, before
+    /// the verdict: only while a frame that fails ends the migration with
+    /// the guest not yet running here (pre-copy rounds and a stop-and-copy
+    /// switch-over). Not once the source switched to post-copy, where a
+    /// broken link may be recovered and the pages placed count as here.
+    fn may_place_unchecked(&self) -> bool {
+        let receiving = match &self.state {
+            DstState::Receiving(None) => true,
+            DstState::Receiving(Some(sw)) => !sw.postcopy,
+            _ => false,
+        };
+        receiving && self.model.is_none()
+    }
+
+    /// Decodes `frame`, placing a page batch's pages as its CRC is checked
+    /// ([`protocol::Decoder::decode_placing`]); `None` when it was a page
+    /// batch, the record otherwise. Zero pages go to the sink together, as
+    /// in [`Self::place_batch`].
+    fn decode_placing<'a>(
+        &mut self,
+        frame: &'a [u8],
+    ) -> Result<Option<Record<'a>>, MigrationError> {
+        let mut decoder = std::mem::take(&mut self.decoder);
+        let mut zeros = std::mem::take(&mut self.zero_batch);
+        zeros.clear();
+        let r = decoder.decode_placing(frame, |page, data| {
+            if data.is_none() {
+                if !self.layout.contains(page) {
+                    return Err(MigrationError::PageOutOfRange(page));
+                }
+                zeros.push(page);
+                return Ok(());
+            }
+            if zeros.last().is_some_and(|l| *l >= page) && zeros.contains(&page) {
+                self.place_zeros(&zeros)?;
+                zeros.clear();
+            }
+            self.place(page, data)
+        });
+        self.decoder = decoder;
+        let r = match r {
+            Ok(protocol::Placed::Batch { .. }) => self.place_zeros(&zeros).map(|()| None),
+            Ok(protocol::Placed::Record(rec)) => Ok(Some(rec)),
+            Err(protocol::PlaceError::Protocol(e)) => Err(MigrationError::Protocol(e)),
+            Err(protocol::PlaceError::Place(e)) => Err(e),
+        };
+        self.zero_batch = zeros;
+        r
+    }
+
     /// Makes `pages` zero pages, all at once.
     fn place_zeros(&mut self, pages: &[PageNum]) -> Result<(), MigrationError> {
         if pages.is_empty() {
@@ -815,7 +865,14 @@ where
     }
 
     fn handle_inner(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
-        let rec = self.decoder.decode(frame)?;
+        let rec = if self.may_place_unchecked() {
+            match self.decode_placing(frame)? {
+                Some(rec) => rec,
+                None => return Ok(DestStatus::Continue),
+            }
+        } else {
+            self.decoder.decode(frame)?
+        };
         let unexpected = |rec: &Record<'_>, state| MigrationError::UnexpectedRecord {
             got: rec.record_type(),
             state,

@@ -54,10 +54,9 @@ use crate::model::{token_digest_memory, token_digest_table, Payload, TokenDigest
 use crate::page::{MemoryLayout, PageNum};
 use crate::policy::{Decision, PageSelection, Policy, PolicyInput, RoundSummary};
 use crate::protocol::{
-    self, encode_model_batch, encode_page_batch, max_batch_pages, wire_len, BatchCompressor,
-    BatchExpander, Capabilities, Codec, Decoder, ModelBatch, PostcopyReport, ProtocolError, Record,
-    RecordType, ResumeReport, Sequencer, MAX_DISCARD_RANGES, MAX_DISCARD_WORDS, MAX_REQUEST_PAGES,
-    VERSION,
+    self, encode_model_batch, max_batch_pages, wire_len, BatchCompressor, BatchExpander,
+    Capabilities, Codec, Decoder, ModelBatch, PostcopyReport, ProtocolError, Record, RecordType,
+    ResumeReport, Sequencer, MAX_DISCARD_RANGES, MAX_DISCARD_WORDS, MAX_REQUEST_PAGES, VERSION,
 };
 use crate::stats::{
     CompressionStats, DowntimeParts, MigrationStats, PostcopyStats, RoundStats, SwitchReason,

@@ -53,6 +53,53 @@ pub(super) fn unappend(crc: u32, data: &[u8]) -> u32 {
     !state
 }
 
+/// `a · b` modulo CRC32C's polynomial, both in the CRC's bit-reflected
+/// form (the top bit is x⁰).
+const fn mul_mod(a: u32, mut b: u32) -> u32 {
+    let mut m = 1u32 << 31;
+    let mut p = 0;
+    while m != 0 {
+        if a & m != 0 {
+            p ^= b;
+        }
+        m >>= 1;
+        b = if b & 1 != 0 { (b >> 1) ^ POLY } else { b >> 1 };
+    }
+    p
+}
+
+/// `x^(2^k)` modulo the polynomial, for k = 0..64.
+const X_POW_2K: [u32; 64] = {
+    let mut t = [0u32; 64];
+    let mut p = 1u32 << 30; // x¹
+    let mut k = 0;
+    while k < 64 {
+        t[k] = p;
+        p = mul_mod(p, p);
+        k += 1;
+    }
+    t
+};
+
+/// The CRC of `a ‖ b` from the CRC of `a`, the CRC of `b` and the length
+/// of `b`: `crc_a` is carried over `len_b` bytes by multiplying it by
+/// `x^(8·len_b)` (a product per set bit of the length, from a table of
+/// squares), then `crc_b` is added. The initial and final inversions of
+/// the two CRCs cancel out.
+pub(super) fn combine(crc_a: u32, crc_b: u32, len_b: u64) -> u32 {
+    let mut shift = 1u32 << 31; // x⁰
+    let mut n = len_b;
+    let mut k = 3; // x^(8·len) = x^(len · 2³)
+    while n != 0 {
+        if n & 1 != 0 {
+            shift = mul_mod(X_POW_2K[k & 63], shift);
+        }
+        n >>= 1;
+        k += 1;
+    }
+    mul_mod(shift, crc_a) ^ crc_b
+}
+
 /// The CRC of a body built piece by piece, each piece read once.
 pub(super) struct BodyCrc(Digest);
 
@@ -108,5 +155,15 @@ mod tests {
         }
         assert_eq!(c.finish(), crc32c::crc32c(&data));
         assert_eq!(BodyCrc::new().finish(), crc32c::crc32c(&[]));
+    }
+
+    #[test]
+    fn combine_joins_two_crcs() {
+        let data = sample(70_000);
+        for split in [0, 1, 12, 1234, 4096, 69_999, 70_000] {
+            let (a, b) = data.split_at(split);
+            let joined = combine(crc32c::crc32c(a), crc32c::crc32c(b), b.len() as u64);
+            assert_eq!(joined, crc32c::crc32c(&data), "split {split}");
+        }
     }
 }

@@ -1,7 +1,40 @@
 //! Reading frames: the decoder of one direction of a stream, which checks
 //! each frame's CRC, bounds, order and sequence and never panics.
 
+use super::encode::FUSED_PIECE;
 use super::*;
+
+/// What [`Decoder::decode_placing`] made of a frame.
+#[derive(Debug)]
+pub enum Placed<'a> {
+    /// A page batch: its pages were placed and its CRC matched.
+    Batch {
+        /// The round the pages belong to.
+        round: u32,
+        /// Pages in the batch.
+        pages: usize,
+        /// Of those, zero pages.
+        zero_pages: usize,
+    },
+    /// Any other record, decoded; nothing was placed.
+    Record(Record<'a>),
+}
+
+/// Why [`Decoder::decode_placing`] failed.
+#[derive(Debug)]
+pub enum PlaceError<E> {
+    /// The frame was refused (for a page batch, possibly after some of
+    /// its pages were placed).
+    Protocol(ProtocolError),
+    /// The placing function failed; the pages before it were placed.
+    Place(E),
+}
+
+impl<E> From<ProtocolError> for PlaceError<E> {
+    fn from(e: ProtocolError) -> Self {
+        PlaceError::Protocol(e)
+    }
+}
 
 struct Cursor<'a> {
     buf: &'a [u8],
@@ -123,34 +156,7 @@ impl Decoder {
 
     /// Decodes one frame. Any input gives a record or an error, never a panic.
     pub fn decode<'a>(&mut self, frame: &'a [u8]) -> Result<Record<'a>, ProtocolError> {
-        let mut c = Cursor {
-            buf: frame,
-            what: "record header",
-        };
-        let head = c.take(RECORD_HEADER_LEN)?;
-        let code = head[0];
-        let ty = RecordType::from_u8(code).ok_or(ProtocolError::UnknownRecordType(code))?;
-        if head[1] != 0 || head[2] != 0 || head[3] != 0 {
-            return Err(ProtocolError::Malformed("record header reserved bytes"));
-        }
-        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
-        let seq = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
-        let crc = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
-        if len > ty.max_body() {
-            return Err(ProtocolError::Oversized {
-                record: ty,
-                len,
-                max: ty.max_body(),
-            });
-        }
-        c.what = "record body";
-        let body = c.take(len)?;
-        if !c.buf.is_empty() {
-            return Err(ProtocolError::TrailingBytes {
-                record: ty,
-                extra: c.buf.len(),
-            });
-        }
+        let (ty, seq, crc, body) = frame_parts(frame)?;
         let computed = crc::frame_crc(frame);
         if computed != crc {
             return Err(ProtocolError::FrameChecksum {
@@ -158,6 +164,69 @@ impl Decoder {
                 computed,
             });
         }
+        self.accept_order(ty, seq)?;
+        self.decode_body(ty, body)
+    }
+
+    /// Decodes one frame and, if it is a page batch, hands each of its
+    /// pages in order to `place` (its number and its data, `None` for a
+    /// zero page) while checking the frame's CRC in the same pass: each
+    /// piece of page data is checked and then placed while it is still in
+    /// the first-level cache. Any other frame is decoded as
+    /// [`Decoder::decode`] does and returned, nothing placed.
+    ///
+    /// The CRC verdict comes after the pages: a damaged page batch fails
+    /// with [`ProtocolError::FrameChecksum`] once some or all of its pages
+    /// (damaged ones among them) were placed. Use this only where a frame
+    /// that fails makes the whole migration fail before the guest runs
+    /// on what was placed: a destination before it resumes, whose memory
+    /// the failed migration leaves unused. Where the guest already runs
+    /// (post-copy), check the frame first ([`Decoder::decode`]) and place
+    /// afterwards. The frame's structure (lengths, page numbers, flags) is
+    /// checked before anything is placed.
+    pub fn decode_placing<'a, E>(
+        &mut self,
+        frame: &'a [u8],
+        mut place: impl FnMut(PageNum, Option<&'a [u8]>) -> Result<(), E>,
+    ) -> Result<Placed<'a>, PlaceError<E>> {
+        let (ty, seq, crc, body) = frame_parts(frame)?;
+        let ps = match (ty, self.page_size) {
+            (RecordType::PageBatch, Some(ps)) => ps,
+            _ => return Ok(Placed::Record(self.decode(frame)?)),
+        };
+        self.accept_order(ty, seq)?;
+        let batch = decode_batch(body, ps)?;
+        let data = batch.data;
+        let mut sum = crc::BodyCrc::new();
+        sum.update(&body[..body.len() - data.len()]);
+        let (mut checked, mut next) = (0, 0);
+        for (page, bytes) in batch.iter() {
+            if bytes.is_some() {
+                next += ps.get();
+                if checked < next {
+                    let end = (checked + FUSED_PIECE).clamp(next, data.len());
+                    sum.update(&data[checked..end]);
+                    checked = end;
+                }
+            }
+            place(page, bytes).map_err(PlaceError::Place)?;
+        }
+        let computed = crc::with_header(sum.finish(), frame);
+        if computed != crc {
+            return Err(PlaceError::Protocol(ProtocolError::FrameChecksum {
+                expected: crc,
+                computed,
+            }));
+        }
+        Ok(Placed::Batch {
+            round: batch.round,
+            pages: batch.len(),
+            zero_pages: batch.zero_pages(),
+        })
+    }
+
+    /// Checks a frame's number and place in the stream, counting it.
+    fn accept_order(&mut self, ty: RecordType, seq: u32) -> Result<(), ProtocolError> {
         self.in_sequence = seq == self.next_seq;
         if self.sequenced && ty != RecordType::Abort {
             if seq != self.next_seq {
@@ -174,6 +243,15 @@ impl Decoder {
                 why: "a stream must begin with a header",
             });
         }
+        Ok(())
+    }
+
+    /// Decodes the body of a frame of type `ty` whose CRC was checked.
+    fn decode_body<'a>(
+        &mut self,
+        ty: RecordType,
+        body: &'a [u8],
+    ) -> Result<Record<'a>, ProtocolError> {
         let mut b = Cursor {
             buf: body,
             what: record_name(ty),
@@ -419,6 +497,40 @@ impl Decoder {
     }
 }
 
+/// A frame's type, sequence number, CRC and body, its header and length
+/// checked (not its CRC).
+fn frame_parts(frame: &[u8]) -> Result<(RecordType, u32, u32, &[u8]), ProtocolError> {
+    let mut c = Cursor {
+        buf: frame,
+        what: "record header",
+    };
+    let head = c.take(RECORD_HEADER_LEN)?;
+    let code = head[0];
+    let ty = RecordType::from_u8(code).ok_or(ProtocolError::UnknownRecordType(code))?;
+    if head[1] != 0 || head[2] != 0 || head[3] != 0 {
+        return Err(ProtocolError::Malformed("record header reserved bytes"));
+    }
+    let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+    let seq = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    let crc = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
+    if len > ty.max_body() {
+        return Err(ProtocolError::Oversized {
+            record: ty,
+            len,
+            max: ty.max_body(),
+        });
+    }
+    c.what = "record body";
+    let body = c.take(len)?;
+    if !c.buf.is_empty() {
+        return Err(ProtocolError::TrailingBytes {
+            record: ty,
+            extra: c.buf.len(),
+        });
+    }
+    Ok((ty, seq, crc, body))
+}
+
 fn record_name(ty: RecordType) -> &'static str {
     match ty {
         RecordType::Header => "header",
@@ -485,6 +597,20 @@ fn decode_model_batch(body: &[u8], ps: PageSize) -> Result<ModelBatch<'_>, Proto
         });
     }
     Ok(batch)
+}
+
+/// The page batch `frame` holds (one whole page-batch frame of pages of
+/// `ps`), its structure checked, not its CRC: for a frame this side just
+/// built.
+pub(crate) fn page_batch_of(frame: &[u8], ps: PageSize) -> Result<PageBatch<'_>, ProtocolError> {
+    let (ty, _, _, body) = frame_parts(frame)?;
+    if ty != RecordType::PageBatch {
+        return Err(ProtocolError::UnexpectedRecord {
+            got: ty,
+            why: "not a page batch",
+        });
+    }
+    decode_batch(body, ps)
 }
 
 pub(super) fn decode_batch(body: &[u8], ps: PageSize) -> Result<PageBatch<'_>, ProtocolError> {

@@ -2,6 +2,7 @@
 //! with its sequence number and CRC.
 
 use super::*;
+use crate::copy::extend_bytes;
 
 fn begin(out: &mut Vec<u8>, ty: RecordType) -> usize {
     let start = out.len();
@@ -231,7 +232,7 @@ pub fn max_batch_pages(page_size: PageSize) -> usize {
 /// Bytes the page-batch encoder checksums and then copies at a time: two
 /// 4 KiB pages, which the CRC reads into the first-level cache and the
 /// copy reads from there (measured best among 4 to 64 KiB).
-const FUSED_PIECE: usize = 8 << 10;
+pub(super) const FUSED_PIECE: usize = 8 << 10;
 
 /// What [`encode_page_batch`] found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -264,50 +265,48 @@ pub fn encode_page_batch(
     contents: &[u8],
     out: &mut Vec<u8>,
 ) -> BatchSummary {
-    encode_batch(round, page_size, pages, None, contents, out)
+    encode_batch(round, page_size, pages, contents, out)
 }
 
-/// [`encode_page_batch`] for a batch some of whose pages are known to be
-/// zero: `known_zero[i]` marks `pages[i]` as a zero page, which has no
-/// entry in `contents`; `contents` holds the other pages, in order.
-pub(crate) fn encode_page_batch_known(
-    round: u32,
-    page_size: PageSize,
-    pages: &[PageNum],
-    known_zero: &[bool],
-    contents: &[u8],
-    out: &mut Vec<u8>,
-) -> BatchSummary {
-    debug_assert_eq!(known_zero.len(), pages.len());
-    encode_batch(round, page_size, pages, Some(known_zero), contents, out)
+/// Starts a page-batch frame at the end of `out`: header, round, page
+/// count and page numbers. Where the frame and its flags begin.
+fn begin_batch(out: &mut Vec<u8>, round: u32, pages: &[PageNum]) -> (usize, usize) {
+    let start = begin(out, RecordType::PageBatch);
+    out.put_u32_le(round);
+    out.put_u32_le(pages.len() as u32);
+    for p in pages {
+        out.put_u64_le(*p);
+    }
+    (start, out.len())
+}
+
+/// Ends the page-batch frame that begins at `start` and runs to the end
+/// of `out`: its body length, and its CRC from `body_crc`, the CRC of
+/// its body.
+fn end_batch(out: &mut [u8], start: usize, body_crc: u32) {
+    let len = (out.len() - start - RECORD_HEADER_LEN) as u32;
+    out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
+    let crc = crc::with_header(body_crc, &out[start..]);
+    out[start + CRC_AT..start + CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn encode_batch(
     round: u32,
     page_size: PageSize,
     pages: &[PageNum],
-    known_zero: Option<&[bool]>,
     contents: &[u8],
     out: &mut Vec<u8>,
 ) -> BatchSummary {
     let ps = page_size.get();
     let n = pages.len();
-    let known = |i: usize| known_zero.is_some_and(|k| k[i]);
     debug_assert!(n <= max_batch_pages(page_size));
-    debug_assert_eq!(contents.len(), (0..n).filter(|i| !known(*i)).count() * ps);
+    debug_assert_eq!(contents.len(), n * ps);
     let before = out.len();
     out.reserve(RECORD_HEADER_LEN + 8 + n * 9 + pad8(n));
-    let start = begin(out, RecordType::PageBatch);
-    out.put_u32_le(round);
-    out.put_u32_le(n as u32);
-    for p in pages {
-        out.put_u64_le(*p);
-    }
-    let flags_at = out.len();
+    let (start, flags_at) = begin_batch(out, round, pages);
     let mut nonzero = 0usize;
-    let mut chunks = contents.chunks_exact(ps);
-    for i in 0..n {
-        let zero = known(i) || chunks.next().is_some_and(is_zero_page);
+    for page in contents.chunks_exact(ps) {
+        let zero = is_zero_page(page);
         nonzero += usize::from(!zero);
         out.put_u8(if zero { PAGE_FLAG_ZERO } else { 0 });
     }
@@ -315,34 +314,113 @@ fn encode_batch(
     out.reserve(nonzero * ps);
     let mut crc = crc::BodyCrc::new();
     crc.update(&out[start + RECORD_HEADER_LEN..]);
-    // Runs of non-zero pages adjacent in `contents` (a known zero page
-    // has no place there, so it does not end a run), in pieces small
-    // enough to stay in the first-level cache between the CRC and the
-    // copy.
-    let mut at = 0; // the page of `contents` the next read page is
+    // Runs of non-zero pages, in pieces small enough to stay in the
+    // first-level cache between the CRC and the copy.
     let mut run = 0; // where the current run of non-zero pages began
     for i in 0..=n {
-        if i < n && known(i) {
-            continue;
-        }
         if i == n || out[flags_at + i] != 0 {
-            for piece in contents[run * ps..at * ps].chunks(FUSED_PIECE) {
+            for piece in contents[run * ps..i * ps].chunks(FUSED_PIECE) {
                 crc.update(piece);
-                out.extend_from_slice(piece);
+                extend_bytes(out, piece);
             }
-            run = at + 1;
+            run = i + 1;
         }
-        at += 1;
     }
-    let len = (out.len() - start - RECORD_HEADER_LEN) as u32;
-    out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
-    let crc = crc::with_header(crc.finish(), &out[start..]);
-    out[start + CRC_AT..start + CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+    end_batch(out, start, crc.finish());
     BatchSummary {
         pages: n,
         zero_pages: n - nonzero,
         frame_bytes: out.len() - before,
     }
+}
+
+/// Appends one page-batch frame to `out`, reading the pages straight
+/// into the frame: `read(pages, buf)` must fill `buf` with the contents of
+/// `pages`, one page after another, as [`crate::PageSource::read_pages`]
+/// does. `known_zero[i]` (if not empty, one entry per page) marks
+/// `pages[i]` as known to be zero: it is neither read nor checked. The
+/// other pages are asked for in order, each once.
+///
+/// The pages are read a few at a time (8 KiB, or one page where pages are
+/// larger) into their slots in the frame; each is then checked for zeros
+/// and its CRC taken while it is still in the first-level cache, and a
+/// zero page's slot is given to the next page. So guest memory is read
+/// once and the frame's bytes are a snapshot: the CRC covers exactly the
+/// bytes that were read, however the guest writes meanwhile.
+///
+/// If `read` fails, `out` is left as it was and its error is returned.
+pub fn encode_page_batch_from<E>(
+    round: u32,
+    page_size: PageSize,
+    pages: &[PageNum],
+    known_zero: &[bool],
+    mut read: impl FnMut(&[PageNum], &mut [u8]) -> Result<(), E>,
+    out: &mut Vec<u8>,
+) -> Result<BatchSummary, E> {
+    let ps = page_size.get();
+    let n = pages.len();
+    debug_assert!(n <= max_batch_pages(page_size));
+    debug_assert!(known_zero.is_empty() || known_zero.len() == n);
+    let known = |i: usize| known_zero.get(i).copied().unwrap_or(false);
+    let before = out.len();
+    out.reserve(RECORD_HEADER_LEN + 8 + n * 9 + pad8(n) + n * ps);
+    let (start, flags_at) = begin_batch(out, round, pages);
+    for i in 0..n {
+        out.put_u8(if known(i) { PAGE_FLAG_ZERO } else { 0 });
+    }
+    out.resize(out.len() + pad8(n), 0);
+    let data_at = out.len();
+    let per_read = (FUSED_PIECE / ps).max(1);
+    let mut data_crc = crc::BodyCrc::new();
+    let mut i = 0;
+    while i < n {
+        if known(i) {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < n && j - i < per_read && !known(j) {
+            j += 1;
+        }
+        let at = out.len();
+        out.resize(at + (j - i) * ps, 0);
+        if let Err(e) = read(&pages[i..j], &mut out[at..]) {
+            out.truncate(before);
+            return Err(e);
+        }
+        let mut keep = at;
+        for k in i..j {
+            let slot = at + (k - i) * ps;
+            if is_zero_page(&out[slot..slot + ps]) {
+                out[flags_at + k] = PAGE_FLAG_ZERO;
+                continue;
+            }
+            if keep != slot {
+                out.copy_within(slot..slot + ps, keep);
+            }
+            keep += ps;
+        }
+        out.truncate(keep);
+        data_crc.update(&out[at..]);
+        i = j;
+    }
+    let zero_pages = out[flags_at..flags_at + n]
+        .iter()
+        .filter(|f| **f != 0)
+        .count();
+    let mut prefix = crc::BodyCrc::new();
+    prefix.update(&out[start + RECORD_HEADER_LEN..data_at]);
+    let body_crc = crc::combine(
+        prefix.finish(),
+        data_crc.finish(),
+        (out.len() - data_at) as u64,
+    );
+    end_batch(out, start, body_crc);
+    Ok(BatchSummary {
+        pages: n,
+        zero_pages,
+        frame_bytes: out.len() - before,
+    })
 }
 
 /// Length of the [`RecordType::PageBatch`] frame that [`encode_page_batch`]
@@ -430,12 +508,12 @@ pub fn encode_to_vec(record: &Record<'_>) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    /// A batch with pages known to be zero (and so absent from the
-    /// contents) encodes to the same frame as the whole batch read, the
-    /// known pages zero, whatever the mix of known zero, found zero and
-    /// data pages around them.
+    /// A batch read straight into its frame, some pages known to be zero
+    /// (and so not read), encodes to the same frame as the whole batch
+    /// encoded from a buffer, whatever the mix of known zero, found zero
+    /// and data pages around them.
     #[test]
-    fn known_zero_pages_encode_as_if_read() {
+    fn read_into_the_frame_encodes_as_from_a_buffer() {
         let ps = PageSize::DEFAULT;
         let n = 64;
         let pages: Vec<PageNum> = (0..n as u64).map(|i| 1000 + 3 * i).collect();
@@ -444,25 +522,73 @@ mod tests {
             let kind = |i: usize| (pattern.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (i % 60)) % 3;
             let mut whole = vec![0u8; n * ps.get()];
             let mut known = vec![false; n];
-            let mut read = Vec::new();
             for i in 0..n {
                 let page = &mut whole[i * ps.get()..][..ps.get()];
                 match kind(i) {
                     0 => known[i] = true,
-                    1 => read.extend_from_slice(page),
-                    _ => {
-                        page.iter_mut()
-                            .enumerate()
-                            .for_each(|(j, b)| *b = (i * 7 + j) as u8 | 1);
-                        read.extend_from_slice(page);
-                    }
+                    1 => {}
+                    _ => page
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(j, b)| *b = (i * 7 + j) as u8 | 1),
                 }
             }
-            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let mut a = Vec::new();
             let sa = encode_page_batch(5, ps, &pages, &whole, &mut a);
-            let sb = encode_page_batch_known(5, ps, &pages, &known, &read, &mut b);
-            assert_eq!(sa, sb, "pattern {pattern}");
-            assert!(a == b, "pattern {pattern}: frames differ");
+            // Read straight into the frame, a few pages per call, with
+            // and without being told which pages are zero.
+            for told in [&known[..], &[]] {
+                let mut c = vec![9u8; 3];
+                let sc = encode_page_batch_from(
+                    5,
+                    ps,
+                    &pages,
+                    told,
+                    |ask: &[PageNum], buf: &mut [u8]| {
+                        assert_eq!(buf.len(), ask.len() * ps.get());
+                        for (p, slot) in ask.iter().zip(buf.chunks_exact_mut(ps.get())) {
+                            let i = pages.iter().position(|q| q == p).unwrap();
+                            assert!(!told.get(i).copied().unwrap_or(false), "read a known page");
+                            slot.copy_from_slice(&whole[i * ps.get()..][..ps.get()]);
+                        }
+                        Ok::<(), ()>(())
+                    },
+                    &mut c,
+                )
+                .unwrap();
+                assert_eq!(sa, sc, "pattern {pattern}");
+                assert!(
+                    c[3..] == a[..] && c[..3] == [9; 3],
+                    "pattern {pattern}: frames differ"
+                );
+            }
         }
+    }
+
+    /// A read that fails leaves the output as it was.
+    #[test]
+    fn failed_read_leaves_output_alone() {
+        let ps = PageSize::DEFAULT;
+        let pages: Vec<PageNum> = (0..10).collect();
+        let mut out = vec![1u8, 2, 3];
+        let mut calls = 0;
+        let r = encode_page_batch_from(
+            0,
+            ps,
+            &pages,
+            &[],
+            |_: &[PageNum], buf: &mut [u8]| {
+                calls += 1;
+                buf.fill(7);
+                if calls == 3 {
+                    Err("gone")
+                } else {
+                    Ok(())
+                }
+            },
+            &mut out,
+        );
+        assert_eq!(r, Err("gone"));
+        assert_eq!(out, [1, 2, 3]);
     }
 }

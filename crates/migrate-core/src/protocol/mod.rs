@@ -104,12 +104,13 @@ mod record;
 pub use compress::{
     BatchCompressor, BatchExpander, Capabilities, Codec, CompressedBatch, CompressionFigures,
 };
-pub use decode::Decoder;
-pub(crate) use encode::encode_page_batch_known;
+pub(crate) use decode::page_batch_of;
+pub use decode::{Decoder, PlaceError, Placed};
 use encode::pad8;
 pub use encode::{
-    abort_frame, encode, encode_model_batch, encode_page_batch, encode_to_vec, frame_sequence,
-    max_batch_pages, page_batch_len, reseal, seal, wire_len, BatchSummary, Sequencer,
+    abort_frame, encode, encode_model_batch, encode_page_batch, encode_page_batch_from,
+    encode_to_vec, frame_sequence, max_batch_pages, page_batch_len, reseal, seal, wire_len,
+    BatchSummary, Sequencer,
 };
 pub use record::{
     ModelBatch, PageBatch, PostcopyReport, ProtocolError, Record, RecordType, ResumeReport,

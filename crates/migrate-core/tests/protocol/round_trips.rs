@@ -211,4 +211,48 @@ proptest! {
             "{:?}", r
         );
     }
+
+    #[test]
+    fn decode_placing_places_what_decode_returns(input in batch()) {
+        // The fused path hands over the same pages, in the same order, as
+        // the checked decode; other records come back decoded.
+        let (frame, summary) = input.encode();
+        let mut d = decoder_after_layout(input.page_size);
+        let Ok(Record::PageBatch(b)) = d.clone().decode(&frame) else {
+            return Err(TestCaseError::fail("expected a page batch"));
+        };
+        let want: Vec<(PageNum, Option<&[u8]>)> = b.iter().collect();
+        let mut got = Vec::new();
+        let r = d.decode_placing(&frame, |p, data| {
+            got.push((p, data));
+            Ok::<(), ()>(())
+        });
+        let Ok(protocol::Placed::Batch { round, pages, zero_pages }) = r else {
+            return Err(TestCaseError::fail(format!("{r:?}")));
+        };
+        prop_assert_eq!((round, pages, zero_pages), (input.round, summary.pages, summary.zero_pages));
+        prop_assert!(got == want);
+        let end = encode_to_vec(&Record::RoundEnd { round: 1, pages_sent: 0 });
+        let r = d.decode_placing(&end, |_, _| Err(()));
+        prop_assert!(matches!(r, Ok(protocol::Placed::Record(Record::RoundEnd { .. }))), "{:?}", r);
+    }
+
+    #[test]
+    fn decode_placing_refuses_any_flip_in_a_page_batch(
+        input in batch_with(small_page_size()),
+        at in any::<prop::sample::Index>(),
+        mask in 1u8..=255,
+    ) {
+        let (frame, _) = input.encode();
+        let i = 1 + at.index(frame.len() - 1);
+        let bad = flipped(&frame, i, mask);
+        let r = decoder_after_layout(input.page_size).decode_placing(&bad, |_, _| Ok::<(), ()>(()));
+        prop_assert!(r.is_err(), "byte {} flipped by {:#x} was accepted: {:?}", i, mask, r);
+        if i >= batch_data_offset(input.pages.len()) {
+            prop_assert!(
+                matches!(r, Err(protocol::PlaceError::Protocol(ProtocolError::FrameChecksum { .. }))),
+                "{:?}", r
+            );
+        }
+    }
 }

@@ -139,6 +139,8 @@ struct Pages {
     round_dirty_used: bool,
     batch: Vec<PageNum>,
     push: Vec<PageNum>,
+    /// The batch's pages read in one call, for a source whose calls cost
+    /// ([`PageSource::small_reads_are_cheap`]).
     read_buf: Vec<u8>,
     /// Which pages of the batch the source knows to be zero.
     known_zero: Vec<bool>,

@@ -417,9 +417,9 @@ where
         Ok(Some(frame))
     }
 
-    /// [`Payload::Bytes`]: reads the batch and encodes it as a page batch.
-    /// Pages the source knows to be zero ([`PageSource::known_zero`]) are
-    /// neither read nor checked.
+    /// [`Payload::Bytes`]: reads the batch straight into its frame
+    /// ([`protocol::encode_page_batch_from`]). Pages the source knows to
+    /// be zero ([`PageSource::known_zero`]) are neither read nor checked.
     fn encode_bytes(
         memory: &mut S,
         layout: &MemoryLayout,
@@ -434,51 +434,58 @@ where
         memory
             .known_zero(&pages.batch, &mut pages.known_zero)
             .map_err(MigrationError::backend("ask which guest pages are zero"))?;
-        pages.to_read.clear();
-        let known = pages.known_zero.iter();
-        pages.to_read.extend(
-            pages
-                .batch
-                .iter()
-                .zip(known)
-                .filter(|(_, z)| !**z)
-                .map(|(p, _)| *p),
-        );
-        let need = pages.to_read.len() * ps.get();
-        if pages.read_buf.len() < need {
-            pages.read_buf.resize(need, 0);
-        }
-        if need > 0 {
-            memory
-                .read_pages(&pages.to_read, &mut pages.read_buf[..need])
-                .map_err(MigrationError::backend("read guest pages"))?;
-        }
-        if !pages.sent_hashes.is_empty() {
-            let mut chunks = pages.read_buf[..need].chunks_exact(ps.get());
-            for (p, z) in pages.batch.iter().zip(&pages.known_zero) {
-                let hash = if *z {
-                    zero_page_hash(ps.get())
-                } else {
-                    chunks.next().map_or(0, page_hash)
-                };
-                if let Some(i) = layout.dense_index(*p) {
-                    pages.sent_hashes[i as usize] = hash;
-                }
-            }
-        }
-        let contents = &pages.read_buf[..need];
-        Ok(if pages.to_read.len() == n {
-            encode_page_batch(round, ps, &pages.batch, contents, frame)
-        } else {
-            protocol::encode_page_batch_known(
+        let summary = if memory.small_reads_are_cheap() {
+            protocol::encode_page_batch_from(
                 round,
                 ps,
                 &pages.batch,
                 &pages.known_zero,
-                contents,
+                |p: &[PageNum], buf: &mut [u8]| memory.read_pages(p, buf),
                 frame,
             )
-        })
+        } else {
+            // One read of every page not known to be zero; the frame is
+            // then filled from the buffer, in the same order.
+            pages.to_read.clear();
+            let known = pages.known_zero.iter();
+            let unknown = pages.batch.iter().zip(known).filter(|(_, z)| !**z);
+            pages.to_read.extend(unknown.map(|(p, _)| *p));
+            let need = pages.to_read.len() * ps.get();
+            if pages.read_buf.len() < need {
+                pages.read_buf.resize(need, 0);
+            }
+            if need > 0 {
+                memory
+                    .read_pages(&pages.to_read, &mut pages.read_buf[..need])
+                    .map_err(MigrationError::backend("read guest pages"))?;
+            }
+            let mut read = &pages.read_buf[..need];
+            protocol::encode_page_batch_from(
+                round,
+                ps,
+                &pages.batch,
+                &pages.known_zero,
+                |_: &[PageNum], buf: &mut [u8]| {
+                    let (now, rest) = read.split_at(buf.len());
+                    crate::copy::copy_bytes(buf, now);
+                    read = rest;
+                    Ok::<(), crate::backend::BackendError>(())
+                },
+                frame,
+            )
+        }
+        .map_err(MigrationError::backend("read guest pages"))?;
+        if !pages.sent_hashes.is_empty() {
+            // The hashes of the bytes sent, taken from the frame.
+            let batch = protocol::page_batch_of(frame, ps)?;
+            for (p, data) in batch.iter() {
+                let hash = data.map_or_else(|| zero_page_hash(ps.get()), page_hash);
+                if let Some(i) = layout.dense_index(p) {
+                    pages.sent_hashes[i as usize] = hash;
+                }
+            }
+        }
+        Ok(summary)
     }
 
     /// The round has no more pages to send (or, pre-copy, was cut short
