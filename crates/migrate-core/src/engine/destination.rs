@@ -45,6 +45,9 @@ pub struct DestinationReport {
     /// Compressed batches expanded: how many, their bytes on the wire and
     /// expanded, and the time it took.
     pub compression: CompressionFigures,
+    /// Post-copy: pages that came as [`Record::RequestedPages`] (on the
+    /// preempt connection), counted as they arrived (a duplicate too).
+    pub preempt_pages: u64,
 }
 
 /// Where the destination is. Each state carries what only it needs.
@@ -86,6 +89,8 @@ pub struct DestinationEngine<K, G> {
     control: G,
     clock: Arc<dyn Clock>,
     decoder: Decoder,
+    /// Reads the [`Record::RequestedPages`] frames, numbered on their own.
+    preempt_decoder: Decoder,
     sequencer: Sequencer,
     layout: MemoryLayout,
     state: DstState,
@@ -157,6 +162,7 @@ where
                 d.accept(Capabilities::ALL);
                 d
             },
+            preempt_decoder: Decoder::preempt(layout.page_size()),
             sequencer: Sequencer::new(),
             state: DstState::AwaitHeader,
             outbox: VecDeque::new(),
@@ -301,6 +307,7 @@ where
     /// its page batches need no layout (the first connection gave it).
     fn reset_link(&mut self) {
         self.decoder = Decoder::resuming(self.layout.page_size());
+        self.preempt_decoder = Decoder::preempt(self.layout.page_size());
         self.sequencer = Sequencer::new();
         self.outbox.clear();
     }
@@ -792,7 +799,32 @@ where
             .map_err(MigrationError::backend("discard stale pages"))
     }
 
+    /// Pages a fault asked for, from the preempt connection: placed
+    /// unless here already (the first copy after the switch-over wins, see
+    /// `docs/protocol.md`, *The preempt connection*).
+    fn requested_pages(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
+        let rec = self.preempt_decoder.decode(frame)?;
+        let Record::RequestedPages(batch) = rec else {
+            return Err(MigrationError::UnexpectedRecord {
+                got: rec.record_type(),
+                state: "reading the preempt connection",
+            });
+        };
+        if !matches!(self.state, DstState::PostcopyRunning { .. }) || self.model.is_some() {
+            return Err(MigrationError::UnexpectedRecord {
+                got: RecordType::RequestedPages,
+                state: "not running in post-copy on page bytes",
+            });
+        }
+        self.report.preempt_pages += batch.len() as u64;
+        self.place_batch(&batch)?;
+        Ok(DestStatus::Continue)
+    }
+
     fn handle_inner(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
+        if frame.first() == Some(&(RecordType::RequestedPages as u8)) {
+            return self.requested_pages(frame);
+        }
         let rec = self.decoder.decode(frame)?;
         let unexpected = |rec: &Record<'_>, state| MigrationError::UnexpectedRecord {
             got: rec.record_type(),
