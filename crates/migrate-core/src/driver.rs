@@ -272,6 +272,11 @@ where
     if !engine.preempt_active() {
         return Ok(transport.send(&frame));
     }
+    if frame.first() == Some(&(crate::protocol::RecordType::RequestedPages as u8)) {
+        let r = transport.send(&frame);
+        tracing::trace!(target: "livemig::fault", "fault: requested pages sent");
+        return Ok(r);
+    }
     let mut frame = frame;
     loop {
         match transport.try_send(frame) {
@@ -294,6 +299,7 @@ where
             if let Err(e) = transport.send(&p) {
                 return Ok(Err(e));
             }
+            tracing::trace!(target: "livemig::fault", "fault: requested pages sent (push held up)");
         }
     }
 }
@@ -527,6 +533,7 @@ where
                     need_link = true;
                     break;
                 }
+                tracing::trace!(target: "livemig::fault", "fault: request sent");
             }
             if need_link {
                 continue;

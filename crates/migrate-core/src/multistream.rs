@@ -113,6 +113,10 @@ pub struct MultiTransport<S: SplitStream> {
     preempt_ended: Option<Instant>,
     /// Whether the control connection ended.
     control_ended: bool,
+    /// A frame of the preempt connection taken off its queue early
+    /// (tests), handed over first.
+    #[cfg(test)]
+    stash: Option<Bytes>,
     next_data: usize,
     send_timeout: Option<Duration>,
     broken: bool,
@@ -391,6 +395,8 @@ impl<S: SplitStream> MultiTransport<S> {
             pusher,
             preempt_ended: None,
             control_ended: false,
+            #[cfg(test)]
+            stash: None,
             next_data: 0,
             send_timeout: None,
             broken: false,
@@ -409,6 +415,15 @@ impl<S: SplitStream> MultiTransport<S> {
     /// Whether the last connection is a post-copy preempt connection.
     pub fn has_preempt(&self) -> bool {
         self.pusher.is_some()
+    }
+
+    /// Waits until a frame of the preempt connection has arrived (and
+    /// keeps it for `recv`).
+    #[cfg(test)]
+    fn wait_for_preempt(&mut self) {
+        if let Some(Ok(Ok(f))) = self.preempt_rx.as_ref().map(|p| p.recv()) {
+            self.stash = Some(f);
+        }
     }
 
     /// Where a frame goes: page batches on the data connections (`None`:
@@ -528,6 +543,10 @@ impl<S: SplitStream> Transport for MultiTransport<S> {
 
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        #[cfg(test)]
+        if let Some(f) = self.stash.take() {
+            return Ok(Some(f));
+        }
         loop {
             if let Some(prx) = &self.preempt_rx {
                 match prx.try_recv() {
@@ -559,12 +578,7 @@ impl<S: SplitStream> Transport for MultiTransport<S> {
                 None => self.rx.recv().ok(),
                 Some(t) if t.is_zero() => match self.rx.try_recv() {
                     Ok(x) => Some(x),
-                    Err(TryRecvError::Empty) => {
-                        if self.preempt_ended.is_some() && !self.control_ended {
-                            continue;
-                        }
-                        return Ok(None);
-                    }
+                    Err(TryRecvError::Empty) => return Ok(None),
                     Err(TryRecvError::Disconnected) => None,
                 },
                 Some(t) => match self.rx.recv_timeout(t) {
@@ -812,5 +826,181 @@ mod tests {
         let mut b = Some(b);
         let r = MultiTransport::accept(|| b.take().ok_or(io::ErrorKind::NotConnected.into()));
         assert!(matches!(r, Err(TransportError::Handshake(_))), "{r:?}");
+    }
+
+    /// A requested-pages frame of one page, numbered by `seq` (its own
+    /// numbering).
+    fn requested_frame(seq: &mut Sequencer, page: u64, byte: u8) -> Vec<u8> {
+        let mut f = Vec::new();
+        encode_page_batch(1, PageSize::DEFAULT, &[page], &[byte; 4096], &mut f);
+        f[0] = RecordType::RequestedPages as u8;
+        crate::protocol::reseal(&mut f);
+        seq.seal(&mut f);
+        f
+    }
+
+    /// A connected pair with `data` data connections and a preempt one,
+    /// over socket pairs; also the raw far end of each connection of the
+    /// accepting side, for a test that wants to read it itself.
+    fn preempt_pair(data: usize) -> (MultiTransport<UnixStream>, MultiTransport<UnixStream>) {
+        let (a, b) = (0..data + 2).map(|_| UnixStream::pair().unwrap()).unzip::<_, _, Vec<_>, Vec<_>>();
+        let mut b = b.into_iter();
+        let acceptor = std::thread::spawn(move || MultiTransport::accept(|| Ok(b.next().unwrap())));
+        let mut a = a.into_iter();
+        let tx = MultiTransport::connect_preempt(data, || Ok(a.next().unwrap())).unwrap();
+        let rx = acceptor.join().unwrap().unwrap();
+        (tx, rx)
+    }
+
+    /// Requested pages go on the last connection, and the receiver hands
+    /// them over ahead of page batches sent before them and still
+    /// waiting to be taken.
+    #[test]
+    fn requested_pages_go_on_their_own_connection_and_overtake_the_push() {
+        // On the wire: read the accepting side's connections directly.
+        let (a, b) = pairs(2);
+        let mut b = b;
+        let mut a = a.into_iter();
+        let answer = {
+            let mut ctrl = b[0].try_clone().unwrap();
+            std::thread::spawn(move || {
+                let (caps, _, n) = read_hello(&mut ctrl).unwrap();
+                assert_eq!(caps, CAP_SPREAD | CAP_PREEMPT);
+                ctrl.write_all(&hello(caps, 0, n)).unwrap();
+            })
+        };
+        let mut tx = MultiTransport::connect_preempt(1, || Ok(a.next().unwrap())).unwrap();
+        answer.join().unwrap();
+        for s in &mut b[1..] {
+            let (caps, _, _) = read_hello(s).unwrap();
+            assert_eq!(caps, CAP_SPREAD | CAP_PREEMPT);
+        }
+        assert!(tx.has_preempt());
+        let mut own = Sequencer::new();
+        let f = requested_frame(&mut own, 5, 7);
+        tx.send(&f).unwrap();
+        let mut len = [0u8; 4];
+        b[2].read_exact(&mut len).unwrap();
+        let mut got = vec![0u8; u32::from_le_bytes(len) as usize];
+        b[2].read_exact(&mut got).unwrap();
+        assert!(got == f, "the requested pages came on the preempt connection");
+        drop(tx);
+
+        // Through the transport: the receiver has not taken the first
+        // 16 batches (they wait in its queues and sockets); the requested
+        // pages sent after them, once they are here, come first.
+        let (mut tx, mut rx) = preempt_pair(1);
+        assert!(rx.has_preempt() && rx.connections() == 3);
+        let mut seq = Sequencer::new();
+        for i in 0..16 {
+            tx.send(&page_frame(&mut seq, i, 1)).unwrap();
+        }
+        let req = requested_frame(&mut own, 9, 2);
+        tx.send(&req).unwrap();
+        rx.wait_for_preempt();
+        let got = rx.recv(Some(Duration::from_secs(120))).unwrap().unwrap();
+        assert_eq!(got[0], RecordType::RequestedPages as u8, "ahead of the push");
+        assert!(got[..] == req[..]);
+        for i in 0..16u8 {
+            let f = rx.recv(Some(Duration::from_secs(120))).unwrap().unwrap();
+            assert_eq!(f[0], RecordType::PageBatch as u8, "batch {i} in its order");
+            assert_eq!(frame_sequence(&f), Some(u32::from(i)));
+        }
+    }
+
+    /// With the push held up (the peer takes nothing from the data
+    /// connection), `try_send` hands a batch back instead of waiting, and
+    /// requested pages still reach the peer.
+    #[test]
+    fn a_held_up_push_is_handed_back_and_requested_pages_still_go() {
+        let (mut tx, mut rx) = preempt_pair(1);
+        let mut seq = Sequencer::new();
+        let mut big = Vec::new();
+        let pages: Vec<u64> = (0..256).collect();
+        let data: Vec<u8> = (0..256 * 4096).map(|i| (i * 7 + i / 4096) as u8).collect();
+        encode_page_batch(1, PageSize::DEFAULT, &pages, &data, &mut big);
+        // The receiver reads nothing yet: its reader fills its queue, the
+        // socket fills, the writer thread blocks and its queue fills.
+        let mut handed_back = false;
+        for _ in 0..10_000 {
+            let mut f = big.clone();
+            seq.seal(&mut f);
+            if tx.try_send(f).unwrap().is_some() {
+                handed_back = true;
+                break;
+            }
+        }
+        assert!(handed_back, "the push was never held up");
+        let mut own = Sequencer::new();
+        let req = requested_frame(&mut own, 3, 9);
+        tx.send(&req).unwrap();
+        rx.wait_for_preempt();
+        let got = rx.recv(Some(Duration::from_secs(120))).unwrap().unwrap();
+        assert!(got[..] == req[..], "the requested pages came first");
+    }
+
+    /// A peer that takes no preempt connection is told: the connecting
+    /// side refuses the answer without the capability, and the accepting
+    /// side refuses the set.
+    #[test]
+    fn a_preempt_connection_the_peer_does_not_take_is_refused_on_both_sides() {
+        let (a, b) = pairs(2);
+        let mut b = b.into_iter();
+        let acceptor =
+            std::thread::spawn(move || MultiTransport::accept_with(false, || Ok(b.next().unwrap())));
+        let mut a = a.into_iter();
+        let r = MultiTransport::connect_preempt(1, || Ok(a.next().unwrap()));
+        assert!(
+            matches!(&r, Err(TransportError::Handshake(why)) if why.contains("preempt")),
+            "{r:?}"
+        );
+        let r = acceptor.join().unwrap();
+        assert!(matches!(r, Err(TransportError::Handshake(_))), "{r:?}");
+
+        // An acceptor that knows nothing of the bit answers with its own
+        // capabilities only.
+        let (a, mut b) = pairs(2);
+        let old = std::thread::spawn(move || {
+            for s in &mut b {
+                read_hello(s).unwrap();
+            }
+            b[0].write_all(&hello(CAP_SPREAD, 0, 3)).unwrap();
+            b
+        });
+        let mut a = a.into_iter();
+        let r = MultiTransport::connect_preempt(1, || Ok(a.next().unwrap()));
+        assert!(matches!(r, Err(TransportError::Handshake(_))), "{r:?}");
+        drop(old.join().unwrap());
+    }
+
+    /// The preempt connection cut while the control connection stays
+    /// open ends the stream for `recv`; a peer that closes everything
+    /// ends it as before.
+    #[test]
+    fn a_cut_preempt_connection_ends_the_stream() {
+        let (a, b) = pairs(2);
+        let far_preempt = a[2].try_clone().unwrap();
+        let mut b = b.into_iter();
+        let acceptor = std::thread::spawn(move || MultiTransport::accept(|| Ok(b.next().unwrap())));
+        let mut a = a.into_iter();
+        let tx = MultiTransport::connect_preempt(1, || Ok(a.next().unwrap())).unwrap();
+        let mut rx = acceptor.join().unwrap().unwrap();
+        far_preempt.shutdown(std::net::Shutdown::Both).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let r = loop {
+            match rx.recv(Some(Duration::from_millis(10))) {
+                Ok(None) if Instant::now() < deadline => continue,
+                r => break r,
+            }
+        };
+        assert!(matches!(r, Err(TransportError::Closed)), "{r:?}");
+        drop(tx);
+
+        let (tx, mut rx) = preempt_pair(2);
+        drop(tx);
+        assert!(matches!(
+            rx.recv(Some(Duration::from_secs(120))),
+            Err(TransportError::Closed)
+        ));
     }
 }

@@ -506,6 +506,12 @@ where
             self.requested.insert(p, now);
             self.faults += 1;
             want.push(p);
+            tracing::trace!(
+                target: "livemig::fault",
+                page = p,
+                since_fault_us = self.clock.now().saturating_sub(now).as_micros() as u64,
+                "fault: request queued"
+            );
         }
         if self.recovering() {
             // Asked for once the source is back (see `recover`).
@@ -685,6 +691,7 @@ where
         if let Some(t) = self.requested.remove(&page) {
             let lat = self.clock.now().saturating_sub(t);
             self.latencies.push(lat.as_nanos() as u64);
+            tracing::trace!(target: "livemig::fault", page, latency_us = lat.as_micros() as u64, "fault: page placed");
         }
     }
 
@@ -817,6 +824,7 @@ where
             });
         }
         self.report.preempt_pages += batch.len() as u64;
+        tracing::trace!(target: "livemig::fault", pages = batch.len(), first = batch.iter().next().map(|(p, _)| p), "fault: requested pages received");
         self.place_batch(&batch)?;
         Ok(DestStatus::Continue)
     }

@@ -800,6 +800,7 @@ where
                     }
                     self.figures.postcopy_requests += 1;
                     self.policy.on_fault(p, now);
+                    tracing::trace!(target: "livemig::fault", page = p, pending = self.pages.pending.get(p), "fault: request received");
                     match state {
                         // On their own connection: even a page the push
                         // sent already, which may be queued behind
