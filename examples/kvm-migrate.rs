@@ -29,6 +29,11 @@
 //! ```text
 //! cargo run --release --example kvm-migrate -- --policy postcopy --recover-timeout 30s --test-cut-after-batches 2000
 //! ```
+//!
+//! With `--postcopy-preempt` the pages a fault on the destination asks
+//! for travel on a connection of their own, ahead of the push;
+//! `RUST_LOG=livemig::fault=trace` logs each one on its way (see
+//! `docs/postcopy.md`).
 
 #[path = "common/steer.rs"]
 mod steer;
@@ -41,9 +46,8 @@ use livemig::core::protocol::RecordType;
 use livemig::core::tls::{self, TlsConfig, TlsSession};
 use livemig::core::transport::{accept_within, TransportError};
 use livemig::core::{
-    Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, PolicyConfig, PolicyKind,
-    MultiTransport, Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock,
-    Transport,
+    Clock, DestinationEngine, EngineConfig, GuestControl, MultiTransport, PageSource, PolicyConfig,
+    PolicyKind, Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
 };
 use livemig::kvm::{DirtyLog, KvmFaults, Pacing, TestVm};
 use livemig::sim::{Fault, FaultAt, FaultPlan, FaultyTransport};
@@ -387,22 +391,23 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
         })
     };
     let preempt = a.postcopy_preempt;
-    let take_set = |first: Option<TcpStream>, left: Duration| -> Result<Box<dyn Transport>, String> {
-        let mut first = first;
-        let t = MultiTransport::accept(|| {
-            let s = match first.take() {
-                Some(s) => s,
-                None => accept_within(&listener, left).map_err(std::io::Error::other)?,
-            };
-            s.set_nodelay(true)?;
-            Ok(s)
-        })
-        .map_err(|e| e.to_string())?;
-        if !t.has_preempt() {
-            return Err("the destination opened no preempt connection".into());
-        }
-        Ok(Box::new(t))
-    };
+    let take_set =
+        |first: Option<TcpStream>, left: Duration| -> Result<Box<dyn Transport>, String> {
+            let mut first = first;
+            let t = MultiTransport::accept(|| {
+                let s = match first.take() {
+                    Some(s) => s,
+                    None => accept_within(&listener, left).map_err(std::io::Error::other)?,
+                };
+                s.set_nodelay(true)?;
+                Ok(s)
+            })
+            .map_err(|e| e.to_string())?;
+            if !t.has_preempt() {
+                return Err("the destination opened no preempt connection".into());
+            }
+            Ok(Box::new(t))
+        };
     let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
     let first = if preempt {
         take_set(Some(stream), TIMEOUT)?

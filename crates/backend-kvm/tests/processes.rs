@@ -11,12 +11,12 @@ use migrate_core::driver::{
     run_destination, run_destination_recoverable, run_source, run_source_recoverable,
 };
 use migrate_core::protocol::RecordType;
-use migrate_core::transport::{accept_within, StreamTransport, TransportError};
 use migrate_core::transport::Transport;
-use migrate_core::{MigrationStats, MultiTransport};
+use migrate_core::transport::{accept_within, StreamTransport, TransportError};
 use migrate_core::{Clock, PageSource, Policy, Precopy, StopAndCopy, SystemClock};
 use migrate_core::{DestinationEngine, EngineConfig, SourceEngine};
 use migrate_core::{DirtyBitmap, Hybrid, HybridConfig, PostCopy, PrecopyConfig};
+use migrate_core::{MigrationStats, MultiTransport};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -159,7 +159,10 @@ fn between_processes_with<P: Policy + 'static>(
             };
             FaultPlan::new(Fault::Cut, at)
         });
-        let slow = Slow { inner: s, per_frame };
+        let slow = Slow {
+            inner: s,
+            per_frame,
+        };
         FaultyTransport::new(slow, plan)
     };
     // The destination dials: one connection, or a set with a preempt
@@ -172,7 +175,9 @@ fn between_processes_with<P: Policy + 'static>(
             assert!(t.has_preempt());
             Ok(Box::new(t))
         } else {
-            Ok(Box::new(StreamTransport::new(accept_within(&listener, left)?)?))
+            Ok(Box::new(StreamTransport::new(accept_within(
+                &listener, left,
+            )?)?))
         }
     };
     let mut t = link(take(TIMEOUT).unwrap(), cut);
@@ -189,7 +194,8 @@ fn between_processes_with<P: Policy + 'static>(
         config,
     );
     let stats = if cut.is_some() {
-        let mut again = |left: Duration| -> Result<_, TransportError> { Ok(link(take(left)?, None)) };
+        let mut again =
+            |left: Duration| -> Result<_, TransportError> { Ok(link(take(left)?, None)) };
         run_source_recoverable(&mut e, &mut t, &mut again, TIMEOUT)
     } else {
         run_source(&mut e, &mut t, TIMEOUT)
@@ -236,7 +242,10 @@ fn between_processes_with<P: Policy + 'static>(
             // Requested pages went on the preempt connection; those the
             // push had sent already arrived twice, the second not placed.
             assert!(pc.requests > 0, "the resumed guest faulted on absent pages");
-            assert_eq!(pc.preempt_pages, pc.requests, "each request on the preempt connection");
+            assert_eq!(
+                pc.preempt_pages, pc.requests,
+                "each request on the preempt connection"
+            );
             assert_eq!(preempt_pages, pc.preempt_pages, "and each arrived");
             if cut.is_none() {
                 assert_eq!(duplicates, pc.pages - stats.guest_pages);

@@ -78,7 +78,11 @@ where
     assert_eq!(report.digest.unwrap(), src.digest());
     assert_eq!(dst.absent_pages(), 0);
     let pc = stats.postcopy.expect("post-copy");
-    assert!(pc.requests >= asked.len() as u64, "{} requests", pc.requests);
+    assert!(
+        pc.requests >= asked.len() as u64,
+        "{} requests",
+        pc.requests
+    );
     assert_eq!(
         pc.preempt_pages, pc.requests,
         "every requested page went as requested pages"
@@ -132,8 +136,7 @@ fn postcopy_with_a_preempt_connection_over_tcp_and_a_unix_socket() {
 /// Without the preempt connection the same settings still migrate:
 /// requested pages go first in the push, as plain page batches.
 #[test]
-fn preempt_settings_over_a_single_connection_fall_back_to_the_push_when_the_peer_says_nothing()
-{
+fn preempt_settings_over_a_single_connection_fall_back_to_the_push_when_the_peer_says_nothing() {
     // A destination that does not announce the capability: its
     // capabilities record is rewritten on the way.
     struct NoPreempt<T: Transport>(T);
@@ -186,7 +189,12 @@ fn preempt_settings_over_a_single_connection_fall_back_to_the_push_when_the_peer
 struct Pump {
     src: SimGuest,
     dst: SimGuest,
-    s: SourceEngine<backend_sim::SimTracker, backend_sim::SimPages, backend_sim::SimControl, PostCopy>,
+    s: SourceEngine<
+        backend_sim::SimTracker,
+        backend_sim::SimPages,
+        backend_sim::SimControl,
+        PostCopy,
+    >,
     d: DestinationEngine<backend_sim::SimPages, backend_sim::SimControl>,
 }
 
@@ -274,7 +282,11 @@ fn a_requested_page_placed_first_keeps_the_guests_write_when_its_push_copy_arriv
         p.s.handle_frame(&r).unwrap();
     }
     let pre = p.next_frame();
-    assert_eq!(pre[0], RecordType::RequestedPages as u8, "ahead of the push");
+    assert_eq!(
+        pre[0],
+        RecordType::RequestedPages as u8,
+        "ahead of the push"
+    );
     p.deliver(&pre);
     assert!(p.d.has_page(page));
     // The guest runs on and writes the page.
@@ -285,7 +297,10 @@ fn a_requested_page_placed_first_keeps_the_guests_write_when_its_push_copy_arriv
     p.deliver(&held);
     let mut now = vec![0u8; 4096];
     p.dst.pages().read_pages(&[page], &mut now).unwrap();
-    assert_eq!(now, written, "the older push copy did not overwrite the write");
+    assert_eq!(
+        now, written,
+        "the older push copy did not overwrite the write"
+    );
     while !p.d.completed() {
         let f = p.next_frame();
         p.deliver(&f);
@@ -319,7 +334,9 @@ fn bad_requested_pages_are_refused() {
     assert!(
         matches!(
             r,
-            Err(MigrationError::Protocol(ProtocolError::OutOfSequence { .. }))
+            Err(MigrationError::Protocol(
+                ProtocolError::OutOfSequence { .. }
+            ))
         ),
         "{r:?}"
     );
@@ -361,7 +378,9 @@ fn bad_requested_pages_are_refused() {
     assert!(
         matches!(
             r,
-            Err(MigrationError::Protocol(ProtocolError::FrameChecksum { .. }))
+            Err(MigrationError::Protocol(
+                ProtocolError::FrameChecksum { .. }
+            ))
         ),
         "{r:?}"
     );

@@ -244,7 +244,10 @@ impl<S: SplitStream> MultiTransport<S> {
     /// Opens a control and `data` data connections with `connect` (called
     /// `1 + data` times, in order), says hello on each and waits for the
     /// peer's answer on the control connection.
-    pub fn connect(data: usize, connect: impl FnMut() -> io::Result<S>) -> Result<Self, TransportError> {
+    pub fn connect(
+        data: usize,
+        connect: impl FnMut() -> io::Result<S>,
+    ) -> Result<Self, TransportError> {
         Self::open(data, false, connect)
     }
 
@@ -843,7 +846,9 @@ mod tests {
     /// over socket pairs; also the raw far end of each connection of the
     /// accepting side, for a test that wants to read it itself.
     fn preempt_pair(data: usize) -> (MultiTransport<UnixStream>, MultiTransport<UnixStream>) {
-        let (a, b) = (0..data + 2).map(|_| UnixStream::pair().unwrap()).unzip::<_, _, Vec<_>, Vec<_>>();
+        let (a, b) = (0..data + 2)
+            .map(|_| UnixStream::pair().unwrap())
+            .unzip::<_, _, Vec<_>, Vec<_>>();
         let mut b = b.into_iter();
         let acceptor = std::thread::spawn(move || MultiTransport::accept(|| Ok(b.next().unwrap())));
         let mut a = a.into_iter();
@@ -883,7 +888,10 @@ mod tests {
         b[2].read_exact(&mut len).unwrap();
         let mut got = vec![0u8; u32::from_le_bytes(len) as usize];
         b[2].read_exact(&mut got).unwrap();
-        assert!(got == f, "the requested pages came on the preempt connection");
+        assert!(
+            got == f,
+            "the requested pages came on the preempt connection"
+        );
         drop(tx);
 
         // Through the transport: the receiver has not taken the first
@@ -899,7 +907,11 @@ mod tests {
         tx.send(&req).unwrap();
         rx.wait_for_preempt();
         let got = rx.recv(Some(Duration::from_secs(120))).unwrap().unwrap();
-        assert_eq!(got[0], RecordType::RequestedPages as u8, "ahead of the push");
+        assert_eq!(
+            got[0],
+            RecordType::RequestedPages as u8,
+            "ahead of the push"
+        );
         assert!(got[..] == req[..]);
         for i in 0..16u8 {
             let f = rx.recv(Some(Duration::from_secs(120))).unwrap().unwrap();
@@ -946,8 +958,9 @@ mod tests {
     fn a_preempt_connection_the_peer_does_not_take_is_refused_on_both_sides() {
         let (a, b) = pairs(2);
         let mut b = b.into_iter();
-        let acceptor =
-            std::thread::spawn(move || MultiTransport::accept_with(false, || Ok(b.next().unwrap())));
+        let acceptor = std::thread::spawn(move || {
+            MultiTransport::accept_with(false, || Ok(b.next().unwrap()))
+        });
         let mut a = a.into_iter();
         let r = MultiTransport::connect_preempt(1, || Ok(a.next().unwrap()));
         assert!(
