@@ -3,7 +3,7 @@
 //! requested page placed first is never overwritten by its push copy;
 //! and what a cut preempt connection and bad preempt frames do.
 
-use backend_sim::SimGuest;
+use backend_sim::{SimControl, SimGuest, SimPages, SimTracker};
 use bytes::Bytes;
 use migrate_core::driver::{run_destination, run_source, Faults};
 use migrate_core::protocol::{
@@ -12,8 +12,8 @@ use migrate_core::protocol::{
 };
 use migrate_core::transport::{Transport, TransportError};
 use migrate_core::{
-    Clock, DestinationEngine, EngineConfig, MigrationError, MultiTransport, PageSink, PageSize,
-    PageSource, PostCopy, SourceEngine, SourceStep,
+    Clock, DestinationEngine, DestinationReport, EngineConfig, MigrationError, MultiTransport,
+    PageSink, PageSize, PageSource, PostCopy, SourceEngine, SourceStep,
 };
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -46,6 +46,39 @@ fn early_faults(dst: &SimGuest) -> (mpsc::Receiver<Faults>, Vec<u64>) {
     (rx, pages)
 }
 
+/// A post-copy source engine over `src` with the preempt connection on.
+fn preempt_source(src: &SimGuest, clock: Arc<dyn Clock>) -> Source {
+    SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        PostCopy::default(),
+        clock,
+        preempt_config(),
+    )
+}
+
+type Source = SourceEngine<SimTracker, SimPages, SimControl, PostCopy>;
+type DestThread = std::thread::JoinHandle<Result<DestinationReport, MigrationError>>;
+
+/// Runs the destination of `dst` over `t` on its own thread, its guest
+/// having touched the pages of [`early_faults`] (returned) first.
+fn spawn_faulting_destination<T: Transport + 'static>(
+    dst: &SimGuest,
+    clock: &Arc<dyn Clock>,
+    t: T,
+) -> (DestThread, Vec<u64>) {
+    let (faults, asked) = early_faults(dst);
+    let (d, c) = (dst.clone(), clock.clone());
+    let dest = std::thread::spawn(move || {
+        let mut t = t;
+        let mut faults = faults;
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT)
+    });
+    (dest, asked)
+}
+
 /// A post-copy over `src_t` (source) and `dst_t` (destination) with the
 /// preempt connection: memory verifies, and every requested page went as
 /// requested pages, which the transport puts on the preempt connection.
@@ -55,23 +88,9 @@ where
     B: Transport + 'static,
 {
     let (src, dst, clock) = guests(32 << 20, 20_000.0);
-    let (faults, asked) = early_faults(&dst);
-    let (d, c) = (dst.clone(), clock.clone());
-    let dest = std::thread::spawn(move || {
-        let mut t = dst_t;
-        let mut faults = faults;
-        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
-        run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT)
-    });
+    let (dest, asked) = spawn_faulting_destination(&dst, &clock, dst_t);
     let mut t = src_t;
-    let mut e = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        PostCopy::default(),
-        clock,
-        preempt_config(),
-    );
+    let mut e = preempt_source(&src, clock);
     let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
     let report = dest.join().unwrap().expect("destination");
     assert!(stats.memory_verified);
@@ -156,23 +175,9 @@ fn preempt_settings_over_a_single_connection_fall_back_to_the_push_when_the_peer
     }
     let (src, dst, clock) = guests(16 << 20, 20_000.0);
     let (a, b) = migrate_core::transport::channel_pair(8);
-    let (faults, _) = early_faults(&dst);
-    let (d, c) = (dst.clone(), clock.clone());
-    let dest = std::thread::spawn(move || {
-        let mut t = NoPreempt(b);
-        let mut faults = faults;
-        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
-        run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT)
-    });
+    let (dest, _) = spawn_faulting_destination(&dst, &clock, NoPreempt(b));
     let mut t = a;
-    let mut e = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        PostCopy::default(),
-        clock,
-        preempt_config(),
-    );
+    let mut e = preempt_source(&src, clock);
     let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
     assert!(!e.preempt_active());
     let report = dest.join().unwrap().expect("destination");
@@ -189,26 +194,14 @@ fn preempt_settings_over_a_single_connection_fall_back_to_the_push_when_the_peer
 struct Pump {
     src: SimGuest,
     dst: SimGuest,
-    s: SourceEngine<
-        backend_sim::SimTracker,
-        backend_sim::SimPages,
-        backend_sim::SimControl,
-        PostCopy,
-    >,
-    d: DestinationEngine<backend_sim::SimPages, backend_sim::SimControl>,
+    s: Source,
+    d: DestinationEngine<SimPages, SimControl>,
 }
 
 impl Pump {
     fn to_resume() -> Pump {
         let (src, dst, clock): (SimGuest, SimGuest, Arc<dyn Clock>) = guests(8 << 20, 20_000.0);
-        let s = SourceEngine::new(
-            src.tracker(),
-            src.pages(),
-            src.control(),
-            PostCopy::default(),
-            clock.clone(),
-            preempt_config(),
-        );
+        let s = preempt_source(&src, clock.clone());
         let d = DestinationEngine::new(dst.pages(), dst.control(), clock);
         let mut p = Pump { src, dst, s, d };
         while !p.d.resumed() {
@@ -426,14 +419,7 @@ fn a_cut_preempt_connection_is_a_broken_link() {
     let mut a = a.into_iter();
     let tx = MultiTransport::connect_preempt(1, || Ok(a.next().unwrap())).unwrap();
     let rx = acceptor.join().unwrap().unwrap();
-    let (faults, _) = early_faults(&dst);
-    let (d, c) = (dst.clone(), clock.clone());
-    let dest = std::thread::spawn(move || {
-        let mut t = rx;
-        let mut faults = faults;
-        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
-        run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT)
-    });
+    let (dest, _) = spawn_faulting_destination(&dst, &clock, rx);
     // 8,192 pages in batches of 16, one every 20 ms: ten seconds of push.
     let mut t = SlowPush {
         inner: tx,
@@ -446,14 +432,7 @@ fn a_cut_preempt_connection_is_a_broken_link() {
         }
         cut.shutdown(std::net::Shutdown::Both).unwrap();
     });
-    let mut e = SourceEngine::new(
-        src.tracker(),
-        src.pages(),
-        src.control(),
-        PostCopy::default(),
-        clock,
-        preempt_config(),
-    );
+    let mut e = preempt_source(&src, clock);
     let r = run_source(&mut e, &mut t, TIMEOUT);
     cutter.join().unwrap();
     assert!(matches!(r, Err(MigrationError::OutcomeUnknown(_))), "{r:?}");
