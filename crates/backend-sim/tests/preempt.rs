@@ -442,3 +442,78 @@ fn a_cut_preempt_connection_is_a_broken_link() {
     assert!(matches!(r, Err(MigrationError::SourceLost(_))), "{r:?}");
     assert!(dst.absent_pages() > 0, "the push never finished");
 }
+
+/// With post-copy recovery on, a cut preempt connection is recovered
+/// from as any broken link: both sides take a new set of connections
+/// (preempt connection included), the destination says which pages it
+/// holds and asks again for the faults outstanding, and the migration
+/// verifies.
+#[test]
+fn a_cut_preempt_connection_is_recovered_from() {
+    use migrate_core::driver::{run_destination_recoverable, run_source_recoverable};
+    use migrate_core::transport::accept_within;
+
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (src, dst, clock) = guests(8 << 20, 20_000.0);
+    let (faults, _) = early_faults(&dst);
+    let (d, c) = (dst.clone(), clock.clone());
+    let dest = std::thread::spawn(move || {
+        let take = |left: Duration| {
+            MultiTransport::accept(|| accept_within(&l, left).map_err(std::io::Error::other))
+        };
+        let mut t = take(TIMEOUT).unwrap();
+        let mut faults = faults;
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        e.set_recover_timeout(Some(TIMEOUT));
+        let mut again = |left: Duration| take(left);
+        run_destination_recoverable(&mut e, &mut t, Some(&mut faults), &mut again, TIMEOUT)
+    });
+    // The first set's preempt connection, to cut it.
+    let mut preempt = None;
+    let mut n = 0;
+    let first = MultiTransport::connect_preempt(1, || {
+        let s = TcpStream::connect(addr)?;
+        n += 1;
+        if n == 3 {
+            preempt = Some(s.try_clone()?);
+        }
+        Ok(s)
+    })
+    .unwrap();
+    let cut = preempt.unwrap();
+    // 2,048 pages in batches of 16, one every 20 ms: 2.6 s of push.
+    let slow = |t: MultiTransport<TcpStream>| SlowPush {
+        inner: t,
+        per_batch: Duration::from_millis(20),
+    };
+    let mut t = slow(first);
+    let d = dst.clone();
+    let cutter = std::thread::spawn(move || {
+        while d.resumed_at().is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        cut.shutdown(std::net::Shutdown::Both).unwrap();
+    });
+    let mut config = preempt_config();
+    config.recover_timeout = Some(TIMEOUT);
+    let mut e = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        PostCopy::default(),
+        clock,
+        config,
+    );
+    let mut again =
+        |_left: Duration| MultiTransport::connect_preempt(1, || TcpStream::connect(addr)).map(slow);
+    let stats = run_source_recoverable(&mut e, &mut t, &mut again, TIMEOUT).expect("source");
+    cutter.join().unwrap();
+    let report = dest.join().unwrap().expect("destination");
+    let pc = stats.postcopy.unwrap();
+    assert_eq!((pc.recoveries, report.recoveries), (1, 1));
+    assert!(pc.preempt_pages > 0);
+    assert_eq!(report.digest.unwrap(), src.digest());
+    assert_eq!(dst.absent_pages(), 0);
+    assert!(src.is_paused() && !dst.is_paused());
+}

@@ -625,6 +625,10 @@ impl<S: SplitStream> Transport for MultiTransport<S> {
         }
     }
 
+    fn close(&mut self) {
+        self.shut();
+    }
+
     fn set_send_timeout(&mut self, timeout: Option<Duration>) {
         let timeout = timeout.filter(|t| !t.is_zero());
         if self
