@@ -29,6 +29,11 @@
 //! ```text
 //! cargo run --release --example kvm-migrate -- --policy postcopy --recover-timeout 30s --test-cut-after-batches 2000
 //! ```
+//!
+//! With `--postcopy-preempt` the pages a fault on the destination asks
+//! for travel on a connection of their own, ahead of the push;
+//! `RUST_LOG=livemig::fault=trace` logs each one on its way (see
+//! `docs/postcopy.md`).
 
 #[path = "common/steer.rs"]
 mod steer;
@@ -41,8 +46,8 @@ use livemig::core::protocol::RecordType;
 use livemig::core::tls::{self, TlsConfig, TlsSession};
 use livemig::core::transport::{accept_within, TransportError};
 use livemig::core::{
-    Clock, DestinationEngine, EngineConfig, GuestControl, PageSource, PolicyConfig, PolicyKind,
-    Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
+    Clock, DestinationEngine, EngineConfig, GuestControl, MultiTransport, PageSource, PolicyConfig,
+    PolicyKind, Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
 };
 use livemig::kvm::{DirtyLog, KvmFaults, Pacing, TestVm};
 use livemig::sim::{Fault, FaultAt, FaultPlan, FaultyTransport};
@@ -165,6 +170,12 @@ struct Args {
     /// recovers; without, it fails with the outcome to settle).
     #[arg(long)]
     test_cut_after_batches: Option<usize>,
+    /// Post-copy and hybrid: pages a fault on the destination asks for
+    /// travel on a connection of their own (a preempt connection, besides
+    /// a control and a data connection), ahead of the push data already
+    /// queued; without it they go first in the push. Plain TCP only.
+    #[arg(long)]
+    postcopy_preempt: bool,
     /// Internal: which side this process is.
     #[arg(long, value_enum, default_value = "source", hide = true)]
     role: Role,
@@ -250,7 +261,18 @@ fn destination(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
         .as_deref()
         .unwrap_or(tls::host_of(addr))
         .to_owned();
+    let preempt = a.postcopy_preempt;
     let mut dial = || -> Result<Box<dyn Transport>, String> {
+        if preempt {
+            // A control, a data and the preempt connection.
+            let t = MultiTransport::connect_preempt(1, || {
+                let s = TcpStream::connect(addr)?;
+                s.set_nodelay(true)?;
+                Ok(s)
+            })
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+            return Ok(Box::new(t));
+        }
         let sock = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
         sock.set_nodelay(true).map_err(|e| e.to_string())?;
         Ok(match (&tls, session.as_mut()) {
@@ -299,6 +321,7 @@ fn destination(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
             "latency-p99-us": p.latency_p99_ns as f64 / 1e3,
             "latency-max-us": p.latency_max_ns as f64 / 1e3,
         })),
+        "preempt-pages": report.preempt_pages,
     });
     println!("{out}");
     Ok(vm.fault().is_none() && first.is_some())
@@ -312,8 +335,12 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
         )
         .into());
     }
+    if a.postcopy_preempt && (a.tls_cert.is_some() || a.tls_key.is_some()) {
+        return Err("invalid: --postcopy-preempt runs over plain TCP, not with --tls-*".into());
+    }
     let mut engine = EngineConfig::default();
     engine.verify = a.verify;
+    engine.postcopy_preempt = a.postcopy_preempt;
     engine.recover_timeout = a.recover_timeout;
     a.steer.apply(&mut engine)?;
     let tls = tls_config(a)?;
@@ -337,6 +364,9 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     }
     if let Some(limit) = a.recover_timeout {
         child.args(["--recover-timeout", &format!("{}ms", limit.as_millis())]);
+    }
+    if a.postcopy_preempt {
+        child.arg("--postcopy-preempt");
     }
     let mut child = child
         .args(["--role", "destination", "--connect", &addr.to_string()])
@@ -374,7 +404,30 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
             None => Box::new(StreamTransport::new(stream).map_err(|e| e.to_string())?),
         })
     };
+    let preempt = a.postcopy_preempt;
+    let take_set =
+        |first: Option<TcpStream>, left: Duration| -> Result<Box<dyn Transport>, String> {
+            let mut first = first;
+            let t = MultiTransport::accept(|| {
+                let s = match first.take() {
+                    Some(s) => s,
+                    None => accept_within(&listener, left).map_err(std::io::Error::other)?,
+                };
+                s.set_nodelay(true)?;
+                Ok(s)
+            })
+            .map_err(|e| e.to_string())?;
+            if !t.has_preempt() {
+                return Err("the destination opened no preempt connection".into());
+            }
+            Ok(Box::new(t))
+        };
     let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
+    let first = if preempt {
+        take_set(Some(stream), TIMEOUT)?
+    } else {
+        take(stream)?
+    };
     let plan = a.test_cut_after_batches.map(|nth| {
         let at = FaultAt::NthOfTypeAfter {
             after: RecordType::DeviceState as u8,
@@ -383,7 +436,7 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
         };
         FaultPlan::new(Fault::Cut, at)
     });
-    let mut t = FaultyTransport::new(take(stream)?, plan);
+    let mut t = FaultyTransport::new(first, plan);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let target = a.downtime_target;
     let mut config = PolicyConfig::default();
@@ -402,8 +455,13 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     steer::show_progress(&e.handle(), true);
     let run = if a.recover_timeout.is_some() {
         let mut again = |left: Duration| {
-            let s = accept_within(&listener, left)?;
-            let t = take(s).map_err(|e| TransportError::Io(std::io::Error::other(e)))?;
+            let t = if preempt {
+                take_set(None, left)
+            } else {
+                let s = accept_within(&listener, left)?;
+                take(s)
+            }
+            .map_err(|e| TransportError::Io(std::io::Error::other(e)))?;
             Ok(FaultyTransport::new(t, None))
         };
         run_source_recoverable(&mut e, &mut t, &mut again, TIMEOUT)

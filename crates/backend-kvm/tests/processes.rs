@@ -11,11 +11,12 @@ use migrate_core::driver::{
     run_destination, run_destination_recoverable, run_source, run_source_recoverable,
 };
 use migrate_core::protocol::RecordType;
+use migrate_core::transport::Transport;
 use migrate_core::transport::{accept_within, StreamTransport, TransportError};
-use migrate_core::MigrationStats;
 use migrate_core::{Clock, PageSource, Policy, Precopy, StopAndCopy, SystemClock};
 use migrate_core::{DestinationEngine, EngineConfig, SourceEngine};
 use migrate_core::{DirtyBitmap, Hybrid, HybridConfig, PostCopy, PrecopyConfig};
+use migrate_core::{MigrationStats, MultiTransport};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,10 @@ const RATE_ENV: &str = "LIVEMIG_KVM_RATE";
 /// Set with `DEST_ENV` when the destination is to recover a post-copy
 /// whose connection breaks (it dials the source again).
 const RECOVER_ENV: &str = "LIVEMIG_KVM_RECOVER";
+
+/// Set with `DEST_ENV` when the destination dials a preempt connection
+/// besides a control and a data connection.
+const PREEMPT_ENV: &str = "LIVEMIG_KVM_PREEMPT";
 
 /// How long either side waits for a new connection.
 const RECOVER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -48,16 +53,23 @@ fn destination_process() {
     // up front, and a pre-copy stream is placed through userfaultfd too.
     vm.memory().enable_postcopy().expect("userfaultfd");
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let mut t = StreamTransport::connect_tcp(&addr).expect("connect");
+    let preempt = std::env::var_os(PREEMPT_ENV).is_some();
+    let dial = |addr: &str| -> Result<Box<dyn Transport>, TransportError> {
+        if preempt {
+            let t = MultiTransport::connect_preempt(1, || std::net::TcpStream::connect(addr))?;
+            Ok(Box::new(t))
+        } else {
+            Ok(Box::new(StreamTransport::connect_tcp(addr)?))
+        }
+    };
+    let mut t = dial(&addr).expect("connect");
     let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock.clone());
     let mut faults = KvmFaults::start(&vm.memory(), &vm.control(), clock).expect("fault handler");
     let report = if std::env::var_os(RECOVER_ENV).is_some() {
         // The guest runs on while the link is down; its vCPUs that touch
         // a missing page wait in userfaultfd until the page arrives.
         e.set_recover_timeout(Some(RECOVER_TIMEOUT));
-        let mut again = |_left: Duration| -> Result<_, TransportError> {
-            Ok(StreamTransport::connect_tcp(&addr)?)
-        };
+        let mut again = |_left: Duration| dial(&addr);
         run_destination_recoverable(&mut e, &mut t, Some(&mut faults), &mut again, TIMEOUT)
     } else {
         run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT)
@@ -71,13 +83,14 @@ fn destination_process() {
     let r = vm.reports();
     let pc = report.postcopy.unwrap_or_default();
     println!(
-        "DESTINATION {} {} {} {} {} {}",
+        "DESTINATION {} {} {} {} {} {} {}",
         report.digest.unwrap(),
         r[0].value,
         vm.fault().is_none(),
         pc.faults,
         pc.duplicates,
-        report.recoveries
+        report.recoveries,
+        report.preempt_pages
     );
 }
 
@@ -93,12 +106,28 @@ fn between_processes<P: Policy + 'static>(
     slow: bool,
     cut: Option<usize>,
 ) -> MigrationStats {
+    between_processes_with(policy, every, rate, slow, cut, false)
+}
+
+/// [`between_processes`], with `preempt`: over a control, a data and a
+/// preempt connection, the source sending requested pages on the last.
+fn between_processes_with<P: Policy + 'static>(
+    policy: P,
+    every: u64,
+    rate: Option<f64>,
+    slow: bool,
+    cut: Option<usize>,
+    preempt: bool,
+) -> MigrationStats {
     let _turn = serial();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap());
     if cut.is_some() {
         child.env(RECOVER_ENV, "1");
+    }
+    if preempt {
+        child.env(PREEMPT_ENV, "1");
     }
     let child = child
         .args([
@@ -117,7 +146,6 @@ fn between_processes<P: Policy + 'static>(
         .expect("start the destination process");
     let src = TestVm::source(MEM, 4096, every, rate).expect("source VM");
     assert!(eventually(|| src.reports().len() >= 5));
-    let (stream, _) = listener.accept().unwrap();
     let per_frame = if slow { SLOW } else { Duration::ZERO };
     // The cut: the connection is dropped (both directions, as a failed
     // link or a killed proxy would) instead of sending that page batch
@@ -132,14 +160,30 @@ fn between_processes<P: Policy + 'static>(
             FaultPlan::new(Fault::Cut, at)
         });
         let slow = Slow {
-            inner: StreamTransport::new(s).unwrap(),
+            inner: s,
             per_frame,
         };
         FaultyTransport::new(slow, plan)
     };
-    let mut t = link(stream, cut);
+    // The destination dials: one connection, or a set with a preempt
+    // connection.
+    let take = |left: Duration| -> Result<Box<dyn Transport>, TransportError> {
+        if preempt {
+            let t = MultiTransport::accept(|| {
+                accept_within(&listener, left).map_err(std::io::Error::other)
+            })?;
+            assert!(t.has_preempt());
+            Ok(Box::new(t))
+        } else {
+            Ok(Box::new(StreamTransport::new(accept_within(
+                &listener, left,
+            )?)?))
+        }
+    };
+    let mut t = link(take(TIMEOUT).unwrap(), cut);
     let mut config = EngineConfig::default();
     config.recover_timeout = cut.map(|_| RECOVER_TIMEOUT);
+    config.postcopy_preempt = preempt;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let mut e = SourceEngine::new(
         src.tracker(),
@@ -150,9 +194,8 @@ fn between_processes<P: Policy + 'static>(
         config,
     );
     let stats = if cut.is_some() {
-        let mut again = |left: Duration| -> Result<_, TransportError> {
-            Ok(link(accept_within(&listener, left)?, None))
-        };
+        let mut again =
+            |left: Duration| -> Result<_, TransportError> { Ok(link(take(left)?, None)) };
         run_source_recoverable(&mut e, &mut t, &mut again, TIMEOUT)
     } else {
         run_source(&mut e, &mut t, TIMEOUT)
@@ -193,7 +236,24 @@ fn between_processes<P: Policy + 'static>(
         } else {
             assert_eq!(pc.requests, faults, "each fault was one request");
         }
-        assert_eq!(f[5], "0", "no page placed twice");
+        let duplicates: u64 = f[5].parse().unwrap();
+        let preempt_pages: u64 = f[7].parse().unwrap();
+        if preempt {
+            // Requested pages went on the preempt connection; those the
+            // push had sent already arrived twice, the second not placed.
+            assert!(pc.requests > 0, "the resumed guest faulted on absent pages");
+            assert_eq!(
+                pc.preempt_pages, pc.requests,
+                "each request on the preempt connection"
+            );
+            assert_eq!(preempt_pages, pc.preempt_pages, "and each arrived");
+            if cut.is_none() {
+                assert_eq!(duplicates, pc.pages - stats.guest_pages);
+            }
+        } else {
+            assert_eq!(duplicates, 0, "no page placed twice");
+            assert_eq!((preempt_pages, pc.preempt_pages), (0, 0));
+        }
         let recoveries: u32 = f[6].parse().unwrap();
         let expected = u32::from(cut.is_some());
         assert_eq!(pc.recoveries, expected, "recoveries on the source");
@@ -243,6 +303,26 @@ fn postcopy_between_two_processes_sends_each_page_once() {
         );
         assert_eq!(pc.pages, stats.guest_pages);
         assert!(pc.requests > 0, "the resumed guest faulted on absent pages");
+        assert!(pc.fault_latency_p50 > Duration::ZERO);
+    }
+}
+
+/// Post-copy over a control, a data and a preempt connection: memory
+/// verifies, and every page a fault asked for went on the preempt
+/// connection, ahead of the (slowed) push.
+#[test]
+fn postcopy_between_two_processes_with_a_preempt_connection() {
+    if have_kvm() {
+        let stats = between_processes_with(
+            PostCopy::default(),
+            1 << 10,
+            Some(20_000.0),
+            true,
+            None,
+            true,
+        );
+        let pc = stats.postcopy.expect("a post-copy migration");
+        assert!(pc.preempt_pages > 0 && pc.preempt_bytes > 0);
         assert!(pc.fault_latency_p50 > Duration::ZERO);
     }
 }

@@ -169,7 +169,7 @@ where
         };
         match step {
             SourceStep::Send(frame) => {
-                if let Err(e) = transport.send(&frame) {
+                if let Err(e) = send_serving(engine, transport, frame)? {
                     // The destination may have said why before it went:
                     // its abort, in sequence and with no resume
                     // confirmation before it, settles that it did not
@@ -240,6 +240,66 @@ where
                     .cloned()
                     .ok_or(MigrationError::InvalidUse("done without statistics"))
             }
+        }
+    }
+}
+
+/// How long a source whose push is held up by a busy link waits for a
+/// frame from the destination before it offers the push frame again.
+const PUSH_WAIT: Duration = Duration::from_micros(50);
+
+/// Sends a frame the engine handed out. With the preempt connection on
+/// ([`SourceEngine::preempt_active`]) a push frame is offered with
+/// [`Transport::try_send`]; while the link holds it up, the driver reads
+/// what the destination sent and sends the requested pages it asks for
+/// ([`SourceEngine::poll_preempt`]), which the transport carries on their
+/// own connection. The inner result is the transport's, for the caller's
+/// handling of a failed send; a link that broke while the push waited
+/// leaves the engine waiting for a new connection and the frame unsent
+/// (the destination then says which pages it holds).
+fn send_serving<T, S, G, P, X>(
+    engine: &mut SourceEngine<T, S, G, P>,
+    transport: &mut X,
+    frame: Vec<u8>,
+) -> Result<Result<(), TransportError>, MigrationError>
+where
+    T: DirtyTracker,
+    S: PageSource,
+    G: GuestControl,
+    P: Policy,
+    X: Transport + ?Sized,
+{
+    if !engine.preempt_active() {
+        return Ok(transport.send(&frame));
+    }
+    if frame.first() == Some(&(crate::protocol::RecordType::RequestedPages as u8)) {
+        let r = transport.send(&frame);
+        tracing::trace!(target: "livemig::fault", "fault: requested pages sent");
+        return Ok(r);
+    }
+    let mut frame = frame;
+    loop {
+        match transport.try_send(frame) {
+            Ok(None) => return Ok(Ok(())),
+            Ok(Some(back)) => frame = back,
+            Err(e) => return Ok(Err(e)),
+        }
+        match transport.recv(Some(PUSH_WAIT)) {
+            Ok(Some(f)) => source_frame(engine, &f)?,
+            Ok(None) => {}
+            Err(e) => {
+                engine.connection_lost(e.into())?;
+                return Ok(Ok(()));
+            }
+        }
+        if engine.needs_connection() {
+            return Ok(Ok(()));
+        }
+        while let Some(p) = engine.poll_preempt()? {
+            if let Err(e) = transport.send(&p) {
+                return Ok(Err(e));
+            }
+            tracing::trace!(target: "livemig::fault", "fault: requested pages sent (push held up)");
         }
     }
 }
@@ -473,6 +533,7 @@ where
                     need_link = true;
                     break;
                 }
+                tracing::trace!(target: "livemig::fault", "fault: request sent");
             }
             if need_link {
                 continue;

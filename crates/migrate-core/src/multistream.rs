@@ -32,6 +32,32 @@
 //! ([`TransportError::Handshake`]). A peer that expects a single stream
 //! reads the hello's magic as a frame length above the limit and refuses
 //! it as such, so neither side misreads the other.
+//!
+//! # The preempt connection
+//!
+//! [`MultiTransport::connect_preempt`] adds one more connection, the
+//! last, for post-copy's requested pages ([`RecordType::RequestedPages`],
+//! which the source engine sends with
+//! [`EngineConfig::postcopy_preempt`](crate::EngineConfig::postcopy_preempt)).
+//! Its hellos carry capability bit 1; an acceptor that takes it answers
+//! with the bit, and one that does not (or an older one, which would take
+//! the connection for a data connection) answers without it and the
+//! connecting side refuses the set ([`TransportError::Handshake`]).
+//!
+//! With it, frames of requested pages are handed over as soon as they
+//! arrive, before any frame waiting for its turn: they are numbered apart
+//! from the stream (the engines check that numbering on its own), so the
+//! ordering rule above does not hold them. Page batches are written by a
+//! thread of their own from a short queue, so that
+//! [`Transport::try_send`] can tell the source that the push is held up
+//! and the source can serve requests meanwhile; every other frame is
+//! written by the caller. Why an older copy of a page can never overwrite
+//! a newer one under this rule is in `docs/protocol.md` (*The preempt
+//! connection*).
+//!
+//! The preempt connection ending while the control connection stays open
+//! for [`PREEMPT_END_GRACE`] is a cut: `recv` fails with
+//! [`TransportError::Closed`], as it does when every connection ended.
 
 use crate::protocol::{frame_sequence, RecordType};
 use crate::transport::{
@@ -40,7 +66,8 @@ use crate::transport::{
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::io::{self, Read};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The most bytes of early frames a receiver holds while it waits for a
@@ -50,6 +77,14 @@ pub const MAX_REORDER_BYTES: usize = 256 << 20;
 pub const MAX_DATA_CONNECTIONS: usize = 64;
 /// Capability bit: frames spread over several connections.
 const CAP_SPREAD: u32 = 1;
+/// Capability bit: the last connection is a post-copy preempt connection.
+const CAP_PREEMPT: u32 = 2;
+/// How long the control connection may stay open after the preempt
+/// connection ended before that counts as a cut (a peer that is done
+/// closes every connection at once).
+pub const PREEMPT_END_GRACE: Duration = Duration::from_millis(100);
+/// Page batches queued for the writer thread (preempt connection only).
+const PUSH_QUEUE: usize = 4;
 const HELLO_MAGIC: [u8; 8] = *b"LVMIGCON";
 const HELLO_VERSION: u8 = 1;
 /// Frames each connection's reader may hold before it stops reading.
@@ -66,10 +101,22 @@ const READ_AHEAD: usize = 4;
 ///
 /// [`StreamTransport`]: crate::transport::StreamTransport
 pub struct MultiTransport<S: SplitStream> {
-    /// Control first, then the data connections.
+    /// Control first, then the data connections, then the preempt one.
     writers: Vec<S>,
-    rx: Receiver<Result<Bytes, TransportError>>,
+    rx: Receiver<Inbound>,
     readers: Vec<std::thread::JoinHandle<()>>,
+    /// The preempt connection's frames, handed over first.
+    preempt_rx: Option<Receiver<Result<Bytes, TransportError>>>,
+    /// With a preempt connection: the thread that writes page batches.
+    pusher: Option<Pusher>,
+    /// When the preempt connection ended, if it did.
+    preempt_ended: Option<Instant>,
+    /// Whether the control connection ended.
+    control_ended: bool,
+    /// A frame of the preempt connection taken off its queue early
+    /// (tests), handed over first.
+    #[cfg(test)]
+    stash: Option<Bytes>,
     next_data: usize,
     send_timeout: Option<Duration>,
     broken: bool,
@@ -82,6 +129,69 @@ pub struct MultiTransport<S: SplitStream> {
     closed: usize,
 }
 
+/// What the readers hand to `recv`: a frame (or the end) of a
+/// connection, by index, or a nudge that the preempt connection has one.
+enum Inbound {
+    Frame(usize, Result<Bytes, TransportError>),
+    Preempt,
+}
+
+/// The writer thread of the data connections, and how it failed.
+struct Pusher {
+    tx: Option<SyncSender<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    failed: Arc<Mutex<Option<io::Error>>>,
+}
+
+impl Pusher {
+    /// Writes the queued batches on `data` in turn; on a failure it keeps
+    /// the error, shuts every connection of `all` (the peer sees a cut)
+    /// and stops.
+    fn start<S: SplitStream>(mut data: Vec<S>, all: Vec<S>) -> io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(PUSH_QUEUE);
+        let failed = Arc::new(Mutex::new(None));
+        let failure = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("livemig-push".into())
+            .spawn(move || {
+                let mut next = 0;
+                while let Ok(frame) = rx.recv() {
+                    let i = next;
+                    next = (next + 1) % data.len();
+                    if let Err(e) = write_frame(&mut data[i], &frame) {
+                        if let Ok(mut f) = failure.lock() {
+                            *f = Some(e);
+                        }
+                        for s in &all {
+                            s.shutdown_both();
+                        }
+                        break;
+                    }
+                }
+            })?;
+        Ok(Pusher {
+            tx: Some(tx),
+            thread: Some(thread),
+            failed,
+        })
+    }
+
+    /// The writer's failure, once it failed.
+    fn error(&self, timeout: Option<Duration>) -> TransportError {
+        match self.failed.lock().ok().and_then(|mut f| f.take()) {
+            Some(e) => send_error(e, timeout),
+            None => TransportError::Closed,
+        }
+    }
+
+    fn stop(&mut self) {
+        self.tx = None;
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 impl<S: SplitStream> std::fmt::Debug for MultiTransport<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MultiTransport")
@@ -90,11 +200,11 @@ impl<S: SplitStream> std::fmt::Debug for MultiTransport<S> {
     }
 }
 
-fn hello(index: u8, count: u8) -> [u8; 16] {
+fn hello(caps: u32, index: u8, count: u8) -> [u8; 16] {
     let mut h = [0u8; 16];
     h[..8].copy_from_slice(&HELLO_MAGIC);
     h[8] = HELLO_VERSION;
-    h[9..13].copy_from_slice(&CAP_SPREAD.to_le_bytes());
+    h[9..13].copy_from_slice(&caps.to_le_bytes());
     h[13] = index;
     h[14] = count;
     h
@@ -136,6 +246,23 @@ impl<S: SplitStream> MultiTransport<S> {
     /// peer's answer on the control connection.
     pub fn connect(
         data: usize,
+        connect: impl FnMut() -> io::Result<S>,
+    ) -> Result<Self, TransportError> {
+        Self::open(data, false, connect)
+    }
+
+    /// [`MultiTransport::connect`] with a post-copy preempt connection
+    /// besides (called `2 + data` times): refused unless the peer takes it.
+    pub fn connect_preempt(
+        data: usize,
+        connect: impl FnMut() -> io::Result<S>,
+    ) -> Result<Self, TransportError> {
+        Self::open(data, true, connect)
+    }
+
+    fn open(
+        data: usize,
+        preempt: bool,
         mut connect: impl FnMut() -> io::Result<S>,
     ) -> Result<Self, TransportError> {
         if data == 0 || data > MAX_DATA_CONNECTIONS {
@@ -143,40 +270,63 @@ impl<S: SplitStream> MultiTransport<S> {
                 "{data} data connections (1 to {MAX_DATA_CONNECTIONS})"
             )));
         }
-        let count = (data + 1) as u8;
-        let mut streams = Vec::with_capacity(data + 1);
+        let offered = CAP_SPREAD | if preempt { CAP_PREEMPT } else { 0 };
+        let count = (data + 1 + usize::from(preempt)) as u8;
+        let mut streams = Vec::with_capacity(usize::from(count));
         for i in 0..count {
             let mut s = connect()?;
-            s.write_all(&hello(i, count))?;
+            s.write_all(&hello(offered, i, count))?;
             streams.push(s);
         }
         let (caps, _, answered) = read_hello(&mut streams[0])?;
-        if caps & CAP_SPREAD == 0 || answered != count {
+        if caps & offered != offered || answered != count {
             return Err(handshake_error(format!(
-                "the peer took {answered} of {count} connections (capabilities {caps:#x})"
+                "the peer took {answered} of {count} connections with capabilities {caps:#x} of {offered:#x}{}",
+                if preempt && caps & CAP_PREEMPT == 0 {
+                    " (it takes no preempt connection)"
+                } else {
+                    ""
+                }
             )));
         }
-        Self::from_streams(streams).map_err(TransportError::Io)
+        Self::from_streams(streams, preempt).map_err(TransportError::Io)
     }
 
     /// Accepts the connections of one [`MultiTransport::connect`] with
     /// `accept` (called until the hellos' count is reached), in any order,
     /// and answers on the control connection.
-    pub fn accept(mut accept: impl FnMut() -> io::Result<S>) -> Result<Self, TransportError> {
+    ///
+    /// A set with a preempt connection is taken (see
+    /// [`MultiTransport::accept_with`]).
+    pub fn accept(accept: impl FnMut() -> io::Result<S>) -> Result<Self, TransportError> {
+        Self::accept_with(true, accept)
+    }
+
+    /// [`MultiTransport::accept`], taking a preempt connection only if
+    /// `preempt`: a set that has one is otherwise answered without the
+    /// capability (its connecting side refuses it) and refused here.
+    pub fn accept_with(
+        preempt: bool,
+        mut accept: impl FnMut() -> io::Result<S>,
+    ) -> Result<Self, TransportError> {
         let mut slots: Vec<Option<S>> = Vec::new();
         let mut count = None;
+        let mut set_caps = None;
         let mut taken = 0;
         while count != Some(taken) {
             let mut s = accept()?;
             let (caps, index, n) = read_hello(&mut s)?;
             let n = usize::from(n);
-            if caps & CAP_SPREAD == 0 || !(2..=MAX_DATA_CONNECTIONS + 1).contains(&n) {
+            let least = 2 + usize::from(caps & CAP_PREEMPT != 0);
+            if caps & CAP_SPREAD == 0 || !(least..=MAX_DATA_CONNECTIONS + least - 1).contains(&n) {
                 return Err(handshake_error(format!(
                     "a hello for {n} connections with capabilities {caps:#x}"
                 )));
             }
-            if *count.get_or_insert(n) != n {
-                return Err(handshake_error("hellos disagree on the connection count"));
+            if *count.get_or_insert(n) != n || *set_caps.get_or_insert(caps) != caps {
+                return Err(handshake_error(
+                    "hellos disagree on the connection count or capabilities",
+                ));
             }
             slots.resize_with(n, || None);
             let slot = &mut slots[usize::from(index).min(n - 1)];
@@ -190,23 +340,66 @@ impl<S: SplitStream> MultiTransport<S> {
         }
         let mut streams: Vec<S> = slots.into_iter().flatten().collect();
         let count = streams.len() as u8;
-        streams[0].write_all(&hello(0, count))?;
-        Self::from_streams(streams).map_err(TransportError::Io)
+        let offered = set_caps.unwrap_or(CAP_SPREAD) & CAP_PREEMPT != 0;
+        let answer = CAP_SPREAD | if preempt { CAP_PREEMPT } else { 0 };
+        streams[0].write_all(&hello(answer, 0, count))?;
+        if offered && !preempt {
+            return Err(handshake_error(
+                "the peer offered a preempt connection this side does not take",
+            ));
+        }
+        Self::from_streams(streams, offered).map_err(TransportError::Io)
     }
 
-    /// Connections already set up: control first, then the data ones.
-    fn from_streams(streams: Vec<S>) -> io::Result<Self> {
-        // One queue for every reader: `recv` waits on all at once.
+    /// Connections already set up: control first, then the data ones,
+    /// then, with `preempt`, the preempt one.
+    fn from_streams(streams: Vec<S>, preempt: bool) -> io::Result<Self> {
+        // One queue for every reader: `recv` waits on all at once. The
+        // preempt connection's reader has its own, and nudges `recv`
+        // through the common one when it can.
         let (tx, rx) = mpsc::sync_channel(READ_AHEAD * streams.len());
+        let last = streams.len() - 1;
         let mut readers = Vec::with_capacity(streams.len());
-        for s in &streams {
+        let mut preempt_rx = None;
+        for (i, s) in streams.iter().enumerate() {
             let tx = tx.clone();
-            readers.push(spawn_reader(s, move |r| tx.send(r).is_ok())?);
+            if preempt && i == last {
+                let (ptx, prx) = mpsc::sync_channel(READ_AHEAD * 4);
+                preempt_rx = Some(prx);
+                readers.push(spawn_reader(s, move |r| {
+                    let ok = ptx.send(r).is_ok();
+                    let _ = tx.try_send(Inbound::Preempt);
+                    ok
+                })?);
+            } else {
+                readers.push(spawn_reader(s, move |r| {
+                    tx.send(Inbound::Frame(i, r)).is_ok()
+                })?);
+            }
         }
+        let pusher = if preempt {
+            let data = streams[1..last]
+                .iter()
+                .map(|s| s.try_clone_stream())
+                .collect::<io::Result<Vec<S>>>()?;
+            let all = streams
+                .iter()
+                .map(|s| s.try_clone_stream())
+                .collect::<io::Result<Vec<S>>>()?;
+            Some(Pusher::start(data, all)?)
+        } else {
+            None
+        };
         Ok(MultiTransport {
             writers: streams,
             rx,
             readers,
+            preempt_rx,
+            pusher,
+            preempt_ended: None,
+            control_ended: false,
+            #[cfg(test)]
+            stash: None,
             next_data: 0,
             send_timeout: None,
             broken: false,
@@ -217,9 +410,65 @@ impl<S: SplitStream> MultiTransport<S> {
         })
     }
 
-    /// Connections in all (control included).
+    /// Connections in all (control and preempt included).
     pub fn connections(&self) -> usize {
         self.writers.len()
+    }
+
+    /// Whether the last connection is a post-copy preempt connection.
+    pub fn has_preempt(&self) -> bool {
+        self.pusher.is_some()
+    }
+
+    /// Waits until a frame of the preempt connection has arrived (and
+    /// keeps it for `recv`).
+    #[cfg(test)]
+    fn wait_for_preempt(&mut self) {
+        if let Some(Ok(Ok(f))) = self.preempt_rx.as_ref().map(|p| p.recv()) {
+            self.stash = Some(f);
+        }
+    }
+
+    /// Where a frame goes: page batches on the data connections (`None`:
+    /// through the writer thread), requested pages on the preempt
+    /// connection, the rest on the control connection.
+    fn route(&mut self, frame: &[u8]) -> Option<usize> {
+        let ty = frame.first().copied();
+        let batch = matches!(
+            ty,
+            Some(t) if t == RecordType::PageBatch as u8 || t == RecordType::CompressedBatch as u8
+        );
+        let data = self.writers.len() - 1 - usize::from(self.has_preempt());
+        if batch && self.has_preempt() {
+            None
+        } else if batch && data > 0 {
+            self.next_data = (self.next_data + 1) % data;
+            Some(1 + self.next_data)
+        } else if ty == Some(RecordType::RequestedPages as u8) && self.has_preempt() {
+            Some(self.writers.len() - 1)
+        } else {
+            Some(0)
+        }
+    }
+
+    /// Writes `frame` on connection `i`.
+    fn write_on(&mut self, i: usize, frame: &[u8]) -> Result<(), TransportError> {
+        let timeout = self.send_timeout;
+        write_frame(&mut self.writers[i], frame).map_err(|e| {
+            // Part of a frame may be on one connection: none can carry
+            // another, so the peer is shown a cut on all.
+            self.shut();
+            send_error(e, timeout)
+        })
+    }
+
+    /// The writer thread's failure, the transport shut.
+    fn push_failed(&mut self) -> TransportError {
+        self.shut();
+        let timeout = self.send_timeout;
+        self.pusher
+            .as_ref()
+            .map_or(TransportError::Closed, |p| p.error(timeout))
     }
 
     /// What to do with a frame that came in: hand it over now, or keep it
@@ -262,35 +511,72 @@ impl<S: SplitStream> MultiTransport<S> {
 impl<S: SplitStream> Transport for MultiTransport<S> {
     fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
         may_send(self.broken, frame)?;
-        let data = self.writers.len() - 1;
-        let batch = matches!(
-            frame.first().copied(),
-            Some(t) if t == RecordType::PageBatch as u8 || t == RecordType::CompressedBatch as u8
-        );
-        let i = if batch && data > 0 {
-            self.next_data = (self.next_data + 1) % data;
-            1 + self.next_data
-        } else {
-            0
+        match self.route(frame) {
+            Some(i) => self.write_on(i, frame),
+            None => {
+                let queued = self
+                    .pusher
+                    .as_ref()
+                    .and_then(|p| p.tx.as_ref())
+                    .is_some_and(|tx| tx.send(frame.to_vec()).is_ok());
+                if queued {
+                    Ok(())
+                } else {
+                    Err(self.push_failed())
+                }
+            }
+        }
+    }
+
+    fn try_send(&mut self, frame: Vec<u8>) -> Result<Option<Vec<u8>>, TransportError> {
+        may_send(self.broken, &frame)?;
+        let Some(i) = self.route(&frame) else {
+            let r = match self.pusher.as_ref().and_then(|p| p.tx.as_ref()) {
+                Some(tx) => tx.try_send(frame),
+                None => return Err(TransportError::Closed),
+            };
+            return match r {
+                Ok(()) => Ok(None),
+                Err(TrySendError::Full(back)) => Ok(Some(back)),
+                Err(TrySendError::Disconnected(_)) => Err(self.push_failed()),
+            };
         };
-        let timeout = self.send_timeout;
-        write_frame(&mut self.writers[i], frame).map_err(|e| {
-            // Part of a frame may be on one connection: none can carry
-            // another, so the peer is shown a cut on all.
-            self.shut();
-            send_error(e, timeout)
-        })
+        self.write_on(i, &frame).map(|()| None)
     }
 
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        #[cfg(test)]
+        if let Some(f) = self.stash.take() {
+            return Ok(Some(f));
+        }
         loop {
+            if let Some(prx) = &self.preempt_rx {
+                match prx.try_recv() {
+                    Ok(Ok(f)) => return Ok(Some(f)),
+                    Ok(Err(TransportError::Closed)) | Err(TryRecvError::Disconnected) => {
+                        self.preempt_ended.get_or_insert_with(Instant::now);
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(TryRecvError::Empty) => {}
+                }
+            }
+            if let Some(at) = self.preempt_ended {
+                if !self.control_ended && at.elapsed() >= PREEMPT_END_GRACE {
+                    return Err(TransportError::Closed);
+                }
+            }
             if let Some(f) = self.early.remove(&self.next_seq) {
                 self.early_bytes -= f.len();
                 self.next_seq = self.next_seq.wrapping_add(1);
                 return Ok(Some(f));
             }
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let mut left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if let Some(at) = self.preempt_ended.filter(|_| !self.control_ended) {
+                // Wake when the grace is over.
+                let grace = PREEMPT_END_GRACE.saturating_sub(at.elapsed());
+                left = Some(left.map_or(grace, |l| l.min(grace)));
+            }
             let item = match left {
                 None => self.rx.recv().ok(),
                 Some(t) if t.is_zero() => match self.rx.try_recv() {
@@ -300,14 +586,22 @@ impl<S: SplitStream> Transport for MultiTransport<S> {
                 },
                 Some(t) => match self.rx.recv_timeout(t) {
                     Ok(x) => Some(x),
-                    Err(RecvTimeoutError::Timeout) => return Ok(None),
+                    Err(RecvTimeoutError::Timeout) => {
+                        if deadline.is_none_or(|d| Instant::now() < d) {
+                            // The preempt grace ran out first.
+                            continue;
+                        }
+                        return Ok(None);
+                    }
                     Err(RecvTimeoutError::Disconnected) => None,
                 },
             };
             match item {
                 // Every reader has stopped.
                 None => return Err(TransportError::Closed),
-                Some(Ok(frame)) => {
+                // Look at the preempt connection again.
+                Some(Inbound::Preempt) => {}
+                Some(Inbound::Frame(_, Ok(frame))) => {
                     if let Some(f) = self.take_in(frame)? {
                         return Ok(Some(f));
                     }
@@ -316,15 +610,23 @@ impl<S: SplitStream> Transport for MultiTransport<S> {
                 // frames numbered before its end (the peer closes them
                 // all when it is done). The stream has ended when all
                 // have.
-                Some(Err(TransportError::Closed)) => {
+                Some(Inbound::Frame(i, Err(TransportError::Closed))) => {
+                    self.control_ended |= i == 0;
                     self.closed += 1;
-                    if self.closed == self.writers.len() {
+                    let preempt = usize::from(self.preempt_rx.is_some());
+                    if self.closed + preempt == self.writers.len()
+                        && (preempt == 0 || self.preempt_ended.is_some())
+                    {
                         return Err(TransportError::Closed);
                     }
                 }
-                Some(Err(e)) => return Err(e),
+                Some(Inbound::Frame(_, Err(e))) => return Err(e),
             }
         }
+    }
+
+    fn close(&mut self) {
+        self.shut();
     }
 
     fn set_send_timeout(&mut self, timeout: Option<Duration>) {
@@ -341,12 +643,16 @@ impl<S: SplitStream> Transport for MultiTransport<S> {
 
 impl<S: SplitStream> Drop for MultiTransport<S> {
     fn drop(&mut self) {
-        // As a stream transport: the queue first, so that a reader blocked
-        // on it wakes, then the connections, then the readers.
+        // As a stream transport: the queues first, so that a reader
+        // blocked on one wakes, then the connections, then the readers.
         let (_, empty) = mpsc::sync_channel(0);
         drop(std::mem::replace(&mut self.rx, empty));
+        self.preempt_rx = None;
         for w in &self.writers {
             w.shutdown_both();
+        }
+        if let Some(p) = self.pusher.as_mut() {
+            p.stop();
         }
         for h in self.readers.drain(..) {
             let _ = h.join();
@@ -516,7 +822,7 @@ mod tests {
     fn a_single_stream_peer_and_a_multi_connection_peer_refuse_each_other() {
         let (mut a, b) = UnixStream::pair().unwrap();
         let mut plain = StreamTransport::new(b).unwrap();
-        a.write_all(&hello(0, 3)).unwrap();
+        a.write_all(&hello(CAP_SPREAD, 0, 3)).unwrap();
         assert!(matches!(
             plain.recv(Some(Duration::from_secs(120))),
             Err(TransportError::FrameTooLarge { .. })
@@ -527,5 +833,191 @@ mod tests {
         let mut b = Some(b);
         let r = MultiTransport::accept(|| b.take().ok_or(io::ErrorKind::NotConnected.into()));
         assert!(matches!(r, Err(TransportError::Handshake(_))), "{r:?}");
+    }
+
+    /// A requested-pages frame of one page, numbered by `seq` (its own
+    /// numbering).
+    fn requested_frame(seq: &mut Sequencer, page: u64, byte: u8) -> Vec<u8> {
+        let mut f = Vec::new();
+        encode_page_batch(1, PageSize::DEFAULT, &[page], &[byte; 4096], &mut f);
+        f[0] = RecordType::RequestedPages as u8;
+        crate::protocol::reseal(&mut f);
+        seq.seal(&mut f);
+        f
+    }
+
+    /// A connected pair with `data` data connections and a preempt one,
+    /// over socket pairs; also the raw far end of each connection of the
+    /// accepting side, for a test that wants to read it itself.
+    fn preempt_pair(data: usize) -> (MultiTransport<UnixStream>, MultiTransport<UnixStream>) {
+        let (a, b) = (0..data + 2)
+            .map(|_| UnixStream::pair().unwrap())
+            .unzip::<_, _, Vec<_>, Vec<_>>();
+        let mut b = b.into_iter();
+        let acceptor = std::thread::spawn(move || MultiTransport::accept(|| Ok(b.next().unwrap())));
+        let mut a = a.into_iter();
+        let tx = MultiTransport::connect_preempt(data, || Ok(a.next().unwrap())).unwrap();
+        let rx = acceptor.join().unwrap().unwrap();
+        (tx, rx)
+    }
+
+    /// Requested pages go on the last connection, and the receiver hands
+    /// them over ahead of page batches sent before them and still
+    /// waiting to be taken.
+    #[test]
+    fn requested_pages_go_on_their_own_connection_and_overtake_the_push() {
+        // On the wire: read the accepting side's connections directly.
+        let (a, b) = pairs(2);
+        let mut b = b;
+        let mut a = a.into_iter();
+        let answer = {
+            let mut ctrl = b[0].try_clone().unwrap();
+            std::thread::spawn(move || {
+                let (caps, _, n) = read_hello(&mut ctrl).unwrap();
+                assert_eq!(caps, CAP_SPREAD | CAP_PREEMPT);
+                ctrl.write_all(&hello(caps, 0, n)).unwrap();
+            })
+        };
+        let mut tx = MultiTransport::connect_preempt(1, || Ok(a.next().unwrap())).unwrap();
+        answer.join().unwrap();
+        for s in &mut b[1..] {
+            let (caps, _, _) = read_hello(s).unwrap();
+            assert_eq!(caps, CAP_SPREAD | CAP_PREEMPT);
+        }
+        assert!(tx.has_preempt());
+        let mut own = Sequencer::new();
+        let f = requested_frame(&mut own, 5, 7);
+        tx.send(&f).unwrap();
+        let mut len = [0u8; 4];
+        b[2].read_exact(&mut len).unwrap();
+        let mut got = vec![0u8; u32::from_le_bytes(len) as usize];
+        b[2].read_exact(&mut got).unwrap();
+        assert!(
+            got == f,
+            "the requested pages came on the preempt connection"
+        );
+        drop(tx);
+
+        // Through the transport: the receiver has not taken the first
+        // 16 batches (they wait in its queues and sockets); the requested
+        // pages sent after them, once they are here, come first.
+        let (mut tx, mut rx) = preempt_pair(1);
+        assert!(rx.has_preempt() && rx.connections() == 3);
+        let mut seq = Sequencer::new();
+        for i in 0..16 {
+            tx.send(&page_frame(&mut seq, i, 1)).unwrap();
+        }
+        let req = requested_frame(&mut own, 9, 2);
+        tx.send(&req).unwrap();
+        rx.wait_for_preempt();
+        let got = rx.recv(Some(Duration::from_secs(120))).unwrap().unwrap();
+        assert_eq!(
+            got[0],
+            RecordType::RequestedPages as u8,
+            "ahead of the push"
+        );
+        assert!(got[..] == req[..]);
+        for i in 0..16u8 {
+            let f = rx.recv(Some(Duration::from_secs(120))).unwrap().unwrap();
+            assert_eq!(f[0], RecordType::PageBatch as u8, "batch {i} in its order");
+            assert_eq!(frame_sequence(&f), Some(u32::from(i)));
+        }
+    }
+
+    /// With the push held up (the peer takes nothing from the data
+    /// connection), `try_send` hands a batch back instead of waiting, and
+    /// requested pages still reach the peer.
+    #[test]
+    fn a_held_up_push_is_handed_back_and_requested_pages_still_go() {
+        let (mut tx, mut rx) = preempt_pair(1);
+        let mut seq = Sequencer::new();
+        let mut big = Vec::new();
+        let pages: Vec<u64> = (0..256).collect();
+        let data: Vec<u8> = (0..256 * 4096).map(|i| (i * 7 + i / 4096) as u8).collect();
+        encode_page_batch(1, PageSize::DEFAULT, &pages, &data, &mut big);
+        // The receiver reads nothing yet: its reader fills its queue, the
+        // socket fills, the writer thread blocks and its queue fills.
+        let mut handed_back = false;
+        for _ in 0..10_000 {
+            let mut f = big.clone();
+            seq.seal(&mut f);
+            if tx.try_send(f).unwrap().is_some() {
+                handed_back = true;
+                break;
+            }
+        }
+        assert!(handed_back, "the push was never held up");
+        let mut own = Sequencer::new();
+        let req = requested_frame(&mut own, 3, 9);
+        tx.send(&req).unwrap();
+        rx.wait_for_preempt();
+        let got = rx.recv(Some(Duration::from_secs(120))).unwrap().unwrap();
+        assert!(got[..] == req[..], "the requested pages came first");
+    }
+
+    /// A peer that takes no preempt connection is told: the connecting
+    /// side refuses the answer without the capability, and the accepting
+    /// side refuses the set.
+    #[test]
+    fn a_preempt_connection_the_peer_does_not_take_is_refused_on_both_sides() {
+        let (a, b) = pairs(2);
+        let mut b = b.into_iter();
+        let acceptor = std::thread::spawn(move || {
+            MultiTransport::accept_with(false, || Ok(b.next().unwrap()))
+        });
+        let mut a = a.into_iter();
+        let r = MultiTransport::connect_preempt(1, || Ok(a.next().unwrap()));
+        assert!(
+            matches!(&r, Err(TransportError::Handshake(why)) if why.contains("preempt")),
+            "{r:?}"
+        );
+        let r = acceptor.join().unwrap();
+        assert!(matches!(r, Err(TransportError::Handshake(_))), "{r:?}");
+
+        // An acceptor that knows nothing of the bit answers with its own
+        // capabilities only.
+        let (a, mut b) = pairs(2);
+        let old = std::thread::spawn(move || {
+            for s in &mut b {
+                read_hello(s).unwrap();
+            }
+            b[0].write_all(&hello(CAP_SPREAD, 0, 3)).unwrap();
+            b
+        });
+        let mut a = a.into_iter();
+        let r = MultiTransport::connect_preempt(1, || Ok(a.next().unwrap()));
+        assert!(matches!(r, Err(TransportError::Handshake(_))), "{r:?}");
+        drop(old.join().unwrap());
+    }
+
+    /// The preempt connection cut while the control connection stays
+    /// open ends the stream for `recv`; a peer that closes everything
+    /// ends it as before.
+    #[test]
+    fn a_cut_preempt_connection_ends_the_stream() {
+        let (a, b) = pairs(2);
+        let far_preempt = a[2].try_clone().unwrap();
+        let mut b = b.into_iter();
+        let acceptor = std::thread::spawn(move || MultiTransport::accept(|| Ok(b.next().unwrap())));
+        let mut a = a.into_iter();
+        let tx = MultiTransport::connect_preempt(1, || Ok(a.next().unwrap())).unwrap();
+        let mut rx = acceptor.join().unwrap().unwrap();
+        far_preempt.shutdown(std::net::Shutdown::Both).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let r = loop {
+            match rx.recv(Some(Duration::from_millis(10))) {
+                Ok(None) if Instant::now() < deadline => continue,
+                r => break r,
+            }
+        };
+        assert!(matches!(r, Err(TransportError::Closed)), "{r:?}");
+        drop(tx);
+
+        let (tx, mut rx) = preempt_pair(2);
+        drop(tx);
+        assert!(matches!(
+            rx.recv(Some(Duration::from_secs(120))),
+            Err(TransportError::Closed)
+        ));
     }
 }

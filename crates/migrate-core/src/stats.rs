@@ -249,6 +249,13 @@ pub struct PostcopyStats {
     /// answer on the new one (the push resumes then), summed.
     #[serde(default, with = "ms", rename = "recovery-time-ms")]
     pub recovery_time: Duration,
+    /// Requested pages sent on the preempt connection, ahead of the push
+    /// ([`crate::EngineConfig::postcopy_preempt`]); included in `pages`.
+    #[serde(default)]
+    pub preempt_pages: u64,
+    /// Their bytes on the wire; included in `bytes`.
+    #[serde(default)]
+    pub preempt_bytes: u64,
 }
 
 /// Totals of one migration, with its rounds.
@@ -496,6 +503,13 @@ impl fmt::Display for MigrationStats {
                 p.requests, p.duplicates
             )?;
             writeln!(f, "postcopy-bytes: {} ({} pages)", p.bytes, p.pages)?;
+            if p.preempt_pages > 0 {
+                writeln!(
+                    f,
+                    "preempt: {} requested pages, {} bytes on the preempt connection",
+                    p.preempt_pages, p.preempt_bytes
+                )?;
+            }
             if p.resume_pages > 0 {
                 writeln!(
                     f,

@@ -76,6 +76,19 @@ pub trait Transport: Send {
     /// `send` fails. A driver that gives up on a connection calls it
     /// before it waits for a new one. The provided method does nothing.
     fn close(&mut self) {}
+
+    /// Sends a frame unless the link that would carry it is busy:
+    /// `Ok(None)` when the frame was taken (sent, or queued to be sent:
+    /// the contract of `send` holds), `Ok(Some(frame))` when taking it
+    /// now would mean waiting. The caller keeps the frame, looks at what
+    /// arrived meanwhile, and offers it again. A transport with a
+    /// post-copy preempt connection ([`crate::multistream`]) uses it so
+    /// that its source can serve page requests while the push waits; the
+    /// provided method sends at once.
+    fn try_send(&mut self, frame: Vec<u8>) -> Result<Option<Vec<u8>>, TransportError> {
+        self.send(&frame)?;
+        Ok(None)
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
@@ -90,6 +103,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn close(&mut self) {
         (**self).close()
+    }
+    fn try_send(&mut self, frame: Vec<u8>) -> Result<Option<Vec<u8>>, TransportError> {
+        (**self).try_send(frame)
     }
 }
 

@@ -45,6 +45,9 @@ pub struct DestinationReport {
     /// Compressed batches expanded: how many, their bytes on the wire and
     /// expanded, and the time it took.
     pub compression: CompressionFigures,
+    /// Post-copy: pages that came as [`Record::RequestedPages`] (on the
+    /// preempt connection), counted as they arrived (a duplicate too).
+    pub preempt_pages: u64,
 }
 
 /// Where the destination is. Each state carries what only it needs.
@@ -86,6 +89,8 @@ pub struct DestinationEngine<K, G> {
     control: G,
     clock: Arc<dyn Clock>,
     decoder: Decoder,
+    /// Reads the [`Record::RequestedPages`] frames, numbered on their own.
+    preempt_decoder: Decoder,
     sequencer: Sequencer,
     layout: MemoryLayout,
     state: DstState,
@@ -157,6 +162,7 @@ where
                 d.accept(Capabilities::ALL);
                 d
             },
+            preempt_decoder: Decoder::preempt(layout.page_size()),
             sequencer: Sequencer::new(),
             state: DstState::AwaitHeader,
             outbox: VecDeque::new(),
@@ -301,6 +307,7 @@ where
     /// its page batches need no layout (the first connection gave it).
     fn reset_link(&mut self) {
         self.decoder = Decoder::resuming(self.layout.page_size());
+        self.preempt_decoder = Decoder::preempt(self.layout.page_size());
         self.sequencer = Sequencer::new();
         self.outbox.clear();
     }
@@ -499,6 +506,12 @@ where
             self.requested.insert(p, now);
             self.faults += 1;
             want.push(p);
+            tracing::trace!(
+                target: "livemig::fault",
+                page = p,
+                since_fault_us = self.clock.now().saturating_sub(now).as_micros() as u64,
+                "fault: request queued"
+            );
         }
         if self.recovering() {
             // Asked for once the source is back (see `recover`).
@@ -728,6 +741,7 @@ where
         if let Some(t) = self.requested.remove(&page) {
             let lat = self.clock.now().saturating_sub(t);
             self.latencies.push(lat.as_nanos() as u64);
+            tracing::trace!(target: "livemig::fault", page, latency_us = lat.as_micros() as u64, "fault: page placed");
         }
     }
 
@@ -864,7 +878,33 @@ where
         Ok(())
     }
 
+    /// Pages a fault asked for, from the preempt connection: placed
+    /// unless here already (the first copy after the switch-over wins, see
+    /// `docs/protocol.md`, *The preempt connection*).
+    fn requested_pages(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
+        let rec = self.preempt_decoder.decode(frame)?;
+        let Record::RequestedPages(batch) = rec else {
+            return Err(MigrationError::UnexpectedRecord {
+                got: rec.record_type(),
+                state: "reading the preempt connection",
+            });
+        };
+        if !matches!(self.state, DstState::PostcopyRunning { .. }) || self.model.is_some() {
+            return Err(MigrationError::UnexpectedRecord {
+                got: RecordType::RequestedPages,
+                state: "not running in post-copy on page bytes",
+            });
+        }
+        self.report.preempt_pages += batch.len() as u64;
+        tracing::trace!(target: "livemig::fault", pages = batch.len(), first = batch.iter().next().map(|(p, _)| p), "fault: requested pages received");
+        self.place_batch(&batch)?;
+        Ok(DestStatus::Continue)
+    }
+
     fn handle_inner(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
+        if frame.first() == Some(&(RecordType::RequestedPages as u8)) {
+            return self.requested_pages(frame);
+        }
         let rec = if self.may_place_unchecked() {
             match self.decode_placing(frame)? {
                 Some(rec) => rec,

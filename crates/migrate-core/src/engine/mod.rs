@@ -204,6 +204,16 @@ pub struct EngineConfig {
     /// for goes uncompressed. The statistics report what it did
     /// ([`MigrationStats::compression`]).
     pub compression: Option<Codec>,
+    /// Post-copy: send the pages the destination asks for as
+    /// [`Record::RequestedPages`], numbered apart from the push, so that a
+    /// transport with a preempt connection
+    /// ([`crate::multistream::MultiTransport`]) carries them ahead of the
+    /// push data already queued. Used only if the destination announced
+    /// [`Capabilities::PREEMPT`], and only with [`Payload::Bytes`];
+    /// otherwise requested pages go first in the push, as without it.
+    /// A requested page goes even if the push already sent it (it may be
+    /// still on its way): the destination keeps the first copy.
+    pub postcopy_preempt: bool,
 }
 
 #[cfg(test)]
@@ -242,6 +252,7 @@ impl Default for EngineConfig {
             peer_timeout: None,
             recover_timeout: None,
             compression: None,
+            postcopy_preempt: false,
         }
     }
 }

@@ -78,11 +78,16 @@ impl Capabilities {
     pub const LZ4: Capabilities = Capabilities(1 << 0);
     /// Page batches compressed with Zstandard ([`Codec::Zstd`]).
     pub const ZSTD: Capabilities = Capabilities(1 << 1);
+    /// Post-copy pages asked for by a fault, as
+    /// [`Record::RequestedPages`] on a preempt connection, numbered apart
+    /// from the rest of the stream.
+    pub const PREEMPT: Capabilities = Capabilities(1 << 2);
     /// [`Record::Populated`](super::Record::Populated) ranges before the
     /// first round (the bit of its record type, 21).
     pub const POPULATED: Capabilities = Capabilities(1 << 21);
     /// Everything this library can decode.
-    pub const ALL: Capabilities = Capabilities(Self::LZ4.0 | Self::ZSTD.0 | Self::POPULATED.0);
+    pub const ALL: Capabilities =
+        Capabilities(Self::LZ4.0 | Self::ZSTD.0 | Self::PREEMPT.0 | Self::POPULATED.0);
 
     /// Whether every bit of `other` is set here.
     pub fn contains(self, other: Capabilities) -> bool {

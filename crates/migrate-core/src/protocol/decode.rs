@@ -136,6 +136,19 @@ impl Decoder {
         }
     }
 
+    /// A sequenced decoder for the frames of a post-copy preempt
+    /// connection: [`Record::RequestedPages`] numbered from 0, with no
+    /// header or layout of their own (the stream's gave the page size).
+    /// The engine that holds it takes nothing else from it.
+    pub fn preempt(page_size: PageSize) -> Self {
+        Decoder {
+            sequenced: true,
+            header_seen: true,
+            page_size: Some(page_size),
+            ..Self::default()
+        }
+    }
+
     /// Whether the last frame that passed its CRC carried the number the
     /// next frame was due to carry. For an abort (which is accepted with
     /// any number) this says whether every frame before it arrived.
@@ -294,14 +307,18 @@ impl Decoder {
                 self.page_size = Some(ps);
                 Record::Layout(layout)
             }
-            RecordType::PageBatch => {
+            RecordType::PageBatch | RecordType::RequestedPages => {
                 let ps = self.page_size.ok_or(ProtocolError::UnexpectedRecord {
                     got: ty,
                     why: "pages before the memory layout",
                 })?;
                 let batch = decode_batch(body, ps)?;
                 b.buf = &[];
-                Record::PageBatch(batch)
+                if ty == RecordType::PageBatch {
+                    Record::PageBatch(batch)
+                } else {
+                    Record::RequestedPages(batch)
+                }
             }
             RecordType::ModelBatch => {
                 let ps = self.page_size.ok_or(ProtocolError::UnexpectedRecord {
@@ -553,6 +570,7 @@ fn record_name(ty: RecordType) -> &'static str {
         RecordType::Recovered => "recovered",
         RecordType::Capabilities => "capabilities",
         RecordType::CompressedBatch => "compressed batch",
+        RecordType::RequestedPages => "requested pages",
         RecordType::Populated => "populated ranges",
     }
 }

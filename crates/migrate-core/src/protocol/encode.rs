@@ -109,7 +109,7 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
                 out.put_u64_le(r.pages);
             }
         }
-        Record::PageBatch(b) => {
+        Record::PageBatch(b) | Record::RequestedPages(b) => {
             put_batch_body(out, b.round, b.pages, b.flags, b.data);
         }
         Record::ModelBatch(b) => {

@@ -47,6 +47,9 @@ pub enum RecordType {
     Capabilities = 18,
     /// A page batch, compressed.
     CompressedBatch = 19,
+    /// Post-copy: pages the destination asked for, on the preempt
+    /// connection and numbered on their own (see [`Record::RequestedPages`]).
+    RequestedPages = 20,
     /// The pages that will arrive with data, sent before the first round
     /// (the destination may populate them ahead of their data).
     Populated = 21,
@@ -78,6 +81,7 @@ impl RecordType {
             17 => Recovered,
             18 => Capabilities,
             19 => CompressedBatch,
+            20 => RequestedPages,
             21 => Populated,
             0x40 => ModelBatch,
             _ => return None,
@@ -90,7 +94,7 @@ impl RecordType {
         match self {
             Header => 16,
             Layout => 8 + MAX_REGIONS * 16,
-            PageBatch => MAX_PAGE_BATCH_BODY,
+            PageBatch | RequestedPages => MAX_PAGE_BATCH_BODY,
             RoundEnd => 16,
             DeviceState => MAX_DEVICE_STATE_BODY,
             SwitchOver => 8,
@@ -349,6 +353,12 @@ pub enum Record<'a> {
     Layout(MemoryLayout),
     /// Pages.
     PageBatch(PageBatch<'a>),
+    /// Post-copy: pages the destination asked for, sent on the preempt
+    /// connection ahead of the push (a page batch's body). Their frames
+    /// are numbered from 0 on their own, apart from the stream's other
+    /// frames, and are read by a decoder of their own
+    /// ([`Decoder::preempt`](super::Decoder::preempt)).
+    RequestedPages(PageBatch<'a>),
     /// Page models standing for pages (the simulator's fast path).
     ModelBatch(ModelBatch<'a>),
     /// Marks the end of a pre-copy round.
@@ -447,6 +457,7 @@ impl Record<'_> {
             Record::Header { .. } => RecordType::Header,
             Record::Layout(_) => RecordType::Layout,
             Record::PageBatch(_) => RecordType::PageBatch,
+            Record::RequestedPages(_) => RecordType::RequestedPages,
             Record::ModelBatch(_) => RecordType::ModelBatch,
             Record::RoundEnd { .. } => RecordType::RoundEnd,
             Record::DeviceState(_) => RecordType::DeviceState,

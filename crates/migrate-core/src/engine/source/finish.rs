@@ -120,6 +120,8 @@ where
             recoveries: f.recoveries,
             recovered_pages: f.recovered_pages,
             recovery_time: f.recovery_time,
+            preempt_pages: f.preempt_pages,
+            preempt_bytes: f.preempt_bytes,
         });
         let compression = self.config.compression.map(|codec| {
             let mut c = CompressionStats {

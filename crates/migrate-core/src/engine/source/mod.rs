@@ -126,6 +126,11 @@ struct Wire {
     /// The page-batch compressor, once the destination announced its
     /// codec.
     compressor: Option<BatchCompressor>,
+    /// Post-copy: requested pages go as [`Record::RequestedPages`]
+    /// (configured, and announced by the destination).
+    preempt: bool,
+    /// Numbers the [`Record::RequestedPages`] frames, apart from the rest.
+    preempt_sequencer: Sequencer,
 }
 
 /// The page sets and the buffers pages pass through.
@@ -202,6 +207,9 @@ struct Figures {
     postcopy_bytes: u64,
     postcopy_pages: u64,
     postcopy_requests: u64,
+    /// Requested pages sent as [`Record::RequestedPages`], and their bytes.
+    preempt_pages: u64,
+    preempt_bytes: u64,
     resume_pages_sent: u64,
     pages_sent: u64,
     zero_sent: u64,
@@ -358,6 +366,8 @@ where
                 peer_caps: Capabilities::default(),
                 compressor: None,
                 paused_frames: 0,
+                preempt: false,
+                preempt_sequencer: Sequencer::new(),
             },
             tracker,
             memory,
@@ -412,6 +422,36 @@ where
         (self.tracker, self.memory, self.control, self.policy)
     }
 
+    /// Post-copy with [`EngineConfig::postcopy_preempt`]: the next frame
+    /// of pages the destination asked for, if one is waiting; nothing
+    /// else. A driver whose push is held up by a busy link calls it (after
+    /// handing the engine what arrived) to serve requests meanwhile: such
+    /// frames are numbered apart from the push, so they may be sent
+    /// before a push frame handed out earlier.
+    pub fn poll_preempt(&mut self) -> Result<Option<Vec<u8>>, MigrationError> {
+        if !self.wire.preempt {
+            return Ok(None);
+        }
+        let span = self.current_span();
+        let _entered = span.enter();
+        let r = match self.preempt_frame() {
+            Ok(Some(mut f)) => match self.hand_out(&mut f) {
+                Ok(()) => Ok(Some(f)),
+                Err(e) => Err(self.fail(e)),
+            },
+            Ok(None) => Ok(None),
+            Err(e) => Err(self.fail(e)),
+        };
+        self.publish();
+        r
+    }
+
+    /// Whether requested pages go as [`Record::RequestedPages`] (the
+    /// configuration asked for it and the destination announced it).
+    pub fn preempt_active(&self) -> bool {
+        self.wire.preempt
+    }
+
     /// The next thing to do.
     pub fn poll(&mut self) -> Result<SourceStep, MigrationError> {
         if matches!(self.state, SrcState::Failed) {
@@ -461,7 +501,11 @@ where
             self.wire.committed = true;
             self.wire.last_was_commit = true;
         }
-        self.wire.sequencer.seal(f);
+        if f.first() == Some(&(RecordType::RequestedPages as u8)) {
+            self.wire.preempt_sequencer.seal(f);
+        } else {
+            self.wire.sequencer.seal(f);
+        }
         self.account(f);
         self.pace(wire_len(f));
         Ok(())
@@ -581,6 +625,12 @@ where
         if let Some(r) = round_of(&mut self.state) {
             r.bytes += bytes;
         }
+        if frame.first() == Some(&(RecordType::RequestedPages as u8)) {
+            // Only after the resume, and never among the switch-over's.
+            f.postcopy_bytes += bytes;
+            f.preempt_bytes += bytes;
+            return;
+        }
         if self.wire.paused_frames > 0 {
             // Queued at a post-copy switch-over, sent before the resume.
             self.wire.paused_frames -= 1;
@@ -610,6 +660,9 @@ where
             let capped = !self.wire.outbox.is_empty() || matches!(self.state, SrcState::Precopy(_));
             if capped && self.paced() {
                 return Ok(SourceStep::Wait);
+            }
+            if let Some(f) = self.preempt_frame()? {
+                return Ok(SourceStep::Send(f));
             }
             if let Some(f) = self.wire.outbox.pop_front() {
                 return Ok(SourceStep::Send(f));
@@ -714,6 +767,9 @@ where
                         )?);
                     }
                 }
+                self.wire.preempt = self.config.postcopy_preempt
+                    && self.config.payload == Payload::Bytes
+                    && self.wire.peer_caps.contains(Capabilities::PREEMPT);
                 self.tracker
                     .start()
                     .map_err(MigrationError::backend("start dirty tracking"))?;
@@ -769,10 +825,20 @@ where
                     }
                     self.figures.postcopy_requests += 1;
                     self.policy.on_fault(p, now);
-                    if let SrcState::Postcopy(pc) = state {
-                        if self.pages.pending.get(p) {
-                            pc.urgent.push_back(p);
+                    tracing::trace!(target: "livemig::fault", page = p, pending = self.pages.pending.get(p), "fault: request received");
+                    match state {
+                        // On their own connection: even a page the push
+                        // sent already, which may be queued behind
+                        // megabytes of it.
+                        SrcState::Postcopy(pc) | SrcState::AwaitVerified(pc)
+                            if self.wire.preempt =>
+                        {
+                            pc.urgent.push_back(p)
                         }
+                        SrcState::Postcopy(pc) if self.pages.pending.get(p) => {
+                            pc.urgent.push_back(p)
+                        }
+                        _ => {}
                     }
                 }
                 Ok(())

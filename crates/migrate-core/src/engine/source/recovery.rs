@@ -174,6 +174,7 @@ where
         let w = &mut self.wire;
         w.decoder = Decoder::sequenced();
         w.sequencer = Sequencer::new();
+        w.preempt_sequencer = Sequencer::new();
         w.outbox.clear();
         w.paused_frames = 0;
         w.abort_in_sequence = false;

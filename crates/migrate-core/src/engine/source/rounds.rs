@@ -417,6 +417,57 @@ where
         Ok(Some(frame))
     }
 
+    /// Post-copy with the preempt connection: the pages the destination
+    /// asked for, as a [`Record::RequestedPages`] frame (not compressed:
+    /// a vCPU waits for it), or `None` when none is waiting. Each page is
+    /// taken out of the push; one the push sent already goes again.
+    pub(super) fn preempt_frame(&mut self) -> Result<Option<Vec<u8>>, MigrationError> {
+        if !self.wire.preempt {
+            return Ok(None);
+        }
+        let (pc, pushing) = match &mut self.state {
+            SrcState::Postcopy(p) => (p, true),
+            SrcState::AwaitVerified(p) => (p, false),
+            _ => return Ok(None),
+        };
+        if pc.urgent.is_empty() {
+            return Ok(None);
+        }
+        let pages = &mut self.pages;
+        pages.batch.clear();
+        while pages.batch.len() < self.config.postcopy_batch_pages {
+            let Some(page) = pc.urgent.pop_front() else {
+                break;
+            };
+            if !pages.batch.contains(&page) {
+                pages.take(page);
+                pages.batch.push(page);
+            }
+        }
+        let mut frame = Vec::new();
+        let summary = Self::encode_bytes(
+            &mut self.memory,
+            &self.layout,
+            pages,
+            pc.round.number,
+            &mut frame,
+        )?;
+        pages.batch.clear();
+        frame[0] = RecordType::RequestedPages as u8;
+        protocol::reseal(&mut frame);
+        if pushing {
+            // Pages the push would have sent: the round's count stays whole.
+            pc.round.sent += summary.pages as u64;
+            pc.round.zero += summary.zero_pages as u64;
+        }
+        let f = &mut self.figures;
+        f.pages_sent += summary.pages as u64;
+        f.zero_sent += summary.zero_pages as u64;
+        f.postcopy_pages += summary.pages as u64;
+        f.preempt_pages += summary.pages as u64;
+        Ok(Some(frame))
+    }
+
     /// [`Payload::Bytes`]: reads the batch straight into its frame
     /// ([`protocol::encode_page_batch_from`]). Pages the source knows to
     /// be zero ([`PageSource::known_zero`]) are neither read nor checked.

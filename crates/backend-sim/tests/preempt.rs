@@ -1,0 +1,519 @@
+//! Post-copy with a preempt connection: requested pages on a connection
+//! of their own, ahead of the push, over TCP and a Unix socket; why a
+//! requested page placed first is never overwritten by its push copy;
+//! and what a cut preempt connection and bad preempt frames do.
+
+use backend_sim::{SimControl, SimGuest, SimPages, SimTracker};
+use bytes::Bytes;
+use migrate_core::driver::{run_destination, run_source, Faults};
+use migrate_core::protocol::{
+    encode_page_batch, encode_to_vec, reseal, Capabilities, Decoder, ProtocolError, Record,
+    RecordType, Sequencer, VERSION,
+};
+use migrate_core::transport::{Transport, TransportError};
+use migrate_core::{
+    Clock, DestinationEngine, DestinationReport, EngineConfig, MigrationError, MultiTransport,
+    PageSink, PageSize, PageSource, PostCopy, SourceEngine, SourceStep,
+};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+mod common;
+use common::{guests, TIMEOUT};
+
+/// Engine settings with the preempt connection on.
+fn preempt_config() -> EngineConfig {
+    let mut c = EngineConfig::default();
+    c.postcopy_preempt = true;
+    c
+}
+
+/// Pages the destination's guest "touched" before anything arrived:
+/// queued before the migration starts, they are asked for as soon as the
+/// guest resumes, when no pushed page has arrived yet.
+fn early_faults(dst: &SimGuest) -> (mpsc::Receiver<Faults>, Vec<u64>) {
+    let end = dst.layout().page_end();
+    let pages: Vec<u64> = vec![end - 1, end / 2, end / 3 + 7, 5];
+    let (tx, rx) = mpsc::channel();
+    tx.send(Faults {
+        pages: pages.clone(),
+        at: Duration::ZERO,
+    })
+    .unwrap();
+    (rx, pages)
+}
+
+/// A post-copy source engine over `src` with the preempt connection on.
+fn preempt_source(src: &SimGuest, clock: Arc<dyn Clock>) -> Source {
+    SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        PostCopy::default(),
+        clock,
+        preempt_config(),
+    )
+}
+
+type Source = SourceEngine<SimTracker, SimPages, SimControl, PostCopy>;
+type DestThread = std::thread::JoinHandle<Result<DestinationReport, MigrationError>>;
+
+/// Runs the destination of `dst` over `t` on its own thread, its guest
+/// having touched the pages of [`early_faults`] (returned) first.
+fn spawn_faulting_destination<T: Transport + 'static>(
+    dst: &SimGuest,
+    clock: &Arc<dyn Clock>,
+    t: T,
+) -> (DestThread, Vec<u64>) {
+    let (faults, asked) = early_faults(dst);
+    let (d, c) = (dst.clone(), clock.clone());
+    let dest = std::thread::spawn(move || {
+        let mut t = t;
+        let mut faults = faults;
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT)
+    });
+    (dest, asked)
+}
+
+/// A post-copy over `src_t` (source) and `dst_t` (destination) with the
+/// preempt connection: memory verifies, and every requested page went as
+/// requested pages, which the transport puts on the preempt connection.
+fn postcopy_over<A, B>(src_t: A, dst_t: B)
+where
+    A: Transport + 'static,
+    B: Transport + 'static,
+{
+    let (src, dst, clock) = guests(32 << 20, 20_000.0);
+    let (dest, asked) = spawn_faulting_destination(&dst, &clock, dst_t);
+    let mut t = src_t;
+    let mut e = preempt_source(&src, clock);
+    let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
+    let report = dest.join().unwrap().expect("destination");
+    assert!(stats.memory_verified);
+    assert_eq!(report.digest.unwrap(), src.digest());
+    assert_eq!(dst.absent_pages(), 0);
+    let pc = stats.postcopy.expect("post-copy");
+    assert!(
+        pc.requests >= asked.len() as u64,
+        "{} requests",
+        pc.requests
+    );
+    assert_eq!(
+        pc.preempt_pages, pc.requests,
+        "every requested page went as requested pages"
+    );
+    assert!(pc.preempt_bytes > 0 && pc.preempt_bytes <= pc.bytes);
+    assert_eq!(report.preempt_pages, pc.preempt_pages, "and all arrived");
+    // A requested page the push had sent already arrives twice: the
+    // second copy is counted, not placed.
+    let dp = report.postcopy.expect("post-copy report");
+    assert_eq!(dp.duplicates, pc.pages - stats.guest_pages);
+}
+
+#[test]
+fn postcopy_with_a_preempt_connection_over_tcp_and_a_unix_socket() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = std::thread::spawn(move || {
+        MultiTransport::accept(|| {
+            let (s, _) = l.accept()?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+        .unwrap()
+    });
+    let client = MultiTransport::connect_preempt(1, || {
+        let s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    })
+    .unwrap();
+    let server = acceptor.join().unwrap();
+    assert!(client.has_preempt() && server.has_preempt());
+    assert_eq!(server.connections(), 3);
+    postcopy_over(client, server);
+
+    let dir = std::env::temp_dir().join(format!("livemig-preempt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("migrate.sock");
+    let _ = std::fs::remove_file(&path);
+    let l = UnixListener::bind(&path).unwrap();
+    let acceptor =
+        std::thread::spawn(move || MultiTransport::accept(|| Ok(l.accept()?.0)).unwrap());
+    let client = MultiTransport::connect_preempt(2, || UnixStream::connect(&path)).unwrap();
+    let server = acceptor.join().unwrap();
+    assert_eq!(server.connections(), 4);
+    // The destination dials here, as `kvm-migrate` does.
+    postcopy_over(server, client);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Without the preempt connection the same settings still migrate:
+/// requested pages go first in the push, as plain page batches.
+#[test]
+fn preempt_settings_over_a_single_connection_fall_back_to_the_push_when_the_peer_says_nothing() {
+    // A destination that does not announce the capability: its
+    // capabilities record is rewritten on the way.
+    struct NoPreempt<T: Transport>(T);
+    impl<T: Transport> Transport for NoPreempt<T> {
+        fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
+            if frame.first() == Some(&(RecordType::Capabilities as u8)) {
+                let mut f = frame.to_vec();
+                f[16] &= !(Capabilities::PREEMPT.0 as u8);
+                reseal(&mut f);
+                return self.0.send(&f);
+            }
+            self.0.send(frame)
+        }
+        fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
+            self.0.recv(timeout)
+        }
+    }
+    let (src, dst, clock) = guests(16 << 20, 20_000.0);
+    let (a, b) = migrate_core::transport::channel_pair(8);
+    let (dest, _) = spawn_faulting_destination(&dst, &clock, NoPreempt(b));
+    let mut t = a;
+    let mut e = preempt_source(&src, clock);
+    let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
+    assert!(!e.preempt_active());
+    let report = dest.join().unwrap().expect("destination");
+    assert_eq!(report.digest.unwrap(), src.digest());
+    let pc = stats.postcopy.unwrap();
+    assert!(pc.requests > 0);
+    assert_eq!((pc.preempt_pages, report.preempt_pages), (0, 0));
+    assert_eq!(pc.pages, stats.guest_pages, "each page once");
+}
+
+/// A source and a destination engine pumped by hand, frames passed
+/// straight through, until the destination's guest resumed; the pages of
+/// the push frames handed out since can be read with `batch_pages`.
+struct Pump {
+    src: SimGuest,
+    dst: SimGuest,
+    s: Source,
+    d: DestinationEngine<SimPages, SimControl>,
+}
+
+impl Pump {
+    fn to_resume() -> Pump {
+        let (src, dst, clock): (SimGuest, SimGuest, Arc<dyn Clock>) = guests(8 << 20, 20_000.0);
+        let s = preempt_source(&src, clock.clone());
+        let d = DestinationEngine::new(dst.pages(), dst.control(), clock);
+        let mut p = Pump { src, dst, s, d };
+        while !p.d.resumed() {
+            let f = p.next_frame();
+            p.deliver(&f);
+        }
+        assert!(p.s.preempt_active());
+        p
+    }
+
+    /// The source's next frame (it never waits here: every reply was
+    /// handed back).
+    fn next_frame(&mut self) -> Vec<u8> {
+        match self.s.poll().unwrap() {
+            SourceStep::Send(f) => f,
+            other => panic!("the source did not send: {other:?}"),
+        }
+    }
+
+    /// Hands a frame to the destination and its replies to the source.
+    fn deliver(&mut self, f: &[u8]) {
+        self.d.handle_frame(f).unwrap();
+        while let Some(r) = self.d.poll_transmit() {
+            self.s.handle_frame(&r).unwrap();
+        }
+    }
+
+    /// The pages of a page-batch frame and the data of its first page.
+    fn batch_pages(&self, f: &[u8]) -> (Vec<u64>, Option<Vec<u8>>) {
+        // A decoder that checks frames on their own, told the stream's
+        // header and layout.
+        let mut plain = Decoder::new();
+        for rec in [
+            Record::Header { version: VERSION },
+            Record::Layout(self.src.layout().clone()),
+        ] {
+            plain.decode(&encode_to_vec(&rec)).unwrap();
+        }
+        match plain.decode(f).unwrap() {
+            Record::PageBatch(b) => {
+                let first = b.iter().next().and_then(|(_, d)| d.map(<[u8]>::to_vec));
+                (b.iter().map(|(p, _)| p).collect(), first)
+            }
+            other => panic!("not a page batch: {:?}", other.record_type()),
+        }
+    }
+}
+
+/// The ordering rule of the preempt connection holds and is needed: a
+/// requested page that arrives ahead of the push copy the source sent
+/// first is placed, the guest writes it, and the push copy arriving
+/// after it is counted as a duplicate and not placed; placing it would
+/// have lost the guest's write. The migration completes verified.
+#[test]
+fn a_requested_page_placed_first_keeps_the_guests_write_when_its_push_copy_arrives() {
+    let mut p = Pump::to_resume();
+    // The first push frame, held back (as a slow data connection would).
+    let held = loop {
+        let f = p.next_frame();
+        if f[0] == RecordType::PageBatch as u8 {
+            break f;
+        }
+        p.deliver(&f);
+    };
+    let (pages, first) = p.batch_pages(&held);
+    let page = pages[0];
+    let push_copy = first.unwrap_or_else(|| vec![0; 4096]);
+    // The guest touches it: asked for, sent again ahead of the push.
+    p.d.request_pages(&[page]).unwrap();
+    while let Some(r) = p.d.poll_transmit() {
+        p.s.handle_frame(&r).unwrap();
+    }
+    let pre = p.next_frame();
+    assert_eq!(
+        pre[0],
+        RecordType::RequestedPages as u8,
+        "ahead of the push"
+    );
+    p.deliver(&pre);
+    assert!(p.d.has_page(page));
+    // The guest runs on and writes the page.
+    let written = vec![0xA5u8; 4096];
+    assert_ne!(written, push_copy, "the push copy differs from the write");
+    p.dst.pages().write_page(page, &written).unwrap();
+    // Now the held push copy arrives, then the rest.
+    p.deliver(&held);
+    let mut now = vec![0u8; 4096];
+    p.dst.pages().read_pages(&[page], &mut now).unwrap();
+    assert_eq!(
+        now, written,
+        "the older push copy did not overwrite the write"
+    );
+    while !p.d.completed() {
+        let f = p.next_frame();
+        p.deliver(&f);
+    }
+    assert!(matches!(p.s.poll().unwrap(), SourceStep::Done));
+    let stats = p.s.stats().unwrap().clone();
+    assert!(stats.memory_verified);
+    let report = p.d.report();
+    assert_eq!(report.postcopy.unwrap().duplicates, 1);
+    assert_eq!(report.preempt_pages, 1);
+    let pc = stats.postcopy.unwrap();
+    assert_eq!((pc.requests, pc.preempt_pages), (1, 1));
+    assert_eq!(pc.pages, stats.guest_pages + 1, "one page twice");
+}
+
+/// Requested pages numbered out of their own order, or sent before
+/// post-copy, are refused with typed errors.
+#[test]
+fn bad_requested_pages_are_refused() {
+    let mut p = Pump::to_resume();
+    let page = p.src.layout().page_end() - 1;
+    p.d.request_pages(&[page]).unwrap();
+    while let Some(r) = p.d.poll_transmit() {
+        p.s.handle_frame(&r).unwrap();
+    }
+    let pre = p.next_frame();
+    assert_eq!(pre[0], RecordType::RequestedPages as u8);
+    p.d.handle_frame(&pre).unwrap();
+    // The same frame again: a repeated frame of the preempt numbering.
+    let r = p.d.handle_frame(&pre);
+    assert!(
+        matches!(
+            r,
+            Err(MigrationError::Protocol(
+                ProtocolError::OutOfSequence { .. }
+            ))
+        ),
+        "{r:?}"
+    );
+
+    // Before the guest runs here: out of place.
+    let (_, dst, clock) = guests(8 << 20, 20_000.0);
+    let mut d = DestinationEngine::new(dst.pages(), dst.control(), clock);
+    let mut seq = Sequencer::new();
+    let mut f = encode_to_vec(&Record::Header { version: VERSION });
+    seq.seal(&mut f);
+    d.handle_frame(&f).unwrap();
+    let mut batch = Vec::new();
+    encode_page_batch(0, PageSize::DEFAULT, &[1], &[7u8; 4096], &mut batch);
+    batch[0] = RecordType::RequestedPages as u8;
+    reseal(&mut batch);
+    Sequencer::new().seal(&mut batch);
+    let r = d.handle_frame(&batch);
+    assert!(
+        matches!(
+            r,
+            Err(MigrationError::UnexpectedRecord {
+                got: RecordType::RequestedPages,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    // A damaged one: its CRC.
+    let mut p = Pump::to_resume();
+    let page = p.src.layout().page_end() - 2;
+    p.d.request_pages(&[page]).unwrap();
+    while let Some(r) = p.d.poll_transmit() {
+        p.s.handle_frame(&r).unwrap();
+    }
+    let mut pre = p.next_frame();
+    let at = pre.len() - 100;
+    pre[at] ^= 1;
+    let r = p.d.handle_frame(&pre);
+    assert!(
+        matches!(
+            r,
+            Err(MigrationError::Protocol(
+                ProtocolError::FrameChecksum { .. }
+            ))
+        ),
+        "{r:?}"
+    );
+}
+
+/// Sends page batches no faster than one per `per_batch`, so that a
+/// post-copy push lasts long enough for a cut to land in it.
+struct SlowPush<T: Transport> {
+    inner: T,
+    per_batch: Duration,
+}
+
+impl<T: Transport> Transport for SlowPush<T> {
+    fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
+        if frame.first() == Some(&(RecordType::PageBatch as u8)) {
+            std::thread::sleep(self.per_batch);
+        }
+        self.inner.send(frame)
+    }
+    fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
+        self.inner.recv(timeout)
+    }
+    fn set_send_timeout(&mut self, timeout: Option<Duration>) {
+        self.inner.set_send_timeout(timeout)
+    }
+    fn close(&mut self) {
+        self.inner.close()
+    }
+}
+
+/// The preempt connection cut once the guest runs on the destination is
+/// a broken link: without recovery the destination fails with
+/// `SourceLost` (its guest cannot go on) and the source with the outcome
+/// to settle, its guest paused.
+#[test]
+fn a_cut_preempt_connection_is_a_broken_link() {
+    let (src, dst, clock) = guests(32 << 20, 20_000.0);
+    let (a, b): (Vec<UnixStream>, Vec<UnixStream>) =
+        (0..3).map(|_| UnixStream::pair().unwrap()).unzip();
+    let cut = a[2].try_clone().unwrap();
+    let mut b = b.into_iter();
+    let acceptor = std::thread::spawn(move || MultiTransport::accept(|| Ok(b.next().unwrap())));
+    let mut a = a.into_iter();
+    let tx = MultiTransport::connect_preempt(1, || Ok(a.next().unwrap())).unwrap();
+    let rx = acceptor.join().unwrap().unwrap();
+    let (dest, _) = spawn_faulting_destination(&dst, &clock, rx);
+    // 8,192 pages in batches of 16, one every 20 ms: ten seconds of push.
+    let mut t = SlowPush {
+        inner: tx,
+        per_batch: Duration::from_millis(20),
+    };
+    let d = dst.clone();
+    let cutter = std::thread::spawn(move || {
+        while d.resumed_at().is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        cut.shutdown(std::net::Shutdown::Both).unwrap();
+    });
+    let mut e = preempt_source(&src, clock);
+    let r = run_source(&mut e, &mut t, TIMEOUT);
+    cutter.join().unwrap();
+    assert!(matches!(r, Err(MigrationError::OutcomeUnknown(_))), "{r:?}");
+    assert!(src.is_paused(), "the source keeps its guest paused");
+    drop(t);
+    let r = dest.join().unwrap();
+    assert!(matches!(r, Err(MigrationError::SourceLost(_))), "{r:?}");
+    assert!(dst.absent_pages() > 0, "the push never finished");
+}
+
+/// With post-copy recovery on, a cut preempt connection is recovered
+/// from as any broken link: both sides take a new set of connections
+/// (preempt connection included), the destination says which pages it
+/// holds and asks again for the faults outstanding, and the migration
+/// verifies.
+#[test]
+fn a_cut_preempt_connection_is_recovered_from() {
+    use migrate_core::driver::{run_destination_recoverable, run_source_recoverable};
+    use migrate_core::transport::accept_within;
+
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (src, dst, clock) = guests(8 << 20, 20_000.0);
+    let (faults, _) = early_faults(&dst);
+    let (d, c) = (dst.clone(), clock.clone());
+    let dest = std::thread::spawn(move || {
+        let take = |left: Duration| {
+            MultiTransport::accept(|| accept_within(&l, left).map_err(std::io::Error::other))
+        };
+        let mut t = take(TIMEOUT).unwrap();
+        let mut faults = faults;
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        e.set_recover_timeout(Some(TIMEOUT));
+        let mut again = |left: Duration| take(left);
+        run_destination_recoverable(&mut e, &mut t, Some(&mut faults), &mut again, TIMEOUT)
+    });
+    // The first set's preempt connection, to cut it.
+    let mut preempt = None;
+    let mut n = 0;
+    let first = MultiTransport::connect_preempt(1, || {
+        let s = TcpStream::connect(addr)?;
+        n += 1;
+        if n == 3 {
+            preempt = Some(s.try_clone()?);
+        }
+        Ok(s)
+    })
+    .unwrap();
+    let cut = preempt.unwrap();
+    // 2,048 pages in batches of 16, one every 20 ms: 2.6 s of push.
+    let slow = |t: MultiTransport<TcpStream>| SlowPush {
+        inner: t,
+        per_batch: Duration::from_millis(20),
+    };
+    let mut t = slow(first);
+    let d = dst.clone();
+    let cutter = std::thread::spawn(move || {
+        while d.resumed_at().is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        cut.shutdown(std::net::Shutdown::Both).unwrap();
+    });
+    let mut config = preempt_config();
+    config.recover_timeout = Some(TIMEOUT);
+    let mut e = SourceEngine::new(
+        src.tracker(),
+        src.pages(),
+        src.control(),
+        PostCopy::default(),
+        clock,
+        config,
+    );
+    let mut again =
+        |_left: Duration| MultiTransport::connect_preempt(1, || TcpStream::connect(addr)).map(slow);
+    let stats = run_source_recoverable(&mut e, &mut t, &mut again, TIMEOUT).expect("source");
+    cutter.join().unwrap();
+    let report = dest.join().unwrap().expect("destination");
+    let pc = stats.postcopy.unwrap();
+    assert_eq!((pc.recoveries, report.recoveries), (1, 1));
+    assert!(pc.preempt_pages > 0);
+    assert_eq!(report.digest.unwrap(), src.digest());
+    assert_eq!(dst.absent_pages(), 0);
+    assert!(src.is_paused() && !dst.is_paused());
+}
