@@ -26,6 +26,9 @@ use std::time::Duration;
 
 const MEM: u64 = 64 << 20;
 
+/// Makes a policy for one run.
+type NewPolicy = fn() -> Box<dyn Policy>;
+
 /// A simulated migration of a `MEM` guest doing `workload` over a
 /// 1 Gbit/s link, the destination checking with `verify`.
 fn run(
@@ -78,7 +81,7 @@ fn assert_received_is_read_back(r: &SimReport) {
 
 #[test]
 fn received_table_equals_read_back_after_precopy_and_stop_and_copy() {
-    let policies: [(&str, fn() -> Box<dyn Policy>); 2] = [
+    let policies: [(&str, NewPolicy); 2] = [
         ("precopy", || Box::new(Precopy::default())),
         ("stop-and-copy", || Box::new(StopAndCopy)),
     ];
@@ -297,18 +300,20 @@ fn first_nonzero_page(guest: &SimGuest) -> PageNum {
         .expect("a page with data")
 }
 
-/// Migrates `src` (idle) into `dst` through a sink that corrupts one page,
-/// the destination checking with `verify`.
-fn migrate_into_corrupting_sink(
-    verify: DestinationVerify,
-) -> (
-    SimGuest,
-    SimGuest,
-    PageNum,
-    Result<migrate_core::DestinationReport, MigrationError>,
-    bool,
-    Result<migrate_core::MigrationStats, MigrationError>,
-) {
+/// What a migration into a corrupting sink left.
+struct Corrupted {
+    src: SimGuest,
+    dst: SimGuest,
+    /// The page the sink stored wrong.
+    page: PageNum,
+    dest: Result<migrate_core::DestinationReport, MigrationError>,
+    resumed: bool,
+    source: Result<migrate_core::MigrationStats, MigrationError>,
+}
+
+/// Migrates an idle guest into a sink that corrupts one page, the
+/// destination checking with `verify`.
+fn migrate_into_corrupting_sink(verify: DestinationVerify) -> Corrupted {
     // No writes while migrating: the source's memory is what it sent.
     let (src, dst, clock) = guests(16 << 20, 0.0);
     let page = first_nonzero_page(&src);
@@ -327,14 +332,28 @@ fn migrate_into_corrupting_sink(
     });
     let mut t = a;
     let mut e = source_engine(&src, Precopy::default(), clock);
-    let s = run_source(&mut e, &mut t, TIMEOUT);
-    let (r, resumed) = dest.join().unwrap();
-    (src, dst, page, r, resumed, s)
+    let source = run_source(&mut e, &mut t, TIMEOUT);
+    let (dest, resumed) = dest.join().unwrap();
+    Corrupted {
+        src,
+        dst,
+        page,
+        dest,
+        resumed,
+        source,
+    }
 }
 
 #[test]
 fn a_sink_storing_a_wrong_byte_is_caught_by_read_back() {
-    let (src, dst, page, r, resumed, s) = migrate_into_corrupting_sink(DestinationVerify::ReadBack);
+    let Corrupted {
+        src,
+        dst,
+        page,
+        dest: r,
+        resumed,
+        source: s,
+    } = migrate_into_corrupting_sink(DestinationVerify::ReadBack);
     let err = r.expect_err("the read-back must catch the wrong byte");
     assert!(
         matches!(err, MigrationError::DigestMismatch { .. }),
@@ -353,7 +372,14 @@ fn a_sink_storing_a_wrong_byte_is_caught_by_read_back() {
 fn a_sink_storing_a_wrong_byte_is_not_caught_by_the_received_check() {
     // By design: the received check proves every page arrived as the
     // source sent it and trusts the sink to store what it was given.
-    let (src, dst, page, r, resumed, s) = migrate_into_corrupting_sink(DestinationVerify::Received);
+    let Corrupted {
+        src,
+        dst,
+        page,
+        dest: r,
+        resumed,
+        source: s,
+    } = migrate_into_corrupting_sink(DestinationVerify::Received);
     let report = r.expect("the received check passes");
     let stats = s.expect("source");
     assert!(stats.memory_verified && resumed);

@@ -37,7 +37,9 @@
 //!   [`crate::ErrorKind::Settle`]);
 //! - the destination resumes a pre-copied guest only after a completion
 //!   record whose digest matches the memory it holds (read back from its
-//!   sink) and the device state it received, with every page received.
+//!   sink, or with [`DestinationVerify::Received`] the hashes of the pages
+//!   as it placed them) and the device state it received, with every page
+//!   received.
 //!   A post-copied guest resumes on its device state only if every page
 //!   was either received or discarded (so it faults on every page it does
 //!   not hold), and the destination never places a page over one it
