@@ -346,46 +346,32 @@ fn migrate_into_corrupting_sink(verify: DestinationVerify) -> Corrupted {
 
 #[test]
 fn a_sink_storing_a_wrong_byte_is_caught_by_read_back() {
-    let Corrupted {
-        src,
-        dst,
-        page,
-        dest: r,
-        resumed,
-        source: s,
-    } = migrate_into_corrupting_sink(DestinationVerify::ReadBack);
-    let err = r.expect_err("the read-back must catch the wrong byte");
+    let c = migrate_into_corrupting_sink(DestinationVerify::ReadBack);
+    let err = c.dest.expect_err("the read-back must catch the wrong byte");
     assert!(
         matches!(err, MigrationError::DigestMismatch { .. }),
         "{err}"
     );
     assert!(
-        !resumed,
+        !c.resumed,
         "a guest whose memory did not verify never resumes"
     );
-    assert!(s.is_err(), "the source is told the migration failed");
-    assert!(!src.is_paused(), "the source guest runs on");
-    assert_eq!(src.differing_pages(&dst), vec![page]);
+    assert!(c.source.is_err(), "the source is told the migration failed");
+    assert!(!c.src.is_paused(), "the source guest runs on");
+    assert_eq!(c.src.differing_pages(&c.dst), vec![c.page]);
 }
 
 #[test]
 fn a_sink_storing_a_wrong_byte_is_not_caught_by_the_received_check() {
     // By design: the received check proves every page arrived as the
     // source sent it and trusts the sink to store what it was given.
-    let Corrupted {
-        src,
-        dst,
-        page,
-        dest: r,
-        resumed,
-        source: s,
-    } = migrate_into_corrupting_sink(DestinationVerify::Received);
-    let report = r.expect("the received check passes");
-    let stats = s.expect("source");
-    assert!(stats.memory_verified && resumed);
+    let c = migrate_into_corrupting_sink(DestinationVerify::Received);
+    let report = c.dest.expect("the received check passes");
+    let stats = c.source.expect("source");
+    assert!(stats.memory_verified && c.resumed);
     // What arrived is the source's memory...
-    assert_eq!(report.digest, Some(src.digest()));
+    assert_eq!(report.digest, Some(c.src.digest()));
     // ... and what the sink holds is not.
-    assert_ne!(dst.digest(), src.digest());
-    assert_eq!(src.differing_pages(&dst), vec![page]);
+    assert_ne!(c.dst.digest(), c.src.digest());
+    assert_eq!(c.src.differing_pages(&c.dst), vec![c.page]);
 }
