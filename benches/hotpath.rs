@@ -27,7 +27,9 @@
 //!   copying every page into page-aligned destination memory (zero pages
 //!   are filled with zeros), as a destination does once its guest runs;
 //!   and `Decoder::decode_placing`, which checks and places in one pass,
-//!   as a destination does before;
+//!   as a destination does before; and `decode_placing` with each page
+//!   hashed (`page_hash`) into a table right after it is placed, while it
+//!   is in cache, as the destination engine does for its completion check;
 //! - 256 copies of a 4 KiB page whose destination lies 8 bytes past its
 //!   source modulo 4096, with `copy_from_slice` (the C library's
 //!   `memcpy`, `rep movsb` on this size) and with `copy::copy_bytes`;
@@ -553,6 +555,31 @@ fn protocol_cases(cases: &mut Vec<Case>) {
                 }),
             });
         }
+    }
+    // The destination engine's path: place, then hash each page into a
+    // table while it is in cache.
+    for (label, half_zero) in [("random", false), ("50% zero", true)] {
+        let frame = encode_batch(&batch_contents(half_zero, 0xDA7A));
+        let mut dec = primed_decoder();
+        let (mut guest, at) = page_aligned(batch_bytes, 0xAA);
+        let mut table = vec![0u64; BATCH_PAGES];
+        let zero_hash = page_hash(&[0u8; PAGE]);
+        cases.push(Case {
+            name: format!("decode_placing + page_hash into a table, {label}"),
+            bytes: batch_bytes,
+            pages,
+            run: Box::new(move || {
+                let g = &mut guest[at..];
+                let r = dec.decode_placing(black_box(&frame), |gfn, data| {
+                    place_page(g, gfn, data);
+                    let i = (gfn - BATCH_FIRST_GFN) as usize;
+                    table[i] = data.map_or(zero_hash, page_hash);
+                    Ok::<(), ()>(())
+                });
+                assert!(matches!(r, Ok(Placed::Batch { .. })));
+                black_box(&table);
+            }),
+        });
     }
     // 4 KiB page copies whose destination lies 8 bytes past the source
     // modulo 4096 (the alignment of the regression in decode + copy).

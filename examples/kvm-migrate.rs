@@ -46,8 +46,9 @@ use livemig::core::protocol::RecordType;
 use livemig::core::tls::{self, TlsConfig, TlsSession};
 use livemig::core::transport::{accept_within, TransportError};
 use livemig::core::{
-    Clock, DestinationEngine, EngineConfig, GuestControl, MultiTransport, PageSource, PolicyConfig,
-    PolicyKind, Prepaging, SourceEngine, SourceVerify, StreamTransport, SystemClock, Transport,
+    Clock, DestinationEngine, DestinationVerify, EngineConfig, GuestControl, MultiTransport,
+    PageSource, PolicyConfig, PolicyKind, Prepaging, SourceEngine, SourceVerify, StreamTransport,
+    SystemClock, Transport,
 };
 use livemig::kvm::{DirtyLog, KvmFaults, Pacing, TestVm};
 use livemig::sim::{Fault, FaultAt, FaultPlan, FaultyTransport};
@@ -129,11 +130,19 @@ struct Args {
     /// on the destination.
     #[arg(long, default_value = "300ms", value_parser = parse_duration)]
     settle: Duration,
-    /// What the completion digest covers: `full` reads all of memory
-    /// again after the pause (catches a dirty log that missed a write);
-    /// `sent` digests pages as they were sent (milliseconds instead).
+    /// What the completion digest covers, on both sides: `full` reads all
+    /// of memory again after the pause on the source (catches a dirty log
+    /// that missed a write) and back from guest memory on the destination
+    /// before it resumes (proves it stored every byte); `sent` digests
+    /// pages as they were sent and as they were received (milliseconds
+    /// instead).
     #[arg(long, default_value = "full")]
     verify: SourceVerify,
+    /// The destination's check alone, overriding what --verify chose for
+    /// it: `read-back` digests guest memory read back before the resume,
+    /// `received` the hashes of the pages as they were placed.
+    #[arg(long)]
+    dest_verify: Option<DestinationVerify>,
     /// Back guest memory with transparent huge pages on both sides
     /// (`madvise(MADV_HUGEPAGE)`, as QEMU does for guest RAM).
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
@@ -237,6 +246,11 @@ fn tls_config(a: &Args) -> Result<Option<TlsConfig>, String> {
     .map_err(|e| format!("invalid: {e}"))
 }
 
+/// The destination's check: --dest-verify, or what --verify implies.
+fn dest_verify(a: &Args) -> DestinationVerify {
+    a.dest_verify.unwrap_or_else(|| a.verify.into())
+}
+
 fn destination(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     let addr = a
         .connect
@@ -284,6 +298,7 @@ fn destination(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     };
     let mut t = dial()?;
     let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock.clone());
+    e.set_verify(dest_verify(a));
     ctrlc.watch(&e.handle());
     let mut faults =
         KvmFaults::start(&vm.memory(), &vm.control(), clock).map_err(|e| e.to_string())?;
@@ -368,6 +383,7 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     if a.postcopy_preempt {
         child.arg("--postcopy-preempt");
     }
+    child.args(["--dest-verify", &dest_verify(a).to_string()]);
     let mut child = child
         .args(["--role", "destination", "--connect", &addr.to_string()])
         .args(["--mem", &a.mem.to_string(), "--wss", &a.wss.to_string()])
@@ -518,6 +534,7 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
             "counter-last-on-source": before, "counter-first-on-destination": after,
             "counter-continues": continues, "memory-verified": verified,
             "verify": a.verify.to_string(), "prefault": a.prefault == "on",
+            "dest-verify": dest_verify(a).to_string(),
             "tracker": format!("{:?}", a.tracker).to_lowercase(),
             "destination": dest,
         });

@@ -51,8 +51,8 @@ use livemig::core::{
 };
 use livemig::units::parse_duration;
 use livemig::xen::DestinationError;
+use livemig::xen::{ReceiveOptions, StopMode, Xen, XenDomain};
 use livemig::xen::{ResumeWindow, SourceFrames};
-use livemig::xen::{StopMode, Xen, XenDomain};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -98,9 +98,12 @@ struct Args {
     /// given the same).
     #[arg(long, value_enum, default_value = "suspend")]
     stop: StopArg,
-    /// What the completion digest covers: `full` reads all of memory
-    /// again after the pause (catches a dirty log that missed a write);
-    /// `sent` digests pages as they were sent (milliseconds instead).
+    /// What the completion digest covers, on both sides: `full` reads all
+    /// of memory again after the pause on the source (catches a dirty log
+    /// that missed a write) and back from the domain's memory on the
+    /// destination before it resumes (proves it stored every byte);
+    /// `sent` digests pages as they were sent and as they were received
+    /// (milliseconds instead). A receiving process takes its own.
     #[arg(long, default_value = "full")]
     verify: SourceVerify,
     /// Pre-copy and hybrid: the downtime the final copy may take (the
@@ -281,9 +284,13 @@ fn dest_side(
     stop: StopMode,
     t: &mut dyn Transport,
     postcopy: bool,
+    verify: SourceVerify,
 ) -> Result<DestinationReport, DestinationError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    livemig::xen::receive(xen, dst, stop, t, postcopy, clock, TIMEOUT)
+    let mut options = ReceiveOptions::default();
+    options.postcopy = postcopy;
+    options.verify = verify.into();
+    livemig::xen::receive(xen, dst, stop, t, options, clock, TIMEOUT)
 }
 
 fn print_source(a: &Args, s: &MigrationStats, dest: Option<&DestinationReport>) {
@@ -338,9 +345,9 @@ fn run_local(a: &Args, domid: u32, dest: u32, ctrlc: &CtrlC) -> Result<bool, Fai
     );
     let (sa, sb) = UnixStream::pair().map_err(|e| e.to_string())?;
     let stop = stop_mode(a);
-    let (x2, pc) = (xen.clone(), is_postcopy(a));
+    let (x2, pc, verify) = (xen.clone(), is_postcopy(a), a.verify);
     let mut tb = StreamTransport::new(sb).map_err(|e| e.to_string())?;
-    let receiver = std::thread::spawn(move || dest_side(&x2, &dst, stop, &mut tb, pc));
+    let receiver = std::thread::spawn(move || dest_side(&x2, &dst, stop, &mut tb, pc, verify));
     let mut t = StreamTransport::new(sa).map_err(|e| e.to_string())?;
     let result = source_side(a, &src, &mut t, ctrlc);
     let report = receiver
@@ -437,7 +444,8 @@ fn run_receive(a: &Args, dest: u32, at: &str) -> Result<bool, Failure> {
         "domain {dest}: receiving {} pages from {peer}",
         dst.layout().total_pages()
     );
-    let r = dest_side(&xen, &dst, stop_mode(a), &mut t, a.postcopy).map_err(dest_failure)?;
+    let r =
+        dest_side(&xen, &dst, stop_mode(a), &mut t, a.postcopy, a.verify).map_err(dest_failure)?;
     if a.json {
         println!(
             "{}",

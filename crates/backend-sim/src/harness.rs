@@ -23,7 +23,7 @@ use migrate_core::{
 use migrate_core::{
     DestStatus, DestinationEngine, DestinationReport, EngineConfig, SourceEngine, SourceStep,
 };
-use migrate_core::{MemoryLayout, PageNum};
+use migrate_core::{DestinationVerify, MemoryLayout, PageNum};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
@@ -70,6 +70,8 @@ pub struct SimConfig {
     pub policy: Box<dyn Policy>,
     /// Engine settings.
     pub engine: EngineConfig,
+    /// What the destination checks the completion digest against.
+    pub dest_verify: DestinationVerify,
     /// Stop the simulation if virtual time passes this (a safety net).
     pub time_limit: Duration,
     /// Pages the simulated hypervisor maps as the guest resumes (see
@@ -80,8 +82,9 @@ pub struct SimConfig {
 impl SimConfig {
     /// A migration of a guest of `layout` doing `workload`, over `link`,
     /// run by `policy`: every byte of memory stored
-    /// ([`MemoryMode::Bytes`]), the default engine settings, at most an
-    /// hour of virtual time, no pages mapped at resume.
+    /// ([`MemoryMode::Bytes`]), the default engine settings and
+    /// destination check, at most an hour of virtual time, no pages
+    /// mapped at resume.
     pub fn new(
         layout: MemoryLayout,
         workload: WorkloadSpec,
@@ -95,6 +98,7 @@ impl SimConfig {
             link,
             policy,
             engine: EngineConfig::default(),
+            dest_verify: DestinationVerify::default(),
             time_limit: Duration::from_secs(3600),
             resume_pages: Vec::new(),
         }
@@ -441,6 +445,7 @@ pub fn simulate_steered(
         link,
         policy,
         engine,
+        dest_verify,
         time_limit,
         resume_pages,
     } = config;
@@ -449,6 +454,7 @@ pub fn simulate_steered(
     }
     let clock = VirtualClock::new();
     let mut run = Run::new(layout, mode, workload, policy, engine, &clock, resume_pages)?;
+    run.dest.set_verify(dest_verify);
 
     let mut events: BinaryHeap<Reverse<Delivery>> = BinaryHeap::new();
     let mut seq = 0u64;

@@ -16,7 +16,9 @@ use crate::paging::Pager;
 use crate::xc::{Xen, XenError};
 use migrate_core::driver::{run_destination, FaultSource, Faults};
 use migrate_core::MemoryLayout;
-use migrate_core::{Clock, DestinationEngine, DestinationReport, MigrationError, Transport};
+use migrate_core::{
+    Clock, DestinationEngine, DestinationReport, DestinationVerify, MigrationError, Transport,
+};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -122,13 +124,25 @@ pub fn prepare_destination(
     })
 }
 
+/// How [`receive`] takes a migration in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReceiveOptions {
+    /// The source moves the guest by post-copy (or a policy that may
+    /// switch to it): memory paging is turned on first (see [`receive`]).
+    pub postcopy: bool,
+    /// What a pre-copied guest's completion digest is checked against
+    /// ([`DestinationEngine::set_verify`]).
+    pub verify: DestinationVerify,
+}
+
 /// Receives a migration into `dst` over `transport` and resumes it there
 /// (`stop` is how the source stops its guest, which decides how the
 /// destination resumes).
 ///
-/// With `postcopy`, Xen's memory paging is turned on and every frame of
-/// the layout paged out before the stream starts (while the guest still
-/// runs on the source); each frame that arrives is paged back in, and a
+/// With `options.postcopy`, Xen's memory paging is turned on and every
+/// frame of the layout paged out before the stream starts (while the
+/// guest still runs on the source); each frame that arrives is paged back in, and a
 /// guest touch of one that has not is a fault the source is asked to
 /// serve first. If the source is lost after the guest resumed here, the
 /// domain is paused and its missing frames stay paged out.
@@ -137,13 +151,14 @@ pub fn receive<X: Transport + ?Sized>(
     dst: &XenDomain,
     stop: StopMode,
     transport: &mut X,
-    postcopy: bool,
+    options: ReceiveOptions,
     clock: Arc<dyn Clock>,
     peer_timeout: Duration,
 ) -> Result<DestinationReport, DestinationError> {
     let failed = |source, missing| DestinationError::Migration { source, missing };
-    if !postcopy {
+    if !options.postcopy {
         let mut e = DestinationEngine::new(dst.pages(), dst.control(stop), clock);
+        e.set_verify(options.verify);
         return run_destination(&mut e, transport, None, peer_timeout).map_err(|e| failed(e, 0));
     }
     let domid = dst.domid();
@@ -178,6 +193,7 @@ pub fn receive<X: Transport + ?Sized>(
     );
     let d = dst.clone().with_pager(pager.clone());
     let mut e = DestinationEngine::new(d.pages(), d.control(stop), clock);
+    e.set_verify(options.verify);
     let mut source = XenFaults {
         xen,
         domid,

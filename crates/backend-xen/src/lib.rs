@@ -24,7 +24,7 @@ mod walk;
 #[allow(unsafe_code)]
 mod xc;
 
-pub use destination::{prepare_destination, receive, DestinationError, Prepared};
+pub use destination::{prepare_destination, receive, DestinationError, Prepared, ReceiveOptions};
 pub use domain::{
     common_layout, SourceFrames, StopMode, XenControl, XenDirtyTracker, XenDomain, XenPages,
     SPECIAL_AREA,

@@ -86,8 +86,9 @@ pub use bitmap::{DirtyBitmap, Ones, PageCounts};
 pub use clock::{Clock, SystemClock, VirtualClock};
 pub use digest::MemoryDigest;
 pub use engine::{
-    AutoConverge, ControlError, DestStatus, DestinationEngine, DestinationReport, EngineConfig,
-    Event, MigrationHandle, Phase, Progress, SourceEngine, SourceStep, SourceVerify, PACING_SLACK,
+    AutoConverge, ControlError, DestStatus, DestinationEngine, DestinationReport,
+    DestinationVerify, EngineConfig, Event, MigrationHandle, Phase, Progress, SourceEngine,
+    SourceStep, SourceVerify, PACING_SLACK,
 };
 pub use error::{ErrorKind, MigrationError};
 pub use model::Payload;

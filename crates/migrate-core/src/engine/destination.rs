@@ -115,6 +115,8 @@ pub struct DestinationEngine<K, G> {
     duplicates: u64,
     resumed_at: Option<Duration>,
     report: DestinationReport,
+    /// What the completion digest is checked against (pre-copy).
+    verify: DestinationVerify,
     /// How long to wait for a frame from the source (`None`: for ever).
     peer_timeout: Option<Duration>,
     /// How long a post-copy waits for a new connection after its
@@ -172,6 +174,7 @@ where
             duplicates: 0,
             resumed_at: None,
             report: DestinationReport::default(),
+            verify: DestinationVerify::default(),
             peer_timeout: None,
             recover_timeout: None,
             session: None,
@@ -204,6 +207,15 @@ where
     /// source's; the destination's handle refuses them.
     pub fn handle(&self) -> MigrationHandle {
         self.handle.clone()
+    }
+
+    /// Sets what a pre-copied guest's completion digest is checked
+    /// against before it resumes ([`DestinationVerify::ReadBack`] unless
+    /// set). Either way the engine keeps the table of per-page hashes a
+    /// post-copy's check needs, so the choice changes only the work done
+    /// at the completion.
+    pub fn set_verify(&mut self, verify: DestinationVerify) {
+        self.verify = verify;
     }
 
     /// Sets how long the destination waits for a frame from its source
@@ -1207,16 +1219,17 @@ where
                 "no device state was sent".into(),
             ));
         };
-        // The digest of memory as this side holds it, read back from the
-        // sink (its pages' bytes, or with page models their tokens), bound
-        // to the device state about to be restored: the guest resumes only
-        // on the source's memory and the source's state.
-        let held = if self.model.is_some() {
-            token_digest_memory(&mut self.memory, &self.layout)
-                .map_err(MigrationError::backend("digest guest page tokens"))?
-        } else {
-            digest_memory(&mut self.memory, &self.layout)
-                .map_err(MigrationError::backend("digest guest memory"))?
+        // The digest of memory as this side holds it, bound to the device
+        // state about to be restored: the guest resumes only on the
+        // source's memory and the source's state. Read back from the sink
+        // (its pages' bytes, or with page models their tokens), or folded
+        // from what was placed, page by page, as it arrived.
+        let held = match self.verify {
+            DestinationVerify::Received => self.arrived_digest(),
+            _ if self.model.is_some() => token_digest_memory(&mut self.memory, &self.layout)
+                .map_err(MigrationError::backend("digest guest page tokens"))?,
+            _ => digest_memory(&mut self.memory, &self.layout)
+                .map_err(MigrationError::backend("digest guest memory"))?,
         };
         let actual = completion_digest(held, &state);
         if actual != digest {
