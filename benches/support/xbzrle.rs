@@ -55,16 +55,27 @@ fn word(b: &[u8], i: usize) -> u64 {
 
 /// The end (exclusive) of the changed run that starts at `start`, a byte
 /// known to differ: the run goes on until `MERGE_GAP` equal bytes in a row
-/// or the end of the page.
-fn run_end(old: &[u8], new: &[u8], start: usize) -> usize {
-    let n = new.len();
+/// or the end of the page, or is cut at `stop` (the encoder gives up on a
+/// run that long, so the rest need not be looked at).
+fn run_end(old: &[u8], new: &[u8], start: usize, stop: usize) -> usize {
+    let n = new.len().min(stop);
     let mut i = start;
     let mut last_diff = start;
     while i < n {
         // A whole equal word is more than MERGE_GAP equal bytes: the run
         // ends at its last changed byte.
-        if i % 8 == 0 && i + 8 <= n && word(old, i) == word(new, i) {
-            break;
+        if i.is_multiple_of(8) && i + 8 <= n {
+            let x = word(old, i) ^ word(new, i);
+            if x == 0 {
+                break;
+            }
+            // No zero byte in x: all eight bytes changed, the run goes on.
+            const LOW: u64 = 0x0101_0101_0101_0101;
+            if x.wrapping_sub(LOW) & !x & (LOW << 7) == 0 {
+                last_diff = i + 7;
+                i += 8;
+                continue;
+            }
         }
         if old[i] != new[i] {
             last_diff = i;
@@ -87,7 +98,7 @@ pub fn encode(old: &[u8], new: &[u8], limit: usize, out: &mut Vec<u8>) -> Option
     let mut i = 0;
     while i < n {
         // Skip equal words, then equal bytes, to the first changed byte.
-        if i % 8 == 0 && i + 8 <= n && word(old, i) == word(new, i) {
+        if i.is_multiple_of(8) && i + 8 <= n && word(old, i) == word(new, i) {
             i += 8;
             continue;
         }
@@ -95,7 +106,12 @@ pub fn encode(old: &[u8], new: &[u8], limit: usize, out: &mut Vec<u8>) -> Option
             i += 1;
             continue;
         }
-        let end = run_end(old, new, i);
+        // Room left for literal bytes; a longer run means giving up.
+        let room = limit.saturating_sub(out.len());
+        let end = run_end(old, new, i, i.saturating_add(room).saturating_add(1));
+        if end - i > room {
+            return None;
+        }
         put_varint(out, i - pos);
         put_varint(out, end - i);
         out.extend_from_slice(&new[i..end]);
@@ -122,7 +138,7 @@ pub enum DeltaError {
 /// new one in place.
 pub fn decode(delta: &[u8], page: &mut [u8]) -> Result<(), DeltaError> {
     let mut at = 0;
-    let mut pos = 0;
+    let mut pos: usize = 0;
     while at < delta.len() {
         let skip = get_varint(delta, &mut at).ok_or(DeltaError::Truncated)?;
         let len = get_varint(delta, &mut at).ok_or(DeltaError::Truncated)?;
