@@ -26,9 +26,11 @@
 //!
 //! Every delta is decoded onto a copy of its old page and compared with
 //! the new page, and every compressed batch is expanded and compared with
-//! its input, before timing; a mismatch panics. (The delta code lives in
-//! a bench support file, whose `#[cfg(test)]` tests would never run; this
-//! check stands in for them.)
+//! its input, before timing; a mismatch panics. Before that,
+//! `check_delta_code` round-trips 20,000 varied changes and feeds cut-off
+//! deltas to the decoder. (The delta code lives in a bench support file,
+//! whose `#[cfg(test)]` tests would never run; these checks stand in for
+//! them.)
 //!
 //! Workloads (fixed seeds, `support/splitmix.rs`):
 //! - `kvm`: the KVM test payload stores its 64-bit loop counter at offset
@@ -339,7 +341,59 @@ fn measure_codec(w: &Workload, codec: Codec) -> Figures {
     }
 }
 
+/// Round trips of the delta code on varied changes before any figure:
+/// runs of changed bytes of every length at every kind of position
+/// (first and last byte included), pages left alone, and cut-off deltas,
+/// which must be refused without a panic.
+fn check_delta_code() {
+    let mut rng = SplitMix64(0xC0DE);
+    let mut old = vec![0u8; PAGE];
+    let mut out = Vec::new();
+    for case in 0..20_000 {
+        content(&mut rng, case, &mut old);
+        let mut new = old.clone();
+        for _ in 0..rng.next_u64() % 12 {
+            let len = 1 + (rng.next_u64() % 64) as usize;
+            let at = match rng.next_u64() % 4 {
+                0 => 0,
+                1 => PAGE - len,
+                _ => (rng.next_u64() as usize) % (PAGE - len + 1),
+            };
+            for b in &mut new[at..at + len] {
+                // Sometimes equal, so runs have gaps of every width.
+                if !rng.next_u64().is_multiple_of(4) {
+                    *b = b.wrapping_add(1 + (rng.next_u64() % 255) as u8);
+                }
+            }
+        }
+        let limit = [DELTA_LIMIT, 64, 8][case % 3];
+        let Some(n) = xbzrle::encode(&old, &new, limit, &mut out) else {
+            continue;
+        };
+        assert!(
+            n <= limit && n == out.len(),
+            "case {case}: delta past its limit"
+        );
+        if new == old {
+            assert_eq!(n, 0, "case {case}: an unchanged page encodes to nothing");
+        }
+        let mut page = old.clone();
+        xbzrle::decode(&out, &mut page).expect("a delta the encoder made decodes");
+        assert!(page == new, "case {case}: round trip differs");
+        if n > 0 {
+            let mut page = old.clone();
+            let cut = (rng.next_u64() as usize) % n;
+            // A cut delta may still be a whole shorter one; it must not
+            // panic, and must not be taken for the full delta.
+            if xbzrle::decode(&out[..cut], &mut page).is_ok() {
+                assert!(page != new || cut == 0 && old == new);
+            }
+        }
+    }
+}
+
 fn main() {
+    check_delta_code();
     let bytes = (PAGES * PAGE) as f64;
     println!(
         "{PAGES} re-sent pages of {PAGE} bytes per workload; median of {RUNS} runs; \
