@@ -50,6 +50,8 @@
 
 #[path = "support/splitmix.rs"]
 mod splitmix;
+#[path = "support/text.rs"]
+mod text;
 #[path = "support/xbzrle.rs"]
 mod xbzrle;
 
@@ -70,24 +72,12 @@ struct Workload {
     new: Vec<u8>,
 }
 
-fn text_fill(rng: &mut SplitMix64, buf: &mut [u8]) {
-    const ALPHABET: &[u8; 16] = b"etaoinshrdlucmfw";
-    let mut w = 0u64;
-    for (i, b) in buf.iter_mut().enumerate() {
-        if i % 16 == 0 {
-            w = rng.next_u64();
-        }
-        let nibble = (w >> ((i % 16) * 4)) as usize & 15;
-        *b = if nibble == 15 { b' ' } else { ALPHABET[nibble] };
-    }
-}
-
 /// Realistic content: even pages random bytes, odd pages text-like.
 fn content(rng: &mut SplitMix64, page: usize, buf: &mut [u8]) {
     if page.is_multiple_of(2) {
         rng.fill(buf);
     } else {
-        text_fill(rng, buf);
+        text::fill(rng, buf);
     }
 }
 

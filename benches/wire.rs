@@ -63,6 +63,8 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[path = "support/splitmix.rs"]
 mod splitmix;
+#[path = "support/text.rs"]
+mod text;
 use splitmix::SplitMix64;
 
 #[derive(Clone, Copy)]
@@ -85,19 +87,7 @@ impl Data {
         let mut rng = SplitMix64(0x5EED);
         match self {
             Data::Random => rng.fill(buf),
-            Data::Text => {
-                // Words of a 16-letter alphabet between spaces: about 4
-                // bits of entropy per byte.
-                const ALPHABET: &[u8; 16] = b"etaoinshrdlucmfw";
-                let mut w = 0u64;
-                for (i, b) in buf.iter_mut().enumerate() {
-                    if i % 16 == 0 {
-                        w = rng.next_u64();
-                    }
-                    let nibble = (w >> ((i % 16) * 4)) as usize & 15;
-                    *b = if nibble == 15 { b' ' } else { ALPHABET[nibble] };
-                }
-            }
+            Data::Text => text::fill(&mut rng, buf),
             // Written, so the pages are resident like guest memory.
             Data::Zeros => buf.fill(0),
         }
