@@ -12,13 +12,13 @@
 //! Changed runs are found 8 bytes at a time: a word of the new page equal
 //! to the old word is skipped without looking at its bytes. Within a word
 //! that differs the run is trimmed to the bytes that differ, and two
-//! changed runs separated by fewer than `MERGE_GAP` equal bytes are joined
+//! changed runs separated by at most `MERGE_GAP` equal bytes are joined
 //! (a literal of a few equal bytes is cheaper than a pair).
 //!
 //! The encoder gives up (`None`) as soon as its output would exceed the
 //! limit it is given; the sender then sends the page whole.
 
-/// Equal bytes between two changed runs below which the runs are joined:
+/// The most equal bytes between two changed runs that still joins them:
 /// a new pair costs at least two length bytes.
 const MERGE_GAP: usize = 3;
 
@@ -54,7 +54,7 @@ fn word(b: &[u8], i: usize) -> u64 {
 }
 
 /// The end (exclusive) of the changed run that starts at `start`, a byte
-/// known to differ: the run goes on until `MERGE_GAP` equal bytes in a row
+/// known to differ: the run goes on until more than `MERGE_GAP` equal bytes in a row
 /// or the end of the page, or is cut at `stop` (the encoder gives up on a
 /// run that long, so the rest need not be looked at).
 fn run_end(old: &[u8], new: &[u8], start: usize, stop: usize) -> usize {
