@@ -42,6 +42,7 @@ use clap::{Parser, ValueEnum};
 use livemig::core::driver::{
     run_destination, run_destination_recoverable, run_source, run_source_recoverable,
 };
+use livemig::core::multistream::MAX_DATA_CONNECTIONS;
 use livemig::core::protocol::RecordType;
 use livemig::core::tls::{self, TlsConfig, TlsSession};
 use livemig::core::transport::{accept_within, TransportError};
@@ -185,6 +186,11 @@ struct Args {
     /// queued; without it they go first in the push. Plain TCP only.
     #[arg(long)]
     postcopy_preempt: bool,
+    /// Page batches spread over this many data connections, besides a
+    /// control connection (from 1 to 64; with 1 and no preempt
+    /// connection, one plain stream carries everything). Plain TCP only.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
     /// Internal: which side this process is.
     #[arg(long, value_enum, default_value = "source", hide = true)]
     role: Role,
@@ -276,14 +282,21 @@ fn destination(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
         .unwrap_or(tls::host_of(addr))
         .to_owned();
     let preempt = a.postcopy_preempt;
+    let data = a.connections;
     let mut dial = || -> Result<Box<dyn Transport>, String> {
-        if preempt {
-            // A control, a data and the preempt connection.
-            let t = MultiTransport::connect_preempt(1, || {
+        if preempt || data > 1 {
+            // A control connection, `data` data connections and, with
+            // preempt, the preempt connection.
+            let open = || {
                 let s = TcpStream::connect(addr)?;
                 s.set_nodelay(true)?;
                 Ok(s)
-            })
+            };
+            let t = if preempt {
+                MultiTransport::connect_preempt(data, open)
+            } else {
+                MultiTransport::connect(data, open)
+            }
             .map_err(|e| format!("connect {addr}: {e}"))?;
             return Ok(Box::new(t));
         }
@@ -353,6 +366,12 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     if a.postcopy_preempt && (a.tls_cert.is_some() || a.tls_key.is_some()) {
         return Err("invalid: --postcopy-preempt runs over plain TCP, not with --tls-*".into());
     }
+    if !(1..=MAX_DATA_CONNECTIONS).contains(&a.connections) {
+        return Err(format!("invalid --connections: from 1 to {MAX_DATA_CONNECTIONS}").into());
+    }
+    if a.connections > 1 && (a.tls_cert.is_some() || a.tls_key.is_some()) {
+        return Err("invalid: --connections above 1 runs over plain TCP, not with --tls-*".into());
+    }
     let mut engine = EngineConfig::default();
     engine.verify = a.verify;
     engine.postcopy_preempt = a.postcopy_preempt;
@@ -383,6 +402,7 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     if a.postcopy_preempt {
         child.arg("--postcopy-preempt");
     }
+    child.args(["--connections", &a.connections.to_string()]);
     child.args(["--dest-verify", &dest_verify(a).to_string()]);
     let mut child = child
         .args(["--role", "destination", "--connect", &addr.to_string()])
@@ -421,6 +441,7 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
         })
     };
     let preempt = a.postcopy_preempt;
+    let multi = preempt || a.connections > 1;
     let take_set =
         |first: Option<TcpStream>, left: Duration| -> Result<Box<dyn Transport>, String> {
             let mut first = first;
@@ -433,13 +454,13 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
                 Ok(s)
             })
             .map_err(|e| e.to_string())?;
-            if !t.has_preempt() {
+            if preempt && !t.has_preempt() {
                 return Err("the destination opened no preempt connection".into());
             }
             Ok(Box::new(t))
         };
     let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
-    let first = if preempt {
+    let first = if multi {
         take_set(Some(stream), TIMEOUT)?
     } else {
         take(stream)?
@@ -471,7 +492,7 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
     steer::show_progress(&e.handle(), true);
     let run = if a.recover_timeout.is_some() {
         let mut again = |left: Duration| {
-            let t = if preempt {
+            let t = if multi {
                 take_set(None, left)
             } else {
                 let s = accept_within(&listener, left)?;
@@ -533,7 +554,7 @@ fn source(a: &Args, ctrlc: &steer::CtrlC) -> Result<bool, Failure> {
             "report-interval-ms": interval_us as f64 / 1000.0,
             "counter-last-on-source": before, "counter-first-on-destination": after,
             "counter-continues": continues, "memory-verified": verified,
-            "verify": a.verify.to_string(), "prefault": a.prefault == "on",
+            "verify": a.verify.to_string(), "prefault": a.prefault == "on", "connections": a.connections,
             "dest-verify": dest_verify(a).to_string(),
             "tracker": format!("{:?}", a.tracker).to_lowercase(),
             "destination": dest,
