@@ -328,12 +328,18 @@ fn postcopy_between_two_processes_with_a_preempt_connection() {
 }
 
 /// Hybrid with two pre-copy rounds and a 1 µs downtime target, which
-/// then switches to post-copy. Its one change to [`Hybrid`]: where Hybrid
-/// would stop and copy because nothing is left (a guest that got no CPU
-/// during a round dirtied nothing, which a loaded host can cause), it
-/// switches to post-copy all the same, so the test exercises the switch
-/// on any host.
+/// then switches to post-copy. Its changes to [`Hybrid`]: where Hybrid
+/// would stop and copy because nothing is left, it switches to post-copy
+/// all the same; and it switches only once at least [`MIN_PUSH`] pages
+/// are pending, running more pre-copy rounds until the guest has written
+/// that many. A guest that got little CPU during a round (a loaded host
+/// can cause it) dirtied few pages; waiting for its writes, not for
+/// time, gives the post-copy push enough batches for the cut tests on
+/// any host.
 struct ForcedHybrid(Hybrid);
+
+/// Pages pending at the switch to post-copy: 16 batches of the push.
+const MIN_PUSH: u64 = 256;
 
 fn forced_hybrid() -> ForcedHybrid {
     ForcedHybrid(Hybrid::new({
@@ -353,8 +359,12 @@ impl Policy for ForcedHybrid {
         self.0.name()
     }
     fn decide(&mut self, input: &migrate_core::PolicyInput<'_>) -> migrate_core::Decision {
+        use migrate_core::{Decision, PageSelection};
         match self.0.decide(input) {
-            migrate_core::Decision::StopAndCopy(r) => migrate_core::Decision::PostCopy(r),
+            Decision::StopAndCopy(_) | Decision::PostCopy(_) if input.pending_pages < MIN_PUSH => {
+                Decision::Precopy(PageSelection::AllPending)
+            }
+            Decision::StopAndCopy(r) => Decision::PostCopy(r),
             other => other,
         }
     }
