@@ -10,23 +10,16 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// Runs kvm-migrate on a small guest with `args`; its exit status and
 /// standard output.
 fn kvm_migrate(args: &[&str]) -> (std::process::ExitStatus, String) {
-    let child = Command::new(common::example("kvm-migrate"))
-        .args(["--mem", "64MiB", "--wss", "16MiB", "--dirty-rate", "50MB/s"])
+    let mut cmd = Command::new(common::example("kvm-migrate"));
+    cmd.args(["--mem", "64MiB", "--wss", "16MiB", "--dirty-rate", "50MB/s"])
         .args(["--settle", "100ms", "--verify", "full", "--json"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting kvm-migrate");
-    let out = common::wait(child, "kvm-migrate");
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+        .args(args);
+    common::status_and_stdout(cmd, "kvm-migrate")
 }
 
 fn migrates_with(args: &[&str], connections: u64) {

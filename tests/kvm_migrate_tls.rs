@@ -11,7 +11,7 @@ mod common;
 
 use migrate_core::tls::test_pki::{TestCa, TestIdentity};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// Writes the identity's files into a fresh directory under the test's
 /// scratch space and returns `--tls-*` arguments naming them.
@@ -32,23 +32,16 @@ fn tls_args(id: &TestIdentity, tag: &str) -> Vec<String> {
 }
 
 fn kvm_migrate(args: &[String]) -> (std::process::ExitStatus, String) {
-    let child = Command::new(common::example("kvm-migrate"))
-        .args(["--mem", "64MiB", "--wss", "16MiB"])
+    let mut cmd = Command::new(common::example("kvm-migrate"));
+    cmd.args(["--mem", "64MiB", "--wss", "16MiB"])
         .args(if args.iter().any(|a| a == "--dirty-rate") {
             &[][..]
         } else {
             &["--dirty-rate", "50MB/s"][..]
         })
         .args(["--settle", "100ms", "--json"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting kvm-migrate");
-    let out = common::wait(child, "kvm-migrate");
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+        .args(args);
+    common::status_and_stdout(cmd, "kvm-migrate")
 }
 
 fn migrates_over_tls(policy: &str) -> serde_json::Value {

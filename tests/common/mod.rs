@@ -4,7 +4,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -115,4 +115,18 @@ pub fn wait(mut child: Child, what: &str) -> Output {
         stdout: reader.join().expect("reading the VMM's output"),
         stderr: Vec::new(),
     }
+}
+
+/// Runs `cmd` with its standard output captured, within [`DEADLINE`]:
+/// its exit status and standard output.
+pub fn status_and_stdout(mut cmd: Command, what: &str) -> (ExitStatus, String) {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+    let out = wait(child, what);
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
