@@ -117,14 +117,14 @@ pub(crate) fn populate(
             format!("{len} bytes at {addr:#x} are not pages of guest memory"),
         ));
     }
+    // The advice is MADV_POPULATE_WRITE or one the kernel refuses.
+    // MADV_POPULATE_WRITE faults pages in as writable and changes no byte
+    // of them: a page holding data keeps it, a fresh one reads as zeros,
+    // as before. Guest memory is only accessed through volatile
+    // accessors, never through Rust references, so populating under
+    // another thread's access is sound.
     // SAFETY: the range lies inside a mapping `memory` holds (checked
-    // above), which stays mapped while `memory` lives. The advice is
-    // MADV_POPULATE_WRITE or one the kernel refuses. MADV_POPULATE_WRITE
-    // faults pages in as writable and changes no byte of them: a page
-    // holding data keeps it, a fresh one reads as zeros, as before. Guest
-    // memory is only accessed through volatile accessors, never through
-    // Rust references, so populating under another thread's access is
-    // sound.
+    // above), mapped while `memory` lives; the advice changes no byte.
     let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, advice) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
