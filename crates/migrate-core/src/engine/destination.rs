@@ -133,6 +133,9 @@ pub struct DestinationEngine<K, G> {
     /// When the last round ended (or the first frame came) and the bytes
     /// received by then.
     round_mark: (Duration, u64),
+    /// Whether the source asked for [`Record::RoundReceived`] after each
+    /// pre-copy round ([`Capabilities::ROUND_RECEIVED`]).
+    answer_rounds: bool,
     handle: MigrationHandle,
     /// Tracing: the migration's span on this side.
     span: tracing::Span,
@@ -182,6 +185,7 @@ where
             heard_at: None,
             started_at: None,
             round_mark: (Duration::ZERO, 0),
+            answer_rounds: false,
             handle: {
                 let h = MigrationHandle::new(Side::Destination);
                 h.lock().progress.guest_pages = layout.total_pages();
@@ -1010,6 +1014,13 @@ where
                 let now = self.clock.now();
                 let (at, bytes) = self.round_mark;
                 self.round_mark = (now, self.report.bytes_received);
+                tracing::info!(round, pages = pages_sent, "round received");
+                if self.answer_rounds && matches!(self.state, DstState::Receiving(None)) {
+                    // Every frame before the marker has been handled: the
+                    // source times the round until now.
+                    self.outbox
+                        .push_back(protocol::encode_to_vec(&Record::RoundReceived { round }));
+                }
                 self.handle.emit(Event::RoundFinished {
                     round,
                     pages: pages_sent,
@@ -1018,6 +1029,10 @@ where
                     duration: now.saturating_sub(at),
                     throttle_pct: 0,
                 });
+                Ok(DestStatus::Continue)
+            }
+            (DstState::Receiving(None), Record::Capabilities(caps)) => {
+                self.answer_rounds = caps.contains(Capabilities::ROUND_RECEIVED);
                 Ok(DestStatus::Continue)
             }
             (DstState::Receiving(None), Record::Populated(ranges)) => {
@@ -1030,6 +1045,7 @@ where
                     discard_cursor: 0,
                     device_state: None,
                 });
+                tracing::info!(postcopy, "switch-over received");
                 self.handle.emit(Event::SwitchOver {
                     postcopy,
                     reason: None,

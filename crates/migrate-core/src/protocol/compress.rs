@@ -85,9 +85,22 @@ impl Capabilities {
     /// [`Record::Populated`](super::Record::Populated) ranges before the
     /// first round (the bit of its record type, 21).
     pub const POPULATED: Capabilities = Capabilities(1 << 21);
+    /// Round acknowledgements (the bit of [`Record::RoundReceived`]'s
+    /// type, 22). From a destination: it takes a source's
+    /// [`Record::Capabilities`] and, if they carry this bit, answers each
+    /// pre-copy [`Record::RoundEnd`] with [`Record::RoundReceived`] once it
+    /// has handled every frame before it. From a source (sent only to a
+    /// destination that announced it): it decodes those answers and asks
+    /// for them.
+    ///
+    /// [`Record::RoundReceived`]: super::Record::RoundReceived
+    /// [`Record::RoundEnd`]: super::Record::RoundEnd
+    /// [`Record::Capabilities`]: super::Record::Capabilities
+    pub const ROUND_RECEIVED: Capabilities = Capabilities(1 << 22);
     /// Everything this library can decode.
-    pub const ALL: Capabilities =
-        Capabilities(Self::LZ4.0 | Self::ZSTD.0 | Self::PREEMPT.0 | Self::POPULATED.0);
+    pub const ALL: Capabilities = Capabilities(
+        Self::LZ4.0 | Self::ZSTD.0 | Self::PREEMPT.0 | Self::POPULATED.0 | Self::ROUND_RECEIVED.0,
+    );
 
     /// Whether every bit of `other` is set here.
     pub fn contains(self, other: Capabilities) -> bool {

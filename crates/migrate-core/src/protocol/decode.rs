@@ -335,6 +335,11 @@ impl Decoder {
                 let pages_sent = b.u64()?;
                 Record::RoundEnd { round, pages_sent }
             }
+            RecordType::RoundReceived => {
+                let round = b.u32()?;
+                b.zero_u32("round received reserved field")?;
+                Record::RoundReceived { round }
+            }
             RecordType::DeviceState => {
                 let version = b.u32()?;
                 let flen = b.count("device state format length", MAX_TEXT)?;
@@ -572,6 +577,7 @@ fn record_name(ty: RecordType) -> &'static str {
         RecordType::CompressedBatch => "compressed batch",
         RecordType::RequestedPages => "requested pages",
         RecordType::Populated => "populated ranges",
+        RecordType::RoundReceived => "round received",
     }
 }
 

@@ -121,6 +121,10 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
             out.put_u32_le(0);
             out.put_u64_le(*pages_sent);
         }
+        Record::RoundReceived { round } => {
+            out.put_u32_le(*round);
+            out.put_u32_le(0);
+        }
         Record::DeviceState(s) => {
             out.put_u32_le(s.version);
             out.put_u32_le(s.format.len() as u32);

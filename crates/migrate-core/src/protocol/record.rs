@@ -53,6 +53,10 @@ pub enum RecordType {
     /// The pages that will arrive with data, sent before the first round
     /// (the destination may populate them ahead of their data).
     Populated = 21,
+    /// The destination has received a pre-copy round up to its marker
+    /// (sent only to a source that asked, see
+    /// [`Capabilities::ROUND_RECEIVED`](super::Capabilities::ROUND_RECEIVED)).
+    RoundReceived = 22,
     /// A batch of page models (see [`ModelBatch`]): the simulator's fast
     /// path, never sent by a real backend.
     ModelBatch = 0x40,
@@ -83,6 +87,7 @@ impl RecordType {
             19 => CompressedBatch,
             20 => RequestedPages,
             21 => Populated,
+            22 => RoundReceived,
             0x40 => ModelBatch,
             _ => return None,
         })
@@ -108,6 +113,7 @@ impl RecordType {
             DiscardBitmap | ReceivedBitmap => 16 + MAX_DISCARD_WORDS * 8,
             Session => 24,
             Recovered => 8,
+            RoundReceived => 8,
             Capabilities => 8,
             // Sent only when smaller than the page batch it stands for.
             CompressedBatch => 8 + MAX_PAGE_BATCH_BODY,
@@ -448,6 +454,16 @@ pub enum Record<'a> {
     /// [`Capabilities::POPULATED`]; every other page is zero. Several
     /// records follow one another when the ranges do not fit in one.
     Populated(Vec<(PageNum, u64)>),
+    /// The destination has handled every frame of pre-copy round `round`
+    /// up to and including its [`Record::RoundEnd`]. Sent only to a
+    /// source whose [`Record::Capabilities`] carry
+    /// [`Capabilities::ROUND_RECEIVED`](super::Capabilities::ROUND_RECEIVED):
+    /// the source times the round until the destination had all of it,
+    /// not until its last frame was handed to the transport.
+    RoundReceived {
+        /// The round.
+        round: u32,
+    },
 }
 
 impl Record<'_> {
@@ -471,6 +487,7 @@ impl Record<'_> {
             Record::Resumed(_) => RecordType::Resumed,
             Record::Discard(_) => RecordType::Discard,
             Record::Populated(_) => RecordType::Populated,
+            Record::RoundReceived { .. } => RecordType::RoundReceived,
             Record::Verified(_) => RecordType::Verified,
             Record::DiscardBitmap { .. } => RecordType::DiscardBitmap,
             Record::Session { .. } => RecordType::Session,

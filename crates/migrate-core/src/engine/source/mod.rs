@@ -37,6 +37,11 @@ enum SrcState {
     Decide,
     /// A pre-copy round, with the guest running.
     Precopy(Round),
+    /// A pre-copy round whose pages and marker were all handed out,
+    /// waiting for the destination to say it received them
+    /// ([`Record::RoundReceived`]); the round's time and rate run until
+    /// then.
+    AwaitRoundReceived(Round),
     /// The final copy of a stop-and-copy, with the guest paused.
     Final(Round),
     /// Post-copy: the guest was switched over and the rest of its pages
@@ -131,6 +136,10 @@ struct Wire {
     preempt: bool,
     /// Numbers the [`Record::RequestedPages`] frames, apart from the rest.
     preempt_sequencer: Sequencer,
+    /// The destination answers each pre-copy round marker with
+    /// [`Record::RoundReceived`] (it announced
+    /// [`Capabilities::ROUND_RECEIVED`] and was asked to).
+    round_acks: bool,
 }
 
 /// The page sets and the buffers pages pass through.
@@ -368,6 +377,7 @@ where
                 paused_frames: 0,
                 preempt: false,
                 preempt_sequencer: Sequencer::new(),
+                round_acks: false,
             },
             tracker,
             memory,
@@ -694,6 +704,7 @@ where
                     };
                 }
                 SrcState::AwaitReady { .. }
+                | SrcState::AwaitRoundReceived(_)
                 | SrcState::AwaitResumed
                 | SrcState::AwaitVerified(_)
                 | SrcState::Recovering(_) => return Ok(SourceStep::Wait),
@@ -774,6 +785,17 @@ where
                     .start()
                     .map_err(MigrationError::backend("start dirty tracking"))?;
                 self.guest.tracking = true;
+                if self.wire.peer_caps.contains(Capabilities::ROUND_RECEIVED) {
+                    // Ask for round acknowledgements: a round's rate is then
+                    // what reached the destination, not what the transport
+                    // took into its buffers.
+                    self.wire
+                        .outbox
+                        .push_back(protocol::encode_to_vec(&Record::Capabilities(
+                            Capabilities::ROUND_RECEIVED,
+                        )));
+                    self.wire.round_acks = true;
+                }
                 if self.wire.peer_caps.contains(Capabilities::POPULATED) {
                     self.announce_populated();
                 }
@@ -786,6 +808,16 @@ where
                 self.pages.pending_count = self.pages.pending.count_ones();
                 self.state = SrcState::Decide;
                 Ok(())
+            }
+            (Record::RoundReceived { round }, SrcState::AwaitRoundReceived(r))
+                if round == r.number =>
+            {
+                // The destination handled the marker half a round trip ago.
+                let received = now.saturating_sub(self.figures.rtt / 2).max(r.started);
+                match std::mem::replace(&mut self.state, SrcState::Decide) {
+                    SrcState::AwaitRoundReceived(r) => self.end_precopy_round(r, received, true),
+                    _ => Ok(()),
+                }
             }
             (Record::Resumed(report), SrcState::AwaitResumed) => {
                 self.steer.handle.emit(Event::Resumed);
@@ -860,6 +892,9 @@ where
                         "waiting for the destination to accept the layout"
                     }
                     SrcState::AwaitResumed => "waiting for the destination to resume",
+                    SrcState::AwaitRoundReceived(_) => {
+                        "waiting for the destination to receive the round"
+                    }
                     SrcState::Postcopy(_) | SrcState::AwaitVerified(_) => {
                         "pushing pages in post-copy"
                     }

@@ -545,7 +545,18 @@ where
     pub(super) fn end_round(&mut self) -> Result<(), MigrationError> {
         let now = self.now();
         match std::mem::replace(&mut self.state, SrcState::Decide) {
-            SrcState::Precopy(round) => self.end_precopy_round(round, now),
+            SrcState::Precopy(round)
+                if self.wire.round_acks && !self.steer.postcopy_requested =>
+            {
+                // The round ends when the destination says it has it all
+                // (`Record::RoundReceived`): until then its pages may sit
+                // in the transport's buffers, and a rate taken now would
+                // count them as delivered.
+                self.push_round_end(&round);
+                self.state = SrcState::AwaitRoundReceived(round);
+                Ok(())
+            }
+            SrcState::Precopy(round) => self.end_precopy_round(round, now, false),
             SrcState::Final(round) => {
                 // Anything written while paused (device emulation) goes too.
                 self.tracker
@@ -560,12 +571,12 @@ where
                     });
                     return Ok(());
                 }
-                self.record_round(&round, true, now, 0);
+                self.record_round(&round, true, now, 0, false);
                 self.send_tail(now)
             }
             SrcState::Postcopy(mut p) => {
                 if !p.recorded {
-                    self.record_round(&p.round, true, now, 0);
+                    self.record_round(&p.round, true, now, 0, false);
                     p.recorded = true;
                 }
                 self.complete_postcopy(p)
@@ -577,7 +588,16 @@ where
         }
     }
 
-    fn end_precopy_round(&mut self, round: Round, now: Duration) -> Result<(), MigrationError> {
+    /// Closes a pre-copy round at `now`: collects what the guest dirtied,
+    /// records the round and its rates. `marker_sent`: its
+    /// [`Record::RoundEnd`] went already (the round waited for the
+    /// destination to receive it, and `now` is when it did).
+    pub(super) fn end_precopy_round(
+        &mut self,
+        round: Round,
+        now: Duration,
+        marker_sent: bool,
+    ) -> Result<(), MigrationError> {
         let pages = &mut self.pages;
         self.tracker
             .collect_and_clear(&mut pages.scratch)
@@ -594,7 +614,7 @@ where
         }
         let dirtied = pages.scratch.count_ones();
         pages.merge_scratch();
-        let delta = self.record_round(&round, false, now, dirtied);
+        let delta = self.record_round(&round, false, now, dirtied, marker_sent);
         let f = &mut self.figures;
         if !delta.is_zero() {
             let secs = delta.as_secs_f64();
@@ -615,15 +635,26 @@ where
         self.converge_step(dirtied, round.bytes)
     }
 
-    /// Closes a round: its end marker on the wire, its line in the
-    /// statistics, its figures in its span and an event. Returns its
-    /// duration.
+    /// Queues the round's end marker.
+    fn push_round_end(&mut self, round: &Round) {
+        self.wire
+            .outbox
+            .push_back(protocol::encode_to_vec(&Record::RoundEnd {
+                round: round.number,
+                pages_sent: round.sent,
+            }));
+    }
+
+    /// Closes a round: its end marker on the wire (unless `marker_sent`),
+    /// its line in the statistics, its figures in its span and an event.
+    /// Returns its duration.
     fn record_round(
         &mut self,
         round: &Round,
         final_copy: bool,
         now: Duration,
         dirtied: u64,
+        marker_sent: bool,
     ) -> Duration {
         let delta = now.saturating_sub(round.started);
         let pct = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
@@ -638,12 +669,9 @@ where
         } else {
             pct(round.guest_cpu_start, self.control.guest_cpu_time())
         };
-        self.wire
-            .outbox
-            .push_back(protocol::encode_to_vec(&Record::RoundEnd {
-                round: round.number,
-                pages_sent: round.sent,
-            }));
+        if !marker_sent {
+            self.push_round_end(round);
+        }
         let stats = RoundStats {
             round: round.number,
             sent: round.sent,

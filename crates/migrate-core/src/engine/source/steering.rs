@@ -115,7 +115,10 @@ where
     pub(super) fn waiting_for_peer(&self) -> bool {
         matches!(
             self.state,
-            SrcState::AwaitReady { .. } | SrcState::AwaitResumed | SrcState::AwaitVerified(_)
+            SrcState::AwaitReady { .. }
+                | SrcState::AwaitRoundReceived(_)
+                | SrcState::AwaitResumed
+                | SrcState::AwaitVerified(_)
         ) || matches!(&self.state, SrcState::Recovering(r) if r.connected)
     }
 
@@ -185,6 +188,7 @@ where
                     | SrcState::AwaitReady { .. }
                     | SrcState::Decide
                     | SrcState::Precopy(_)
+                    | SrcState::AwaitRoundReceived(_)
             )
         {
             tracing::info!("switch to post-copy requested");
@@ -248,7 +252,9 @@ where
     fn phase(&self) -> Option<Phase> {
         Some(match &self.state {
             SrcState::Init | SrcState::AwaitReady { .. } => Phase::Setup,
-            SrcState::Decide | SrcState::Precopy(_) => Phase::Precopy,
+            SrcState::Decide | SrcState::Precopy(_) | SrcState::AwaitRoundReceived(_) => {
+                Phase::Precopy
+            }
             SrcState::Final(_) => Phase::StopAndCopy,
             SrcState::Postcopy(_) if !self.wire.committed => Phase::StopAndCopy,
             SrcState::Postcopy(_) | SrcState::AwaitVerified(_) => Phase::Postcopy,
