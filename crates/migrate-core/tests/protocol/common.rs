@@ -226,6 +226,7 @@ pub(crate) fn owned_record() -> impl Strategy<Value = Record<'static>> {
         layout().prop_map(Record::Layout),
         (any::<u32>(), any::<u64>())
             .prop_map(|(round, pages_sent)| Record::RoundEnd { round, pages_sent }),
+        any::<u32>().prop_map(|round| Record::RoundReceived { round }),
         device_state().prop_map(Record::DeviceState),
         (any::<u32>(), any::<bool>())
             .prop_map(|(round, postcopy)| Record::SwitchOver { round, postcopy }),
