@@ -37,6 +37,12 @@ pub struct Link {
     pub bandwidth_bps: f64,
     /// One-way latency.
     pub latency: Duration,
+    /// Bytes the source's transport takes ahead of the wire, as a socket's
+    /// send buffer does (0, the default: a send returns once its frame is
+    /// on the wire). With a buffer, a send returns as soon as its frame
+    /// fits in it, so the source runs ahead of what the destination has
+    /// received by up to this many bytes. [`simulate`] only.
+    pub send_buffer: usize,
 }
 
 impl Link {
@@ -45,7 +51,15 @@ impl Link {
         Link {
             bandwidth_bps,
             latency,
+            send_buffer: 0,
         }
+    }
+
+    /// This link with a send buffer of `bytes` on the source's side (see
+    /// [`Link::send_buffer`]).
+    pub fn with_send_buffer(mut self, bytes: usize) -> Self {
+        self.send_buffer = bytes;
+        self
     }
 
     /// Time to put `bytes` on the wire.
@@ -539,7 +553,10 @@ pub fn simulate_steered(
             match run.poll()? {
                 SourceStep::Send(frame) => {
                     let arrive = fwd.send(src_ready, wire_len(&frame));
-                    src_ready = fwd.free;
+                    // The send returns once what waits for the wire fits
+                    // in the send buffer.
+                    let buffered = fwd.link.serialisation(fwd.link.send_buffer);
+                    src_ready = src_ready.max(fwd.free.saturating_sub(buffered));
                     seq += 1;
                     events.push(Reverse((arrive, seq, Dir::ToDest, frame)));
                 }

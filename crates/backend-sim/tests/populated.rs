@@ -82,9 +82,18 @@ fn records_until_first_batch(caps: Capabilities) -> (Vec<String>, Vec<(PageNum, 
 #[test]
 fn a_destination_that_takes_them_is_told_the_populated_pages() {
     let (seen, announced) = records_until_first_batch(Capabilities::ALL);
+    // The capabilities record asks for round acknowledgements (the
+    // destination announced those too).
     assert_eq!(
-        seen[..5],
-        ["Header", "Layout", "Populated", "Populated", "PageBatch"],
+        seen[..6],
+        [
+            "Header",
+            "Layout",
+            "Capabilities",
+            "Populated",
+            "Populated",
+            "PageBatch"
+        ],
         "{seen:?}"
     );
     let expect: Vec<(PageNum, u64)> = (0..5_000).map(|i| (i * 4, 2)).collect();

@@ -356,9 +356,10 @@ fn without_a_new_connection_both_sides_give_up_after_the_recovery_timeout() {
         let r = run_destination_recoverable(&mut e, &mut t, None, &mut never, TIMEOUT);
         (r, e.resumed())
     });
-    // Header, session, layout, switch-over, discard, device state, then
-    // the first batch of the push: cut.
-    let mut t = wire.link(TcpStream::connect(addr).unwrap(), Some(6));
+    // Header, session, layout, capabilities (asking for round
+    // acknowledgements), switch-over, discard, device state, then the
+    // first batch of the push: cut.
+    let mut t = wire.link(TcpStream::connect(addr).unwrap(), Some(7));
     let mut e = recovering_postcopy_source(&src, clock, Duration::from_secs(1));
     let mut refused =
         |_left: Duration| -> Result<Link, TransportError> { Err(TransportError::Closed) };
@@ -390,9 +391,10 @@ fn a_connection_naming_another_session_is_refused_and_the_source_recovers() {
         };
         run_destination_recoverable(&mut e, &mut t, None, &mut again, TIMEOUT)
     });
-    // Header, session, layout, switch-over, discard, device state, then
-    // the first batch of the push: cut.
-    let mut t = wire.link(TcpStream::connect(addr).unwrap(), Some(6));
+    // Header, session, layout, capabilities (asking for round
+    // acknowledgements), switch-over, discard, device state, then the
+    // first batch of the push: cut.
+    let mut t = wire.link(TcpStream::connect(addr).unwrap(), Some(7));
     let mut e = recovering_postcopy_source(&src, clock, RECOVER);
     let mut impostor_refused = false;
     let mut again = |_left: Duration| -> Result<Link, TransportError> {

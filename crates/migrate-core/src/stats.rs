@@ -90,7 +90,11 @@ pub struct RoundStats {
     pub zero: u64,
     /// Bytes put on the wire in this round, record overhead included.
     pub bytes: u64,
-    /// Duration of the round.
+    /// Duration of the round. A pre-copy round to a destination that
+    /// acknowledges rounds (`Capabilities::ROUND_RECEIVED`) lasts until
+    /// the destination had every frame of it, less half a round trip;
+    /// otherwise, and for the final copy, until its last frame was handed
+    /// to the transport.
     #[serde(with = "ms", rename = "delta-ms")]
     pub delta: Duration,
     /// Migration thread CPU use over the round, percent.

@@ -819,6 +819,9 @@ where
                     _ => Ok(()),
                 }
             }
+            // A round the source did not wait for (one cut short by a
+            // request for post-copy): nothing to time.
+            (Record::RoundReceived { round }, _) if round <= self.figures.rounds_done => Ok(()),
             (Record::Resumed(report), SrcState::AwaitResumed) => {
                 self.steer.handle.emit(Event::Resumed);
                 self.finish(now, report, None);

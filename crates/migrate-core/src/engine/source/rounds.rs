@@ -545,9 +545,7 @@ where
     pub(super) fn end_round(&mut self) -> Result<(), MigrationError> {
         let now = self.now();
         match std::mem::replace(&mut self.state, SrcState::Decide) {
-            SrcState::Precopy(round)
-                if self.wire.round_acks && !self.steer.postcopy_requested =>
-            {
+            SrcState::Precopy(round) if self.wire.round_acks && !self.steer.postcopy_requested => {
                 // The round ends when the destination says it has it all
                 // (`Record::RoundReceived`): until then its pages may sit
                 // in the transport's buffers, and a rate taken now would
@@ -588,16 +586,17 @@ where
         }
     }
 
-    /// Closes a pre-copy round at `now`: collects what the guest dirtied,
-    /// records the round and its rates. `marker_sent`: its
+    /// Closes a pre-copy round that ended at `ended`: collects what the
+    /// guest dirtied, records the round and its rates. `marker_sent`: its
     /// [`Record::RoundEnd`] went already (the round waited for the
-    /// destination to receive it, and `now` is when it did).
+    /// destination to receive it, and `ended` is when it did).
     pub(super) fn end_precopy_round(
         &mut self,
         round: Round,
-        now: Duration,
+        ended: Duration,
         marker_sent: bool,
     ) -> Result<(), MigrationError> {
+        let now = self.now();
         let pages = &mut self.pages;
         self.tracker
             .collect_and_clear(&mut pages.scratch)
@@ -614,7 +613,7 @@ where
         }
         let dirtied = pages.scratch.count_ones();
         pages.merge_scratch();
-        let delta = self.record_round(&round, false, now, dirtied, marker_sent);
+        let delta = self.record_round(&round, false, ended, dirtied, marker_sent);
         let f = &mut self.figures;
         if !delta.is_zero() {
             let secs = delta.as_secs_f64();
