@@ -407,33 +407,97 @@ impl KvmMemory {
     fn place(&self, page: PageNum, data: Option<&[u8]>) -> Option<Result<(), BackendError>> {
         let mut guard = self.postcopy_lock();
         let pc = guard.as_mut()?;
+        Some(self.place_in(pc, page, data))
+    }
+
+    /// [`KvmMemory::place`] with the post-copy state in hand.
+    fn place_in(
+        &self,
+        pc: &mut Postcopy,
+        page: PageNum,
+        data: Option<&[u8]>,
+    ) -> Result<(), BackendError> {
+        let host = self.host_of(page)?;
+        let a = GuestAddress(page << 12);
+        let io = |e: std::io::Error| BackendError::io(format!("place page {page:#x}"), e);
+        if !pc.present.get(page) {
+            let placed = match data {
+                Some(d) => pc.uffd.copy(host, d).map_err(io)?,
+                None => pc.uffd.zeropage(host, 4096).map_err(io)?,
+            };
+            pc.present.set(page);
+            if placed == Placed::Mapped {
+                return Ok(());
+            }
+        }
+        // Present: an ordinary write reaches it without a fault.
+        let zeros = [0u8; 4096];
+        self.mapped
+            .memory()
+            .write_slice(data.unwrap_or(&zeros), a)
+            .map_err(|e| {
+                BackendError::with_source(
+                    BackendErrorKind::Io,
+                    format!("write page {page:#x}: {e}"),
+                    e,
+                )
+            })
+    }
+
+    /// Places zero pages on a post-copy destination: each run of absent
+    /// pages that are consecutive in guest and host memory with one
+    /// `UFFDIO_ZEROPAGE` (a pre-copy round to a hybrid destination sends
+    /// runs of thousands; one call per page cost a system call each), a
+    /// present page with an ordinary write. `None` if post-copy is not
+    /// enabled.
+    fn place_zeros(&self, pages: &[PageNum]) -> Option<Result<(), BackendError>> {
+        let mut guard = self.postcopy_lock();
+        let pc = guard.as_mut()?;
         Some((|| {
-            let host = self.host_of(page)?;
-            let a = GuestAddress(page << 12);
-            let io = |e: std::io::Error| BackendError::io(format!("place page {page:#x}"), e);
-            if !pc.present.get(page) {
-                let placed = match data {
-                    Some(d) => pc.uffd.copy(host, d).map_err(io)?,
-                    None => pc.uffd.zeropage(host, 4096).map_err(io)?,
-                };
-                pc.present.set(page);
-                if placed == Placed::Mapped {
-                    return Ok(());
+            // (first page, its host address, pages)
+            let mut run: Option<(PageNum, u64, u64)> = None;
+            for &page in pages {
+                if pc.present.get(page) {
+                    if let Some(r) = run.take() {
+                        self.zero_run(pc, r)?;
+                    }
+                    self.place_in(pc, page, None)?;
+                    continue;
+                }
+                let host = self.host_of(page)?;
+                match &mut run {
+                    Some((first, at, n)) if *first + *n == page && *at + (*n << 12) == host => {
+                        *n += 1
+                    }
+                    _ => {
+                        if let Some(r) = run.replace((page, host, 1)) {
+                            self.zero_run(pc, r)?;
+                        }
+                    }
                 }
             }
-            // Present: an ordinary write reaches it without a fault.
-            let zeros = [0u8; 4096];
-            self.mapped
-                .memory()
-                .write_slice(data.unwrap_or(&zeros), a)
-                .map_err(|e| {
-                    BackendError::with_source(
-                        BackendErrorKind::Io,
-                        format!("write page {page:#x}: {e}"),
-                        e,
-                    )
-                })
+            match run {
+                Some(r) => self.zero_run(pc, r),
+                None => Ok(()),
+            }
         })())
+    }
+
+    /// Maps zero pages over a run of absent pages with one call; if some
+    /// page of it turns out present after all (`EEXIST` part-way), places
+    /// the run page by page.
+    fn zero_run(
+        &self,
+        pc: &mut Postcopy,
+        (first, host, n): (PageNum, u64, u64),
+    ) -> Result<(), BackendError> {
+        let io =
+            |e: std::io::Error| BackendError::io(format!("place zero pages {first:#x}+{n}"), e);
+        if pc.uffd.zeropage(host, n << 12).map_err(io)? == Placed::Mapped {
+            pc.present.set_range(first..first + n);
+            return Ok(());
+        }
+        (first..first + n).try_for_each(|p| self.place_in(pc, p, None))
     }
 
     /// Reads KVM's dirty log of every slot and the VMM's own dirty bitmap
@@ -746,8 +810,14 @@ impl PageSink for KvmPages {
 
     /// Leaves alone the pages the host never populated (zeros already,
     /// and left unpopulated, so the destination's memory stays as sparse
-    /// as the source's), and makes the others zero one by one.
+    /// as the source's), and makes the others zero one by one. On a
+    /// post-copy destination every absent page must be placed (else the
+    /// guest would fault on it): runs of them take one `UFFDIO_ZEROPAGE`
+    /// each.
     fn write_zero_pages(&mut self, pages: &[PageNum]) -> Result<(), BackendError> {
+        if let Some(r) = self.0.place_zeros(pages) {
+            return r;
+        }
         let mut unpopulated = vec![false; pages.len()];
         self.0.unpopulated(pages, &mut unpopulated)?;
         for (p, u) in pages.iter().zip(&unpopulated) {

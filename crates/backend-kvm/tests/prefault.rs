@@ -178,3 +178,42 @@ fn without_the_prefault_pages_are_populated_as_they_arrive() {
     assert_eq!((r.requested_pages, r.populated_pages), (64, 0));
     assert!(populated(&pc).is_empty());
 }
+
+/// A post-copy destination places zero pages in runs: every page of the
+/// runs is there afterwards and reads as zeros, a page that was present
+/// with data is made zero, and pages outside the runs stay absent.
+#[test]
+fn a_postcopy_destination_places_runs_of_zero_pages() {
+    use migrate_core::PageSink;
+    if !have_kvm() {
+        return;
+    }
+    let _turn = serial();
+    let vm = TestVm::destination(MEM, 1 << 16, None).expect("destination VM");
+    let mem = vm.memory();
+    mem.enable_postcopy().expect("post-copy");
+    let total = mem.layout().total_pages();
+    assert_eq!(mem.missing_pages(), total);
+    let mut pages = vm.pages();
+    pages
+        .write_page(5, &[0xa5; 4096])
+        .expect("a page with data");
+    // Two runs split by the present page 5, a run of one, and a run that
+    // crosses a 2 MiB boundary.
+    let zeros: Vec<u64> = (0..12).chain([40]).chain(500..530).collect();
+    pages.write_zero_pages(&zeros).expect("zero pages placed");
+    assert_eq!(mem.missing_pages(), total - zeros.len() as u64);
+    let mut buf = vec![0xffu8; zeros.len() * 4096];
+    pages
+        .read_pages(&zeros, &mut buf)
+        .expect("placed pages read");
+    assert!(
+        buf.iter().all(|b| *b == 0),
+        "a placed zero page is not zero"
+    );
+    let mut one = vec![0u8; 4096];
+    assert!(
+        pages.read_pages(&[12], &mut one).is_err(),
+        "a page outside the runs was placed"
+    );
+}
