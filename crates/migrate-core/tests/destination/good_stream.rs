@@ -95,3 +95,42 @@ fn a_stream_that_stops_early_never_resumes() {
         assert!(guest.restored.is_none());
     }
 }
+
+/// A source that asks for round acknowledgements (a capabilities record
+/// of its own after the layout) is sent `RoundReceived` for each pre-copy
+/// round marker, once the round's pages are placed; the final copy's
+/// marker is not answered. A source that does not ask is never sent one
+/// (the good stream above has four replies).
+#[test]
+fn pre_copy_round_markers_are_answered_when_the_source_asks() {
+    let src = source();
+    let total = src.layout.total_pages();
+    let mut stream = vec![
+        header(),
+        layout_frame(&src.layout),
+        encode_to_vec(&Record::Capabilities(Capabilities::ROUND_RECEIVED)),
+    ];
+    stream.extend(all_pages(&src, 1));
+    stream.push(round_end(1, total));
+    stream.push(pages(&src, 2, &[3]));
+    stream.push(round_end(2, 1));
+    stream.push(switch_over(3));
+    stream.push(pages(&src, 3, &[1, 14]));
+    stream.push(round_end(3, 2));
+    stream.push(state_frame());
+    stream.push(complete(total, src.digest()));
+    let mut e = engine();
+    let mut d = Decoder::new();
+    let mut answered = Vec::new();
+    for f in &stream {
+        e.handle_frame(f).unwrap();
+        while let Some(r) = e.poll_transmit() {
+            if let Ok(Record::RoundReceived { round }) = d.decode(&r) {
+                answered.push((round, e.report().pages_received));
+            }
+        }
+    }
+    assert!(e.completed() && e.resumed());
+    assert_eq!(e.report().digest, Some(src.digest()));
+    assert_eq!(answered, [(1, total), (2, total + 1)]);
+}
