@@ -86,7 +86,7 @@ impl Capabilities {
     /// first round (the bit of its record type, 21).
     pub const POPULATED: Capabilities = Capabilities(1 << 21);
     /// Round acknowledgements (the bit of [`Record::RoundReceived`]'s
-    /// type, 22). From a destination: it takes a source's
+    /// type, 23). From a destination: it takes a source's
     /// [`Record::Capabilities`] and, if they carry this bit, answers each
     /// pre-copy [`Record::RoundEnd`] with [`Record::RoundReceived`] once it
     /// has handled every frame before it. From a source (sent only to a
@@ -96,7 +96,7 @@ impl Capabilities {
     /// [`Record::RoundReceived`]: super::Record::RoundReceived
     /// [`Record::RoundEnd`]: super::Record::RoundEnd
     /// [`Record::Capabilities`]: super::Record::Capabilities
-    pub const ROUND_RECEIVED: Capabilities = Capabilities(1 << 22);
+    pub const ROUND_RECEIVED: Capabilities = Capabilities(1 << 23);
     /// Everything this library can decode.
     pub const ALL: Capabilities = Capabilities(
         Self::LZ4.0 | Self::ZSTD.0 | Self::PREEMPT.0 | Self::POPULATED.0 | Self::ROUND_RECEIVED.0,

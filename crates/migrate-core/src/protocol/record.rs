@@ -56,7 +56,7 @@ pub enum RecordType {
     /// The destination has received a pre-copy round up to its marker
     /// (sent only to a source that asked, see
     /// [`Capabilities::ROUND_RECEIVED`](super::Capabilities::ROUND_RECEIVED)).
-    RoundReceived = 22,
+    RoundReceived = 23,
     /// A batch of page models (see [`ModelBatch`]): the simulator's fast
     /// path, never sent by a real backend.
     ModelBatch = 0x40,
@@ -87,7 +87,7 @@ impl RecordType {
             19 => CompressedBatch,
             20 => RequestedPages,
             21 => Populated,
-            22 => RoundReceived,
+            23 => RoundReceived,
             0x40 => ModelBatch,
             _ => return None,
         })
