@@ -173,6 +173,10 @@ impl FaultSource for KvmFaults {
         &self.faults
     }
 
+    fn faults_mut(&mut self) -> Option<&mut Receiver<Faults>> {
+        Some(&mut self.faults)
+    }
+
     fn finish(&mut self) -> Result<(), MigrationError> {
         let Some(handler) = self.handler.take() else {
             return Ok(());

@@ -15,7 +15,7 @@ fn unsupported_version() {
 
 #[test]
 fn unknown_record_type() {
-    for code in [0u8, 22, 0x80, 255] {
+    for code in [0u8, 23, 0x80, 255] {
         for mut d in [
             Decoder::new(),
             decoder_after_header(),
