@@ -197,8 +197,8 @@ struct Shared {
 }
 
 impl Shared {
-    /// Hands `f` to the driver, then sends the request for the pages not
-    /// asked for on this link yet; without a link, keeps it.
+    /// Hands the pages of `f` not asked for on this link yet to the
+    /// driver, then sends their request; without a link, keeps `f`.
     fn request(&mut self, f: Faults) {
         let Some(l) = self.link.as_mut() else {
             self.held.push(f);
@@ -210,8 +210,16 @@ impl Shared {
             .copied()
             .filter(|p| l.asked.insert(*p))
             .collect();
-        // The driver learns of the request before its answer can arrive.
-        let _ = self.to_driver.send(f);
+        if new.is_empty() {
+            // Each asked for on this link already.
+            return;
+        }
+        // The driver learns of the requests before their answer can
+        // arrive.
+        let _ = self.to_driver.send(Faults {
+            pages: new.clone(),
+            at: f.at,
+        });
         for chunk in new.chunks(MAX_REQUEST_PAGES) {
             let mut frame = protocol::encode_to_vec(&Record::PreemptRequest(chunk.to_vec()));
             l.sequencer.seal(&mut frame);

@@ -536,6 +536,12 @@ where
             if !self.layout.contains(p) {
                 return Err(MigrationError::PageOutOfRange(p));
             }
+            if !queue && self.received.get(p) && !self.requested.contains_key(&p) {
+                // Arrived between the fault and its request, which left
+                // all the same: its answer will be a duplicate.
+                self.faults += 1;
+                continue;
+            }
             if self.received.get(p) || self.requested.contains_key(&p) {
                 continue;
             }
