@@ -1,7 +1,9 @@
 //! Post-copy with a preempt connection: requested pages on a connection
-//! of their own, ahead of the push, over TCP and a Unix socket; why a
-//! requested page placed first is never overwritten by its push copy;
-//! and what a cut preempt connection and bad preempt frames do.
+//! of their own, ahead of the push, over TCP and a Unix socket; requests
+//! answered on the connection's own thread while the source's driver is
+//! stuck in the push; why a requested page placed first is never
+//! overwritten by its push copy; and what a cut preempt connection and
+//! bad preempt frames, in either direction, do.
 
 use backend_sim::{SimControl, SimGuest, SimPages, SimTracker};
 use bytes::Bytes;
@@ -10,7 +12,7 @@ use migrate_core::protocol::{
     encode_page_batch, encode_to_vec, reseal, Capabilities, Decoder, ProtocolError, Record,
     RecordType, Sequencer, VERSION,
 };
-use migrate_core::transport::{Transport, TransportError};
+use migrate_core::transport::{PreemptLink, PreemptServe, Transport, TransportError};
 use migrate_core::{
     Clock, DestinationEngine, DestinationReport, EngineConfig, MigrationError, MultiTransport,
     PageSink, PageSize, PageSource, PostCopy, SourceEngine, SourceStep,
@@ -516,4 +518,206 @@ fn a_cut_preempt_connection_is_recovered_from() {
     assert_eq!(report.digest.unwrap(), src.digest());
     assert_eq!(dst.absent_pages(), 0);
     assert!(src.is_paused() && !dst.is_paused());
+}
+
+/// Holds the first page batch in `send` until `gate` opens (or its
+/// sender is gone): the source's driver is stuck inside the push. The
+/// preempt connection is passed on.
+struct HeldPush<T: Transport> {
+    inner: T,
+    gate: Option<mpsc::Receiver<()>>,
+}
+
+impl<T: Transport> Transport for HeldPush<T> {
+    fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
+        if frame.first() == Some(&(RecordType::PageBatch as u8)) {
+            if let Some(gate) = self.gate.take() {
+                let _ = gate.recv();
+            }
+        }
+        self.inner.send(frame)
+    }
+    fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
+        self.inner.recv(timeout)
+    }
+    fn set_send_timeout(&mut self, timeout: Option<Duration>) {
+        self.inner.set_send_timeout(timeout)
+    }
+    fn close(&mut self) {
+        self.inner.close()
+    }
+    fn preempt_link(&self) -> Option<PreemptLink> {
+        self.inner.preempt_link()
+    }
+    fn serve_preempt(&mut self, serve: PreemptServe) -> bool {
+        self.inner.serve_preempt(serve)
+    }
+}
+
+/// Waits, up to two minutes, for `done`.
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}: never");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A connected pair over socket pairs: one data connection and a
+/// preempt one; the connecting end first.
+fn socket_preempt_pair() -> (MultiTransport<UnixStream>, MultiTransport<UnixStream>) {
+    let (a, b): (Vec<UnixStream>, Vec<UnixStream>) =
+        (0..3).map(|_| UnixStream::pair().unwrap()).unzip();
+    let mut b = b.into_iter();
+    let acceptor = std::thread::spawn(move || MultiTransport::accept(|| Ok(b.next().unwrap())));
+    let mut a = a.into_iter();
+    let tx = MultiTransport::connect_preempt(1, || Ok(a.next().unwrap())).unwrap();
+    (tx, acceptor.join().unwrap().unwrap())
+}
+
+/// A page the resumed guest faults on is answered while the source's
+/// driver is stuck sending the first push frame: the request leaves from
+/// the destination's requester thread on the preempt connection, and the
+/// source's preempt thread reads the page and sends it, without the
+/// driver. Once the push is let go the migration completes verified, the
+/// page counted as requested and served.
+#[test]
+fn a_request_is_answered_while_the_source_driver_is_stuck_in_the_push() {
+    let (src, dst, clock) = guests(32 << 20, 20_000.0);
+    let (tx, rx) = socket_preempt_pair();
+    let (fault_tx, faults) = mpsc::channel();
+    let (d, c) = (dst.clone(), clock.clone());
+    let dest = std::thread::spawn(move || {
+        let mut t = rx;
+        let mut faults = faults;
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT)
+    });
+    let (open, gate) = mpsc::channel();
+    let source = {
+        let (s, c) = (src.clone(), clock.clone());
+        std::thread::spawn(move || {
+            let mut t = HeldPush {
+                inner: tx,
+                gate: Some(gate),
+            };
+            let mut e = preempt_source(&s, c);
+            let r = run_source(&mut e, &mut t, TIMEOUT);
+            (r, e.preempt_active())
+        })
+    };
+    wait_for("the destination's guest resumed", || {
+        dst.resumed_at().is_some()
+    });
+    let page = dst.layout().page_end() - 1;
+    assert!(dst.is_absent(page), "no push page arrived yet");
+    fault_tx
+        .send(Faults {
+            pages: vec![page],
+            at: clock.now(),
+        })
+        .unwrap();
+    wait_for("the requested page arrived", || !dst.is_absent(page));
+    open.send(()).unwrap();
+    let (r, engine_served) = source.join().unwrap();
+    let stats = r.expect("source");
+    assert!(!engine_served, "the preempt thread served, not the engine");
+    let report = dest.join().unwrap().expect("destination");
+    assert!(stats.memory_verified);
+    assert_eq!(report.digest.unwrap(), src.digest());
+    assert_eq!(dst.absent_pages(), 0);
+    let pc = stats.postcopy.unwrap();
+    assert!(pc.requests >= 1 && pc.preempt_pages == pc.requests);
+    assert!(pc.preempt_bytes > 0);
+    assert_eq!(report.preempt_pages, pc.preempt_pages, "and all arrived");
+}
+
+/// A destination that lies: it opens the preempt connection with `bad`
+/// before the source switched over, then reads what the source sends.
+/// The source fails with the error that comes back, its guest running,
+/// and the liar is told with an abort.
+fn lying_destination(bad: Vec<u8>) -> MigrationError {
+    let (src, _dst, clock) = guests(8 << 20, 20_000.0);
+    let (tx, mut rx) = socket_preempt_pair();
+    let liar = std::thread::spawn(move || {
+        rx.preempt_link()
+            .expect("a preempt link")
+            .send(&bad)
+            .unwrap();
+        loop {
+            match rx.recv(Some(Duration::from_secs(120))) {
+                Ok(Some(f)) if f.first() == Some(&(RecordType::Abort as u8)) => return true,
+                Ok(Some(_)) => continue,
+                _ => return false,
+            }
+        }
+    });
+    let mut t = tx;
+    let mut e = preempt_source(&src, clock);
+    let r = run_source(&mut e, &mut t, TIMEOUT);
+    drop(t);
+    assert!(liar.join().unwrap(), "the destination was told");
+    assert!(!src.is_paused(), "the source guest runs on");
+    r.expect_err("the migration fails")
+}
+
+/// A page request numbered `seq` on the preempt connection.
+fn preempt_request(seq: u32, page: u64) -> Vec<u8> {
+    let mut f = encode_to_vec(&Record::PreemptRequest(vec![page]));
+    migrate_core::protocol::seal(&mut f, seq);
+    f
+}
+
+/// A request before the switch-over (the source guest still runs, so its
+/// pages may still change) is refused; so is a damaged frame, one out
+/// of its own numbering, and a record that has no place on the preempt
+/// connection. Each fails the migration with a typed error.
+#[test]
+fn bad_frames_on_the_preempt_connection_from_the_destination_are_refused() {
+    let r = lying_destination(preempt_request(0, 3));
+    assert!(
+        matches!(
+            r,
+            MigrationError::UnexpectedRecord {
+                got: RecordType::PreemptRequest,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    let mut damaged = preempt_request(0, 3);
+    let at = damaged.len() - 3;
+    damaged[at] ^= 0x10;
+    let r = lying_destination(damaged);
+    assert!(
+        matches!(
+            r,
+            MigrationError::Protocol(ProtocolError::FrameChecksum { .. })
+        ),
+        "{r:?}"
+    );
+    let r = lying_destination(preempt_request(3, 3));
+    assert!(
+        matches!(
+            r,
+            MigrationError::Protocol(ProtocolError::OutOfSequence {
+                expected: 0,
+                got: 3
+            })
+        ),
+        "{r:?}"
+    );
+    let mut ready = encode_to_vec(&Record::Ready);
+    Sequencer::new().seal(&mut ready);
+    let r = lying_destination(ready);
+    assert!(
+        matches!(
+            r,
+            MigrationError::UnexpectedRecord {
+                got: RecordType::Ready,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
 }

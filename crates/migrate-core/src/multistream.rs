@@ -1124,4 +1124,63 @@ mod tests {
             Err(TransportError::Closed)
         ));
     }
+
+    /// Frames on the preempt connection go to the server installed with
+    /// `serve_preempt`, on the connection's reader thread, in their
+    /// order (one that came before it was installed first), and its
+    /// answers through the link reach the peer ahead of anything
+    /// waiting; the peer's own link carries frames the other way. A
+    /// transport without a preempt connection takes no server.
+    #[test]
+    fn frames_on_the_preempt_connection_are_served_on_its_thread() {
+        let (mut near, mut far) = preempt_pair(1);
+        let link = near.preempt_link().expect("a link");
+        let mut own = Sequencer::new();
+        let asks: Vec<Vec<u8>> = (0..3)
+            .map(|i| {
+                let mut f = crate::protocol::encode_to_vec(&Record::PreemptRequest(vec![i]));
+                own.seal(&mut f);
+                f
+            })
+            .collect();
+        link.send(&asks[0]).unwrap();
+        far.wait_for_preempt();
+        let (seen_tx, seen) = mpsc::channel();
+        let mut answers = Sequencer::new();
+        let mut decoder = crate::protocol::Decoder::preempt(PageSize::DEFAULT);
+        assert!(
+            far.serve_preempt(Box::new(move |f: Bytes, link: &PreemptLink| {
+                let page = match decoder.decode(&f) {
+                    Ok(Record::PreemptRequest(p)) => p[0],
+                    _ => 100,
+                };
+                let _ = seen_tx.send(f);
+                let _ = link.send(&requested_frame(&mut answers, page, page as u8 + 1));
+            }))
+        );
+        for a in &asks[1..] {
+            link.send(a).unwrap();
+        }
+        for (i, a) in asks.iter().enumerate() {
+            let f = seen.recv_timeout(Duration::from_secs(120)).unwrap();
+            assert!(f[..] == a[..], "request {i} served in its order");
+            let back = near.recv(Some(Duration::from_secs(120))).unwrap().unwrap();
+            assert_eq!(back[0], RecordType::RequestedPages as u8);
+            assert_eq!(frame_sequence(&back), Some(i as u32));
+            assert_eq!(page_data(&back)[0], i as u8 + 1);
+        }
+        assert!(
+            matches!(far.recv(Some(Duration::ZERO)), Ok(None)),
+            "nothing served reaches recv"
+        );
+
+        let (a, b) = pairs(1);
+        let mut b = b.into_iter();
+        let acceptor = std::thread::spawn(move || MultiTransport::accept(|| Ok(b.next().unwrap())));
+        let mut a = a.into_iter();
+        let mut plain = MultiTransport::connect(1, || Ok(a.next().unwrap())).unwrap();
+        assert!(plain.preempt_link().is_none());
+        assert!(!plain.serve_preempt(Box::new(|_: Bytes, _: &PreemptLink| {})));
+        drop(acceptor.join().unwrap());
+    }
 }

@@ -124,8 +124,11 @@ pub type PreemptServe = Box<dyn FnMut(Bytes, &PreemptLink) + Send>;
 /// so that the peer sees a cut and the transport's `recv` its end.
 #[derive(Clone)]
 pub struct PreemptLink {
-    write: Arc<dyn Fn(&[u8]) -> Result<(), TransportError> + Send + Sync>,
+    write: Arc<WriteFrame>,
 }
+
+/// How a [`PreemptLink`] writes one frame.
+type WriteFrame = dyn Fn(&[u8]) -> Result<(), TransportError> + Send + Sync;
 
 impl PreemptLink {
     /// A link that writes each frame with `write`.

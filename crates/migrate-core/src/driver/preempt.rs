@@ -15,7 +15,7 @@ use crate::transport::{PreemptLink, PreemptServe, Transport};
 use bytes::Bytes;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,10 +90,7 @@ impl SourceServing {
 
     /// What was served since the last call, oldest first.
     pub(super) fn take(&self) -> Option<Served> {
-        match self.rx.try_recv() {
-            Ok(s) => Some(s),
-            Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-        }
+        self.rx.try_recv().ok()
     }
 }
 

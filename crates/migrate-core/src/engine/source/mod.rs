@@ -491,9 +491,7 @@ where
     /// `None` before the switch-over (a request then is a protocol error)
     /// and once the migration ended.
     pub fn request_round(&self) -> Option<u32> {
-        if self.guest.paused_at.is_none() {
-            return None;
-        }
+        self.guest.paused_at?;
         match &self.state {
             SrcState::Postcopy(p) | SrcState::AwaitVerified(p) => Some(p.round.number),
             SrcState::Recovering(r) => Some(r.postcopy.round.number),
