@@ -35,6 +35,12 @@ const SEND_FAILURE_GRACE: Duration = Duration::from_millis(200);
 
 /// Runs the source to the end over `transport`.
 ///
+/// Over a transport with a preempt connection
+/// ([`Transport::serve_preempt`]) and with memory that can be shared
+/// ([`SourceEngine::shared_pages`]), the destination's page requests are
+/// answered on that connection's own thread, after the switch-over only,
+/// without waiting for this driver; the engine learns what was served.
+///
 /// Every send and every wait is bounded by `peer_timeout` (the transport's
 /// send timeout is set to it), so a peer that stalls, stops reading or
 /// vanishes is detected within that time.
@@ -468,7 +474,14 @@ impl FaultSource for Receiver<Faults> {
 /// source for the pages the backend's handler reports, ahead of the
 /// pushed ones: it hands each [`Faults`] to
 /// [`DestinationEngine::request_pages_at`] and sends the requests, looking
-/// after every frame and every [`FAULT_POLL`] while none arrives. When
+/// after every frame and every [`FAULT_POLL`] while none arrives. Over
+/// a transport with a preempt connection ([`Transport::preempt_link`]),
+/// and with a backend that lends its receiver
+/// ([`FaultSource::faults_mut`]), a requester thread sends each request on
+/// that connection as soon as the fault is reported instead, and the
+/// driver records it in the engine
+/// ([`DestinationEngine::requests_sent_at`]) before it hands over any
+/// frame. When
 /// every page has arrived it calls [`FaultSource::finish`]; if the source
 /// is lost after the guest resumed, [`FaultSource::abandon`]. Without
 /// `faults` the pages are pushed all the same, and a guest that touches

@@ -55,6 +55,14 @@
 //! a newer one under this rule is in `docs/protocol.md` (*The preempt
 //! connection*).
 //!
+//! Each side may also use the preempt connection from threads of its own
+//! ([`Transport::preempt_link`]: every write, the caller's included, is
+//! one whole frame at a time), and may have the frames that arrive on it
+//! served on its reader thread instead of handed to `recv`
+//! ([`Transport::serve_preempt`]): the destination's page requests leave
+//! from its requester thread, and the source answers them on that
+//! reader thread (`docs/protocol.md`, *The preempt connection*).
+//!
 //! The preempt connection ending while the control connection stays open
 //! for [`PREEMPT_END_GRACE`] is a cut: `recv` fails with
 //! [`TransportError::Closed`], as it does when every connection ended.
