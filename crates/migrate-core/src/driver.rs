@@ -438,6 +438,19 @@ pub trait FaultSource {
         None
     }
 
+    /// Has the backend's handler thread hand each report to `deliver`
+    /// itself, on that thread, instead of sending it down the channel
+    /// (`None`: back to the channel); `false`, the default, when it
+    /// cannot. Over a transport with a preempt connection the driver uses
+    /// it to send each request from the handler's thread the moment the
+    /// fault is read, and takes it back before [`FaultSource::finish`] or
+    /// [`FaultSource::abandon`]. `deliver` must not block for long: it
+    /// writes one small frame.
+    fn deliver_to(&mut self, deliver: Option<FaultDelivery>) -> bool {
+        let _ = deliver;
+        false
+    }
+
     /// Every page arrived: leave fault-serving mode (KVM: userfaultfd;
     /// Xen: memory paging).
     fn finish(&mut self) -> Result<(), MigrationError> {
@@ -448,6 +461,10 @@ pub trait FaultSource {
     /// missing: stop the guest where it is (it cannot go on).
     fn abandon(&mut self) {}
 }
+
+/// What a backend's fault handler calls with each report, on its own
+/// thread ([`FaultSource::deliver_to`]).
+pub type FaultDelivery = Box<dyn FnMut(Faults) + Send>;
 
 impl FaultSource for Receiver<Faults> {
     fn faults(&self) -> &Receiver<Faults> {
@@ -547,20 +564,24 @@ where
     let Some(source) = faults else {
         return drive_destination(engine, transport, None, relink, peer_timeout);
     };
-    // With a preempt connection, requests leave from a thread of their
-    // own, woken by the fault.
-    let requester = match source.faults_mut() {
-        Some(rx) if transport.preempt_link().is_some() => {
-            let (_, idle) = std::sync::mpsc::channel();
-            match Requester::start(std::mem::replace(rx, idle)) {
-                Ok(r) => Some(r),
-                Err(back) => {
-                    *rx = back;
-                    None
+    // With a preempt connection, requests leave from the backend's fault
+    // handler thread, or from a thread of their own woken by the fault.
+    let requester = if transport.preempt_link().is_some() {
+        Requester::on_handler(source).or_else(|| match source.faults_mut() {
+            Some(rx) => {
+                let (_, idle) = std::sync::mpsc::channel();
+                match Requester::start(std::mem::replace(rx, idle)) {
+                    Ok(r) => Some(r),
+                    Err(back) => {
+                        *rx = back;
+                        None
+                    }
                 }
             }
-        }
-        _ => None,
+            None => None,
+        })
+    } else {
+        None
     };
     let result = match &requester {
         Some(r) => drive_destination(
@@ -579,9 +600,7 @@ where
         ),
     };
     if let Some(r) = requester {
-        if let (Some(back), Some(rx)) = (r.stop(), source.faults_mut()) {
-            *rx = back;
-        }
+        r.stop(source);
     }
     match result {
         Ok(report) => {
@@ -697,6 +716,9 @@ where
         }
         let serving = faults.filter(|_| engine.in_postcopy() && !engine.recovering());
         if let Some(feed) = faults {
+            // Once the guest runs here (the source answers only after its
+            // switch-over); not while recovering (the connection in hand
+            // may not resume the session).
             if serving.is_some() != requesting {
                 requesting = serving.is_some();
                 feed.link(Some(&*transport).filter(|_| requesting));

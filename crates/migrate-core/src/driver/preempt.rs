@@ -6,7 +6,7 @@
 //! driver's loop; each tells its engine what it did through a channel.
 //! Why this is safe is in `docs/protocol.md` (*The preempt connection*).
 
-use super::Faults;
+use super::{FaultSource, Faults};
 use crate::backend::PageSource;
 use crate::error::MigrationError;
 use crate::page::{MemoryLayout, PageNum};
@@ -241,25 +241,63 @@ impl Shared {
 /// resumed, while a post-copy waits for a new connection) wait for one.
 pub(super) struct Requester {
     shared: Arc<Mutex<Shared>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    /// The backend's receiver, while the thread holds it.
-    faults: Arc<Mutex<Option<Receiver<Faults>>>>,
+    /// The thread, when the backend's handler does not send itself.
+    worker: Option<Worker>,
     /// The faults whose requests left on the preempt connection.
     pub(super) sent: Receiver<Faults>,
 }
 
+/// The requester's own thread.
+struct Worker {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The backend's receiver, while the thread holds it.
+    faults: Arc<Mutex<Option<Receiver<Faults>>>>,
+}
+
 impl Requester {
-    /// Starts the thread on the backend's fault receiver; `Err` gives it
-    /// back.
-    pub(super) fn start(faults: Receiver<Faults>) -> Result<Self, Receiver<Faults>> {
-        let faults = Arc::new(Mutex::new(Some(faults)));
+    /// The shared part, and the channel to the driver.
+    fn shared() -> (Arc<Mutex<Shared>>, Receiver<Faults>) {
         let (to_driver, sent) = mpsc::channel();
         let shared = Arc::new(Mutex::new(Shared {
             link: None,
             held: Vec::new(),
             to_driver,
         }));
+        (shared, sent)
+    }
+
+    /// Has the backend's handler thread send each request itself
+    /// ([`FaultSource::deliver_to`]), the faults it reported before first;
+    /// `None` when it cannot.
+    pub(super) fn on_handler(source: &mut dyn FaultSource) -> Option<Self> {
+        let (shared, sent) = Self::shared();
+        let on_handler = shared.clone();
+        let deliver = Box::new(move |f: Faults| {
+            if let Ok(mut sh) = on_handler.lock() {
+                sh.request(f);
+            }
+        });
+        if !source.deliver_to(Some(deliver)) {
+            return None;
+        }
+        while let Ok(f) = source.faults().try_recv() {
+            if let Ok(mut sh) = shared.lock() {
+                sh.request(f);
+            }
+        }
+        Some(Requester {
+            shared,
+            worker: None,
+            sent,
+        })
+    }
+
+    /// Starts the thread on the backend's fault receiver; `Err` gives it
+    /// back.
+    pub(super) fn start(faults: Receiver<Faults>) -> Result<Self, Receiver<Faults>> {
+        let faults = Arc::new(Mutex::new(Some(faults)));
+        let (shared, sent) = Self::shared();
         let stop = Arc::new(AtomicBool::new(false));
         let spawned = {
             let (faults, shared, stop) = (faults.clone(), shared.clone(), stop.clone());
@@ -277,9 +315,11 @@ impl Requester {
         match spawned {
             Ok(thread) => Ok(Requester {
                 shared,
-                stop,
-                thread: Some(thread),
-                faults,
+                worker: Some(Worker {
+                    stop,
+                    thread: Some(thread),
+                    faults,
+                }),
                 sent,
             }),
             Err(e) => {
@@ -309,13 +349,21 @@ impl Requester {
         }
     }
 
-    /// Stops the thread and gives the backend's receiver back.
-    pub(super) fn stop(mut self) -> Option<Receiver<Faults>> {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
+    /// Stops sending: the thread stops and the backend gets its receiver
+    /// back, or its handler sends down the channel again.
+    pub(super) fn stop(self, source: &mut dyn FaultSource) {
+        let Some(mut w) = self.worker else {
+            source.deliver_to(None);
+            return;
+        };
+        w.stop.store(true, Ordering::Release);
+        if let Some(t) = w.thread.take() {
             let _ = t.join();
         }
-        self.faults.lock().ok().and_then(|mut f| f.take())
+        let back = w.faults.lock().ok().and_then(|mut f| f.take());
+        if let (Some(back), Some(rx)) = (back, source.faults_mut()) {
+            *rx = back;
+        }
     }
 }
 
