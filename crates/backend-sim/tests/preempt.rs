@@ -7,7 +7,7 @@
 
 use backend_sim::{SimControl, SimGuest, SimPages, SimTracker};
 use bytes::Bytes;
-use migrate_core::driver::{run_destination, run_source, Faults};
+use migrate_core::driver::{run_destination, run_source, FaultDelivery, FaultSource, Faults};
 use migrate_core::protocol::{
     encode_page_batch, encode_to_vec, reseal, Capabilities, Decoder, ProtocolError, Record,
     RecordType, Sequencer, VERSION,
@@ -19,8 +19,9 @@ use migrate_core::{
 };
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod common;
@@ -575,23 +576,98 @@ fn socket_preempt_pair() -> (MultiTransport<UnixStream>, MultiTransport<UnixStre
     (tx, acceptor.join().unwrap().unwrap())
 }
 
+/// Faults reported as a backend's handler thread reports them (KVM's
+/// userfaultfd handler does so): down a channel, or, once the driver asks
+/// ([`FaultSource::deliver_to`]), to the driver's callback on that thread.
+struct HandlerFaults {
+    rx: mpsc::Receiver<Faults>,
+    deliver: Arc<Mutex<Option<FaultDelivery>>>,
+    /// Whether the driver had the handler send: it must be back on the
+    /// channel at the end.
+    used: Arc<AtomicBool>,
+}
+
+impl HandlerFaults {
+    /// A handler thread that reports what comes from `events`.
+    fn start(events: mpsc::Receiver<Faults>) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let deliver: Arc<Mutex<Option<FaultDelivery>>> = Arc::new(Mutex::new(None));
+        let to = deliver.clone();
+        std::thread::spawn(move || {
+            for f in events {
+                let mut d = to.lock().unwrap();
+                match d.as_mut() {
+                    Some(deliver) => deliver(f),
+                    None => {
+                        if tx.send(f).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        HandlerFaults {
+            rx,
+            deliver,
+            used: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl FaultSource for HandlerFaults {
+    fn faults(&self) -> &mpsc::Receiver<Faults> {
+        &self.rx
+    }
+    fn deliver_to(&mut self, deliver: Option<FaultDelivery>) -> bool {
+        if deliver.is_some() {
+            self.used.store(true, Ordering::SeqCst);
+        }
+        *self.deliver.lock().unwrap() = deliver;
+        true
+    }
+}
+
 /// A page the resumed guest faults on is answered while the source's
-/// driver is stuck sending the first push frame: the request leaves from
-/// the destination's requester thread on the preempt connection, and the
-/// source's preempt thread reads the page and sends it, without the
-/// driver. Once the push is let go the migration completes verified, the
-/// page counted as requested and served.
+/// driver is stuck sending the first push frame: the request leaves on
+/// the preempt connection from the destination's requester thread, or
+/// from the backend's handler thread, and the source's preempt thread
+/// reads the page and sends it, without the driver. Once the push is let
+/// go the migration completes verified, the page counted as requested
+/// and served.
 #[test]
 fn a_request_is_answered_while_the_source_driver_is_stuck_in_the_push() {
+    for on_handler in [false, true] {
+        answered_while_stuck(on_handler);
+    }
+}
+
+fn answered_while_stuck(on_handler: bool) {
     let (src, dst, clock) = guests(32 << 20, 20_000.0);
     let (tx, rx) = socket_preempt_pair();
     let (fault_tx, faults) = mpsc::channel();
     let (d, c) = (dst.clone(), clock.clone());
+    let (handler, mut plain) = if on_handler {
+        (Some(HandlerFaults::start(faults)), None)
+    } else {
+        (None, Some(faults))
+    };
+    let sent_by_handler = handler.as_ref().map(|h| h.used.clone());
     let dest = std::thread::spawn(move || {
         let mut t = rx;
-        let mut faults = faults;
         let mut e = DestinationEngine::new(d.pages(), d.control(), c);
-        run_destination(&mut e, &mut t, Some(&mut faults), TIMEOUT)
+        match (handler, plain.as_mut()) {
+            (Some(mut h), _) => {
+                let r = run_destination(&mut e, &mut t, Some(&mut h), TIMEOUT);
+                assert!(h.deliver.lock().unwrap().is_none(), "handed back");
+                r
+            }
+            (None, faults) => run_destination(
+                &mut e,
+                &mut t,
+                faults.map(|f| f as &mut dyn FaultSource),
+                TIMEOUT,
+            ),
+        }
     });
     let (open, gate) = mpsc::channel();
     let source = {
@@ -630,6 +706,9 @@ fn a_request_is_answered_while_the_source_driver_is_stuck_in_the_push() {
     assert!(pc.requests >= 1 && pc.preempt_pages == pc.requests);
     assert!(pc.preempt_bytes > 0);
     assert_eq!(report.preempt_pages, pc.preempt_pages, "and all arrived");
+    if let Some(used) = sent_by_handler {
+        assert!(used.load(Ordering::SeqCst), "the handler thread sent");
+    }
 }
 
 /// A destination that lies: it opens the preempt connection with `bad`
