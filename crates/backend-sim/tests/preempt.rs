@@ -382,16 +382,38 @@ fn bad_requested_pages_are_refused() {
     );
 }
 
-/// Sends page batches no faster than one per `per_batch`, so that a
-/// post-copy push lasts long enough for a cut to land in it.
-struct SlowPush<T: Transport> {
+/// Paces the push: each page batch waits `per_batch` (so that a
+/// post-copy push lasts long enough for a cut to land in it), and the
+/// first one waits, besides, until `gate` opens or its sender is gone (the
+/// source's driver is then stuck inside the push). With `preempt` the
+/// preempt connection is passed on, so that the source serves requests on
+/// its thread; without, requests reach the source's engine through
+/// `recv`.
+struct Paced<T: Transport> {
     inner: T,
     per_batch: Duration,
+    gate: Option<mpsc::Receiver<()>>,
+    preempt: bool,
 }
 
-impl<T: Transport> Transport for SlowPush<T> {
+impl<T: Transport> Paced<T> {
+    /// Page batches no faster than one per `per_batch`.
+    fn slow(inner: T, per_batch: Duration, preempt: bool) -> Self {
+        Paced {
+            inner,
+            per_batch,
+            gate: None,
+            preempt,
+        }
+    }
+}
+
+impl<T: Transport> Transport for Paced<T> {
     fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
         if frame.first() == Some(&(RecordType::PageBatch as u8)) {
+            if let Some(gate) = self.gate.take() {
+                let _ = gate.recv();
+            }
             std::thread::sleep(self.per_batch);
         }
         self.inner.send(frame)
@@ -404,6 +426,12 @@ impl<T: Transport> Transport for SlowPush<T> {
     }
     fn close(&mut self) {
         self.inner.close()
+    }
+    fn preempt_link(&self) -> Option<PreemptLink> {
+        self.inner.preempt_link().filter(|_| self.preempt)
+    }
+    fn serve_preempt(&mut self, serve: PreemptServe) -> bool {
+        self.preempt && self.inner.serve_preempt(serve)
     }
 }
 
@@ -424,10 +452,8 @@ fn a_cut_preempt_connection_is_a_broken_link() {
     let rx = acceptor.join().unwrap().unwrap();
     let (dest, _) = spawn_faulting_destination(&dst, &clock, rx);
     // 8,192 pages in batches of 16, one every 20 ms: ten seconds of push.
-    let mut t = SlowPush {
-        inner: tx,
-        per_batch: Duration::from_millis(20),
-    };
+    // Requests reach the source's engine through `recv`.
+    let mut t = Paced::slow(tx, Duration::from_millis(20), false);
     let d = dst.clone();
     let cutter = std::thread::spawn(move || {
         while d.resumed_at().is_none() {
@@ -486,10 +512,8 @@ fn a_cut_preempt_connection_is_recovered_from() {
     .unwrap();
     let cut = preempt.unwrap();
     // 2,048 pages in batches of 16, one every 20 ms: 2.6 s of push.
-    let slow = |t: MultiTransport<TcpStream>| SlowPush {
-        inner: t,
-        per_batch: Duration::from_millis(20),
-    };
+    // Requests served on the preempt connection's thread, on each set.
+    let slow = |t: MultiTransport<TcpStream>| Paced::slow(t, Duration::from_millis(20), true);
     let mut t = slow(first);
     let d = dst.clone();
     let cutter = std::thread::spawn(move || {
@@ -519,40 +543,6 @@ fn a_cut_preempt_connection_is_recovered_from() {
     assert_eq!(report.digest.unwrap(), src.digest());
     assert_eq!(dst.absent_pages(), 0);
     assert!(src.is_paused() && !dst.is_paused());
-}
-
-/// Holds the first page batch in `send` until `gate` opens (or its
-/// sender is gone): the source's driver is stuck inside the push. The
-/// preempt connection is passed on.
-struct HeldPush<T: Transport> {
-    inner: T,
-    gate: Option<mpsc::Receiver<()>>,
-}
-
-impl<T: Transport> Transport for HeldPush<T> {
-    fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
-        if frame.first() == Some(&(RecordType::PageBatch as u8)) {
-            if let Some(gate) = self.gate.take() {
-                let _ = gate.recv();
-            }
-        }
-        self.inner.send(frame)
-    }
-    fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
-        self.inner.recv(timeout)
-    }
-    fn set_send_timeout(&mut self, timeout: Option<Duration>) {
-        self.inner.set_send_timeout(timeout)
-    }
-    fn close(&mut self) {
-        self.inner.close()
-    }
-    fn preempt_link(&self) -> Option<PreemptLink> {
-        self.inner.preempt_link()
-    }
-    fn serve_preempt(&mut self, serve: PreemptServe) -> bool {
-        self.inner.serve_preempt(serve)
-    }
 }
 
 /// Waits, up to two minutes, for `done`.
@@ -673,9 +663,11 @@ fn answered_while_stuck(on_handler: bool) {
     let source = {
         let (s, c) = (src.clone(), clock.clone());
         std::thread::spawn(move || {
-            let mut t = HeldPush {
+            let mut t = Paced {
                 inner: tx,
+                per_batch: Duration::ZERO,
                 gate: Some(gate),
+                preempt: true,
             };
             let mut e = preempt_source(&s, c);
             let r = run_source(&mut e, &mut t, TIMEOUT);
