@@ -492,10 +492,11 @@ impl FaultSource for Receiver<Faults> {
 /// pushed ones: it hands each [`Faults`] to
 /// [`DestinationEngine::request_pages_at`] and sends the requests, looking
 /// after every frame and every [`FAULT_POLL`] while none arrives. Over
-/// a transport with a preempt connection ([`Transport::preempt_link`]),
-/// and with a backend that lends its receiver
-/// ([`FaultSource::faults_mut`]), a requester thread sends each request on
-/// that connection as soon as the fault is reported instead, and the
+/// a transport with a preempt connection ([`Transport::preempt_link`])
+/// each request leaves on that connection as soon as the fault is
+/// reported instead: from the backend's handler thread where it can send
+/// ([`FaultSource::deliver_to`]), or from a requester thread blocked on
+/// the fault channel the backend lends ([`FaultSource::faults_mut`]); the
 /// driver records it in the engine
 /// ([`DestinationEngine::requests_sent_at`]) before it hands over any
 /// frame. When
