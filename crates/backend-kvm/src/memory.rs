@@ -748,6 +748,11 @@ impl PageSource for KvmPages {
     fn small_reads_are_cheap(&self) -> bool {
         true
     }
+
+    /// The same memory, for the preempt connection's thread.
+    fn share(&self) -> Option<Box<dyn PageSource + Send>> {
+        Some(Box::new(self.clone()))
+    }
 }
 
 impl PageSink for KvmPages {

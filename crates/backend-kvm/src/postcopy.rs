@@ -7,6 +7,11 @@
 //!  source ── page ──▶ engine thread ── UFFDIO_COPY ──▶ page mapped, vCPU woken
 //! ```
 //!
+//! Over a transport with a post-copy preempt connection the driver has
+//! the handler thread send each request itself
+//! ([`FaultSource::deliver_to`]): the request leaves on the preempt
+//! connection as the event is read, and the engine thread records it.
+//!
 //! The handler only reports faults: the engine thread places every page,
 //! pushed or asked for, through [`KvmPages`](crate::KvmPages), so a page
 //! is placed once and the fault latency is measured from the event to the
@@ -14,11 +19,11 @@
 
 use crate::memory::KvmMemory;
 use crate::{KvmControl, KvmError};
-use migrate_core::driver::{FaultSource, Faults};
+use migrate_core::driver::{FaultDelivery, FaultSource, Faults};
 use migrate_core::{BackendError, Clock, MigrationError};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -27,10 +32,19 @@ const WAIT: Duration = Duration::from_millis(20);
 
 /// A thread that reads the userfaultfd of a post-copy destination and
 /// reports the faulting guest pages. It stops when dropped.
-#[derive(Debug)]
 pub struct FaultHandler {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<(), String>>>,
+    /// Where the thread hands each report, if not down the channel.
+    deliver: Arc<Mutex<Option<FaultDelivery>>>,
+}
+
+impl std::fmt::Debug for FaultHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultHandler")
+            .field("running", &self.thread.is_some())
+            .finish()
+    }
 }
 
 impl FaultHandler {
@@ -48,6 +62,8 @@ impl FaultHandler {
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let deliver: Arc<Mutex<Option<FaultDelivery>>> = Arc::new(Mutex::new(None));
+        let to = deliver.clone();
         let thread = std::thread::Builder::new()
             .name("uffd-faults".into())
             .spawn(move || {
@@ -67,7 +83,14 @@ impl FaultHandler {
                         .collect();
                     pages.sort_unstable();
                     pages.dedup();
-                    if tx.send(Faults { pages, at }).is_err() {
+                    let faults = Faults { pages, at };
+                    if let Ok(mut d) = to.lock() {
+                        if let Some(deliver) = d.as_mut() {
+                            deliver(faults);
+                            continue;
+                        }
+                    }
+                    if tx.send(faults).is_err() {
                         break;
                     }
                 }
@@ -78,6 +101,7 @@ impl FaultHandler {
             FaultHandler {
                 stop,
                 thread: Some(thread),
+                deliver,
             },
             rx,
         ))
@@ -171,6 +195,25 @@ fn kvm_backend(op: &'static str) -> impl FnOnce(KvmError) -> MigrationError {
 impl FaultSource for KvmFaults {
     fn faults(&self) -> &Receiver<Faults> {
         &self.faults
+    }
+
+    fn faults_mut(&mut self) -> Option<&mut Receiver<Faults>> {
+        Some(&mut self.faults)
+    }
+
+    /// The handler thread sends each request itself, the moment it reads
+    /// the fault.
+    fn deliver_to(&mut self, deliver: Option<FaultDelivery>) -> bool {
+        let Some(h) = &self.handler else {
+            return false;
+        };
+        match h.deliver.lock() {
+            Ok(mut d) => {
+                *d = deliver;
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     fn finish(&mut self) -> Result<(), MigrationError> {

@@ -10,7 +10,7 @@
 //! this way and checks the failure semantics on each run.
 
 use bytes::Bytes;
-use migrate_core::transport::{Transport, TransportError};
+use migrate_core::transport::{PreemptLink, PreemptServe, Transport, TransportError};
 use std::time::Duration;
 
 /// What happens to the chosen frame.
@@ -214,5 +214,22 @@ impl<T: Transport> Transport for FaultyTransport<T> {
             self.sent += 1;
         }
         Ok(back)
+    }
+    /// Only without a plan: frames sent on the preempt connection from
+    /// another thread would bypass `send`, and the plan counts every
+    /// frame.
+    fn preempt_link(&self) -> Option<PreemptLink> {
+        if self.plan.is_some() {
+            return None;
+        }
+        self.inner.as_ref()?.preempt_link()
+    }
+
+    /// Only without a plan (see [`FaultyTransport::preempt_link`]).
+    fn serve_preempt(&mut self, serve: PreemptServe) -> bool {
+        match self.inner.as_mut() {
+            Some(t) if self.plan.is_none() => t.serve_preempt(serve),
+            _ => false,
+        }
     }
 }

@@ -510,6 +510,11 @@ impl PageSource for SimPages {
     fn small_reads_are_cheap(&self) -> bool {
         true
     }
+
+    /// The same memory, for the preempt connection's thread.
+    fn share(&self) -> Option<Box<dyn PageSource + Send>> {
+        Some(Box::new(self.clone()))
+    }
 }
 
 impl SimPages {

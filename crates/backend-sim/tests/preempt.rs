@@ -1,24 +1,27 @@
 //! Post-copy with a preempt connection: requested pages on a connection
-//! of their own, ahead of the push, over TCP and a Unix socket; why a
-//! requested page placed first is never overwritten by its push copy;
-//! and what a cut preempt connection and bad preempt frames do.
+//! of their own, ahead of the push, over TCP and a Unix socket; requests
+//! answered on the connection's own thread while the source's driver is
+//! stuck in the push; why a requested page placed first is never
+//! overwritten by its push copy; and what a cut preempt connection and
+//! bad preempt frames, in either direction, do.
 
 use backend_sim::{SimControl, SimGuest, SimPages, SimTracker};
 use bytes::Bytes;
-use migrate_core::driver::{run_destination, run_source, Faults};
+use migrate_core::driver::{run_destination, run_source, FaultDelivery, FaultSource, Faults};
 use migrate_core::protocol::{
     encode_page_batch, encode_to_vec, reseal, Capabilities, Decoder, ProtocolError, Record,
     RecordType, Sequencer, VERSION,
 };
-use migrate_core::transport::{Transport, TransportError};
+use migrate_core::transport::{PreemptLink, PreemptServe, Transport, TransportError};
 use migrate_core::{
     Clock, DestinationEngine, DestinationReport, EngineConfig, MigrationError, MultiTransport,
     PageSink, PageSize, PageSource, PostCopy, SourceEngine, SourceStep,
 };
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod common;
@@ -379,16 +382,38 @@ fn bad_requested_pages_are_refused() {
     );
 }
 
-/// Sends page batches no faster than one per `per_batch`, so that a
-/// post-copy push lasts long enough for a cut to land in it.
-struct SlowPush<T: Transport> {
+/// Paces the push: each page batch waits `per_batch` (so that a
+/// post-copy push lasts long enough for a cut to land in it), and the
+/// first one waits, besides, until `gate` opens or its sender is gone (the
+/// source's driver is then stuck inside the push). With `preempt` the
+/// preempt connection is passed on, so that the source serves requests on
+/// its thread; without, requests reach the source's engine through
+/// `recv`.
+struct Paced<T: Transport> {
     inner: T,
     per_batch: Duration,
+    gate: Option<mpsc::Receiver<()>>,
+    preempt: bool,
 }
 
-impl<T: Transport> Transport for SlowPush<T> {
+impl<T: Transport> Paced<T> {
+    /// Page batches no faster than one per `per_batch`.
+    fn slow(inner: T, per_batch: Duration, preempt: bool) -> Self {
+        Paced {
+            inner,
+            per_batch,
+            gate: None,
+            preempt,
+        }
+    }
+}
+
+impl<T: Transport> Transport for Paced<T> {
     fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
         if frame.first() == Some(&(RecordType::PageBatch as u8)) {
+            if let Some(gate) = self.gate.take() {
+                let _ = gate.recv();
+            }
             std::thread::sleep(self.per_batch);
         }
         self.inner.send(frame)
@@ -401,6 +426,12 @@ impl<T: Transport> Transport for SlowPush<T> {
     }
     fn close(&mut self) {
         self.inner.close()
+    }
+    fn preempt_link(&self) -> Option<PreemptLink> {
+        self.inner.preempt_link().filter(|_| self.preempt)
+    }
+    fn serve_preempt(&mut self, serve: PreemptServe) -> bool {
+        self.preempt && self.inner.serve_preempt(serve)
     }
 }
 
@@ -421,10 +452,8 @@ fn a_cut_preempt_connection_is_a_broken_link() {
     let rx = acceptor.join().unwrap().unwrap();
     let (dest, _) = spawn_faulting_destination(&dst, &clock, rx);
     // 8,192 pages in batches of 16, one every 20 ms: ten seconds of push.
-    let mut t = SlowPush {
-        inner: tx,
-        per_batch: Duration::from_millis(20),
-    };
+    // Requests reach the source's engine through `recv`.
+    let mut t = Paced::slow(tx, Duration::from_millis(20), false);
     let d = dst.clone();
     let cutter = std::thread::spawn(move || {
         while d.resumed_at().is_none() {
@@ -483,10 +512,8 @@ fn a_cut_preempt_connection_is_recovered_from() {
     .unwrap();
     let cut = preempt.unwrap();
     // 2,048 pages in batches of 16, one every 20 ms: 2.6 s of push.
-    let slow = |t: MultiTransport<TcpStream>| SlowPush {
-        inner: t,
-        per_batch: Duration::from_millis(20),
-    };
+    // Requests served on the preempt connection's thread, on each set.
+    let slow = |t: MultiTransport<TcpStream>| Paced::slow(t, Duration::from_millis(20), true);
     let mut t = slow(first);
     let d = dst.clone();
     let cutter = std::thread::spawn(move || {
@@ -516,4 +543,252 @@ fn a_cut_preempt_connection_is_recovered_from() {
     assert_eq!(report.digest.unwrap(), src.digest());
     assert_eq!(dst.absent_pages(), 0);
     assert!(src.is_paused() && !dst.is_paused());
+}
+
+/// Waits, up to two minutes, for `done`.
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}: never");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A connected pair over socket pairs: one data connection and a
+/// preempt one; the connecting end first.
+fn socket_preempt_pair() -> (MultiTransport<UnixStream>, MultiTransport<UnixStream>) {
+    let (a, b): (Vec<UnixStream>, Vec<UnixStream>) =
+        (0..3).map(|_| UnixStream::pair().unwrap()).unzip();
+    let mut b = b.into_iter();
+    let acceptor = std::thread::spawn(move || MultiTransport::accept(|| Ok(b.next().unwrap())));
+    let mut a = a.into_iter();
+    let tx = MultiTransport::connect_preempt(1, || Ok(a.next().unwrap())).unwrap();
+    (tx, acceptor.join().unwrap().unwrap())
+}
+
+/// Faults reported as a backend's handler thread reports them (KVM's
+/// userfaultfd handler does so): down a channel, or, once the driver asks
+/// ([`FaultSource::deliver_to`]), to the driver's callback on that thread.
+struct HandlerFaults {
+    rx: mpsc::Receiver<Faults>,
+    deliver: Arc<Mutex<Option<FaultDelivery>>>,
+    /// Whether the driver had the handler send: it must be back on the
+    /// channel at the end.
+    used: Arc<AtomicBool>,
+}
+
+impl HandlerFaults {
+    /// A handler thread that reports what comes from `events`.
+    fn start(events: mpsc::Receiver<Faults>) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let deliver: Arc<Mutex<Option<FaultDelivery>>> = Arc::new(Mutex::new(None));
+        let to = deliver.clone();
+        std::thread::spawn(move || {
+            for f in events {
+                let mut d = to.lock().unwrap();
+                match d.as_mut() {
+                    Some(deliver) => deliver(f),
+                    None => {
+                        if tx.send(f).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        HandlerFaults {
+            rx,
+            deliver,
+            used: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl FaultSource for HandlerFaults {
+    fn faults(&self) -> &mpsc::Receiver<Faults> {
+        &self.rx
+    }
+    fn deliver_to(&mut self, deliver: Option<FaultDelivery>) -> bool {
+        if deliver.is_some() {
+            self.used.store(true, Ordering::SeqCst);
+        }
+        *self.deliver.lock().unwrap() = deliver;
+        true
+    }
+}
+
+/// A page the resumed guest faults on is answered while the source's
+/// driver is stuck sending the first push frame: the request leaves on
+/// the preempt connection from the destination's requester thread, or
+/// from the backend's handler thread, and the source's preempt thread
+/// reads the page and sends it, without the driver. Once the push is let
+/// go the migration completes verified, the page counted as requested
+/// and served.
+#[test]
+fn a_request_is_answered_while_the_source_driver_is_stuck_in_the_push() {
+    for on_handler in [false, true] {
+        answered_while_stuck(on_handler);
+    }
+}
+
+fn answered_while_stuck(on_handler: bool) {
+    let (src, dst, clock) = guests(32 << 20, 20_000.0);
+    let (tx, rx) = socket_preempt_pair();
+    let (fault_tx, faults) = mpsc::channel();
+    let (d, c) = (dst.clone(), clock.clone());
+    let (handler, mut plain) = if on_handler {
+        (Some(HandlerFaults::start(faults)), None)
+    } else {
+        (None, Some(faults))
+    };
+    let sent_by_handler = handler.as_ref().map(|h| h.used.clone());
+    let dest = std::thread::spawn(move || {
+        let mut t = rx;
+        let mut e = DestinationEngine::new(d.pages(), d.control(), c);
+        match (handler, plain.as_mut()) {
+            (Some(mut h), _) => {
+                let r = run_destination(&mut e, &mut t, Some(&mut h), TIMEOUT);
+                assert!(h.deliver.lock().unwrap().is_none(), "handed back");
+                r
+            }
+            (None, faults) => run_destination(
+                &mut e,
+                &mut t,
+                faults.map(|f| f as &mut dyn FaultSource),
+                TIMEOUT,
+            ),
+        }
+    });
+    let (open, gate) = mpsc::channel();
+    let source = {
+        let (s, c) = (src.clone(), clock.clone());
+        std::thread::spawn(move || {
+            let mut t = Paced {
+                inner: tx,
+                per_batch: Duration::ZERO,
+                gate: Some(gate),
+                preempt: true,
+            };
+            let mut e = preempt_source(&s, c);
+            let r = run_source(&mut e, &mut t, TIMEOUT);
+            (r, e.preempt_active())
+        })
+    };
+    wait_for("the destination's guest resumed", || {
+        dst.resumed_at().is_some()
+    });
+    let page = dst.layout().page_end() - 1;
+    assert!(dst.is_absent(page), "no push page arrived yet");
+    fault_tx
+        .send(Faults {
+            pages: vec![page],
+            at: clock.now(),
+        })
+        .unwrap();
+    wait_for("the requested page arrived", || !dst.is_absent(page));
+    open.send(()).unwrap();
+    let (r, engine_served) = source.join().unwrap();
+    let stats = r.expect("source");
+    assert!(!engine_served, "the preempt thread served, not the engine");
+    let report = dest.join().unwrap().expect("destination");
+    assert!(stats.memory_verified);
+    assert_eq!(report.digest.unwrap(), src.digest());
+    assert_eq!(dst.absent_pages(), 0);
+    let pc = stats.postcopy.unwrap();
+    assert!(pc.requests >= 1 && pc.preempt_pages == pc.requests);
+    assert!(pc.preempt_bytes > 0);
+    assert_eq!(report.preempt_pages, pc.preempt_pages, "and all arrived");
+    if let Some(used) = sent_by_handler {
+        assert!(used.load(Ordering::SeqCst), "the handler thread sent");
+    }
+}
+
+/// A destination that lies: it opens the preempt connection with `bad`
+/// before the source switched over, then reads what the source sends.
+/// The source fails with the error that comes back, its guest running,
+/// and the liar is told with an abort.
+fn lying_destination(bad: Vec<u8>) -> MigrationError {
+    let (src, _dst, clock) = guests(8 << 20, 20_000.0);
+    let (tx, mut rx) = socket_preempt_pair();
+    let liar = std::thread::spawn(move || {
+        rx.preempt_link()
+            .expect("a preempt link")
+            .send(&bad)
+            .unwrap();
+        loop {
+            match rx.recv(Some(Duration::from_secs(120))) {
+                Ok(Some(f)) if f.first() == Some(&(RecordType::Abort as u8)) => return true,
+                Ok(Some(_)) => continue,
+                _ => return false,
+            }
+        }
+    });
+    let mut t = tx;
+    let mut e = preempt_source(&src, clock);
+    let r = run_source(&mut e, &mut t, TIMEOUT);
+    drop(t);
+    assert!(liar.join().unwrap(), "the destination was told");
+    assert!(!src.is_paused(), "the source guest runs on");
+    r.expect_err("the migration fails")
+}
+
+/// A page request numbered `seq` on the preempt connection.
+fn preempt_request(seq: u32, page: u64) -> Vec<u8> {
+    let mut f = encode_to_vec(&Record::PreemptRequest(vec![page]));
+    migrate_core::protocol::seal(&mut f, seq);
+    f
+}
+
+/// A request before the switch-over (the source guest still runs, so its
+/// pages may still change) is refused; so is a damaged frame, one out
+/// of its own numbering, and a record that has no place on the preempt
+/// connection. Each fails the migration with a typed error.
+#[test]
+fn bad_frames_on_the_preempt_connection_from_the_destination_are_refused() {
+    let r = lying_destination(preempt_request(0, 3));
+    assert!(
+        matches!(
+            r,
+            MigrationError::UnexpectedRecord {
+                got: RecordType::PreemptRequest,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    let mut damaged = preempt_request(0, 3);
+    let at = damaged.len() - 3;
+    damaged[at] ^= 0x10;
+    let r = lying_destination(damaged);
+    assert!(
+        matches!(
+            r,
+            MigrationError::Protocol(ProtocolError::FrameChecksum { .. })
+        ),
+        "{r:?}"
+    );
+    let r = lying_destination(preempt_request(3, 3));
+    assert!(
+        matches!(
+            r,
+            MigrationError::Protocol(ProtocolError::OutOfSequence {
+                expected: 0,
+                got: 3
+            })
+        ),
+        "{r:?}"
+    );
+    let mut ready = encode_to_vec(&Record::Ready);
+    Sequencer::new().seal(&mut ready);
+    let r = lying_destination(ready);
+    assert!(
+        matches!(
+            r,
+            MigrationError::UnexpectedRecord {
+                got: RecordType::Ready,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
 }

@@ -157,6 +157,16 @@ pub trait PageSource {
     fn populated_ranges(&mut self) -> Result<Option<Vec<(PageNum, u64)>>, BackendError> {
         Ok(None)
     }
+
+    /// A second handle on the same memory, for a thread of its own: a
+    /// post-copy source serves the pages its destination asks for from it
+    /// on the preempt connection's thread while the engine pushes (the
+    /// guest is paused then, so both read the same bytes). `None`, the
+    /// default, where the source cannot give one: requests then go
+    /// through the engine.
+    fn share(&self) -> Option<Box<dyn PageSource + Send>> {
+        None
+    }
 }
 
 /// Places guest pages on the destination.
@@ -318,6 +328,9 @@ impl<T: PageSource + ?Sized> PageSource for &mut T {
     }
     fn small_reads_are_cheap(&self) -> bool {
         (**self).small_reads_are_cheap()
+    }
+    fn share(&self) -> Option<Box<dyn PageSource + Send>> {
+        (**self).share()
     }
 }
 

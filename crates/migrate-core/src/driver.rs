@@ -18,6 +18,10 @@ use crate::transport::{Transport, TransportError};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
+mod preempt;
+
+use preempt::{Requester, Served, SourceServing};
+
 /// How long a side waits for its peer before giving up (30 s).
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -30,6 +34,12 @@ pub const CONTROL_TICK: Duration = Duration::from_millis(20);
 const SEND_FAILURE_GRACE: Duration = Duration::from_millis(200);
 
 /// Runs the source to the end over `transport`.
+///
+/// Over a transport with a preempt connection
+/// ([`Transport::serve_preempt`]) and with memory that can be shared
+/// ([`SourceEngine::shared_pages`]), the destination's page requests are
+/// answered on that connection's own thread, after the switch-over only,
+/// without waiting for this driver; the engine learns what was served.
 ///
 /// Every send and every wait is bounded by `peer_timeout` (the transport's
 /// send timeout is set to it), so a peer that stalls, stops reading or
@@ -149,7 +159,12 @@ where
 {
     transport.set_send_timeout(Some(peer_timeout));
     engine.set_peer_timeout(Some(peer_timeout));
+    let serving = SourceServing::new();
+    if serve_apart(engine, transport, &serving) {
+        engine.serve_requests_apart();
+    }
     loop {
+        take_served(engine, transport, &serving)?;
         if engine.needs_connection() {
             transport.close();
             let Some(relink) = relink.as_mut() else {
@@ -158,6 +173,7 @@ where
                 )));
             };
             source_reconnect(engine, transport, &mut **relink, peer_timeout)?;
+            serve_apart(engine, transport, &serving);
             continue;
         }
         let step = match engine.poll() {
@@ -167,6 +183,9 @@ where
                 return Err(e);
             }
         };
+        // Before the switch-over's frames leave: once the destination
+        // resumes, its requests may come at any time.
+        serving.set_round(engine.request_round());
         match step {
             SourceStep::Send(frame) => {
                 if let Err(e) = send_serving(engine, transport, frame)? {
@@ -242,6 +261,66 @@ where
             }
         }
     }
+}
+
+/// Serves the destination's requests on `transport`'s preempt connection,
+/// on its own thread, when it has one and the engine's memory can be
+/// shared ([`SourceEngine::shared_pages`]).
+fn serve_apart<T, S, G, P, X>(
+    engine: &SourceEngine<T, S, G, P>,
+    transport: &mut X,
+    serving: &SourceServing,
+) -> bool
+where
+    T: DirtyTracker,
+    S: PageSource,
+    G: GuestControl,
+    P: Policy,
+    X: Transport + ?Sized,
+{
+    match engine.shared_pages() {
+        Some(memory) => serving.install(transport, memory, engine.layout().clone()),
+        None => false,
+    }
+}
+
+/// Tells the engine what the preempt thread served; a failure there
+/// (a bad frame, a request before the switch-over) fails the migration,
+/// or after the switch-over with recovery on, a damaged frame or a failed
+/// link makes the post-copy wait for a new connection.
+fn take_served<T, S, G, P, X>(
+    engine: &mut SourceEngine<T, S, G, P>,
+    transport: &mut X,
+    serving: &SourceServing,
+) -> Result<(), MigrationError>
+where
+    T: DirtyTracker,
+    S: PageSource,
+    G: GuestControl,
+    P: Policy,
+    X: Transport + ?Sized,
+{
+    while let Some(s) = serving.take() {
+        match s {
+            Served::Frame(f) => {
+                if let Err(e) = engine.requested_pages_served(&f) {
+                    let _ = transport.send(&engine.abort_frame(&e.to_string()));
+                    return Err(engine.fail(e));
+                }
+            }
+            Served::Failed(e) if e.is_link_failure() && engine.recoverable() => {
+                if !engine.needs_connection() {
+                    engine.connection_lost(e)?;
+                }
+            }
+            Served::Failed(e) => {
+                tracing::warn!(error = %e, "the preempt connection failed");
+                let _ = transport.send(&engine.abort_frame(&e.to_string()));
+                return Err(engine.fail(e));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How long a source whose push is held up by a busy link waits for a
@@ -349,6 +428,29 @@ pub trait FaultSource {
     /// The faults, as the backend's handler reports them.
     fn faults(&self) -> &Receiver<Faults>;
 
+    /// The same receiver, for the driver to lend to a thread of its own
+    /// while the migration runs (it is back before
+    /// [`FaultSource::finish`] or [`FaultSource::abandon`]): over a
+    /// transport with a preempt connection, a requester thread sends each
+    /// fault's request there the moment it is reported. `None`, the
+    /// default, keeps the requests in the driver's loop.
+    fn faults_mut(&mut self) -> Option<&mut Receiver<Faults>> {
+        None
+    }
+
+    /// Has the backend's handler thread hand each report to `deliver`
+    /// itself, on that thread, instead of sending it down the channel
+    /// (`None`: back to the channel); `false`, the default, when it
+    /// cannot. Over a transport with a preempt connection the driver uses
+    /// it to send each request from the handler's thread the moment the
+    /// fault is read, and takes it back before [`FaultSource::finish`] or
+    /// [`FaultSource::abandon`]. `deliver` must not block for long: it
+    /// writes one small frame.
+    fn deliver_to(&mut self, deliver: Option<FaultDelivery>) -> bool {
+        let _ = deliver;
+        false
+    }
+
     /// Every page arrived: leave fault-serving mode (KVM: userfaultfd;
     /// Xen: memory paging).
     fn finish(&mut self) -> Result<(), MigrationError> {
@@ -360,9 +462,17 @@ pub trait FaultSource {
     fn abandon(&mut self) {}
 }
 
+/// What a backend's fault handler calls with each report, on its own
+/// thread ([`FaultSource::deliver_to`]).
+pub type FaultDelivery = Box<dyn FnMut(Faults) + Send>;
+
 impl FaultSource for Receiver<Faults> {
     fn faults(&self) -> &Receiver<Faults> {
         self
+    }
+
+    fn faults_mut(&mut self) -> Option<&mut Receiver<Faults>> {
+        Some(self)
     }
 }
 
@@ -381,7 +491,15 @@ impl FaultSource for Receiver<Faults> {
 /// source for the pages the backend's handler reports, ahead of the
 /// pushed ones: it hands each [`Faults`] to
 /// [`DestinationEngine::request_pages_at`] and sends the requests, looking
-/// after every frame and every [`FAULT_POLL`] while none arrives. When
+/// after every frame and every [`FAULT_POLL`] while none arrives. Over
+/// a transport with a preempt connection ([`Transport::preempt_link`])
+/// each request leaves on that connection as soon as the fault is
+/// reported instead: from the backend's handler thread where it can send
+/// ([`FaultSource::deliver_to`]), or from a requester thread blocked on
+/// the fault channel the backend lends ([`FaultSource::faults_mut`]); the
+/// driver records it in the engine
+/// ([`DestinationEngine::requests_sent_at`]) before it hands over any
+/// frame. When
 /// every page has arrived it calls [`FaultSource::finish`]; if the source
 /// is lost after the guest resumed, [`FaultSource::abandon`]. Without
 /// `faults` the pages are pushed all the same, and a guest that touches
@@ -447,13 +565,45 @@ where
     let Some(source) = faults else {
         return drive_destination(engine, transport, None, relink, peer_timeout);
     };
-    match drive_destination(
-        engine,
-        transport,
-        Some(source.faults()),
-        relink,
-        peer_timeout,
-    ) {
+    // With a preempt connection, requests leave from the backend's fault
+    // handler thread, or from a thread of their own woken by the fault.
+    let requester = if transport.preempt_link().is_some() {
+        Requester::on_handler(source).or_else(|| match source.faults_mut() {
+            Some(rx) => {
+                let (_, idle) = std::sync::mpsc::channel();
+                match Requester::start(std::mem::replace(rx, idle)) {
+                    Ok(r) => Some(r),
+                    Err(back) => {
+                        *rx = back;
+                        None
+                    }
+                }
+            }
+            None => None,
+        })
+    } else {
+        None
+    };
+    let result = match &requester {
+        Some(r) => drive_destination(
+            engine,
+            transport,
+            Some(FaultFeed::Apart(r)),
+            relink,
+            peer_timeout,
+        ),
+        None => drive_destination(
+            engine,
+            transport,
+            Some(FaultFeed::Plain(source.faults())),
+            relink,
+            peer_timeout,
+        ),
+    };
+    if let Some(r) = requester {
+        r.stop(source);
+    }
+    match result {
         Ok(report) => {
             source.finish()?;
             Ok(report)
@@ -479,13 +629,54 @@ pub struct Faults {
 }
 
 /// How often a post-copy destination looks for faults while no frame
-/// arrives.
+/// arrives (when its requests go through its loop).
 pub const FAULT_POLL: Duration = Duration::from_micros(100);
+
+/// Where the destination driver gets the faults: straight from the
+/// backend, or from the requester thread, which sent their requests on
+/// the preempt connection already.
+#[derive(Clone, Copy)]
+enum FaultFeed<'a> {
+    Plain(&'a Receiver<Faults>),
+    Apart(&'a Requester),
+}
+
+impl FaultFeed<'_> {
+    /// Hands every fault reported so far to the engine: queued to be
+    /// sent, or recorded when the requester sent it already.
+    fn record<K, G>(&self, engine: &mut DestinationEngine<K, G>) -> Result<(), MigrationError>
+    where
+        K: PageSink + PageSource,
+        G: GuestControl,
+    {
+        match self {
+            FaultFeed::Plain(rx) => {
+                while let Ok(f) = rx.try_recv() {
+                    engine.request_pages_at(&f.pages, f.at)?;
+                }
+            }
+            FaultFeed::Apart(r) => {
+                while let Ok(f) = r.sent.try_recv() {
+                    engine.requests_sent_at(&f.pages, f.at)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The requester sends on `transport`'s preempt connection (`Some`),
+    /// or on none.
+    fn link<X: Transport + ?Sized>(&self, transport: Option<&X>) {
+        if let FaultFeed::Apart(r) = self {
+            r.set_link(transport.and_then(|t| t.preempt_link()));
+        }
+    }
+}
 
 fn drive_destination<K, G, X>(
     engine: &mut DestinationEngine<K, G>,
     transport: &mut X,
-    faults: Option<&Receiver<Faults>>,
+    faults: Option<FaultFeed<'_>>,
     mut relink: Option<Relink<'_, X>>,
     peer_timeout: Duration,
 ) -> Result<DestinationReport, MigrationError>
@@ -502,10 +693,16 @@ where
     // session within the peer timeout is dropped).
     let mut need_link = false;
     let mut linked_at = engine.now();
+    // Whether the requester sends on this transport's preempt connection.
+    let mut requesting = false;
     loop {
         if engine.recovering()
             && (need_link || engine.now().saturating_sub(linked_at) >= peer_timeout)
         {
+            if let Some(feed) = faults {
+                feed.link::<X>(None);
+                requesting = false;
+            }
             transport.close();
             let Some(relink) = relink.as_mut() else {
                 engine.fail();
@@ -519,13 +716,20 @@ where
             continue;
         }
         let serving = faults.filter(|_| engine.in_postcopy() && !engine.recovering());
-        if let Some(rx) = serving {
-            while let Ok(f) = rx.try_recv() {
-                if let Err(e) = engine.request_pages_at(&f.pages, f.at) {
-                    let _ = transport.send(&engine.abort_frame(&e.to_string()));
-                    engine.fail();
-                    return Err(e);
-                }
+        if let Some(feed) = faults {
+            // Once the guest runs here (the source answers only after its
+            // switch-over); not while recovering (the connection in hand
+            // may not resume the session).
+            if serving.is_some() != requesting {
+                requesting = serving.is_some();
+                feed.link(Some(&*transport).filter(|_| requesting));
+            }
+        }
+        if let Some(feed) = serving {
+            if let Err(e) = feed.record(engine) {
+                let _ = transport.send(&engine.abort_frame(&e.to_string()));
+                engine.fail();
+                return Err(e);
             }
             while let Some(request) = engine.poll_transmit() {
                 if let Err(e) = transport.send(&request) {
@@ -553,7 +757,7 @@ where
             need_link = true;
             continue;
         }
-        let wait = if serving.is_some() {
+        let wait = if matches!(serving, Some(FaultFeed::Plain(_))) {
             FAULT_POLL
         } else {
             let now = engine.now();
@@ -571,6 +775,15 @@ where
                 continue;
             }
         };
+        // A request that left from the requester's thread is recorded
+        // before any frame that may answer it is handled.
+        if let Some(feed @ FaultFeed::Apart(_)) = faults.filter(|_| engine.in_postcopy()) {
+            if let Err(e) = feed.record(engine) {
+                let _ = transport.send(&engine.abort_frame(&e.to_string()));
+                engine.fail();
+                return Err(e);
+            }
+        }
         let status = match engine.handle_frame(&frame) {
             Ok(s) => s,
             Err(_) if engine.recovering() => {
@@ -626,7 +839,7 @@ where
 fn destination_reconnect<K, G, X>(
     engine: &mut DestinationEngine<K, G>,
     transport: &mut X,
-    faults: Option<&Receiver<Faults>>,
+    faults: Option<FaultFeed<'_>>,
     relink: &mut dyn FnMut(&mut X, Duration) -> Result<(), TransportError>,
     peer_timeout: Duration,
 ) -> Result<(), MigrationError>
@@ -636,10 +849,8 @@ where
     X: Transport + ?Sized,
 {
     loop {
-        if let Some(rx) = faults {
-            while let Ok(f) = rx.try_recv() {
-                engine.request_pages_at(&f.pages, f.at)?;
-            }
+        if let Some(feed) = faults {
+            feed.record(engine)?;
         }
         // Fails once the recovery timeout has passed.
         engine.handle_timeout()?;

@@ -55,13 +55,22 @@
 //! a newer one under this rule is in `docs/protocol.md` (*The preempt
 //! connection*).
 //!
+//! Each side may also use the preempt connection from threads of its own
+//! ([`Transport::preempt_link`]: every write, the caller's included, is
+//! one whole frame at a time), and may have the frames that arrive on it
+//! served on its reader thread instead of handed to `recv`
+//! ([`Transport::serve_preempt`]): the destination's page requests leave
+//! from its requester thread, and the source answers them on that
+//! reader thread (`docs/protocol.md`, *The preempt connection*).
+//!
 //! The preempt connection ending while the control connection stays open
 //! for [`PREEMPT_END_GRACE`] is a cut: `recv` fails with
 //! [`TransportError::Closed`], as it does when every connection ended.
 
 use crate::protocol::{frame_sequence, RecordType};
 use crate::transport::{
-    may_send, send_error, spawn_reader, write_frame, SplitStream, Transport, TransportError,
+    may_send, send_error, spawn_reader, write_frame, PreemptLink, PreemptServe, SplitStream,
+    Transport, TransportError,
 };
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -109,6 +118,12 @@ pub struct MultiTransport<S: SplitStream> {
     preempt_rx: Option<Receiver<Result<Bytes, TransportError>>>,
     /// With a preempt connection: the thread that writes page batches.
     pusher: Option<Pusher>,
+    /// With a preempt connection: its sending side, shared by `send` and
+    /// the threads that hold a [`PreemptLink`].
+    preempt_link: Option<PreemptLink>,
+    /// What serves the preempt connection's frames on its reader thread,
+    /// once installed ([`Transport::serve_preempt`]).
+    server: Arc<Mutex<Option<PreemptServe>>>,
     /// When the preempt connection ended, if it did.
     preempt_ended: Option<Instant>,
     /// Whether the control connection ended.
@@ -361,12 +376,49 @@ impl<S: SplitStream> MultiTransport<S> {
         let last = streams.len() - 1;
         let mut readers = Vec::with_capacity(streams.len());
         let mut preempt_rx = None;
+        let server: Arc<Mutex<Option<PreemptServe>>> = Arc::new(Mutex::new(None));
+        let preempt_link = if preempt {
+            let all = streams
+                .iter()
+                .map(|s| s.try_clone_stream())
+                .collect::<io::Result<Vec<S>>>()?;
+            let writer = Mutex::new((streams[last].try_clone_stream()?, all));
+            Some(PreemptLink::new(move |frame: &[u8]| {
+                let mut w = writer.lock().map_err(|_| TransportError::Closed)?;
+                let (w, all) = &mut *w;
+                write_frame(w, frame).map_err(|e| {
+                    // Part of a frame may be on the connection: show the
+                    // peer a cut on all.
+                    for s in all.iter() {
+                        s.shutdown_both();
+                    }
+                    send_error(e, None)
+                })
+            }))
+        } else {
+            None
+        };
         for (i, s) in streams.iter().enumerate() {
             let tx = tx.clone();
             if preempt && i == last {
                 let (ptx, prx) = mpsc::sync_channel(READ_AHEAD * 4);
                 preempt_rx = Some(prx);
+                let server = server.clone();
+                let link = preempt_link.clone();
                 readers.push(spawn_reader(s, move |r| {
+                    let r = match (r, link.as_ref()) {
+                        (Ok(frame), Some(link)) => match server.lock() {
+                            Ok(mut slot) => match slot.as_mut() {
+                                Some(serve) => {
+                                    serve(frame, link);
+                                    return true;
+                                }
+                                None => Ok(frame),
+                            },
+                            Err(_) => Ok(frame),
+                        },
+                        (r, _) => r,
+                    };
                     let ok = ptx.send(r).is_ok();
                     let _ = tx.try_send(Inbound::Preempt);
                     ok
@@ -396,6 +448,8 @@ impl<S: SplitStream> MultiTransport<S> {
             readers,
             preempt_rx,
             pusher,
+            preempt_link,
+            server,
             preempt_ended: None,
             control_ended: false,
             #[cfg(test)]
@@ -444,7 +498,7 @@ impl<S: SplitStream> MultiTransport<S> {
         } else if batch && data > 0 {
             self.next_data = (self.next_data + 1) % data;
             Some(1 + self.next_data)
-        } else if ty == Some(RecordType::RequestedPages as u8) && self.has_preempt() {
+        } else if is_preempt_frame(ty) && self.has_preempt() {
             Some(self.writers.len() - 1)
         } else {
             Some(0)
@@ -454,6 +508,21 @@ impl<S: SplitStream> MultiTransport<S> {
     /// Writes `frame` on connection `i`.
     fn write_on(&mut self, i: usize, frame: &[u8]) -> Result<(), TransportError> {
         let timeout = self.send_timeout;
+        if let Some(link) = self
+            .preempt_link
+            .as_ref()
+            .filter(|_| i == self.writers.len() - 1)
+        {
+            // Shared with the threads that hold the link: one frame at a
+            // time.
+            return link.send(frame).map_err(|e| {
+                self.shut();
+                match e {
+                    TransportError::Io(e) => send_error(e, timeout),
+                    e => e,
+                }
+            });
+        }
         write_frame(&mut self.writers[i], frame).map_err(|e| {
             // Part of a frame may be on one connection: none can carry
             // another, so the peer is shown a cut on all.
@@ -508,7 +577,50 @@ impl<S: SplitStream> MultiTransport<S> {
     }
 }
 
+/// Whether a frame of type `ty` travels on the preempt connection.
+fn is_preempt_frame(ty: Option<u8>) -> bool {
+    ty == Some(RecordType::RequestedPages as u8) || ty == Some(RecordType::PreemptRequest as u8)
+}
+
 impl<S: SplitStream> Transport for MultiTransport<S> {
+    fn preempt_link(&self) -> Option<PreemptLink> {
+        if self.broken {
+            return None;
+        }
+        self.preempt_link.clone()
+    }
+
+    fn serve_preempt(&mut self, mut serve: PreemptServe) -> bool {
+        let (Some(link), Some(prx)) = (self.preempt_link.as_ref(), self.preempt_rx.as_ref()) else {
+            return false;
+        };
+        let Ok(mut slot) = self.server.lock() else {
+            return false;
+        };
+        // What arrived before goes first, in its order; the reader waits
+        // for the lock meanwhile.
+        #[cfg(test)]
+        if let Some(f) = self.stash.take() {
+            serve(f, link);
+        }
+        loop {
+            match prx.try_recv() {
+                Ok(Ok(f)) => serve(f, link),
+                Ok(Err(TransportError::Closed)) | Err(TryRecvError::Disconnected) => {
+                    self.preempt_ended.get_or_insert_with(Instant::now);
+                    break;
+                }
+                Ok(Err(_)) => {
+                    self.preempt_ended.get_or_insert_with(Instant::now);
+                    break;
+                }
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        *slot = Some(serve);
+        true
+    }
+
     fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
         may_send(self.broken, frame)?;
         match self.route(frame) {
@@ -1019,5 +1131,64 @@ mod tests {
             rx.recv(Some(Duration::from_secs(120))),
             Err(TransportError::Closed)
         ));
+    }
+
+    /// Frames on the preempt connection go to the server installed with
+    /// `serve_preempt`, on the connection's reader thread, in their
+    /// order (one that came before it was installed first), and its
+    /// answers through the link reach the peer ahead of anything
+    /// waiting; the peer's own link carries frames the other way. A
+    /// transport without a preempt connection takes no server.
+    #[test]
+    fn frames_on_the_preempt_connection_are_served_on_its_thread() {
+        let (mut near, mut far) = preempt_pair(1);
+        let link = near.preempt_link().expect("a link");
+        let mut own = Sequencer::new();
+        let asks: Vec<Vec<u8>> = (0..3)
+            .map(|i| {
+                let mut f = crate::protocol::encode_to_vec(&Record::PreemptRequest(vec![i]));
+                own.seal(&mut f);
+                f
+            })
+            .collect();
+        link.send(&asks[0]).unwrap();
+        far.wait_for_preempt();
+        let (seen_tx, seen) = mpsc::channel();
+        let mut answers = Sequencer::new();
+        let mut decoder = crate::protocol::Decoder::preempt(PageSize::DEFAULT);
+        assert!(
+            far.serve_preempt(Box::new(move |f: Bytes, link: &PreemptLink| {
+                let page = match decoder.decode(&f) {
+                    Ok(Record::PreemptRequest(p)) => p[0],
+                    _ => 100,
+                };
+                let _ = seen_tx.send(f);
+                let _ = link.send(&requested_frame(&mut answers, page, page as u8 + 1));
+            }))
+        );
+        for a in &asks[1..] {
+            link.send(a).unwrap();
+        }
+        for (i, a) in asks.iter().enumerate() {
+            let f = seen.recv_timeout(Duration::from_secs(120)).unwrap();
+            assert!(f[..] == a[..], "request {i} served in its order");
+            let back = near.recv(Some(Duration::from_secs(120))).unwrap().unwrap();
+            assert_eq!(back[0], RecordType::RequestedPages as u8);
+            assert_eq!(frame_sequence(&back), Some(i as u32));
+            assert_eq!(page_data(&back)[0], i as u8 + 1);
+        }
+        assert!(
+            matches!(far.recv(Some(Duration::ZERO)), Ok(None)),
+            "nothing served reaches recv"
+        );
+
+        let (a, b) = pairs(1);
+        let mut b = b.into_iter();
+        let acceptor = std::thread::spawn(move || MultiTransport::accept(|| Ok(b.next().unwrap())));
+        let mut a = a.into_iter();
+        let mut plain = MultiTransport::connect(1, || Ok(a.next().unwrap())).unwrap();
+        assert!(plain.preempt_link().is_none());
+        assert!(!plain.serve_preempt(Box::new(|_: Bytes, _: &PreemptLink| {})));
+        drop(acceptor.join().unwrap());
     }
 }

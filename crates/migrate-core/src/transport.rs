@@ -14,6 +14,7 @@ use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Why a transport could not move a frame.
@@ -89,11 +90,77 @@ pub trait Transport: Send {
         self.send(&frame)?;
         Ok(None)
     }
+
+    /// The sending side of the post-copy preempt connection, for a thread
+    /// of its own (the destination's page requests,
+    /// [`crate::protocol::Record::PreemptRequest`]); `None` for a transport
+    /// without one (the provided method). Frames sent through it bypass
+    /// `send`; they are numbered apart from the stream, by their sender.
+    fn preempt_link(&self) -> Option<PreemptLink> {
+        None
+    }
+
+    /// From now on, hands every frame that arrives on the preempt
+    /// connection to `serve` on that connection's own reader thread (frames
+    /// that arrived before go first), with the link to answer on, instead
+    /// of to `recv`; the connection's end still reaches `recv`. The
+    /// source's driver serves the destination's page requests so, without
+    /// waiting for its own loop. `false` (the provided method) when the
+    /// transport has no preempt connection: the frames then come out of
+    /// `recv` as any other.
+    fn serve_preempt(&mut self, serve: PreemptServe) -> bool {
+        let _ = serve;
+        false
+    }
+}
+
+/// What serves the frames of a preempt connection on its reader thread
+/// ([`Transport::serve_preempt`]): each frame, and the link to answer on.
+pub type PreemptServe = Box<dyn FnMut(Bytes, &PreemptLink) + Send>;
+
+/// The sending side of a post-copy preempt connection that any thread may
+/// use ([`Transport::preempt_link`]). Each frame is written whole, one at a
+/// time; a write that fails shuts every connection of the transport down,
+/// so that the peer sees a cut and the transport's `recv` its end.
+#[derive(Clone)]
+pub struct PreemptLink {
+    write: Arc<WriteFrame>,
+}
+
+/// How a [`PreemptLink`] writes one frame.
+type WriteFrame = dyn Fn(&[u8]) -> Result<(), TransportError> + Send + Sync;
+
+impl PreemptLink {
+    /// A link that writes each frame with `write`.
+    pub fn new(
+        write: impl Fn(&[u8]) -> Result<(), TransportError> + Send + Sync + 'static,
+    ) -> Self {
+        PreemptLink {
+            write: Arc::new(write),
+        }
+    }
+
+    /// Sends one frame on the preempt connection.
+    pub fn send(&self, frame: &[u8]) -> Result<(), TransportError> {
+        (self.write)(frame)
+    }
+}
+
+impl std::fmt::Debug for PreemptLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreemptLink").finish_non_exhaustive()
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
     fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
         (**self).send(frame)
+    }
+    fn preempt_link(&self) -> Option<PreemptLink> {
+        (**self).preempt_link()
+    }
+    fn serve_preempt(&mut self, serve: PreemptServe) -> bool {
+        (**self).serve_preempt(serve)
     }
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
         (**self).recv(timeout)

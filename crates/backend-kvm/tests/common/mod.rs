@@ -196,6 +196,14 @@ impl<T: Transport> Transport for Slow<T> {
         }
         self.inner.send(frame)
     }
+    /// The preempt connection's own frames are not held up either: they
+    /// are served on its thread.
+    fn preempt_link(&self) -> Option<migrate_core::transport::PreemptLink> {
+        self.inner.preempt_link()
+    }
+    fn serve_preempt(&mut self, serve: migrate_core::transport::PreemptServe) -> bool {
+        self.inner.serve_preempt(serve)
+    }
     fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<Bytes>, TransportError> {
         self.inner.recv(timeout)
     }

@@ -506,6 +506,30 @@ where
         pages: &[PageNum],
         now: Duration,
     ) -> Result<(), MigrationError> {
+        self.record_requests(pages, now, true)
+    }
+
+    /// Post-copy: the requests for these pages, faulted at `now` on this
+    /// engine's clock, already left on the preempt connection (sent by
+    /// the driver's requester thread as [`Record::PreemptRequest`]). The
+    /// engine records them as [`DestinationEngine::request_pages_at`] does
+    /// (fault latency, duplicates, the pages to ask for again after a
+    /// recovery) and sends nothing. Call it before handing over any frame
+    /// that could carry those pages.
+    pub fn requests_sent_at(
+        &mut self,
+        pages: &[PageNum],
+        now: Duration,
+    ) -> Result<(), MigrationError> {
+        self.record_requests(pages, now, false)
+    }
+
+    fn record_requests(
+        &mut self,
+        pages: &[PageNum],
+        now: Duration,
+        queue: bool,
+    ) -> Result<(), MigrationError> {
         if !self.in_postcopy() {
             return Err(MigrationError::InvalidUse(
                 "pages can be requested only while the guest runs in post-copy",
@@ -515,6 +539,12 @@ where
         for &p in pages {
             if !self.layout.contains(p) {
                 return Err(MigrationError::PageOutOfRange(p));
+            }
+            if !queue && self.received.get(p) && !self.requested.contains_key(&p) {
+                // Arrived between the fault and its request, which left
+                // all the same: its answer will be a duplicate.
+                self.faults += 1;
+                continue;
             }
             if self.received.get(p) || self.requested.contains_key(&p) {
                 continue;
@@ -529,8 +559,9 @@ where
                 "fault: request queued"
             );
         }
-        if self.recovering() {
-            // Asked for once the source is back (see `recover`).
+        if self.recovering() || !queue {
+            // Asked for once the source is back (see `recover`), or
+            // asked for already.
             return Ok(());
         }
         for chunk in want.chunks(MAX_REQUEST_PAGES) {

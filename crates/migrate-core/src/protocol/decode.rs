@@ -136,10 +136,11 @@ impl Decoder {
         }
     }
 
-    /// A sequenced decoder for the frames of a post-copy preempt
-    /// connection: [`Record::RequestedPages`] numbered from 0, with no
-    /// header or layout of their own (the stream's gave the page size).
-    /// The engine that holds it takes nothing else from it.
+    /// A sequenced decoder for the frames of one direction of a post-copy
+    /// preempt connection ([`Record::RequestedPages`] from the source,
+    /// [`Record::PreemptRequest`] from the destination) numbered from 0,
+    /// with no header or layout of their own (the stream's gave the page
+    /// size). Whoever holds it takes nothing else from it.
     pub fn preempt(page_size: PageSize) -> Self {
         Decoder {
             sequenced: true,
@@ -447,14 +448,18 @@ impl Decoder {
                 latency_max_ns: b.u64()?,
                 stall_ns: b.u64()?,
             }),
-            RecordType::PageRequest => {
+            RecordType::PageRequest | RecordType::PreemptRequest => {
                 let n = b.count("requested page count", MAX_REQUEST_PAGES)?;
                 b.zero_u32("page request reserved field")?;
                 let mut pages = Vec::with_capacity(n.min(b.buf.len() / 8));
                 for _ in 0..n {
                     pages.push(check_page(b.u64()?)?);
                 }
-                Record::PageRequest(pages)
+                if ty == RecordType::PreemptRequest {
+                    Record::PreemptRequest(pages)
+                } else {
+                    Record::PageRequest(pages)
+                }
             }
             RecordType::Complete => {
                 let total_pages = b.u64()?;
@@ -563,6 +568,7 @@ fn record_name(ty: RecordType) -> &'static str {
         RecordType::DeviceState => "device state",
         RecordType::SwitchOver => "switch-over",
         RecordType::PageRequest => "page request",
+        RecordType::PreemptRequest => "page request on the preempt connection",
         RecordType::Complete => "completion",
         RecordType::Abort => "abort",
         RecordType::Ready => "ready",
@@ -628,7 +634,7 @@ fn decode_model_batch(body: &[u8], ps: PageSize) -> Result<ModelBatch<'_>, Proto
 /// built.
 pub(crate) fn page_batch_of(frame: &[u8], ps: PageSize) -> Result<PageBatch<'_>, ProtocolError> {
     let (ty, _, _, body) = frame_parts(frame)?;
-    if ty != RecordType::PageBatch {
+    if ty != RecordType::PageBatch && ty != RecordType::RequestedPages {
         return Err(ProtocolError::UnexpectedRecord {
             got: ty,
             why: "not a page batch",

@@ -161,7 +161,7 @@ pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) {
             out.put_u64_le(r.latency_max_ns);
             out.put_u64_le(r.stall_ns);
         }
-        Record::PageRequest(pages) => {
+        Record::PageRequest(pages) | Record::PreemptRequest(pages) => {
             out.put_u32_le(pages.len() as u32);
             out.put_u32_le(0);
             for p in pages {

@@ -53,6 +53,9 @@ pub enum RecordType {
     /// The pages that will arrive with data, sent before the first round
     /// (the destination may populate them ahead of their data).
     Populated = 21,
+    /// Post-copy: the destination asks for pages on the preempt
+    /// connection, numbered on their own (see [`Record::PreemptRequest`]).
+    PreemptRequest = 22,
     /// The destination has received a pre-copy round up to its marker
     /// (sent only to a source that asked, see
     /// [`Capabilities::ROUND_RECEIVED`](super::Capabilities::ROUND_RECEIVED)).
@@ -87,6 +90,7 @@ impl RecordType {
             19 => CompressedBatch,
             20 => RequestedPages,
             21 => Populated,
+            22 => PreemptRequest,
             23 => RoundReceived,
             0x40 => ModelBatch,
             _ => return None,
@@ -103,7 +107,7 @@ impl RecordType {
             RoundEnd => 16,
             DeviceState => MAX_DEVICE_STATE_BODY,
             SwitchOver => 8,
-            PageRequest => 8 + MAX_REQUEST_PAGES * 8,
+            PageRequest | PreemptRequest => 8 + MAX_REQUEST_PAGES * 8,
             Complete => 24,
             Abort => 8 + MAX_TEXT,
             Ready => 0,
@@ -399,6 +403,13 @@ pub enum Record<'a> {
     },
     /// Destination asks for these pages now (post-copy).
     PageRequest(Vec<PageNum>),
+    /// Post-copy: the destination asks for these pages on the preempt
+    /// connection (a page request's body). Their frames are numbered
+    /// from 0 on their own, apart from the stream's other frames, and are
+    /// read by a decoder of their own
+    /// ([`Decoder::preempt`](super::Decoder::preempt)); the source answers
+    /// with [`Record::RequestedPages`] on the same connection.
+    PreemptRequest(Vec<PageNum>),
     /// The migration session this stream belongs to. Sent by the source
     /// right after its header: on the first connection (`resume: false`)
     /// it names the session and says the source can resume a post-copy
@@ -479,6 +490,7 @@ impl Record<'_> {
             Record::DeviceState(_) => RecordType::DeviceState,
             Record::SwitchOver { .. } => RecordType::SwitchOver,
             Record::PageRequest(_) => RecordType::PageRequest,
+            Record::PreemptRequest(_) => RecordType::PreemptRequest,
             Record::Complete { .. } => RecordType::Complete,
             Record::Abort { .. } => RecordType::Abort,
             Record::Ready => RecordType::Ready,

@@ -248,6 +248,7 @@ pub(crate) fn owned_record() -> impl Strategy<Value = Record<'static>> {
             v
         })),
         prop::collection::vec(page_num(), 0..48).prop_map(Record::PageRequest),
+        prop::collection::vec(page_num(), 0..48).prop_map(Record::PreemptRequest),
         (0..=MAX_PAGE_END, any::<u128>()).prop_map(|(total_pages, d)| Record::Complete {
             total_pages,
             digest: MemoryDigest(d),

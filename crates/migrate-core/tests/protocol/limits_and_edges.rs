@@ -23,6 +23,14 @@ fn largest_records_round_trip() {
     );
     assert_eq!(d().decode(&f), Ok(request));
 
+    let request = Record::PreemptRequest((0..MAX_REQUEST_PAGES as u64).collect());
+    let f = encode_to_vec(&request);
+    assert_eq!(
+        f.len() - RECORD_HEADER_LEN,
+        RecordType::PreemptRequest.max_body()
+    );
+    assert_eq!(d().decode(&f), Ok(request));
+
     let discard = Record::Discard(
         (0..MAX_DISCARD_RANGES as u64)
             .map(|i| (i * 1000, 999))

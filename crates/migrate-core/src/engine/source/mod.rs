@@ -136,6 +136,12 @@ struct Wire {
     preempt: bool,
     /// Numbers the [`Record::RequestedPages`] frames, apart from the rest.
     preempt_sequencer: Sequencer,
+    /// Reads the [`Record::PreemptRequest`] frames that reach the engine
+    /// (numbered on their own).
+    preempt_decoder: Decoder,
+    /// The driver serves the destination's requests on the preempt
+    /// connection's own thread ([`SourceEngine::serve_requests_apart`]).
+    served_apart: bool,
     /// The destination answers each pre-copy round marker with
     /// [`Record::RoundReceived`] (it announced
     /// [`Capabilities::ROUND_RECEIVED`] and was asked to).
@@ -377,6 +383,8 @@ where
                 paused_frames: 0,
                 preempt: false,
                 preempt_sequencer: Sequencer::new(),
+                preempt_decoder: Decoder::preempt(layout.page_size()),
+                served_apart: false,
                 round_acks: false,
             },
             tracker,
@@ -456,10 +464,94 @@ where
         r
     }
 
-    /// Whether requested pages go as [`Record::RequestedPages`] (the
-    /// configuration asked for it and the destination announced it).
+    /// Whether requested pages go as [`Record::RequestedPages`] from this
+    /// engine (the configuration asked for it, the destination announced
+    /// it, and the driver does not serve them apart).
     pub fn preempt_active(&self) -> bool {
         self.wire.preempt
+    }
+
+    /// A second handle on the guest's memory for the thread that serves
+    /// the destination's requests on the preempt connection
+    /// ([`PageSource::share`]); `None` where the memory cannot give one or
+    /// the pages travel as models ([`Payload::Model`]).
+    pub fn shared_pages(&self) -> Option<Box<dyn PageSource + Send>> {
+        if self.config.payload != Payload::Bytes {
+            return None;
+        }
+        self.memory.share()
+    }
+
+    /// The driver serves the destination's page requests on the preempt
+    /// connection's own thread, from [`SourceEngine::shared_pages`], and
+    /// tells the engine what it served
+    /// ([`SourceEngine::requested_pages_served`]). Call it before the
+    /// destination accepts the layout: the engine then sends no
+    /// [`Record::RequestedPages`] itself, and the requests that still reach
+    /// it (a recovering destination asks again on the new connection's
+    /// stream) go first in the push.
+    pub fn serve_requests_apart(&mut self) {
+        self.wire.served_apart = true;
+        self.wire.preempt = false;
+    }
+
+    /// The number of the post-copy push's round once the destination's
+    /// requests may be served: the guest was switched over to post-copy
+    /// and stays paused here, so every copy of a page has the same bytes.
+    /// `None` before the switch-over (a request then is a protocol error)
+    /// and once the migration ended.
+    pub fn request_round(&self) -> Option<u32> {
+        self.guest.paused_at?;
+        match &self.state {
+            SrcState::Postcopy(p) | SrcState::AwaitVerified(p) => Some(p.round.number),
+            SrcState::Recovering(r) => Some(r.postcopy.round.number),
+            _ => None,
+        }
+    }
+
+    /// The driver sent this [`Record::RequestedPages`] frame on the
+    /// preempt connection: its pages count as requested and sent (their
+    /// hashes as sent, for [`SourceVerify::SentContent`]) and leave the
+    /// push.
+    pub fn requested_pages_served(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
+        let now = self.now();
+        let ps = self.layout.page_size();
+        let batch = protocol::page_batch_of(frame, ps)?;
+        let (n, zero) = (batch.len() as u64, batch.zero_pages() as u64);
+        let bytes = wire_len(frame) as u64;
+        let f = &mut self.figures;
+        f.transferred += bytes;
+        f.postcopy_bytes += bytes;
+        f.preempt_bytes += bytes;
+        f.preempt_pages += n;
+        f.postcopy_requests += n;
+        f.pages_sent += n;
+        f.zero_sent += zero;
+        f.postcopy_pages += n;
+        let pushing = matches!(self.state, SrcState::Postcopy(_));
+        for (p, data) in batch.iter() {
+            if !self.layout.contains(p) {
+                return Err(MigrationError::PageOutOfRange(p));
+            }
+            self.policy.on_fault(p, now);
+            if !self.pages.sent_hashes.is_empty() {
+                let hash = data.map_or_else(|| zero_page_hash(ps.get()), page_hash);
+                if let Some(i) = self.layout.dense_index(p) {
+                    self.pages.sent_hashes[i as usize] = hash;
+                }
+            }
+            if pushing {
+                self.pages.take(p);
+            }
+        }
+        if let SrcState::Postcopy(pc) = &mut self.state {
+            // Pages the push would have sent: the round's count stays whole.
+            pc.round.sent += n;
+            pc.round.zero += zero;
+            pc.round.bytes += bytes;
+        }
+        self.publish();
+        Ok(())
     }
 
     /// The next thing to do.
@@ -751,7 +843,17 @@ where
     }
 
     fn handle_inner(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
-        let rec = self.wire.decoder.decode(frame)?;
+        // Requests on the preempt connection are numbered on their own;
+        // served by the engine when the driver does not serve them apart.
+        let apart = frame.first() == Some(&(RecordType::PreemptRequest as u8));
+        let rec = if apart {
+            match self.wire.preempt_decoder.decode(frame)? {
+                Record::PreemptRequest(pages) => Record::PageRequest(pages),
+                other => other,
+            }
+        } else {
+            self.wire.decoder.decode(frame)?
+        };
         let now = self.now();
         match (rec, &mut self.state) {
             (Record::Header { .. }, _) => Ok(()),
@@ -779,6 +881,7 @@ where
                     }
                 }
                 self.wire.preempt = self.config.postcopy_preempt
+                    && !self.wire.served_apart
                     && self.config.payload == Payload::Bytes
                     && self.wire.peer_caps.contains(Capabilities::PREEMPT);
                 self.tracker
@@ -889,7 +992,11 @@ where
                 Ok(())
             }
             (rec, state) => Err(MigrationError::UnexpectedRecord {
-                got: rec.record_type(),
+                got: if apart {
+                    RecordType::PreemptRequest
+                } else {
+                    rec.record_type()
+                },
                 state: match state {
                     SrcState::AwaitReady { .. } => {
                         "waiting for the destination to accept the layout"

@@ -175,6 +175,7 @@ where
         w.decoder = Decoder::sequenced();
         w.sequencer = Sequencer::new();
         w.preempt_sequencer = Sequencer::new();
+        w.preempt_decoder = Decoder::preempt(self.layout.page_size());
         w.outbox.clear();
         w.paused_frames = 0;
         w.abort_in_sequence = false;
