@@ -984,8 +984,11 @@ where
     /// overwrites the other. `None` before the resume, with page models,
     /// or where the memory cannot share a placer
     /// ([`PageSink::share_placer`]): the frames then go through
-    /// [`Self::handle_frame`] as before.
-    pub(crate) fn preempt_placing(&mut self) -> Option<PreemptServe> {
+    /// [`Self::handle_frame`] as before. [`crate::driver::run_destination`]
+    /// calls it once the guest runs here, on each connection; a driver of
+    /// its own hands the result to its transport and calls
+    /// [`Self::absorb_placed`] before every frame it hands over.
+    pub fn preempt_placing(&mut self) -> Option<PreemptServe> {
         if !matches!(self.state, DstState::PostcopyRunning { .. }) || self.model.is_some() {
             return None;
         }
@@ -1013,7 +1016,7 @@ where
     /// connection's thread: a bad frame fails the engine as it would have
     /// through [`Self::handle_frame`] (a broken link that a recoverable
     /// post-copy waits out, or the migration's failure).
-    pub(crate) fn absorb_placed(&mut self) -> Result<(), MigrationError> {
+    pub fn absorb_placed(&mut self) -> Result<(), MigrationError> {
         let mut any = false;
         while let Ok(p) = self.placed_rx.try_recv() {
             if matches!(self.state, DstState::Completed | DstState::Failed) {
