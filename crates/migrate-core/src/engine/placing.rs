@@ -64,6 +64,7 @@ impl PagePlacing {
         match self.place(frame) {
             Ok(pages) => {
                 let at = self.clock.now();
+                tracing::trace!(target: "livemig::fault", pages = pages.len(), first = pages.first().map(|p| p.page), "fault: requested pages placed by the preempt thread");
                 let _ = self.to_engine.send(Placed::Frame {
                     wire: wire_len(frame) as u64,
                     pages,
