@@ -232,6 +232,35 @@ impl Pump {
         }
     }
 
+    /// The first push frame, not delivered (held back, as a slow data
+    /// connection would); the frames before it delivered.
+    fn first_push(&mut self) -> Vec<u8> {
+        loop {
+            let f = self.next_frame();
+            if f[0] == RecordType::PageBatch as u8 {
+                return f;
+            }
+            self.deliver(&f);
+        }
+    }
+
+    /// The guest faults on `page`: its request goes to the source, and
+    /// the source's answer, a requested-pages frame, comes back
+    /// undelivered.
+    fn ask(&mut self, page: u64) -> Vec<u8> {
+        self.d.request_pages(&[page]).unwrap();
+        while let Some(r) = self.d.poll_transmit() {
+            self.s.handle_frame(&r).unwrap();
+        }
+        let pre = self.next_frame();
+        assert_eq!(
+            pre[0],
+            RecordType::RequestedPages as u8,
+            "ahead of the push"
+        );
+        pre
+    }
+
     /// The pages of a page-batch frame and the data of its first page.
     fn batch_pages(&self, f: &[u8]) -> (Vec<u64>, Option<Vec<u8>>) {
         // A decoder that checks frames on their own, told the stream's
@@ -262,27 +291,12 @@ impl Pump {
 fn a_requested_page_placed_first_keeps_the_guests_write_when_its_push_copy_arrives() {
     let mut p = Pump::to_resume();
     // The first push frame, held back (as a slow data connection would).
-    let held = loop {
-        let f = p.next_frame();
-        if f[0] == RecordType::PageBatch as u8 {
-            break f;
-        }
-        p.deliver(&f);
-    };
+    let held = p.first_push();
     let (pages, first) = p.batch_pages(&held);
     let page = pages[0];
     let push_copy = first.unwrap_or_else(|| vec![0; 4096]);
     // The guest touches it: asked for, sent again ahead of the push.
-    p.d.request_pages(&[page]).unwrap();
-    while let Some(r) = p.d.poll_transmit() {
-        p.s.handle_frame(&r).unwrap();
-    }
-    let pre = p.next_frame();
-    assert_eq!(
-        pre[0],
-        RecordType::RequestedPages as u8,
-        "ahead of the push"
-    );
+    let pre = p.ask(page);
     p.deliver(&pre);
     assert!(p.d.has_page(page));
     // The guest runs on and writes the page.
@@ -318,12 +332,7 @@ fn a_requested_page_placed_first_keeps_the_guests_write_when_its_push_copy_arriv
 fn bad_requested_pages_are_refused() {
     let mut p = Pump::to_resume();
     let page = p.src.layout().page_end() - 1;
-    p.d.request_pages(&[page]).unwrap();
-    while let Some(r) = p.d.poll_transmit() {
-        p.s.handle_frame(&r).unwrap();
-    }
-    let pre = p.next_frame();
-    assert_eq!(pre[0], RecordType::RequestedPages as u8);
+    let pre = p.ask(page);
     p.d.handle_frame(&pre).unwrap();
     // The same frame again: a repeated frame of the preempt numbering.
     let r = p.d.handle_frame(&pre);
@@ -363,11 +372,7 @@ fn bad_requested_pages_are_refused() {
     // A damaged one: its CRC.
     let mut p = Pump::to_resume();
     let page = p.src.layout().page_end() - 2;
-    p.d.request_pages(&[page]).unwrap();
-    while let Some(r) = p.d.poll_transmit() {
-        p.s.handle_frame(&r).unwrap();
-    }
-    let mut pre = p.next_frame();
+    let mut pre = p.ask(page);
     let at = pre.len() - 100;
     pre[at] ^= 1;
     let r = p.d.handle_frame(&pre);
@@ -811,23 +816,12 @@ fn a_push_copy_after_a_page_placed_on_the_preempt_thread_keeps_the_guests_write(
     let mut serve =
         p.d.preempt_placing()
             .expect("the sim memory shares a placer");
-    let held = loop {
-        let f = p.next_frame();
-        if f[0] == RecordType::PageBatch as u8 {
-            break f;
-        }
-        p.deliver(&f);
-    };
+    let held = p.first_push();
     let (pages, first) = p.batch_pages(&held);
     let page = pages[0];
     let push_copy = first.unwrap_or_else(|| vec![0; 4096]);
     assert!(p.dst.is_absent(page));
-    p.d.request_pages(&[page]).unwrap();
-    while let Some(r) = p.d.poll_transmit() {
-        p.s.handle_frame(&r).unwrap();
-    }
-    let pre = p.next_frame();
-    assert_eq!(pre[0], RecordType::RequestedPages as u8);
+    let pre = p.ask(page);
     serve(Bytes::from(pre), &no_link());
     assert!(!p.dst.is_absent(page), "placed by the preempt thread");
     assert!(!p.d.has_page(page), "the engine has not heard yet");
@@ -866,21 +860,10 @@ fn a_push_copy_after_a_page_placed_on_the_preempt_thread_keeps_the_guests_write(
 fn a_requested_copy_after_the_push_copy_is_left_alone_on_the_preempt_thread() {
     let mut p = Pump::to_resume();
     let mut serve = p.d.preempt_placing().expect("a placer");
-    let held = loop {
-        let f = p.next_frame();
-        if f[0] == RecordType::PageBatch as u8 {
-            break f;
-        }
-        p.deliver(&f);
-    };
+    let held = p.first_push();
     let (pages, _) = p.batch_pages(&held);
     let page = pages[0];
-    p.d.request_pages(&[page]).unwrap();
-    while let Some(r) = p.d.poll_transmit() {
-        p.s.handle_frame(&r).unwrap();
-    }
-    let pre = p.next_frame();
-    assert_eq!(pre[0], RecordType::RequestedPages as u8);
+    let pre = p.ask(page);
     p.deliver(&held);
     assert!(p.d.has_page(page));
     let written = vec![0xC3u8; 4096];
@@ -912,12 +895,7 @@ fn a_bad_frame_on_the_preempt_thread_places_nothing_and_fails_typed() {
         let mut serve = p.d.preempt_placing().expect("a placer");
         // A page with data (as in `bad_requested_pages_are_refused`).
         let page = p.src.layout().page_end() - 2;
-        p.d.request_pages(&[page]).unwrap();
-        while let Some(r) = p.d.poll_transmit() {
-            p.s.handle_frame(&r).unwrap();
-        }
-        let mut pre = p.next_frame();
-        assert_eq!(pre[0], RecordType::RequestedPages as u8);
+        let mut pre = p.ask(page);
         if damage {
             let at = pre.len() - 100;
             pre[at] ^= 1;
