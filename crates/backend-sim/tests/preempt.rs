@@ -696,16 +696,28 @@ fn answered_while_stuck(on_handler: bool) {
     let stats = r.expect("source");
     assert!(!engine_served, "the preempt thread served, not the engine");
     let report = dest.join().unwrap().expect("destination");
-    assert!(stats.memory_verified);
-    assert_eq!(report.digest.unwrap(), src.digest());
-    assert_eq!(dst.absent_pages(), 0);
-    let pc = stats.postcopy.unwrap();
-    assert!(pc.requests >= 1 && pc.preempt_pages == pc.requests);
-    assert!(pc.preempt_bytes > 0);
-    assert_eq!(report.preempt_pages, pc.preempt_pages, "and all arrived");
+    served_on_the_preempt_connection(&stats, &report, &src, &dst);
     if let Some(used) = sent_by_handler {
         assert!(used.load(Ordering::SeqCst), "the handler thread sent");
     }
+}
+
+/// A migration whose requests went on the preempt connection: memory
+/// verified and equal, every page here, at least one request, each
+/// answered as requested pages and each taken in by the destination.
+fn served_on_the_preempt_connection(
+    stats: &migrate_core::MigrationStats,
+    report: &DestinationReport,
+    src: &SimGuest,
+    dst: &SimGuest,
+) {
+    assert!(stats.memory_verified);
+    assert_eq!(report.digest.unwrap(), src.digest());
+    assert_eq!(dst.absent_pages(), 0);
+    let pc = stats.postcopy.as_ref().unwrap();
+    assert!(pc.requests >= 1 && pc.preempt_pages == pc.requests);
+    assert!(pc.preempt_bytes > 0);
+    assert_eq!(report.preempt_pages, pc.preempt_pages, "and all arrived");
 }
 
 /// A destination that lies: it opens the preempt connection with `bad`
@@ -1033,12 +1045,8 @@ fn placed_while_held(on_handler: bool) {
     open.send(()).unwrap();
     let stats = source.join().unwrap().expect("source");
     let report = dest.join().unwrap().expect("destination");
-    assert!(stats.memory_verified);
-    assert_eq!(report.digest.unwrap(), src.digest());
-    assert_eq!(dst.absent_pages(), 0);
+    served_on_the_preempt_connection(&stats, &report, &src, &dst);
     let pc = stats.postcopy.unwrap();
-    assert!(pc.requests >= 1 && pc.preempt_pages == pc.requests);
-    assert_eq!(report.preempt_pages, pc.preempt_pages, "and all taken in");
     let dp = report.postcopy.unwrap();
     assert!(dp.faults >= 1);
     assert_eq!(dp.duplicates, pc.pages - stats.guest_pages);
