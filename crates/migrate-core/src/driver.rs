@@ -499,7 +499,11 @@ impl FaultSource for Receiver<Faults> {
 /// the fault channel the backend lends ([`FaultSource::faults_mut`]); the
 /// driver records it in the engine
 /// ([`DestinationEngine::requests_sent_at`]) before it hands over any
-/// frame. When
+/// frame. Once the guest runs here, the pages that answer them are
+/// placed on that connection's reader thread where the memory can share
+/// a placer ([`DestinationEngine::preempt_placing`]), and the driver
+/// takes them in ([`DestinationEngine::absorb_placed`]) after it records
+/// the requests and before each frame. When
 /// every page has arrived it calls [`FaultSource::finish`]; if the source
 /// is lost after the guest resumed, [`FaultSource::abandon`]. Without
 /// `faults` the pages are pushed all the same, and a guest that touches
