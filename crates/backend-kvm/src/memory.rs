@@ -7,7 +7,9 @@ use crate::KvmError;
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use kvm_ioctls::VmFd;
 use migrate_core::DirtyBitmap;
-use migrate_core::{BackendError, BackendErrorKind, DirtyTracker, PageSink, PageSource};
+use migrate_core::{
+    BackendError, BackendErrorKind, DirtyTracker, PagePlacer, PageSink, PageSource,
+};
 use migrate_core::{MemoryLayout, PageNum, PageSize, Region};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -500,6 +502,33 @@ impl KvmMemory {
         (first..first + n).try_for_each(|p| self.place_in(pc, p, None))
     }
 
+    /// Places a page on a post-copy destination only if it is absent:
+    /// `Ok(false)` when it is present (placed before, or never
+    /// discarded), or post-copy has ended (every page is then present).
+    fn place_absent(&self, page: PageNum, data: Option<&[u8]>) -> Result<bool, BackendError> {
+        let mut guard = self.postcopy_lock();
+        let Some(pc) = guard.as_mut() else {
+            return Ok(false);
+        };
+        if pc.present.get(page) {
+            return Ok(false);
+        }
+        let host = self.host_of(page)?;
+        let io = |e: std::io::Error| BackendError::io(format!("place page {page:#x}"), e);
+        let placed = match data {
+            Some(d) if d.len() == 4096 => pc.uffd.copy(host, d).map_err(io)?,
+            Some(_) => {
+                return Err(BackendError::new(
+                    BackendErrorKind::InvalidArgument,
+                    "page data is not 4 KiB",
+                ))
+            }
+            None => pc.uffd.zeropage(host, 4096).map_err(io)?,
+        };
+        pc.present.set(page);
+        Ok(placed == Placed::Mapped)
+    }
+
     /// Reads KVM's dirty log of every slot and the VMM's own dirty bitmap
     /// (both cleared as they are read, atomically) into `pending`.
     pub(crate) fn fetch(&self) -> Result<(), BackendError> {
@@ -755,6 +784,12 @@ impl PageSource for KvmPages {
     }
 }
 
+impl PagePlacer for KvmPages {
+    fn place_absent(&mut self, page: PageNum, data: Option<&[u8]>) -> Result<bool, BackendError> {
+        self.0.place_absent(page, data)
+    }
+}
+
 impl PageSink for KvmPages {
     fn layout(&self) -> &MemoryLayout {
         &self.0.layout
@@ -837,6 +872,15 @@ impl PageSink for KvmPages {
     /// the background while the round streams in.
     fn expect_pages(&mut self, ranges: &[(PageNum, u64)]) -> Result<(), BackendError> {
         self.0.prefault(ranges).map_err(BackendError::from)
+    }
+
+    /// Post-copy: a handle for the preempt connection's thread, placing
+    /// with `UFFDIO_COPY`/`UFFDIO_ZEROPAGE` only the pages not present
+    /// (under the same lock as every other placement). `None` before
+    /// [`KvmMemory::enable_postcopy`].
+    fn share_placer(&self) -> Option<Box<dyn PagePlacer>> {
+        self.0.postcopy_lock().as_ref()?;
+        Some(Box::new(self.clone()))
     }
 
     /// Post-copy: drops the page, so that the guest's next access faults

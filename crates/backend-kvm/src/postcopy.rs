@@ -5,6 +5,10 @@
 //!  FaultHandler thread ── reads events ──▶ Faults{pages, at} ──▶ channel
 //!  engine thread (run_destination) ── request_pages_at ──▶ source
 //!  source ── page ──▶ engine thread ── UFFDIO_COPY ──▶ page mapped, vCPU woken
+//!
+//!  with a preempt connection:
+//!  FaultHandler thread ── PreemptRequest ──▶ source's preempt thread
+//!  source ── RequestedPages ──▶ preempt reader thread ── UFFDIO_COPY ──▶ vCPU woken
 //! ```
 //!
 //! Over a transport with a post-copy preempt connection the driver has
@@ -12,10 +16,15 @@
 //! ([`FaultSource::deliver_to`]): the request leaves on the preempt
 //! connection as the event is read, and the engine thread records it.
 //!
-//! The handler only reports faults: the engine thread places every page,
-//! pushed or asked for, through [`KvmPages`](crate::KvmPages), so a page
-//! is placed once and the fault latency is measured from the event to the
-//! placement that wakes the vCPU.
+//! The handler only reports faults. The engine thread places the pushed
+//! pages through [`KvmPages`](crate::KvmPages); the pages asked for are
+//! placed by the preempt connection's reader thread where there is one
+//! (the driver hands it a placer from
+//! [`PageSink::share_placer`](migrate_core::PageSink::share_placer)),
+//! by the engine thread otherwise. Once such a placer is out, both place
+//! a page only where it is absent (`UFFDIO_COPY` under the memory's
+//! placement lock), so a page is placed once and the fault latency is
+//! measured from the event to the placement that wakes the vCPU.
 
 use crate::memory::KvmMemory;
 use crate::{KvmControl, KvmError};

@@ -35,6 +35,61 @@ const RECOVER_ENV: &str = "LIVEMIG_KVM_RECOVER";
 /// besides a control and a data connection.
 const PREEMPT_ENV: &str = "LIVEMIG_KVM_PREEMPT";
 
+/// Set with `DEST_ENV` when the destination's driver is to be held inside
+/// the first push frame after the resume until a requested page is
+/// placed without it (or two minutes pass).
+const HOLD_ENV: &str = "LIVEMIG_KVM_HOLD";
+
+/// Holds the destination's driver inside the first page batch it receives
+/// after the post-copy device state, until the guest's memory has fewer
+/// pages missing than when it was held: only the preempt connection's
+/// thread places pages then. `placed` says whether that happened.
+struct Held {
+    inner: Box<dyn Transport>,
+    memory: Arc<backend_kvm::KvmMemory>,
+    resumed: bool,
+    placed: Arc<std::sync::Mutex<Option<bool>>>,
+}
+
+impl Transport for Held {
+    fn send(&mut self, frame: &[u8]) -> Result<(), TransportError> {
+        self.inner.send(frame)
+    }
+    fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<bytes::Bytes>, TransportError> {
+        let f = self.inner.recv(timeout)?;
+        match f.as_ref().and_then(|f| f.first().copied()) {
+            Some(t) if t == RecordType::DeviceState as u8 => self.resumed = true,
+            Some(t)
+                if t == RecordType::PageBatch as u8
+                    && self.resumed
+                    && self.placed.lock().unwrap().is_none() =>
+            {
+                let before = self.memory.missing_pages();
+                let deadline = std::time::Instant::now() + Duration::from_secs(120);
+                while self.memory.missing_pages() >= before && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                *self.placed.lock().unwrap() = Some(self.memory.missing_pages() < before);
+            }
+            _ => {}
+        }
+        Ok(f)
+    }
+    fn set_send_timeout(&mut self, timeout: Option<Duration>) {
+        self.inner.set_send_timeout(timeout)
+    }
+    fn close(&mut self) {
+        self.inner.close()
+    }
+    fn preempt_link(&self) -> Option<migrate_core::transport::PreemptLink> {
+        self.inner.preempt_link()
+    }
+    fn serve_preempt(&mut self, serve: migrate_core::transport::PreemptServe) -> bool {
+        self.inner.serve_preempt(serve)
+    }
+}
+
 /// How long either side waits for a new connection.
 const RECOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -63,6 +118,15 @@ fn destination_process() {
         }
     };
     let mut t = dial(&addr).expect("connect");
+    let placed_held = Arc::new(std::sync::Mutex::new(None));
+    if std::env::var_os(HOLD_ENV).is_some() {
+        t = Box::new(Held {
+            inner: t,
+            memory: vm.memory(),
+            resumed: false,
+            placed: placed_held.clone(),
+        });
+    }
     let mut e = DestinationEngine::new(vm.pages(), vm.control(), clock.clone());
     let mut faults = KvmFaults::start(&vm.memory(), &vm.control(), clock).expect("fault handler");
     let report = if std::env::var_os(RECOVER_ENV).is_some() {
@@ -82,8 +146,13 @@ fn destination_process() {
     );
     let r = vm.reports();
     let pc = report.postcopy.unwrap_or_default();
+    let held = match *placed_held.lock().unwrap() {
+        Some(true) => "placed-while-held",
+        Some(false) => "not-placed-while-held",
+        None => "not-held",
+    };
     println!(
-        "DESTINATION {} {} {} {} {} {} {}",
+        "DESTINATION {} {} {} {} {} {} {} {held}",
         report.digest.unwrap(),
         r[0].value,
         vm.fault().is_none(),
@@ -106,7 +175,7 @@ fn between_processes<P: Policy + 'static>(
     slow: bool,
     cut: Option<usize>,
 ) -> MigrationStats {
-    between_processes_with(policy, every, rate, slow, cut, false)
+    between_processes_with(policy, every, rate, slow, cut, false, false)
 }
 
 /// [`between_processes`], with `preempt`: over a control, a data and a
@@ -118,6 +187,7 @@ fn between_processes_with<P: Policy + 'static>(
     slow: bool,
     cut: Option<usize>,
     preempt: bool,
+    hold: bool,
 ) -> MigrationStats {
     let _turn = serial();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -128,6 +198,9 @@ fn between_processes_with<P: Policy + 'static>(
     }
     if preempt {
         child.env(PREEMPT_ENV, "1");
+    }
+    if hold {
+        child.env(HOLD_ENV, "1");
     }
     let child = child
         .args([
@@ -254,6 +327,12 @@ fn between_processes_with<P: Policy + 'static>(
             assert_eq!(duplicates, 0, "no page placed twice");
             assert_eq!((preempt_pages, pc.preempt_pages), (0, 0));
         }
+        if hold {
+            assert_eq!(
+                f[8], "placed-while-held",
+                "a requested page placed while the destination's driver was held"
+            );
+        }
         let recoveries: u32 = f[6].parse().unwrap();
         let expected = u32::from(cut.is_some());
         assert_eq!(pc.recoveries, expected, "recoveries on the source");
@@ -307,11 +386,12 @@ fn postcopy_between_two_processes_sends_each_page_once() {
     }
 }
 
-/// Post-copy over a control, a data and a preempt connection: memory
-/// verifies, and every page a fault asked for went on the preempt
-/// connection, ahead of the (slowed) push.
-#[test]
-fn postcopy_between_two_processes_with_a_preempt_connection() {
+/// Post-copy over a control, a data and a preempt connection (the push
+/// slowed), the destination's driver `held` inside the first push frame
+/// after the resume or not: memory verifies, and every page a fault
+/// asked for went on the preempt connection, was placed once, and its
+/// fault latency measured.
+fn postcopy_with_a_preempt_connection(held: bool) {
     if have_kvm() {
         let stats = between_processes_with(
             PostCopy::default(),
@@ -320,11 +400,28 @@ fn postcopy_between_two_processes_with_a_preempt_connection() {
             true,
             None,
             true,
+            held,
         );
         let pc = stats.postcopy.expect("a post-copy migration");
         assert!(pc.preempt_pages > 0 && pc.preempt_bytes > 0);
         assert!(pc.fault_latency_p50 > Duration::ZERO);
     }
+}
+
+/// Post-copy with a preempt connection: requests and requested pages
+/// ahead of the push.
+#[test]
+fn postcopy_between_two_processes_with_a_preempt_connection() {
+    postcopy_with_a_preempt_connection(false);
+}
+
+/// Post-copy with a preempt connection, the destination's driver held
+/// inside the first push frame after the resume: the guest's faults are
+/// still answered, each requested page placed by the preempt
+/// connection's thread (`UFFDIO_COPY`), which wakes the vCPU.
+#[test]
+fn postcopy_between_two_processes_places_requested_pages_while_the_destination_driver_is_held() {
+    postcopy_with_a_preempt_connection(true);
 }
 
 /// Hybrid with two pre-copy rounds and a 1 µs downtime target, which

@@ -12,8 +12,8 @@ use crate::workload::{Access, WorkloadError, WorkloadGen, WorkloadSpec};
 use migrate_core::digest::{digest_memory, MemoryDigest};
 use migrate_core::DirtyBitmap;
 use migrate_core::{
-    BackendError, BackendErrorKind, Clock, DeviceState, DirtyTracker, GuestControl, PageSink,
-    PageSource,
+    BackendError, BackendErrorKind, Clock, DeviceState, DirtyTracker, GuestControl, PagePlacer,
+    PageSink, PageSource,
 };
 use migrate_core::{MemoryLayout, PageNum};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -563,6 +563,12 @@ impl PageSink for SimPages {
         self.discard_pages(&[page])
     }
 
+    /// The same memory, for the preempt connection's thread: it places
+    /// only the pages the guest does not have.
+    fn share_placer(&self) -> Option<Box<dyn PagePlacer>> {
+        Some(Box::new(self.clone()))
+    }
+
     /// One lock and one catch-up for the whole run (a post-copy start
     /// discards every page of the guest); the pages before a bad one are
     /// discarded, as page by page.
@@ -590,6 +596,23 @@ impl PageSink for SimPages {
             )),
             None => Ok(()),
         }
+    }
+}
+
+impl PagePlacer for SimPages {
+    /// Places `page` only if it is absent (discarded for post-copy and
+    /// not placed since), waking a vCPU waiting for it.
+    fn place_absent(&mut self, page: PageNum, data: Option<&[u8]>) -> Result<bool, BackendError> {
+        let mut g = self.0.synced();
+        if !g.absent.as_ref().is_some_and(|a| a.get(page)) {
+            return Ok(false);
+        }
+        match data {
+            Some(d) => g.memory.write_page(page, d)?,
+            None => g.memory.zero_page(page)?,
+        }
+        g.placed(page);
+        Ok(true)
     }
 }
 

@@ -233,6 +233,31 @@ pub trait PageSink {
         let _ = ranges;
         Ok(())
     }
+
+    /// Post-copy: a second handle on the same memory, for a thread of its
+    /// own, that places a page only where none is present
+    /// ([`PagePlacer`]). A post-copy destination places the pages its
+    /// faults asked for with it on the preempt connection's reader thread
+    /// while the engine places the push; while one is out, the engine
+    /// places through a handle of its own too, so that neither copy of a
+    /// page overwrites the other (or a guest write after it). `None`, the
+    /// default, where the sink cannot give one: requested pages then go
+    /// through the engine.
+    fn share_placer(&self) -> Option<Box<dyn PagePlacer>> {
+        None
+    }
+}
+
+/// Places pages of a post-copy destination whose guest runs, from any
+/// thread ([`PageSink::share_placer`]): a page that is present (placed
+/// before by any handle, or never discarded) is left alone, as
+/// userfaultfd's `UFFDIO_COPY` leaves it (`EEXIST`). Placing a page wakes
+/// whatever waits for it.
+pub trait PagePlacer: Send {
+    /// Places `page` with `data` (`None`: zeros) if it is absent, and
+    /// says whether it did: `false` means the page was present and
+    /// nothing was written.
+    fn place_absent(&mut self, page: PageNum, data: Option<&[u8]>) -> Result<bool, BackendError>;
 }
 
 /// vCPU and device state, saved by the source and restored by the
@@ -358,6 +383,9 @@ impl<T: PageSink + ?Sized> PageSink for &mut T {
     }
     fn expect_pages(&mut self, ranges: &[(PageNum, u64)]) -> Result<(), BackendError> {
         (**self).expect_pages(ranges)
+    }
+    fn share_placer(&self) -> Option<Box<dyn PagePlacer>> {
+        (**self).share_placer()
     }
 }
 

@@ -499,7 +499,11 @@ impl FaultSource for Receiver<Faults> {
 /// the fault channel the backend lends ([`FaultSource::faults_mut`]); the
 /// driver records it in the engine
 /// ([`DestinationEngine::requests_sent_at`]) before it hands over any
-/// frame. When
+/// frame. Once the guest runs here, the pages that answer them are
+/// placed on that connection's reader thread where the memory can share
+/// a placer ([`DestinationEngine::preempt_placing`]), and the driver
+/// takes them in ([`DestinationEngine::absorb_placed`]) after it records
+/// the requests and before each frame. When
 /// every page has arrived it calls [`FaultSource::finish`]; if the source
 /// is lost after the guest resumed, [`FaultSource::abandon`]. Without
 /// `faults` the pages are pushed all the same, and a guest that touches
@@ -695,6 +699,9 @@ where
     let mut linked_at = engine.now();
     // Whether the requester sends on this transport's preempt connection.
     let mut requesting = false;
+    // Whether requested pages are placed on this transport's preempt
+    // thread, or that was tried.
+    let mut placing = false;
     loop {
         if engine.recovering()
             && (need_link || engine.now().saturating_sub(linked_at) >= peer_timeout)
@@ -711,6 +718,7 @@ where
                 ));
             };
             destination_reconnect(engine, transport, faults, &mut **relink, peer_timeout)?;
+            placing = false;
             need_link = false;
             linked_at = engine.now();
             continue;
@@ -723,6 +731,18 @@ where
             if serving.is_some() != requesting {
                 requesting = serving.is_some();
                 feed.link(Some(&*transport).filter(|_| requesting));
+            }
+        }
+        if !placing && engine.in_postcopy() && !engine.recovering() {
+            // The requested pages are placed on the preempt connection's
+            // thread from now on, where the transport and the memory can.
+            placing = true;
+            if transport.preempt_link().is_some() {
+                if let Some(serve) = engine.preempt_placing() {
+                    if !transport.serve_preempt(serve) {
+                        tracing::debug!("requested pages go through the driver");
+                    }
+                }
             }
         }
         if let Some(feed) = serving {
@@ -742,6 +762,10 @@ where
             if need_link {
                 continue;
             }
+        }
+        if absorb_placed(engine, transport)? {
+            need_link = true;
+            continue;
         }
         let was_recovering = engine.recovering();
         if let Err(e) = engine.handle_timeout() {
@@ -776,13 +800,18 @@ where
             }
         };
         // A request that left from the requester's thread is recorded
-        // before any frame that may answer it is handled.
+        // before any frame that may answer it is handled, and before the
+        // pages the preempt thread placed are taken in.
         if let Some(feed @ FaultFeed::Apart(_)) = faults.filter(|_| engine.in_postcopy()) {
             if let Err(e) = feed.record(engine) {
                 let _ = transport.send(&engine.abort_frame(&e.to_string()));
                 engine.fail();
                 return Err(e);
             }
+        }
+        if absorb_placed(engine, transport)? {
+            need_link = true;
+            continue;
         }
         let status = match engine.handle_frame(&frame) {
             Ok(s) => s,
@@ -833,6 +862,29 @@ where
     }
 }
 
+/// Takes in the pages the preempt thread placed
+/// ([`DestinationEngine::absorb_placed`]); `true` when its failure broke
+/// a link that a recovery waits out. Any other failure is told to the
+/// source and returned.
+fn absorb_placed<K, G, X>(
+    engine: &mut DestinationEngine<K, G>,
+    transport: &mut X,
+) -> Result<bool, MigrationError>
+where
+    K: PageSink + PageSource,
+    G: GuestControl,
+    X: Transport + ?Sized,
+{
+    match engine.absorb_placed() {
+        Ok(()) => Ok(false),
+        Err(_) if engine.recovering() => Ok(true),
+        Err(e) => {
+            let _ = transport.send(&engine.abort_frame(&e.to_string()));
+            Err(e)
+        }
+    }
+}
+
 /// Post-copy recovery on the destination: a new connection, tried
 /// until the engine's recovery timeout, with the guest's faults recorded
 /// meanwhile.
@@ -852,6 +904,9 @@ where
         if let Some(feed) = faults {
             feed.record(engine)?;
         }
+        // What a former connection's preempt thread placed: held, and
+        // said so to the source.
+        engine.absorb_placed()?;
         // Fails once the recovery timeout has passed.
         engine.handle_timeout()?;
         let now = engine.now();

@@ -80,7 +80,8 @@ pub mod tls;
 pub mod transport;
 
 pub use backend::{
-    BackendError, BackendErrorKind, DeviceState, DirtyTracker, GuestControl, PageSink, PageSource,
+    BackendError, BackendErrorKind, DeviceState, DirtyTracker, GuestControl, PagePlacer, PageSink,
+    PageSource,
 };
 pub use bitmap::{DirtyBitmap, Ones, PageCounts};
 pub use clock::{Clock, SystemClock, VirtualClock};

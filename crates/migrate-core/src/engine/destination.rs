@@ -2,7 +2,10 @@
 
 use super::*;
 use crate::protocol::CompressionFigures;
-use crate::transport::TransportError;
+use crate::transport::{PreemptServe, TransportError};
+use placing::{PagePlacing, Placed, PlacedPage};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Mutex;
 
 /// What the destination did with a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,8 +92,19 @@ pub struct DestinationEngine<K, G> {
     control: G,
     clock: Arc<dyn Clock>,
     decoder: Decoder,
-    /// Reads the [`Record::RequestedPages`] frames, numbered on their own.
-    preempt_decoder: Decoder,
+    /// Reads the [`Record::RequestedPages`] frames, numbered on their own
+    /// (shared with the preempt connection's reader thread while it
+    /// places them, see [`DestinationEngine::preempt_placing`]).
+    preempt_decoder: Arc<Mutex<Decoder>>,
+    /// Post-copy, once a preempt thread places requested pages: the
+    /// engine's own handle, through which it places only absent pages.
+    placer: Option<Box<dyn crate::backend::PagePlacer>>,
+    /// What the preempt threads placed, for [`Self::absorb_placed`].
+    placed_tx: Sender<Placed>,
+    placed_rx: Receiver<Placed>,
+    /// Counts the connections (each [`Self::reset_link`]): a preempt
+    /// thread's failure counts only on the connection it served.
+    link: u64,
     sequencer: Sequencer,
     layout: MemoryLayout,
     state: DstState,
@@ -150,6 +164,7 @@ where
     /// source's) and restoring through `control`.
     pub fn new(memory: K, control: G, clock: Arc<dyn Clock>) -> Self {
         let layout = PageSink::layout(&memory).clone();
+        let (placed_tx, placed_rx) = mpsc::channel();
         DestinationEngine {
             received: DirtyBitmap::new(layout.page_end()),
             accounted: DirtyBitmap::new(layout.page_end()),
@@ -167,7 +182,11 @@ where
                 d.accept(Capabilities::ALL);
                 d
             },
-            preempt_decoder: Decoder::preempt(layout.page_size()),
+            preempt_decoder: Arc::new(Mutex::new(Decoder::preempt(layout.page_size()))),
+            placer: None,
+            placed_tx,
+            placed_rx,
+            link: 0,
             sequencer: Sequencer::new(),
             state: DstState::AwaitHeader,
             outbox: VecDeque::new(),
@@ -323,7 +342,10 @@ where
     /// its page batches need no layout (the first connection gave it).
     fn reset_link(&mut self) {
         self.decoder = Decoder::resuming(self.layout.page_size());
-        self.preempt_decoder = Decoder::preempt(self.layout.page_size());
+        // A new decoder: a preempt thread of the old connection keeps
+        // the old one.
+        self.preempt_decoder = Arc::new(Mutex::new(Decoder::preempt(self.layout.page_size())));
+        self.link += 1;
         self.sequencer = Sequencer::new();
         self.outbox.clear();
     }
@@ -599,7 +621,14 @@ where
         }
         self.report.bytes_received += wire_len(frame) as u64;
         let r = self.handle_inner(frame);
-        match &r {
+        self.settle(&r);
+        self.publish();
+        r
+    }
+
+    /// What a frame's outcome does to the engine's state.
+    fn settle(&mut self, r: &Result<DestStatus, MigrationError>) {
+        match r {
             Err(e) if self.recovering() => {
                 // A new connection that is not the session's, or broke
                 // again: it is dropped, and the wait goes on.
@@ -628,8 +657,6 @@ where
                 self.handle.emit(Event::Completed);
             }
         }
-        self.publish();
-        r
     }
 
     /// Marks the migration failed from outside (the stream ended or timed
@@ -647,9 +674,28 @@ where
         let Some(i) = self.layout.dense_index(page) else {
             return Err(MigrationError::PageOutOfRange(page));
         };
-        if matches!(self.state, DstState::PostcopyRunning { .. }) && self.received.get(page) {
+        let running = matches!(self.state, DstState::PostcopyRunning { .. });
+        if running && self.received.get(page) {
             // Already here and maybe written by the running guest since.
             self.duplicates += 1;
+            return Ok(());
+        }
+        if let Some(placer) = self.placer.as_mut().filter(|_| running) {
+            // A preempt thread may have placed it and not told yet: only
+            // an absent page is placed. Present, it holds the same bytes
+            // (every copy since the switch-over is of the paused source).
+            let new = placer
+                .place_absent(page, data)
+                .map_err(MigrationError::backend("write a guest page"))?;
+            let size = self.layout.page_size().get();
+            if !new {
+                self.duplicates += 1;
+            } else if data.is_none() {
+                self.report.zero_pages += 1;
+            }
+            self.hashes[i as usize] = data.map_or_else(|| zero_page_hash(size), page_hash);
+            let now = self.clock.now();
+            self.arrived_at(page, now);
             return Ok(());
         }
         let hash = match data {
@@ -779,6 +825,12 @@ where
 
     /// Counts `page` as here, and a fault on it as served.
     fn arrived(&mut self, page: PageNum) {
+        let now = self.clock.now();
+        self.arrived_at(page, now);
+    }
+
+    /// Counts `page` as here since `at`, and a fault on it as served then.
+    fn arrived_at(&mut self, page: PageNum, at: Duration) {
         self.received.set(page);
         self.accounted.set(page);
         self.report.pages_received += 1;
@@ -786,7 +838,7 @@ where
             return;
         }
         if let Some(t) = self.requested.remove(&page) {
-            let lat = self.clock.now().saturating_sub(t);
+            let lat = at.saturating_sub(t);
             self.latencies.push(lat.as_nanos() as u64);
             tracing::trace!(target: "livemig::fault", page, latency_us = lat.as_micros() as u64, "fault: page placed");
         }
@@ -925,11 +977,121 @@ where
         Ok(())
     }
 
+    /// Post-copy, the guest running here: what places the
+    /// [`Record::RequestedPages`] frames of the current connection on its
+    /// preempt reader thread ([`crate::transport::Transport::serve_preempt`]):
+    /// each frame checked whole (CRC, its place in the preempt numbering,
+    /// every page in the layout), then its pages placed where absent
+    /// ([`crate::PagePlacer`]); the engine learns of them afterwards
+    /// ([`Self::absorb_placed`]). From the first call the engine places
+    /// through a placer of its own too, so that neither copy of a page
+    /// overwrites the other. `None` before the resume, with page models,
+    /// or where the memory cannot share a placer
+    /// ([`PageSink::share_placer`]): the frames then go through
+    /// [`Self::handle_frame`] as before. [`crate::driver::run_destination`]
+    /// calls it once the guest runs here, on each connection; a driver of
+    /// its own hands the result to its transport and calls
+    /// [`Self::absorb_placed`] before every frame it hands over.
+    pub fn preempt_placing(&mut self) -> Option<PreemptServe> {
+        if !matches!(self.state, DstState::PostcopyRunning { .. }) || self.model.is_some() {
+            return None;
+        }
+        let theirs = self.memory.share_placer()?;
+        if self.placer.is_none() {
+            self.placer = Some(self.memory.share_placer()?);
+        }
+        let mut placing = PagePlacing {
+            decoder: self.preempt_decoder.clone(),
+            placer: theirs,
+            layout: self.layout.clone(),
+            clock: self.clock.clone(),
+            link: self.link,
+            to_engine: self.placed_tx.clone(),
+            failed: false,
+        };
+        Some(Box::new(move |frame: bytes::Bytes, _| {
+            placing.serve(&frame)
+        }))
+    }
+
+    /// Takes in what the preempt threads placed since the last call
+    /// (their pages' hashes for the completion digest, the fault
+    /// latencies, the duplicates), and a failure of the current
+    /// connection's thread: a bad frame fails the engine as it would have
+    /// through [`Self::handle_frame`] (a broken link that a recoverable
+    /// post-copy waits out, or the migration's failure).
+    pub fn absorb_placed(&mut self) -> Result<(), MigrationError> {
+        let mut any = false;
+        while let Ok(p) = self.placed_rx.try_recv() {
+            if matches!(self.state, DstState::Completed | DstState::Failed) {
+                continue;
+            }
+            any = true;
+            match p {
+                Placed::Frame { wire, pages, at } => {
+                    self.report.bytes_received += wire;
+                    self.report.preempt_pages += pages.len() as u64;
+                    self.heard_at = Some(self.clock.now());
+                    for p in pages {
+                        self.took_placed(p, at);
+                    }
+                }
+                Placed::Failed { link, error } if link == self.link => {
+                    let r = Err(error);
+                    self.settle(&r);
+                    self.publish();
+                    return r.map(|_| ());
+                }
+                Placed::Failed { error, .. } => {
+                    // A connection given up already.
+                    tracing::debug!(error = %error, "a former preempt connection failed");
+                }
+            }
+        }
+        if any {
+            self.publish();
+        }
+        Ok(())
+    }
+
+    /// One page a preempt thread handled.
+    fn took_placed(&mut self, p: PlacedPage, at: Duration) {
+        let Some(i) = self.layout.dense_index(p.page) else {
+            return;
+        };
+        if self.received.get(p.page) {
+            // Known here already: by the engine's own copy, which found
+            // this one placed (counted a duplicate then), or before this
+            // one arrived (a duplicate now).
+            if !p.new {
+                self.duplicates += 1;
+            }
+            return;
+        }
+        if !p.new {
+            // Placed by another thread (a former connection's) that has
+            // not told yet: the same bytes.
+            self.duplicates += 1;
+        } else if p.zero {
+            self.report.zero_pages += 1;
+        }
+        self.hashes[i as usize] = p.hash;
+        self.arrived_at(p.page, at);
+    }
+
     /// Pages a fault asked for, from the preempt connection: placed
     /// unless here already (the first copy after the switch-over wins, see
     /// `docs/protocol.md`, *The preempt connection*).
     fn requested_pages(&mut self, frame: &[u8]) -> Result<DestStatus, MigrationError> {
-        let rec = self.preempt_decoder.decode(frame)?;
+        let decoded = match self.preempt_decoder.lock() {
+            Ok(mut d) => d.decode(frame),
+            Err(_) => {
+                return Err(MigrationError::InvalidUse(
+                    "the preempt decoder was poisoned",
+                ))
+            }
+        };
+        let rec = decoded?;
         let Record::RequestedPages(batch) = rec else {
             return Err(MigrationError::UnexpectedRecord {
                 got: rec.record_type(),

@@ -326,6 +326,7 @@ impl Default for EngineConfig {
 
 mod destination;
 mod handle;
+mod placing;
 mod source;
 
 pub use destination::{DestStatus, DestinationEngine, DestinationReport};
