@@ -459,11 +459,14 @@ fn a_cut_preempt_connection_is_a_broken_link() {
     // 8,192 pages in batches of 16, one every 20 ms: ten seconds of push.
     // Requests reach the source's engine through `recv`.
     let mut t = Paced::slow(tx, Duration::from_millis(20), false);
-    let d = dst.clone();
+    // Cut once a requested page came on the first preempt connection:
+    // the last page, which the push reaches only at its end (a cut at the
+    // resume alone could beat the first requests, which would then all be
+    // asked again and answered over the new set).
+    let (d, last) = (dst.clone(), dst.layout().page_end() - 1);
     let cutter = std::thread::spawn(move || {
-        while d.resumed_at().is_none() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for("the resume", || d.resumed_at().is_some());
+        wait_for("the last page", || !d.is_absent(last));
         cut.shutdown(std::net::Shutdown::Both).unwrap();
     });
     let mut e = preempt_source(&src, clock);
@@ -520,11 +523,14 @@ fn a_cut_preempt_connection_is_recovered_from() {
     // Requests served on the preempt connection's thread, on each set.
     let slow = |t: MultiTransport<TcpStream>| Paced::slow(t, Duration::from_millis(20), true);
     let mut t = slow(first);
-    let d = dst.clone();
+    // Cut once a requested page came on the first preempt connection:
+    // the last page, which the push reaches only at its end (a cut at the
+    // resume alone could beat the first requests, which would then all be
+    // asked again and answered over the new set).
+    let (d, last) = (dst.clone(), dst.layout().page_end() - 1);
     let cutter = std::thread::spawn(move || {
-        while d.resumed_at().is_none() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for("the resume", || d.resumed_at().is_some());
+        wait_for("the last page", || !d.is_absent(last));
         cut.shutdown(std::net::Shutdown::Both).unwrap();
     });
     let mut config = preempt_config();
