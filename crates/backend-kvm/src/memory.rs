@@ -367,12 +367,19 @@ impl KvmMemory {
 
     /// The host address of guest page `page`.
     fn host_of(&self, page: PageNum) -> Result<u64, BackendError> {
+        self.slot_and_host_of(page).map(|(_, host)| host)
+    }
+
+    /// The index of the slot that holds `page`, and the page's host
+    /// address.
+    fn slot_and_host_of(&self, page: PageNum) -> Result<(usize, u64), BackendError> {
         let gpa = page << 12;
         self.mapped
             .slots()
             .iter()
-            .find(|s| gpa >= s.guest_addr && gpa - s.guest_addr < s.size)
-            .map(|s| s.host_addr + (gpa - s.guest_addr))
+            .enumerate()
+            .find(|(_, s)| gpa >= s.guest_addr && gpa - s.guest_addr < s.size)
+            .map(|(i, s)| (i, s.host_addr + (gpa - s.guest_addr)))
             .ok_or_else(|| {
                 BackendError::new(
                     BackendErrorKind::InvalidArgument,
@@ -447,8 +454,9 @@ impl KvmMemory {
     }
 
     /// Places zero pages on a post-copy destination: each run of absent
-    /// pages that are consecutive in guest and host memory with one
-    /// `UFFDIO_ZEROPAGE` (a pre-copy round to a hybrid destination sends
+    /// pages that are consecutive in guest and host memory and lie in one
+    /// slot (one mapping: `UFFDIO_ZEROPAGE` does not cross mappings) with
+    /// one `UFFDIO_ZEROPAGE` (a pre-copy round to a hybrid destination sends
     /// runs of thousands; one call per page cost a system call each), a
     /// present page with an ordinary write. `None` if post-copy is not
     /// enabled.
@@ -456,8 +464,9 @@ impl KvmMemory {
         let mut guard = self.postcopy_lock();
         let pc = guard.as_mut()?;
         Some((|| {
-            // (first page, its host address, pages)
+            // (first page, its host address, pages), and its slot
             let mut run: Option<(PageNum, u64, u64)> = None;
+            let mut run_slot = usize::MAX;
             for &page in pages {
                 if pc.present.get(page) {
                     if let Some(r) = run.take() {
@@ -466,12 +475,15 @@ impl KvmMemory {
                     self.place_in(pc, page, None)?;
                     continue;
                 }
-                let host = self.host_of(page)?;
+                let (slot, host) = self.slot_and_host_of(page)?;
                 match &mut run {
-                    Some((first, at, n)) if *first + *n == page && *at + (*n << 12) == host => {
+                    Some((first, at, n))
+                        if slot == run_slot && *first + *n == page && *at + (*n << 12) == host =>
+                    {
                         *n += 1
                     }
                     _ => {
+                        run_slot = slot;
                         if let Some(r) = run.replace((page, host, 1)) {
                             self.zero_run(pc, r)?;
                         }

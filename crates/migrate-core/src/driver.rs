@@ -308,12 +308,16 @@ where
                     return Err(engine.fail(e));
                 }
             }
-            Served::Failed(e) if e.is_link_failure() && engine.recoverable() => {
+            Served::Failed(g, e) if g != serving.generation() => {
+                // A transport a recovery replaced since.
+                tracing::debug!(error = %e, "an earlier preempt connection failed");
+            }
+            Served::Failed(_, e) if e.is_link_failure() && engine.recoverable() => {
                 if !engine.needs_connection() {
                     engine.connection_lost(e)?;
                 }
             }
-            Served::Failed(e) => {
+            Served::Failed(_, e) => {
                 tracing::warn!(error = %e, "the preempt connection failed");
                 let _ = transport.send(&engine.abort_frame(&e.to_string()));
                 return Err(engine.fail(e));

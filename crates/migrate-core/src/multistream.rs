@@ -99,6 +99,10 @@ const HELLO_VERSION: u8 = 1;
 /// Frames each connection's reader may hold before it stops reading.
 const READ_AHEAD: usize = 4;
 
+/// How long a preempt reader whose queue for `recv` is full waits before
+/// it tries again.
+const FULL_QUEUE_RETRY: Duration = Duration::from_micros(200);
+
 /// One control and several data connections as one [`Transport`].
 ///
 /// `send` puts page batches (plain or compressed) on the data connections
@@ -406,22 +410,43 @@ impl<S: SplitStream> MultiTransport<S> {
                 let server = server.clone();
                 let link = preempt_link.clone();
                 readers.push(spawn_reader(s, move |r| {
-                    let r = match (r, link.as_ref()) {
-                        (Ok(frame), Some(link)) => match server.lock() {
-                            Ok(mut slot) => match slot.as_mut() {
-                                Some(serve) => {
-                                    serve(frame, link);
-                                    return true;
-                                }
-                                None => Ok(frame),
-                            },
-                            Err(_) => Ok(frame),
-                        },
-                        (r, _) => r,
+                    let (mut frame, link) = match (r, link.as_ref()) {
+                        (Ok(frame), Some(link)) => (frame, link),
+                        (r, _) => {
+                            let ok = ptx.send(r).is_ok();
+                            let _ = tx.try_send(Inbound::Preempt);
+                            return ok;
+                        }
                     };
-                    let ok = ptx.send(r).is_ok();
-                    let _ = tx.try_send(Inbound::Preempt);
-                    ok
+                    // A frame is served, or queued for `recv`, under the
+                    // server's lock, so that `serve_preempt` (which drains
+                    // the queue and installs the server under it) never
+                    // sees a later frame served ahead of one still queued.
+                    // A full queue is retried outside the lock, so that
+                    // `recv` and `serve_preempt` can empty it meanwhile.
+                    loop {
+                        let Ok(mut slot) = server.lock() else {
+                            return false;
+                        };
+                        if let Some(serve) = slot.as_mut() {
+                            serve(frame, link);
+                            return true;
+                        }
+                        match ptx.try_send(Ok(frame)) {
+                            Ok(()) => {
+                                drop(slot);
+                                let _ = tx.try_send(Inbound::Preempt);
+                                return true;
+                            }
+                            Err(TrySendError::Full(Ok(back))) => {
+                                drop(slot);
+                                frame = back;
+                                let _ = tx.try_send(Inbound::Preempt);
+                                std::thread::sleep(FULL_QUEUE_RETRY);
+                            }
+                            Err(_) => return false,
+                        }
+                    }
                 })?);
             } else {
                 readers.push(spawn_reader(s, move |r| {

@@ -28,8 +28,11 @@ pub(super) enum Served {
     /// A [`Record::RequestedPages`] frame it sent.
     Frame(Vec<u8>),
     /// It stopped serving: a bad frame, a request before the switch-over,
-    /// a page it could not read, or a link that failed.
-    Failed(MigrationError),
+    /// a page it could not read, or a link that failed. With the
+    /// generation of the transport it served (see
+    /// [`SourceServing::generation`]): a failure of a transport that a
+    /// recovery replaced since is no news.
+    Failed(u64, MigrationError),
 }
 
 /// The source's side: the requests served on the preempt connection's
@@ -39,6 +42,8 @@ pub(super) struct SourceServing {
     /// The post-copy push's round number plus one once requests may be
     /// served (switched over, guest paused); 0 before and after.
     open: Arc<AtomicU64>,
+    /// How many transports were served so far.
+    generation: AtomicU64,
     tx: Sender<Served>,
     rx: Receiver<Served>,
 }
@@ -48,6 +53,7 @@ impl SourceServing {
         let (tx, rx) = mpsc::channel();
         SourceServing {
             open: Arc::new(AtomicU64::new(0)),
+            generation: AtomicU64::new(0),
             tx,
             rx,
         }
@@ -66,7 +72,9 @@ impl SourceServing {
         if transport.preempt_link().is_none() {
             return false;
         }
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let mut server = RequestServer {
+            generation,
             decoder: Decoder::preempt(layout.page_size()),
             sequencer: Sequencer::new(),
             memory,
@@ -88,6 +96,12 @@ impl SourceServing {
         self.open.store(v, Ordering::Release);
     }
 
+    /// The transport served now: 1 for the first, one more for each
+    /// that a recovery brought.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// What was served since the last call, oldest first.
     pub(super) fn take(&self) -> Option<Served> {
         self.rx.try_recv().ok()
@@ -103,6 +117,8 @@ impl Drop for SourceServing {
 
 /// Serves one transport's preempt connection (see [`SourceServing`]).
 struct RequestServer {
+    /// Which transport it serves ([`SourceServing::generation`]).
+    generation: u64,
     /// Reads the destination's [`Record::PreemptRequest`] frames.
     decoder: Decoder,
     /// Numbers the [`Record::RequestedPages`] frames.
@@ -126,7 +142,7 @@ impl RequestServer {
             Ok(()) => {}
             Err(e) => {
                 self.failed = true;
-                let _ = self.served.send(Served::Failed(e));
+                let _ = self.served.send(Served::Failed(self.generation, e));
             }
         }
     }

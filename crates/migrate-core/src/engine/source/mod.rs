@@ -511,8 +511,9 @@ where
 
     /// The driver sent this [`Record::RequestedPages`] frame on the
     /// preempt connection: its pages count as requested and sent (their
-    /// hashes as sent, for [`SourceVerify::SentContent`]) and leave the
-    /// push.
+    /// hashes as sent, for [`SourceVerify::SentContent`]). They stay in
+    /// the push, so that the completion, which follows the push in
+    /// sequence, never overtakes them.
     pub fn requested_pages_served(&mut self, frame: &[u8]) -> Result<(), MigrationError> {
         let now = self.now();
         let ps = self.layout.page_size();
@@ -528,7 +529,7 @@ where
         f.pages_sent += n;
         f.zero_sent += zero;
         f.postcopy_pages += n;
-        let pushing = matches!(self.state, SrcState::Postcopy(_));
+        // The pages stay in the push: see `preempt_frame`.
         for (p, data) in batch.iter() {
             if !self.layout.contains(p) {
                 return Err(MigrationError::PageOutOfRange(p));
@@ -540,15 +541,6 @@ where
                     self.pages.sent_hashes[i as usize] = hash;
                 }
             }
-            if pushing {
-                self.pages.take(p);
-            }
-        }
-        if let SrcState::Postcopy(pc) = &mut self.state {
-            // Pages the push would have sent: the round's count stays whole.
-            pc.round.sent += n;
-            pc.round.zero += zero;
-            pc.round.bytes += bytes;
         }
         self.publish();
         Ok(())

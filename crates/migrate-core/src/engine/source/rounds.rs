@@ -419,15 +419,17 @@ where
 
     /// Post-copy with the preempt connection: the pages the destination
     /// asked for, as a [`Record::RequestedPages`] frame (not compressed:
-    /// a vCPU waits for it), or `None` when none is waiting. Each page is
-    /// taken out of the push; one the push sent already goes again.
+    /// a vCPU waits for it), or `None` when none is waiting. A requested
+    /// page also stays in the push (and one the push sent already goes
+    /// again): the completion follows the push in sequence, so it can
+    /// never reach the destination ahead of a page only the preempt
+    /// connection carried.
     pub(super) fn preempt_frame(&mut self) -> Result<Option<Vec<u8>>, MigrationError> {
         if !self.wire.preempt {
             return Ok(None);
         }
-        let (pc, pushing) = match &mut self.state {
-            SrcState::Postcopy(p) => (p, true),
-            SrcState::AwaitVerified(p) => (p, false),
+        let pc = match &mut self.state {
+            SrcState::Postcopy(p) | SrcState::AwaitVerified(p) => p,
             _ => return Ok(None),
         };
         if pc.urgent.is_empty() {
@@ -440,7 +442,6 @@ where
                 break;
             };
             if !pages.batch.contains(&page) {
-                pages.take(page);
                 pages.batch.push(page);
             }
         }
@@ -455,11 +456,6 @@ where
         pages.batch.clear();
         frame[0] = RecordType::RequestedPages as u8;
         protocol::reseal(&mut frame);
-        if pushing {
-            // Pages the push would have sent: the round's count stays whole.
-            pc.round.sent += summary.pages as u64;
-            pc.round.zero += summary.zero_pages as u64;
-        }
         let f = &mut self.figures;
         f.pages_sent += summary.pages as u64;
         f.zero_sent += summary.zero_pages as u64;
