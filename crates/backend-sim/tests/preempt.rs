@@ -82,10 +82,11 @@ fn spawn_faulting_destination<T: Transport + 'static>(
     (dest, asked)
 }
 
-/// A post-copy over `src_t` (source) and `dst_t` (destination) with the
-/// preempt connection: memory verifies, and every requested page went as
-/// requested pages, which the transport puts on the preempt connection.
-fn postcopy_over<A, B>(src_t: A, dst_t: B)
+/// A post-copy of a fresh 32 MiB guest over `src_t` (source) and `dst_t`
+/// (destination) with the preempt connection, its destination guest
+/// faulting at the resume: memory verifies, no page is missing, and the
+/// early faults were asked for.
+fn verified_postcopy<A, B>(src_t: A, dst_t: B) -> (migrate_core::MigrationStats, DestinationReport)
 where
     A: Transport + 'static,
     B: Transport + 'static,
@@ -99,12 +100,25 @@ where
     assert!(stats.memory_verified);
     assert_eq!(report.digest.unwrap(), src.digest());
     assert_eq!(dst.absent_pages(), 0);
-    let pc = stats.postcopy.expect("post-copy");
+    let pc = stats.postcopy.as_ref().expect("post-copy");
     assert!(
         pc.requests >= asked.len() as u64,
         "{} requests",
         pc.requests
     );
+    (stats, report)
+}
+
+/// A post-copy over `src_t` (source) and `dst_t` (destination) with the
+/// preempt connection: memory verifies, and every requested page went as
+/// requested pages, which the transport puts on the preempt connection.
+fn postcopy_over<A, B>(src_t: A, dst_t: B)
+where
+    A: Transport + 'static,
+    B: Transport + 'static,
+{
+    let (stats, report) = verified_postcopy(src_t, dst_t);
+    let pc = stats.postcopy.clone().expect("post-copy");
     assert_eq!(
         pc.preempt_pages, pc.requests,
         "every requested page went as requested pages"
@@ -1064,7 +1078,6 @@ fn placed_while_held(on_handler: bool) {
 /// the requested pages still arrive, in the push, and memory verifies.
 #[test]
 fn the_completion_never_overtakes_a_requested_page_held_on_the_preempt_connection() {
-    let (src, dst, clock) = guests(32 << 20, 20_000.0);
     let (mut a, mut b): (Vec<UnixStream>, Vec<UnixStream>) =
         (0..2).map(|_| UnixStream::pair().unwrap()).unzip();
     // The preempt connection runs through a relay that passes requests
@@ -1110,20 +1123,8 @@ fn the_completion_never_overtakes_a_requested_page_held_on_the_preempt_connectio
     // The handshake went through; from here on the answers stay in the relay.
     hold.store(true, Ordering::Release);
 
-    let (dest, asked) = spawn_faulting_destination(&dst, &clock, dst_t);
-    let mut t = src_t;
-    let mut e = preempt_source(&src, clock);
-    let stats = run_source(&mut e, &mut t, TIMEOUT).expect("source");
-    let report = dest.join().unwrap().expect("destination");
-    assert!(stats.memory_verified);
-    assert_eq!(report.digest.unwrap(), src.digest());
-    assert_eq!(dst.absent_pages(), 0);
+    let (stats, report) = verified_postcopy(src_t, dst_t);
     let pc = stats.postcopy.expect("post-copy");
-    assert!(
-        pc.requests >= asked.len() as u64,
-        "{} requests",
-        pc.requests
-    );
     assert!(
         pc.preempt_pages > 0,
         "the source answered on the preempt connection"
